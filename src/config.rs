@@ -1,0 +1,322 @@
+//! Where the source database is and how to reach it.
+//!
+//! [`SourceConfig`] is parsed once from a libpq-style URL or key=value string and serves both
+//! the replication connection (our own protocol client) and ordinary SQL connections
+//! (tokio-postgres). TLS options that tokio-postgres does not understand (`sslmode=verify-ca`,
+//! `verify-full`, `sslrootcert`) are taken out here, so both paths share one TLS policy.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::config::Host;
+
+use crate::tls::{self, TlsError};
+
+/// How TLS is used, with libpq's meaning of each `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// `disable`: plain TCP.
+    Disable,
+    /// `allow`/`prefer` (the default): TLS when the server offers it, unverified.
+    Prefer,
+    /// `require`: TLS or fail; the certificate is not verified (libpq does the same unless a
+    /// root certificate is given, in which case it behaves as `verify-ca`).
+    Require,
+    /// `verify-ca`: TLS with a certificate chain that leads to a trusted root.
+    VerifyCa,
+    /// `verify-full`: as `verify-ca`, and the host name must match the certificate.
+    VerifyFull,
+}
+
+/// The configuration was not usable; the message names the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid database URL: {0}")]
+    Url(#[source] tokio_postgres::Error),
+    #[error(
+        "invalid sslmode {0:?}: expected disable, allow, prefer, require, verify-ca or verify-full"
+    )]
+    SslMode(String),
+    #[error("the database URL names no user (add user=... or postgres://USER@host/db)")]
+    NoUser,
+    #[error("the database URL names no host")]
+    NoHost,
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// A parsed connection string.
+#[derive(Clone)]
+pub struct SourceConfig {
+    pg: tokio_postgres::Config,
+    tls_mode: TlsMode,
+    root_cert: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for SourceConfig {
+    // The password must never reach logs, so Debug prints only where we connect.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceConfig")
+            .field("target", &self.describe())
+            .field("tls_mode", &self.tls_mode)
+            .finish()
+    }
+}
+
+impl SourceConfig {
+    /// Parses a `postgres://` URL or a `key=value` string.
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let (rest, tls_mode, root_cert) = take_tls_options(s)?;
+        let mut pg: tokio_postgres::Config = rest.parse().map_err(ConfigError::Url)?;
+        if pg.get_user().is_none() {
+            let user = std::env::var("PGUSER").or_else(|_| std::env::var("USER"));
+            match user {
+                Ok(u) => {
+                    pg.user(u);
+                }
+                Err(_) => return Err(ConfigError::NoUser),
+            }
+        }
+        if pg.get_hosts().is_empty() {
+            pg.host("localhost");
+        }
+        if pg.get_password().is_none() {
+            if let Ok(p) = std::env::var("PGPASSWORD") {
+                pg.password(p);
+            }
+        }
+        let tls_mode = if tls_mode == TlsMode::Require && root_cert.is_some() {
+            TlsMode::VerifyCa
+        } else {
+            tls_mode
+        };
+        pg.ssl_mode(match tls_mode {
+            TlsMode::Disable => tokio_postgres::config::SslMode::Disable,
+            TlsMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            _ => tokio_postgres::config::SslMode::Require,
+        });
+        Ok(SourceConfig {
+            pg,
+            tls_mode,
+            root_cert,
+        })
+    }
+
+    /// The tokio-postgres view of this configuration (for ordinary SQL).
+    pub fn pg(&self) -> &tokio_postgres::Config {
+        &self.pg
+    }
+
+    pub fn tls_mode(&self) -> TlsMode {
+        self.tls_mode
+    }
+
+    pub fn user(&self) -> &str {
+        self.pg.get_user().unwrap_or_default()
+    }
+
+    pub fn password(&self) -> Option<&[u8]> {
+        self.pg.get_password()
+    }
+
+    /// The database name (defaults to the user name, as in libpq).
+    pub fn dbname(&self) -> &str {
+        self.pg.get_dbname().unwrap_or_else(|| self.user())
+    }
+
+    pub fn application_name(&self) -> &str {
+        self.pg.get_application_name().unwrap_or("waltap")
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        self.pg
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(Duration::from_secs(10))
+    }
+
+    /// Host and port candidates, in order.
+    pub fn targets(&self) -> Vec<(Host, u16)> {
+        let ports = self.pg.get_ports();
+        self.pg
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let port = ports
+                    .get(i)
+                    .or_else(|| ports.first())
+                    .copied()
+                    .unwrap_or(5432);
+                (h.clone(), port)
+            })
+            .collect()
+    }
+
+    /// `user@host:port/db`, for logs and error messages (never the password).
+    pub fn describe(&self) -> String {
+        let (host, port) = match self.targets().into_iter().next() {
+            Some((Host::Tcp(h), p)) => (h, p),
+            Some((Host::Unix(p), port)) => (p.display().to_string(), port),
+            None => (String::new(), 0),
+        };
+        format!("{}@{}:{}/{}", self.user(), host, port, self.dbname())
+    }
+
+    /// The rustls client configuration for this TLS mode (None when TLS is disabled).
+    pub fn rustls_config(&self) -> Result<Option<Arc<rustls::ClientConfig>>, ConfigError> {
+        Ok(match self.tls_mode {
+            TlsMode::Disable => None,
+            mode => Some(tls::client_config(mode, self.root_cert.as_deref())?),
+        })
+    }
+
+    /// Opens an ordinary SQL connection and drives it on a background task.
+    pub async fn connect_sql(&self) -> Result<tokio_postgres::Client, SqlConnectError> {
+        let mut pg = self.pg.clone();
+        if pg.get_application_name().is_none() {
+            pg.application_name("waltap");
+        }
+        let client = match self.rustls_config()? {
+            Some(cfg) => {
+                let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*cfg).clone());
+                let (client, conn) = pg.connect(connector).await?;
+                tokio::spawn(drive(conn));
+                client
+            }
+            None => {
+                let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
+                tokio::spawn(drive(conn));
+                client
+            }
+        };
+        Ok(client)
+    }
+}
+
+async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(conn: F) {
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "SQL connection closed");
+    }
+}
+
+/// An ordinary SQL connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SqlConnectError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+}
+
+/// Removes `sslmode` and `sslrootcert` from a URL or key=value string, since tokio-postgres
+/// rejects the verify modes and does not know `sslrootcert`.
+fn take_tls_options(s: &str) -> Result<(String, TlsMode, Option<PathBuf>), ConfigError> {
+    let mut mode = None;
+    let mut root = None;
+    let mut take = |key: &str, value: &str| -> Result<bool, ConfigError> {
+        match key {
+            "sslmode" => {
+                mode = Some(match value {
+                    "disable" => TlsMode::Disable,
+                    "allow" | "prefer" => TlsMode::Prefer,
+                    "require" => TlsMode::Require,
+                    "verify-ca" => TlsMode::VerifyCa,
+                    "verify-full" => TlsMode::VerifyFull,
+                    other => return Err(ConfigError::SslMode(other.to_owned())),
+                });
+                Ok(true)
+            }
+            "sslrootcert" => {
+                root = Some(PathBuf::from(value));
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    };
+    let rest = if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        match s.split_once('?') {
+            None => s.to_owned(),
+            Some((base, query)) => {
+                let mut kept = Vec::new();
+                for pair in query.split('&').filter(|p| !p.is_empty()) {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    if !take(k, &percent_decode(v))? {
+                        kept.push(pair);
+                    }
+                }
+                if kept.is_empty() {
+                    base.to_owned()
+                } else {
+                    format!("{base}?{}", kept.join("&"))
+                }
+            }
+        }
+    } else {
+        let mut kept = Vec::new();
+        for pair in s.split_whitespace() {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if !take(k.trim(), v.trim_matches('\''))? {
+                kept.push(pair);
+            }
+        }
+        kept.join(" ")
+    };
+    Ok((rest, mode.unwrap_or(TlsMode::Prefer), root))
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = std::str::from_utf8(&bytes[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or(())
+            {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_tls_options_are_taken_out() {
+        let c = SourceConfig::parse(
+            "postgres://u:secret@db.example:6543/app?sslmode=verify-full&sslrootcert=%2Ftmp%2Fca.pem&application_name=x",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.tls_mode(), TlsMode::VerifyFull);
+        assert_eq!(
+            c.root_cert.as_deref(),
+            Some(std::path::Path::new("/tmp/ca.pem"))
+        );
+        assert_eq!(c.dbname(), "app");
+        assert_eq!(c.application_name(), "x");
+        assert_eq!(c.describe(), "u@db.example:6543/app");
+        assert!(!format!("{c:?}").contains("secret"));
+    }
+
+    #[test]
+    fn key_value_form_and_require_with_root_means_verify() {
+        let c = SourceConfig::parse("host=h user=u dbname=d sslmode=require sslrootcert=/x")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.tls_mode(), TlsMode::VerifyCa);
+        assert!(matches!(
+            SourceConfig::parse("postgres://u@h/d?sslmode=bogus"),
+            Err(ConfigError::SslMode(_))
+        ));
+    }
+}

@@ -1,0 +1,4 @@
+pub mod config;
+pub mod lsn;
+pub mod replication;
+pub mod tls;
