@@ -1,0 +1,60 @@
+//! Type look-ups in the source's catalog, for column types that are not built in.
+//!
+//! pgoutput sends only a type's OID (and, for user types, its name). Whether a user type is
+//! a domain over `int4`, an enum, or an array of some element decides its JSON form, so the
+//! pipeline asks here before it accepts a relation that uses such a type.
+
+use tokio_postgres::Client;
+
+use crate::value::TypeKind;
+
+/// Nesting bound for domains over domains and arrays of domains: the catalog cannot loop,
+/// but a bound keeps a corrupt answer from recursing forever.
+const MAX_DEPTH: usize = 16;
+
+/// How values of type `oid` map to JSON, following domains to their base type and arrays
+/// to their element type. Unknown OIDs and other user types (enums, composites, ranges)
+/// map to their text form.
+pub async fn resolve_type(client: &Client, oid: u32) -> Result<TypeKind, tokio_postgres::Error> {
+    let stmt = client
+        .prepare(
+            "SELECT typtype::text, typbasetype, typelem, typcategory::text, typdelim::text
+             FROM pg_type WHERE oid = $1",
+        )
+        .await?;
+    // Arrays wrap from the outside in: remember the delimiters, then build the kind.
+    let mut delimiters = Vec::new();
+    let mut current = oid;
+    for _ in 0..MAX_DEPTH {
+        if let Some(kind) = TypeKind::builtin(current) {
+            return Ok(wrap(kind, delimiters));
+        }
+        let Some(row) = client.query_opt(&stmt, &[&current]).await? else {
+            return Ok(wrap(TypeKind::Text, delimiters));
+        };
+        let typtype: String = row.get(0);
+        let base: u32 = row.get(1);
+        let elem: u32 = row.get(2);
+        let category: String = row.get(3);
+        let delim: String = row.get(4);
+        if typtype == "d" && base != 0 {
+            current = base;
+        } else if category == "A" && elem != 0 {
+            delimiters.push(delim.bytes().next().unwrap_or(b','));
+            current = elem;
+        } else {
+            return Ok(wrap(TypeKind::Text, delimiters));
+        }
+    }
+    Ok(wrap(TypeKind::Text, delimiters))
+}
+
+fn wrap(mut kind: TypeKind, delimiters: Vec<u8>) -> TypeKind {
+    for delimiter in delimiters.into_iter().rev() {
+        kind = TypeKind::Array {
+            element: Box::new(kind),
+            delimiter,
+        };
+    }
+    kind
+}

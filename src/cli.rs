@@ -1,0 +1,265 @@
+//! The `waltap` command line: flags, environment fallbacks, and one function per command.
+//!
+//! Data goes to stdout (JSON lines), logs to stderr. Defaults work against the Postgres of
+//! `docker compose up` (`postgres://postgres:postgres@localhost:5432/postgres`).
+
+use std::io::Write;
+
+use clap::{Args, Parser, Subcommand};
+use futures::{FutureExt, StreamExt};
+
+use crate::config::SourceConfig;
+use crate::event::TableName;
+use crate::pipeline::{Listener, ListenerConfig};
+use crate::setup::{self, SetupOptions};
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres:postgres@localhost:5432/postgres";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "waltap",
+    version,
+    about = "Postgres change data capture: typed row-change events from a logical replication slot"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print change events live from the slot as JSON lines (no event log).
+    Tail(TailArgs),
+    /// Create the publication and slot when missing and check every precondition.
+    Setup(SetupArgs),
+    /// Show the slot's health and lag and what each published table sends.
+    Status(SourceArgs),
+    /// Try waltap in one command: a throwaway local Postgres, sample writes, their events.
+    Demo(DemoArgs),
+}
+
+/// Where to read from.
+#[derive(Debug, Clone, Args)]
+pub struct SourceArgs {
+    /// Postgres connection URL (libpq style; sslmode and sslrootcert are honoured).
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
+    pub database_url: String,
+    /// Replication slot name ([a-z0-9_]).
+    #[arg(long, env = "WALTAP_SLOT", default_value = "waltap")]
+    pub slot: String,
+    /// Publication name.
+    #[arg(long, env = "WALTAP_PUBLICATION", default_value = "waltap")]
+    pub publication: String,
+    /// Limit to this table (`schema.table` or `table` for public); repeatable.
+    #[arg(long = "table", short = 't')]
+    pub tables: Vec<String>,
+}
+
+impl SourceArgs {
+    fn tables(&self) -> Vec<TableName> {
+        self.tables.iter().map(|t| TableName::parse(t)).collect()
+    }
+
+    fn source(&self) -> anyhow::Result<SourceConfig> {
+        Ok(SourceConfig::parse(&self.database_url)?)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Exit after this many events (they are confirmed before exiting).
+    #[arg(long)]
+    pub limit: Option<u64>,
+    /// Start from now with a temporary slot that vanishes on exit (nothing is resumed).
+    #[arg(long)]
+    pub temporary: bool,
+    /// Fail instead of creating a missing publication or slot.
+    #[arg(long)]
+    pub no_create: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SetupArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Drop the slot and the publication instead (the slot's unread changes are lost).
+    #[arg(long)]
+    pub drop: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Number of sample orders to write.
+    #[arg(long, default_value_t = 3)]
+    pub orders: u32,
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Tail(args) => tail(args).await,
+        Command::Setup(args) => setup_cmd(args).await,
+        Command::Status(args) => status(args).await,
+        Command::Demo(args) => crate::demo::run(args.orders).await,
+    }
+}
+
+async fn tail(args: TailArgs) -> anyhow::Result<()> {
+    let mut config = ListenerConfig::new(args.source.source()?);
+    config.slot = args.source.slot.clone();
+    config.publication = args.source.publication.clone();
+    config.tables = args.source.tables();
+    config.temporary_slot = args.temporary;
+    config.create_slot = !args.no_create;
+    config.create_publication = !args.no_create;
+    if args.temporary && args.source.slot == "waltap" {
+        config.slot = format!("waltap_tmp_{}", std::process::id());
+    }
+    let listener = Listener::start(config).await?;
+    print_events(listener, args.limit).await
+}
+
+/// Prints events as JSON lines and acknowledges them once stdout has taken them, until the
+/// limit, a signal, or a closed stdout.
+pub async fn print_events(mut listener: Listener, limit: Option<u64>) -> anyhow::Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+    let mut printed = 0u64;
+    let mut stop = std::pin::pin!(shutdown_signal());
+    let result: anyhow::Result<()> = 'outer: loop {
+        if limit.is_some_and(|l| printed >= l) {
+            break Ok(());
+        }
+        let first = tokio::select! {
+            biased;
+            _ = &mut stop => break Ok(()),
+            ev = listener.next() => ev,
+        };
+        let mut next = first;
+        let mut last;
+        // Write what is ready in one go, then flush and acknowledge once per batch.
+        loop {
+            match next {
+                None => break 'outer Err(anyhow::anyhow!("the listener stopped")),
+                Some(Err(e)) => break 'outer Err(e.into()),
+                Some(Ok(ev)) => {
+                    if let Err(e) = serde_json::to_writer(&mut out, &ev)
+                        .map_err(std::io::Error::from)
+                        .and_then(|_| out.write_all(b"\n"))
+                    {
+                        break 'outer stdout_closed(e);
+                    }
+                    printed += 1;
+                    last = ev.position;
+                }
+            }
+            if limit.is_some_and(|l| printed >= l) {
+                break;
+            }
+            match listener.next().now_or_never() {
+                Some(item) => next = item,
+                None => break,
+            }
+        }
+        if let Err(e) = out.flush() {
+            break stdout_closed(e);
+        }
+        listener.ack(last);
+    };
+    drop(out);
+    listener.shutdown().await;
+    result
+}
+
+fn stdout_closed(e: std::io::Error) -> anyhow::Result<()> {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        Ok(())
+    } else {
+        Err(e.into())
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+async fn setup_cmd(args: SetupArgs) -> anyhow::Result<()> {
+    let source = args.source.source()?;
+    let client = source.connect_sql().await?;
+    if args.drop {
+        let dropped = setup::drop_slot(&client, &args.source.slot).await?;
+        client
+            .batch_execute(&format!(
+                "DROP PUBLICATION IF EXISTS {}",
+                crate::replication::quote_ident(&args.source.publication)
+            ))
+            .await?;
+        eprintln!(
+            "slot {:?} {}; publication {:?} dropped",
+            args.source.slot,
+            if dropped { "dropped" } else { "did not exist" },
+            args.source.publication
+        );
+        return Ok(());
+    }
+    let report = setup::prepare(
+        &client,
+        &SetupOptions {
+            slot: args.source.slot.clone(),
+            publication: args.source.publication.clone(),
+            tables: args.source.tables(),
+            create_publication: true,
+            create_slot: true,
+            temporary_slot: false,
+        },
+    )
+    .await?;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+async fn status(args: SourceArgs) -> anyhow::Result<()> {
+    let source = args.source()?;
+    let client = source.connect_sql().await?;
+    let report = setup::prepare(
+        &client,
+        &SetupOptions {
+            slot: args.slot.clone(),
+            publication: args.publication.clone(),
+            tables: args.tables(),
+            create_publication: false,
+            create_slot: false,
+            temporary_slot: false,
+        },
+    )
+    .await?;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}

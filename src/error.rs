@@ -1,0 +1,51 @@
+//! The top-level error: every layer's error, and whether trying again can help.
+
+use crate::config::{ConfigError, SqlConnectError};
+use crate::event::EventError;
+use crate::pgoutput::DecodeError;
+use crate::replication::ReplicationError;
+use crate::setup::SetupError;
+
+/// Anything that stops a listener.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    #[error("malformed pgoutput message at {lsn}: {source}")]
+    Decode {
+        lsn: crate::lsn::Lsn,
+        #[source]
+        source: DecodeError,
+    },
+    #[error(transparent)]
+    Event(#[from] EventError),
+    #[error("SQL connection: {0}")]
+    SqlConnect(#[from] SqlConnectError),
+    #[error("SQL: {0}")]
+    Sql(#[from] tokio_postgres::Error),
+    #[error("replication slot {slot:?} no longer exists (dropped while waltap used it); the changes since its last confirmed position are gone: create it again with `waltap setup` and re-read the current rows")]
+    SlotDropped { slot: String },
+    #[error("replication slot {slot:?} was invalidated (its WAL was removed, e.g. max_slot_wal_keep_size): changes are lost; drop and recreate it (`waltap setup --recreate-slot`) and re-read the current rows")]
+    SlotLost { slot: String },
+    #[error("publication {publication:?} does not exist: create it with `waltap setup` or CREATE PUBLICATION")]
+    PublicationMissing { publication: String },
+    #[error("the listener has stopped")]
+    Stopped,
+}
+
+impl Error {
+    /// Whether reconnecting with backoff can help. Definite errors stop the listener with
+    /// their message: retrying would only repeat them or, worse, hide lost data.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Replication(e) => e.is_transient(),
+            Error::Sql(e) => e.is_closed() || e.code().is_none(),
+            Error::SqlConnect(SqlConnectError::Postgres(e)) => e.code().is_none(),
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Change events: the public data model and its JSON form (DESIGN.md section 2).
+//!
+//! This module owns [`Event`] and its serialization, [`Position`] (the total order and
+//! resume cursor) and the [`Assembler`] that turns decoded pgoutput messages into events:
+//! the relation cache, value typing by type OID, REPLICA IDENTITY handling, unchanged
+//! TOAST values, `changed`, transaction metadata and annotations. It does no I/O: type
+//! OIDs it cannot type on its own are listed by [`Assembler::unresolved_types`] for the
+//! caller to look up in the catalog.
+
+mod assemble;
+mod position;
+mod time;
+
+use std::sync::Arc;
+
+use serde::ser::{SerializeMap, Serializer};
+use serde::Serialize;
+
+pub use assemble::{Assembler, AssemblerOptions, EventError, Output, RelationInfo, TableName};
+pub use position::{ParsePositionError, Position};
+pub use time::rfc3339_micros;
+
+use crate::lsn::Lsn;
+use crate::value::Value;
+
+/// What happened to the row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Create,
+    Update,
+    Delete,
+    Truncate,
+}
+
+/// How much of the old row Postgres sends for the table (`REPLICA IDENTITY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Identity {
+    /// The primary key only: `before` is null unless the key changed, `deleted` has the key.
+    Default,
+    /// Every column: full `before` and `deleted` rows.
+    Full,
+    /// The columns of a chosen unique index, like `default`.
+    Index,
+    /// Nothing: updates and deletes fail on the source when the table is published.
+    Nothing,
+}
+
+/// A row: the relation's column names and a value for each column that was sent.
+///
+/// A column is absent (`None`) when Postgres did not send it: non-key columns of a key-only
+/// old row, or an unchanged TOASTed value without a before image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub names: Arc<[Arc<str>]>,
+    pub values: Vec<Option<Value>>,
+}
+
+impl Row {
+    /// The value of a column by name, if it was sent.
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        let i = self.names.iter().position(|n| &**n == name)?;
+        self.values.get(i)?.as_ref()
+    }
+
+    /// Deserializes the row into a user type through its JSON form.
+    pub fn to_typed<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_value(serde_json::to_value(self)?)
+    }
+}
+
+impl Serialize for Row {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let n = self.values.iter().filter(|v| v.is_some()).count();
+        let mut map = s.serialize_map(Some(n))?;
+        for (name, value) in self.names.iter().zip(&self.values) {
+            if let Some(v) = value {
+                map.serialize_entry(&**name, v)?;
+            }
+        }
+        map.end()
+    }
+}
+
+/// The transaction an event belongs to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TxInfo {
+    pub xid: u32,
+    pub commit_lsn: Lsn,
+    /// Commit time, µs since 2000-01-01 UTC.
+    pub committed_at: i64,
+    /// Place of the event among the events of the transaction this consumer receives.
+    pub index: u32,
+    /// Their number; absent when the transaction was too large to hold in memory.
+    pub total: Option<u32>,
+    pub last: bool,
+    /// JSON from `pg_logical_emit_message(true, 'waltap', ...)` in the transaction.
+    pub annotations: Option<Arc<serde_json::Value>>,
+}
+
+impl Serialize for TxInfo {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("id", &self.xid)?;
+        map.serialize_entry("commitLsn", &format_args!("{}", self.commit_lsn))?;
+        map.serialize_entry("committedAt", &rfc3339_micros(self.committed_at))?;
+        map.serialize_entry("index", &self.index)?;
+        if let Some(total) = self.total {
+            map.serialize_entry("total", &total)?;
+        }
+        map.serialize_entry("last", &self.last)?;
+        if let Some(a) = &self.annotations {
+            map.serialize_entry("annotations", &**a)?;
+        }
+        map.end()
+    }
+}
+
+/// One row change (or a truncate of one table).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// ULID, the same for the same change on every delivery.
+    pub id: ulid::Ulid,
+    pub position: Position,
+    pub action: Action,
+    pub schema: Arc<str>,
+    pub table: Arc<str>,
+    pub identity: Identity,
+    /// `create`: the new row. `update`: the new row (`after`).
+    pub new: Option<Row>,
+    /// `update`: the old row or key when sent (`before`). `delete`: the old row or key.
+    pub old: Option<Row>,
+    /// `update` with a full before image: columns whose value differs.
+    pub changed: Option<Vec<Arc<str>>>,
+    /// `update`: TOASTed columns that did not change and could not be filled in.
+    pub unchanged: Vec<Arc<str>>,
+    pub tx: TxInfo,
+}
+
+impl Event {
+    /// The stable ULID for a change: its commit time in milliseconds, then the low 48 bits
+    /// of the commit LSN and the ordinal, so it is unique, deterministic and time-sortable.
+    pub fn make_id(committed_at: i64, position: Position) -> ulid::Ulid {
+        let ms = time::unix_millis(committed_at) & ((1 << 48) - 1);
+        let random = ((u128::from(position.commit_lsn.0) & ((1 << 48) - 1)) << 32)
+            | u128::from(position.ordinal);
+        ulid::Ulid::from_parts(ms, random)
+    }
+
+    /// The row for a create, the `after` row for an update.
+    pub fn after(&self) -> Option<&Row> {
+        self.new.as_ref()
+    }
+
+    /// The `before` row of an update or the `deleted` row of a delete.
+    pub fn before(&self) -> Option<&Row> {
+        self.old.as_ref()
+    }
+
+    /// `schema.table`.
+    pub fn qualified_table(&self) -> String {
+        format!("{}.{}", self.schema, self.table)
+    }
+}
+
+impl Serialize for Event {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("id", &self.id.to_string())?;
+        map.serialize_entry("position", &self.position)?;
+        map.serialize_entry("action", &self.action)?;
+        map.serialize_entry("schema", &*self.schema)?;
+        map.serialize_entry("table", &*self.table)?;
+        map.serialize_entry("identity", &self.identity)?;
+        match self.action {
+            Action::Create => map.serialize_entry("created", &self.new)?,
+            Action::Update => {
+                map.serialize_entry("before", &self.old)?;
+                map.serialize_entry("after", &self.new)?;
+                if let Some(changed) = &self.changed {
+                    let names: Vec<&str> = changed.iter().map(|n| &**n).collect();
+                    map.serialize_entry("changed", &names)?;
+                }
+                if !self.unchanged.is_empty() {
+                    let names: Vec<&str> = self.unchanged.iter().map(|n| &**n).collect();
+                    map.serialize_entry("unchanged", &names)?;
+                }
+            }
+            Action::Delete => map.serialize_entry("deleted", &self.old)?,
+            Action::Truncate => {}
+        }
+        map.serialize_entry("tx", &self.tx)?;
+        map.end()
+    }
+}

@@ -1,0 +1,93 @@
+//! Event positions: the total order of changes and the resume cursor.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::lsn::Lsn;
+
+/// Where a change sits in the total order: its transaction's commit LSN, then its ordinal
+/// among the transaction's row changes. Identical for the same change on every delivery.
+///
+/// Its text form is fixed width (`00000000016B3748-0000000002`: 16 hex digits, a dash,
+/// 10 decimal digits), so comparing two positions as strings gives their order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    pub commit_lsn: Lsn,
+    pub ordinal: u32,
+}
+
+impl Position {
+    pub fn new(commit_lsn: Lsn, ordinal: u32) -> Self {
+        Position {
+            commit_lsn,
+            ordinal,
+        }
+    }
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016X}-{:010}", self.commit_lsn.0, self.ordinal)
+    }
+}
+
+/// The text is not a position.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid position {0:?}: expected 16 hex digits, '-', 10 digits")]
+pub struct ParsePositionError(pub String);
+
+impl FromStr for Position {
+    type Err = ParsePositionError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParsePositionError(s.to_owned());
+        let (lsn, ord) = s.split_once('-').ok_or_else(err)?;
+        if lsn.len() != 16 || ord.len() != 10 || !ord.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(err());
+        }
+        Ok(Position {
+            commit_lsn: Lsn(u64::from_str_radix(lsn, 16).map_err(|_| err())?),
+            ordinal: ord.parse().map_err(|_| err())?,
+        })
+    }
+}
+
+impl Serialize for Position {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Position {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_order_is_position_order() {
+        let a = Position::new(Lsn(0x16B3748), 2);
+        assert_eq!(a.to_string(), "00000000016B3748-0000000002");
+        assert_eq!(a.to_string().parse::<Position>(), Ok(a));
+        let ps = [
+            Position::new(Lsn(1), 0),
+            Position::new(Lsn(1), 10),
+            Position::new(Lsn(0xA), 1),
+            Position::new(Lsn(u64::MAX), u32::MAX),
+        ];
+        for w in ps.windows(2) {
+            assert!(w[0] < w[1]);
+            assert!(w[0].to_string() < w[1].to_string());
+        }
+        assert!("0-1".parse::<Position>().is_err());
+        assert!("00000000016B3748-00000000x2".parse::<Position>().is_err());
+        assert!("00000000016B3748-9999999999".parse::<Position>().is_err());
+    }
+}

@@ -1,0 +1,633 @@
+//! The task that owns the replication slot, and the [`Listener`] handle that consumes it.
+//!
+//! One task per listener holds the replication connection. It decodes each XLogData
+//! payload, assembles events, hands them to the consumer through a bounded channel, and
+//! reports progress to the server. Invariants:
+//!
+//! - The flush position sent to Postgres never passes what the consumer acknowledged: a
+//!   transaction's `end_lsn` is confirmed only once every event of it, and of every earlier
+//!   transaction, is acknowledged. Acknowledging in the middle of a transaction confirms
+//!   nothing of it, so after a restart that transaction is delivered again in full.
+//! - While nothing is open or unacknowledged, the flush position follows the server's
+//!   send position (keepalive `walEnd`), so an idle slot does not pin WAL.
+//! - Reported positions never go backwards and never pass what was received.
+//! - Keepalives asking for a reply are answered at once, and a status update goes out at
+//!   least every `status_interval` (kept under a third of `wal_sender_timeout`), also while
+//!   the consumer is slow and the channel is full.
+//! - Transient failures (connection lost, server restarting) reconnect with backoff; the
+//!   server resends from the confirmed position and events already handed out in this
+//!   process are skipped by position, so the consumer sees each change once per process.
+//!   Definite failures (slot dropped or invalidated, publication missing, malformed data)
+//!   end the stream with a typed error.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::resolve_type;
+use crate::config::SourceConfig;
+use crate::error::Error;
+use crate::event::{Assembler, AssemblerOptions, Event, Output, Position, TableName};
+use crate::lsn::Lsn;
+use crate::pgoutput::{Decoder, LogicalMessage};
+use crate::replication::{
+    quote_ident, quote_literal, ReplicationConnection, ReplicationError, ReplicationMessage,
+    ReplicationStream, StatusUpdate,
+};
+use crate::setup::{self, SetupOptions, SetupReport};
+
+/// What a listener reads and how.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub source: SourceConfig,
+    pub slot: String,
+    pub publication: String,
+    /// Only these tables produce events; empty = every published table.
+    pub tables: Vec<TableName>,
+    /// Create the publication when missing.
+    pub create_publication: bool,
+    /// Create the slot when missing.
+    pub create_slot: bool,
+    /// Use a temporary slot that starts at "now" and vanishes when the listener stops.
+    pub temporary_slot: bool,
+    /// Events buffered between the replication task and the consumer.
+    pub channel_capacity: usize,
+    /// Events of one transaction held to count `tx.total`.
+    pub max_buffered_events: usize,
+    /// Longest time between two status updates (shortened to fit `wal_sender_timeout`).
+    pub status_interval: Duration,
+    /// Backoff between reconnect attempts: starts at `min`, doubles up to `max`.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+impl ListenerConfig {
+    /// Defaults for everything but the source: slot and publication `waltap`.
+    pub fn new(source: SourceConfig) -> Self {
+        ListenerConfig {
+            source,
+            slot: "waltap".into(),
+            publication: "waltap".into(),
+            tables: Vec::new(),
+            create_publication: true,
+            create_slot: true,
+            temporary_slot: false,
+            channel_capacity: 4096,
+            max_buffered_events: 10_000,
+            status_interval: Duration::from_secs(10),
+            reconnect_min: Duration::from_millis(200),
+            reconnect_max: Duration::from_secs(30),
+        }
+    }
+
+    fn setup_options(&self) -> SetupOptions {
+        SetupOptions {
+            slot: self.slot.clone(),
+            publication: self.publication.clone(),
+            tables: self.tables.clone(),
+            create_publication: self.create_publication,
+            create_slot: self.create_slot,
+            temporary_slot: self.temporary_slot,
+        }
+    }
+}
+
+/// Acknowledges events so the slot may advance; cheap to clone and send across tasks.
+#[derive(Debug, Clone)]
+pub struct Acker(watch::Sender<Option<Position>>);
+
+impl Acker {
+    /// Marks every event up to and including `position` as handled. Positions only move
+    /// forward: an older position is ignored.
+    pub fn ack(&self, position: Position) {
+        self.0.send_if_modified(|cur| {
+            if cur.is_none_or(|c| c < position) {
+                *cur = Some(position);
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+/// A running listener: a [`Stream`] of events from the slot.
+///
+/// Events arrive in commit order. Call [`Listener::ack`] (or an [`Acker`]) once an event is
+/// handled; the slot is confirmed up to whole acknowledged transactions. Dropping the
+/// listener stops the task; [`Listener::shutdown`] stops it and waits for the final
+/// status update.
+pub struct Listener {
+    rx: mpsc::Receiver<Result<Event, Error>>,
+    acker: Acker,
+    cancel: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+    report: SetupReport,
+    start_lsn: Lsn,
+}
+
+impl Listener {
+    /// Checks the source (creating publication and slot as configured), starts streaming,
+    /// and returns once the server streams: every change committed after this returns is
+    /// delivered.
+    pub async fn start(config: ListenerConfig) -> Result<Listener, Error> {
+        let client = config.source.connect_sql().await?;
+        let report = setup::prepare(&client, &config.setup_options()).await?;
+        for w in &report.warnings {
+            tracing::warn!(slot = %config.slot, "{w}");
+        }
+        let (ack_tx, ack_rx) = watch::channel(None);
+        let (tx, rx) = mpsc::channel(config.channel_capacity.max(1));
+        let cancel = CancellationToken::new();
+        let mut worker = Worker::new(config, client, ack_rx, tx, cancel.clone());
+        let stream = worker.connect(true).await?;
+        let start_lsn = worker.received;
+        let task = tokio::spawn(async move { worker.run(stream).await });
+        Ok(Listener {
+            rx,
+            acker: Acker(ack_tx),
+            cancel,
+            task: Some(task),
+            report,
+            start_lsn,
+        })
+    }
+
+    /// Acknowledges every event up to and including `position`.
+    pub fn ack(&self, position: Position) {
+        self.acker.ack(position);
+    }
+
+    /// A handle to acknowledge from elsewhere.
+    pub fn acker(&self) -> Acker {
+        self.acker.clone()
+    }
+
+    /// What the start-up checks found (tables, identities, warnings, slot).
+    pub fn setup_report(&self) -> &SetupReport {
+        &self.report
+    }
+
+    /// The WAL position streaming started from.
+    pub fn start_lsn(&self) -> Lsn {
+        self.start_lsn
+    }
+
+    /// Stops streaming: confirms what was acknowledged, ends copy mode, closes.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Stream for Listener {
+    type Item = Result<Event, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+/// A committed transaction whose `end_lsn` may be confirmed once the consumer has
+/// acknowledged `through` (the last event handed out when it completed).
+struct PendingCommit {
+    through: Option<Position>,
+    end_lsn: Lsn,
+}
+
+struct Worker {
+    config: ListenerConfig,
+    sql: tokio_postgres::Client,
+    acks: watch::Receiver<Option<Position>>,
+    tx: mpsc::Sender<Result<Event, Error>>,
+    cancel: CancellationToken,
+    assembler: Assembler,
+    decoder: Decoder,
+    /// Highest LSN seen from the server (XLogData headers and keepalives).
+    received: Lsn,
+    /// Highest end_lsn whose transaction is fully acknowledged.
+    durable: Lsn,
+    last_sent: StatusUpdate,
+    last_delivered: Option<Position>,
+    pending: VecDeque<PendingCommit>,
+    status_interval: Duration,
+    next_status: Instant,
+    out: Vec<Output>,
+}
+
+/// How a streaming session ended without an error.
+enum SessionEnd {
+    Cancelled,
+    ConsumerGone,
+}
+
+impl Worker {
+    fn new(
+        config: ListenerConfig,
+        sql: tokio_postgres::Client,
+        acks: watch::Receiver<Option<Position>>,
+        tx: mpsc::Sender<Result<Event, Error>>,
+        cancel: CancellationToken,
+    ) -> Self {
+        let tables = (!config.tables.is_empty()).then(|| config.tables.iter().cloned().collect());
+        let assembler = Assembler::new(AssemblerOptions {
+            max_buffered_events: config.max_buffered_events,
+            tables,
+            ..AssemblerOptions::default()
+        });
+        let status_interval = config.status_interval;
+        Worker {
+            config,
+            sql,
+            acks,
+            tx,
+            cancel,
+            assembler,
+            decoder: Decoder::new(2, false),
+            received: Lsn::ZERO,
+            durable: Lsn::ZERO,
+            last_sent: StatusUpdate::default(),
+            last_delivered: None,
+            pending: VecDeque::new(),
+            status_interval,
+            next_status: Instant::now() + status_interval,
+            out: Vec::new(),
+        }
+    }
+
+    /// Opens the replication connection and starts streaming from the slot.
+    async fn connect(&mut self, first: bool) -> Result<ReplicationStream, Error> {
+        if self.sql.is_closed() {
+            self.sql = self.config.source.connect_sql().await?;
+        }
+        let mut conn = ReplicationConnection::connect(&self.config.source).await?;
+        let slot = self.config.slot.clone();
+        if self.config.temporary_slot {
+            if !first {
+                // A temporary slot died with the old connection, and with it every change
+                // since: carrying on from a new slot would skip them silently.
+                return Err(Error::SlotDropped { slot });
+            }
+            let created = conn.create_slot(&slot, true).await?;
+            self.received = self.received.max(created.consistent_point);
+        } else if first {
+            let id = conn.identify_system().await?;
+            tracing::debug!(system_id = %id.system_id, timeline = id.timeline, xlogpos = %id.xlogpos, "identified");
+        }
+        self.status_interval = self.fit_status_interval(&mut conn).await;
+        let options = [
+            ("proto_version", quote_literal("2")),
+            (
+                "publication_names",
+                quote_literal(&quote_ident(&self.config.publication)),
+            ),
+            ("messages", quote_literal("true")),
+        ];
+        let start = self.durable;
+        let stream = conn
+            .start_replication(&slot, start, &options)
+            .await
+            .map_err(|e| self.classify(e))?;
+        tracing::info!(slot = %slot, start_lsn = %start, "streaming started");
+        self.assembler.reset();
+        self.decoder.reset();
+        self.next_status = Instant::now() + self.status_interval;
+        Ok(stream)
+    }
+
+    /// A status update every `status_interval`, but well within `wal_sender_timeout` so the
+    /// server never drops us for silence.
+    async fn fit_status_interval(&self, conn: &mut ReplicationConnection) -> Duration {
+        let configured = self.config.status_interval;
+        let Ok(rows) = conn.simple_query("SHOW wal_sender_timeout").await else {
+            return configured;
+        };
+        let timeout = rows
+            .first()
+            .and_then(|r| r.columns.first())
+            .and_then(|(_, v)| v.as_deref())
+            .and_then(parse_pg_duration);
+        match timeout {
+            Some(t) if !t.is_zero() => configured.min(t / 3).max(Duration::from_millis(50)),
+            _ => configured,
+        }
+    }
+
+    /// Maps server errors that mean lost data or a broken setup to their definite errors.
+    fn classify(&self, e: ReplicationError) -> Error {
+        if let ReplicationError::Server(s) = &e {
+            let msg = s.message.as_str();
+            if s.code == "42704" && msg.contains("replication slot") {
+                return Error::SlotDropped {
+                    slot: self.config.slot.clone(),
+                };
+            }
+            if s.code == "42704" && msg.contains("publication") {
+                return Error::PublicationMissing {
+                    publication: self.config.publication.clone(),
+                };
+            }
+            if msg.contains("can no longer get changes from replication slot")
+                || msg.contains("has been invalidated")
+            {
+                return Error::SlotLost {
+                    slot: self.config.slot.clone(),
+                };
+            }
+        }
+        Error::Replication(e)
+    }
+
+    async fn run(mut self, stream: ReplicationStream) {
+        let mut stream = Some(stream);
+        let mut backoff = self.config.reconnect_min;
+        loop {
+            let result = match stream.take() {
+                Some(s) => self.session(s).await,
+                None => match self.connect(false).await {
+                    Ok(s) => {
+                        backoff = self.config.reconnect_min;
+                        self.session(s).await
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            match result {
+                Ok(SessionEnd::Cancelled) | Ok(SessionEnd::ConsumerGone) => return,
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(slot = %self.config.slot, error = %e, retry_in = ?backoff, "replication interrupted; reconnecting");
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(self.config.reconnect_max);
+                }
+                Err(e) => {
+                    tracing::error!(slot = %self.config.slot, error = %e, "replication stopped");
+                    let _ = self.tx.send(Err(e)).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn session(&mut self, mut stream: ReplicationStream) -> Result<SessionEnd, Error> {
+        loop {
+            // Drain what is buffered before waiting: no timers or wake-ups per message.
+            while let Some(msg) = stream.try_next().map_err(|e| self.classify(e))? {
+                if let Some(end) = self.handle(&mut stream, msg).await? {
+                    return self.finish(stream, end).await;
+                }
+            }
+            self.maybe_send_status(&mut stream, false).await?;
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return self.finish(stream, SessionEnd::Cancelled).await,
+                _ = self.tx.closed() => return self.finish(stream, SessionEnd::ConsumerGone).await,
+                r = stream.fill() => r.map_err(|e| self.classify(e))?,
+                _ = self.acks.changed() => {}
+                _ = tokio::time::sleep_until(self.next_status) => {
+                    self.send_status(&mut stream, false).await?;
+                }
+            }
+        }
+    }
+
+    async fn finish(
+        &mut self,
+        stream: ReplicationStream,
+        end: SessionEnd,
+    ) -> Result<SessionEnd, Error> {
+        let status = self.status();
+        if let Err(e) = stream.stop(status).await {
+            tracing::debug!(error = %e, "clean stop failed; the slot keeps the last sent position");
+        } else {
+            self.last_sent = status;
+            tracing::info!(slot = %self.config.slot, flush = %status.flush, "streaming stopped");
+        }
+        Ok(end)
+    }
+
+    async fn handle(
+        &mut self,
+        stream: &mut ReplicationStream,
+        msg: ReplicationMessage,
+    ) -> Result<Option<SessionEnd>, Error> {
+        match msg {
+            ReplicationMessage::XLogData { wal_end, data, .. } => {
+                self.received = self.received.max(wal_end);
+                let decoded = self.decoder.decode(data).map_err(|source| Error::Decode {
+                    lsn: wal_end,
+                    source,
+                })?;
+                if let LogicalMessage::Relation(rel) = &decoded {
+                    for oid in self.assembler.unresolved_types(rel) {
+                        let kind = resolve_type(&self.sql, oid).await?;
+                        tracing::debug!(oid, ?kind, "resolved column type");
+                        self.assembler.register_type(oid, kind);
+                    }
+                }
+                let mut out = std::mem::take(&mut self.out);
+                let result = self.assembler.handle(decoded, &mut out);
+                let delivered = self.deliver(stream, &mut out).await;
+                self.out = out;
+                result?;
+                return delivered;
+            }
+            ReplicationMessage::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => {
+                self.received = self.received.max(wal_end);
+                if reply_requested {
+                    self.send_status(stream, false).await?;
+                }
+            }
+            ReplicationMessage::Notice(n) => {
+                if n.message.contains("skipped loading publication") {
+                    return Err(Error::PublicationMissing {
+                        publication: self.config.publication.clone(),
+                    });
+                }
+                tracing::warn!(notice = %n, "server notice");
+            }
+        }
+        Ok(None)
+    }
+
+    /// Hands events to the consumer, waiting while the channel is full but keeping the
+    /// server informed meanwhile.
+    async fn deliver(
+        &mut self,
+        stream: &mut ReplicationStream,
+        out: &mut Vec<Output>,
+    ) -> Result<Option<SessionEnd>, Error> {
+        for item in out.drain(..) {
+            match item {
+                Output::Event(ev) => {
+                    if self.last_delivered.is_some_and(|p| ev.position <= p) {
+                        continue; // replayed after a reconnect; the consumer has it
+                    }
+                    let position = ev.position;
+                    match self.tx.try_send(Ok(ev)) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            return Ok(Some(SessionEnd::ConsumerGone))
+                        }
+                        Err(mpsc::error::TrySendError::Full(item)) => {
+                            if let Some(end) = self.deliver_slow(stream, item).await? {
+                                return Ok(Some(end));
+                            }
+                        }
+                    }
+                    self.last_delivered = Some(position);
+                }
+                Output::Commit { end_lsn, .. } => {
+                    let newest = self.pending.back().map_or(self.durable, |p| p.end_lsn);
+                    if end_lsn > newest {
+                        self.pending.push_back(PendingCommit {
+                            through: self.last_delivered,
+                            end_lsn,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The consumer is behind: wait for room while sending status updates on schedule.
+    async fn deliver_slow(
+        &mut self,
+        stream: &mut ReplicationStream,
+        item: Result<Event, Error>,
+    ) -> Result<Option<SessionEnd>, Error> {
+        let tx = self.tx.clone();
+        let cancel = self.cancel.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Ok(Some(SessionEnd::Cancelled)),
+                permit = tx.reserve() => return match permit {
+                    Ok(p) => {
+                        p.send(item);
+                        Ok(None)
+                    }
+                    Err(_) => Ok(Some(SessionEnd::ConsumerGone)),
+                },
+                _ = tokio::time::sleep_until(self.next_status) => {
+                    self.send_status(stream, false).await?;
+                }
+            }
+        }
+    }
+
+    /// The positions to report now (see the module invariants).
+    fn status(&mut self) -> StatusUpdate {
+        let acked = *self.acks.borrow_and_update();
+        while let Some(front) = self.pending.front() {
+            if front.through.is_none() || front.through <= acked {
+                self.durable = self.durable.max(front.end_lsn);
+                self.pending.pop_front();
+            } else {
+                break;
+            }
+        }
+        let busy = self.assembler.in_transaction()
+            || !self.pending.is_empty()
+            || (self.last_delivered.is_some() && self.last_delivered > acked);
+        let mut flush = if busy {
+            self.durable
+        } else {
+            self.durable.max(self.received)
+        };
+        flush = flush.min(self.received).max(self.last_sent.flush);
+        let write = self.received.max(self.last_sent.write);
+        StatusUpdate {
+            write,
+            flush,
+            apply: flush,
+        }
+    }
+
+    async fn send_status(
+        &mut self,
+        stream: &mut ReplicationStream,
+        reply: bool,
+    ) -> Result<(), Error> {
+        let status = self.status();
+        stream
+            .send_status(status, reply)
+            .await
+            .map_err(|e| self.classify(e))?;
+        if status.flush > self.last_sent.flush {
+            tracing::debug!(slot = %self.config.slot, flush = %status.flush, "confirmed");
+        }
+        self.last_sent = status;
+        self.next_status = Instant::now() + self.status_interval;
+        Ok(())
+    }
+
+    /// Sends at once when the confirmable position moved, so acknowledged work is
+    /// confirmed promptly; otherwise the periodic update covers it.
+    async fn maybe_send_status(
+        &mut self,
+        stream: &mut ReplicationStream,
+        reply: bool,
+    ) -> Result<(), Error> {
+        let status = self.status();
+        let min_gap = Duration::from_millis(100);
+        let since_last = self
+            .status_interval
+            .saturating_sub(self.next_status.saturating_duration_since(Instant::now()));
+        if status.flush > self.last_sent.flush && since_last >= min_gap {
+            self.send_status(stream, reply).await?;
+        }
+        Ok(())
+    }
+}
+
+/// `60s`, `500ms`, `1min`, `0` as `SHOW` prints durations.
+fn parse_pg_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit.trim() {
+        "" | "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "min" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        "d" => Duration::from_secs(n * 86_400),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_as_show_prints_them() {
+        assert_eq!(parse_pg_duration("60s"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_pg_duration("1min"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_pg_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_pg_duration("0"), Some(Duration::ZERO));
+        assert_eq!(parse_pg_duration("x"), None);
+    }
+}

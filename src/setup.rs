@@ -1,0 +1,414 @@
+//! Preparing and checking the source database: `waltap setup`, `waltap status`, and the
+//! checks every listener runs when it starts.
+//!
+//! Owns the publication and slot life cycle and the preconditions of logical replication:
+//! `wal_level`, the REPLICATION right, SELECT on the published tables, and the replica
+//! identity of each table. Every problem is a [`SetupError`] whose message says how to fix
+//! it. SQL identifiers are always quoted; values go as parameters.
+
+use tokio_postgres::Client;
+
+use crate::event::TableName;
+use crate::replication::quote_ident;
+
+/// What to prepare and check.
+#[derive(Debug, Clone)]
+pub struct SetupOptions {
+    pub slot: String,
+    pub publication: String,
+    /// Tables the caller cares about; they must be published (and are when waltap creates
+    /// the publication). Empty: every table of the publication.
+    pub tables: Vec<TableName>,
+    pub create_publication: bool,
+    pub create_slot: bool,
+    /// The slot is made by the replication connection itself and dies with it.
+    pub temporary_slot: bool,
+}
+
+/// A precondition of logical replication does not hold.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("wal_level is {actual:?}, but logical replication needs 'logical': run ALTER SYSTEM SET wal_level = logical; and restart Postgres")]
+    WalLevel { actual: String },
+    #[error("PostgreSQL {version} is not supported: waltap needs 14 or later")]
+    UnsupportedServer { version: String },
+    #[error(
+        "role {role:?} may not replicate: run ALTER ROLE {role} REPLICATION; (as a superuser)"
+    )]
+    NoReplicationRight { role: String },
+    #[error("publication {publication:?} does not exist: run `waltap setup` or CREATE PUBLICATION {publication} FOR TABLE ...")]
+    PublicationMissing { publication: String },
+    #[error("cannot create publication {publication:?}: {message} (create it as the table owner or a superuser: CREATE PUBLICATION {publication} FOR TABLE ...)")]
+    CannotCreatePublication {
+        publication: String,
+        message: String,
+    },
+    #[error("table {table} does not exist")]
+    TableMissing { table: String },
+    #[error("table {table} is not in publication {publication:?}: run ALTER PUBLICATION {publication} ADD TABLE {table};")]
+    TableNotPublished { table: String, publication: String },
+    #[error("role {role:?} lacks SELECT on published tables {tables}: run GRANT SELECT ON {tables} TO {role};")]
+    NoSelect { role: String, tables: String },
+    #[error("replication slot {slot:?} does not exist: run `waltap setup` to create it")]
+    SlotMissing { slot: String },
+    #[error("replication slot {slot:?} uses plugin {plugin:?}, not pgoutput: drop it or choose another --slot")]
+    SlotWrongPlugin { slot: String, plugin: String },
+    #[error("replication slot {slot:?} belongs to database {database:?}, not {expected:?}: choose another --slot")]
+    SlotOtherDatabase {
+        slot: String,
+        database: String,
+        expected: String,
+    },
+    #[error("replication slot {slot:?} was invalidated (wal_status = lost): the WAL it needed is gone and changes were lost; drop it (SELECT pg_drop_replication_slot('{slot}')), run `waltap setup`, and re-read the current rows")]
+    SlotLost { slot: String },
+    #[error("cannot create replication slot {slot:?}: {message}")]
+    CannotCreateSlot { slot: String, message: String },
+    #[error("SQL error during setup: {0}")]
+    Sql(#[from] tokio_postgres::Error),
+}
+
+/// One published table and what it will send.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PublishedTable {
+    pub table: String,
+    /// `default`, `full`, `index` or `nothing`.
+    pub identity: String,
+    pub has_primary_key: bool,
+    pub can_select: bool,
+}
+
+/// The slot as `pg_replication_slots` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlotState {
+    pub name: String,
+    pub active_pid: Option<i32>,
+    pub wal_status: Option<String>,
+    pub confirmed_flush_lsn: Option<String>,
+    pub restart_lsn: Option<String>,
+    /// Bytes of WAL between the server's current position and `confirmed_flush_lsn`.
+    pub lag_bytes: Option<i64>,
+    /// Bytes of WAL the slot keeps on disk (from `restart_lsn`).
+    pub retained_bytes: Option<i64>,
+}
+
+/// The outcome of [`prepare`], for `waltap setup` and `waltap status`.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SetupReport {
+    pub server_version_num: i32,
+    pub database: String,
+    pub role: String,
+    pub publication: String,
+    pub publication_created: bool,
+    pub tables: Vec<PublishedTable>,
+    pub slot: Option<SlotState>,
+    pub slot_created: bool,
+    pub warnings: Vec<String>,
+}
+
+/// Checks every precondition, creating the publication and slot when asked to.
+pub async fn prepare(client: &Client, opts: &SetupOptions) -> Result<SetupReport, SetupError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int, current_setting('server_version'),
+                    current_setting('wal_level'), current_database(), current_user,
+                    r.rolreplication OR r.rolsuper
+             FROM pg_roles r WHERE r.rolname = current_user",
+            &[],
+        )
+        .await?;
+    let version_num: i32 = row.get(0);
+    let version: String = row.get(1);
+    let wal_level: String = row.get(2);
+    let database: String = row.get(3);
+    let role: String = row.get(4);
+    let can_replicate: bool = row.get(5);
+    if version_num < 140_000 {
+        return Err(SetupError::UnsupportedServer { version });
+    }
+    if wal_level != "logical" {
+        return Err(SetupError::WalLevel { actual: wal_level });
+    }
+    if !can_replicate {
+        return Err(SetupError::NoReplicationRight { role });
+    }
+    for t in &opts.tables {
+        table_exists(client, t).await?;
+    }
+
+    let mut publication_created = false;
+    if !publication_exists(client, &opts.publication).await? {
+        if !opts.create_publication {
+            return Err(SetupError::PublicationMissing {
+                publication: opts.publication.clone(),
+            });
+        }
+        create_publication(client, &opts.publication, &opts.tables, version_num).await?;
+        publication_created = true;
+    }
+
+    let tables = published_tables(client, &opts.publication).await?;
+    for t in &opts.tables {
+        let name = t.to_string();
+        if !tables.iter().any(|p| p.table == name) {
+            return Err(SetupError::TableNotPublished {
+                table: name,
+                publication: opts.publication.clone(),
+            });
+        }
+    }
+    let relevant: Vec<&PublishedTable> = tables
+        .iter()
+        .filter(|p| opts.tables.is_empty() || opts.tables.iter().any(|t| t.to_string() == p.table))
+        .collect();
+    let no_select: Vec<&str> = relevant
+        .iter()
+        .filter(|p| !p.can_select)
+        .map(|p| p.table.as_str())
+        .collect();
+    if !no_select.is_empty() {
+        return Err(SetupError::NoSelect {
+            role,
+            tables: no_select.join(", "),
+        });
+    }
+    let mut warnings = Vec::new();
+    let partial: Vec<&str> = relevant
+        .iter()
+        .filter(|p| p.identity != "full")
+        .map(|p| p.table.as_str())
+        .collect();
+    if !partial.is_empty() {
+        warnings.push(format!(
+            "tables without REPLICA IDENTITY FULL send no before image for updates and only the key for deletes: {} (ALTER TABLE ... REPLICA IDENTITY FULL sends whole rows)",
+            partial.join(", ")
+        ));
+    }
+    let unkeyed: Vec<&str> = relevant
+        .iter()
+        .filter(|p| p.identity == "nothing" || (p.identity == "default" && !p.has_primary_key))
+        .map(|p| p.table.as_str())
+        .collect();
+    if !unkeyed.is_empty() {
+        warnings.push(format!(
+            "tables without a replica identity: UPDATE and DELETE on them fail while they are published: {} (add a primary key or set REPLICA IDENTITY FULL)",
+            unkeyed.join(", ")
+        ));
+    }
+    if relevant.is_empty() {
+        warnings.push(format!(
+            "publication {:?} has no tables yet: no changes will arrive until tables are added",
+            opts.publication
+        ));
+    }
+
+    let mut slot_created = false;
+    let mut slot = if opts.temporary_slot {
+        None
+    } else {
+        slot_state(client, &opts.slot).await?
+    };
+    if let Some(s) = &slot {
+        check_slot(client, &opts.slot, &database).await?;
+        if s.wal_status.as_deref() == Some("lost") {
+            return Err(SetupError::SlotLost {
+                slot: opts.slot.clone(),
+            });
+        }
+    } else if !opts.temporary_slot {
+        if !opts.create_slot {
+            return Err(SetupError::SlotMissing {
+                slot: opts.slot.clone(),
+            });
+        }
+        client
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&opts.slot],
+            )
+            .await
+            .map_err(|e| SetupError::CannotCreateSlot {
+                slot: opts.slot.clone(),
+                message: db_message(&e),
+            })?;
+        slot_created = true;
+        slot = slot_state(client, &opts.slot).await?;
+    }
+
+    Ok(SetupReport {
+        server_version_num: version_num,
+        database,
+        role,
+        publication: opts.publication.clone(),
+        publication_created,
+        tables,
+        slot,
+        slot_created,
+        warnings,
+    })
+}
+
+fn db_message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_else(|| e.to_string())
+}
+
+async fn table_exists(client: &Client, t: &TableName) -> Result<(), SetupError> {
+    let found = client
+        .query_opt(
+            "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&t.schema, &t.table],
+        )
+        .await?;
+    match found {
+        Some(_) => Ok(()),
+        None => Err(SetupError::TableMissing {
+            table: t.to_string(),
+        }),
+    }
+}
+
+async fn publication_exists(client: &Client, name: &str) -> Result<bool, SetupError> {
+    Ok(client
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
+        .await?
+        .is_some())
+}
+
+/// Without a table list the publication covers the user's schemas (PG15+) so that tables
+/// created later are included, and never waltap's own `waltap` schema.
+async fn create_publication(
+    client: &Client,
+    name: &str,
+    tables: &[TableName],
+    version_num: i32,
+) -> Result<(), SetupError> {
+    let target = if !tables.is_empty() {
+        let list: Vec<String> = tables
+            .iter()
+            .map(|t| format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.table)))
+            .collect();
+        format!("FOR TABLE {}", list.join(", "))
+    } else if version_num >= 150_000 {
+        let rows = client
+            .query(
+                "SELECT nspname FROM pg_namespace
+                 WHERE nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast', 'waltap')
+                   AND nspname NOT LIKE 'pg\\_temp\\_%' AND nspname NOT LIKE 'pg\\_toast\\_temp\\_%'
+                 ORDER BY nspname",
+                &[],
+            )
+            .await?;
+        let schemas: Vec<String> = rows
+            .iter()
+            .map(|r| quote_ident(&r.get::<_, String>(0)))
+            .collect();
+        format!("FOR TABLES IN SCHEMA {}", schemas.join(", "))
+    } else {
+        "FOR ALL TABLES".to_owned()
+    };
+    let sql = format!("CREATE PUBLICATION {} {target}", quote_ident(name));
+    tracing::info!(publication = name, "creating publication");
+    client
+        .batch_execute(&sql)
+        .await
+        .map_err(|e| SetupError::CannotCreatePublication {
+            publication: name.to_owned(),
+            message: db_message(&e),
+        })
+}
+
+/// The tables of a publication with their identity and our right to read them.
+pub async fn published_tables(
+    client: &Client,
+    publication: &str,
+) -> Result<Vec<PublishedTable>, SetupError> {
+    let rows = client
+        .query(
+            "SELECT pt.schemaname::text || '.' || pt.tablename::text,
+                    CASE c.relreplident WHEN 'd' THEN 'default' WHEN 'f' THEN 'full'
+                         WHEN 'i' THEN 'index' ELSE 'nothing' END,
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+                    has_table_privilege(c.oid, 'SELECT')
+             FROM pg_publication_tables pt
+             JOIN pg_namespace n ON n.nspname = pt.schemaname
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
+             WHERE pt.pubname = $1
+             ORDER BY 1",
+            &[&publication],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| PublishedTable {
+            table: r.get(0),
+            identity: r.get(1),
+            has_primary_key: r.get(2),
+            can_select: r.get(3),
+        })
+        .collect())
+}
+
+/// The slot's state, or None when it does not exist.
+pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>, SetupError> {
+    let row = client
+        .query_opt(
+            "SELECT active_pid, wal_status, confirmed_flush_lsn::text, restart_lsn::text,
+                    (pg_current_wal_lsn() - confirmed_flush_lsn)::int8,
+                    (pg_current_wal_lsn() - restart_lsn)::int8
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.map(|r| SlotState {
+        name: slot.to_owned(),
+        active_pid: r.get(0),
+        wal_status: r.get(1),
+        confirmed_flush_lsn: r.get(2),
+        restart_lsn: r.get(3),
+        lag_bytes: r.get(4),
+        retained_bytes: r.get(5),
+    }))
+}
+
+async fn check_slot(client: &Client, slot: &str, database: &str) -> Result<(), SetupError> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(plugin, ''), coalesce(database, '') FROM pg_replication_slots
+             WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    let plugin: String = row.get(0);
+    let db: String = row.get(1);
+    if plugin != "pgoutput" {
+        return Err(SetupError::SlotWrongPlugin {
+            slot: slot.to_owned(),
+            plugin,
+        });
+    }
+    if db != database {
+        return Err(SetupError::SlotOtherDatabase {
+            slot: slot.to_owned(),
+            database: db,
+            expected: database.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Drops the slot (waiting for it to be released briefly is the caller's business).
+pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, SetupError> {
+    Ok(client
+        .execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+             WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?
+        > 0)
+}
