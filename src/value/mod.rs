@@ -149,6 +149,7 @@ fn snippet(b: &[u8]) -> String {
 /// Decode one column's text output according to its [`TypeKind`].
 pub fn decode_text(kind: &TypeKind, raw: Bytes) -> Result<Value, ValueError> {
     match kind {
+        // `true`/`false` are what a `bool::text` cast prints; cheap to allow.
         TypeKind::Bool => match &raw[..] {
             b"t" | b"true" => Ok(Value::Bool(true)),
             b"f" | b"false" => Ok(Value::Bool(false)),

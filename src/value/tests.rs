@@ -561,6 +561,20 @@ fn arrays() {
     ]);
 }
 
+/// Every ASCII character (and some awkward strings) through `array_out`,
+/// checked against Postgres' own `to_json` of the same array:
+/// `SELECT a::text, to_json(a) FROM (SELECT array_agg(chr(i) || 'x' || chr(i))
+/// || ARRAY[' lead', 'trail ', 'NuLl', '', NULL, E'\\"', '{,}', '😀"中',
+/// E'\u00a0nbsp'] AS a FROM generate_series(1, 127) i) s`
+#[test]
+fn text_array_matches_postgres_to_json() {
+    let array_out = "{\u{1}x\u{1},\u{2}x\u{2},\u{3}x\u{3},\u{4}x\u{4},\u{5}x\u{5},\u{6}x\u{6},\u{7}x\u{7},\u{8}x\u{8},\"\u{9}x\u{9}\",\"\u{a}x\u{a}\",\"\u{b}x\u{b}\",\"\u{c}x\u{c}\",\"\u{d}x\u{d}\",\u{e}x\u{e},\u{f}x\u{f},\u{10}x\u{10},\u{11}x\u{11},\u{12}x\u{12},\u{13}x\u{13},\u{14}x\u{14},\u{15}x\u{15},\u{16}x\u{16},\u{17}x\u{17},\u{18}x\u{18},\u{19}x\u{19},\u{1a}x\u{1a},\u{1b}x\u{1b},\u{1c}x\u{1c},\u{1d}x\u{1d},\u{1e}x\u{1e},\u{1f}x\u{1f},\" x \",!x!,\"\\\"x\\\"\",#x#,$x$,%x%,&x&,'x',(x(,)x),*x*,+x+,\",x,\",-x-,.x.,/x/,0x0,1x1,2x2,3x3,4x4,5x5,6x6,7x7,8x8,9x9,:x:,;x;,<x<,=x=,>x>,?x?,@x@,AxA,BxB,CxC,DxD,ExE,FxF,GxG,HxH,IxI,JxJ,KxK,LxL,MxM,NxN,OxO,PxP,QxQ,RxR,SxS,TxT,UxU,VxV,WxW,XxX,YxY,ZxZ,[x[,\"\\\\x\\\\\",]x],^x^,_x_,`x`,axa,bxb,cxc,dxd,exe,fxf,gxg,hxh,ixi,jxj,kxk,lxl,mxm,nxn,oxo,pxp,qxq,rxr,sxs,txt,uxu,vxv,wxw,xxx,yxy,zxz,\"{x{\",|x|,\"}x}\",~x~,\u{7f}x\u{7f},\" lead\",\"trail \",\"NuLl\",\"\",NULL,\"\\\\\\\"\",\"{,}\",\"😀\\\"中\",\u{a0}nbsp}";
+    let pg_to_json = "[\"\\u0001x\\u0001\",\"\\u0002x\\u0002\",\"\\u0003x\\u0003\",\"\\u0004x\\u0004\",\"\\u0005x\\u0005\",\"\\u0006x\\u0006\",\"\\u0007x\\u0007\",\"\\bx\\b\",\"\\tx\\t\",\"\\nx\\n\",\"\\u000bx\\u000b\",\"\\fx\\f\",\"\\rx\\r\",\"\\u000ex\\u000e\",\"\\u000fx\\u000f\",\"\\u0010x\\u0010\",\"\\u0011x\\u0011\",\"\\u0012x\\u0012\",\"\\u0013x\\u0013\",\"\\u0014x\\u0014\",\"\\u0015x\\u0015\",\"\\u0016x\\u0016\",\"\\u0017x\\u0017\",\"\\u0018x\\u0018\",\"\\u0019x\\u0019\",\"\\u001ax\\u001a\",\"\\u001bx\\u001b\",\"\\u001cx\\u001c\",\"\\u001dx\\u001d\",\"\\u001ex\\u001e\",\"\\u001fx\\u001f\",\" x \",\"!x!\",\"\\\"x\\\"\",\"#x#\",\"$x$\",\"%x%\",\"&x&\",\"'x'\",\"(x(\",\")x)\",\"*x*\",\"+x+\",\",x,\",\"-x-\",\".x.\",\"/x/\",\"0x0\",\"1x1\",\"2x2\",\"3x3\",\"4x4\",\"5x5\",\"6x6\",\"7x7\",\"8x8\",\"9x9\",\":x:\",\";x;\",\"<x<\",\"=x=\",\">x>\",\"?x?\",\"@x@\",\"AxA\",\"BxB\",\"CxC\",\"DxD\",\"ExE\",\"FxF\",\"GxG\",\"HxH\",\"IxI\",\"JxJ\",\"KxK\",\"LxL\",\"MxM\",\"NxN\",\"OxO\",\"PxP\",\"QxQ\",\"RxR\",\"SxS\",\"TxT\",\"UxU\",\"VxV\",\"WxW\",\"XxX\",\"YxY\",\"ZxZ\",\"[x[\",\"\\\\x\\\\\",\"]x]\",\"^x^\",\"_x_\",\"`x`\",\"axa\",\"bxb\",\"cxc\",\"dxd\",\"exe\",\"fxf\",\"gxg\",\"hxh\",\"ixi\",\"jxj\",\"kxk\",\"lxl\",\"mxm\",\"nxn\",\"oxo\",\"pxp\",\"qxq\",\"rxr\",\"sxs\",\"txt\",\"uxu\",\"vxv\",\"wxw\",\"xxx\",\"yxy\",\"zxz\",\"{x{\",\"|x|\",\"}x}\",\"~x~\",\"\u{7f}x\u{7f}\",\" lead\",\"trail \",\"NuLl\",\"\",null,\"\\\\\\\"\",\"{,}\",\"😀\\\"中\",\"\u{a0}nbsp\"]";
+    let ours: serde_json::Value = serde_json::from_str(&to_json(&arr(K::Text), array_out)).unwrap();
+    let theirs: serde_json::Value = serde_json::from_str(pg_to_json).unwrap();
+    assert_eq!(ours, theirs);
+}
+
 /// Forms `array_in` accepts though `array_out` never prints them.
 #[test]
 fn arrays_lenient_input() {
