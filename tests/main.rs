@@ -1,1 +1,9 @@
+//! The integration tests, as one binary: one test process means one shared PostgreSQL
+//! cluster for all of them (see `support`).
 
+#![allow(clippy::unwrap_used)]
+
+mod events;
+mod harness_smoke;
+mod listener;
+mod support;

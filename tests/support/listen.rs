@@ -42,7 +42,11 @@ pub async fn take(listener: &mut Listener, n: usize) -> Vec<Event> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         match tokio::time::timeout(EVENT_TIMEOUT, listener.next()).await {
-            Err(_) => panic!("timed out after {} of {n} events: {:?}", out.len(), json_all(&out)),
+            Err(_) => panic!(
+                "timed out after {} of {n} events: {:?}",
+                out.len(),
+                json_all(&out)
+            ),
             Ok(None) => panic!("listener ended after {} of {n} events", out.len()),
             Ok(Some(Err(e))) => panic!("listener failed after {} of {n} events: {e}", out.len()),
             Ok(Some(Ok(ev))) => {

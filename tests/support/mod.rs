@@ -1,0 +1,169 @@
+//! Support code for integration tests: a real PostgreSQL with `wal_level=logical`.
+//!
+//! * [`cluster()`] is the one server shared by every test of this process. With
+//!   `DATABASE_URL` set it is that server (checked for `wal_level=logical`);
+//!   otherwise a throwaway cluster is created on first use and destroyed when
+//!   the process ends, however it ends.
+//! * [`TestDb`] is a fresh database per test; [`TestDb::unique_name`] gives slot
+//!   and publication names that cannot collide with other tests or processes;
+//!   [`TestDb::teardown`] drops the database and every slot that belongs to it.
+//! * [`Cluster::start_dedicated`] is a private cluster for tests that restart or
+//!   crash the server.
+//! * [`wait_for`] replaces sleeps: poll a condition until it holds or time runs out.
+
+// Each test module uses a different part of this API.
+#![allow(dead_code)]
+
+pub mod cluster;
+pub mod db;
+pub mod listen;
+mod local;
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use cluster::{cluster, Cluster, LocalCluster};
+pub use db::TestDb;
+pub use local::find_bindir;
+
+/// A login role that the local test cluster creates, and the password it has.
+#[derive(Clone, Copy, Debug)]
+pub struct TestRole {
+    pub user: &'static str,
+    pub password: &'static str,
+}
+
+/// SCRAM-stored password, authenticated with `scram-sha-256` over TCP.
+pub const SCRAM_ROLE: TestRole = TestRole {
+    user: "waltap_scram",
+    password: "scram-test-pw",
+};
+/// Only accepted over TLS (`hostssl` ... `scram-sha-256`, `hostnossl` ... `reject`).
+pub const TLS_ROLE: TestRole = TestRole {
+    user: "waltap_tls",
+    password: "tls-test-pw",
+};
+/// MD5-stored password, authenticated with `md5`.
+pub const MD5_ROLE: TestRole = TestRole {
+    user: "waltap_md5",
+    password: "md5-test-pw",
+};
+/// Cleartext `password` authentication.
+pub const PASSWORD_ROLE: TestRole = TestRole {
+    user: "waltap_password",
+    password: "cleartext-test-pw",
+};
+
+/// Quotes an SQL identifier, so test names can never be read as SQL.
+pub fn quote_ident(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// Quotes an SQL string literal (with `standard_conforming_strings`, the default).
+pub fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// Polls `f` until it returns true, backing off from 20 ms to 200 ms.
+///
+/// Panics naming `what` when `timeout` passes first, including when one call
+/// of `f` itself hangs past the deadline.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut delay = Duration::from_millis(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left.max(Duration::from_millis(1)), f()).await {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(_) => panic!("timed out after {timeout:?} waiting for {what} (the check hung)"),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(delay.min(left)).await;
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// A `tokio-postgres` TLS connector that trusts only the certificate at `ca`
+/// (for the local cluster: [`Cluster::ca_cert_path`]) and checks the host name.
+pub fn tls_connector(ca: &Path) -> tokio_postgres_rustls::MakeRustlsConnect {
+    let pem = std::fs::read(ca).unwrap_or_else(|e| panic!("reading {}: {e}", ca.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert = cert.unwrap_or_else(|e| panic!("parsing {}: {e}", ca.display()));
+        roots
+            .add(cert)
+            .unwrap_or_else(|e| panic!("trusting {}: {e}", ca.display()));
+    }
+    // Explicit provider: the process-wide default is ambiguous if another
+    // dependency ever enables a second rustls backend.
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring supports the default TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_postgres_rustls::MakeRustlsConnect::new(config)
+}
+
+/// Connects without TLS and drives the connection on the current runtime.
+pub async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    // Errors here are expected whenever a test or teardown kills the backend;
+    // the client reports them on its next call anyway.
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// Runs `fut` to completion on a fresh runtime in a thread of its own.
+///
+/// Needed wherever async work happens outside any runtime's control: the lazy
+/// cluster start-up (first caller's runtime is just one test's, and nesting
+/// `block_on` inside it panics) and `Drop`.
+pub(crate) fn run_blocking<T, Fut>(fut: Fut) -> Result<T, String>
+where
+    T: Send + 'static,
+    Fut: Future<Output = T> + Send + 'static,
+{
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map(|rt| rt.block_on(fut))
+            .map_err(|e| format!("building a tokio runtime: {e}"))
+    })
+    .join()
+    .map_err(|panic| {
+        let msg = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        format!("background task panicked: {msg}")
+    })?
+}
+
+/// Percent-encodes a URL component (user, password, database).
+pub(crate) fn url_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
