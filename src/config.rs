@@ -206,8 +206,33 @@ async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>
 pub enum SqlConnectError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error(transparent)]
+    #[error("{}", pg_error_text(.0))]
     Postgres(#[from] tokio_postgres::Error),
+}
+
+/// tokio-postgres displays server errors as just "db error"; this spells out the server's
+/// message, SQLSTATE, detail and hint, or the I/O cause.
+pub fn pg_error_text(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code());
+        if let Some(d) = db.detail() {
+            s.push_str("; detail: ");
+            s.push_str(d);
+        }
+        if let Some(h) = db.hint() {
+            s.push_str("; hint: ");
+            s.push_str(h);
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
 }
 
 /// Removes `sslmode` and `sslrootcert` from a URL or key=value string, since tokio-postgres

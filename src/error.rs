@@ -23,9 +23,9 @@ pub enum Error {
     },
     #[error(transparent)]
     Event(#[from] EventError),
-    #[error("SQL connection: {0}")]
+    #[error("cannot open an SQL connection: {0}")]
     SqlConnect(#[from] SqlConnectError),
-    #[error("SQL: {0}")]
+    #[error("SQL: {}", crate::config::pg_error_text(.0))]
     Sql(#[from] tokio_postgres::Error),
     #[error("replication slot {slot:?} no longer exists (dropped while waltap used it); the changes since its last confirmed position are gone: create it again with `waltap setup` and re-read the current rows")]
     SlotDropped { slot: String },

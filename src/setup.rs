@@ -63,7 +63,7 @@ pub enum SetupError {
     SlotLost { slot: String },
     #[error("cannot create replication slot {slot:?}: {message}")]
     CannotCreateSlot { slot: String, message: String },
-    #[error("SQL error during setup: {0}")]
+    #[error("SQL error during setup: {}", crate::config::pg_error_text(.0))]
     Sql(#[from] tokio_postgres::Error),
 }
 

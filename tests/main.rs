@@ -6,4 +6,5 @@
 mod events;
 mod harness_smoke;
 mod listener;
+mod protocol;
 mod support;
