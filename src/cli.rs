@@ -214,7 +214,8 @@ async fn setup_cmd(args: SetupArgs) -> anyhow::Result<()> {
                 "DROP PUBLICATION IF EXISTS {}",
                 crate::replication::quote_ident(&args.source.publication)
             ))
-            .await?;
+            .await
+            .map_err(crate::Error::Sql)?;
         eprintln!(
             "slot {:?} {}; publication {:?} dropped",
             args.source.slot,

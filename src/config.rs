@@ -178,15 +178,19 @@ impl SourceConfig {
         if pg.get_application_name().is_none() {
             pg.application_name("waltap");
         }
+        let fail = |source| SqlConnectError::Postgres {
+            target: self.describe(),
+            source,
+        };
         let client = match self.rustls_config()? {
             Some(cfg) => {
                 let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*cfg).clone());
-                let (client, conn) = pg.connect(connector).await?;
+                let (client, conn) = pg.connect(connector).await.map_err(fail)?;
                 tokio::spawn(drive(conn));
                 client
             }
             None => {
-                let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
+                let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(fail)?;
                 tokio::spawn(drive(conn));
                 client
             }
@@ -206,8 +210,12 @@ async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>
 pub enum SqlConnectError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("{}", pg_error_text(.0))]
-    Postgres(#[from] tokio_postgres::Error),
+    #[error("cannot connect to {target}: {}", pg_error_text(.source))]
+    Postgres {
+        target: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
 }
 
 /// tokio-postgres displays server errors as just "db error"; this spells out the server's
@@ -225,11 +233,15 @@ pub fn pg_error_text(e: &tokio_postgres::Error) -> String {
         }
         return s;
     }
+    // tokio-postgres already prints its immediate cause; add only what it left out.
     let mut s = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
+        let text = cause.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         source = cause.source();
     }
     s

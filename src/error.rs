@@ -23,7 +23,7 @@ pub enum Error {
     },
     #[error(transparent)]
     Event(#[from] EventError),
-    #[error("cannot open an SQL connection: {0}")]
+    #[error(transparent)]
     SqlConnect(#[from] SqlConnectError),
     #[error("SQL: {}", crate::config::pg_error_text(.0))]
     Sql(#[from] tokio_postgres::Error),
@@ -44,7 +44,7 @@ impl Error {
         match self {
             Error::Replication(e) => e.is_transient(),
             Error::Sql(e) => e.is_closed() || e.code().is_none(),
-            Error::SqlConnect(SqlConnectError::Postgres(e)) => e.code().is_none(),
+            Error::SqlConnect(SqlConnectError::Postgres { source, .. }) => source.code().is_none(),
             _ => false,
         }
     }

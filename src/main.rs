@@ -26,7 +26,8 @@ fn main() -> ExitCode {
     match runtime.block_on(waltap::cli::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Our errors already include their causes in their messages.
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }

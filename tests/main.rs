@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod cli;
 mod events;
 mod harness_smoke;
 mod listener;

@@ -1,0 +1,224 @@
+//! The `waltap` binary: tail, limits, signals, SIGKILL mid-stream, setup and status.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value as Json;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+
+use crate::support::TestDb;
+
+const LINE_TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Names {
+    slot: String,
+    publication: String,
+}
+
+fn names(db: &TestDb) -> Names {
+    Names {
+        slot: db.unique_name("slot"),
+        publication: db.unique_name("pub"),
+    }
+}
+
+fn waltap(db: &TestDb, n: &Names, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_waltap"));
+    cmd.args(args)
+        .args(["--slot", &n.slot, "--publication", &n.publication])
+        .env("DATABASE_URL", db.url())
+        .env("WALTAP_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+async fn run_ok(mut cmd: Command) -> String {
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("command finished in time")
+        .expect("command runs");
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+fn ids_of(stdout: &str) -> Vec<i64> {
+    stdout
+        .lines()
+        .map(|l| {
+            let v: Json = serde_json::from_str(l).expect("each line is JSON");
+            v["created"]["id"].as_i64().expect("an id")
+        })
+        .collect()
+}
+
+async fn next_line(lines: &mut Lines<BufReader<ChildStdout>>) -> Option<String> {
+    tokio::time::timeout(LINE_TIMEOUT, lines.next_line())
+        .await
+        .expect("a line in time")
+        .expect("stdout readable")
+}
+
+fn spawn_tail(db: &TestDb, n: &Names) -> (Child, Lines<BufReader<ChildStdout>>) {
+    let mut child = waltap(db, n, &["tail", "--table", "t"])
+        .spawn()
+        .expect("spawn waltap tail");
+    let stdout = child.stdout.take().expect("piped stdout");
+    (child, BufReader::new(stdout).lines())
+}
+
+async fn setup(db: &TestDb, n: &Names) {
+    db.client()
+        .await
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let report: Json =
+        serde_json::from_str(&run_ok(waltap(db, n, &["setup", "--table", "t"])).await).unwrap();
+    assert_eq!(report["publicationCreated"], true);
+    assert_eq!(report["slotCreated"], true);
+    assert_eq!(report["tables"][0]["table"], "public.t");
+}
+
+#[tokio::test]
+async fn tail_limit_confirms_and_the_next_run_continues() {
+    let db = TestDb::new().await;
+    let n = names(&db);
+    setup(&db, &n).await;
+    let c = db.client().await;
+    for i in 1..=5 {
+        c.execute("INSERT INTO t VALUES ($1, 'x')", &[&i]).await.unwrap();
+    }
+    let out = run_ok(waltap(&db, &n, &["tail", "--table", "t", "--limit", "3"])).await;
+    assert_eq!(ids_of(&out), vec![1, 2, 3]);
+    let first: Json = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(first["action"], "create");
+    assert!(first.get("type").is_none(), "change events carry no type field");
+    let out = run_ok(waltap(&db, &n, &["tail", "--table", "t", "--limit", "2"])).await;
+    assert_eq!(ids_of(&out), vec![4, 5]);
+
+    let status: Json =
+        serde_json::from_str(&run_ok(waltap(&db, &n, &["status"])).await).unwrap();
+    assert_eq!(status["slot"]["name"], n.slot.as_str());
+    assert_eq!(status["slot"]["lagBytes"].as_i64().map(|b| b >= 0), Some(true));
+    db.teardown().await;
+}
+
+#[tokio::test]
+async fn sigterm_stops_cleanly_and_confirms_what_was_printed() {
+    let db = TestDb::new().await;
+    let n = names(&db);
+    setup(&db, &n).await;
+    let c = db.client().await;
+    let (mut child, mut lines) = spawn_tail(&db, &n);
+    for i in 1..=3 {
+        c.execute("INSERT INTO t VALUES ($1, 'x')", &[&i]).await.unwrap();
+    }
+    let mut printed = Vec::new();
+    for _ in 0..3 {
+        printed.push(next_line(&mut lines).await.expect("a line"));
+    }
+    let pid = child.id().expect("running").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(LINE_TIMEOUT, child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(exit.success(), "clean exit: {exit:?}");
+    c.execute("INSERT INTO t VALUES (4, 'x')", &[]).await.unwrap();
+    let out = run_ok(waltap(&db, &n, &["tail", "--table", "t", "--limit", "1"])).await;
+    assert_eq!(ids_of(&out), vec![4], "nothing printed before is repeated");
+    db.teardown().await;
+}
+
+#[tokio::test]
+async fn sigkill_mid_stream_loses_nothing() {
+    let db = TestDb::new().await;
+    let n = names(&db);
+    setup(&db, &n).await;
+    const ROWS: i32 = 600;
+    let writer_db = db.url();
+    let writer = tokio::spawn(async move {
+        let c = crate::support::connect(&writer_db).await.unwrap();
+        for i in 1..=ROWS {
+            // A mix of single-row and multi-row transactions.
+            if i % 3 == 0 {
+                c.batch_execute(&format!(
+                    "BEGIN; UPDATE t SET v = 'u' WHERE id = {}; INSERT INTO t VALUES ({i}, 'x'); COMMIT;",
+                    i - 1
+                ))
+                .await
+                .unwrap();
+            } else {
+                c.execute("INSERT INTO t VALUES ($1, 'x')", &[&i]).await.unwrap();
+            }
+        }
+    });
+    let mut seen: Vec<i64> = Vec::new();
+    for kill_after in [50usize, 120, 200] {
+        let (mut child, mut lines) = spawn_tail(&db, &n);
+        let mut run = Vec::new();
+        while run.len() < kill_after {
+            let Some(line) = next_line(&mut lines).await else { break };
+            let v: Json = serde_json::from_str(&line).unwrap();
+            if let Some(id) = v["created"]["id"].as_i64() {
+                run.push(id);
+            }
+        }
+        child.kill().await.unwrap(); // SIGKILL: no clean stop, no final status update
+        assert!(run.windows(2).all(|w| w[0] < w[1]), "ordered: {run:?}");
+        seen.extend(run);
+    }
+    writer.await.unwrap();
+    // The last run reads to the end.
+    let (mut child, mut lines) = spawn_tail(&db, &n);
+    while !(1..=i64::from(ROWS)).all(|i| seen.contains(&i)) {
+        let line = next_line(&mut lines).await.expect("more events");
+        let v: Json = serde_json::from_str(&line).unwrap();
+        if let Some(id) = v["created"]["id"].as_i64() {
+            seen.push(id);
+        }
+    }
+    child.kill().await.unwrap();
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen, (1..=i64::from(ROWS)).collect::<Vec<_>>());
+    db.teardown().await;
+}
+
+#[tokio::test]
+async fn bad_flags_and_unreachable_servers_are_clear_errors() {
+    let db = TestDb::new().await;
+    let n = Names {
+        slot: "Bad-Slot".into(),
+        publication: db.unique_name("pub"),
+    };
+    let out = waltap(&db, &n, &["tail", "--temporary"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid replication slot name"), "{err}");
+
+    let mut cmd = waltap(&db, &names(&db), &["tail"]);
+    cmd.env("DATABASE_URL", "postgres://postgres:secret-pw@127.0.0.1:1/postgres");
+    let out = cmd.output().await.unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("127.0.0.1"), "{err}");
+    assert!(!err.contains("secret-pw"), "no secrets in errors: {err}");
+    db.teardown().await;
+}
