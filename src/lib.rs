@@ -4,6 +4,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod event;
+pub mod localpg;
 pub mod lsn;
 pub mod pgoutput;
 pub mod pipeline;

@@ -523,8 +523,8 @@ impl Drop for LocalPg {
     }
 }
 
-/// Percent-encodes a URL path component.
-fn url_encode(s: &str) -> String {
+/// Percent-encodes a URL component (user, password, database), as [`LocalPg::url`] does.
+pub fn url_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {

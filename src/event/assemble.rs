@@ -116,6 +116,9 @@ pub enum EventError {
 }
 
 /// What the assembler hands downstream, in stream order.
+// Nearly every item is an Event; boxing it would cost an allocation per event to shrink
+// the rare Commit.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
     Event(Event),
@@ -557,9 +560,24 @@ fn changed_columns(rel: &RelationInfo, before: Option<&Row>, after: &Row) -> Vec
     rel.names
         .iter()
         .zip(before.values.iter().zip(&after.values))
-        .filter(|(_, (b, a))| b != a)
+        .filter(|(_, (b, a))| match (b, a) {
+            (Some(b), Some(a)) => !same_value(b, a),
+            (b, a) => b != a,
+        })
         .map(|(n, _)| n.clone())
         .collect()
+}
+
+/// Value equality for `changed`: `==`, except that float NaN equals NaN (as in Postgres,
+/// and both sides serialize to the same `"NaN"`), also inside arrays.
+fn same_value(b: &Value, a: &Value) -> bool {
+    match (b, a) {
+        (Value::Float(x), Value::Float(y)) => x == y || (x.is_nan() && y.is_nan()),
+        (Value::Array(xs), Value::Array(ys)) => {
+            xs.len() == ys.len() && xs.iter().zip(ys).all(|(x, y)| same_value(x, y))
+        }
+        _ => b == a,
+    }
 }
 
 /// Several annotation messages in one transaction: objects merge (later keys win), any

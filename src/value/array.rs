@@ -83,7 +83,7 @@ impl Parser<'_> {
             let inner = &self.b[self.pos + 1..self.pos + close];
             let mut parts = inner.split(|&c| c == b':');
             let well_formed = parts.next().is_some_and(is_int)
-                && parts.next().map_or(true, is_int)
+                && parts.next().is_none_or(is_int)
                 && parts.next().is_none();
             if !well_formed {
                 return Err(self.err(BAD));

@@ -1,13 +1,14 @@
 //! The PostgreSQL server that tests talk to: `DATABASE_URL`'s, or a throwaway
-//! local cluster.
+//! local cluster ([`waltap::localpg`]) with the test roles of `mod.rs`.
 
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use super::local::{find_bindir, LocalServer, LOCAL_HOST};
+use waltap::localpg::{url_encode, LocalPg, LocalPgOptions, LOCAL_HOST};
+
 use super::{
-    quote_literal, run_blocking, url_encode, MD5_ROLE, PASSWORD_ROLE, SCRAM_ROLE, TLS_ROLE,
+    find_bindir, quote_literal, run_blocking, MD5_ROLE, PASSWORD_ROLE, SCRAM_ROLE, TLS_ROLE,
 };
 
 static SHARED: OnceLock<Result<Cluster, String>> = OnceLock::new();
@@ -30,7 +31,9 @@ pub struct Cluster {
     port: u16,
     server_version_num: u32,
     pub(crate) endpoint: Endpoint,
-    local: Option<LocalServer>,
+    local: Option<LocalPg>,
+    /// Made by [`Cluster::start_dedicated`]: the test may stop and restart it.
+    dedicated: bool,
 }
 
 /// How to build connection URLs for a server.
@@ -144,7 +147,7 @@ impl Cluster {
     /// The server's self-signed certificate, to be trusted by TLS tests.
     /// `None` for `DATABASE_URL`, or when `openssl` was missing (then ssl=off).
     pub fn ca_cert_path(&self) -> Option<&Path> {
-        self.local.as_ref()?.ca.as_deref()
+        self.local.as_ref()?.ca_cert_path()
     }
 
     /// True when this process created the cluster, so the test roles, the
@@ -155,12 +158,12 @@ impl Cluster {
 
     /// Directory of the server binaries (`pg_recvlogical`, `psql`...), local only.
     pub fn bindir(&self) -> Option<&Path> {
-        Some(&self.local.as_ref()?.bindir)
+        Some(self.local.as_ref()?.bindir())
     }
 
     /// Data directory, local only.
     pub fn data_dir(&self) -> Option<&Path> {
-        Some(&self.local.as_ref()?.data)
+        Some(self.local.as_ref()?.data_dir())
     }
 
     /// e.g. 150018 for 15.18.
@@ -184,26 +187,26 @@ impl Cluster {
     pub fn restart_immediate(&self) {
         self.dedicated("restart_immediate")
             .restart_immediate()
-            .unwrap_or_else(|why| panic!("{why}"));
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// `pg_ctl stop -m immediate`: the server dies without a checkpoint. Dedicated only.
     pub fn stop_immediate(&self) {
         self.dedicated("stop_immediate")
             .stop_immediate()
-            .unwrap_or_else(|why| panic!("{why}"));
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Starts a stopped dedicated cluster again, on the same port.
     pub fn start(&self) {
         self.dedicated("start")
-            .pg_ctl_start()
-            .unwrap_or_else(|why| panic!("{why}"));
+            .start_again()
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
-    fn dedicated(&self, what: &str) -> &LocalServer {
+    fn dedicated(&self, what: &str) -> &LocalPg {
         match &self.local {
-            Some(local) if local.dedicated => local,
+            Some(local) if self.dedicated => local,
             _ => panic!("{what} is only for clusters from Cluster::start_dedicated()"),
         }
     }
@@ -254,21 +257,51 @@ impl Cluster {
             server_version_num,
             endpoint,
             local: None,
+            dedicated: false,
         })
     }
 
     fn start_local(bindir: PathBuf, dedicated: bool) -> Result<Cluster, String> {
-        let server = LocalServer::create(bindir, dedicated)?;
-        let endpoint = Endpoint::Local { port: server.port };
-        let url = endpoint.url("postgres");
+        let server = LocalPg::start(&test_cluster_options(bindir)).map_err(|e| e.to_string())?;
+        if server.ca_cert_path().is_none() {
+            eprintln!("waltap tests: `openssl` not found; test cluster runs without TLS");
+        }
+        let endpoint = Endpoint::Local {
+            port: server.port(),
+        };
+        let url = server.url("postgres");
         let server_version_num = run_blocking(create_test_roles(url))??;
         Ok(Cluster {
-            host: LOCAL_HOST.to_string(),
-            port: server.port,
+            host: server.host().to_string(),
+            port: server.port(),
             server_version_num,
             endpoint,
             local: Some(server),
+            dedicated,
         })
+    }
+}
+
+/// What the test roles need on top of the defaults: their pg_hba rules, SCRAM for
+/// new passwords, and a certificate for the TLS-only role.
+fn test_cluster_options(bindir: PathBuf) -> LocalPgOptions {
+    // First match wins, so the role-specific lines precede the catch-all.
+    let hba = [
+        "local all all trust",
+        &format!("hostssl all {} 127.0.0.1/32 scram-sha-256", TLS_ROLE.user),
+        &format!("hostnossl all {} 127.0.0.1/32 reject", TLS_ROLE.user),
+        &format!("host all {} 127.0.0.1/32 scram-sha-256", SCRAM_ROLE.user),
+        &format!("host all {} 127.0.0.1/32 md5", MD5_ROLE.user),
+        &format!("host all {} 127.0.0.1/32 password", PASSWORD_ROLE.user),
+        "host all all 127.0.0.1/32 trust",
+        "",
+    ]
+    .join("\n");
+    LocalPgOptions {
+        bindir: Some(bindir),
+        extra_conf: vec!["password_encryption = 'scram-sha-256'".into()],
+        hba: Some(hba),
+        tls_certificate: true,
     }
 }
 

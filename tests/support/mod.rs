@@ -17,7 +17,6 @@
 pub mod cluster;
 pub mod db;
 pub mod listen;
-mod local;
 
 use std::future::Future;
 use std::path::Path;
@@ -26,7 +25,11 @@ use std::time::{Duration, Instant};
 
 pub use cluster::{cluster, Cluster, LocalCluster};
 pub use db::TestDb;
-pub use local::find_bindir;
+/// [`waltap::localpg::find_bindir`], or why not, with the alternative tests have.
+pub fn find_bindir() -> Result<std::path::PathBuf, String> {
+    waltap::localpg::find_bindir()
+        .map_err(|e| format!("{e}; or set DATABASE_URL to test against a running server"))
+}
 
 /// A login role that the local test cluster creates, and the password it has.
 #[derive(Clone, Copy, Debug)]
@@ -153,17 +156,4 @@ where
             .unwrap_or_default();
         format!("background task panicked: {msg}")
     })?
-}
-
-/// Percent-encodes a URL component (user, password, database).
-pub(crate) fn url_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
