@@ -222,7 +222,12 @@ pub enum SqlConnectError {
 /// message, SQLSTATE, detail and hint, or the I/O cause.
 pub fn pg_error_text(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
-        let mut s = format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code());
+        let mut s = format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
         if let Some(d) = db.detail() {
             s.push_str("; detail: ");
             s.push_str(d);

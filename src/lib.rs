@@ -1,3 +1,37 @@
+//! waltap: typed change events from a Postgres logical replication slot.
+//!
+//! ```text
+//!  Postgres (wal_level=logical): one slot (pgoutput) + one publication
+//!    │
+//!  replication   connect (replication=database, TLS, SCRAM), slot commands,
+//!    │           START_REPLICATION, CopyBoth, keepalives, standby status updates
+//!  pgoutput      pure decoder: bytes -> typed messages; no I/O, never panics
+//!    │
+//!  event         relation cache, type OID -> typed value, Begin..Commit -> events
+//!    │
+//!  pipeline      the one task that owns the slot: decode, deliver, confirm only what
+//!    │           the consumer acknowledged
+//!  Listener      a futures::Stream of events, plus ack()
+//! ```
+//!
+//! Dependency direction: `lsn` <- `pgoutput`, `replication`; `value` <- `event` <-
+//! `pipeline`; `cli` and `main` use everything; nothing depends on `cli`.
+//!
+//! ```no_run
+//! use futures::StreamExt;
+//! use waltap::{config::SourceConfig, Listener, ListenerConfig};
+//!
+//! # async fn run() -> Result<(), waltap::Error> {
+//! let source = SourceConfig::parse("postgres://postgres@localhost/app")?;
+//! let mut listener = Listener::start(ListenerConfig::new(source)).await?;
+//! while let Some(event) = listener.next().await {
+//!     let event = event?;
+//!     println!("{} {} {}", event.action_name(), event.qualified_table(), event.position);
+//!     listener.ack(event.position);
+//! }
+//! # Ok(()) }
+//! ```
+
 pub mod catalog;
 pub mod cli;
 pub mod config;

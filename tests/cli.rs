@@ -95,20 +95,27 @@ async fn tail_limit_confirms_and_the_next_run_continues() {
     setup(&db, &n).await;
     let c = db.client().await;
     for i in 1..=5 {
-        c.execute("INSERT INTO t VALUES ($1, 'x')", &[&i]).await.unwrap();
+        c.execute("INSERT INTO t VALUES ($1, 'x')", &[&i])
+            .await
+            .unwrap();
     }
     let out = run_ok(waltap(&db, &n, &["tail", "--table", "t", "--limit", "3"])).await;
     assert_eq!(ids_of(&out), vec![1, 2, 3]);
     let first: Json = serde_json::from_str(out.lines().next().unwrap()).unwrap();
     assert_eq!(first["action"], "create");
-    assert!(first.get("type").is_none(), "change events carry no type field");
+    assert!(
+        first.get("type").is_none(),
+        "change events carry no type field"
+    );
     let out = run_ok(waltap(&db, &n, &["tail", "--table", "t", "--limit", "2"])).await;
     assert_eq!(ids_of(&out), vec![4, 5]);
 
-    let status: Json =
-        serde_json::from_str(&run_ok(waltap(&db, &n, &["status"])).await).unwrap();
+    let status: Json = serde_json::from_str(&run_ok(waltap(&db, &n, &["status"])).await).unwrap();
     assert_eq!(status["slot"]["name"], n.slot.as_str());
-    assert_eq!(status["slot"]["lagBytes"].as_i64().map(|b| b >= 0), Some(true));
+    assert_eq!(
+        status["slot"]["lagBytes"].as_i64().map(|b| b >= 0),
+        Some(true)
+    );
     db.teardown().await;
 }
 
@@ -120,7 +127,9 @@ async fn sigterm_stops_cleanly_and_confirms_what_was_printed() {
     let c = db.client().await;
     let (mut child, mut lines) = spawn_tail(&db, &n);
     for i in 1..=3 {
-        c.execute("INSERT INTO t VALUES ($1, 'x')", &[&i]).await.unwrap();
+        c.execute("INSERT INTO t VALUES ($1, 'x')", &[&i])
+            .await
+            .unwrap();
     }
     let mut printed = Vec::new();
     for _ in 0..3 {
@@ -137,7 +146,9 @@ async fn sigterm_stops_cleanly_and_confirms_what_was_printed() {
         .expect("exits after SIGTERM")
         .unwrap();
     assert!(exit.success(), "clean exit: {exit:?}");
-    c.execute("INSERT INTO t VALUES (4, 'x')", &[]).await.unwrap();
+    c.execute("INSERT INTO t VALUES (4, 'x')", &[])
+        .await
+        .unwrap();
     let out = run_ok(waltap(&db, &n, &["tail", "--table", "t", "--limit", "1"])).await;
     assert_eq!(ids_of(&out), vec![4], "nothing printed before is repeated");
     db.teardown().await;
@@ -162,7 +173,9 @@ async fn sigkill_mid_stream_loses_nothing() {
                 .await
                 .unwrap();
             } else {
-                c.execute("INSERT INTO t VALUES ($1, 'x')", &[&i]).await.unwrap();
+                c.execute("INSERT INTO t VALUES ($1, 'x')", &[&i])
+                    .await
+                    .unwrap();
             }
         }
     });
@@ -171,7 +184,9 @@ async fn sigkill_mid_stream_loses_nothing() {
         let (mut child, mut lines) = spawn_tail(&db, &n);
         let mut run = Vec::new();
         while run.len() < kill_after {
-            let Some(line) = next_line(&mut lines).await else { break };
+            let Some(line) = next_line(&mut lines).await else {
+                break;
+            };
             let v: Json = serde_json::from_str(&line).unwrap();
             if let Some(id) = v["created"]["id"].as_i64() {
                 run.push(id);
@@ -214,7 +229,10 @@ async fn bad_flags_and_unreachable_servers_are_clear_errors() {
     assert!(err.contains("invalid replication slot name"), "{err}");
 
     let mut cmd = waltap(&db, &names(&db), &["tail"]);
-    cmd.env("DATABASE_URL", "postgres://postgres:secret-pw@127.0.0.1:1/postgres");
+    cmd.env(
+        "DATABASE_URL",
+        "postgres://postgres:secret-pw@127.0.0.1:1/postgres",
+    );
     let out = cmd.output().await.unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

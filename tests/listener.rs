@@ -264,3 +264,61 @@ async fn temporary_slot_starts_now_and_vanishes() {
     .await;
     db.teardown().await;
 }
+
+#[tokio::test]
+async fn invalidated_slot_is_a_definite_error_that_says_changes_were_lost() {
+    // Shrinking max_slot_wal_keep_size would endanger other tests' slots: use a private
+    // cluster.
+    let cluster = match Cluster::start_dedicated() {
+        Ok(c) => c,
+        Err(why) => {
+            eprintln!("skipped: no local cluster: {why}");
+            return;
+        }
+    };
+    let db = TestDb::new_on(&cluster).await;
+    let c = db.client().await;
+    // ALTER SYSTEM refuses to run inside the implicit transaction of a multi-statement query.
+    for sql in [
+        "CREATE TABLE lost (id int PRIMARY KEY)",
+        "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'",
+        "SELECT pg_reload_conf()",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    let cfg = listen::config(&db, &["lost"]);
+    let slot = cfg.slot.clone();
+    let l = listen::start(cfg.clone()).await;
+    l.shutdown().await;
+    wait_for(
+        "the slot to be invalidated",
+        Duration::from_secs(60),
+        || async {
+            for sql in [
+                "INSERT INTO lost SELECT coalesce(max(id), 0) + 1 FROM lost",
+                "SELECT pg_switch_wal()",
+                "CHECKPOINT",
+            ] {
+                c.batch_execute(sql).await.unwrap();
+            }
+            let status: Option<String> = c
+                .query_one(
+                    "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            status.as_deref() == Some("lost")
+        },
+    )
+    .await;
+    let err = match waltap::Listener::start(cfg).await {
+        Ok(_) => panic!("started on a lost slot"),
+        Err(e) => e,
+    };
+    let msg = err.to_string();
+    assert!(msg.contains("invalidated") && msg.contains("lost"), "{msg}");
+    assert!(!err.is_transient());
+    db.teardown().await;
+}

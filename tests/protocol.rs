@@ -41,15 +41,24 @@ async fn scram_md5_and_cleartext_passwords_authenticate() {
 async fn wrong_password_is_a_clear_definite_error() {
     let Some(cluster) = local() else { return };
     let db = TestDb::new_on(&cluster).await;
-    let url = format!("{}?sslmode=disable", db.url_as(SCRAM_ROLE.user, "not-the-password"));
+    let url = format!(
+        "{}?sslmode=disable",
+        db.url_as(SCRAM_ROLE.user, "not-the-password")
+    );
     let err = match connect(&url).await {
         Ok(_) => panic!("connected with a wrong password"),
         Err(e) => e,
     };
     assert!(matches!(err, ReplicationError::Auth { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("waltap_scram") && msg.contains("password"), "{msg}");
-    assert!(!msg.contains("not-the-password"), "the password never appears: {msg}");
+    assert!(
+        msg.contains("waltap_scram") && msg.contains("password"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("not-the-password"),
+        "the password never appears: {msg}"
+    );
     assert!(!err.is_transient());
 
     // The same through the listener, which checks the source over SQL first.
@@ -85,7 +94,11 @@ async fn tls_require_and_verify_full_work_and_plain_tcp_is_refused() {
     assert!(connect(&format!("{base}?sslmode=disable")).await.is_err());
     // An untrusted root fails verification instead of falling back.
     let err = connect(&format!("{base}?sslmode=verify-full")).await;
-    assert!(matches!(err, Err(ReplicationError::Tls(_))), "{:?}", err.err());
+    assert!(
+        matches!(err, Err(ReplicationError::Tls(_))),
+        "{:?}",
+        err.err()
+    );
     db.teardown().await;
 }
 

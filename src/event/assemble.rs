@@ -284,7 +284,8 @@ impl Assembler {
                         Some(OldTuple::Key(t)) => (Some(build_key_row(&rel, t)?), false),
                         Some(OldTuple::Full(t)) => (Some(build_row(&rel, t, None)?.0), true),
                     };
-                    let fill = if full_before { old.as_ref() } else { None };
+                    // A key-only old row still fills an unchanged TOASTed key column.
+                    let fill = old.as_ref();
                     let (new, unchanged) = build_row(&rel, &u.new, Some(fill))?;
                     let changed = full_before.then(|| changed_columns(&rel, old.as_ref(), &new));
                     let mut ev = new_event(tx, &rel, pos, Action::Update, Some(new), old);

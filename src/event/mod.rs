@@ -158,6 +158,16 @@ impl Event {
         self.old.as_ref()
     }
 
+    /// `create`, `update`, `delete` or `truncate`.
+    pub fn action_name(&self) -> &'static str {
+        match self.action {
+            Action::Create => "create",
+            Action::Update => "update",
+            Action::Delete => "delete",
+            Action::Truncate => "truncate",
+        }
+    }
+
     /// `schema.table`.
     pub fn qualified_table(&self) -> String {
         format!("{}.{}", self.schema, self.table)

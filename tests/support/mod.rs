@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 pub use cluster::{cluster, Cluster, LocalCluster};
 pub use db::TestDb;
+
 /// [`waltap::localpg::find_bindir`], or why not, with the alternative tests have.
 pub fn find_bindir() -> Result<std::path::PathBuf, String> {
     waltap::localpg::find_bindir()
