@@ -113,10 +113,14 @@ async fn demo(pg: &LocalPg, orders: u32) -> anyhow::Result<Counts> {
     config.tables = vec![TableName::parse("public.orders")];
     let (slot, publication) = (config.slot.clone(), config.publication.clone());
     let mut listener = Listener::start(config).await?;
-    eprintln!(
-        "waltap demo: listening on slot {slot:?}, publication {publication:?}; writing \
-         {orders} orders, paying them in one annotated transaction, deleting one"
-    );
+    let plan = if orders == 0 {
+        "no orders to write (--orders 0)".to_string()
+    } else {
+        format!(
+            "writing {orders} orders, paying them in one annotated transaction, deleting the last"
+        )
+    };
+    eprintln!("waltap demo: listening on slot {slot:?}, publication {publication:?}; {plan}");
 
     let expected = write_changes(&mut sql, orders).await?;
     let counts = print_events(&mut listener, expected).await;
