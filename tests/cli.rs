@@ -240,3 +240,29 @@ async fn bad_flags_and_unreachable_servers_are_clear_errors() {
     assert!(!err.contains("secret-pw"), "no secrets in errors: {err}");
     db.teardown().await;
 }
+
+#[tokio::test]
+async fn demo_prints_the_sample_events_and_leaves_nothing_behind() {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_waltap"));
+    cmd.args(["demo", "--orders", "2"])
+        .env("WALTAP_LOG", "warn")
+        .env_remove("DATABASE_URL")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let child_out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("demo finished in time")
+        .expect("demo runs");
+    let stderr = String::from_utf8_lossy(&child_out.stderr);
+    assert!(child_out.status.success(), "{stderr}");
+    let lines: Vec<Json> = String::from_utf8(child_out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    let actions: Vec<&str> = lines.iter().map(|l| l["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["create", "create", "update", "update", "delete"]);
+    assert_eq!(lines[2]["changed"], serde_json::json!(["status"]));
+    assert_eq!(lines[2]["tx"]["annotations"]["user"], "demo");
+    assert!(stderr.contains("stopped and removed"), "{stderr}");
+}
