@@ -260,7 +260,10 @@ async fn demo_prints_the_sample_events_and_leaves_nothing_behind() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON line"))
         .collect();
-    let actions: Vec<&str> = lines.iter().map(|l| l["action"].as_str().unwrap()).collect();
+    let actions: Vec<&str> = lines
+        .iter()
+        .map(|l| l["action"].as_str().unwrap())
+        .collect();
     assert_eq!(actions, ["create", "create", "update", "update", "delete"]);
     assert_eq!(lines[2]["changed"], serde_json::json!(["status"]));
     assert_eq!(lines[2]["tx"]["annotations"]["user"], "demo");
