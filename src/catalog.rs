@@ -58,3 +58,4 @@ fn wrap(mut kind: TypeKind, delimiters: Vec<u8>) -> TypeKind {
     }
     kind
 }
+

@@ -48,5 +48,5 @@ pub mod tls;
 pub mod value;
 
 pub use error::Error;
-pub use event::{Action, Event, Identity, Position, Row};
+pub use event::{Action, Event, Identity, Position, Row, Transition};
 pub use pipeline::{Acker, Listener, ListenerConfig};

@@ -447,7 +447,7 @@ fn new_event(
     old: Option<Row>,
 ) -> Event {
     Event {
-        id: Event::make_id(tx.committed_at, position),
+        id: Event::<Row>::make_id(tx.committed_at, position),
         position,
         action,
         schema: rel.schema.clone(),
@@ -457,6 +457,7 @@ fn new_event(
         old,
         changed: None,
         unchanged: Vec::new(),
+        transition: None,
         tx: TxInfo {
             xid: tx.xid,
             commit_lsn: tx.commit_lsn,

@@ -33,6 +33,18 @@ pub enum Action {
     Truncate,
 }
 
+/// How an update moved a row relative to a subscriber's filtered set (DESIGN.md section 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transition {
+    /// The row entered the set (a matching create, or an update from out to in).
+    Appear,
+    /// The row left the set (a delete of a matching row, or an update from in to out).
+    Disappear,
+    /// The row was in the set before and after.
+    Update,
+}
+
 /// How much of the old row Postgres sends for the table (`REPLICA IDENTITY`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -118,8 +130,11 @@ impl Serialize for TxInfo {
 }
 
 /// One row change (or a truncate of one table).
+///
+/// `R` is the row type: [`Row`] (typed values by column) as delivered, or any serde type
+/// after [`Event::into_typed`].
 #[derive(Debug, Clone, PartialEq)]
-pub struct Event {
+pub struct Event<R = Row> {
     /// ULID, the same for the same change on every delivery.
     pub id: ulid::Ulid,
     pub position: Position,
@@ -128,17 +143,43 @@ pub struct Event {
     pub table: Arc<str>,
     pub identity: Identity,
     /// `create`: the new row. `update`: the new row (`after`).
-    pub new: Option<Row>,
+    pub new: Option<R>,
     /// `update`: the old row or key when sent (`before`). `delete`: the old row or key.
-    pub old: Option<Row>,
+    pub old: Option<R>,
     /// `update` with a full before image: columns whose value differs.
     pub changed: Option<Vec<Arc<str>>>,
     /// `update`: TOASTed columns that did not change and could not be filled in.
     pub unchanged: Vec<Arc<str>>,
+    /// Set by a subscription in transitions mode.
+    pub transition: Option<Transition>,
     pub tx: TxInfo,
 }
 
-impl Event {
+impl Event<Row> {
+    /// The same event with its rows deserialized into `T` (through their JSON form, so `T`
+    /// sees exactly the fields of the JSON event). Columns Postgres did not send are
+    /// missing, so give such fields `#[serde(default)]` or make them `Option`.
+    pub fn into_typed<T: serde::de::DeserializeOwned>(self) -> Result<Event<T>, serde_json::Error> {
+        let new = self.new.as_ref().map(Row::to_typed).transpose()?;
+        let old = self.old.as_ref().map(Row::to_typed).transpose()?;
+        Ok(Event {
+            id: self.id,
+            position: self.position,
+            action: self.action,
+            schema: self.schema,
+            table: self.table,
+            identity: self.identity,
+            new,
+            old,
+            changed: self.changed,
+            unchanged: self.unchanged,
+            transition: self.transition,
+            tx: self.tx,
+        })
+    }
+}
+
+impl<R> Event<R> {
     /// The stable ULID for a change: its commit time in milliseconds, then the low 48 bits
     /// of the commit LSN and the ordinal, so it is unique, deterministic and time-sortable.
     pub fn make_id(committed_at: i64, position: Position) -> ulid::Ulid {
@@ -149,12 +190,12 @@ impl Event {
     }
 
     /// The row for a create, the `after` row for an update.
-    pub fn after(&self) -> Option<&Row> {
+    pub fn after(&self) -> Option<&R> {
         self.new.as_ref()
     }
 
     /// The `before` row of an update or the `deleted` row of a delete.
-    pub fn before(&self) -> Option<&Row> {
+    pub fn before(&self) -> Option<&R> {
         self.old.as_ref()
     }
 
@@ -174,7 +215,7 @@ impl Event {
     }
 }
 
-impl Serialize for Event {
+impl<R: Serialize> Serialize for Event<R> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut map = s.serialize_map(None)?;
         map.serialize_entry("id", &self.id.to_string())?;
@@ -199,6 +240,9 @@ impl Serialize for Event {
             }
             Action::Delete => map.serialize_entry("deleted", &self.old)?,
             Action::Truncate => {}
+        }
+        if let Some(t) = self.transition {
+            map.serialize_entry("transition", &t)?;
         }
         map.serialize_entry("tx", &self.tx)?;
         map.end()
