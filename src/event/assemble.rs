@@ -447,7 +447,7 @@ fn new_event(
     old: Option<Row>,
 ) -> Event {
     Event {
-        id: Event::<Row>::make_id(tx.committed_at, position),
+        id: Event::make_id(tx.committed_at, position),
         position,
         action,
         schema: rel.schema.clone(),

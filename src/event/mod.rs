@@ -156,6 +156,15 @@ pub struct Event<R = Row> {
 }
 
 impl Event<Row> {
+    /// The stable ULID for a change: its commit time in milliseconds, then the low 48 bits
+    /// of the commit LSN and the ordinal, so it is unique, deterministic and time-sortable.
+    pub fn make_id(committed_at: i64, position: Position) -> ulid::Ulid {
+        let ms = time::unix_millis(committed_at) & ((1 << 48) - 1);
+        let random = ((u128::from(position.commit_lsn.0) & ((1 << 48) - 1)) << 32)
+            | u128::from(position.ordinal);
+        ulid::Ulid::from_parts(ms, random)
+    }
+
     /// The same event with its rows deserialized into `T` (through their JSON form, so `T`
     /// sees exactly the fields of the JSON event). Columns Postgres did not send are
     /// missing, so give such fields `#[serde(default)]` or make them `Option`.
@@ -180,15 +189,6 @@ impl Event<Row> {
 }
 
 impl<R> Event<R> {
-    /// The stable ULID for a change: its commit time in milliseconds, then the low 48 bits
-    /// of the commit LSN and the ordinal, so it is unique, deterministic and time-sortable.
-    pub fn make_id(committed_at: i64, position: Position) -> ulid::Ulid {
-        let ms = time::unix_millis(committed_at) & ((1 << 48) - 1);
-        let random = ((u128::from(position.commit_lsn.0) & ((1 << 48) - 1)) << 32)
-            | u128::from(position.ordinal);
-        ulid::Ulid::from_parts(ms, random)
-    }
-
     /// The row for a create, the `after` row for an update.
     pub fn after(&self) -> Option<&R> {
         self.new.as_ref()
