@@ -59,3 +59,60 @@ fn wrap(mut kind: TypeKind, delimiters: Vec<u8>) -> TypeKind {
     kind
 }
 
+/// A table's columns (in order, without dropped and system columns), their types, its
+/// primary key and replica identity; None when the table does not exist.
+pub async fn table_schema(
+    client: &Client,
+    table: &crate::event::TableName,
+) -> Result<Option<crate::filter::TableSchema>, tokio_postgres::Error> {
+    let Some(rel) = client
+        .query_opt(
+            "SELECT c.oid, c.relreplident::text FROM pg_class c
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&table.schema, &table.table],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let oid: u32 = rel.get(0);
+    let identity = match rel.get::<_, String>(1).as_str() {
+        "f" => crate::event::Identity::Full,
+        "i" => crate::event::Identity::Index,
+        "n" => crate::event::Identity::Nothing,
+        _ => crate::event::Identity::Default,
+    };
+    let rows = client
+        .query(
+            "SELECT a.attname::text, a.atttypid, format_type(a.atttypid, NULL),
+                    coalesce(a.attnum = ANY (i.indkey), false)
+             FROM pg_attribute a
+             LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+             ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await?;
+    let mut columns = Vec::with_capacity(rows.len());
+    let mut primary_key = Vec::new();
+    for r in rows {
+        let name: String = r.get(0);
+        let type_oid: u32 = r.get(1);
+        if r.get::<_, bool>(3) {
+            primary_key.push(name.clone());
+        }
+        columns.push(crate::filter::ColumnSchema {
+            name,
+            type_name: r.get(2),
+            kind: resolve_type(client, type_oid).await?,
+        });
+    }
+    Ok(Some(crate::filter::TableSchema {
+        schema: table.schema.clone(),
+        table: table.table.clone(),
+        columns,
+        primary_key,
+        identity,
+    }))
+}

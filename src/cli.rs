@@ -10,6 +10,8 @@ use futures::{FutureExt, StreamExt};
 
 use crate::config::SourceConfig;
 use crate::event::TableName;
+use crate::filter::Filter;
+use crate::hub::FilteredView;
 use crate::pipeline::{Listener, ListenerConfig};
 use crate::setup::{self, SetupOptions};
 
@@ -78,6 +80,10 @@ pub struct TailArgs {
     /// Fail instead of creating a missing publication or slot.
     #[arg(long)]
     pub no_create: bool,
+    /// Filter as JSON (DESIGN.md section 3), e.g. '{"update": {"after": {"plan": "pro"}}}';
+    /// needs exactly one --table.
+    #[arg(long)]
+    pub filter: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -117,16 +123,43 @@ async fn tail(args: TailArgs) -> anyhow::Result<()> {
     if args.temporary && args.source.slot == "waltap" {
         config.slot = format!("waltap_tmp_{}", std::process::id());
     }
+    let view = match &args.filter {
+        None => None,
+        Some(text) => {
+            let [table] = config.tables.as_slice() else {
+                anyhow::bail!("--filter needs exactly one --table");
+            };
+            let filter: Filter =
+                serde_json::from_str(text).map_err(|e| anyhow::anyhow!("invalid --filter: {e}"))?;
+            let client = config.source.connect_sql().await?;
+            let schema = crate::catalog::table_schema(&client, table)
+                .await
+                .map_err(crate::Error::Sql)?
+                .ok_or_else(|| anyhow::anyhow!("table {table} does not exist"))?;
+            let compiled = filter
+                .compile(&schema)
+                .map_err(|e| anyhow::anyhow!("invalid --filter: {e}"))?;
+            for w in compiled.warnings() {
+                tracing::warn!(table = %table, "{w}");
+            }
+            Some(FilteredView::new(table.clone(), compiled))
+        }
+    };
     let listener = Listener::start(config).await?;
-    print_events(listener, args.limit).await
+    print_events(listener, view, args.limit).await
 }
 
 /// Prints events as JSON lines and acknowledges them once stdout has taken them, until the
 /// limit, a signal, or a closed stdout.
-pub async fn print_events(mut listener: Listener, limit: Option<u64>) -> anyhow::Result<()> {
+pub async fn print_events(
+    mut listener: Listener,
+    mut view: Option<FilteredView>,
+    limit: Option<u64>,
+) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
     let mut printed = 0u64;
+    let mut shown = Vec::new();
     let mut stop = std::pin::pin!(shutdown_signal());
     let result: anyhow::Result<()> = 'outer: loop {
         if limit.is_some_and(|l| printed >= l) {
@@ -138,21 +171,39 @@ pub async fn print_events(mut listener: Listener, limit: Option<u64>) -> anyhow:
             ev = listener.next() => ev,
         };
         let mut next = first;
-        let mut last;
+        let mut last = None;
         // Write what is ready in one go, then flush and acknowledge once per batch.
         loop {
             match next {
                 None => break 'outer Err(anyhow::anyhow!("the listener stopped")),
                 Some(Err(e)) => break 'outer Err(e.into()),
                 Some(Ok(ev)) => {
-                    if let Err(e) = serde_json::to_writer(&mut out, &ev)
-                        .map_err(std::io::Error::from)
-                        .and_then(|_| out.write_all(b"\n"))
-                    {
-                        break 'outer stdout_closed(e);
+                    let ready = match view.as_mut() {
+                        None => std::slice::from_ref(&ev),
+                        Some(v) => {
+                            v.push(&ev, &mut shown);
+                            shown.as_slice()
+                        }
+                    };
+                    for item in ready {
+                        if limit.is_some_and(|l| printed >= l) {
+                            break;
+                        }
+                        if let Err(e) = serde_json::to_writer(&mut out, item)
+                            .map_err(std::io::Error::from)
+                            .and_then(|_| out.write_all(b"\n"))
+                        {
+                            break 'outer stdout_closed(e);
+                        }
+                        printed += 1;
+                        last = Some(item.position);
                     }
-                    printed += 1;
-                    last = ev.position;
+                    // Filtered-out events are handled too, unless the limit cut this batch
+                    // short: then only what was printed may be confirmed.
+                    if limit.is_none_or(|l| printed < l) {
+                        last = Some(ev.position);
+                    }
+                    shown.clear();
                 }
             }
             if limit.is_some_and(|l| printed >= l) {
@@ -166,7 +217,9 @@ pub async fn print_events(mut listener: Listener, limit: Option<u64>) -> anyhow:
         if let Err(e) = out.flush() {
             break stdout_closed(e);
         }
-        listener.ack(last);
+        if let Some(p) = last {
+            listener.ack(p);
+        }
     };
     drop(out);
     listener.shutdown().await;

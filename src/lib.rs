@@ -32,12 +32,15 @@
 //! # Ok(()) }
 //! ```
 
+pub mod bench;
 pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod error;
 pub mod event;
+pub mod filter;
+pub mod hub;
 pub mod localpg;
 pub mod lsn;
 pub mod pgoutput;
@@ -49,4 +52,5 @@ pub mod value;
 
 pub use error::Error;
 pub use event::{Action, Event, Identity, Position, Row, Transition};
+pub use hub::{Hub, HubConfig, Subscription, SubscriptionError, SubscriptionItem};
 pub use pipeline::{Acker, Listener, ListenerConfig};

@@ -3,9 +3,11 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod bench_smoke;
 mod cli;
 mod events;
 mod harness_smoke;
 mod listener;
 mod protocol;
+mod subscribe;
 mod support;

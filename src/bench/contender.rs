@@ -1,0 +1,607 @@
+//! The contenders: what each one runs, and how its catch-up and its latency are measured.
+//!
+//! Child contenders (`pg_recvlogical`, `waltap tail`) differ only in their command line:
+//! one function builds each command, and one measures any child. The in-process
+//! [`Listener`] has its own pair of functions. Every catch-up run yields the same
+//! [`Measurement`], every latency run the same [`Latency`].
+
+use std::convert::Infallible;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio_postgres::Client;
+
+use super::measure::{
+    cpu_ticks, descendants, find_timestamp, now_unix_micros, peak_rss_kib, percentile,
+    read_gnu_time, reset_peak_rss, LastSeen, Proc, GNU_TIME_FORMAT,
+};
+use super::workload;
+use crate::config::SourceConfig;
+use crate::pipeline::{Listener, ListenerConfig};
+use crate::value::Value;
+
+/// How often a running contender's processes are sampled.
+pub(super) const POLL: Duration = Duration::from_millis(5);
+
+/// How long a latency consumer may take to show the last row once the writer is done.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A way of reading the slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Contender {
+    /// `pg_recvlogical` with pgoutput: raw protocol bytes, nothing decoded. The floor.
+    RecvlogicalPgoutput,
+    /// `pg_recvlogical` with test_decoding: the server formats text.
+    RecvlogicalTestDecoding,
+    /// The `waltap tail` binary: JSON lines.
+    WaltapTail,
+    /// [`Listener`] in this process, with a consumer that counts and acknowledges.
+    WaltapListener,
+}
+
+impl Contender {
+    pub const ALL: [Contender; 4] = [
+        Contender::RecvlogicalPgoutput,
+        Contender::RecvlogicalTestDecoding,
+        Contender::WaltapTail,
+        Contender::WaltapListener,
+    ];
+
+    /// The name on the command line and in JSON.
+    pub fn key(self) -> &'static str {
+        match self {
+            Contender::RecvlogicalPgoutput => "recvlogical-pgoutput",
+            Contender::RecvlogicalTestDecoding => "recvlogical-test-decoding",
+            Contender::WaltapTail => "waltap-tail",
+            Contender::WaltapListener => "waltap-listener",
+        }
+    }
+
+    pub fn parse(key: &str) -> Option<Contender> {
+        Contender::ALL.into_iter().find(|c| c.key() == key)
+    }
+
+    /// The name in the report.
+    pub fn label(self) -> &'static str {
+        match self {
+            Contender::RecvlogicalPgoutput => "pg_recvlogical, pgoutput (floor)",
+            Contender::RecvlogicalTestDecoding => "pg_recvlogical, test_decoding",
+            Contender::WaltapTail => "waltap tail > /dev/null",
+            Contender::WaltapListener => "waltap Listener (in-process)",
+        }
+    }
+
+    /// The output plugin of its slots.
+    pub fn plugin(self) -> &'static str {
+        match self {
+            Contender::RecvlogicalTestDecoding => "test_decoding",
+            _ => "pgoutput",
+        }
+    }
+
+    /// A slot name for it (`[a-z0-9_]`), unique per `what`.
+    pub fn slot_name(self, what: &str) -> String {
+        format!("{}_{what}", self.key().replace('-', "_"))
+    }
+}
+
+/// The programs the contenders need and how their costs are read.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub recvlogical: Option<PathBuf>,
+    pub waltap_bin: Option<PathBuf>,
+    /// Child CPU and RSS from GNU time when set, else from polling `/proc/<pid>`.
+    pub gnu_time: Option<PathBuf>,
+    pub clk_tck: u64,
+    /// Where each child's stderr (and GNU time's report) goes, named after its slot.
+    pub logs: PathBuf,
+}
+
+impl Tools {
+    /// Why `c` cannot run here, if it cannot.
+    pub fn missing(&self, c: Contender) -> Option<String> {
+        match c {
+            Contender::RecvlogicalPgoutput | Contender::RecvlogicalTestDecoding
+                if self.recvlogical.is_none() =>
+            {
+                Some("pg_recvlogical not found next to the server binaries".into())
+            }
+            Contender::WaltapTail if self.waltap_bin.is_none() => {
+                Some("no waltap binary given".into())
+            }
+            _ => None,
+        }
+    }
+
+    fn cpu_secs(&self, ticks: Option<u64>) -> Option<f64> {
+        ticks.map(|t| t as f64 / self.clk_tck as f64)
+    }
+}
+
+/// The slot a contender reads, and a connection to watch it with.
+pub struct Slot<'a> {
+    pub url: &'a str,
+    pub name: String,
+    pub publication: &'a str,
+    pub observer: &'a Client,
+}
+
+/// One catch-up run. The wall time runs from spawning the child (or calling
+/// `Listener::start`) to its exit (or `shutdown` returning), so connection set-up counts.
+#[derive(Debug, Clone, Serialize)]
+pub struct Measurement {
+    pub events: u64,
+    pub wall_secs: f64,
+    /// User + system CPU of the client process.
+    pub client_cpu_secs: Option<f64>,
+    /// User + system CPU of the walsender serving it, over its whole life.
+    pub walsender_cpu_secs: Option<f64>,
+    pub peak_rss_kib: Option<u64>,
+}
+
+impl Measurement {
+    pub fn events_per_sec(&self) -> f64 {
+        self.events as f64 / self.wall_secs
+    }
+
+    pub fn client_cpu_us_per_event(&self) -> Option<f64> {
+        Some(self.client_cpu_secs? * 1e6 / self.events as f64)
+    }
+
+    pub fn walsender_cpu_us_per_event(&self) -> Option<f64> {
+        Some(self.walsender_cpu_secs? * 1e6 / self.events as f64)
+    }
+}
+
+/// Reads `events` changes from the slot, up to WAL position `endpos`.
+pub async fn catch_up(
+    tools: &Tools,
+    c: Contender,
+    slot: &Slot<'_>,
+    events: u64,
+    endpos: &str,
+    timeout: Duration,
+) -> anyhow::Result<Measurement> {
+    let args = match c {
+        Contender::WaltapListener => return listener_catch_up(tools, slot, events, timeout).await,
+        Contender::WaltapTail => tail_args(slot, Some(events)),
+        _ => recvlogical_args(c, slot, Some(endpos)),
+    };
+    child_catch_up(tools, program(tools, c)?, args, slot, events, timeout).await
+}
+
+/// End-to-end latency of the rows `pacer` writes, as `c` delivers them.
+pub async fn latency(
+    tools: &Tools,
+    c: Contender,
+    slot: &Slot<'_>,
+    pacer: &Pacer<'_>,
+) -> anyhow::Result<Latency> {
+    let args = match c {
+        Contender::WaltapListener => return listener_latency(slot, pacer).await,
+        Contender::WaltapTail => tail_args(slot, None),
+        _ => recvlogical_args(c, slot, None),
+    };
+    child_latency(tools, c, program(tools, c)?, args, slot, pacer).await
+}
+
+fn program(tools: &Tools, c: Contender) -> anyhow::Result<&Path> {
+    let path = match c {
+        Contender::WaltapTail => tools.waltap_bin.as_deref(),
+        _ => tools.recvlogical.as_deref(),
+    };
+    path.ok_or_else(|| anyhow!("{}: {}", c.key(), tools.missing(c).unwrap_or_default()))
+}
+
+/// Without `endpos` it streams until killed.
+fn recvlogical_args(c: Contender, slot: &Slot<'_>, endpos: Option<&str>) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "-d",
+        slot.url,
+        "--slot",
+        &slot.name,
+        "--start",
+        "-f",
+        "-",
+        // No fsync of stdout, no retrying: a failure must end the run.
+        "-F",
+        "0",
+        "--no-loop",
+    ]
+    .map(String::from)
+    .into();
+    if c.plugin() == "pgoutput" {
+        args.extend([
+            "-o".into(),
+            "proto_version=2".into(),
+            "-o".into(),
+            format!("publication_names={}", slot.publication),
+        ]);
+    }
+    if let Some(lsn) = endpos {
+        args.extend(["--endpos".into(), lsn.into()]);
+    }
+    args
+}
+
+/// Without `limit` it streams until killed.
+fn tail_args(slot: &Slot<'_>, limit: Option<u64>) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "tail",
+        "--database-url",
+        slot.url,
+        "--slot",
+        &slot.name,
+        "--publication",
+        slot.publication,
+        "--no-create",
+    ]
+    .map(String::from)
+    .into();
+    if let Some(n) = limit {
+        args.extend(["--limit".into(), n.to_string()]);
+    }
+    args
+}
+
+fn child_command(tools: &Tools, program: &Path, args: &[String], slot: &Slot<'_>) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env("WALTAP_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file(tools, &slot.name, "stderr"))
+        .kill_on_drop(true);
+    cmd
+}
+
+fn log_file(tools: &Tools, slot: &str, ext: &str) -> Stdio {
+    File::create(tools.logs.join(format!("{slot}.{ext}"))).map_or(Stdio::null(), Stdio::from)
+}
+
+fn stderr_of(tools: &Tools, slot: &Slot<'_>) -> String {
+    std::fs::read_to_string(tools.logs.join(format!("{}.stderr", slot.name))).unwrap_or_default()
+}
+
+async fn child_catch_up(
+    tools: &Tools,
+    program: &Path,
+    args: Vec<String>,
+    slot: &Slot<'_>,
+    events: u64,
+    timeout: Duration,
+) -> anyhow::Result<Measurement> {
+    let time_report = tools.logs.join(format!("{}.time", slot.name));
+    let mut cmd = match &tools.gnu_time {
+        Some(time) => {
+            let mut cmd = child_command(tools, time, &[], slot);
+            cmd.args(["-f", GNU_TIME_FORMAT, "-o"])
+                .arg(&time_report)
+                .arg("--")
+                .arg(program)
+                .args(&args);
+            cmd
+        }
+        None => child_command(tools, program, &args, slot),
+    };
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))?;
+    let mut tree = KillTree(child.id());
+    let mut watch = Watch {
+        observer: slot.observer,
+        slot: &slot.name,
+        client_pid: child.id().filter(|_| tools.gnu_time.is_none()),
+        walsender_pid: None,
+        client: LastSeen::default(),
+        walsender: LastSeen::default(),
+    };
+    let status = tokio::select! {
+        status = child.wait() => status?,
+        never = watch.run() => match never {},
+        _ = tokio::time::sleep(timeout) => bail!("{} did not finish within {timeout:?}", program.display()),
+    };
+    let wall_secs = start.elapsed().as_secs_f64();
+    tree.0 = None;
+    if !status.success() {
+        bail!(
+            "{} exited with {status}: {}",
+            program.display(),
+            stderr_of(tools, slot)
+        );
+    }
+    let (client_cpu_secs, peak_rss_kib) = match &tools.gnu_time {
+        Some(_) => read_gnu_time(&time_report)
+            .map(|(cpu, rss)| (Some(cpu), Some(rss)))
+            .ok_or_else(|| anyhow!("no GNU time report in {}", time_report.display()))?,
+        None => (
+            tools.cpu_secs(watch.client.cpu_ticks),
+            watch.client.peak_rss_kib,
+        ),
+    };
+    Ok(Measurement {
+        events,
+        wall_secs,
+        client_cpu_secs,
+        walsender_cpu_secs: tools.cpu_secs(watch.walsender.cpu_ticks),
+        peak_rss_kib,
+    })
+}
+
+/// Samples a running child contender and its walsender until dropped. A walsender is a
+/// fresh process per connection, so its CPU since birth is the cost of this run.
+struct Watch<'a> {
+    observer: &'a Client,
+    slot: &'a str,
+    client_pid: Option<u32>,
+    walsender_pid: Option<u32>,
+    client: LastSeen,
+    walsender: LastSeen,
+}
+
+impl Watch<'_> {
+    async fn run(&mut self) -> Infallible {
+        loop {
+            if self.walsender_pid.is_none() {
+                self.walsender_pid = walsender_pid(self.observer, self.slot).await.ok().flatten();
+            }
+            if let Some(pid) = self.walsender_pid {
+                self.walsender.sample(Proc::Pid(pid));
+            }
+            if let Some(pid) = self.client_pid {
+                self.client.sample(Proc::Pid(pid));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+/// The pid of the walsender reading `slot`, once one does.
+async fn walsender_pid(observer: &Client, slot: &str) -> anyhow::Result<Option<u32>> {
+    let row = observer
+        .query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row
+        .and_then(|r| r.get::<_, Option<i32>>(0))
+        .and_then(|pid| u32::try_from(pid).ok()))
+}
+
+/// Kills a child and everything it started (GNU time's child) unless disarmed: a failed
+/// or timed-out run must not leave a reader attached to the slot.
+struct KillTree(Option<u32>);
+
+impl Drop for KillTree {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let mut pids = descendants(pid);
+            pids.push(pid);
+            let _ = std::process::Command::new("kill")
+                .arg("-KILL")
+                .args(pids.iter().map(u32::to_string))
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn listener_config(slot: &Slot<'_>) -> anyhow::Result<ListenerConfig> {
+    let mut config = ListenerConfig::new(SourceConfig::parse(slot.url)?);
+    config.slot = slot.name.clone();
+    config.publication = slot.publication.to_string();
+    config.create_slot = false;
+    config.create_publication = false;
+    Ok(config)
+}
+
+async fn listener_catch_up(
+    tools: &Tools,
+    slot: &Slot<'_>,
+    events: u64,
+    timeout: Duration,
+) -> anyhow::Result<Measurement> {
+    let own_peak = reset_peak_rss();
+    let cpu_before = cpu_ticks(Proc::This);
+    let start = Instant::now();
+    let mut listener = Listener::start(listener_config(slot)?).await?;
+    let walsender = walsender_pid(slot.observer, &slot.name).await?;
+    let mut seen = 0;
+    tokio::time::timeout(timeout, async {
+        while seen < events {
+            let event = listener
+                .next()
+                .await
+                .ok_or_else(|| anyhow!("the listener stopped after {seen} events"))??;
+            seen += 1;
+            listener.ack(event.position);
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .map_err(|_| anyhow!("{seen} of {events} events within {timeout:?}"))??;
+    // Read before shutdown: the walsender exits with the connection.
+    let walsender_ticks = walsender.and_then(|pid| cpu_ticks(Proc::Pid(pid)));
+    listener.shutdown().await;
+    let wall_secs = start.elapsed().as_secs_f64();
+    let client_ticks = cpu_before.and_then(|b| Some(cpu_ticks(Proc::This)?.saturating_sub(b)));
+    Ok(Measurement {
+        events,
+        wall_secs,
+        client_cpu_secs: tools.cpu_secs(client_ticks),
+        walsender_cpu_secs: tools.cpu_secs(walsender_ticks),
+        // Without the reset the peak would be this whole process's, not the run's.
+        peak_rss_kib: peak_rss_kib(Proc::This).filter(|_| own_peak),
+    })
+}
+
+/// Writes paced single-row commits, then waits for the consumer to have seen them all.
+pub struct Pacer<'a> {
+    pub writer: &'a Client,
+    pub rate: u32,
+    pub duration: Duration,
+}
+
+impl Pacer<'_> {
+    async fn run(&self, arrivals: &Arrivals) -> anyhow::Result<workload::Paced> {
+        let paced = workload::write_paced(self.writer, self.rate, self.duration).await?;
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while arrivals.count() < paced.rows {
+            if Instant::now() > deadline {
+                bail!(
+                    "{} of {} rows arrived within {DRAIN_TIMEOUT:?}",
+                    arrivals.count(),
+                    paced.rows
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(paced)
+    }
+}
+
+/// Latencies in ms, recorded by the consumer as rows arrive.
+#[derive(Default)]
+struct Arrivals(Mutex<Vec<f64>>);
+
+impl Arrivals {
+    fn record(&self, inserted_at_unix_us: i64) {
+        let ms = (now_unix_micros() - inserted_at_unix_us) as f64 / 1000.0;
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(ms);
+    }
+
+    fn count(&self) -> u64 {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len() as u64
+    }
+
+    fn into_sorted(self) -> Vec<f64> {
+        let mut v = self.0.into_inner().unwrap_or_else(|e| e.into_inner());
+        v.sort_by(f64::total_cmp);
+        v
+    }
+}
+
+/// End-to-end latency of one contender: commit (`clock_timestamp()` in the row) to the
+/// consumer seeing the row.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub contender: Contender,
+    pub commits: u64,
+    pub commits_per_sec: f64,
+    pub p50_ms: Option<f64>,
+    pub p90_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub max_ms: Option<f64>,
+}
+
+impl Latency {
+    fn new(contender: Contender, paced: workload::Paced, arrivals: Arrivals) -> Latency {
+        let sorted = arrivals.into_sorted();
+        Latency {
+            contender,
+            commits: paced.rows,
+            commits_per_sec: paced.rows as f64 / paced.secs,
+            p50_ms: percentile(&sorted, 50.0),
+            p90_ms: percentile(&sorted, 90.0),
+            p99_ms: percentile(&sorted, 99.0),
+            max_ms: sorted.last().copied(),
+        }
+    }
+}
+
+async fn child_latency(
+    tools: &Tools,
+    c: Contender,
+    program: &Path,
+    args: Vec<String>,
+    slot: &Slot<'_>,
+    pacer: &Pacer<'_>,
+) -> anyhow::Result<Latency> {
+    let mut cmd = child_command(tools, program, &args, slot);
+    cmd.stdout(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("no stdout pipe"))?;
+    let arrivals = Arrivals::default();
+    let paced = tokio::select! {
+        paced = async {
+            wait_streaming(&mut child, slot).await?;
+            pacer.run(&arrivals).await
+        } => paced?,
+        read = read_arrivals(stdout, &arrivals) => bail!(
+            "{} stopped early ({read:?}): {}", program.display(), stderr_of(tools, slot)
+        ),
+    };
+    child.kill().await?;
+    Ok(Latency::new(c, paced, arrivals))
+}
+
+/// Until its walsender is attached, so that no row waits for the connection.
+async fn wait_streaming(child: &mut Child, slot: &Slot<'_>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    while walsender_pid(slot.observer, &slot.name).await?.is_none() {
+        if let Some(status) = child.try_wait()? {
+            bail!("exited with {status} before streaming");
+        }
+        if Instant::now() > deadline {
+            bail!("not streaming after {DRAIN_TIMEOUT:?}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    Ok(())
+}
+
+/// Each output line with a timestamp in it is a row: binary pgoutput messages too, since
+/// a timestamp's text holds no newline.
+async fn read_arrivals(stdout: ChildStdout, arrivals: &Arrivals) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stdout);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line).await? == 0 {
+            return Ok(());
+        }
+        if let Some(at) = find_timestamp(&line) {
+            arrivals.record(at);
+        }
+    }
+}
+
+async fn listener_latency(slot: &Slot<'_>, pacer: &Pacer<'_>) -> anyhow::Result<Latency> {
+    let mut listener = Listener::start(listener_config(slot)?).await?;
+    let arrivals = Arrivals::default();
+    let paced = tokio::select! {
+        paced = pacer.run(&arrivals) => paced,
+        consumed = consume_arrivals(&mut listener, &arrivals) => Err(anyhow!("the listener stopped: {consumed:?}")),
+    };
+    listener.shutdown().await;
+    Ok(Latency::new(Contender::WaltapListener, paced?, arrivals))
+}
+
+async fn consume_arrivals(listener: &mut Listener, arrivals: &Arrivals) -> anyhow::Result<()> {
+    while let Some(event) = listener.next().await {
+        let event = event?;
+        if let Some(Value::Timestamptz(at)) = event.after().and_then(|row| row.get("at")) {
+            if let Some(at) = find_timestamp(at.as_bytes()) {
+                arrivals.record(at);
+            }
+        }
+        listener.ack(event.position);
+    }
+    Ok(())
+}

@@ -1,0 +1,425 @@
+//! Ephemeral fan-out: one listener, any number of filtered subscribers (`subscribe`).
+//!
+//! The hub owns one [`Listener`] and one task. Each subscriber has its own compiled filter
+//! and its own bounded queue. Guarantees (DESIGN.md section 4, the `subscribe` column):
+//!
+//! - at-most-once, from now on: the hub acknowledges every event as soon as it has been
+//!   offered to the subscribers, so the slot never waits for a subscriber;
+//! - a subscriber whose queue is full is cut off with [`SubscriptionError::Lagged`] after
+//!   the events it already has; the others and the slot go on unaffected;
+//! - the first item of a subscription is [`SubscriptionItem::Initialized`]; every change
+//!   committed after the caller holds it is delivered, because subscribers join only
+//!   between transactions and the marker is sent when they have joined;
+//! - `tx.index` / `tx.total` / `tx.last` count the events this subscriber receives from the
+//!   transaction; `total` is absent when the transaction was too large to hold;
+//! - a subscription whose filter pins one row by its whole primary key ends after that
+//!   row's delete;
+//! - a dropped subscription is removed the next time the hub looks at it, and its queue is
+//!   freed with it.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::{Stream, StreamExt};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog;
+use crate::error::Error;
+use crate::event::{Action, Event, Position, TableName};
+use crate::filter::{CompiledFilter, Decision, Filter, FilterError};
+use crate::pipeline::{Listener, ListenerConfig};
+
+/// Settings of a hub.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub listener: ListenerConfig,
+    /// Events queued per subscriber before it counts as lagging.
+    pub subscriber_queue: usize,
+}
+
+impl HubConfig {
+    pub fn new(listener: ListenerConfig) -> Self {
+        HubConfig {
+            listener,
+            subscriber_queue: 1024,
+        }
+    }
+}
+
+/// What a subscription yields.
+// Events are nearly every item; boxing them would add an allocation per delivery.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum SubscriptionItem {
+    /// Live from here: every change committed after this arrives is delivered.
+    /// `position` is the last position the hub had seen (absent before the first event).
+    Initialized { position: Option<Position> },
+    /// A change that passed the filter (serialized without a `type` field).
+    #[serde(untagged)]
+    Event(Event),
+}
+
+/// Why a subscription ended or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscriptionError {
+    #[error("subscriber too slow: its queue of {queue} events was full, so it was cut off (subscribe is at-most-once; use a persisted stream to catch up)")]
+    Lagged { queue: usize },
+    #[error("bad filter: {0}")]
+    BadFilter(#[from] FilterError),
+    #[error("table {0} is not published: add it to the publication (ALTER PUBLICATION ... ADD TABLE) to subscribe to it")]
+    NotPublished(String),
+    #[error("table {0} does not exist")]
+    NoSuchTable(String),
+    #[error("the change source stopped: {0}")]
+    Source(Arc<Error>),
+    #[error("the hub has stopped")]
+    HubStopped,
+    #[error(transparent)]
+    Sql(#[from] Error),
+}
+
+impl SubscriptionError {
+    /// A stable code for the wire (`lagged`, `bad_filter`, ...).
+    pub fn code(&self) -> &'static str {
+        match self {
+            SubscriptionError::Lagged { .. } => "lagged",
+            SubscriptionError::BadFilter(_) => "bad_filter",
+            SubscriptionError::NotPublished(_) | SubscriptionError::NoSuchTable(_) => {
+                "unknown_table"
+            }
+            SubscriptionError::Source(_) | SubscriptionError::HubStopped => "source_stopped",
+            SubscriptionError::Sql(_) => "internal",
+        }
+    }
+}
+
+struct Subscriber {
+    id: u64,
+    view: FilteredView,
+    tx: mpsc::Sender<Result<SubscriptionItem, Arc<Error>>>,
+    lagged: Arc<AtomicBool>,
+    done: bool,
+}
+
+/// One consumer's view of the change stream: its table and filter applied, and each
+/// transaction's `index`/`total`/`last` renumbered over the events it receives.
+pub struct FilteredView {
+    table: TableName,
+    filter: CompiledFilter,
+    /// This consumer's events of the open transaction (only when its total is known,
+    /// which bounds them by the listener's `max_buffered_events`).
+    pending: Vec<Event>,
+    /// Of a transaction too large to count: the newest event, held until the next one (or
+    /// the end of the transaction) tells whether it is the last.
+    held: Option<Event>,
+    next_index: u32,
+}
+
+impl FilteredView {
+    pub fn new(table: TableName, filter: CompiledFilter) -> Self {
+        FilteredView {
+            table,
+            filter,
+            pending: Vec::new(),
+            held: None,
+            next_index: 0,
+        }
+    }
+
+    /// The compiled filter (for its warnings and single-row property).
+    pub fn filter(&self) -> &CompiledFilter {
+        &self.filter
+    }
+
+    /// Feeds the next event of the listener's stream; appends to `out` the events this
+    /// consumer may now receive, in order and renumbered.
+    pub fn push(&mut self, ev: &Event, out: &mut Vec<Event>) {
+        let end = ev.tx.last;
+        let counted = ev.tx.total.is_some();
+        if let Some(mine) = self.matching(ev) {
+            if counted {
+                self.pending.push(mine);
+            } else {
+                let mut mine = mine;
+                mine.tx.index = self.next_index;
+                mine.tx.total = None;
+                mine.tx.last = false;
+                self.next_index += 1;
+                out.extend(self.held.replace(mine));
+            }
+        }
+        if !end {
+            return;
+        }
+        if counted {
+            let total = self.pending.len() as u32;
+            for (i, mut e) in self.pending.drain(..).enumerate() {
+                e.tx.index = i as u32;
+                e.tx.total = Some(total);
+                e.tx.last = i as u32 + 1 == total;
+                out.push(e);
+            }
+        } else if let Some(mut last) = self.held.take() {
+            last.tx.last = true;
+            out.push(last);
+        }
+        self.next_index = 0;
+    }
+
+    fn matching(&self, ev: &Event) -> Option<Event> {
+        if *ev.schema != *self.table.schema || *ev.table != *self.table.table {
+            return None;
+        }
+        match self.filter.evaluate(ev) {
+            Decision::Skip => None,
+            Decision::Deliver { transition } => {
+                let mut ev = ev.clone();
+                ev.transition = transition;
+                Some(ev)
+            }
+        }
+    }
+}
+
+enum Command {
+    Subscribe(Box<Subscriber>, oneshot::Sender<()>),
+    /// The subscription was dropped: free its queue now, not at the next event.
+    Gone(u64),
+}
+
+/// A running fan-out over one slot.
+pub struct Hub {
+    commands: mpsc::Sender<Command>,
+    source: crate::config::SourceConfig,
+    publication: String,
+    queue: usize,
+    cancel: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl Hub {
+    /// Starts the listener and the fan-out task.
+    pub async fn start(config: HubConfig) -> Result<Hub, Error> {
+        let source = config.listener.source.clone();
+        let publication = config.listener.publication.clone();
+        let listener = Listener::start(config.listener).await?;
+        let (commands, rx) = mpsc::channel(64);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(listener, rx, cancel.clone()));
+        Ok(Hub {
+            commands,
+            source,
+            publication,
+            queue: config.subscriber_queue.max(1),
+            cancel,
+            task: Some(task),
+            next_id: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Subscribes to one table (`table` or `schema.table`) with an optional filter. The
+    /// filter is checked against the table's columns and types now; warnings (e.g. no
+    /// before image for transitions) are in [`Subscription::warnings`].
+    pub async fn subscribe(
+        &self,
+        table: &str,
+        filter: Option<Filter>,
+    ) -> Result<Subscription, SubscriptionError> {
+        let table = TableName::parse(table);
+        let client = self.source.connect_sql().await.map_err(Error::from)?;
+        let schema = catalog::table_schema(&client, &table)
+            .await
+            .map_err(Error::from)?
+            .ok_or_else(|| SubscriptionError::NoSuchTable(table.to_string()))?;
+        let published = crate::setup::published_tables(&client, &self.publication)
+            .await
+            .map_err(Error::from)?;
+        if !published.iter().any(|p| p.table == table.to_string()) {
+            return Err(SubscriptionError::NotPublished(table.to_string()));
+        }
+        let filter = filter.unwrap_or_default().compile(&schema)?;
+        let warnings = filter.warnings().to_vec();
+        for w in &warnings {
+            tracing::warn!(table = %table, "{w}");
+        }
+        let (tx, rx) = mpsc::channel(self.queue);
+        let lagged = Arc::new(AtomicBool::new(false));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let sub = Subscriber {
+            id,
+            view: FilteredView::new(table, filter),
+            tx,
+            lagged: lagged.clone(),
+            done: false,
+        };
+        let (joined, wait) = oneshot::channel();
+        self.commands
+            .send(Command::Subscribe(Box::new(sub), joined))
+            .await
+            .map_err(|_| SubscriptionError::HubStopped)?;
+        wait.await.map_err(|_| SubscriptionError::HubStopped)?;
+        Ok(Subscription {
+            rx,
+            lagged,
+            queue: self.queue,
+            warnings,
+            finished: false,
+            id,
+            commands: self.commands.clone(),
+        })
+    }
+
+    /// Stops the hub and its listener.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// One subscriber's stream of items.
+pub struct Subscription {
+    rx: mpsc::Receiver<Result<SubscriptionItem, Arc<Error>>>,
+    lagged: Arc<AtomicBool>,
+    queue: usize,
+    warnings: Vec<String>,
+    finished: bool,
+    id: u64,
+    commands: mpsc::Sender<Command>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        // Best effort: if the hub's command queue is full, the closed queue is noticed at
+        // the next event instead.
+        let _ = self.commands.try_send(Command::Gone(self.id));
+    }
+}
+
+impl Subscription {
+    /// Problems found when the filter was checked (the subscription still runs).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Result<SubscriptionItem, SubscriptionError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.finished {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(Ok(item))) => Poll::Ready(Some(Ok(item))),
+            Poll::Ready(Some(Err(e))) => {
+                self.finished = true;
+                Poll::Ready(Some(Err(SubscriptionError::Source(e))))
+            }
+            Poll::Ready(None) => {
+                self.finished = true;
+                if self.lagged.load(Ordering::Acquire) {
+                    Poll::Ready(Some(Err(SubscriptionError::Lagged { queue: self.queue })))
+                } else {
+                    Poll::Ready(None)
+                }
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+async fn run(
+    mut listener: Listener,
+    mut commands: mpsc::Receiver<Command>,
+    cancel: CancellationToken,
+) {
+    let mut subs: Vec<Subscriber> = Vec::new();
+    let mut waiting: Vec<(Box<Subscriber>, oneshot::Sender<()>)> = Vec::new();
+    let mut in_tx = false;
+    let mut last_position: Option<Position> = None;
+    let mut out = Vec::new();
+    loop {
+        if !in_tx {
+            // Joining only between transactions: a subscriber never sees half of one.
+            for (sub, joined) in waiting.drain(..) {
+                let marker = SubscriptionItem::Initialized {
+                    position: last_position,
+                };
+                if sub.tx.try_send(Ok(marker)).is_ok() {
+                    subs.push(*sub);
+                }
+                let _ = joined.send(());
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            cmd = commands.recv() => match cmd {
+                Some(Command::Subscribe(sub, joined)) => waiting.push((sub, joined)),
+                Some(Command::Gone(id)) => {
+                    subs.retain(|s| s.id != id);
+                    waiting.retain(|(s, _)| s.id != id);
+                }
+                None => break,
+            },
+            item = listener.next() => match item {
+                None => break,
+                Some(Err(e)) => {
+                    let e = Arc::new(e);
+                    for s in &subs {
+                        let _ = s.tx.try_send(Err(e.clone()));
+                    }
+                    break;
+                }
+                Some(Ok(ev)) => {
+                    let position = ev.position;
+                    last_position = Some(position);
+                    in_tx = !ev.tx.last;
+                    for sub in subs.iter_mut() {
+                        sub.view.push(&ev, &mut out);
+                        for e in out.drain(..) {
+                            offer(sub, e);
+                        }
+                    }
+                    subs.retain(|s| !s.done);
+                    // At-most-once: offered is handled, so the slot never waits for anyone.
+                    listener.ack(position);
+                }
+            },
+        }
+    }
+    listener.shutdown().await;
+}
+
+fn offer(sub: &mut Subscriber, ev: Event) {
+    if sub.done {
+        return;
+    }
+    let ends_subscription = sub.view.filter().single_row_key() && ev.action == Action::Delete;
+    match sub.tx.try_send(Ok(SubscriptionItem::Event(ev))) {
+        Ok(()) => {
+            if ends_subscription {
+                sub.done = true;
+            }
+        }
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            sub.lagged.store(true, Ordering::Release);
+            sub.done = true;
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => sub.done = true,
+    }
+}
