@@ -14,8 +14,36 @@
 //!   transaction; `total` is absent when the transaction was too large to hold;
 //! - a subscription whose filter pins one row by its whole primary key ends after that
 //!   row's delete;
-//! - a dropped subscription is removed the next time the hub looks at it, and its queue is
-//!   freed with it.
+//! - a dropped subscription is removed at once, and its queue is freed with it.
+//!
+//! ```no_run
+//! use futures::StreamExt;
+//! use waltap::{config::SourceConfig, filter::Filter, Hub, HubConfig, ListenerConfig, SubscriptionItem};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct User { id: i64, plan: String }
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let source = SourceConfig::parse("postgres://postgres@localhost/app")?;
+//! let hub = Hub::start(HubConfig::new(ListenerConfig::new(source))).await?;
+//! let filter: Filter = serde_json::from_str(
+//!     r#"{"where": {"plan": {"in": ["pro", "team"]}}, "transitions": true}"#,
+//! )?;
+//! let mut paying = hub.subscribe("public.users", Some(filter)).await?;
+//! while let Some(item) = paying.next().await {
+//!     match item? {
+//!         SubscriptionItem::Initialized { .. } => println!("live"),
+//!         SubscriptionItem::Event(ev) => {
+//!             let transition = ev.transition;
+//!             let ev: waltap::Event<User> = ev.into_typed()?;
+//!             if let Some(user) = ev.after() {
+//!                 println!("{:?} user {} on {}", transition, user.id, user.plan);
+//!             }
+//!         }
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};

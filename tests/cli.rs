@@ -269,3 +269,57 @@ async fn demo_prints_the_sample_events_and_leaves_nothing_behind() {
     assert_eq!(lines[2]["tx"]["annotations"]["user"], "demo");
     assert!(stderr.contains("stopped and removed"), "{stderr}");
 }
+
+#[tokio::test]
+async fn tail_filter_prints_only_matching_events_renumbered() {
+    let db = TestDb::new().await;
+    let n = names(&db);
+    setup(&db, &n).await;
+    let c = db.client().await;
+    c.batch_execute("INSERT INTO t VALUES (1, 'skip'), (2, 'keep'), (3, 'keep')")
+        .await
+        .unwrap();
+    c.batch_execute("INSERT INTO t VALUES (4, 'keep')")
+        .await
+        .unwrap();
+    let out = run_ok(waltap(
+        &db,
+        &n,
+        &[
+            "tail",
+            "--table",
+            "t",
+            "--limit",
+            "3",
+            "--filter",
+            r#"{"create": {"v": {"equals": "keep"}}}"#,
+        ],
+    ))
+    .await;
+    assert_eq!(ids_of(&out), vec![2, 3, 4]);
+    let lines: Vec<Json> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["tx"]["index"], 0);
+    assert_eq!(lines[0]["tx"]["total"], 2);
+    assert_eq!(lines[1]["tx"]["last"], true);
+    let bad = waltap(
+        &db,
+        &n,
+        &[
+            "tail",
+            "--table",
+            "t",
+            "--filter",
+            r#"{"create": {"nope": 1}}"#,
+        ],
+    )
+    .output()
+    .await
+    .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("nope"), "{err}");
+    db.teardown().await;
+}
