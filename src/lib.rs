@@ -32,6 +32,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod appender;
 pub mod bench;
 pub mod catalog;
 pub mod cli;
@@ -47,6 +48,7 @@ pub mod pgoutput;
 pub mod pipeline;
 pub mod replication;
 pub mod setup;
+pub mod store;
 pub mod tls;
 pub mod value;
 

@@ -142,6 +142,9 @@ pub struct AssemblerOptions {
     pub tables: Option<HashSet<TableName>>,
     /// `pg_logical_emit_message` prefix whose JSON becomes `tx.annotations`.
     pub annotation_prefix: String,
+    /// Schemas whose changes are never events: waltap's own `waltap` schema, so that the
+    /// event log can never feed itself even if a publication includes it.
+    pub excluded_schemas: Vec<String>,
 }
 
 impl Default for AssemblerOptions {
@@ -150,6 +153,7 @@ impl Default for AssemblerOptions {
             max_buffered_events: 10_000,
             tables: None,
             annotation_prefix: "waltap".into(),
+            excluded_schemas: vec!["waltap".into()],
         }
     }
 }
@@ -393,6 +397,14 @@ impl Assembler {
     }
 
     fn wanted(&self, rel: &RelationInfo) -> bool {
+        if self
+            .options
+            .excluded_schemas
+            .iter()
+            .any(|s| **s == *rel.schema)
+        {
+            return false;
+        }
         match &self.options.tables {
             None => true,
             Some(set) => set.contains(&TableName {

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 pub use assemble::{Assembler, AssemblerOptions, EventError, Output, RelationInfo, TableName};
 pub use position::{ParsePositionError, Position};
-pub use time::rfc3339_micros;
+pub use time::{parse_rfc3339_micros, rfc3339_micros};
 
 use crate::lsn::Lsn;
 use crate::value::Value;
@@ -246,5 +246,78 @@ impl<R: Serialize> Serialize for Event<R> {
         }
         map.serialize_entry("tx", &self.tx)?;
         map.end()
+    }
+}
+
+/// The JSON event as it is on the wire, for reading it back (event log, HTTP clients).
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireEvent<T> {
+    id: String,
+    position: Position,
+    action: Action,
+    schema: String,
+    table: String,
+    identity: Identity,
+    created: Option<T>,
+    before: Option<T>,
+    after: Option<T>,
+    deleted: Option<T>,
+    changed: Option<Vec<String>>,
+    #[serde(default)]
+    unchanged: Vec<String>,
+    transition: Option<Transition>,
+    tx: WireTx,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireTx {
+    id: u32,
+    commit_lsn: String,
+    committed_at: String,
+    index: u32,
+    total: Option<u32>,
+    last: bool,
+    annotations: Option<serde_json::Value>,
+}
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Event<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let w = WireEvent::<T>::deserialize(d)?;
+        let id = w.id.parse::<ulid::Ulid>().map_err(D::Error::custom)?;
+        let commit_lsn = w.tx.commit_lsn.parse::<Lsn>().map_err(D::Error::custom)?;
+        let committed_at = time::parse_rfc3339_micros(&w.tx.committed_at)
+            .ok_or_else(|| D::Error::custom("tx.committedAt is not an RFC 3339 UTC time"))?;
+        let (new, old) = match w.action {
+            Action::Create => (w.created, None),
+            Action::Update => (w.after, w.before),
+            Action::Delete => (None, w.deleted),
+            Action::Truncate => (None, None),
+        };
+        let names = |v: Vec<String>| -> Vec<Arc<str>> { v.into_iter().map(Arc::from).collect() };
+        Ok(Event {
+            id,
+            position: w.position,
+            action: w.action,
+            schema: Arc::from(w.schema),
+            table: Arc::from(w.table),
+            identity: w.identity,
+            new,
+            old,
+            changed: w.changed.map(names),
+            unchanged: names(w.unchanged),
+            transition: w.transition,
+            tx: TxInfo {
+                xid: w.tx.id,
+                commit_lsn,
+                committed_at,
+                index: w.tx.index,
+                total: w.tx.total,
+                last: w.tx.last,
+                annotations: w.tx.annotations.map(Arc::new),
+            },
+        })
     }
 }

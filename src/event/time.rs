@@ -19,6 +19,54 @@ pub fn rfc3339_micros(pg_micros: i64) -> String {
     )
 }
 
+/// Parses what [`rfc3339_micros`] prints (`YYYY-MM-DDTHH:MM:SS[.f]Z`) back to µs since
+/// 2000-01-01 UTC.
+pub fn parse_rfc3339_micros(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || *b.last()? != b'Z'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse().ok() };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let frac = &s[19..s.len() - 1];
+    let micros = match frac.strip_prefix('.') {
+        None if frac.is_empty() => 0,
+        Some(digits)
+            if !digits.is_empty()
+                && digits.len() <= 9
+                && digits.bytes().all(|c| c.is_ascii_digit()) =>
+        {
+            let padded = format!("{digits:0<6}");
+            padded[..6].parse::<i64>().ok()?
+        }
+        _ => return None,
+    };
+    let days = days_from_civil(y, mo as u32, d as u32) - PG_EPOCH_DAYS;
+    Some(((days * 86_400 + h * 3600 + mi * 60 + sec) * 1_000_000) + micros)
+}
+
+/// Day count since 1970-01-01 of a Gregorian date (inverse of `civil_from_days`).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// Unix milliseconds of a Postgres-epoch µs time (for ULID timestamps).
 pub fn unix_millis(pg_micros: i64) -> u64 {
     let unix_micros = pg_micros.saturating_add(crate::replication::PG_EPOCH_OFFSET_MICROS);

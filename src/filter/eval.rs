@@ -437,8 +437,10 @@ fn check(slot: &Slot, test: &Test, value: Option<&Value>) -> Truth {
             result
         }
         Test::Contains(s) => typed::text(family, value).map(|t| t.contains(&**s)),
-        Test::StartsWith(s) => typed::text(family, value).map(|t| t.starts_with(&**s)),
-        Test::EndsWith(s) => typed::text(family, value).map(|t| t.ends_with(&**s)),
+        Test::StartsWith(s) => {
+            typed::text_bytes(family, value).map(|t| t.starts_with(s.as_bytes()))
+        }
+        Test::EndsWith(s) => typed::text_bytes(family, value).map(|t| t.ends_with(s.as_bytes())),
         Test::Has(lit) => match (family, value) {
             (Family::Array(elem), Value::Array(items)) => typed::array_has(elem, items, lit),
             _ => None,

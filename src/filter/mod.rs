@@ -16,8 +16,8 @@
 //!  "truncate": true}
 //! ```
 //!
-//! - No filter at all ([`CompiledFilter::accept_all`]) delivers every event, truncates
-//!   included. Given a filter object, the keys `create` / `update` / `delete` select the
+//! - No filter at all ([`CompiledFilter::accept_all`], or [`CompiledFilter::new`] with
+//!   `None`) delivers every event, truncates included. Given a filter object, the keys `create` / `update` / `delete` select the
 //!   actions delivered; with none of them, all three are. `{}` as a predicate is every row.
 //! - `update` takes `after` and/or `before`; both must match when both are given;
 //!   `"update": {}` is every update.
@@ -30,7 +30,8 @@
 //!   is always delivered.
 //! - `truncate: true` adds truncate events, which a filter object otherwise leaves out.
 //!   It adds to the actions selected; it does not select truncates alone.
-//! - `null` for a top-level key, `update.after` or `update.before` is the same as leaving it out.
+//! - `null` for a top-level key, `update.after` or `update.before` is the same as leaving
+//!   it out.
 //!
 //! A predicate is an object whose keys are column names or the combinators `AND` (an array
 //! of predicates, or one), `OR` (an array) and `NOT` (a predicate or an array; `NOT [A, B]`
@@ -46,10 +47,11 @@
 //!
 //! # NULL, missing values and three-valued logic
 //!
-//! Comparisons follow SQL (and Prisma): a NULL value satisfies only `isNull: true`,
-//! `equals: null` and `not: null`'s opposite; `{"plan": {"not": "pro"}}`,
-//! `notIn` without a `null` element and `NOT {"plan": "pro"}` do *not* select NULL rows,
-//! just as `plan <> 'pro'` does not.
+//! Comparisons follow SQL (and Prisma): a NULL value matches `null` / `equals: null` /
+//! `isNull: true` and `not: null` / `isNull: false` rule it out; any other comparison with
+//! NULL is SQL's unknown, which is not a match, and stays unknown under `NOT`. So
+//! `{"plan": {"not": "pro"}}`, `notIn` without a `null` element and `NOT {"plan": "pro"}`
+//! do *not* select rows where `plan` is NULL, just as `plan <> 'pro'` does not.
 //!
 //! A value Postgres did not send (non-key columns of a key-only `before`/`deleted` row,
 //! an unchanged TOASTed value without a before image, a column added or dropped since the
@@ -82,7 +84,7 @@
 //! | date, time | equality, ordering | `YYYY-MM-DD` (BC, infinity), `HH:MM[:SS[.f]]` |
 //! | timetz | equality, ordering | as Postgres: by UTC time, then by offset |
 //! | bool | equality | |
-//! | json, jsonb | equality | semantic JSON equality (key order and number spelling do not matter); parses the value, so it allocates |
+//! | json, jsonb | equality | semantic JSON equality (key order and number spelling do not matter); parses the value, so it allocates. A `null` literal is SQL NULL: a JSON `null` document cannot be matched |
 //! | bytea | equality | literal base64 (as events carry it) or `\x` hex |
 //! | arrays | equality, `contains` | `equals` a JSON array (nested for more dimensions, NULL elements equal NULL); `contains` means "has this element" (Prisma's `has`), any dimension |
 //! | interval, inet, ranges, geometric and other built-in types | equality | exact Postgres text form |
@@ -104,14 +106,18 @@
 //! `{"where": P, "transitions": true}` labels each delivered event by membership of the
 //! set P selects: a create in the set is `appear`; a delete of a row in the set is
 //! `disappear`; an update is `update` (in before and after), `appear` (out, in) or
-//! `disappear` (in, out); out/out is not delivered. Unknown membership counts as in, by the
-//! "deliver" rule, except one case: without a before image (REPLICA IDENTITY DEFAULT)
-//! an update whose after row is in the set is reported as `update` (appear and update both
-//! mean upsert; waltap cannot tell them apart), and one whose after row is out is not
-//! delivered (waltap cannot see `disappear`: [`CompiledFilter::warnings`] says so when the
-//! subscription is made). A key-only delete whose membership is unknown is `disappear`:
-//! the consumer removes the row if it holds it. Truncates come only with `truncate: true`,
-//! without a transition label (every row left the set).
+//! `disappear` (in, out); out/out is not delivered.
+//!
+//! Unknown membership counts as in (the "deliver" rule), with one exception. Without a
+//! before image (REPLICA IDENTITY DEFAULT, and P reads non-key columns) the `before` side
+//! is unknown: an update whose after row is in is reported as `update` (appear and update
+//! both mean upsert; without the before image waltap cannot tell them apart, and reports
+//! update), and one whose after row is out is *not* delivered, since reporting every
+//! change outside the set as `disappear` would flood the consumer: waltap cannot see
+//! `disappear` there, and [`CompiledFilter::warnings`] says so when the subscription is
+//! made. A key-only delete whose membership is unknown is `disappear`: the consumer
+//! removes the row if it holds it. Truncates come only with `truncate: true`, without a
+//! transition label (every row left the set).
 
 mod compile;
 mod decimal;

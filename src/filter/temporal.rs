@@ -218,11 +218,11 @@ fn infinity(s: &[u8]) -> Option<bool> {
 /// A timestamp -> µs since 1970-01-01 (UTC for `Zone::Required`, wall clock otherwise);
 /// `infinity` / `-infinity` sort beyond every value. Without the zone, a bare date is
 /// midnight.
-pub(super) fn timestamp(s: &str, zone: Zone) -> Option<i128> {
-    if let Some(positive) = infinity(s.as_bytes()) {
+pub(super) fn timestamp(s: &[u8], zone: Zone) -> Option<i128> {
+    if let Some(positive) = infinity(s) {
         return Some(if positive { i128::MAX } else { i128::MIN });
     }
-    let (s, bc) = strip_bc(s.as_bytes());
+    let (s, bc) = strip_bc(s);
     let mut c = Cursor::new(s);
     let (sign, year, month, day) = date_part(&mut c)?;
     let mut time = 0;
@@ -240,11 +240,11 @@ pub(super) fn timestamp(s: &str, zone: Zone) -> Option<i128> {
 }
 
 /// `YYYY-MM-DD[ BC]` -> days since 1970-01-01; `infinity` / `-infinity` beyond every date.
-pub(super) fn date(s: &str) -> Option<i64> {
-    if let Some(positive) = infinity(s.as_bytes()) {
+pub(super) fn date(s: &[u8]) -> Option<i64> {
+    if let Some(positive) = infinity(s) {
         return Some(if positive { i64::MAX } else { i64::MIN });
     }
-    let (s, bc) = strip_bc(s.as_bytes());
+    let (s, bc) = strip_bc(s);
     let mut c = Cursor::new(s);
     let (sign, year, month, day) = date_part(&mut c)?;
     if !c.done() {
@@ -254,16 +254,16 @@ pub(super) fn date(s: &str) -> Option<i64> {
 }
 
 /// `time`: `HH:MM[:SS[.f]]` -> µs since midnight.
-pub(super) fn time(s: &str) -> Option<i64> {
-    let mut c = Cursor::new(s.as_bytes());
+pub(super) fn time(s: &[u8]) -> Option<i64> {
+    let mut c = Cursor::new(s);
     let t = time_part(&mut c)?;
     c.done().then_some(t)
 }
 
 /// `timetz` -> the key Postgres orders it by (`timetz_cmp_internal`): the UTC time, then
 /// the zone in seconds *west* of UTC. Equal only when both match.
-pub(super) fn time_tz(s: &str) -> Option<(i64, i64)> {
-    let mut c = Cursor::new(s.as_bytes());
+pub(super) fn time_tz(s: &[u8]) -> Option<(i64, i64)> {
+    let mut c = Cursor::new(s);
     let t = time_part(&mut c)?;
     let east = offset(&mut c).ok()??;
     c.done().then_some((t - east * MICROS_PER_SECOND, -east))

@@ -273,12 +273,12 @@ pub(super) fn literal(family: &Family, v: &Json) -> Option<Lit> {
         Family::Text | Family::Opaque => Lit::Str(v.as_str()?.into()),
         Family::Bpchar => Lit::Str(v.as_str()?.trim_end_matches(' ').into()),
         Family::Uuid => Lit::Str(uuid(v.as_str()?)?.into()),
-        Family::Timestamptz => Lit::Micros(temporal::timestamp(v.as_str()?, Zone::Required)?),
-        Family::Timestamp => Lit::Micros(temporal::timestamp(v.as_str()?, Zone::Forbidden)?),
-        Family::Date => Lit::Days(temporal::date(v.as_str()?)?),
-        Family::Time => Lit::TimeOfDay(temporal::time(v.as_str()?)?),
+        Family::Timestamptz => Lit::Micros(temporal::timestamp(bytes_of(v)?, Zone::Required)?),
+        Family::Timestamp => Lit::Micros(temporal::timestamp(bytes_of(v)?, Zone::Forbidden)?),
+        Family::Date => Lit::Days(temporal::date(bytes_of(v)?)?),
+        Family::Time => Lit::TimeOfDay(temporal::time(bytes_of(v)?)?),
         Family::TimeTz => {
-            let (utc, west) = temporal::time_tz(v.as_str()?)?;
+            let (utc, west) = temporal::time_tz(bytes_of(v)?)?;
             Lit::TimeTz(utc, west)
         }
         Family::Json => Lit::Json(v.clone()),
@@ -301,6 +301,10 @@ fn array_literal(elem: &Family, v: &Json) -> Option<Vec<Option<Lit>>> {
             _ => Some(Some(literal(elem, item)?)),
         })
         .collect()
+}
+
+fn bytes_of(v: &Json) -> Option<&[u8]> {
+    v.as_str().map(str::as_bytes)
 }
 
 fn integral(f: f64) -> Option<i64> {
@@ -371,6 +375,20 @@ pub(super) fn text<'v>(family: &Family, v: &'v Value) -> Option<&'v str> {
     }
 }
 
+/// [`text`] as bytes, which skips the UTF-8 check: byte order of UTF-8 is code point
+/// order, and a UTF-8 prefix or suffix match is a character match.
+pub(super) fn text_bytes<'v>(family: &Family, v: &'v Value) -> Option<&'v [u8]> {
+    match (family, v) {
+        (Family::Bpchar, Value::Text(t)) => {
+            let b = t.as_bytes();
+            let end = b.iter().rposition(|&c| c != b' ').map_or(0, |i| i + 1);
+            Some(&b[..end])
+        }
+        (Family::Text, Value::Text(t)) => Some(t.as_bytes()),
+        _ => None,
+    }
+}
+
 /// Order of `v` relative to `lit`, for ordered families.
 pub(super) fn order(family: &Family, v: &Value, lit: &Lit) -> Option<Ordering> {
     let ord = match (family, v, lit) {
@@ -379,18 +397,18 @@ pub(super) fn order(family: &Family, v: &Value, lit: &Lit) -> Option<Ordering> {
         (Family::Numeric, Value::Numeric(t), Lit::Numeric(n)) => {
             decimal::cmp(decimal::parse_plain(t.as_bytes())?, n.view())
         }
-        (Family::Text | Family::Bpchar, v, Lit::Str(s)) => text(family, v)?.cmp(s),
-        (Family::Uuid, Value::Text(t), Lit::Str(s)) => t.as_str().cmp(s),
+        (Family::Text | Family::Bpchar, v, Lit::Str(s)) => text_bytes(family, v)?.cmp(s.as_bytes()),
+        (Family::Uuid, Value::Text(t), Lit::Str(s)) => t.as_bytes().cmp(s.as_bytes()),
         (Family::Timestamptz, Value::Timestamptz(t), Lit::Micros(m)) => {
-            temporal::timestamp(t.as_str(), Zone::Required)?.cmp(m)
+            temporal::timestamp(t.as_bytes(), Zone::Required)?.cmp(m)
         }
         (Family::Timestamp, Value::Timestamp(t), Lit::Micros(m)) => {
-            temporal::timestamp(t.as_str(), Zone::Forbidden)?.cmp(m)
+            temporal::timestamp(t.as_bytes(), Zone::Forbidden)?.cmp(m)
         }
-        (Family::Date, Value::Text(t), Lit::Days(d)) => temporal::date(t.as_str())?.cmp(d),
-        (Family::Time, Value::Text(t), Lit::TimeOfDay(m)) => temporal::time(t.as_str())?.cmp(m),
+        (Family::Date, Value::Text(t), Lit::Days(d)) => temporal::date(t.as_bytes())?.cmp(d),
+        (Family::Time, Value::Text(t), Lit::TimeOfDay(m)) => temporal::time(t.as_bytes())?.cmp(m),
         (Family::TimeTz, Value::Text(t), Lit::TimeTz(utc, west)) => {
-            temporal::time_tz(t.as_str())?.cmp(&(*utc, *west))
+            temporal::time_tz(t.as_bytes())?.cmp(&(*utc, *west))
         }
         _ => return None,
     };
@@ -401,11 +419,11 @@ pub(super) fn order(family: &Family, v: &Value, lit: &Lit) -> Option<Ordering> {
 pub(super) fn equal(family: &Family, v: &Value, lit: &Lit) -> Option<bool> {
     match (family, v, lit) {
         (Family::Bool, Value::Bool(a), Lit::Bool(b)) => Some(a == b),
-        (Family::Opaque, Value::Text(t), Lit::Str(s)) => Some(t.as_str() == &**s),
+        (Family::Opaque, Value::Text(t), Lit::Str(s)) => Some(t.as_bytes() == s.as_bytes()),
         (Family::Bytea, Value::Bytea(b), Lit::Bytes(l)) => Some(b[..] == l[..]),
         (Family::Json, Value::Json(t), Lit::Json(l)) => {
             // Deep documents beyond serde_json's nesting limit stay unknown.
-            let doc: Json = serde_json::from_str(t.as_str()).ok()?;
+            let doc: Json = serde_json::from_slice(t.as_bytes()).ok()?;
             Some(json_eq(&doc, l))
         }
         (Family::Array(elem), Value::Array(items), Lit::Array(lits)) => array_eq(elem, items, lits),

@@ -3,6 +3,8 @@
 //! Data goes to stdout (JSON lines), logs to stderr. Defaults work against the Postgres of
 //! `docker compose up` (`postgres://postgres:postgres@localhost:5432/postgres`).
 
+mod stream;
+
 use std::io::Write;
 
 use clap::{Args, Parser, Subcommand};
@@ -36,8 +38,25 @@ pub enum Command {
     Setup(SetupArgs),
     /// Show the slot's health and lag and what each published table sends.
     Status(SourceArgs),
+    /// The pipeline alone: keep the event log filled from the slot, exactly once.
+    Run(RunArgs),
+    /// Manage and consume persisted streams (named, resumable, at-least-once).
+    #[command(subcommand)]
+    Stream(stream::StreamCommand),
     /// Try waltap in one command: a throwaway local Postgres, sample writes, their events.
     Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Where the event log lives (default: the watched database).
+    #[arg(long, env = "WALTAP_STORE_URL", hide_env_values = true)]
+    pub store_url: Option<String>,
+    /// Fail instead of creating a missing publication or slot.
+    #[arg(long)]
+    pub no_create: bool,
 }
 
 /// Where to read from.
@@ -108,15 +127,43 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tail(args) => tail(args).await,
         Command::Setup(args) => setup_cmd(args).await,
         Command::Status(args) => status(args).await,
+        Command::Run(args) => run_pipeline(args).await,
+        Command::Stream(cmd) => stream::run(cmd).await,
         Command::Demo(args) => crate::demo::run(args.orders).await,
     }
 }
 
+impl SourceArgs {
+    /// A listener configuration for these flags.
+    fn listener(&self) -> anyhow::Result<ListenerConfig> {
+        let mut config = ListenerConfig::new(self.source()?);
+        config.slot = self.slot.clone();
+        config.publication = self.publication.clone();
+        config.tables = self.tables();
+        Ok(config)
+    }
+}
+
+async fn run_pipeline(args: RunArgs) -> anyhow::Result<()> {
+    let mut listener = args.source.listener()?;
+    listener.create_slot = !args.no_create;
+    listener.create_publication = !args.no_create;
+    let mut config = crate::appender::AppenderConfig::new(listener);
+    if let Some(url) = &args.store_url {
+        config.store = SourceConfig::parse(url)?;
+    }
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        stop.cancel();
+    });
+    crate::appender::run(config, cancel).await?;
+    Ok(())
+}
+
 async fn tail(args: TailArgs) -> anyhow::Result<()> {
-    let mut config = ListenerConfig::new(args.source.source()?);
-    config.slot = args.source.slot.clone();
-    config.publication = args.source.publication.clone();
-    config.tables = args.source.tables();
+    let mut config = args.source.listener()?;
     config.temporary_slot = args.temporary;
     config.create_slot = !args.no_create;
     config.create_publication = !args.no_create;

@@ -1,0 +1,184 @@
+//! The persisted pipeline (`waltap run`): slot -> event log, exactly once.
+//!
+//! One task reads the listener and appends to a [`LogWriter`]. Invariants:
+//!
+//! - a store transaction holds only whole source transactions plus the progress mark
+//!   (the commit LSN of the last of them); the listener is acknowledged, and so the slot
+//!   confirmed, only after that store transaction committed;
+//! - events of source transactions at or below the stored mark are skipped (Postgres
+//!   replays from the slot's confirmed position, which may trail the log after a crash);
+//! - batches close when the listener has nothing more ready, at `max_batch_events`, or
+//!   after `max_batch_delay`, whichever comes first: no timer on an idle pipeline, large
+//!   batches under load;
+//! - a source transaction larger than a chunk is written in chunks inside its store
+//!   transaction, so memory does not grow with it.
+
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::SourceConfig;
+use crate::error::Error;
+use crate::event::{Event, Position};
+use crate::lsn::Lsn;
+use crate::pipeline::{Listener, ListenerConfig};
+use crate::store::{LogWriter, PgLog, StoreError};
+
+/// Settings of the persisted pipeline.
+#[derive(Debug, Clone)]
+pub struct AppenderConfig {
+    pub listener: ListenerConfig,
+    /// Where the log lives (the watched database by default).
+    pub store: SourceConfig,
+    pub max_batch_events: usize,
+    pub max_batch_delay: Duration,
+    /// Events per INSERT inside a batch.
+    pub chunk_events: usize,
+}
+
+impl AppenderConfig {
+    pub fn new(listener: ListenerConfig) -> Self {
+        AppenderConfig {
+            store: listener.source.clone(),
+            listener,
+            max_batch_events: 20_000,
+            max_batch_delay: Duration::from_millis(200),
+            chunk_events: 2_000,
+        }
+    }
+}
+
+/// What went wrong in the persisted pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    #[error(transparent)]
+    Source(#[from] Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl AppendError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            AppendError::Source(e) => e.is_transient(),
+            AppendError::Store(e) => e.is_transient(),
+        }
+    }
+}
+
+/// Runs until cancelled, retrying transient failures with backoff; returns the definite
+/// error that stopped it, if any.
+pub async fn run(config: AppenderConfig, cancel: CancellationToken) -> Result<(), AppendError> {
+    let mut backoff = config.listener.reconnect_min;
+    loop {
+        match run_once(&config, &cancel).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() => {
+                tracing::warn!(slot = %config.listener.slot, error = %e, retry_in = ?backoff, "pipeline interrupted; restarting");
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(config.listener.reconnect_max);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+struct Batch {
+    /// Events not yet written to the open store transaction.
+    chunk: Vec<Event>,
+    events: usize,
+    opened: Option<Instant>,
+    /// The last complete source transaction in the batch.
+    complete: Option<(Lsn, Position)>,
+}
+
+async fn run_once(config: &AppenderConfig, cancel: &CancellationToken) -> Result<(), AppendError> {
+    let mut log = PgLog::open(&config.store, &config.listener.slot).await?;
+    let mut stored = log.progress().await?.unwrap_or(Lsn::ZERO);
+    let mut listener = Listener::start(config.listener.clone()).await?;
+    tracing::info!(slot = %config.listener.slot, progress = %stored, "appending to the event log");
+    let mut batch = Batch {
+        chunk: Vec::with_capacity(config.chunk_events),
+        events: 0,
+        opened: None,
+        complete: None,
+    };
+    let mut ready: Option<Event> = None;
+    let result = loop {
+        let ev = match ready.take() {
+            Some(ev) => ev,
+            None => tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break Ok(()),
+                item = listener.next() => match item {
+                    Some(Ok(ev)) => ev,
+                    Some(Err(e)) => break Err(AppendError::from(e)),
+                    None => break Err(AppendError::Source(Error::Stopped)),
+                },
+            },
+        };
+        if ev.position.commit_lsn <= stored {
+            // Replayed after a crash: already in the log. Acknowledging lets the slot catch up.
+            listener.ack(ev.position);
+            continue;
+        }
+        let tx_end = ev.tx.last.then_some((ev.position.commit_lsn, ev.position));
+        batch.opened.get_or_insert_with(Instant::now);
+        batch.events += 1;
+        batch.chunk.push(ev);
+        if batch.chunk.len() >= config.chunk_events {
+            if let Err(e) = log.write(&batch.chunk).await {
+                break Err(e.into());
+            }
+            batch.chunk.clear();
+        }
+        let Some(end) = tx_end else { continue };
+        batch.complete = Some(end);
+        // Close the batch when nothing else is ready, or it is big or old enough.
+        let full = batch.events >= config.max_batch_events
+            || batch
+                .opened
+                .is_some_and(|t| t.elapsed() >= config.max_batch_delay);
+        if !full {
+            match listener.next().now_or_never() {
+                Some(Some(Ok(next))) => {
+                    ready = Some(next);
+                    continue;
+                }
+                Some(Some(Err(e))) => break Err(e.into()),
+                Some(None) => break Err(AppendError::Source(Error::Stopped)),
+                None => {}
+            }
+        }
+        match commit(&mut log, &mut batch).await {
+            Ok(Some((lsn, position))) => {
+                stored = lsn;
+                listener.ack(position);
+            }
+            Ok(None) => {}
+            Err(e) => break Err(e.into()),
+        }
+    };
+    // An open store transaction holds only uncommitted work: dropping the connection rolls
+    // it back, and the slot was never confirmed past the last commit.
+    listener.shutdown().await;
+    result
+}
+
+async fn commit(log: &mut PgLog, batch: &mut Batch) -> Result<Option<(Lsn, Position)>, StoreError> {
+    let Some((lsn, position)) = batch.complete.take() else {
+        return Ok(None);
+    };
+    log.write(&batch.chunk).await?;
+    batch.chunk.clear();
+    log.commit(lsn).await?;
+    tracing::debug!(through = %lsn, events = batch.events, "batch appended");
+    batch.events = 0;
+    batch.opened = None;
+    Ok(Some((lsn, position)))
+}

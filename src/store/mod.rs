@@ -1,0 +1,110 @@
+//! The event log: persisted events, the pipeline's progress, named streams.
+//!
+//! This module owns waltap's own tables (schema `waltap`, created by the SQL files in
+//! `migrations/`, applied in order, idempotently, and recorded in `waltap.migrations`) and
+//! the contract of appending to them:
+//!
+//! - each committed source transaction's events are written together with the progress
+//!   mark (its commit LSN) in one store transaction; the slot is confirmed only after that
+//!   commits, so a crash at any point leaves the log and the mark in agreement;
+//! - a source transaction at or below the mark is already in the log and is skipped, which
+//!   makes appends exactly-once although Postgres replays after a crash;
+//! - several source transactions share one store commit (bounded by size and time), and a
+//!   huge one is written in chunks inside its store transaction, so memory stays bounded.
+//!
+//! [`LogWriter`] is the seam where another log (NATS JetStream, Kafka) could replace the
+//! Postgres table; [`PgLog`] is the Postgres implementation.
+
+mod postgres;
+pub mod streams;
+
+pub use postgres::PgLog;
+
+use std::future::Future;
+
+use crate::event::{Event, Position};
+use crate::lsn::Lsn;
+
+/// The migrations, in order. Each is idempotent; applied ones are recorded.
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/0001_event_log.sql"))];
+
+/// Failures of the event log.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("event log ({operation}): {}", crate::config::pg_error_text(.source))]
+    Sql {
+        operation: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error(transparent)]
+    Connect(#[from] crate::config::SqlConnectError),
+    #[error("cannot serialize event {position}: {source}")]
+    Serialize {
+        position: Position,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("stored event at {position} is not a valid event: {message}")]
+    Corrupt { position: String, message: String },
+    #[error("stream {0:?} does not exist")]
+    NoSuchStream(String),
+    #[error("stream {0:?} already exists")]
+    StreamExists(String),
+    #[error("invalid stream name {0:?}: use 1 to 128 characters of A-Z, a-z, 0-9, _, . and -")]
+    InvalidStreamName(String),
+    #[error("stream {name:?} is busy: another consumer holds it until {until} (stream_busy)")]
+    StreamBusy { name: String, until: String },
+    #[error("the cursor of stream {name:?} ({cursor}) points before the oldest retained event (retention deleted through {pruned}): re-read the current rows and start again (stale_cursor)")]
+    StaleCursor {
+        name: String,
+        cursor: String,
+        pruned: String,
+    },
+    #[error("bad stream filter: {0}")]
+    BadFilter(#[from] crate::filter::FilterError),
+    #[error("table {0} does not exist")]
+    NoSuchTable(String),
+}
+
+impl StoreError {
+    pub(crate) fn sql(operation: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
+        move |source| StoreError::Sql { operation, source }
+    }
+
+    /// A stable code for the wire.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StoreError::StreamBusy { .. } => "stream_busy",
+            StoreError::StaleCursor { .. } => "stale_cursor",
+            StoreError::NoSuchStream(_) => "not_found",
+            StoreError::StreamExists(_) => "conflict",
+            StoreError::InvalidStreamName(_) | StoreError::NoSuchTable(_) => "bad_request",
+            StoreError::BadFilter(_) => "bad_filter",
+            _ => "internal",
+        }
+    }
+
+    /// Whether retrying later can help (connection trouble).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Sql { source, .. } => source.is_closed() || source.code().is_none(),
+            StoreError::Connect(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Appends to the log. One writer per source at a time (the pipeline that owns the slot).
+pub trait LogWriter: Send {
+    /// The commit LSN through which the source's transactions are in the log.
+    fn progress(&mut self) -> impl Future<Output = Result<Option<Lsn>, StoreError>> + Send;
+
+    /// Adds events to the open batch (opening it when needed): neither durable nor visible
+    /// until [`LogWriter::commit`].
+    fn write(&mut self, events: &[Event]) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Makes the batch durable together with the progress mark, atomically, and wakes
+    /// readers. `through` is the commit LSN of the last complete transaction in the batch.
+    fn commit(&mut self, through: Lsn) -> impl Future<Output = Result<(), StoreError>> + Send;
+}

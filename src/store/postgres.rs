@@ -1,0 +1,212 @@
+//! The Postgres event log.
+
+use tokio_postgres::Client;
+
+use super::{LogWriter, StoreError, MIGRATIONS};
+use crate::config::SourceConfig;
+use crate::event::Event;
+use crate::lsn::Lsn;
+
+/// The channel on which appends are announced; the payload is the source name.
+pub const NOTIFY_CHANNEL: &str = "waltap_events";
+
+/// An event log in a Postgres database (the watched one by default).
+pub struct PgLog {
+    client: Client,
+    source: String,
+    in_batch: bool,
+    // Column buffers reused between writes, so a batch costs no allocation per event
+    // beyond its JSON text.
+    lsns: Vec<i64>,
+    ordinals: Vec<i32>,
+    schemas: Vec<String>,
+    tables: Vec<String>,
+    lasts: Vec<bool>,
+    bodies: Vec<String>,
+}
+
+/// Applies the migrations that are not yet recorded, under an advisory lock so that
+/// concurrent processes do not race.
+pub async fn migrate(client: &Client) -> Result<(), StoreError> {
+    client
+        .batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS waltap;
+             CREATE TABLE IF NOT EXISTS waltap.migrations (
+                 version integer PRIMARY KEY,
+                 applied_at timestamptz NOT NULL DEFAULT now());",
+        )
+        .await
+        .map_err(StoreError::sql("create the migrations table"))?;
+    for (version, sql) in MIGRATIONS {
+        let done = client
+            .query_opt(
+                "SELECT 1 FROM waltap.migrations WHERE version = $1",
+                &[version],
+            )
+            .await
+            .map_err(StoreError::sql("read applied migrations"))?;
+        if done.is_some() {
+            continue;
+        }
+        // Explicit BEGIN/COMMIT: one migration and its record commit together.
+        let script = format!(
+            "BEGIN;
+             SELECT pg_advisory_xact_lock(7272727272);
+             {sql}
+             INSERT INTO waltap.migrations (version) VALUES ({version}) ON CONFLICT DO NOTHING;
+             COMMIT;"
+        );
+        if let Err(e) = client.batch_execute(&script).await {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(StoreError::Sql {
+                operation: "apply a migration",
+                source: e,
+            });
+        }
+        tracing::info!(version, "event log migration applied");
+    }
+    Ok(())
+}
+
+impl PgLog {
+    /// Connects to the store, applies migrations, and writes for `source` (the slot name).
+    pub async fn open(store: &SourceConfig, source: &str) -> Result<PgLog, StoreError> {
+        let client = store.connect_sql().await?;
+        migrate(&client).await?;
+        Ok(PgLog {
+            client,
+            source: source.to_owned(),
+            in_batch: false,
+            lsns: Vec::new(),
+            ordinals: Vec::new(),
+            schemas: Vec::new(),
+            tables: Vec::new(),
+            lasts: Vec::new(),
+            bodies: Vec::new(),
+        })
+    }
+
+    /// The underlying connection, for reads.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl LogWriter for PgLog {
+    async fn progress(&mut self) -> Result<Option<Lsn>, StoreError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT commit_lsn FROM waltap.progress WHERE source = $1",
+                &[&self.source],
+            )
+            .await
+            .map_err(StoreError::sql("read progress"))?;
+        Ok(row.map(|r| Lsn(r.get::<_, i64>(0) as u64)))
+    }
+
+    async fn write(&mut self, events: &[Event]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        if !self.in_batch {
+            self.client
+                .batch_execute("BEGIN")
+                .await
+                .map_err(StoreError::sql("begin a batch"))?;
+            self.in_batch = true;
+        }
+        self.lsns.clear();
+        self.ordinals.clear();
+        self.schemas.clear();
+        self.tables.clear();
+        self.lasts.clear();
+        self.bodies.clear();
+        for ev in events {
+            self.lsns.push(ev.position.commit_lsn.0 as i64);
+            self.ordinals.push(ev.position.ordinal as i32);
+            self.schemas.push(ev.schema.to_string());
+            self.tables.push(ev.table.to_string());
+            self.lasts.push(ev.tx.last);
+            self.bodies
+                .push(
+                    serde_json::to_string(ev).map_err(|source| StoreError::Serialize {
+                        position: ev.position,
+                        source,
+                    })?,
+                );
+        }
+        let result = self
+            .client
+            .execute(
+                "INSERT INTO waltap.events
+                     (source, commit_lsn, ordinal, schema_name, table_name, tx_last, event)
+                 SELECT $1, l, o, s, t, x, e::json
+                 FROM unnest($2::int8[], $3::int4[], $4::text[], $5::text[], $6::bool[], $7::text[])
+                      AS u(l, o, s, t, x, e)",
+                &[
+                    &self.source,
+                    &self.lsns,
+                    &self.ordinals,
+                    &self.schemas,
+                    &self.tables,
+                    &self.lasts,
+                    &self.bodies,
+                ],
+            )
+            .await;
+        if let Err(e) = result {
+            self.abort().await;
+            return Err(StoreError::Sql {
+                operation: "append events",
+                source: e,
+            });
+        }
+        Ok(())
+    }
+
+    async fn commit(&mut self, through: Lsn) -> Result<(), StoreError> {
+        if !self.in_batch {
+            self.client
+                .batch_execute("BEGIN")
+                .await
+                .map_err(StoreError::sql("begin a batch"))?;
+            self.in_batch = true;
+        }
+        let lsn = through.0 as i64;
+        let result = async {
+            self.client
+                .execute(
+                    "INSERT INTO waltap.progress (source, commit_lsn) VALUES ($1, $2)
+                     ON CONFLICT (source) DO UPDATE
+                     SET commit_lsn = greatest(waltap.progress.commit_lsn, excluded.commit_lsn),
+                         updated_at = now()",
+                    &[&self.source, &lsn],
+                )
+                .await?;
+            self.client
+                .execute("SELECT pg_notify($1, $2)", &[&NOTIFY_CHANNEL, &self.source])
+                .await?;
+            self.client.batch_execute("COMMIT").await
+        }
+        .await;
+        self.in_batch = false;
+        if let Err(e) = result {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+            return Err(StoreError::Sql {
+                operation: "commit a batch",
+                source: e,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl PgLog {
+    async fn abort(&mut self) {
+        if self.in_batch {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+            self.in_batch = false;
+        }
+    }
+}

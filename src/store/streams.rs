@@ -1,0 +1,1 @@
+//! Named streams over the log (see the store module doc).
