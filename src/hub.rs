@@ -271,7 +271,7 @@ impl Hub {
         if !published.iter().any(|p| p.table == table.to_string()) {
             return Err(SubscriptionError::NotPublished(table.to_string()));
         }
-        let filter = filter.unwrap_or_default().compile(&schema)?;
+        let filter = CompiledFilter::new(filter.as_ref(), &schema)?;
         let warnings = filter.warnings().to_vec();
         for w in &warnings {
             tracing::warn!(table = %table, "{w}");
