@@ -56,3 +56,8 @@ pub use error::Error;
 pub use event::{Action, Event, Identity, Position, Row, Transition};
 pub use hub::{Hub, HubConfig, Subscription, SubscriptionError, SubscriptionItem};
 pub use pipeline::{Acker, Listener, ListenerConfig};
+
+/// The README's Rust examples, compiled as doctests so they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
