@@ -324,36 +324,29 @@ async fn setup_cmd(args: SetupArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let report = setup::prepare(
-        &client,
-        &SetupOptions {
-            slot: args.source.slot.clone(),
-            publication: args.source.publication.clone(),
-            tables: args.source.tables(),
-            create_publication: true,
-            create_slot: true,
-            temporary_slot: false,
-        },
-    )
-    .await?;
-    for w in &report.warnings {
-        eprintln!("warning: {w}");
-    }
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    Ok(())
+    print_report(&client, &args.source, true).await
 }
 
 async fn status(args: SourceArgs) -> anyhow::Result<()> {
-    let source = args.source()?;
-    let client = source.connect_sql().await?;
+    let client = args.source()?.connect_sql().await?;
+    print_report(&client, &args, false).await
+}
+
+/// Runs the checks (creating what is missing when `create`) and prints the JSON report,
+/// with warnings on stderr.
+async fn print_report(
+    client: &tokio_postgres::Client,
+    args: &SourceArgs,
+    create: bool,
+) -> anyhow::Result<()> {
     let report = setup::prepare(
-        &client,
+        client,
         &SetupOptions {
             slot: args.slot.clone(),
             publication: args.publication.clone(),
             tables: args.tables(),
-            create_publication: false,
-            create_slot: false,
+            create_publication: create,
+            create_slot: create,
             temporary_slot: false,
         },
     )

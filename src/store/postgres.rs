@@ -109,13 +109,7 @@ impl LogWriter for PgLog {
         if events.is_empty() {
             return Ok(());
         }
-        if !self.in_batch {
-            self.client
-                .batch_execute("BEGIN")
-                .await
-                .map_err(StoreError::sql("begin a batch"))?;
-            self.in_batch = true;
-        }
+        self.begin().await?;
         self.lsns.clear();
         self.ordinals.clear();
         self.schemas.clear();
@@ -166,13 +160,7 @@ impl LogWriter for PgLog {
     }
 
     async fn commit(&mut self, through: Lsn) -> Result<(), StoreError> {
-        if !self.in_batch {
-            self.client
-                .batch_execute("BEGIN")
-                .await
-                .map_err(StoreError::sql("begin a batch"))?;
-            self.in_batch = true;
-        }
+        self.begin().await?;
         let lsn = through.0 as i64;
         let result = async {
             self.client
@@ -203,6 +191,18 @@ impl LogWriter for PgLog {
 }
 
 impl PgLog {
+    /// Opens the batch's store transaction unless it is open.
+    async fn begin(&mut self) -> Result<(), StoreError> {
+        if !self.in_batch {
+            self.client
+                .batch_execute("BEGIN")
+                .await
+                .map_err(StoreError::sql("begin a batch"))?;
+            self.in_batch = true;
+        }
+        Ok(())
+    }
+
     async fn abort(&mut self) {
         if self.in_batch {
             let _ = self.client.batch_execute("ROLLBACK").await;
