@@ -95,6 +95,29 @@ impl Serialize for Row {
     }
 }
 
+/// An LSN in Postgres's `X/Y` form, written without `fmt` machinery.
+struct LsnText(Lsn);
+
+impl Serialize for LsnText {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        const HEX: &[u8; 16] = b"0123456789ABCDEF";
+        let mut buf = [0u8; 17];
+        let mut len = 0;
+        for half in [(self.0 .0 >> 32) as u32, self.0 .0 as u32] {
+            if len > 0 {
+                buf[len] = b'/';
+                len += 1;
+            }
+            let digits = (8 - half.leading_zeros() as usize / 4).max(1);
+            for i in (0..digits).rev() {
+                buf[len] = HEX[((half >> (4 * i)) & 0xF) as usize];
+                len += 1;
+            }
+        }
+        s.serialize_str(std::str::from_utf8(&buf[..len]).unwrap_or_default())
+    }
+}
+
 /// The transaction an event belongs to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TxInfo {
@@ -115,8 +138,12 @@ impl Serialize for TxInfo {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut map = s.serialize_map(None)?;
         map.serialize_entry("id", &self.xid)?;
-        map.serialize_entry("commitLsn", &format_args!("{}", self.commit_lsn))?;
-        map.serialize_entry("committedAt", &rfc3339_micros(self.committed_at))?;
+        map.serialize_entry("commitLsn", &LsnText(self.commit_lsn))?;
+        let mut buf = [0u8; time::RFC3339_LEN];
+        match time::rfc3339_micros_into(self.committed_at, &mut buf) {
+            Some(text) => map.serialize_entry("committedAt", text)?,
+            None => map.serialize_entry("committedAt", &rfc3339_micros(self.committed_at))?,
+        }
         map.serialize_entry("index", &self.index)?;
         if let Some(total) = self.total {
             map.serialize_entry("total", &total)?;
@@ -218,7 +245,8 @@ impl<R> Event<R> {
 impl<R: Serialize> Serialize for Event<R> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut map = s.serialize_map(None)?;
-        map.serialize_entry("id", &self.id.to_string())?;
+        let mut id = [0u8; ulid::ULID_LEN];
+        map.serialize_entry("id", &*self.id.array_to_str(&mut id))?;
         map.serialize_entry("position", &self.position)?;
         map.serialize_entry("action", &self.action)?;
         map.serialize_entry("schema", &*self.schema)?;
@@ -319,5 +347,27 @@ impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Event<T> {
                 annotations: w.tx.annotations.map(Arc::new),
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_text_matches_display() {
+        for v in [
+            0u64,
+            1,
+            0xF,
+            0x10,
+            0x16_B374_D848,
+            0xFFFF_FFFF,
+            1 << 32,
+            u64::MAX,
+        ] {
+            let json = serde_json::to_string(&LsnText(Lsn(v))).unwrap_or_default();
+            assert_eq!(json, format!("\"{}\"", Lsn(v)));
+        }
     }
 }

@@ -27,6 +27,30 @@ impl Position {
     }
 }
 
+/// Length of a position's text form.
+pub const POSITION_LEN: usize = 27;
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+impl Position {
+    /// Writes the text form into `buf` without going through `fmt` (this runs for every
+    /// event delivered).
+    pub fn encode<'a>(&self, buf: &'a mut [u8; POSITION_LEN]) -> &'a str {
+        let lsn = self.commit_lsn.0;
+        for (i, b) in buf[..16].iter_mut().enumerate() {
+            *b = HEX[((lsn >> (60 - 4 * i)) & 0xF) as usize];
+        }
+        buf[16] = b'-';
+        let mut n = self.ordinal;
+        for b in buf[17..].iter_mut().rev() {
+            *b = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        // Only ASCII digits, hex letters and a dash were written.
+        std::str::from_utf8(buf).unwrap_or_default()
+    }
+}
+
 impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:016X}-{:010}", self.commit_lsn.0, self.ordinal)
@@ -56,7 +80,8 @@ impl FromStr for Position {
 
 impl Serialize for Position {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        let mut buf = [0u8; POSITION_LEN];
+        s.serialize_str(self.encode(&mut buf))
     }
 }
 
@@ -75,6 +100,14 @@ mod tests {
     fn text_order_is_position_order() {
         let a = Position::new(Lsn(0x16B3748), 2);
         assert_eq!(a.to_string(), "00000000016B3748-0000000002");
+        let mut buf = [0u8; POSITION_LEN];
+        for p in [
+            a,
+            Position::new(Lsn(u64::MAX), u32::MAX),
+            Position::new(Lsn(0), 0),
+        ] {
+            assert_eq!(p.encode(&mut buf), p.to_string());
+        }
         assert_eq!(a.to_string().parse::<Position>(), Ok(a));
         let ps = [
             Position::new(Lsn(1), 0),

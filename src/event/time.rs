@@ -3,6 +3,43 @@
 /// Days from 1970-01-01 to 2000-01-01.
 const PG_EPOCH_DAYS: i64 = 10_957;
 
+/// Length of [`rfc3339_micros`]'s output for years 0 to 9999.
+pub const RFC3339_LEN: usize = 27;
+
+/// As [`rfc3339_micros`], into a stack buffer; None for years outside 0..=9999 (callers
+/// fall back to the allocating form). This runs for every event delivered.
+pub fn rfc3339_micros_into(pg_micros: i64, buf: &mut [u8; RFC3339_LEN]) -> Option<&str> {
+    let micros_per_day = 86_400_000_000i64;
+    let days = pg_micros.div_euclid(micros_per_day) + PG_EPOCH_DAYS;
+    let rem = pg_micros.rem_euclid(micros_per_day);
+    let (y, m, d) = civil_from_days(days);
+    if !(0..=9999).contains(&y) {
+        return None;
+    }
+    let secs = rem / 1_000_000;
+    let put = |buf: &mut [u8; RFC3339_LEN], at: usize, width: usize, mut v: i64| {
+        for i in (at..at + width).rev() {
+            buf[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(buf, 0, 4, y);
+    buf[4] = b'-';
+    put(buf, 5, 2, i64::from(m));
+    buf[7] = b'-';
+    put(buf, 8, 2, i64::from(d));
+    buf[10] = b'T';
+    put(buf, 11, 2, secs / 3600);
+    buf[13] = b':';
+    put(buf, 14, 2, (secs / 60) % 60);
+    buf[16] = b':';
+    put(buf, 17, 2, secs % 60);
+    buf[19] = b'.';
+    put(buf, 20, 6, rem % 1_000_000);
+    buf[26] = b'Z';
+    std::str::from_utf8(buf).ok()
+}
+
 /// Formats µs since 2000-01-01 UTC as `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
 pub fn rfc3339_micros(pg_micros: i64) -> String {
     let micros_per_day = 86_400_000_000i64;
