@@ -24,6 +24,7 @@ use crate::error::Error;
 use crate::event::{Event, Position};
 use crate::lsn::Lsn;
 use crate::pipeline::{Listener, ListenerConfig};
+use crate::store::retention::{self, Retention};
 use crate::store::{LogWriter, PgLog, StoreError};
 
 /// Settings of the persisted pipeline.
@@ -36,6 +37,8 @@ pub struct AppenderConfig {
     pub max_batch_delay: Duration,
     /// Events per INSERT inside a batch.
     pub chunk_events: usize,
+    /// Deletes old events of this source periodically, beside the appending.
+    pub retention: Option<Retention>,
 }
 
 impl AppenderConfig {
@@ -46,6 +49,7 @@ impl AppenderConfig {
             max_batch_events: 20_000,
             max_batch_delay: Duration::from_millis(200),
             chunk_events: 2_000,
+            retention: None,
         }
     }
 }
@@ -69,11 +73,31 @@ impl AppendError {
 }
 
 /// Runs until cancelled, retrying transient failures with backoff; returns the definite
-/// error that stopped it, if any.
+/// error that stopped it, if any. Retention, when configured, runs beside it and stops
+/// with it.
 pub async fn run(config: AppenderConfig, cancel: CancellationToken) -> Result<(), AppendError> {
+    let retention = config.retention.map(|policy| {
+        let stop = cancel.child_token();
+        let task = tokio::spawn(retention::run(
+            config.store.clone(),
+            config.listener.slot.clone(),
+            policy,
+            stop.clone(),
+        ));
+        (stop, task)
+    });
+    let result = append(&config, &cancel).await;
+    if let Some((stop, task)) = retention {
+        stop.cancel();
+        let _ = task.await;
+    }
+    result
+}
+
+async fn append(config: &AppenderConfig, cancel: &CancellationToken) -> Result<(), AppendError> {
     let mut backoff = config.listener.reconnect_min;
     loop {
-        match run_once(&config, &cancel).await {
+        match run_once(config, cancel, &mut backoff).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() => {
                 tracing::warn!(slot = %config.listener.slot, error = %e, retry_in = ?backoff, "pipeline interrupted; restarting");
@@ -97,7 +121,14 @@ struct Batch {
     complete: Option<(Lsn, Position)>,
 }
 
-async fn run_once(config: &AppenderConfig, cancel: &CancellationToken) -> Result<(), AppendError> {
+/// One session: open the log, start the listener, append until cancelled or an error.
+/// `backoff` goes back to its minimum once the session has appended something, so that
+/// each outage starts from a short wait.
+async fn run_once(
+    config: &AppenderConfig,
+    cancel: &CancellationToken,
+    backoff: &mut Duration,
+) -> Result<(), AppendError> {
     let mut log = PgLog::open(&config.store, &config.listener.slot).await?;
     let mut stored = log.progress().await?.unwrap_or(Lsn::ZERO);
     let mut listener = Listener::start(config.listener.clone()).await?;
@@ -159,6 +190,7 @@ async fn run_once(config: &AppenderConfig, cancel: &CancellationToken) -> Result
             Ok(Some((lsn, position))) => {
                 stored = lsn;
                 listener.ack(position);
+                *backoff = config.listener.reconnect_min;
             }
             Ok(None) => {}
             Err(e) => break Err(e.into()),

@@ -9,7 +9,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
 use tokio_postgres::config::Host;
+use tokio_postgres::{AsyncMessage, Notification};
 
 use crate::tls::{self, TlsError};
 
@@ -174,6 +177,25 @@ impl SourceConfig {
 
     /// Opens an ordinary SQL connection and drives it on a background task.
     pub async fn connect_sql(&self) -> Result<tokio_postgres::Client, SqlConnectError> {
+        self.connect_driven(None).await
+    }
+
+    /// As [`SourceConfig::connect_sql`], and hands over the connection's notifications
+    /// (`LISTEN`). They are wake-up calls: when the receiver falls 16 behind, newer ones
+    /// are dropped, since one pending wake-up already makes the reader look again. The
+    /// receiver ends when the connection does.
+    pub async fn connect_sql_listening(
+        &self,
+    ) -> Result<(tokio_postgres::Client, mpsc::Receiver<Notification>), SqlConnectError> {
+        let (tx, rx) = mpsc::channel(16);
+        let client = self.connect_driven(Some(tx)).await?;
+        Ok((client, rx))
+    }
+
+    async fn connect_driven(
+        &self,
+        notifications: Option<mpsc::Sender<Notification>>,
+    ) -> Result<tokio_postgres::Client, SqlConnectError> {
         let mut pg = self.pg.clone();
         if pg.get_application_name().is_none() {
             pg.application_name("waltap");
@@ -186,12 +208,12 @@ impl SourceConfig {
             Some(cfg) => {
                 let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*cfg).clone());
                 let (client, conn) = pg.connect(connector).await.map_err(fail)?;
-                tokio::spawn(drive(conn));
+                tokio::spawn(drive(conn, notifications));
                 client
             }
             None => {
                 let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(fail)?;
-                tokio::spawn(drive(conn));
+                tokio::spawn(drive(conn, notifications));
                 client
             }
         };
@@ -199,9 +221,27 @@ impl SourceConfig {
     }
 }
 
-async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(conn: F) {
-    if let Err(e) = conn.await {
-        tracing::debug!(error = %e, "SQL connection closed");
+async fn drive<S, T>(
+    mut conn: tokio_postgres::Connection<S, T>,
+    notifications: Option<mpsc::Sender<Notification>>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            Some(Ok(AsyncMessage::Notification(n))) => {
+                if let Some(tx) = &notifications {
+                    let _ = tx.try_send(n);
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "SQL connection closed");
+                return;
+            }
+            None => return,
+        }
     }
 }
 

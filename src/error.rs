@@ -3,7 +3,7 @@
 use crate::config::{ConfigError, SqlConnectError};
 use crate::event::EventError;
 use crate::pgoutput::DecodeError;
-use crate::replication::ReplicationError;
+use crate::replication::{pg_error_is_transient, ReplicationError};
 use crate::setup::SetupError;
 
 /// Anything that stops a listener.
@@ -43,8 +43,10 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Replication(e) => e.is_transient(),
-            Error::Sql(e) => e.is_closed() || e.code().is_none(),
-            Error::SqlConnect(SqlConnectError::Postgres { source, .. }) => source.code().is_none(),
+            Error::Sql(e) | Error::Setup(SetupError::Sql(e)) => pg_error_is_transient(e),
+            Error::SqlConnect(SqlConnectError::Postgres { source, .. }) => {
+                pg_error_is_transient(source)
+            }
             _ => false,
         }
     }

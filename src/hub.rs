@@ -57,7 +57,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog;
 use crate::error::Error;
-use crate::event::{Action, Event, Position, TableName};
+use crate::event::{Action, Event, Position, Row, TableName};
 use crate::filter::{CompiledFilter, Decision, Filter, FilterError};
 use crate::pipeline::{Listener, ListenerConfig};
 
@@ -67,6 +67,9 @@ pub struct HubConfig {
     pub listener: ListenerConfig,
     /// Events queued per subscriber before it counts as lagging.
     pub subscriber_queue: usize,
+    /// Hold events back until [`Hub::resume`], so subscribers made meanwhile see a
+    /// backlog from its start (catch-up measurements, controlled start-up).
+    pub start_paused: bool,
 }
 
 impl HubConfig {
@@ -74,6 +77,7 @@ impl HubConfig {
         HubConfig {
             listener,
             subscriber_queue: 1024,
+            start_paused: false,
         }
     }
 }
@@ -134,76 +138,103 @@ struct Subscriber {
     done: bool,
 }
 
-/// One consumer's view of the change stream: its table and filter applied, and each
-/// transaction's `index`/`total`/`last` renumbered over the events it receives.
-pub struct FilteredView {
-    table: TableName,
-    filter: CompiledFilter,
+/// One consumer's view of the change stream: its tables and their filters applied, and
+/// each transaction's `index`/`total`/`last` renumbered over the events it receives.
+///
+/// `R` is the row type of the events it passes on: [`Row`] for live events, which
+/// [`FilteredView::push`] filters itself; any other (e.g. the JSON rows of the event log)
+/// through [`FilteredView::push_decided`], where the caller has applied
+/// [`FilteredView::filter_for`].
+pub struct FilteredView<R = Row> {
+    tables: Vec<(TableName, CompiledFilter)>,
     /// This consumer's events of the open transaction (only when its total is known,
     /// which bounds them by the listener's `max_buffered_events`).
-    pending: Vec<Event>,
+    pending: Vec<Event<R>>,
     /// Of a transaction too large to count: the newest event, held until the next one (or
     /// the end of the transaction) tells whether it is the last.
-    held: Option<Event>,
+    held: Option<Event<R>>,
     next_index: u32,
 }
 
-impl FilteredView {
+impl<R> FilteredView<R> {
+    /// One table and its filter.
     pub fn new(table: TableName, filter: CompiledFilter) -> Self {
+        FilteredView::for_tables(vec![(table, filter)])
+    }
+
+    /// A set of tables, each with its own filter; events of other tables are skipped.
+    pub fn for_tables(tables: Vec<(TableName, CompiledFilter)>) -> Self {
         FilteredView {
-            table,
-            filter,
+            tables,
             pending: Vec::new(),
             held: None,
             next_index: 0,
         }
     }
 
-    /// The compiled filter (for its warnings and single-row property).
-    pub fn filter(&self) -> &CompiledFilter {
-        &self.filter
+    /// The filter of `schema.table`, or `None` when the table is not in the view.
+    pub fn filter_for(&self, schema: &str, table: &str) -> Option<&CompiledFilter> {
+        self.tables
+            .iter()
+            .find(|(t, _)| t.schema == schema && t.table == table)
+            .map(|(_, f)| f)
     }
 
-    /// Feeds the next event of the listener's stream; appends to `out` the events this
-    /// consumer may now receive, in order and renumbered.
-    pub fn push(&mut self, ev: &Event, out: &mut Vec<Event>) {
-        let end = ev.tx.last;
-        let counted = ev.tx.total.is_some();
-        if let Some(mine) = self.matching(ev) {
-            if counted {
+    /// True when the view is one table whose filter pins one row by its whole primary key.
+    pub fn single_row_key(&self) -> bool {
+        matches!(self.tables.as_slice(), [(_, f)] if f.single_row_key())
+    }
+
+    /// True while events of an open transaction are held back, waiting for its end.
+    pub fn holds_events(&self) -> bool {
+        !self.pending.is_empty() || self.held.is_some()
+    }
+
+    /// Feeds the next event of the source's stream, already decided: `mine` is the event
+    /// as this consumer receives it (transition set), `None` when it is skipped, and
+    /// `tx_last` tells whether the source event ended its transaction. Appends to `out`
+    /// the events this consumer may now receive, in order and renumbered.
+    pub fn push_decided(&mut self, mine: Option<Event<R>>, tx_last: bool, out: &mut Vec<Event<R>>) {
+        if let Some(mut mine) = mine {
+            if mine.tx.total.is_some() {
                 self.pending.push(mine);
             } else {
-                let mut mine = mine;
                 mine.tx.index = self.next_index;
-                mine.tx.total = None;
                 mine.tx.last = false;
                 self.next_index += 1;
                 out.extend(self.held.replace(mine));
             }
         }
-        if !end {
+        if !tx_last {
             return;
         }
-        if counted {
-            let total = self.pending.len() as u32;
-            for (i, mut e) in self.pending.drain(..).enumerate() {
-                e.tx.index = i as u32;
-                e.tx.total = Some(total);
-                e.tx.last = i as u32 + 1 == total;
-                out.push(e);
-            }
-        } else if let Some(mut last) = self.held.take() {
+        // A transaction is counted for all its events or for none, so at most one of
+        // `pending` and `held` has anything.
+        let total = self.pending.len() as u32;
+        for (i, mut e) in self.pending.drain(..).enumerate() {
+            e.tx.index = i as u32;
+            e.tx.total = Some(total);
+            e.tx.last = i as u32 + 1 == total;
+            out.push(e);
+        }
+        if let Some(mut last) = self.held.take() {
             last.tx.last = true;
             out.push(last);
         }
         self.next_index = 0;
     }
+}
+
+impl FilteredView<Row> {
+    /// Feeds the next event of the listener's stream; appends to `out` the events this
+    /// consumer may now receive, in order and renumbered.
+    pub fn push(&mut self, ev: &Event, out: &mut Vec<Event>) {
+        let mine = self.matching(ev);
+        self.push_decided(mine, ev.tx.last, out);
+    }
 
     fn matching(&self, ev: &Event) -> Option<Event> {
-        if *ev.schema != *self.table.schema || *ev.table != *self.table.table {
-            return None;
-        }
-        match self.filter.evaluate(ev) {
+        match self.filter_for(&ev.schema, &ev.table)?.evaluate(ev) {
             Decision::Skip => None,
             Decision::Deliver { transition } => {
                 let mut ev = ev.clone();
@@ -215,6 +246,8 @@ impl FilteredView {
 }
 
 enum Command {
+    /// Start handing out events (see [`HubConfig::start_paused`]).
+    Resume,
     Subscribe(Box<Subscriber>, oneshot::Sender<()>),
     /// The subscription was dropped: free its queue now, not at the next event.
     Gone(u64),
@@ -224,6 +257,8 @@ enum Command {
 pub struct Hub {
     commands: mpsc::Sender<Command>,
     source: crate::config::SourceConfig,
+    /// One catalog connection for all subscribe calls, reopened when it breaks.
+    catalog: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
     publication: String,
     queue: usize,
     cancel: CancellationToken,
@@ -239,10 +274,11 @@ impl Hub {
         let listener = Listener::start(config.listener).await?;
         let (commands, rx) = mpsc::channel(64);
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(run(listener, rx, cancel.clone()));
+        let task = tokio::spawn(run(listener, rx, cancel.clone(), config.start_paused));
         Ok(Hub {
             commands,
             source,
+            catalog: tokio::sync::Mutex::new(None),
             publication,
             queue: config.subscriber_queue.max(1),
             cancel,
@@ -260,14 +296,21 @@ impl Hub {
         filter: Option<Filter>,
     ) -> Result<Subscription, SubscriptionError> {
         let table = TableName::parse(table);
-        let client = self.source.connect_sql().await.map_err(Error::from)?;
-        let schema = catalog::table_schema(&client, &table)
+        let mut guard = self.catalog.lock().await;
+        if guard.as_ref().is_none_or(|c| c.is_closed()) {
+            *guard = Some(self.source.connect_sql().await.map_err(Error::from)?);
+        }
+        let Some(client) = guard.as_ref() else {
+            return Err(SubscriptionError::HubStopped);
+        };
+        let schema = catalog::table_schema(client, &table)
             .await
             .map_err(Error::from)?
             .ok_or_else(|| SubscriptionError::NoSuchTable(table.to_string()))?;
-        let published = crate::setup::published_tables(&client, &self.publication)
+        let published = crate::setup::published_tables(client, &self.publication)
             .await
             .map_err(Error::from)?;
+        drop(guard);
         if !published.iter().any(|p| p.table == table.to_string()) {
             return Err(SubscriptionError::NotPublished(table.to_string()));
         }
@@ -301,6 +344,14 @@ impl Hub {
             id,
             commands: self.commands.clone(),
         })
+    }
+
+    /// Lets a hub started paused hand out events.
+    pub async fn resume(&self) -> Result<(), SubscriptionError> {
+        self.commands
+            .send(Command::Resume)
+            .await
+            .map_err(|_| SubscriptionError::HubStopped)
     }
 
     /// Stops the hub and its listener.
@@ -374,6 +425,7 @@ async fn run(
     mut listener: Listener,
     mut commands: mpsc::Receiver<Command>,
     cancel: CancellationToken,
+    mut paused: bool,
 ) {
     let mut subs: Vec<Subscriber> = Vec::new();
     let mut waiting: Vec<(Box<Subscriber>, oneshot::Sender<()>)> = Vec::new();
@@ -398,13 +450,14 @@ async fn run(
             _ = cancel.cancelled() => break,
             cmd = commands.recv() => match cmd {
                 Some(Command::Subscribe(sub, joined)) => waiting.push((sub, joined)),
+                Some(Command::Resume) => paused = false,
                 Some(Command::Gone(id)) => {
                     subs.retain(|s| s.id != id);
                     waiting.retain(|(s, _)| s.id != id);
                 }
                 None => break,
             },
-            item = listener.next() => match item {
+            item = listener.next(), if !paused => match item {
                 None => break,
                 Some(Err(e)) => {
                     let e = Arc::new(e);
@@ -437,7 +490,7 @@ fn offer(sub: &mut Subscriber, ev: Event) {
     if sub.done {
         return;
     }
-    let ends_subscription = sub.view.filter().single_row_key() && ev.action == Action::Delete;
+    let ends_subscription = sub.view.single_row_key() && ev.action == Action::Delete;
     match sub.tx.try_send(Ok(SubscriptionItem::Event(ev))) {
         Ok(()) => {
             if ends_subscription {

@@ -5,9 +5,11 @@
 
 mod bench_smoke;
 mod cli;
+mod crash;
 mod events;
 mod harness_smoke;
 mod listener;
 mod protocol;
+mod streams;
 mod subscribe;
 mod support;

@@ -46,15 +46,46 @@ pub enum Contender {
     WaltapTail,
     /// [`Listener`] in this process, with a consumer that counts and acknowledges.
     WaltapListener,
+    /// The persisted path in this process: `waltap run`'s appender filling the event log.
+    WaltapPersisted,
+    /// A [`Hub`] in this process with 1, 100 or 1000 subscribers whose filters split the
+    /// key space, so every event reaches exactly one of them.
+    WaltapFanout1,
+    WaltapFanout100,
+    WaltapFanout1000,
 }
 
 impl Contender {
-    pub const ALL: [Contender; 4] = [
+    pub const ALL: [Contender; 8] = [
         Contender::RecvlogicalPgoutput,
         Contender::RecvlogicalTestDecoding,
         Contender::WaltapTail,
         Contender::WaltapListener,
+        Contender::WaltapPersisted,
+        Contender::WaltapFanout1,
+        Contender::WaltapFanout100,
+        Contender::WaltapFanout1000,
     ];
+
+    /// Whether the latency phase measures it (the catch-up-only paths are skipped there).
+    pub fn measures_latency(self) -> bool {
+        !matches!(
+            self,
+            Contender::WaltapPersisted
+                | Contender::WaltapFanout1
+                | Contender::WaltapFanout100
+                | Contender::WaltapFanout1000
+        )
+    }
+
+    fn subscribers(self) -> Option<u64> {
+        match self {
+            Contender::WaltapFanout1 => Some(1),
+            Contender::WaltapFanout100 => Some(100),
+            Contender::WaltapFanout1000 => Some(1000),
+            _ => None,
+        }
+    }
 
     /// The name on the command line and in JSON.
     pub fn key(self) -> &'static str {
@@ -63,6 +94,10 @@ impl Contender {
             Contender::RecvlogicalTestDecoding => "recvlogical-test-decoding",
             Contender::WaltapTail => "waltap-tail",
             Contender::WaltapListener => "waltap-listener",
+            Contender::WaltapPersisted => "waltap-persisted",
+            Contender::WaltapFanout1 => "waltap-fanout-1",
+            Contender::WaltapFanout100 => "waltap-fanout-100",
+            Contender::WaltapFanout1000 => "waltap-fanout-1000",
         }
     }
 
@@ -77,6 +112,10 @@ impl Contender {
             Contender::RecvlogicalTestDecoding => "pg_recvlogical, test_decoding",
             Contender::WaltapTail => "waltap tail > /dev/null",
             Contender::WaltapListener => "waltap Listener (in-process)",
+            Contender::WaltapPersisted => "waltap run: appended to the event log",
+            Contender::WaltapFanout1 => "waltap subscribe, 1 filtered subscriber",
+            Contender::WaltapFanout100 => "waltap subscribe, 100 filtered subscribers",
+            Contender::WaltapFanout1000 => "waltap subscribe, 1000 filtered subscribers",
         }
     }
 
@@ -133,6 +172,8 @@ pub struct Slot<'a> {
     pub name: String,
     pub publication: &'a str,
     pub observer: &'a Client,
+    /// A connection to the slot's own database (where the event log is written).
+    pub observer_db: &'a Client,
 }
 
 /// One catch-up run. The wall time runs from spawning the child (or calling
@@ -173,6 +214,13 @@ pub async fn catch_up(
 ) -> anyhow::Result<Measurement> {
     let args = match c {
         Contender::WaltapListener => return listener_catch_up(tools, slot, events, timeout).await,
+        Contender::WaltapPersisted => {
+            return in_process(tools, slot, events, timeout, persisted_run(slot, events)).await
+        }
+        Contender::WaltapFanout1 | Contender::WaltapFanout100 | Contender::WaltapFanout1000 => {
+            let n = c.subscribers().unwrap_or(1);
+            return in_process(tools, slot, events, timeout, fanout_run(slot, events, n)).await;
+        }
         Contender::WaltapTail => tail_args(slot, Some(events)),
         _ => recvlogical_args(c, slot, Some(endpos)),
     };
@@ -412,13 +460,9 @@ async fn listener_catch_up(
     events: u64,
     timeout: Duration,
 ) -> anyhow::Result<Measurement> {
-    let own_peak = reset_peak_rss();
-    let cpu_before = cpu_ticks(Proc::This);
-    let start = Instant::now();
-    let mut listener = Listener::start(listener_config(slot)?).await?;
-    let walsender = walsender_pid(slot.observer, &slot.name).await?;
-    let mut seen = 0;
-    tokio::time::timeout(timeout, async {
+    let work = async {
+        let mut listener = Listener::start(listener_config(slot)?).await?;
+        let mut seen = 0;
         while seen < events {
             let event = listener
                 .next()
@@ -427,13 +471,48 @@ async fn listener_catch_up(
             seen += 1;
             listener.ack(event.position);
         }
+        listener.shutdown().await;
         anyhow::Ok(())
+    };
+    in_process(tools, slot, events, timeout, work).await
+}
+
+/// Measures an in-process path: `work` runs until every event is handled.
+async fn in_process(
+    tools: &Tools,
+    slot: &Slot<'_>,
+    events: u64,
+    timeout: Duration,
+    work: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<Measurement> {
+    let own_peak = reset_peak_rss();
+    let cpu_before = cpu_ticks(Proc::This);
+    let start = Instant::now();
+    let walsender = std::sync::Arc::new(Mutex::new(None));
+    let watch = {
+        let walsender = walsender.clone();
+        async move {
+            loop {
+                // The walsender appears once the path has started; its CPU is read at the end.
+                if let Ok(Some(pid)) = walsender_pid(slot.observer, &slot.name).await {
+                    *walsender.lock().unwrap_or_else(|e| e.into_inner()) = Some(pid);
+                }
+                tokio::time::sleep(POLL * 10).await;
+            }
+        }
+    };
+    let mut walsender_ticks = None;
+    tokio::time::timeout(timeout, async {
+        tokio::select! {
+            r = work => r,
+            () = watch => Err(anyhow!("the walsender watch ended")),
+        }
     })
     .await
-    .map_err(|_| anyhow!("{seen} of {events} events within {timeout:?}"))??;
-    // Read before shutdown: the walsender exits with the connection.
-    let walsender_ticks = walsender.and_then(|pid| cpu_ticks(Proc::Pid(pid)));
-    listener.shutdown().await;
+    .map_err(|_| anyhow!("{events} events not handled within {timeout:?}"))??;
+    if let Some(pid) = *walsender.lock().unwrap_or_else(|e| e.into_inner()) {
+        walsender_ticks = cpu_ticks(Proc::Pid(pid));
+    }
     let wall_secs = start.elapsed().as_secs_f64();
     let client_ticks = cpu_before.and_then(|b| Some(cpu_ticks(Proc::This)?.saturating_sub(b)));
     Ok(Measurement {
@@ -441,9 +520,79 @@ async fn listener_catch_up(
         wall_secs,
         client_cpu_secs: tools.cpu_secs(client_ticks),
         walsender_cpu_secs: tools.cpu_secs(walsender_ticks),
-        // Without the reset the peak would be this whole process's, not the run's.
         peak_rss_kib: peak_rss_kib(Proc::This).filter(|_| own_peak),
     })
+}
+
+/// The appender fills the log until it holds all `events` of this slot.
+async fn persisted_run(slot: &Slot<'_>, events: u64) -> anyhow::Result<()> {
+    let config = crate::appender::AppenderConfig::new(listener_config(slot)?);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(crate::appender::run(config, cancel.clone()));
+    let count = async {
+        loop {
+            // The log table exists once the appender has migrated.
+            let n: i64 = match slot
+                .observer_db
+                .query_one(
+                    "SELECT count(*) FROM waltap.events WHERE source = $1",
+                    &[&slot.name],
+                )
+                .await
+            {
+                Ok(row) => row.get(0),
+                Err(_) => 0,
+            };
+            if n as u64 >= events {
+                return;
+            }
+            tokio::time::sleep(POLL * 4).await;
+        }
+    };
+    count.await;
+    cancel.cancel();
+    task.await??;
+    Ok(())
+}
+
+/// A hub with `n` subscribers whose `where` filters split the id range, each drained by
+/// its own task, until all `events` were delivered.
+async fn fanout_run(slot: &Slot<'_>, events: u64, n: u64) -> anyhow::Result<()> {
+    let mut config = crate::hub::HubConfig::new(listener_config(slot)?);
+    config.subscriber_queue = 100_000;
+    // The backlog is already in the slot: it must wait for every subscriber.
+    config.start_paused = true;
+    let hub = crate::hub::Hub::start(config).await?;
+    let span = (workload::Shape::new(events).inserts / n).max(1) + 1;
+    let delivered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let done = std::sync::Arc::new(tokio::sync::Notify::new());
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let filter: crate::filter::Filter = serde_json::from_value(serde_json::json!({
+            "where": {"id": {"gte": i * span, "lt": (i + 1) * span}}
+        }))?;
+        let mut sub = hub.subscribe(workload::TABLE, Some(filter)).await?;
+        let delivered = delivered.clone();
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(item) = sub.next().await {
+                if let Ok(crate::hub::SubscriptionItem::Event(_)) = item {
+                    if delivered.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 >= events {
+                        done.notify_one();
+                    }
+                }
+            }
+        }));
+    }
+    hub.resume().await?;
+    while delivered.load(std::sync::atomic::Ordering::Relaxed) < events {
+        done.notified().await;
+    }
+    hub.shutdown().await;
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(())
 }
 
 /// Writes paced single-row commits, then waits for the consumer to have seen them all.

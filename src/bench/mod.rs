@@ -48,10 +48,7 @@ const PUBLICATION: &str = "bench_pub";
 const IDENTITIES: [Identity; 2] = [Identity::Default, Identity::Full];
 
 /// Paths issue 9 asks about that have no contender yet; the report lists them as absent.
-const NOT_YET_AVAILABLE: [(&str, &str); 2] = [
-    ("persisted path", "not yet available (no contender yet)"),
-    ("subscribe fan-out", "not yet available (no contender yet)"),
-];
+const NOT_YET_AVAILABLE: [(&str, &str); 0] = [];
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -281,6 +278,7 @@ async fn catch_up_phase(
                 name: slot_name(c, run),
                 publication: PUBLICATION,
                 observer: admin,
+                observer_db: &client,
             };
             let m = contender::catch_up(
                 tools,
@@ -347,12 +345,13 @@ async fn latency_phase(
         duration: config.latency_duration,
     };
     let mut results = Vec::new();
-    for &c in contenders {
+    for &c in contenders.iter().filter(|c| c.measures_latency()) {
         let slot = Slot {
             url: &url,
             name: c.slot_name("latency"),
             publication: PUBLICATION,
             observer: admin,
+            observer_db: &writer,
         };
         create_slot(&writer, &slot.name, c.plugin()).await?;
         eprintln!(

@@ -57,6 +57,15 @@ pub struct RunArgs {
     /// Fail instead of creating a missing publication or slot.
     #[arg(long)]
     pub no_create: bool,
+    /// Delete events appended longer ago than this (e.g. 7d, 12h, 30m).
+    #[arg(long, env = "WALTAP_RETENTION_AGE", value_parser = crate::store::retention::parse_age)]
+    pub retention_age: Option<std::time::Duration>,
+    /// Delete the oldest events while this source's events take more than this (e.g. 10GB).
+    #[arg(long, env = "WALTAP_RETENTION_BYTES", value_parser = crate::store::retention::parse_bytes)]
+    pub retention_bytes: Option<u64>,
+    /// How often retention runs.
+    #[arg(long, default_value = "1m", value_parser = crate::store::retention::parse_age)]
+    pub retention_interval: std::time::Duration,
 }
 
 /// Where to read from.
@@ -151,6 +160,13 @@ async fn run_pipeline(args: RunArgs) -> anyhow::Result<()> {
     let mut config = crate::appender::AppenderConfig::new(listener);
     if let Some(url) = &args.store_url {
         config.store = SourceConfig::parse(url)?;
+    }
+    if args.retention_age.is_some() || args.retention_bytes.is_some() {
+        config.retention = Some(crate::store::retention::Retention {
+            max_age: args.retention_age,
+            max_bytes: args.retention_bytes,
+            interval: args.retention_interval,
+        });
     }
     let cancel = tokio_util::sync::CancellationToken::new();
     let stop = cancel.clone();

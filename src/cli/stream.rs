@@ -1,11 +1,220 @@
-//! `waltap stream create|list|delete|tail`: persisted streams from the command line.
+//! `waltap stream create|list|delete|reset|tail`: persisted streams from the command line.
+//!
+//! Management output is JSON on stdout; `tail` prints events as JSON lines and
+//! acknowledges them once stdout has taken them (at-least-once: a rerun continues after
+//! the last acknowledged event).
 
-use clap::Subcommand;
+use std::io::Write;
+
+use clap::{Args, Subcommand};
+use futures::{FutureExt, StreamExt};
+
+use super::{shutdown_signal, stdout_closed, DEFAULT_DATABASE_URL};
+use crate::config::SourceConfig;
+use crate::filter::Filter;
+use crate::store::streams::{self, OpenOptions, StreamConsumer, StreamDef};
 
 /// Manage and consume persisted streams.
 #[derive(Debug, Subcommand)]
-pub enum StreamCommand {}
+pub enum StreamCommand {
+    /// Make a stream that delivers the changes appended from now on.
+    Create(CreateArgs),
+    /// Print the streams as JSON: tables, filter, cursor, lease, backlog.
+    List(ListArgs),
+    /// Delete a stream.
+    Delete(NameArgs),
+    /// Move a stream's cursor to the log head (after a stale_cursor error, once the
+    /// current rows are re-read).
+    Reset(NameArgs),
+    /// Print a stream's events from its cursor as JSON lines, acknowledging what was
+    /// printed.
+    Tail(TailArgs),
+}
+
+/// Where the log is, and which source's events.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// The watched database (libpq-style URL); also the store unless --store-url is given.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
+    pub database_url: String,
+    /// Where the event log lives (default: the watched database).
+    #[arg(long, env = "WALTAP_STORE_URL", hide_env_values = true)]
+    pub store_url: Option<String>,
+    /// The source: the slot `waltap run` appends from.
+    #[arg(long, env = "WALTAP_SLOT", default_value = "waltap")]
+    pub slot: String,
+}
+
+impl StoreArgs {
+    /// The store, and the watched database when it is another one.
+    fn configs(&self) -> anyhow::Result<(SourceConfig, Option<SourceConfig>)> {
+        let watched = SourceConfig::parse(&self.database_url)?;
+        Ok(match &self.store_url {
+            Some(url) if *url != self.database_url => (SourceConfig::parse(url)?, Some(watched)),
+            _ => (watched, None),
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// 1 to 128 characters of A-Z a-z 0-9 _ . -
+    pub name: String,
+    /// A table of the stream (`table` or `schema.table`); repeatable, at least one.
+    #[arg(long = "table", short = 't', required = true)]
+    pub tables: Vec<String>,
+    /// Filter as JSON (DESIGN.md section 3), checked against every table.
+    #[arg(long)]
+    pub filter: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
+    pub database_url: String,
+    #[arg(long, env = "WALTAP_STORE_URL", hide_env_values = true)]
+    pub store_url: Option<String>,
+    /// Only the streams of this source (default: all).
+    #[arg(long, env = "WALTAP_SLOT")]
+    pub slot: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct NameArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    pub name: String,
+    /// Exit after this many events (acknowledged before exiting).
+    #[arg(long)]
+    pub limit: Option<u64>,
+}
 
 pub async fn run(cmd: StreamCommand) -> anyhow::Result<()> {
-    match cmd {}
+    match cmd {
+        StreamCommand::Create(args) => create(args).await,
+        StreamCommand::List(args) => {
+            let url = args.store_url.as_deref().unwrap_or(&args.database_url);
+            let store = SourceConfig::parse(url)?.connect_sql().await?;
+            let all = streams::list(&store, args.slot.as_deref()).await?;
+            println!("{}", serde_json::to_string_pretty(&all)?);
+            Ok(())
+        }
+        StreamCommand::Delete(args) => {
+            let store = args.store.configs()?.0.connect_sql().await?;
+            streams::delete(&store, &args.name).await?;
+            eprintln!("stream {:?} deleted", args.name);
+            Ok(())
+        }
+        StreamCommand::Reset(args) => {
+            let store = args.store.configs()?.0.connect_sql().await?;
+            let info = streams::reset(&store, &args.name).await?;
+            println!("{}", serde_json::to_string_pretty(&info)?);
+            Ok(())
+        }
+        StreamCommand::Tail(args) => tail(args).await,
+    }
+}
+
+async fn create(args: CreateArgs) -> anyhow::Result<()> {
+    let filter = args
+        .filter
+        .as_deref()
+        .map(str::parse::<Filter>)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("invalid --filter: {e}"))?;
+    let (store, watched) = args.store.configs()?;
+    let store = store.connect_sql().await?;
+    let watched = match watched {
+        Some(w) => Some(w.connect_sql().await?),
+        None => None,
+    };
+    let def = StreamDef {
+        name: args.name,
+        source: args.store.slot,
+        tables: args.tables,
+        filter,
+    };
+    let info = streams::create(&store, watched.as_ref().unwrap_or(&store), &def).await?;
+    println!("{}", serde_json::to_string_pretty(&info)?);
+    Ok(())
+}
+
+async fn tail(args: TailArgs) -> anyhow::Result<()> {
+    let (store, catalog) = args.store.configs()?;
+    let options = OpenOptions {
+        catalog,
+        ..OpenOptions::default()
+    };
+    let mut consumer = streams::open(&store, &args.name, options).await?;
+    let result = print_stream(&mut consumer, args.limit).await;
+    consumer.close().await;
+    result
+}
+
+/// Prints events as JSON lines; after each run of ready events, flushes and acknowledges
+/// the last one printed. Stops at the limit, a signal, a closed stdout or an error (after
+/// acknowledging what was printed before it).
+async fn print_stream(consumer: &mut StreamConsumer, limit: Option<u64>) -> anyhow::Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+    let mut printed = 0u64;
+    let mut stop = std::pin::pin!(shutdown_signal());
+    loop {
+        if limit.is_some_and(|l| printed >= l) {
+            return Ok(());
+        }
+        let mut next = tokio::select! {
+            biased;
+            _ = &mut stop => return Ok(()),
+            item = consumer.next() => item,
+        };
+        let mut last = None;
+        let mut failure = None;
+        loop {
+            let ev = match next {
+                None => {
+                    failure = Some(anyhow::anyhow!("the stream ended"));
+                    break;
+                }
+                Some(Err(e)) => {
+                    failure = Some(e.into());
+                    break;
+                }
+                Some(Ok(ev)) => ev,
+            };
+            if let Err(e) = serde_json::to_writer(&mut out, &ev)
+                .map_err(std::io::Error::from)
+                .and_then(|_| out.write_all(b"\n"))
+            {
+                return stdout_closed(e);
+            }
+            printed += 1;
+            last = Some(ev.position);
+            if limit.is_some_and(|l| printed >= l) {
+                break;
+            }
+            match consumer.next().now_or_never() {
+                Some(item) => next = item,
+                None => break,
+            }
+        }
+        if let Err(e) = out.flush() {
+            return stdout_closed(e);
+        }
+        if let Some(p) = last {
+            consumer.ack(p).await?;
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+    }
 }

@@ -49,6 +49,25 @@ impl fmt::Display for ServerError {
     }
 }
 
+/// Whether a server error with this SQLSTATE can go away by retrying: 08 connection
+/// exception; 53 insufficient resources; 57P01..03 admin shutdown, crash shutdown, cannot
+/// connect now (recovery); 55006 object in use (a slot still held by our own previous
+/// walsender). One rule for the replication and the SQL connections.
+pub fn sqlstate_is_transient(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || matches!(code, "57P01" | "57P02" | "57P03" | "55006")
+}
+
+/// Whether an ordinary SQL failure can go away by retrying: the connection broke, or the
+/// server said so with a transient SQLSTATE.
+pub fn pg_error_is_transient(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        None => true,
+        Some(code) => e.is_closed() || sqlstate_is_transient(code.code()),
+    }
+}
+
 /// Failures of the replication connection.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
@@ -103,14 +122,7 @@ impl ReplicationError {
             | ReplicationError::Io(_)
             | ReplicationError::Closed
             | ReplicationError::Timeout(..) => true,
-            ReplicationError::Server(e) => {
-                // 08: connection exception; 53: insufficient resources; 57P01..03: admin
-                // shutdown, crash shutdown, cannot connect now; 55006: object in use
-                // (slot active for another PID, e.g. our own previous walsender).
-                e.code.starts_with("08")
-                    || e.code.starts_with("53")
-                    || matches!(e.code.as_str(), "57P01" | "57P02" | "57P03" | "55006")
-            }
+            ReplicationError::Server(e) => sqlstate_is_transient(&e.code),
             _ => false,
         }
     }

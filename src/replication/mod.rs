@@ -21,7 +21,7 @@ mod error;
 
 pub use conn::{IdentifySystem, ReplicationConnection, SlotCreated, SqlRow};
 pub use copy_both::{ReplicationMessage, ReplicationStream, StatusUpdate};
-pub use error::{ReplicationError, ServerError};
+pub use error::{pg_error_is_transient, sqlstate_is_transient, ReplicationError, ServerError};
 
 /// Largest backend frame accepted: a pgoutput message of a very wide row can approach 1 GiB.
 pub const MAX_FRAME: usize = (1 << 30) + (1 << 20);

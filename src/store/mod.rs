@@ -16,9 +16,10 @@
 //! Postgres table; [`PgLog`] is the Postgres implementation.
 
 mod postgres;
+pub mod retention;
 pub mod streams;
 
-pub use postgres::PgLog;
+pub use postgres::{migrate, PgLog};
 
 use std::future::Future;
 
@@ -65,6 +66,10 @@ pub enum StoreError {
     BadFilter(#[from] crate::filter::FilterError),
     #[error("table {0} does not exist")]
     NoSuchTable(String),
+    #[error("a stream needs at least one table")]
+    NoTables,
+    #[error("stream {name:?} was taken over by another consumer after this one's lease expired (it neither read nor acknowledged within the lease): reopen it (stream_busy)")]
+    LeaseLost { name: String },
 }
 
 impl StoreError {
@@ -75,11 +80,13 @@ impl StoreError {
     /// A stable code for the wire.
     pub fn code(&self) -> &'static str {
         match self {
-            StoreError::StreamBusy { .. } => "stream_busy",
+            StoreError::StreamBusy { .. } | StoreError::LeaseLost { .. } => "stream_busy",
             StoreError::StaleCursor { .. } => "stale_cursor",
             StoreError::NoSuchStream(_) => "not_found",
             StoreError::StreamExists(_) => "conflict",
-            StoreError::InvalidStreamName(_) | StoreError::NoSuchTable(_) => "bad_request",
+            StoreError::InvalidStreamName(_)
+            | StoreError::NoSuchTable(_)
+            | StoreError::NoTables => "bad_request",
             StoreError::BadFilter(_) => "bad_filter",
             _ => "internal",
         }
@@ -88,8 +95,11 @@ impl StoreError {
     /// Whether retrying later can help (connection trouble).
     pub fn is_transient(&self) -> bool {
         match self {
-            StoreError::Sql { source, .. } => source.is_closed() || source.code().is_none(),
-            StoreError::Connect(_) => true,
+            StoreError::Sql { source, .. } => crate::replication::pg_error_is_transient(source),
+            StoreError::Connect(crate::config::SqlConnectError::Postgres { source, .. }) => {
+                crate::replication::pg_error_is_transient(source)
+            }
+            StoreError::Connect(_) => false,
             _ => false,
         }
     }

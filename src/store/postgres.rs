@@ -28,15 +28,26 @@ pub struct PgLog {
 /// Applies the migrations that are not yet recorded, under an advisory lock so that
 /// concurrent processes do not race.
 pub async fn migrate(client: &Client) -> Result<(), StoreError> {
-    client
+    // Under the lock too: two processes creating the schema at once would otherwise
+    // collide on its name.
+    let created = client
         .batch_execute(
-            "CREATE SCHEMA IF NOT EXISTS waltap;
+            "BEGIN;
+             SELECT pg_advisory_xact_lock(7272727272);
+             CREATE SCHEMA IF NOT EXISTS waltap;
              CREATE TABLE IF NOT EXISTS waltap.migrations (
                  version integer PRIMARY KEY,
-                 applied_at timestamptz NOT NULL DEFAULT now());",
+                 applied_at timestamptz NOT NULL DEFAULT now());
+             COMMIT;",
         )
-        .await
-        .map_err(StoreError::sql("create the migrations table"))?;
+        .await;
+    if let Err(e) = created {
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(StoreError::Sql {
+            operation: "create the migrations table",
+            source: e,
+        });
+    }
     for (version, sql) in MIGRATIONS {
         let done = client
             .query_opt(

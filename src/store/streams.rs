@@ -1,1 +1,1173 @@
-//! Named streams over the log (see the store module doc).
+//! Named streams over the log: persisted, at-least-once, ordered, resumable consumers
+//! (DESIGN.md section 4, the `stream` column).
+//!
+//! This module owns the rows of `waltap.streams` and the reading of the log for them.
+//! A stream has a name, a source (the slot whose events it reads), a set of tables, an
+//! optional [`Filter`] (checked against every table when the stream is made) and a cursor:
+//! the last acknowledged position. Invariants:
+//!
+//! - a new stream's cursor is the log head of its source (the progress mark), so it
+//!   delivers exactly what is appended after it was made;
+//! - a consumer ([`open`]) yields, in position order and without gaps, every event of the
+//!   stream's tables after the cursor that passes the filter; the cursor moves only
+//!   forward and only by [`StreamConsumer::ack`], so after a crash or a reopen everything
+//!   after the last acknowledgement comes again (at-least-once). Once every event handed
+//!   out is acknowledged, the cursor may also move over events the filter skipped, so a
+//!   selective stream does not fall behind retention while it waits;
+//! - `tx.index` / `tx.total` / `tx.last` count the events this stream delivers of each
+//!   transaction ([`FilteredView`]). They are the same on every delivery: a consumer that
+//!   resumes inside a transaction reads it again from its start and hands out only the
+//!   events after its cursor;
+//! - one consumer per stream at a time: [`open`] takes a lease (a random holder id and an
+//!   expiry), renewed while the consumer reads and acknowledges; others get
+//!   [`StoreError::StreamBusy`] until it is closed, dropped or expires, and a consumer
+//!   whose lease was taken over gets [`StoreError::LeaseLost`];
+//! - never a silent skip: when retention deleted events after a consumer's cursor, opening
+//!   or reading fails with [`StoreError::StaleCursor`]. Each read checks the pruned mark in
+//!   the same statement (the same snapshot) as it reads the events, and retention deletes
+//!   and moves the mark in one transaction, so no deletion can slip between the two.
+//!
+//! Readers are woken by the appender's `NOTIFY` (sent inside the commit of each batch);
+//! the only timer is the lease renewal of an idle consumer.
+//!
+//! ```no_run
+//! use futures::StreamExt;
+//! use waltap::config::SourceConfig;
+//! use waltap::store::streams::{self, OpenOptions};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Order { id: i64, status: String }
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = SourceConfig::parse("postgres://postgres@localhost/app")?;
+//! let mut orders = streams::open(&store, "billing", OpenOptions::default()).await?;
+//! while let Some(event) = orders.next().await {
+//!     let event = event?; // an Event<serde_json::Value>: rows as JSON objects
+//!     let position = event.position;
+//!     let typed: waltap::Event<Order> = streams::typed(event)?;
+//!     if let Some(order) = typed.after() {
+//!         println!("order {} is {}", order.id, order.status);
+//!     }
+//!     orders.ack(position).await?; // handled: not delivered again
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::Stream;
+use serde::Serialize;
+use serde_json::Value as Json;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_postgres::{Client, Notification, Statement};
+
+use super::postgres::{migrate, NOTIFY_CHANNEL};
+use super::StoreError;
+use crate::catalog;
+use crate::config::SourceConfig;
+use crate::event::{Event, Position, Row, TableName};
+use crate::filter::{CompiledFilter, Decision, Filter};
+use crate::hub::FilteredView;
+use crate::lsn::Lsn;
+use crate::value::{TypeKind, Value};
+
+/// How long a consumer holds its stream without renewing.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// Events read per query (extended to the end of a transaction whose size is known).
+pub const DEFAULT_PAGE_SIZE: usize = 500;
+/// [`StreamInfo::backlog`] counts at most this many events.
+pub const BACKLOG_COUNT_LIMIT: i64 = 100_000;
+
+/// The ordinal of a cursor that stands after every event of its transaction.
+const TX_END: i32 = i32::MAX;
+
+/// What makes a stream.
+#[derive(Debug, Clone)]
+pub struct StreamDef {
+    /// 1 to 128 characters of `A-Z a-z 0-9 _ . -`.
+    pub name: String,
+    /// The slot whose events the stream reads (`waltap run --slot`).
+    pub source: String,
+    /// `table` (schema `public`) or `schema.table`; at least one, each must exist.
+    pub tables: Vec<String>,
+    pub filter: Option<Filter>,
+}
+
+/// A stream as [`list`] and [`get`] describe it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamInfo {
+    pub name: String,
+    pub source: String,
+    /// `schema.table`.
+    pub tables: Vec<String>,
+    pub filter: Option<Json>,
+    /// The last acknowledged position: the stream delivers what comes after it.
+    pub cursor: Position,
+    pub created_at: String,
+    /// The consumer that holds the stream now, if its lease has not expired.
+    pub lease: Option<LeaseInfo>,
+    /// Events of the stream's tables after the cursor, before the filter, counted up to
+    /// [`BACKLOG_COUNT_LIMIT`].
+    pub backlog: i64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub backlog_capped: bool,
+}
+
+/// Who reads a stream, and until when at least.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseInfo {
+    pub holder: String,
+    pub expires_at: String,
+}
+
+/// Settings of a consumer.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Another consumer may take the stream over when this one has neither read nor
+    /// acknowledged for this long.
+    pub lease: Duration,
+    /// Events read per query.
+    pub page_size: usize,
+    /// The watched database, whose catalog types the columns for the filter (default:
+    /// the store, which is the watched database unless the log lives elsewhere).
+    pub catalog: Option<SourceConfig>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            lease: DEFAULT_LEASE,
+            page_size: DEFAULT_PAGE_SIZE,
+            catalog: None,
+        }
+    }
+}
+
+/// A position as the store keeps it: `(commit_lsn, ordinal)`, compared in that order.
+/// Unlike [`Position`] it can stand before every event of a transaction (ordinal -1) and
+/// after all of them ([`TX_END`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Mark {
+    pub(crate) lsn: i64,
+    pub(crate) ordinal: i32,
+}
+
+impl Mark {
+    pub(crate) fn position(self) -> Position {
+        Position::new(Lsn(self.lsn as u64), self.ordinal.max(0) as u32)
+    }
+
+    fn of(p: Position) -> Mark {
+        Mark {
+            lsn: p.commit_lsn.0 as i64,
+            ordinal: i32::try_from(p.ordinal).unwrap_or(TX_END),
+        }
+    }
+}
+
+/// `schema.table`, each part quoted when it holds a dot or a quote, so that
+/// [`TableName::parse`] reads it back.
+fn qualified(t: &TableName) -> String {
+    let part = |s: &str| {
+        if s.contains(['.', '"']) {
+            crate::replication::quote_ident(s)
+        } else {
+            s.to_owned()
+        }
+    };
+    format!("{}.{}", part(&t.schema), part(&t.table))
+}
+
+fn check_name(name: &str) -> Result<(), StoreError> {
+    let ok = (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidStreamName(name.to_owned()))
+    }
+}
+
+/// Each table's schema, in order; an error names the first table that does not exist.
+async fn table_schemas(
+    catalog_client: &Client,
+    tables: &[TableName],
+) -> Result<Vec<Option<crate::filter::TableSchema>>, StoreError> {
+    let mut out = Vec::with_capacity(tables.len());
+    for t in tables {
+        out.push(
+            catalog::table_schema(catalog_client, t)
+                .await
+                .map_err(StoreError::sql("read a table's columns"))?,
+        );
+    }
+    Ok(out)
+}
+
+/// Makes a stream whose cursor is the current log head of `def.source`. `catalog_client`
+/// is a connection to the watched database (the tables must exist there; the filter is
+/// checked against each), `store` one to the log's database.
+pub async fn create(
+    store: &Client,
+    catalog_client: &Client,
+    def: &StreamDef,
+) -> Result<StreamInfo, StoreError> {
+    check_name(&def.name)?;
+    if def.tables.is_empty() {
+        return Err(StoreError::NoTables);
+    }
+    let mut tables: Vec<TableName> = Vec::new();
+    for t in &def.tables {
+        let t = TableName::parse(t);
+        if !tables.contains(&t) {
+            tables.push(t);
+        }
+    }
+    for (t, schema) in tables
+        .iter()
+        .zip(table_schemas(catalog_client, &tables).await?)
+    {
+        let schema = schema.ok_or_else(|| StoreError::NoSuchTable(t.to_string()))?;
+        let compiled = CompiledFilter::new(def.filter.as_ref(), &schema)?;
+        for w in compiled.warnings() {
+            tracing::warn!(stream = %def.name, table = %t, "{w}");
+        }
+    }
+    migrate(store).await?;
+    let names: Vec<String> = tables.iter().map(qualified).collect();
+    let filter = def.filter.as_ref().map(|f| f.to_json().to_string());
+    // A source without progress has nothing in the log yet: start before everything.
+    let created = store
+        .execute(
+            "INSERT INTO waltap.streams (name, source, tables, filter, cursor_lsn, cursor_ordinal)
+             SELECT $1, $2, $3, $4::text::jsonb, coalesce(p.lsn, 0),
+                    CASE WHEN p.lsn IS NULL THEN 0 ELSE $5 END
+             FROM (SELECT max(commit_lsn) AS lsn FROM waltap.progress WHERE source = $2) p
+             ON CONFLICT (name) DO NOTHING",
+            &[&def.name, &def.source, &names, &filter, &TX_END],
+        )
+        .await
+        .map_err(StoreError::sql("create a stream"))?;
+    if created == 0 {
+        return Err(StoreError::StreamExists(def.name.clone()));
+    }
+    get(store, &def.name).await
+}
+
+const INFO_COLUMNS: &str = "name, source, tables, filter::text, cursor_lsn, cursor_ordinal,
+     to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+     CASE WHEN lease_expires_at > now() THEN lease_holder END,
+     CASE WHEN lease_expires_at > now()
+          THEN to_char(lease_expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') END";
+
+/// The streams of every source, or of one, by name.
+pub async fn list(store: &Client, source: Option<&str>) -> Result<Vec<StreamInfo>, StoreError> {
+    migrate(store).await?;
+    let rows = store
+        .query(
+            &format!(
+                "SELECT {INFO_COLUMNS} FROM waltap.streams
+                 WHERE $1::text IS NULL OR source = $1 ORDER BY name"
+            ),
+            &[&source],
+        )
+        .await
+        .map_err(StoreError::sql("list streams"))?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        out.push(info(store, &row).await?);
+    }
+    Ok(out)
+}
+
+/// One stream.
+pub async fn get(store: &Client, name: &str) -> Result<StreamInfo, StoreError> {
+    let row = store
+        .query_opt(
+            &format!("SELECT {INFO_COLUMNS} FROM waltap.streams WHERE name = $1"),
+            &[&name],
+        )
+        .await
+        .map_err(StoreError::sql("read a stream"))?
+        .ok_or_else(|| StoreError::NoSuchStream(name.to_owned()))?;
+    info(store, &row).await
+}
+
+async fn info(store: &Client, row: &tokio_postgres::Row) -> Result<StreamInfo, StoreError> {
+    let name: String = row.get(0);
+    let source: String = row.get(1);
+    let tables: Vec<String> = row.get(2);
+    let filter = row
+        .get::<_, Option<String>>(3)
+        .map(|f| {
+            serde_json::from_str(&f).map_err(|e| StoreError::Corrupt {
+                position: format!("stream {name}"),
+                message: format!("stored filter: {e}"),
+            })
+        })
+        .transpose()?;
+    let cursor = Mark {
+        lsn: row.get(4),
+        ordinal: row.get(5),
+    };
+    let lease = match (row.get(7), row.get(8)) {
+        (Some(holder), Some(expires_at)) => Some(LeaseInfo { holder, expires_at }),
+        _ => None,
+    };
+    let (schemas, names) = split_tables(&tables);
+    let backlog: i64 = store
+        .query_one(
+            "SELECT count(*) FROM (
+                 SELECT 1 FROM waltap.events
+                 WHERE source = $1 AND (commit_lsn, ordinal) > ($2, $3)
+                   AND (schema_name, table_name) IN (SELECT * FROM unnest($4::text[], $5::text[]))
+                 LIMIT $6) b",
+            &[
+                &source,
+                &cursor.lsn,
+                &cursor.ordinal,
+                &schemas,
+                &names,
+                &(BACKLOG_COUNT_LIMIT + 1),
+            ],
+        )
+        .await
+        .map_err(StoreError::sql("count a stream's backlog"))?
+        .get(0);
+    Ok(StreamInfo {
+        name,
+        source,
+        tables,
+        filter,
+        cursor: cursor.position(),
+        created_at: row.get(6),
+        lease,
+        backlog: backlog.min(BACKLOG_COUNT_LIMIT),
+        backlog_capped: backlog > BACKLOG_COUNT_LIMIT,
+    })
+}
+
+/// Stored `schema.table` names as two parallel arrays, for SQL.
+fn split_tables(tables: &[String]) -> (Vec<String>, Vec<String>) {
+    tables
+        .iter()
+        .map(|t| {
+            let t = TableName::parse(t);
+            (t.schema, t.table)
+        })
+        .unzip()
+}
+
+/// Deletes a stream. A consumer reading it fails at its next renewal or acknowledgement.
+pub async fn delete(store: &Client, name: &str) -> Result<(), StoreError> {
+    migrate(store).await?;
+    let n = store
+        .execute("DELETE FROM waltap.streams WHERE name = $1", &[&name])
+        .await
+        .map_err(StoreError::sql("delete a stream"))?;
+    if n == 0 {
+        return Err(StoreError::NoSuchStream(name.to_owned()));
+    }
+    Ok(())
+}
+
+/// Moves a stream's cursor to the current log head, as if it were made now: what a
+/// consumer does after [`StoreError::StaleCursor`], once it has re-read the current rows.
+/// Fails with [`StoreError::StreamBusy`] while a consumer holds the stream.
+pub async fn reset(store: &Client, name: &str) -> Result<StreamInfo, StoreError> {
+    migrate(store).await?;
+    let n = store
+        .execute(
+            "UPDATE waltap.streams s
+             SET cursor_lsn = coalesce(p.lsn, 0),
+                 cursor_ordinal = CASE WHEN p.lsn IS NULL THEN 0 ELSE $2 END
+             FROM (SELECT max(commit_lsn) AS lsn FROM waltap.progress
+                   WHERE source = (SELECT source FROM waltap.streams WHERE name = $1)) p
+             WHERE s.name = $1
+               AND (s.lease_holder IS NULL OR s.lease_expires_at IS NULL OR s.lease_expires_at <= now())",
+            &[&name, &TX_END],
+        )
+        .await
+        .map_err(StoreError::sql("reset a stream"))?;
+    if n == 0 {
+        return Err(busy_or_missing(store, name).await);
+    }
+    get(store, name).await
+}
+
+/// Why a stream could not be leased: it is gone, or someone holds it.
+async fn busy_or_missing(store: &Client, name: &str) -> StoreError {
+    let row = store
+        .query_opt(
+            "SELECT to_char(lease_expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
+             FROM waltap.streams WHERE name = $1",
+            &[&name],
+        )
+        .await;
+    match row {
+        Err(e) => StoreError::Sql {
+            operation: "read a stream's lease",
+            source: e,
+        },
+        Ok(None) => StoreError::NoSuchStream(name.to_owned()),
+        Ok(Some(r)) => StoreError::StreamBusy {
+            name: name.to_owned(),
+            until: r.get::<_, Option<String>>(0).unwrap_or_default(),
+        },
+    }
+}
+
+/// The pruned mark of `source`: retention deleted every event at or below it.
+async fn pruned_mark(store: &Client, source: &str) -> Result<Mark, StoreError> {
+    let row = store
+        .query_one(
+            "SELECT coalesce(max(pruned_lsn), 0), coalesce(max(pruned_ordinal), -1)
+             FROM waltap.progress WHERE source = $1",
+            &[&source],
+        )
+        .await
+        .map_err(StoreError::sql("read the pruned mark"))?;
+    Ok(Mark {
+        lsn: row.get(0),
+        ordinal: row.get(1),
+    })
+}
+
+/// The stream's rows with typed values, as its filter needs them: the table's columns,
+/// read once when the consumer opens.
+struct TableTypes {
+    table: TableName,
+    names: Arc<[Arc<str>]>,
+    kinds: Vec<TypeKind>,
+}
+
+impl TableTypes {
+    /// A column the event lacks stays absent (unknown to the filter, never NULL), and so
+    /// does one whose JSON does not fit the type read at open (the column changed type
+    /// since): the filter delivers what it cannot decide.
+    fn row(&self, json: &Json) -> Row {
+        let values = self
+            .names
+            .iter()
+            .zip(&self.kinds)
+            .map(|(name, kind)| {
+                let v = json.get(&**name)?;
+                Value::from_json(kind, v).ok()
+            })
+            .collect();
+        Row {
+            names: self.names.clone(),
+            values,
+        }
+    }
+
+    fn typed(&self, ev: &Event<Json>) -> Event<Row> {
+        Event {
+            id: ev.id,
+            position: ev.position,
+            action: ev.action,
+            schema: ev.schema.clone(),
+            table: ev.table.clone(),
+            identity: ev.identity,
+            new: ev.new.as_ref().map(|r| self.row(r)),
+            old: ev.old.as_ref().map(|r| self.row(r)),
+            changed: ev.changed.clone(),
+            unchanged: ev.unchanged.clone(),
+            transition: None,
+            tx: ev.tx.clone(),
+        }
+    }
+}
+
+/// The event with its rows deserialized into `T` (e.g. your own serde struct). Columns
+/// Postgres did not send are missing from the rows, so give such fields
+/// `#[serde(default)]` or make them `Option`.
+pub fn typed<T: serde::de::DeserializeOwned>(
+    ev: Event<Json>,
+) -> Result<Event<T>, serde_json::Error> {
+    let row = |r: Option<Json>| r.map(serde_json::from_value).transpose();
+    Ok(Event {
+        id: ev.id,
+        position: ev.position,
+        action: ev.action,
+        schema: ev.schema,
+        table: ev.table,
+        identity: ev.identity,
+        new: row(ev.new)?,
+        old: row(ev.old)?,
+        changed: ev.changed,
+        unchanged: ev.unchanged,
+        transition: ev.transition,
+        tx: ev.tx,
+    })
+}
+
+/// What the consumer and its reader share: the connection, the lease and the progress
+/// of acknowledgements.
+struct Shared {
+    client: Client,
+    name: String,
+    holder: String,
+    lease: Duration,
+    state: Mutex<Progress>,
+}
+
+struct Progress {
+    /// The persisted cursor.
+    acked: Mark,
+    /// The last event handed out.
+    yielded: Option<Mark>,
+    /// Set while the reader is caught up with nothing held back: every event up to here
+    /// that the stream delivers has been handed out.
+    quiet_through: Option<Mark>,
+    renewed_at: Instant,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, Progress> {
+        // The lock guards plain values and no code panics while holding it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lease_secs(&self) -> f64 {
+        self.lease.as_secs_f64()
+    }
+
+    fn renewal_due(&self) -> bool {
+        self.state().renewed_at.elapsed() >= self.lease / 3
+    }
+
+    /// The lease was not renewed: the stream was deleted, or another consumer holds it.
+    async fn lost(&self) -> StoreError {
+        match busy_or_missing(&self.client, &self.name).await {
+            StoreError::StreamBusy { .. } => StoreError::LeaseLost {
+                name: self.name.clone(),
+            },
+            other => other,
+        }
+    }
+
+    async fn renew(&self) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let n = self
+            .client
+            .execute(
+                "UPDATE waltap.streams SET lease_expires_at = now() + make_interval(secs => $3)
+                 WHERE name = $1 AND lease_holder = $2",
+                &[&self.name, &self.holder, &self.lease_secs()],
+            )
+            .await
+            .map_err(StoreError::sql("renew a stream's lease"))?;
+        if n == 0 {
+            return Err(self.lost().await);
+        }
+        self.state().renewed_at = started;
+        Ok(())
+    }
+
+    /// Moves the cursor forward to `to` (never back) and renews the lease.
+    async fn store_cursor(&self, to: Mark) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let row = self
+            .client
+            .query_opt(
+                "UPDATE waltap.streams SET
+                     cursor_lsn = CASE WHEN ($3::int8, $4::int4) > (cursor_lsn, cursor_ordinal)
+                                       THEN $3 ELSE cursor_lsn END,
+                     cursor_ordinal = CASE WHEN ($3::int8, $4::int4) > (cursor_lsn, cursor_ordinal)
+                                           THEN $4 ELSE cursor_ordinal END,
+                     lease_expires_at = now() + make_interval(secs => $5)
+                 WHERE name = $1 AND lease_holder = $2
+                 RETURNING cursor_lsn, cursor_ordinal",
+                &[
+                    &self.name,
+                    &self.holder,
+                    &to.lsn,
+                    &to.ordinal,
+                    &self.lease_secs(),
+                ],
+            )
+            .await
+            .map_err(StoreError::sql("acknowledge"))?;
+        let Some(row) = row else {
+            return Err(self.lost().await);
+        };
+        let mut state = self.state();
+        state.acked = Mark {
+            lsn: row.get(0),
+            ordinal: row.get(1),
+        };
+        state.renewed_at = started;
+        Ok(())
+    }
+
+    async fn release(&self) {
+        let result = self
+            .client
+            .execute(
+                "UPDATE waltap.streams SET lease_holder = NULL, lease_expires_at = NULL
+                 WHERE name = $1 AND lease_holder = $2",
+                &[&self.name, &self.holder],
+            )
+            .await;
+        if let Err(e) = result {
+            tracing::debug!(stream = %self.name, error = %e, "lease not released; it expires");
+        }
+    }
+}
+
+/// A consumer of one stream: a [`futures::Stream`] of its events in position order, and
+/// [`StreamConsumer::ack`]. The stream ends with the first error (reopen to go on).
+pub struct StreamConsumer {
+    shared: Arc<Shared>,
+    reader: Pin<Box<dyn Stream<Item = Result<Event<Json>, StoreError>> + Send>>,
+    released: bool,
+}
+
+impl std::fmt::Debug for StreamConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamConsumer")
+            .field("name", &self.shared.name)
+            .field("holder", &self.shared.holder)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens stream `name` in the log at `store` for reading: takes its lease, and yields
+/// what comes after its cursor, then new events as they are appended.
+///
+/// Fails with [`StoreError::StreamBusy`] while another consumer holds it,
+/// [`StoreError::StaleCursor`] when retention deleted events it has not acknowledged, and
+/// [`StoreError::NoSuchStream`].
+pub async fn open(
+    store: &SourceConfig,
+    name: &str,
+    options: OpenOptions,
+) -> Result<StreamConsumer, StoreError> {
+    let (client, notifications) = store.connect_sql_listening().await?;
+    migrate(&client).await?;
+    client
+        .batch_execute(&format!(
+            "LISTEN {}",
+            crate::replication::quote_ident(NOTIFY_CHANNEL)
+        ))
+        .await
+        .map_err(StoreError::sql("listen for appends"))?;
+    let holder = ulid::Ulid::new().to_string();
+    let lease = options.lease.max(Duration::from_millis(10));
+    let row = client
+        .query_opt(
+            "UPDATE waltap.streams
+             SET lease_holder = $2, lease_expires_at = now() + make_interval(secs => $3)
+             WHERE name = $1
+               AND (lease_holder IS NULL OR lease_expires_at IS NULL OR lease_expires_at <= now())
+             RETURNING source, tables, filter::text, cursor_lsn, cursor_ordinal",
+            &[&name, &holder, &lease.as_secs_f64()],
+        )
+        .await
+        .map_err(StoreError::sql("take a stream's lease"))?;
+    let Some(row) = row else {
+        return Err(busy_or_missing(&client, name).await);
+    };
+    let shared = Arc::new(Shared {
+        client,
+        name: name.to_owned(),
+        holder,
+        lease,
+        state: Mutex::new(Progress {
+            acked: Mark {
+                lsn: row.get(3),
+                ordinal: row.get(4),
+            },
+            yielded: None,
+            quiet_through: None,
+            renewed_at: Instant::now(),
+        }),
+    });
+    let mut consumer = StreamConsumer {
+        shared: shared.clone(),
+        reader: Box::pin(futures::stream::empty()),
+        released: false,
+    };
+    // From here on, a failure releases the lease (dropping `consumer`).
+    let reader = Reader::new(shared, &row, &options, notifications).await?;
+    consumer.reader = Box::pin(futures::stream::unfold(reader, |mut r| async move {
+        let item = r.next_item().await?;
+        Some((item, r))
+    }));
+    Ok(consumer)
+}
+
+impl StreamConsumer {
+    /// The stream's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The last acknowledged position.
+    pub fn cursor(&self) -> Position {
+        self.shared.state().acked.position()
+    }
+
+    /// Acknowledges every event up to and including `position`: they are not delivered
+    /// again, to this consumer or a later one. Positions at or before the cursor change
+    /// nothing. Acknowledge only positions you received: everything before one counts as
+    /// handled. Renews the lease.
+    pub async fn ack(&self, position: Position) -> Result<(), StoreError> {
+        let mut to = Mark::of(position);
+        {
+            let state = self.shared.state();
+            if let Some(quiet) = state.quiet_through {
+                // Everything handed out is acknowledged and nothing more is owed up to
+                // `quiet`: the events in between were all filtered out.
+                if state.yielded.is_none_or(|y| to >= y) && quiet > to {
+                    to = quiet;
+                }
+            }
+            if to <= state.acked {
+                return Ok(());
+            }
+        }
+        self.shared.store_cursor(to).await
+    }
+
+    /// Releases the lease now, so that another consumer may open the stream at once.
+    /// Dropping the consumer does the same in the background, best effort.
+    pub async fn close(mut self) {
+        self.released = true;
+        self.shared.release().await;
+    }
+}
+
+impl Drop for StreamConsumer {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let shared = self.shared.clone();
+            rt.spawn(async move { shared.release().await });
+        }
+    }
+}
+
+impl Stream for StreamConsumer {
+    type Item = Result<Event<Json>, StoreError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.reader.as_mut().poll_next(cx)
+    }
+}
+
+/// One stored event as a page query returns it.
+struct Stored {
+    at: Mark,
+    tx_last: bool,
+    /// The JSON text; absent for events of tables outside the stream.
+    body: Option<String>,
+}
+
+/// The reading side of a consumer: pages of the log through the stream's view.
+struct Reader {
+    shared: Arc<Shared>,
+    source: String,
+    notifications: mpsc::Receiver<Notification>,
+    notifications_open: bool,
+    page: Statement,
+    page_size: i64,
+    schemas: Vec<String>,
+    tables: Vec<String>,
+    view: FilteredView<Json>,
+    /// Column types per table, only when the stream has a filter.
+    types: Vec<TableTypes>,
+    /// The last event read (the bound of the next page).
+    read_after: Mark,
+    /// The last event the consumer is owed nothing up to: when retention pruned past it,
+    /// the consumer would miss events.
+    needed_after: Mark,
+    /// Events up to here were delivered before (the cursor at open); they are read again
+    /// only for their transaction's numbering.
+    delivered_through: Mark,
+    /// The last event this stream delivered belongs to a transaction of known size that
+    /// has not ended yet.
+    counted_tx_open: bool,
+    decided: Vec<Event<Json>>,
+    out: VecDeque<Event<Json>>,
+    failed: bool,
+}
+
+impl Reader {
+    async fn new(
+        shared: Arc<Shared>,
+        row: &tokio_postgres::Row,
+        options: &OpenOptions,
+        notifications: mpsc::Receiver<Notification>,
+    ) -> Result<Reader, StoreError> {
+        let source: String = row.get(0);
+        let stored_tables: Vec<String> = row.get(1);
+        let filter: Option<Filter> = row
+            .get::<_, Option<String>>(2)
+            .map(|f| {
+                f.parse::<Filter>().map_err(|e| StoreError::Corrupt {
+                    position: format!("stream {}", shared.name),
+                    message: format!("stored filter: {e}"),
+                })
+            })
+            .transpose()?;
+        let cursor = shared.state().acked;
+        let pruned = pruned_mark(&shared.client, &source).await?;
+        if pruned > cursor {
+            return Err(stale(&shared.name, cursor, pruned));
+        }
+        let tables: Vec<TableName> = stored_tables.iter().map(|t| TableName::parse(t)).collect();
+        let (view, types) = match &filter {
+            None => (
+                FilteredView::for_tables(
+                    tables
+                        .iter()
+                        .map(|t| (t.clone(), CompiledFilter::accept_all()))
+                        .collect(),
+                ),
+                Vec::new(),
+            ),
+            Some(filter) => compile(&shared, options, &tables, filter).await?,
+        };
+        let page = shared
+            .client
+            .prepare(
+                "WITH mark AS (
+                     SELECT coalesce(max(pruned_lsn), 0) AS lsn, coalesce(max(pruned_ordinal), -1) AS ord
+                     FROM waltap.progress WHERE source = $1)
+                 SELECT mark.lsn, mark.ord, e.commit_lsn, e.ordinal, e.tx_last, e.body
+                 FROM mark LEFT JOIN LATERAL (
+                     SELECT commit_lsn, ordinal, tx_last,
+                            CASE WHEN (schema_name, table_name) IN
+                                      (SELECT * FROM unnest($6::text[], $7::text[]))
+                                 THEN event::text END AS body
+                     FROM waltap.events
+                     WHERE source = $1
+                       AND (commit_lsn, ordinal) > ($2, $3)
+                       AND (commit_lsn, ordinal) <= ($4, $5)
+                     ORDER BY commit_lsn, ordinal
+                     LIMIT $8) e ON true
+                 ORDER BY e.commit_lsn, e.ordinal",
+            )
+            .await
+            .map_err(StoreError::sql("prepare the page query"))?;
+        let (schemas, names) = split_tables(&stored_tables);
+        // Resuming inside a transaction: read it from its start, so that its numbering
+        // is the one the consumer saw before.
+        let read_after = if cursor.ordinal == TX_END {
+            cursor
+        } else {
+            Mark {
+                lsn: cursor.lsn,
+                ordinal: -1,
+            }
+        };
+        Ok(Reader {
+            shared,
+            source,
+            notifications,
+            notifications_open: true,
+            page,
+            page_size: options.page_size.clamp(1, 100_000) as i64,
+            schemas,
+            tables: names,
+            view,
+            types,
+            read_after,
+            needed_after: cursor,
+            delivered_through: cursor,
+            counted_tx_open: false,
+            decided: Vec::new(),
+            out: VecDeque::new(),
+            failed: false,
+        })
+    }
+
+    async fn next_item(&mut self) -> Option<Result<Event<Json>, StoreError>> {
+        if self.failed {
+            return None;
+        }
+        loop {
+            if let Some(ev) = self.out.pop_front() {
+                self.shared.state().yielded = Some(Mark::of(ev.position));
+                return Some(Ok(ev));
+            }
+            if let Err(e) = self.fill().await {
+                self.failed = true;
+                return Some(Err(e));
+            }
+        }
+    }
+
+    /// Reads until there is something to hand out, waiting for appends when caught up.
+    async fn fill(&mut self) -> Result<(), StoreError> {
+        while self.out.is_empty() {
+            if self.shared.renewal_due() {
+                self.shared.renew().await?;
+            }
+            // Wake-ups from before this read are answered by it.
+            while self.notifications.try_recv().is_ok() {}
+            let last = self.fetch(self.page_size, None).await?;
+            let Some(last) = last else {
+                self.caught_up().await?;
+                self.wait_for_appends().await;
+                continue;
+            };
+            if !last.tx_last && self.counted_tx_open {
+                // Hand out the transaction whole, rather than hold it over pages.
+                self.fetch(i64::MAX, Some(last.at.lsn)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the next events (at most `limit`; only of transaction `within` if given)
+    /// into the view; returns the last one read.
+    async fn fetch(
+        &mut self,
+        limit: i64,
+        within: Option<i64>,
+    ) -> Result<Option<Stored>, StoreError> {
+        let upto = match within {
+            Some(lsn) => Mark {
+                lsn,
+                ordinal: TX_END,
+            },
+            None => Mark {
+                lsn: i64::MAX,
+                ordinal: TX_END,
+            },
+        };
+        let rows = self
+            .shared
+            .client
+            .query(
+                &self.page,
+                &[
+                    &self.source,
+                    &self.read_after.lsn,
+                    &self.read_after.ordinal,
+                    &upto.lsn,
+                    &upto.ordinal,
+                    &self.schemas,
+                    &self.tables,
+                    &limit,
+                ],
+            )
+            .await
+            .map_err(StoreError::sql("read the log"))?;
+        let Some(first) = rows.first() else {
+            return Ok(None);
+        };
+        let pruned = Mark {
+            lsn: first.get(0),
+            ordinal: first.get(1),
+        };
+        if pruned > self.needed_after {
+            return Err(stale(&self.shared.name, self.needed_after, pruned));
+        }
+        let mut last = None;
+        for row in &rows {
+            let (Some(lsn), Some(ordinal), Some(tx_last)) = (row.get(2), row.get(3), row.get(4))
+            else {
+                continue; // the empty page's one row, carrying only the mark
+            };
+            let stored = Stored {
+                at: Mark { lsn, ordinal },
+                tx_last,
+                body: row.get(5),
+            };
+            self.take(&stored)?;
+            last = Some(stored);
+        }
+        if last.is_some() {
+            self.shared.state().quiet_through = None;
+        }
+        for ev in self.decided.drain(..) {
+            if Mark::of(ev.position) > self.delivered_through {
+                self.out.push_back(ev);
+            }
+        }
+        Ok(last)
+    }
+
+    fn take(&mut self, stored: &Stored) -> Result<(), StoreError> {
+        self.read_after = stored.at;
+        self.needed_after = self.needed_after.max(stored.at);
+        let mine = match &stored.body {
+            None => None,
+            Some(text) => self.decide(text, stored.at)?,
+        };
+        if let Some(ev) = &mine {
+            self.counted_tx_open = ev.tx.total.is_some();
+        }
+        if stored.tx_last {
+            self.counted_tx_open = false;
+        }
+        self.view
+            .push_decided(mine, stored.tx_last, &mut self.decided);
+        Ok(())
+    }
+
+    /// The event as this stream delivers it, or `None` when its filter skips it.
+    fn decide(&self, text: &str, at: Mark) -> Result<Option<Event<Json>>, StoreError> {
+        let mut ev: Event<Json> = serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
+            position: at.position().to_string(),
+            message: e.to_string(),
+        })?;
+        let Some(filter) = self.view.filter_for(&ev.schema, &ev.table) else {
+            return Ok(None);
+        };
+        let types = self
+            .types
+            .iter()
+            .find(|t| *t.table.schema == *ev.schema && *t.table.table == *ev.table);
+        let Some(types) = types else {
+            return Ok(Some(ev)); // no filter
+        };
+        Ok(match filter.evaluate(&types.typed(&ev)) {
+            Decision::Skip => None,
+            Decision::Deliver { transition } => {
+                ev.transition = transition;
+                Some(ev)
+            }
+        })
+    }
+
+    /// Caught up with nothing held back: once the consumer has acknowledged all it got,
+    /// the cursor may pass the events the filter skipped.
+    async fn caught_up(&mut self) -> Result<(), StoreError> {
+        if self.view.holds_events() {
+            return Ok(());
+        }
+        let through = self.read_after.max(self.delivered_through);
+        let advance = {
+            let mut state = self.shared.state();
+            state.quiet_through = Some(through);
+            state.yielded.is_none_or(|y| state.acked >= y) && state.acked < through
+        };
+        if advance {
+            self.shared.store_cursor(through).await?;
+        }
+        Ok(())
+    }
+
+    /// Until the appender announces a commit of this source, or the lease needs renewing.
+    async fn wait_for_appends(&mut self) {
+        let renew = tokio::time::sleep(self.shared.lease / 3);
+        tokio::pin!(renew);
+        loop {
+            if !self.notifications_open {
+                // The connection is gone; the next query reports why.
+                return;
+            }
+            tokio::select! {
+                _ = &mut renew => return,
+                n = self.notifications.recv() => match n {
+                    Some(n) if n.channel() == NOTIFY_CHANNEL && n.payload() == self.source => return,
+                    Some(_) => {}
+                    None => self.notifications_open = false,
+                },
+            }
+        }
+    }
+}
+
+fn stale(name: &str, cursor: Mark, pruned: Mark) -> StoreError {
+    StoreError::StaleCursor {
+        name: name.to_owned(),
+        cursor: cursor.position().to_string(),
+        pruned: pruned.position().to_string(),
+    }
+}
+
+/// The view and column types of a filtered stream. A table that no longer exists gets
+/// no filter (its events still in the log are delivered, never dropped unseen).
+async fn compile(
+    shared: &Shared,
+    options: &OpenOptions,
+    tables: &[TableName],
+    filter: &Filter,
+) -> Result<(FilteredView<Json>, Vec<TableTypes>), StoreError> {
+    let separate;
+    let catalog_client = match &options.catalog {
+        Some(c) => {
+            separate = c.connect_sql().await?;
+            &separate
+        }
+        None => &shared.client,
+    };
+    let mut view_tables = Vec::with_capacity(tables.len());
+    let mut types = Vec::with_capacity(tables.len());
+    for (t, schema) in tables
+        .iter()
+        .zip(table_schemas(catalog_client, tables).await?)
+    {
+        let Some(schema) = schema else {
+            tracing::warn!(stream = %shared.name, table = %t, "table no longer exists: its events are delivered unfiltered");
+            view_tables.push((t.clone(), CompiledFilter::accept_all()));
+            continue;
+        };
+        view_tables.push((t.clone(), filter.compile(&schema)?));
+        types.push(TableTypes {
+            table: t.clone(),
+            names: schema
+                .columns
+                .iter()
+                .map(|c| Arc::from(c.name.as_str()))
+                .collect(),
+            kinds: schema.columns.into_iter().map(|c| c.kind).collect(),
+        });
+    }
+    Ok((FilteredView::for_tables(view_tables), types))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qualified_names_read_back() {
+        for (schema, table) in [("public", "t"), ("my.schema", "Odd\"Name"), ("s", "a.b")] {
+            let t = TableName {
+                schema: schema.into(),
+                table: table.into(),
+            };
+            assert_eq!(TableName::parse(&qualified(&t)), t);
+        }
+        assert_eq!(qualified(&TableName::parse("orders")), "public.orders");
+    }
+
+    #[test]
+    fn names_and_marks() {
+        assert!(check_name("billing.v2-x_1").is_ok());
+        assert!(check_name("").is_err());
+        assert!(check_name("a b").is_err());
+        assert!(check_name(&"x".repeat(129)).is_err());
+        let p = Position::new(Lsn(0x16B3748), 2);
+        assert_eq!(Mark::of(p).position(), p);
+        let before_tx = Mark {
+            lsn: 5,
+            ordinal: -1,
+        };
+        assert!(before_tx < Mark::of(Position::new(Lsn(5), 0)));
+        assert!(
+            Mark {
+                lsn: 5,
+                ordinal: TX_END
+            } > Mark::of(Position::new(Lsn(5), 1_000_000))
+        );
+    }
+}

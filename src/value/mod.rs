@@ -27,6 +27,7 @@
 //! emitted without being parsed again.
 
 mod array;
+mod from_json;
 mod json;
 mod kind;
 mod time;
@@ -130,6 +131,9 @@ pub enum ValueError {
     InvalidTimestamp(String),
     #[error("invalid array {text:?}: {reason}")]
     InvalidArray { text: String, reason: &'static str },
+    /// A JSON form that does not fit the column type ([`Value::from_json`]).
+    #[error("expected {expected}, got {got}")]
+    UnexpectedJson { expected: &'static str, got: String },
 }
 
 const SNIPPET_CHARS: usize = 100;
