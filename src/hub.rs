@@ -82,18 +82,23 @@ impl HubConfig {
     }
 }
 
-/// What a subscription yields.
+/// What a subscription yields, and with JSON rows (`R` = [`serde_json::Value`]) a
+/// persisted stream ([`crate::store::streams::StreamItem`]): first one
+/// [`SubscriptionItem::Initialized`], then changes. On the wire a control item is an
+/// object with a `type` (`{"type": "initialized", "position": ...}`); an event has none.
 // Events are nearly every item; boxing them would add an allocation per delivery.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
-pub enum SubscriptionItem {
+pub enum SubscriptionItem<R = Row> {
     /// Live from here: every change committed after this arrives is delivered.
-    /// `position` is the last position the hub had seen (absent before the first event).
+    /// `position`: for a subscription, the last position the hub had seen (absent before
+    /// the first event); for a stream, the cursor it resumes after (absent when the log
+    /// held nothing for its source when it was made or reset).
     Initialized { position: Option<Position> },
     /// A change that passed the filter (serialized without a `type` field).
     #[serde(untagged)]
-    Event(Event),
+    Event(Event<R>),
 }
 
 /// Why a subscription ended or could not start.

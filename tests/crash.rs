@@ -987,3 +987,135 @@ async fn postgres_restarted_mid_stream_loses_nothing() {
         .await
         .unwrap();
 }
+
+// ---------------------------------------------------------------------------------------
+// A stream consumer killed mid-stream.
+
+/// `waltap stream ...` with the source slot of `names` (stream commands take no
+/// publication).
+fn stream_cmd(url: &str, names: &Names, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_waltap"));
+    cmd.arg("stream")
+        .args(args)
+        .args(["--slot", &names.slot])
+        .env("DATABASE_URL", url)
+        .env("WALTAP_LOG", "warn")
+        .env_remove("WALTAP_STORE_URL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+#[tokio::test]
+async fn stream_consumer_killed_mid_stream_resumes_from_its_last_ack() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    const ROWS: i64 = 400;
+    let db = TestDb::new().await;
+    let names = Names::new(&db);
+    create_schema_and_setup(&db, &names).await;
+    let url = db.url();
+    let mut run = waltap(&url, &names, &["run", "--table", "items"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("waltap run starts");
+    let created = stream_cmd(&url, &names, &["create", "s", "--table", "items"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let writer_url = url.clone();
+    let writer = tokio::spawn(async move {
+        let c = crate::support::connect(&writer_url).await.unwrap();
+        for id in 1..=ROWS {
+            c.execute("INSERT INTO items (id, v) VALUES ($1, 0)", &[&(id as i32)])
+                .await
+                .unwrap();
+        }
+    });
+
+    // Several consumers, each SIGKILLed after some lines; then one reads to the end.
+    let mut seen: Vec<i64> = Vec::new();
+    let mut rng = Prng::new(seed());
+    for round in 0..4 {
+        // A SIGKILLed consumer cannot release its lease: the next one gets stream_busy
+        // until the (short) lease expires, then resumes.
+        let (mut child, mut lines) = loop {
+            let mut child = stream_cmd(&url, &names, &["tail", "s", "--lease", "1s"])
+                .spawn()
+                .unwrap();
+            let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+            let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+                .await
+                .expect("a line or an exit in time")
+                .unwrap();
+            match first {
+                Some(line) => {
+                    let v: Json = serde_json::from_str(&line).unwrap();
+                    assert_eq!(v["type"], "initialized", "the marker comes first: {line}");
+                    break (child, lines);
+                }
+                None => {
+                    let out = child.wait_with_output().await.unwrap();
+                    let err = String::from_utf8_lossy(&out.stderr);
+                    assert!(err.contains("stream_busy"), "{err}");
+                }
+            }
+        };
+        let want = if round < 3 {
+            rng.range(20, 100) as usize
+        } else {
+            usize::MAX
+        };
+        let mut this_run: Vec<i64> = Vec::new();
+        while this_run.len() < want
+            && !(1..=ROWS).all(|i| seen.contains(&i) || this_run.contains(&i))
+        {
+            let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+                .await
+                .expect("a line in time")
+                .unwrap()
+                .expect("the consumer keeps running");
+            let v: Json = serde_json::from_str(&line).unwrap();
+            if v.get("type").is_some() {
+                continue; // a control item, not a change
+            }
+            this_run.push(v["created"]["id"].as_i64().unwrap());
+        }
+        child.kill().await.unwrap();
+        // What it printed before dying counts as delivered (and may be acknowledged).
+        // A line cut off by the kill was never flushed whole, so never acknowledged.
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let Ok(v) = serde_json::from_str::<Json>(&line) else {
+                break;
+            };
+            if v.get("type").is_none() {
+                this_run.push(v["created"]["id"].as_i64().unwrap());
+            }
+        }
+        assert!(
+            this_run.windows(2).all(|w| w[0] < w[1]),
+            "in order: {this_run:?}"
+        );
+        if let (Some(&first), Some(&last_seen)) = (this_run.first(), seen.iter().max()) {
+            assert!(
+                first <= last_seen + 1,
+                "round {round} resumed at {first}, after {last_seen}: a gap"
+            );
+        }
+        seen.extend(this_run);
+    }
+    writer.await.unwrap();
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen, (1..=ROWS).collect::<Vec<_>>());
+    run.kill().await.unwrap();
+    db.teardown().await;
+}

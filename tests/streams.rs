@@ -15,7 +15,7 @@ use waltap::appender::{self, AppenderConfig};
 use waltap::config::SourceConfig;
 use waltap::filter::Filter;
 use waltap::store::retention::{self, Retention};
-use waltap::store::streams::{self, OpenOptions, StreamConsumer, StreamDef};
+use waltap::store::streams::{self, OpenOptions, StreamConsumer, StreamDef, StreamItem};
 use waltap::store::StoreError;
 use waltap::{Event, Position};
 
@@ -86,9 +86,13 @@ impl Pipeline {
         self.open_with(name, OpenOptions::default()).await
     }
 
+    /// Opened, with its initialized marker taken.
     async fn open_with(&self, name: &str, options: OpenOptions) -> StreamConsumer {
         match streams::open(&self.store, name, options).await {
-            Ok(c) => c,
+            Ok(mut c) => {
+                initialized(&mut c).await;
+                c
+            }
             Err(e) => panic!("opening stream {name}: {e}"),
         }
     }
@@ -123,9 +127,30 @@ impl Pipeline {
     }
 }
 
+/// Takes the first item, the initialized marker, and checks that it carries the cursor
+/// (absent only for a cursor before everything).
+async fn initialized(c: &mut StreamConsumer) -> Option<Position> {
+    let position = match tokio::time::timeout(TIMEOUT, c.next()).await {
+        Ok(Some(Ok(StreamItem::Initialized { position }))) => position,
+        other => panic!(
+            "expected the initialized marker from {}, got {other:?}",
+            c.name()
+        ),
+    };
+    let cursor = c.cursor();
+    match position {
+        Some(p) => assert_eq!(p, cursor, "the marker carries the cursor"),
+        None => assert_eq!(
+            cursor.commit_lsn.0, 0,
+            "only an empty log's cursor is absent"
+        ),
+    }
+    position
+}
+
 async fn next(c: &mut StreamConsumer) -> Event<Json> {
     match tokio::time::timeout(TIMEOUT, c.next()).await {
-        Ok(Some(Ok(ev))) => ev,
+        Ok(Some(Ok(StreamItem::Event(ev)))) => ev,
         other => panic!("expected an event from {}, got {other:?}", c.name()),
     }
 }
@@ -172,7 +197,8 @@ fn tx_numbers(evs: &[Event<Json>]) -> Vec<(u32, Option<u32>, bool)> {
         .collect()
 }
 
-/// Opens `name` as soon as no other consumer holds it (released or expired).
+/// Opens `name` as soon as no other consumer holds it (released or expired), and takes
+/// its initialized marker.
 async fn open_when_free(store: &SourceConfig, name: &str) -> StreamConsumer {
     let opened = std::sync::Mutex::new(None);
     wait_for(&format!("stream {name} to be free"), TIMEOUT, || async {
@@ -186,7 +212,9 @@ async fn open_when_free(store: &SourceConfig, name: &str) -> StreamConsumer {
         }
     })
     .await;
-    opened.into_inner().unwrap().expect("opened")
+    let mut c = opened.into_inner().unwrap().expect("opened");
+    initialized(&mut c).await;
+    c
 }
 
 async fn open_err(store: &SourceConfig, name: &str, options: OpenOptions) -> StoreError {
@@ -344,8 +372,27 @@ async fn acks_resume_at_least_once_in_order() {
     assert_eq!(info.cursor, resumed[2].position);
     assert_eq!(info.backlog, 0);
 
+    // A reopened consumer first says where it resumes: after the acknowledged cursor.
+    let mut c = match streams::open(&p.store, "s", OpenOptions::default()).await {
+        Ok(c) => c,
+        Err(e) => panic!("opening s: {e}"),
+    };
+    let marker = match tokio::time::timeout(TIMEOUT, c.next()).await {
+        Ok(Some(Ok(item @ StreamItem::Initialized { .. }))) => item,
+        other => panic!("expected the initialized marker, got {other:?}"),
+    };
+    assert_eq!(
+        marker,
+        StreamItem::Initialized {
+            position: Some(resumed[2].position)
+        }
+    );
+    assert_eq!(
+        serde_json::to_value(&marker).unwrap(),
+        json!({"type": "initialized", "position": resumed[2].position.to_string()})
+    );
+
     // Typed rows from the JSON ones.
-    let mut c = p.open("s").await;
     w.batch_execute("INSERT INTO t VALUES (6, 'f')")
         .await
         .unwrap();
@@ -741,6 +788,29 @@ fn lines(stdout: &str) -> Vec<Json> {
         .collect()
 }
 
+async fn json_line<R: tokio::io::AsyncBufRead + Unpin>(out: &mut tokio::io::Lines<R>) -> Json {
+    let line = tokio::time::timeout(TIMEOUT, out.next_line())
+        .await
+        .expect("a line in time")
+        .unwrap()
+        .expect("a line");
+    serde_json::from_str(&line).unwrap()
+}
+
+/// `tail`'s output split into its first line, the initialized marker (its position), and
+/// the events after it, none of which has a `type`.
+fn marked(stdout: &str) -> (Json, Vec<Json>) {
+    let mut all = lines(stdout);
+    assert!(!all.is_empty(), "no output");
+    let marker = all.remove(0);
+    assert_eq!(marker["type"], "initialized", "{marker}");
+    assert_eq!(marker.as_object().map(|m| m.len()), Some(2), "{marker}");
+    for ev in &all {
+        assert!(ev.get("type").is_none(), "an event has no type: {ev}");
+    }
+    (marker["position"].clone(), all)
+}
+
 #[tokio::test]
 async fn cli_create_list_tail_delete() {
     let db = TestDb::new().await;
@@ -798,7 +868,7 @@ async fn cli_create_list_tail_delete() {
         ],
     )
     .await;
-    let first = lines(&run_ok(waltap(&db, &p, &["tail", "pro", "--limit", "2"])).await);
+    let (_, first) = marked(&run_ok(waltap(&db, &p, &["tail", "pro", "--limit", "2"])).await);
     let ids_of = |evs: &[Json]| -> Vec<i64> {
         evs.iter()
             .map(|e| e["created"]["id"].as_i64().expect("an id"))
@@ -806,7 +876,9 @@ async fn cli_create_list_tail_delete() {
     };
     assert_eq!(ids_of(&first), vec![1, 3]);
     assert_eq!(first[0]["tx"]["total"], 1, "renumbered for the stream");
-    let second = lines(&run_ok(waltap(&db, &p, &["tail", "pro", "--limit", "2"])).await);
+    let (resumed_after, second) =
+        marked(&run_ok(waltap(&db, &p, &["tail", "pro", "--limit", "2"])).await);
+    assert_eq!(resumed_after, first[1]["position"], "after the last ack");
     assert_eq!(
         ids_of(&second),
         vec![4, 5],
@@ -816,13 +888,13 @@ async fn cli_create_list_tail_delete() {
     // Without a limit it follows new events until SIGTERM, acknowledging what it printed.
     let mut child = waltap(&db, &p, &["tail", "pro"]).spawn().unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let marker = json_line(&mut out).await;
+    assert_eq!(
+        marker,
+        json!({"type": "initialized", "position": second[1]["position"]})
+    );
     commit_each(&db.client().await, &["INSERT INTO t VALUES (6, 'pro')"]).await;
-    let line = tokio::time::timeout(TIMEOUT, out.next_line())
-        .await
-        .expect("a line in time")
-        .unwrap()
-        .expect("a line");
-    let followed: Json = serde_json::from_str(&line).unwrap();
+    let followed = json_line(&mut out).await;
     assert_eq!(followed["created"]["id"], 6);
     let pid = child.id().expect("running").to_string();
     let killed = std::process::Command::new("kill")
@@ -841,6 +913,10 @@ async fn cli_create_list_tail_delete() {
     assert_eq!(listed[0]["cursor"], followed["position"]);
     assert_eq!(listed[0]["filter"], json!({"create": {"plan": "pro"}}));
     assert_eq!(listed[0]["backlog"], 0);
+
+    // `--limit 0` prints only the marker and acknowledges nothing.
+    let (at, events) = marked(&run_ok(waltap(&db, &p, &["tail", "pro", "--limit", "0"])).await);
+    assert_eq!((at, events), (followed["position"].clone(), vec![]));
 
     let holder = p.open("pro").await;
     let out = output(waltap(&db, &p, &["tail", "pro", "--limit", "1"])).await;

@@ -1,8 +1,8 @@
 //! `waltap stream create|list|delete|reset|tail`: persisted streams from the command line.
 //!
-//! Management output is JSON on stdout; `tail` prints events as JSON lines and
-//! acknowledges them once stdout has taken them (at-least-once: a rerun continues after
-//! the last acknowledged event).
+//! Management output is JSON on stdout; `tail` prints the `initialized` marker, then events,
+//! as JSON lines and acknowledges the events once stdout has taken them (at-least-once: a
+//! rerun continues after the last acknowledged event).
 
 use std::io::Write;
 
@@ -12,7 +12,7 @@ use futures::{FutureExt, StreamExt};
 use super::{shutdown_signal, stdout_closed, DEFAULT_DATABASE_URL};
 use crate::config::SourceConfig;
 use crate::filter::Filter;
-use crate::store::streams::{self, OpenOptions, StreamConsumer, StreamDef};
+use crate::store::streams::{self, OpenOptions, StreamConsumer, StreamDef, StreamItem};
 
 /// Manage and consume persisted streams.
 #[derive(Debug, Subcommand)]
@@ -26,8 +26,8 @@ pub enum StreamCommand {
     /// Move a stream's cursor to the log head (after a stale_cursor error, once the
     /// current rows are re-read).
     Reset(NameArgs),
-    /// Print a stream's events from its cursor as JSON lines, acknowledging what was
-    /// printed.
+    /// Print a stream's events from its cursor as JSON lines (after an `initialized` line
+    /// with that cursor), acknowledging what was printed.
     Tail(TailArgs),
 }
 
@@ -93,9 +93,14 @@ pub struct TailArgs {
     #[command(flatten)]
     pub store: StoreArgs,
     pub name: String,
-    /// Exit after this many events (acknowledged before exiting).
+    /// Exit after this many events (acknowledged before exiting); the `initialized` line
+    /// does not count.
     #[arg(long)]
     pub limit: Option<u64>,
+    /// How long the stream stays reserved for this consumer without a read or an ack; a
+    /// consumer that dies without closing blocks others (stream_busy) for this long.
+    #[arg(long, default_value = "30s", value_parser = crate::store::retention::parse_age)]
+    pub lease: std::time::Duration,
 }
 
 pub async fn run(cmd: StreamCommand) -> anyhow::Result<()> {
@@ -152,6 +157,7 @@ async fn tail(args: TailArgs) -> anyhow::Result<()> {
     let (store, catalog) = args.store.configs()?;
     let options = OpenOptions {
         catalog,
+        lease: args.lease,
         ..OpenOptions::default()
     };
     let mut consumer = streams::open(&store, &args.name, options).await?;
@@ -160,8 +166,9 @@ async fn tail(args: TailArgs) -> anyhow::Result<()> {
     result
 }
 
-/// Prints events as JSON lines; after each run of ready events, flushes and acknowledges
-/// the last one printed. Stops at the limit, a signal, a closed stdout or an error (after
+/// Prints items as JSON lines (the `initialized` marker first, then events); after each
+/// run of ready items, flushes and acknowledges the last event printed. Only events count
+/// towards the limit. Stops at the limit, a signal, a closed stdout or an error (after
 /// acknowledging what was printed before it).
 async fn print_stream(consumer: &mut StreamConsumer, limit: Option<u64>) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
@@ -169,9 +176,7 @@ async fn print_stream(consumer: &mut StreamConsumer, limit: Option<u64>) -> anyh
     let mut printed = 0u64;
     let mut stop = std::pin::pin!(shutdown_signal());
     loop {
-        if limit.is_some_and(|l| printed >= l) {
-            return Ok(());
-        }
+        // The marker comes first and at once, so it is printed even with `--limit 0`.
         let mut next = tokio::select! {
             biased;
             _ = &mut stop => return Ok(()),
@@ -180,7 +185,7 @@ async fn print_stream(consumer: &mut StreamConsumer, limit: Option<u64>) -> anyh
         let mut last = None;
         let mut failure = None;
         loop {
-            let ev = match next {
+            let item = match next {
                 None => {
                     failure = Some(anyhow::anyhow!("the stream ended"));
                     break;
@@ -189,16 +194,18 @@ async fn print_stream(consumer: &mut StreamConsumer, limit: Option<u64>) -> anyh
                     failure = Some(e.into());
                     break;
                 }
-                Some(Ok(ev)) => ev,
+                Some(Ok(item)) => item,
             };
-            if let Err(e) = serde_json::to_writer(&mut out, &ev)
+            if let Err(e) = serde_json::to_writer(&mut out, &item)
                 .map_err(std::io::Error::from)
                 .and_then(|_| out.write_all(b"\n"))
             {
                 return stdout_closed(e);
             }
-            printed += 1;
-            last = Some(ev.position);
+            if let StreamItem::Event(ev) = &item {
+                printed += 1;
+                last = Some(ev.position);
+            }
             if limit.is_some_and(|l| printed >= l) {
                 break;
             }
@@ -215,6 +222,9 @@ async fn print_stream(consumer: &mut StreamConsumer, limit: Option<u64>) -> anyh
         }
         if let Some(e) = failure {
             return Err(e);
+        }
+        if limit.is_some_and(|l| printed >= l) {
+            return Ok(());
         }
     }
 }

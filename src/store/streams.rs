@@ -8,11 +8,13 @@
 //!
 //! - a new stream's cursor is the log head of its source (the progress mark), so it
 //!   delivers exactly what is appended after it was made;
-//! - a consumer ([`open`]) yields, in position order and without gaps, every event of the
-//!   stream's tables after the cursor that passes the filter; the cursor moves only
-//!   forward and only by [`StreamConsumer::ack`], so after a crash or a reopen everything
-//!   after the last acknowledgement comes again (at-least-once). Once every event handed
-//!   out is acknowledged, the cursor may also move over events the filter skipped, so a
+//! - a consumer ([`open`]) first yields [`StreamItem::Initialized`] carrying the cursor it
+//!   resumes after (the item type of a subscription, DESIGN.md section 4), then, in
+//!   position order and without gaps, every event of the stream's tables after that
+//!   cursor that passes the filter; the cursor moves only forward and only by
+//!   [`StreamConsumer::ack`], so after a crash or a reopen everything after the last
+//!   acknowledgement comes again (at-least-once). Once every event handed out is
+//!   acknowledged, the cursor may also move over events the filter skipped, so a
 //!   selective stream does not fall behind retention while it waits;
 //! - `tx.index` / `tx.total` / `tx.last` count the events this stream delivers of each
 //!   transaction ([`FilteredView`]). They are the same on every delivery: a consumer that
@@ -33,7 +35,7 @@
 //! ```no_run
 //! use futures::StreamExt;
 //! use waltap::config::SourceConfig;
-//! use waltap::store::streams::{self, OpenOptions};
+//! use waltap::store::streams::{self, OpenOptions, StreamItem};
 //!
 //! #[derive(serde::Deserialize)]
 //! struct Order { id: i64, status: String }
@@ -41,8 +43,14 @@
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let store = SourceConfig::parse("postgres://postgres@localhost/app")?;
 //! let mut orders = streams::open(&store, "billing", OpenOptions::default()).await?;
-//! while let Some(event) = orders.next().await {
-//!     let event = event?; // an Event<serde_json::Value>: rows as JSON objects
+//! while let Some(item) = orders.next().await {
+//!     let event = match item? {
+//!         StreamItem::Initialized { position } => {
+//!             println!("resuming after {position:?}");
+//!             continue;
+//!         }
+//!         StreamItem::Event(event) => event, // an Event<serde_json::Value>: rows as JSON objects
+//!     };
 //!     let position = event.position;
 //!     let typed: waltap::Event<Order> = streams::typed(event)?;
 //!     if let Some(order) = typed.after() {
@@ -59,7 +67,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use serde::Serialize;
 use serde_json::Value as Json;
 use tokio::sync::mpsc;
@@ -72,7 +80,7 @@ use crate::catalog;
 use crate::config::SourceConfig;
 use crate::event::{Event, Position, Row, TableName};
 use crate::filter::{CompiledFilter, Decision, Filter};
-use crate::hub::FilteredView;
+use crate::hub::{FilteredView, SubscriptionItem};
 use crate::lsn::Lsn;
 use crate::value::{TypeKind, Value};
 
@@ -625,11 +633,18 @@ impl Shared {
     }
 }
 
-/// A consumer of one stream: a [`futures::Stream`] of its events in position order, and
-/// [`StreamConsumer::ack`]. The stream ends with the first error (reopen to go on).
+/// What a [`StreamConsumer`] yields: first [`StreamItem::Initialized`] with the cursor the
+/// consumer resumes after (`None` when the log held nothing for the stream's source when
+/// it was made or reset), then [`StreamItem::Event`]s with rows as JSON objects. Serialized
+/// as `{"type": "initialized", "position": ...}` and plain events (no `type` field).
+pub type StreamItem = SubscriptionItem<Json>;
+
+/// A consumer of one stream: a [`futures::Stream`] of [`StreamItem`]s (the initialized
+/// marker, then its events in position order), and [`StreamConsumer::ack`]. The stream
+/// ends with the first error (reopen to go on).
 pub struct StreamConsumer {
     shared: Arc<Shared>,
-    reader: Pin<Box<dyn Stream<Item = Result<Event<Json>, StoreError>> + Send>>,
+    reader: Pin<Box<dyn Stream<Item = Result<StreamItem, StoreError>> + Send>>,
     released: bool,
 }
 
@@ -643,7 +658,8 @@ impl std::fmt::Debug for StreamConsumer {
 }
 
 /// Opens stream `name` in the log at `store` for reading: takes its lease, and yields
-/// what comes after its cursor, then new events as they are appended.
+/// [`StreamItem::Initialized`] with its cursor, then what comes after that cursor, then
+/// new events as they are appended.
 ///
 /// Fails with [`StoreError::StreamBusy`] while another consumer holds it,
 /// [`StoreError::StaleCursor`] when retention deleted events it has not acknowledged, and
@@ -699,11 +715,17 @@ pub async fn open(
         released: false,
     };
     // From here on, a failure releases the lease (dropping `consumer`).
+    let cursor = shared.state().acked;
     let reader = Reader::new(shared, &row, &options, notifications).await?;
-    consumer.reader = Box::pin(futures::stream::unfold(reader, |mut r| async move {
+    // A cursor at LSN 0 stands before everything: the log was empty when it was set.
+    let initialized = StreamItem::Initialized {
+        position: (cursor.lsn != 0).then(|| cursor.position()),
+    };
+    let events = futures::stream::unfold(reader, |mut r| async move {
         let item = r.next_item().await?;
-        Some((item, r))
-    }));
+        Some((item.map(StreamItem::Event), r))
+    });
+    consumer.reader = Box::pin(futures::stream::once(async move { Ok(initialized) }).chain(events));
     Ok(consumer)
 }
 
@@ -761,7 +783,7 @@ impl Drop for StreamConsumer {
 }
 
 impl Stream for StreamConsumer {
-    type Item = Result<Event<Json>, StoreError>;
+    type Item = Result<StreamItem, StoreError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.reader.as_mut().poll_next(cx)
