@@ -370,9 +370,89 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `7d`, `12h`, `30m`, `45s`, `500ms`, `2w`, `1min` (as `SHOW` prints durations), or
+/// plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (n, unit) = split_quantity(s, "duration", "7d, 12h, 30m, 45s")?;
+    let seconds = match unit {
+        "" | "s" => 1.0,
+        "ms" => 0.001,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        "d" => 86_400.0,
+        "w" => 7.0 * 86_400.0,
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?} in {s:?}: use ms, s, m, h, d or w"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(n * seconds).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// `10GB`, `512MB`, `1GiB`, `100kB`, or plain bytes; KB/MB/GB/TB are powers of 1000,
+/// KiB/MiB/GiB/TiB powers of 1024; case does not matter.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (n, unit) = split_quantity(s, "size", "10GB, 512MiB")?;
+    let unit = unit.to_ascii_lowercase();
+    let factor: f64 = match unit.as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => {
+            return Err(format!(
+                "unknown size unit in {s:?}: use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"
+            ))
+        }
+    };
+    let bytes = n * factor;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("size {s:?} is out of range"));
+    }
+    Ok(bytes.round() as u64)
+}
+
+/// Splits `1.5h` into its number and unit.
+fn split_quantity<'a>(s: &'a str, what: &str, example: &str) -> Result<(f64, &'a str), String> {
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n = number
+        .parse()
+        .map_err(|_| format!("invalid {what} {s:?}: expected e.g. {example}"))?;
+    Ok((n, unit.trim()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_and_sizes_parse() {
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("7 days").is_err());
+        assert!(parse_duration("d").is_err());
+        assert_eq!(parse_duration("1min"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_size("10GB"), Ok(10_000_000_000));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("512 kb"), Ok(512_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("10 parsecs").is_err());
+        assert!(parse_size("-1GB").is_err());
+    }
 
     #[test]
     fn url_tls_options_are_taken_out() {

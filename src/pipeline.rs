@@ -320,7 +320,7 @@ impl Worker {
             .first()
             .and_then(|r| r.columns.first())
             .and_then(|(_, v)| v.as_deref())
-            .and_then(parse_pg_duration);
+            .and_then(|v| crate::config::parse_duration(v).ok());
         match timeout {
             Some(t) if !t.is_zero() => configured.min(t / 3).max(Duration::from_millis(50)),
             _ => configured,
@@ -599,35 +599,5 @@ impl Worker {
             self.send_status(stream, reply).await?;
         }
         Ok(())
-    }
-}
-
-/// `60s`, `500ms`, `1min`, `0` as `SHOW` prints durations.
-fn parse_pg_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    Some(match unit.trim() {
-        "" | "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "min" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        "d" => Duration::from_secs(n * 86_400),
-        _ => return None,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_as_show_prints_them() {
-        assert_eq!(parse_pg_duration("60s"), Some(Duration::from_secs(60)));
-        assert_eq!(parse_pg_duration("1min"), Some(Duration::from_secs(60)));
-        assert_eq!(parse_pg_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_pg_duration("0"), Some(Duration::ZERO));
-        assert_eq!(parse_pg_duration("x"), None);
     }
 }

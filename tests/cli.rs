@@ -7,7 +7,7 @@ use serde_json::Value as Json;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
-use crate::support::TestDb;
+use crate::support::{run_ok, TestDb};
 
 const LINE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -34,20 +34,6 @@ fn waltap(db: &TestDb, n: &Names, args: &[&str]) -> Command {
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     cmd
-}
-
-async fn run_ok(mut cmd: Command) -> String {
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .expect("command finished in time")
-        .expect("command runs");
-    assert!(
-        out.status.success(),
-        "exit {:?}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("UTF-8 output")
 }
 
 fn ids_of(stdout: &str) -> Vec<i64> {

@@ -1017,9 +1017,11 @@ async fn stream_consumer_killed_mid_stream_resumes_from_its_last_ack() {
     let names = Names::new(&db);
     create_schema_and_setup(&db, &names).await;
     let url = db.url();
+    let run_log = std::env::temp_dir().join(format!("{}-run.log", names.slot));
     let mut run = waltap(&url, &names, &["run", "--table", "items"])
+        .env("WALTAP_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&run_log).unwrap())
         .spawn()
         .expect("waltap run starts");
     let created = stream_cmd(&url, &names, &["create", "s", "--table", "items"])
@@ -1078,11 +1080,15 @@ async fn stream_consumer_killed_mid_stream_resumes_from_its_last_ack() {
         while this_run.len() < want
             && !(1..=ROWS).all(|i| seen.contains(&i) || this_run.contains(&i))
         {
-            let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-                .await
-                .expect("a line in time")
-                .unwrap()
-                .expect("the consumer keeps running");
+            let line = match tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await
+            {
+                Ok(line) => line.unwrap().expect("the consumer keeps running"),
+                Err(_) => panic!(
+                    "no line in 30 s after {:?} (round {round}); waltap run said:\n{}",
+                    this_run.last(),
+                    std::fs::read_to_string(&run_log).unwrap_or_default()
+                ),
+            };
             let v: Json = serde_json::from_str(&line).unwrap();
             if v.get("type").is_some() {
                 continue; // a control item, not a change
@@ -1117,5 +1123,6 @@ async fn stream_consumer_killed_mid_stream_resumes_from_its_last_ack() {
     seen.dedup();
     assert_eq!(seen, (1..=ROWS).collect::<Vec<_>>());
     run.kill().await.unwrap();
+    let _ = std::fs::remove_file(&run_log);
     db.teardown().await;
 }

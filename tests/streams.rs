@@ -19,7 +19,7 @@ use waltap::store::streams::{self, OpenOptions, StreamConsumer, StreamDef, Strea
 use waltap::store::StoreError;
 use waltap::{Event, Position};
 
-use crate::support::{listen, wait_for, TestDb};
+use crate::support::{listen, output, run_ok, wait_for, TestDb};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -761,24 +761,6 @@ fn waltap(db: &TestDb, p: &Pipeline, args: &[&str]) -> Command {
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     cmd
-}
-
-async fn output(mut cmd: Command) -> std::process::Output {
-    tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .expect("command finished in time")
-        .expect("command runs")
-}
-
-async fn run_ok(cmd: Command) -> String {
-    let out = output(cmd).await;
-    assert!(
-        out.status.success(),
-        "exit {:?}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("UTF-8 output")
 }
 
 fn lines(stdout: &str) -> Vec<Json> {

@@ -58,13 +58,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_create: bool,
     /// Delete events appended longer ago than this (e.g. 7d, 12h, 30m).
-    #[arg(long, env = "WALTAP_RETENTION_AGE", value_parser = crate::store::retention::parse_age)]
+    #[arg(long, env = "WALTAP_RETENTION_AGE", value_parser = crate::config::parse_duration)]
     pub retention_age: Option<std::time::Duration>,
     /// Delete the oldest events while this source's events take more than this (e.g. 10GB).
-    #[arg(long, env = "WALTAP_RETENTION_BYTES", value_parser = crate::store::retention::parse_bytes)]
+    #[arg(long, env = "WALTAP_RETENTION_BYTES", value_parser = crate::config::parse_size)]
     pub retention_bytes: Option<u64>,
     /// How often retention runs.
-    #[arg(long, default_value = "1m", value_parser = crate::store::retention::parse_age)]
+    #[arg(long, default_value = "1m", value_parser = crate::config::parse_duration)]
     pub retention_interval: std::time::Duration,
 }
 

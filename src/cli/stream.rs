@@ -99,7 +99,7 @@ pub struct TailArgs {
     pub limit: Option<u64>,
     /// How long the stream stays reserved for this consumer without a read or an ack; a
     /// consumer that dies without closing blocks others (stream_busy) for this long.
-    #[arg(long, default_value = "30s", value_parser = crate::store::retention::parse_age)]
+    #[arg(long, default_value = "30s", value_parser = crate::config::parse_duration)]
     pub lease: std::time::Duration,
 }
 

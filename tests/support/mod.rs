@@ -158,3 +158,23 @@ where
         format!("background task panicked: {msg}")
     })?
 }
+
+/// Runs a command to completion (at most a minute) and returns what it did.
+pub async fn output(mut cmd: tokio::process::Command) -> std::process::Output {
+    tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("command finished in time")
+        .expect("command runs")
+}
+
+/// Runs a command that must succeed and returns its stdout.
+pub async fn run_ok(cmd: tokio::process::Command) -> String {
+    let out = output(cmd).await;
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
