@@ -68,34 +68,31 @@ pub enum Value {
 
 /// UTF-8 validated [`Bytes`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Text(Bytes);
+// `ByteString` keeps the proof of UTF-8 validity with the bytes, so reading the text back
+// (for every value serialized) does not validate it a second time.
+pub struct Text(bytestring::ByteString);
 
 impl Text {
     pub fn new(b: Bytes) -> Result<Text, ValueError> {
-        match std::str::from_utf8(&b) {
-            Ok(_) => Ok(Text(b)),
-            Err(_) => Err(ValueError::InvalidUtf8),
-        }
+        bytestring::ByteString::try_from(b)
+            .map(Text)
+            .map_err(|_| ValueError::InvalidUtf8)
     }
 
     pub fn from_static(s: &'static str) -> Text {
-        Text(Bytes::from_static(s.as_bytes()))
+        Text(bytestring::ByteString::from_static(s))
     }
 
     pub fn as_str(&self) -> &str {
-        // `new` and `from_static` are the only constructors, so this never
-        // fails. Without `unsafe` there is no way to skip the check; std's
-        // ASCII fast path makes it cheap next to the JSON escaping that
-        // follows.
-        std::str::from_utf8(&self.0).unwrap_or_default()
-    }
-
-    pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
 
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+
     pub fn into_bytes(self) -> Bytes {
-        self.0
+        self.0.into_bytes()
     }
 }
 
