@@ -1080,11 +1080,11 @@ async fn stream_consumer_killed_mid_stream_resumes_from_its_last_ack() {
         while this_run.len() < want
             && !(1..=ROWS).all(|i| seen.contains(&i) || this_run.contains(&i))
         {
-            let line = match tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await
+            let line = match tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await
             {
                 Ok(line) => line.unwrap().expect("the consumer keeps running"),
                 Err(_) => panic!(
-                    "no line in 30 s after {:?} (round {round}); waltap run said:\n{}",
+                    "no line in 60 s after {:?} (round {round}); waltap run said:\n{}",
                     this_run.last(),
                     std::fs::read_to_string(&run_log).unwrap_or_default()
                 ),
