@@ -15,6 +15,8 @@ async fn tiny_benchmark_writes_a_well_formed_report() {
         return;
     }
     let out = std::env::temp_dir().join(format!("waltap-bench-smoke-{}", std::process::id()));
+    // Removed however the test ends, failures included.
+    let _cleanup = RemoveOnDrop(out.clone());
     let config = BenchConfig {
         changes: 2000,
         runs: 1,
@@ -84,5 +86,12 @@ async fn tiny_benchmark_writes_a_well_formed_report() {
             c.contender.label()
         );
     }
-    let _ = std::fs::remove_dir_all(&out);
+}
+
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
