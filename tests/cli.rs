@@ -1,13 +1,12 @@
 //! The `waltap` binary: tail, limits, signals, SIGKILL mid-stream, setup and status.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value as Json;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
-use crate::support::{run_ok, TestDb};
+use crate::support::{self, run_ok, TestDb};
 
 const LINE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -24,15 +23,8 @@ fn names(db: &TestDb) -> Names {
 }
 
 fn waltap(db: &TestDb, n: &Names, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_waltap"));
-    cmd.args(args)
-        .args(["--slot", &n.slot, "--publication", &n.publication])
-        .env("DATABASE_URL", db.url())
-        .env("WALTAP_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    let mut cmd = support::waltap(&db.url(), args);
+    cmd.args(["--slot", &n.slot, "--publication", &n.publication]);
     cmd
 }
 
@@ -239,12 +231,8 @@ async fn bad_flags_and_unreachable_servers_are_clear_errors() {
 
 #[tokio::test]
 async fn demo_prints_the_sample_events_and_leaves_nothing_behind() {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_waltap"));
-    cmd.args(["demo", "--orders", "2"])
-        .env("WALTAP_LOG", "warn")
-        .env_remove("DATABASE_URL")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+    let mut cmd = support::waltap("", &["demo", "--orders", "2"]);
+    cmd.env_remove("DATABASE_URL");
     let child_out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
         .await
         .expect("demo finished in time")

@@ -79,15 +79,8 @@ impl Names {
 }
 
 fn waltap(url: &str, names: &Names, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_waltap"));
-    cmd.args(args)
-        .args(["--slot", &names.slot, "--publication", &names.publication])
-        .env("DATABASE_URL", url)
-        .env("WALTAP_LOG", "warn")
-        .env("NO_COLOR", "1")
-        .env_remove("WALTAP_STORE_URL")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+    let mut cmd = crate::support::waltap(url, args);
+    cmd.args(["--slot", &names.slot, "--publication", &names.publication]);
     cmd
 }
 
@@ -994,17 +987,8 @@ async fn postgres_restarted_mid_stream_loses_nothing() {
 /// `waltap stream ...` with the source slot of `names` (stream commands take no
 /// publication).
 fn stream_cmd(url: &str, names: &Names, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_waltap"));
-    cmd.arg("stream")
-        .args(args)
-        .args(["--slot", &names.slot])
-        .env("DATABASE_URL", url)
-        .env("WALTAP_LOG", "warn")
-        .env_remove("WALTAP_STORE_URL")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    let mut cmd = crate::support::waltap(url, &["stream"]);
+    cmd.args(args).args(["--slot", &names.slot]);
     cmd
 }
 

@@ -3,7 +3,6 @@
 //! cursors, and `waltap stream` end to end. The pipeline (`waltap::appender::run`) runs
 //! in-process, appending the test database's changes to its own log.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -750,16 +749,8 @@ async fn the_pipeline_runs_retention() {
 }
 
 fn waltap(db: &TestDb, p: &Pipeline, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_waltap"));
-    cmd.arg("stream")
-        .args(args)
-        .args(["--slot", &p.source])
-        .env("DATABASE_URL", db.url())
-        .env("WALTAP_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    let mut cmd = crate::support::waltap(&db.url(), &["stream"]);
+    cmd.args(args).args(["--slot", &p.source]);
     cmd
 }
 

@@ -178,3 +178,19 @@ pub async fn run_ok(cmd: tokio::process::Command) -> String {
     );
     String::from_utf8(out.stdout).expect("UTF-8 output")
 }
+
+/// The `waltap` binary with `args`, reading `url` as `DATABASE_URL`, quiet logs, no stdin,
+/// stdout and stderr piped, killed if the test drops it.
+pub fn waltap(url: &str, args: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_waltap"));
+    cmd.args(args)
+        .env("DATABASE_URL", url)
+        .env("WALTAP_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .env_remove("WALTAP_STORE_URL")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
