@@ -907,3 +907,47 @@ async fn cli_create_list_tail_delete() {
     p.stop().await;
     db.teardown().await;
 }
+
+/// An ack awaited while the consumer's next page is in flight and not being polled (the
+/// caller polled `next()` once, or raced it in a `select!`) must not wait behind that
+/// page: it once did, on a connection shared with the reader.
+#[tokio::test]
+async fn ack_does_not_wait_behind_an_unpolled_page() {
+    use futures::FutureExt;
+    let db = TestDb::new().await;
+    let p = Pipeline::start(
+        &db,
+        "CREATE TABLE t (id int PRIMARY KEY, v text NOT NULL)",
+        None,
+    )
+    .await;
+    p.create("s", &["t"], None).await;
+    let w = db.client().await;
+    // Two transactions, each row large enough that a page's response
+    // outgrows what the connection buffers for an unpolled request.
+    commit_each(
+        &w,
+        &[
+            "INSERT INTO t SELECT g, repeat('x', 2000) FROM generate_series(1, 100) g",
+            "INSERT INTO t SELECT g, repeat('x', 2000) FROM generate_series(101, 1200) g",
+        ],
+    )
+    .await;
+    p.logged(1200).await;
+    let options = OpenOptions {
+        page_size: 100,
+        ..OpenOptions::default()
+    };
+    let mut c = p.open_with("s", options).await;
+    let first = take(&mut c, 100).await;
+    // The first page is used up: this poll sends the next page's query and returns.
+    if let Some(item) = c.next().now_or_never() {
+        panic!("the next page is not read yet, but got {item:?}");
+    }
+    let acked = tokio::time::timeout(TIMEOUT, c.ack(first[99].position)).await;
+    assert!(acked.is_ok(), "the ack waited behind the unpolled page");
+    acked.unwrap().unwrap();
+    let rest = take(&mut c, 1100).await;
+    assert_eq!(ids(&rest), (101..=1200).collect::<Vec<_>>());
+    p.stop().await;
+}

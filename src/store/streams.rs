@@ -519,8 +519,14 @@ pub fn typed<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// What the consumer and its reader share: the connection, the lease and the progress
-/// of acknowledgements.
+/// What the consumer and its reader share: the lease and the progress of
+/// acknowledgements, and the connection that [`StreamConsumer::ack`] uses.
+///
+/// The reader has a connection of its own. tokio-postgres hands responses out in request
+/// order, one buffered message at a time: had an ack shared the reader's connection, an
+/// ack awaited while a page query of the reader was in flight but not being polled (the
+/// caller raced `next()` against something else, or polled it once) would wait forever
+/// behind that page's rows.
 struct Shared {
     client: Client,
     name: String,
@@ -555,8 +561,8 @@ impl Shared {
     }
 
     /// The lease was not renewed: the stream was deleted, or another consumer holds it.
-    async fn lost(&self) -> StoreError {
-        match busy_or_missing(&self.client, &self.name).await {
+    async fn lost(&self, client: &Client) -> StoreError {
+        match busy_or_missing(client, &self.name).await {
             StoreError::StreamBusy { .. } => StoreError::LeaseLost {
                 name: self.name.clone(),
             },
@@ -564,10 +570,9 @@ impl Shared {
         }
     }
 
-    async fn renew(&self) -> Result<(), StoreError> {
+    async fn renew(&self, client: &Client) -> Result<(), StoreError> {
         let started = Instant::now();
-        let n = self
-            .client
+        let n = client
             .execute(
                 "UPDATE waltap.streams SET lease_expires_at = now() + make_interval(secs => $3)
                  WHERE name = $1 AND lease_holder = $2",
@@ -576,17 +581,17 @@ impl Shared {
             .await
             .map_err(StoreError::sql("renew a stream's lease"))?;
         if n == 0 {
-            return Err(self.lost().await);
+            return Err(self.lost(client).await);
         }
         self.state().renewed_at = started;
         Ok(())
     }
 
-    /// Moves the cursor forward to `to` (never back) and renews the lease.
-    async fn store_cursor(&self, to: Mark) -> Result<(), StoreError> {
+    /// Moves the cursor forward to `to` (never back) and renews the lease, on `client`:
+    /// the caller's own connection (see [`Shared`]).
+    async fn store_cursor(&self, client: &Client, to: Mark) -> Result<(), StoreError> {
         let started = Instant::now();
-        let row = self
-            .client
+        let row = client
             .query_opt(
                 "UPDATE waltap.streams SET
                      cursor_lsn = CASE WHEN ($3::int8, $4::int4) > (cursor_lsn, cursor_ordinal)
@@ -607,7 +612,7 @@ impl Shared {
             .await
             .map_err(StoreError::sql("acknowledge"))?;
         let Some(row) = row else {
-            return Err(self.lost().await);
+            return Err(self.lost(client).await);
         };
         let mut state = self.state();
         state.acked = Mark {
@@ -669,9 +674,10 @@ pub async fn open(
     name: &str,
     options: OpenOptions,
 ) -> Result<StreamConsumer, StoreError> {
-    let (client, notifications) = store.connect_sql_listening().await?;
+    let client = store.connect_sql().await?;
     migrate(&client).await?;
-    client
+    let (reader_client, notifications) = store.connect_sql_listening().await?;
+    reader_client
         .batch_execute(&format!(
             "LISTEN {}",
             crate::replication::quote_ident(NOTIFY_CHANNEL)
@@ -716,7 +722,7 @@ pub async fn open(
     };
     // From here on, a failure releases the lease (dropping `consumer`).
     let cursor = shared.state().acked;
-    let reader = Reader::new(shared, &row, &options, notifications).await?;
+    let reader = Reader::new(shared, reader_client, &row, &options, notifications).await?;
     // A cursor at LSN 0 stands before everything: the log was empty when it was set.
     let initialized = StreamItem::Initialized {
         position: (cursor.lsn != 0).then(|| cursor.position()),
@@ -759,7 +765,7 @@ impl StreamConsumer {
                 return Ok(());
             }
         }
-        self.shared.store_cursor(to).await
+        self.shared.store_cursor(&self.shared.client, to).await
     }
 
     /// Releases the lease now, so that another consumer may open the stream at once.
@@ -801,6 +807,9 @@ struct Stored {
 /// The reading side of a consumer: pages of the log through the stream's view.
 struct Reader {
     shared: Arc<Shared>,
+    /// The reader's own connection (see [`Shared`]), which also receives the append
+    /// notifications.
+    client: Client,
     source: String,
     notifications: mpsc::Receiver<Notification>,
     notifications_open: bool,
@@ -830,6 +839,7 @@ struct Reader {
 impl Reader {
     async fn new(
         shared: Arc<Shared>,
+        client: Client,
         row: &tokio_postgres::Row,
         options: &OpenOptions,
         notifications: mpsc::Receiver<Notification>,
@@ -863,8 +873,7 @@ impl Reader {
             ),
             Some(filter) => compile(&shared, options, &tables, filter).await?,
         };
-        let page = shared
-            .client
+        let page = client
             .prepare(
                 "WITH mark AS (
                      SELECT coalesce(max(pruned_lsn), 0) AS lsn, coalesce(max(pruned_ordinal), -1) AS ord
@@ -898,6 +907,7 @@ impl Reader {
         };
         Ok(Reader {
             shared,
+            client,
             source,
             notifications,
             notifications_open: true,
@@ -937,7 +947,7 @@ impl Reader {
     async fn fill(&mut self) -> Result<(), StoreError> {
         while self.out.is_empty() {
             if self.shared.renewal_due() {
-                self.shared.renew().await?;
+                self.shared.renew(&self.client).await?;
             }
             // Wake-ups from before this read are answered by it.
             while self.notifications.try_recv().is_ok() {}
@@ -973,7 +983,6 @@ impl Reader {
             },
         };
         let rows = self
-            .shared
             .client
             .query(
                 &self.page,
@@ -1081,7 +1090,7 @@ impl Reader {
             state.yielded.is_none_or(|y| state.acked >= y) && state.acked < through
         };
         if advance {
-            self.shared.store_cursor(through).await?;
+            self.shared.store_cursor(&self.client, through).await?;
         }
         Ok(())
     }
