@@ -124,7 +124,7 @@ impl Acker {
 /// listener stops the task; [`Listener::shutdown`] stops it and waits for the final
 /// status update.
 pub struct Listener {
-    rx: mpsc::Receiver<Result<Event, Error>>,
+    rx: mpsc::Receiver<Result<Delivery, Error>>,
     acker: Acker,
     cancel: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -194,11 +194,47 @@ impl Drop for Listener {
     }
 }
 
+/// What a listener hands its owner: the changes (all that [`Listener`]'s `Stream` yields),
+/// and the watermarks of initial-state snapshots, which the hub and the event log need to
+/// match a snapshot with the changes ([`crate::snapshot`]).
+// Nearly every item is an event; boxing it would cost an allocation per event.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Delivery {
+    Event(Event),
+    /// Every transaction that committed before this LSN has been delivered.
+    Watermark(Lsn),
+}
+
+impl Listener {
+    /// The next change or watermark.
+    pub async fn next_delivery(&mut self) -> Option<Result<Delivery, Error>> {
+        self.rx.recv().await
+    }
+
+    /// The next change or watermark if one is ready now.
+    pub fn try_next_delivery(&mut self) -> Option<Option<Result<Delivery, Error>>> {
+        match self.rx.try_recv() {
+            Ok(item) => Some(Some(item)),
+            Err(mpsc::error::TryRecvError::Empty) => None,
+            Err(mpsc::error::TryRecvError::Disconnected) => Some(None),
+        }
+    }
+}
+
 impl Stream for Listener {
     type Item = Result<Event, Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx)
+        loop {
+            return match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(Ok(Delivery::Watermark(_)))) => continue,
+                Poll::Ready(Some(Ok(Delivery::Event(ev)))) => Poll::Ready(Some(Ok(ev))),
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            };
+        }
     }
 }
 
@@ -213,7 +249,7 @@ struct Worker {
     config: ListenerConfig,
     sql: tokio_postgres::Client,
     acks: watch::Receiver<Option<Position>>,
-    tx: mpsc::Sender<Result<Event, Error>>,
+    tx: mpsc::Sender<Result<Delivery, Error>>,
     cancel: CancellationToken,
     assembler: Assembler,
     decoder: Decoder,
@@ -240,7 +276,7 @@ impl Worker {
         config: ListenerConfig,
         sql: tokio_postgres::Client,
         acks: watch::Receiver<Option<Position>>,
-        tx: mpsc::Sender<Result<Event, Error>>,
+        tx: mpsc::Sender<Result<Delivery, Error>>,
         cancel: CancellationToken,
     ) -> Self {
         let tables = (!config.tables.is_empty()).then(|| config.tables.iter().cloned().collect());
@@ -484,18 +520,15 @@ impl Worker {
                         continue; // replayed after a reconnect; the consumer has it
                     }
                     let position = ev.position;
-                    match self.tx.try_send(Ok(ev)) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Closed(_)) => {
-                            return Ok(Some(SessionEnd::ConsumerGone))
-                        }
-                        Err(mpsc::error::TrySendError::Full(item)) => {
-                            if let Some(end) = self.deliver_slow(stream, item).await? {
-                                return Ok(Some(end));
-                            }
-                        }
+                    if let Some(end) = self.send(stream, Delivery::Event(ev)).await? {
+                        return Ok(Some(end));
                     }
                     self.last_delivered = Some(position);
+                }
+                Output::Watermark(lsn) => {
+                    if let Some(end) = self.send(stream, Delivery::Watermark(lsn)).await? {
+                        return Ok(Some(end));
+                    }
                 }
                 Output::Commit { end_lsn, .. } => {
                     let newest = self.pending.back().map_or(self.durable, |p| p.end_lsn);
@@ -511,11 +544,23 @@ impl Worker {
         Ok(None)
     }
 
+    async fn send(
+        &mut self,
+        stream: &mut ReplicationStream,
+        item: Delivery,
+    ) -> Result<Option<SessionEnd>, Error> {
+        match self.tx.try_send(Ok(item)) {
+            Ok(()) => Ok(None),
+            Err(mpsc::error::TrySendError::Closed(_)) => Ok(Some(SessionEnd::ConsumerGone)),
+            Err(mpsc::error::TrySendError::Full(item)) => self.deliver_slow(stream, item).await,
+        }
+    }
+
     /// The consumer is behind: wait for room while sending status updates on schedule.
     async fn deliver_slow(
         &mut self,
         stream: &mut ReplicationStream,
-        item: Result<Event, Error>,
+        item: Result<Delivery, Error>,
     ) -> Result<Option<SessionEnd>, Error> {
         let tx = self.tx.clone();
         let cancel = self.cancel.clone();

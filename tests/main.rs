@@ -8,6 +8,7 @@ mod cli;
 mod crash;
 mod events;
 mod harness_smoke;
+mod initial_state;
 mod listener;
 mod protocol;
 mod streams;

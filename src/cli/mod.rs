@@ -112,6 +112,12 @@ pub struct TailArgs {
     /// needs exactly one --table.
     #[arg(long)]
     pub filter: Option<String>,
+    /// First print the table's current rows that match the filter (`"action": "snapshot"`),
+    /// then `{"type": "snapshotComplete", ...}`, then the changes after them; needs exactly
+    /// one --table. Runs as an ephemeral subscription: events are confirmed as they are
+    /// read, and a restart starts over with the current rows.
+    #[arg(long)]
+    pub initial_state: bool,
 }
 
 #[derive(Debug, Args)]
@@ -186,14 +192,32 @@ async fn tail(args: TailArgs) -> anyhow::Result<()> {
     if args.temporary && args.source.slot == "waltap" {
         config.slot = format!("waltap_tmp_{}", std::process::id());
     }
-    let view = match &args.filter {
+    let filter = args
+        .filter
+        .as_deref()
+        .map(serde_json::from_str::<Filter>)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("invalid --filter: {e}"))?;
+    if args.initial_state {
+        let [table] = config.tables.as_slice() else {
+            anyhow::bail!("--initial-state needs exactly one --table");
+        };
+        let table = table.to_string();
+        let hub = crate::Hub::start(crate::HubConfig::new(config)).await?;
+        let options = crate::hub::SubscribeOptions {
+            initial_state: true,
+        };
+        let sub = hub.subscribe_with(&table, filter, options).await?;
+        let result = print_items(sub, args.limit).await;
+        hub.shutdown().await;
+        return result;
+    }
+    let view = match filter {
         None => None,
-        Some(text) => {
+        Some(filter) => {
             let [table] = config.tables.as_slice() else {
                 anyhow::bail!("--filter needs exactly one --table");
             };
-            let filter: Filter =
-                serde_json::from_str(text).map_err(|e| anyhow::anyhow!("invalid --filter: {e}"))?;
             let client = config.source.connect_sql().await?;
             let schema = crate::catalog::table_schema(&client, table)
                 .await
@@ -287,6 +311,48 @@ pub async fn print_events(
     drop(out);
     listener.shutdown().await;
     result
+}
+
+/// Prints a subscription's items as JSON lines until `limit` change events (control items
+/// and snapshot rows do not count), a signal, a closed stdout or an error.
+async fn print_items(mut sub: crate::Subscription, limit: Option<u64>) -> anyhow::Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+    let mut printed = 0u64;
+    let mut stop = std::pin::pin!(shutdown_signal());
+    while limit.is_none_or(|l| printed < l) {
+        let mut next = tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            item = sub.next() => item,
+        };
+        loop {
+            let item = match next {
+                None => anyhow::bail!("the subscription ended"),
+                Some(item) => item?,
+            };
+            if let Err(e) = serde_json::to_writer(&mut out, &item)
+                .map_err(std::io::Error::from)
+                .and_then(|_| out.write_all(b"\n"))
+            {
+                return stdout_closed(e);
+            }
+            if matches!(item, crate::SubscriptionItem::Event(_)) {
+                printed += 1;
+            }
+            if limit.is_some_and(|l| printed >= l) {
+                break;
+            }
+            match sub.next().now_or_never() {
+                Some(item) => next = item,
+                None => break,
+            }
+        }
+        if let Err(e) = out.flush() {
+            return stdout_closed(e);
+        }
+    }
+    out.flush().or_else(stdout_closed)
 }
 
 fn stdout_closed(e: std::io::Error) -> anyhow::Result<()> {
