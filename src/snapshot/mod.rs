@@ -92,21 +92,27 @@ impl SnapshotError {
 }
 
 /// One row of an initial state. On the wire:
-/// `{"action": "snapshot", "schema": ..., "table": ..., "row": {...}}`.
+/// `{"action": "snapshot", "schema": ..., "table": ..., "row": {...}}`, plus `"seq"` for the
+/// rows of a persisted stream's initial state: their number, from 1, which the consumer
+/// acknowledges to resume after it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SnapshotRow<R = Row> {
     pub schema: Arc<str>,
     pub table: Arc<str>,
     pub row: R,
+    pub seq: Option<u64>,
 }
 
 impl<R: Serialize> Serialize for SnapshotRow<R> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(Some(4))?;
+        let mut map = s.serialize_map(None)?;
         map.serialize_entry("action", "snapshot")?;
         map.serialize_entry("schema", &*self.schema)?;
         map.serialize_entry("table", &*self.table)?;
         map.serialize_entry("row", &self.row)?;
+        if let Some(seq) = self.seq {
+            map.serialize_entry("seq", &seq)?;
+        }
         map.end()
     }
 }
@@ -118,12 +124,14 @@ impl<'de, R: serde::Deserialize<'de>> serde::Deserialize<'de> for SnapshotRow<R>
             schema: String,
             table: String,
             row: R,
+            seq: Option<u64>,
         }
         let w = Wire::<R>::deserialize(d)?;
         Ok(SnapshotRow {
             schema: Arc::from(w.schema),
             table: Arc::from(w.table),
             row: w.row,
+            seq: w.seq,
         })
     }
 }
@@ -163,6 +171,7 @@ impl SnapshotRow<Row> {
             row: serde_json::to_value(&self.row)?,
             schema: self.schema,
             table: self.table,
+            seq: self.seq,
         })
     }
 }
@@ -322,6 +331,7 @@ impl TableRows<'_> {
                     names: self.names.clone(),
                     values,
                 },
+                seq: None,
             });
         }
         if rows.is_empty() {
