@@ -48,6 +48,7 @@ pub mod pgoutput;
 pub mod pipeline;
 pub mod replication;
 pub mod setup;
+pub mod spill;
 pub mod store;
 pub mod tls;
 pub mod value;

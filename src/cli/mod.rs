@@ -83,6 +83,17 @@ pub struct SourceArgs {
     /// Limit to this table (`schema.table` or `table` for public); repeatable.
     #[arg(long = "table", short = 't')]
     pub tables: Vec<String>,
+    /// Create the slot as a failover slot (PostgreSQL 17+), kept in sync on standbys.
+    #[arg(long, env = "WALTAP_FAILOVER")]
+    pub failover: bool,
+    /// Where large transactions streamed before their commit are kept until it arrives
+    /// (default: the system temp directory).
+    #[arg(long, env = "WALTAP_SPILL_DIR")]
+    pub spill_dir: Option<std::path::PathBuf>,
+    /// How much of such transactions may stay in memory before going to --spill-dir
+    /// (e.g. 16MB).
+    #[arg(long, env = "WALTAP_SPILL_MEMORY_LIMIT", default_value = "16MB", value_parser = crate::config::parse_size)]
+    pub spill_memory_limit: u64,
 }
 
 impl SourceArgs {
@@ -149,6 +160,11 @@ impl SourceArgs {
         config.slot = self.slot.clone();
         config.publication = self.publication.clone();
         config.tables = self.tables();
+        config.failover_slot = self.failover;
+        config.spill = crate::spill::SpillConfig {
+            dir: self.spill_dir.clone(),
+            memory_limit: usize::try_from(self.spill_memory_limit).unwrap_or(usize::MAX),
+        };
         Ok(config)
     }
 }
@@ -364,6 +380,7 @@ async fn print_report(
             create_publication: create,
             create_slot: create,
             temporary_slot: false,
+            failover_slot: args.failover,
         },
     )
     .await?;
