@@ -69,6 +69,9 @@ pub struct ListenerConfig {
     /// Where transactions streamed while in progress are kept until they commit, and how
     /// much of them may stay in memory.
     pub spill: SpillConfig,
+    /// Ask for large transactions while they are in progress (`streaming 'on'`), rather
+    /// than have the server hold them until commit (its own spill files, then one burst).
+    pub stream_in_progress: bool,
     /// Create the slot as a failover slot (PostgreSQL 17+), synchronized to standbys.
     pub failover_slot: bool,
 }
@@ -90,6 +93,7 @@ impl ListenerConfig {
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(30),
             spill: SpillConfig::default(),
+            stream_in_progress: true,
             failover_slot: false,
         }
     }
@@ -321,7 +325,14 @@ impl Worker {
                 quote_literal(&quote_ident(&self.config.publication)),
             ),
             ("messages", quote_literal("true")),
-            ("streaming", quote_literal("on")),
+            (
+                "streaming",
+                quote_literal(if self.config.stream_in_progress {
+                    "on"
+                } else {
+                    "off"
+                }),
+            ),
         ];
         let start = self.durable;
         let stream = conn
