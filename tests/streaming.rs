@@ -239,7 +239,7 @@ async fn rolled_back_subtransactions_inside_a_large_one_lose_only_their_rows() {
     ]
     .concat();
     c.batch_execute(&sql).await.unwrap();
-    let events = take_both(&mut streamed, &mut reference, 14_000).await;
+    let events = take_both(&mut streamed, &mut reference, 9_000).await;
     let got = ids(&events, "id");
     let want: Vec<i64> = (1..=6000).chain(12_001..=15_000).collect();
     assert_eq!(got.len(), want.len());
