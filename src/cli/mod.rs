@@ -45,6 +45,9 @@ pub enum Command {
     Stream(stream::StreamCommand),
     /// Try waltap in one command: a throwaway local Postgres, sample writes, their events.
     Demo(DemoArgs),
+    /// Print the directory of the PostgreSQL server binaries `demo` and the tests use;
+    /// with WALTAP_PG=14..18 that version is fetched first (npm) when not cached.
+    PgBindir,
 }
 
 #[derive(Debug, Args)]
@@ -150,6 +153,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run_pipeline(args).await,
         Command::Stream(cmd) => stream::run(cmd).await,
         Command::Demo(args) => crate::demo::run(args.orders).await,
+        Command::PgBindir => {
+            let dir = tokio::task::spawn_blocking(crate::localpg::find_bindir).await??;
+            println!("{}", dir.display());
+            Ok(())
+        }
     }
 }
 
