@@ -745,6 +745,8 @@ fn protocol_version(server_version_num: u32) -> Result<u32, Error> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[test]

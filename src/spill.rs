@@ -414,6 +414,8 @@ fn parse_header(header: &[u8]) -> (u32, usize) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     fn drain(mut r: Replay) -> Vec<Bytes> {

@@ -377,7 +377,7 @@ async fn large_transaction_memory_stays_bounded() {
 }
 
 #[tokio::test]
-#[ignore = "2M rows: about a minute on two cores; run with --ignored"]
+#[ignore = "2M rows: about 100 s with the debug binary on two cores; run with --ignored"]
 async fn two_million_row_transaction_memory_stays_bounded() {
     let peak = tail_through_large_transaction(2_000_000).await;
     eprintln!("waltap tail, 2M-row transaction, 1 MB spill limit: peak RSS {peak} kB");

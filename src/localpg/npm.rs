@@ -255,6 +255,8 @@ fn create_readable_dir(dir: &Path) -> Result<(), LocalPgError> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[test]
