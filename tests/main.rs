@@ -14,3 +14,4 @@ mod streaming;
 mod streams;
 mod subscribe;
 mod support;
+mod versions;

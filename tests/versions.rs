@@ -12,6 +12,20 @@ fn version() -> u32 {
 }
 
 #[tokio::test]
+async fn the_server_is_the_version_asked_for() {
+    // WALTAP_PG must never fall back silently to another server.
+    let Some(major) = std::env::var("WALTAP_PG")
+        .ok()
+        .and_then(|v| v.split('.').next()?.parse::<u32>().ok())
+    else {
+        return;
+    };
+    if std::env::var_os("DATABASE_URL").is_none() {
+        assert_eq!(version() / 10_000, major, "WALTAP_PG={major}");
+    }
+}
+
+#[tokio::test]
 async fn start_replication_asks_for_the_servers_best_protocol_and_streaming() {
     let db = TestDb::new().await;
     let c = db.client().await;
@@ -22,42 +36,49 @@ async fn start_replication_asks_for_the_servers_best_protocol_and_streaming() {
     let slot = cfg.slot.clone();
     let mut l = listen::start(cfg).await;
     // The walsender shows the replication command it runs.
-    let mut command = String::new();
-    wait_for("the walsender's START_REPLICATION", Duration::from_secs(30), || {
-        let c = &c;
-        let slot = &slot;
-        let command = &mut command;
-        async move {
-            let row = c
-                .query_opt(
-                    "SELECT query FROM pg_stat_activity
-                     WHERE backend_type = 'walsender' AND query LIKE '%' || $1 || '%'",
-                    &[slot],
-                )
+    wait_for(
+        "the walsender's START_REPLICATION",
+        Duration::from_secs(30),
+        || async {
+            replication_command(&c, &slot)
                 .await
-                .unwrap();
-            *command = row.map(|r| r.get::<_, String>(0)).unwrap_or_default();
-            command.starts_with("START_REPLICATION")
-        }
-    })
+                .starts_with("START_REPLICATION")
+        },
+    )
     .await;
+    let command = replication_command(&c, &slot).await;
     let want = if version() < 150_000 { "'2'" } else { "'3'" };
     assert!(
-        command.contains(&format!("proto_version {want}")),
+        command.contains(&format!("\"proto_version\" {want}")),
         "{command}"
     );
-    assert!(command.contains("streaming 'on'"), "{command}");
-    assert!(command.contains("messages 'true'"), "{command}");
+    assert!(command.contains("\"streaming\" 'on'"), "{command}");
+    assert!(command.contains("\"messages\" 'true'"), "{command}");
     c.batch_execute("INSERT INTO v VALUES (1)").await.unwrap();
     assert_eq!(json_all(&take(&mut l, 1).await)[0]["created"]["id"], 1);
     l.shutdown().await;
     db.teardown().await;
 }
 
+async fn replication_command(c: &tokio_postgres::Client, slot: &str) -> String {
+    c.query_opt(
+        "SELECT query FROM pg_stat_activity
+         WHERE backend_type = 'walsender' AND query LIKE '%' || $1 || '%'",
+        &[&slot],
+    )
+    .await
+    .unwrap()
+    .map(|r| r.get::<_, String>(0))
+    .unwrap_or_default()
+}
+
 #[tokio::test]
 async fn publication_row_filters_and_column_lists_shape_events() {
     if version() < 150_000 {
-        eprintln!("row filters and column lists need PostgreSQL 15; skipped on {}", version());
+        eprintln!(
+            "row filters and column lists need PostgreSQL 15; skipped on {}",
+            version()
+        );
         return;
     }
     let db = TestDb::new().await;
@@ -112,7 +133,10 @@ async fn publication_row_filters_and_column_lists_shape_events() {
         want.map(|(t, a, i)| (t.to_string(), a.to_string(), i))
             .to_vec()
     );
-    assert_eq!(events[1]["deleted"]["amount"], 20, "the whole old row (FULL)");
+    assert_eq!(
+        events[1]["deleted"]["amount"], 20,
+        "the whole old row (FULL)"
+    );
     assert_eq!(events[2]["created"]["amount"], 50);
     // The column list: only the listed columns exist in the events.
     assert_eq!(
