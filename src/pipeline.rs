@@ -473,13 +473,6 @@ impl Worker {
                     lsn: wal_end,
                     source,
                 })?;
-                if let LogicalMessage::Relation(rel) = &decoded {
-                    for oid in self.assembler.unresolved_types(rel) {
-                        let kind = resolve_type(&self.sql, oid).await?;
-                        tracing::debug!(oid, ?kind, "resolved column type");
-                        self.assembler.register_type(oid, kind);
-                    }
-                }
                 return match decoded {
                     LogicalMessage::StreamStart(s) => {
                         self.spool.start(s.xid, s.first_segment)?;
@@ -537,6 +530,16 @@ impl Worker {
         stream: &mut ReplicationStream,
         msg: LogicalMessage,
     ) -> Result<Option<SessionEnd>, Error> {
+        // Resolved here rather than on arrival: a Relation sent inside a streamed
+        // transaction may use a type that transaction created, which the catalog shows
+        // only once it has committed, i.e. when its messages are replayed.
+        if let LogicalMessage::Relation(rel) = &msg {
+            for oid in self.assembler.unresolved_types(rel) {
+                let kind = resolve_type(&self.sql, oid).await?;
+                tracing::debug!(oid, ?kind, "resolved column type");
+                self.assembler.register_type(oid, kind);
+            }
+        }
         let mut out = std::mem::take(&mut self.out);
         let result = self.assembler.handle(msg, &mut out);
         let delivered = self.deliver(stream, &mut out).await;

@@ -54,13 +54,13 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Two listeners on the table: streaming with a small memory limit spilling into `dir`,
-/// and streaming off (the reference).
-async fn listeners(db: &TestDb, table: &str, dir: &Path) -> (Listener, Listener) {
-    let mut streamed = listen::config(db, &[table]);
+/// Two listeners on the tables (none: every table, also those created later): streaming
+/// with a small memory limit spilling into `dir`, and streaming off (the reference).
+async fn listeners(db: &TestDb, tables: &[&str], dir: &Path) -> (Listener, Listener) {
+    let mut streamed = listen::config(db, tables);
     streamed.spill.dir = Some(dir.to_path_buf());
     streamed.spill.memory_limit = 32 * 1024;
-    let mut reference: ListenerConfig = listen::config(db, &[table]);
+    let mut reference: ListenerConfig = listen::config(db, tables);
     reference.slot = db.unique_name("refslot");
     reference.publication = streamed.publication.clone();
     reference.stream_in_progress = false;
@@ -113,7 +113,7 @@ fn ids(events: &[Json], key: &str) -> Vec<i64> {
 async fn large_transaction_is_received_while_open_and_emitted_at_commit_in_order() {
     let db = streaming_db("CREATE TABLE big (id int PRIMARY KEY, pad text)").await;
     let dir = spill_dir(&db);
-    let (mut streamed, mut reference) = listeners(&db, "big", &dir).await;
+    let (mut streamed, mut reference) = listeners(&db, &["big"], &dir).await;
     let slot = streamed.setup_report().slot.as_ref().unwrap().name.clone();
 
     let big = db.client().await;
@@ -175,7 +175,7 @@ async fn large_transaction_is_received_while_open_and_emitted_at_commit_in_order
 async fn rolled_back_large_transaction_emits_nothing() {
     let db = streaming_db("CREATE TABLE big (id int PRIMARY KEY, pad text)").await;
     let dir = spill_dir(&db);
-    let (mut streamed, mut reference) = listeners(&db, "big", &dir).await;
+    let (mut streamed, mut reference) = listeners(&db, &["big"], &dir).await;
     let slot = streamed.setup_report().slot.as_ref().unwrap().name.clone();
 
     let c = db.client().await;
@@ -212,7 +212,7 @@ async fn rolled_back_large_transaction_emits_nothing() {
 async fn rolled_back_subtransactions_inside_a_large_one_lose_only_their_rows() {
     let db = streaming_db("CREATE TABLE big (id int PRIMARY KEY, pad text)").await;
     let dir = spill_dir(&db);
-    let (mut streamed, mut reference) = listeners(&db, "big", &dir).await;
+    let (mut streamed, mut reference) = listeners(&db, &["big"], &dir).await;
     let slot = streamed.setup_report().slot.as_ref().unwrap().name.clone();
 
     let rows = |from: i32, to: i32| {
@@ -257,6 +257,44 @@ async fn rolled_back_subtransactions_inside_a_large_one_lose_only_their_rows() {
         ids(&take_both(&mut streamed, &mut reference, 1).await, "id"),
         vec![-1]
     );
+
+    streamed.shutdown().await;
+    reference.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    db.teardown().await;
+}
+
+#[tokio::test]
+async fn types_tables_and_columns_created_inside_a_large_transaction() {
+    let db = streaming_db("CREATE TABLE big (id int PRIMARY KEY, pad text)").await;
+    let dir = spill_dir(&db);
+    let (mut streamed, mut reference) = listeners(&db, &[], &dir).await;
+    let rows = |from: i32, to: i32| {
+        format!(
+            "INSERT INTO fresh (id, m, pad) SELECT g, 'happy', repeat('x', 100)
+             FROM generate_series({from}, {to}) g;"
+        )
+    };
+    // The Relation messages arrive inside the stream, before the type they use is
+    // visible to any other session: it must be looked up at commit, and the second
+    // description (after ADD COLUMN) must apply to the rows after it only.
+    let sql = [
+        "BEGIN;
+         CREATE TYPE mood AS ENUM ('sad', 'happy');
+         CREATE TABLE fresh (id int PRIMARY KEY, m mood, pad text);"
+            .to_string(),
+        rows(1, 3000),
+        "ALTER TABLE fresh ADD COLUMN extra int DEFAULT 7;".into(),
+        rows(3001, 6000),
+        "COMMIT;".into(),
+    ]
+    .concat();
+    db.client().await.batch_execute(&sql).await.unwrap();
+    let events = take_both(&mut streamed, &mut reference, 6000).await;
+    assert_eq!(events[0]["created"]["m"], "happy");
+    assert!(events[2999]["created"].get("extra").is_none());
+    assert_eq!(events[3000]["created"]["extra"], 7);
+    assert_eq!(ids(&events, "id"), (1..=6000).collect::<Vec<i64>>());
 
     streamed.shutdown().await;
     reference.shutdown().await;
