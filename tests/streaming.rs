@@ -80,6 +80,65 @@ async fn take_both(streamed: &mut Listener, reference: &mut Listener, n: usize) 
     a
 }
 
+/// A test database with table `big`, and the two listeners of [`listeners`].
+struct Pair {
+    db: TestDb,
+    dir: PathBuf,
+    streamed: Listener,
+    reference: Listener,
+}
+
+impl Pair {
+    async fn start(tables: &[&str]) -> Pair {
+        let db = streaming_db("CREATE TABLE big (id int PRIMARY KEY, pad text)").await;
+        let dir = spill_dir(&db);
+        let (streamed, reference) = listeners(&db, tables, &dir).await;
+        Pair {
+            db,
+            dir,
+            streamed,
+            reference,
+        }
+    }
+
+    async fn take(&mut self, n: usize) -> Vec<Json> {
+        take_both(&mut self.streamed, &mut self.reference, n).await
+    }
+
+    /// Begins a 20,000-row transaction on `c` and leaves it open once its changes have
+    /// reached the listener: they are on disk (memory limit 32 KiB) before any commit.
+    async fn open_large_transaction(&self, c: &tokio_postgres::Client) {
+        c.batch_execute(
+            "BEGIN; INSERT INTO big SELECT g, repeat('x', 100) FROM generate_series(1, 20000) g",
+        )
+        .await
+        .unwrap();
+        wait_for(
+            "streamed changes spilled to disk",
+            listen::EVENT_TIMEOUT,
+            || async { files_under(&self.dir) > 0 },
+        )
+        .await;
+    }
+
+    /// Checks that the server really streamed, then stops and cleans up.
+    async fn finish(self) {
+        let slot = self
+            .streamed
+            .setup_report()
+            .slot
+            .as_ref()
+            .unwrap()
+            .name
+            .clone();
+        assert_streamed(&self.db, &slot).await;
+        self.streamed.shutdown().await;
+        self.reference.shutdown().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        self.db.teardown().await;
+    }
+}
+
 /// `stream_txns` of the slot: proof that the server did stream, not just deliver at commit.
 async fn streamed_txns(db: &TestDb, slot: &str) -> i64 {
     db.client()
@@ -111,26 +170,11 @@ fn ids(events: &[Json], key: &str) -> Vec<i64> {
 
 #[tokio::test]
 async fn large_transaction_is_received_while_open_and_emitted_at_commit_in_order() {
-    let db = streaming_db("CREATE TABLE big (id int PRIMARY KEY, pad text)").await;
-    let dir = spill_dir(&db);
-    let (mut streamed, mut reference) = listeners(&db, &["big"], &dir).await;
-    let slot = streamed.setup_report().slot.as_ref().unwrap().name.clone();
+    let mut t = Pair::start(&["big"]).await;
 
-    let big = db.client().await;
-    let small = db.client().await;
-    big.batch_execute(
-        "BEGIN; INSERT INTO big SELECT g, repeat('x', 100) FROM generate_series(1, 20000) g",
-    )
-    .await
-    .unwrap();
-    // The open transaction's changes reach the listener before its commit: they are on
-    // disk (memory limit 32 KiB) while the transaction is still open.
-    wait_for(
-        "streamed changes spilled to disk",
-        listen::EVENT_TIMEOUT,
-        || async { files_under(&dir) > 0 },
-    )
-    .await;
+    let big = t.db.client().await;
+    let small = t.db.client().await;
+    t.open_large_transaction(&big).await;
     // Small transactions committing meanwhile come out first, in their commit order.
     small
         .batch_execute("INSERT INTO big VALUES (-1, 'a'); INSERT INTO big VALUES (-2, 'b')")
@@ -144,7 +188,7 @@ async fn large_transaction_is_received_while_open_and_emitted_at_commit_in_order
         .await
         .unwrap();
 
-    let events = take_both(&mut streamed, &mut reference, 20_004).await;
+    let events = t.take(20_004).await;
     let got = ids(&events, "id");
     let mut want = vec![-1, -2];
     want.extend(1..=20_001);
@@ -157,68 +201,42 @@ async fn large_transaction_is_received_while_open_and_emitted_at_commit_in_order
     assert!(positions.windows(2).all(|w| w[0] < w[1]), "positions rise");
     assert_eq!(events[2]["tx"]["index"], 0);
     assert_eq!(events[20_002]["tx"]["last"], true);
-    assert_streamed(&db, &slot).await;
     wait_for(
         "spill files removed after the commit",
         listen::EVENT_TIMEOUT,
-        || async { files_under(&dir) == 0 },
+        || async { files_under(&t.dir) == 0 },
     )
     .await;
-
-    streamed.shutdown().await;
-    reference.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
-    db.teardown().await;
+    t.finish().await;
 }
 
 #[tokio::test]
 async fn rolled_back_large_transaction_emits_nothing() {
-    let db = streaming_db("CREATE TABLE big (id int PRIMARY KEY, pad text)").await;
-    let dir = spill_dir(&db);
-    let (mut streamed, mut reference) = listeners(&db, &["big"], &dir).await;
-    let slot = streamed.setup_report().slot.as_ref().unwrap().name.clone();
+    let mut t = Pair::start(&["big"]).await;
 
-    let c = db.client().await;
-    c.batch_execute(
-        "BEGIN; INSERT INTO big SELECT g, repeat('x', 100) FROM generate_series(1, 20000) g",
-    )
-    .await
-    .unwrap();
-    wait_for(
-        "streamed changes spilled to disk",
-        listen::EVENT_TIMEOUT,
-        || async { files_under(&dir) > 0 },
-    )
-    .await;
+    let c = t.db.client().await;
+    t.open_large_transaction(&c).await;
     c.batch_execute("ROLLBACK; INSERT INTO big VALUES (-1, 'marker')")
         .await
         .unwrap();
-    let events = take_both(&mut streamed, &mut reference, 1).await;
+    let events = t.take(1).await;
     assert_eq!(ids(&events, "id"), vec![-1]);
-    assert_streamed(&db, &slot).await;
     assert_eq!(
-        files_under(&dir),
+        files_under(&t.dir),
         0,
         "the aborted transaction's file is gone"
     );
-
-    streamed.shutdown().await;
-    reference.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
-    db.teardown().await;
+    t.finish().await;
 }
 
 #[tokio::test]
 async fn rolled_back_subtransactions_inside_a_large_one_lose_only_their_rows() {
-    let db = streaming_db("CREATE TABLE big (id int PRIMARY KEY, pad text)").await;
-    let dir = spill_dir(&db);
-    let (mut streamed, mut reference) = listeners(&db, &["big"], &dir).await;
-    let slot = streamed.setup_report().slot.as_ref().unwrap().name.clone();
+    let mut t = Pair::start(&["big"]).await;
 
     let rows = |from: i32, to: i32| {
         format!("INSERT INTO big SELECT g, repeat('x', 100) FROM generate_series({from}, {to}) g;")
     };
-    let c = db.client().await;
+    let c = t.db.client().await;
     let sql = [
         "BEGIN;".to_string(),
         rows(1, 5000),
@@ -239,7 +257,7 @@ async fn rolled_back_subtransactions_inside_a_large_one_lose_only_their_rows() {
     ]
     .concat();
     c.batch_execute(&sql).await.unwrap();
-    let events = take_both(&mut streamed, &mut reference, 9_000).await;
+    let events = t.take(9_000).await;
     let got = ids(&events, "id");
     let want: Vec<i64> = (1..=6000).chain(12_001..=15_000).collect();
     assert_eq!(got.len(), want.len());
@@ -248,27 +266,17 @@ async fn rolled_back_subtransactions_inside_a_large_one_lose_only_their_rows() {
         "only the rolled-back subtransactions' rows are missing"
     );
     assert_eq!(events.last().unwrap()["tx"]["last"], true);
-    assert_streamed(&db, &slot).await;
     // Nothing more: the next event is a marker written afterwards.
     c.batch_execute("INSERT INTO big VALUES (-1, 'marker')")
         .await
         .unwrap();
-    assert_eq!(
-        ids(&take_both(&mut streamed, &mut reference, 1).await, "id"),
-        vec![-1]
-    );
-
-    streamed.shutdown().await;
-    reference.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
-    db.teardown().await;
+    assert_eq!(ids(&t.take(1).await, "id"), vec![-1]);
+    t.finish().await;
 }
 
 #[tokio::test]
 async fn types_tables_and_columns_created_inside_a_large_transaction() {
-    let db = streaming_db("CREATE TABLE big (id int PRIMARY KEY, pad text)").await;
-    let dir = spill_dir(&db);
-    let (mut streamed, mut reference) = listeners(&db, &[], &dir).await;
+    let mut t = Pair::start(&[]).await;
     let rows = |from: i32, to: i32| {
         format!(
             "INSERT INTO fresh (id, m, pad) SELECT g, 'happy', repeat('x', 100)
@@ -289,17 +297,13 @@ async fn types_tables_and_columns_created_inside_a_large_transaction() {
         "COMMIT;".into(),
     ]
     .concat();
-    db.client().await.batch_execute(&sql).await.unwrap();
-    let events = take_both(&mut streamed, &mut reference, 6000).await;
+    t.db.client().await.batch_execute(&sql).await.unwrap();
+    let events = t.take(6000).await;
     assert_eq!(events[0]["created"]["m"], "happy");
     assert!(events[2999]["created"].get("extra").is_none());
     assert_eq!(events[3000]["created"]["extra"], 7);
     assert_eq!(ids(&events, "id"), (1..=6000).collect::<Vec<i64>>());
-
-    streamed.shutdown().await;
-    reference.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
-    db.teardown().await;
+    t.finish().await;
 }
 
 /// Peak resident memory of a process, from /proc (kB).
@@ -319,18 +323,15 @@ async fn tail_through_large_transaction(rows: u32) -> u64 {
     let slot = db.unique_name("slot");
     let publication = db.unique_name("pub");
     let url = db.url();
-    let setup = waltap(
-        &url,
-        &[
-            "setup",
-            "--slot",
-            &slot,
-            "--publication",
-            &publication,
-            "--table",
-            "big",
-        ],
-    );
+    let source = [
+        "--slot",
+        &slot,
+        "--publication",
+        &publication,
+        "--table",
+        "big",
+    ];
+    let setup = waltap(&url, &[&["setup"][..], &source].concat());
     crate::support::run_ok(setup).await;
 
     let c = db.client().await;
@@ -341,24 +342,15 @@ async fn tail_through_large_transaction(rows: u32) -> u64 {
     .unwrap();
     let limit = rows.to_string();
     let spill = dir.display().to_string();
-    let mut cmd = waltap(
-        &url,
-        &[
-            "tail",
-            "--slot",
-            &slot,
-            "--publication",
-            &publication,
-            "--table",
-            "big",
-            "--limit",
-            &limit,
-            "--spill-dir",
-            &spill,
-            "--spill-memory-limit",
-            "1MB",
-        ],
-    );
+    let tail = [
+        "--limit",
+        &limit,
+        "--spill-dir",
+        &spill,
+        "--spill-memory-limit",
+        "1MB",
+    ];
+    let mut cmd = waltap(&url, &[&["tail"][..], &source, &tail].concat());
     cmd.stdout(std::process::Stdio::piped());
     let mut child = cmd.spawn().unwrap();
     let pid = child.id().unwrap();
@@ -396,7 +388,6 @@ async fn tail_through_large_transaction(rows: u32) -> u64 {
     let last: Json = serde_json::from_str(&last.unwrap()).unwrap();
     assert_eq!(last["created"]["id"], rows);
     assert_eq!(last["tx"]["last"], true);
-    assert_streamed(&db, &slot).await;
     assert_eq!(files_under(&dir), 0);
     let _ = std::fs::remove_dir_all(&dir);
     db.teardown().await;
