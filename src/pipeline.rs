@@ -14,6 +14,10 @@
 //! - Keepalives asking for a reply are answered at once, and a status update goes out at
 //!   least every `status_interval` (kept under a third of `wal_sender_timeout`), also while
 //!   the consumer is slow and the channel is full.
+//! - Transactions the server streams before their commit (`streaming 'on'`) are held by
+//!   [`crate::spill`] and become events only at Stream Commit, through the same assembler
+//!   as any other transaction (same positions and ids); while one is open the flush
+//!   position does not follow the server's send position.
 //! - Transient failures (connection lost, server restarting) reconnect with backoff; the
 //!   server resends from the confirmed position and events already handed out in this
 //!   process are skipped by position, so the consumer sees each change once per process.
