@@ -49,6 +49,7 @@ pub mod pipeline;
 pub mod replication;
 pub mod setup;
 pub mod snapshot;
+pub mod spill;
 pub mod store;
 pub mod tls;
 pub mod value;

@@ -11,6 +11,8 @@ mod harness_smoke;
 mod initial_state;
 mod listener;
 mod protocol;
+mod streaming;
 mod streams;
 mod subscribe;
 mod support;
+mod versions;

@@ -50,6 +50,7 @@ impl Pipeline {
             create_publication: true,
             create_slot: true,
             temporary_slot: false,
+            failover_slot: false,
         };
         if let Err(e) = waltap::setup::prepare(&db.client().await, &setup).await {
             panic!("setting up the slot: {e}");

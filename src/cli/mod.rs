@@ -45,6 +45,9 @@ pub enum Command {
     Stream(stream::StreamCommand),
     /// Try waltap in one command: a throwaway local Postgres, sample writes, their events.
     Demo(DemoArgs),
+    /// Print the directory of the PostgreSQL server binaries `demo` and the tests use;
+    /// with WALTAP_PG=14..18 that version is fetched first (npm) when not cached.
+    PgBindir,
 }
 
 #[derive(Debug, Args)]
@@ -83,6 +86,17 @@ pub struct SourceArgs {
     /// Limit to this table (`schema.table` or `table` for public); repeatable.
     #[arg(long = "table", short = 't')]
     pub tables: Vec<String>,
+    /// Create the slot as a failover slot (PostgreSQL 17+), kept in sync on standbys.
+    #[arg(long, env = "WALTAP_FAILOVER")]
+    pub failover: bool,
+    /// Where large transactions streamed before their commit are kept until it arrives
+    /// (default: the system temp directory).
+    #[arg(long, env = "WALTAP_SPILL_DIR")]
+    pub spill_dir: Option<std::path::PathBuf>,
+    /// How much of such transactions may stay in memory before going to --spill-dir
+    /// (e.g. 16MB).
+    #[arg(long, env = "WALTAP_SPILL_MEMORY_LIMIT", default_value = "16MB", value_parser = crate::config::parse_size)]
+    pub spill_memory_limit: u64,
 }
 
 impl SourceArgs {
@@ -145,6 +159,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run_pipeline(args).await,
         Command::Stream(cmd) => stream::run(cmd).await,
         Command::Demo(args) => crate::demo::run(args.orders).await,
+        Command::PgBindir => {
+            let dir = tokio::task::spawn_blocking(crate::localpg::find_bindir).await??;
+            println!("{}", dir.display());
+            Ok(())
+        }
     }
 }
 
@@ -155,6 +174,11 @@ impl SourceArgs {
         config.slot = self.slot.clone();
         config.publication = self.publication.clone();
         config.tables = self.tables();
+        config.failover_slot = self.failover;
+        config.spill = crate::spill::SpillConfig {
+            dir: self.spill_dir.clone(),
+            memory_limit: usize::try_from(self.spill_memory_limit).unwrap_or(usize::MAX),
+        };
         Ok(config)
     }
 }
@@ -430,6 +454,7 @@ async fn print_report(
             create_publication: create,
             create_slot: create,
             temporary_slot: false,
+            failover_slot: args.failover,
         },
     )
     .await?;
