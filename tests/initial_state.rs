@@ -11,6 +11,7 @@ use futures::StreamExt;
 use serde_json::{json, Value as Json};
 use waltap::filter::Filter;
 use waltap::hub::SubscribeOptions;
+use waltap::store::streams::{self, OpenOptions, StreamConsumer, StreamDef, StreamItem};
 use waltap::{Hub, HubConfig, Position, Subscription, SubscriptionItem};
 
 use crate::support::{listen, wait_for, TestDb};
@@ -86,7 +87,7 @@ impl Copy {
     }
 
     /// Applies one item; in transitions mode `appear`/`disappear` enter and leave the set.
-    fn apply(&mut self, item: SubscriptionItem) {
+    fn apply<R: serde::Serialize>(&mut self, item: SubscriptionItem<R>) {
         let item = serde_json::to_value(&item).unwrap();
         match item.get("type").and_then(Json::as_str) {
             Some("initialized") => return,
@@ -341,4 +342,205 @@ async fn a_table_without_primary_key_is_read_in_physical_order() {
         other => panic!("expected the delete, got {other:?}"),
     }
     hub.shutdown().await;
+}
+
+/// `waltap run` in-process: the log of `acc`, filled from a slot made before this returns.
+struct Log {
+    slot: String,
+    store: waltap::config::SourceConfig,
+    cancel: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), waltap::appender::AppendError>>,
+}
+
+impl Log {
+    async fn start(db: &TestDb) -> Log {
+        let mut config = waltap::appender::AppenderConfig::new(listen::config(db, &[]));
+        config.max_batch_delay = Duration::from_millis(20);
+        let setup = waltap::setup::SetupOptions {
+            slot: config.listener.slot.clone(),
+            publication: config.listener.publication.clone(),
+            tables: Vec::new(),
+            create_publication: true,
+            create_slot: true,
+            temporary_slot: false,
+            failover_slot: false,
+        };
+        waltap::setup::prepare(&db.client().await, &setup)
+            .await
+            .unwrap();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        Log {
+            slot: config.listener.slot.clone(),
+            store: config.store.clone(),
+            cancel: cancel.clone(),
+            task: tokio::spawn(waltap::appender::run(config, cancel)),
+        }
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+async fn next_stream_item(c: &mut StreamConsumer) -> StreamItem {
+    match tokio::time::timeout(TIMEOUT, c.next()).await {
+        Ok(Some(Ok(item))) => item,
+        other => panic!("expected a stream item, got {other:?}"),
+    }
+}
+
+/// Reads a stream into the copy while the writers run, stops them, then reads until the
+/// sentinel row arrives, acknowledging as it goes.
+async fn follow_stream(
+    db: &TestDb,
+    c: &mut StreamConsumer,
+    copy: &mut Copy,
+    stop: Arc<AtomicBool>,
+    writers: Vec<tokio::task::JoinHandle<u64>>,
+) {
+    let mut stopped = Some((stop, writers));
+    while !copy.rows.contains_key(&0) {
+        let item = next_stream_item(c).await;
+        match &item {
+            StreamItem::Snapshot(row) => c.ack_snapshot(row.seq.unwrap()).await.unwrap(),
+            StreamItem::Event(ev) => c.ack(ev.position).await.unwrap(),
+            _ => {}
+        }
+        copy.apply(item);
+        if copy.changes >= 200 {
+            if let Some((stop, writers)) = stopped.take() {
+                stop.store(true, Ordering::Relaxed);
+                for w in writers {
+                    w.await.unwrap();
+                }
+                db.client()
+                    .await
+                    .batch_execute("INSERT INTO acc VALUES (0, 0, 'sentinel')")
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stream_with_initial_state_resumes_mid_snapshot_without_loss() {
+    let db = TestDb::new().await;
+    table(&db, false).await;
+    let log = Log::start(&db).await;
+    let (stop, w) = busy(&db).await;
+    let store = log.store.connect_sql().await.unwrap();
+    let def = StreamDef {
+        name: "warm".into(),
+        source: log.slot.clone(),
+        tables: vec!["acc".into()],
+        filter: None,
+        initial_state: true,
+        from: None,
+    };
+    streams::create(&store, &store, &def).await.unwrap();
+    let options = || OpenOptions {
+        page_size: 100,
+        lease: Duration::from_secs(5),
+        ..OpenOptions::default()
+    };
+    // The first consumer makes the copy, reads a part of it and goes away.
+    let mut copy = Copy::default();
+    let mut c = streams::open(&log.store, "warm", options()).await.unwrap();
+    let mut taken = 0;
+    while taken < 1000 {
+        match next_stream_item(&mut c).await {
+            StreamItem::Initialized { .. } => {}
+            item @ StreamItem::Snapshot(_) => {
+                copy.apply(item);
+                taken += 1;
+            }
+            other => panic!("expected snapshot rows, got {other:?}"),
+        }
+    }
+    c.ack_snapshot(1000).await.unwrap();
+    c.close().await;
+    // The next one resumes after the acknowledged row, while the writers go on.
+    let mut c = streams::open(&log.store, "warm", options()).await.unwrap();
+    assert!(matches!(
+        next_stream_item(&mut c).await,
+        StreamItem::Initialized { .. }
+    ));
+    match next_stream_item(&mut c).await {
+        StreamItem::Snapshot(row) => {
+            assert_eq!(
+                row.seq,
+                Some(1001),
+                "resumes after the last acknowledged row"
+            );
+            copy.apply(StreamItem::Snapshot(row));
+        }
+        other => panic!("expected the next snapshot row, got {other:?}"),
+    }
+    follow_stream(&db, &mut c, &mut copy, stop, w).await;
+    assert!(copy.snapshot_rows >= ROWS as usize - 50);
+    assert_eq!(
+        copy.rows,
+        current(&db, "true").await,
+        "the copy equals the table"
+    );
+    let info = streams::get(&store, "warm").await.unwrap();
+    assert_eq!(
+        Some(info.cursor),
+        copy.last,
+        "acknowledged through the last change"
+    );
+    c.close().await;
+    log.stop().await;
+}
+
+#[tokio::test]
+async fn export_then_a_stream_from_its_position_equal_the_table() {
+    let db = TestDb::new().await;
+    table(&db, false).await;
+    let log = Log::start(&db).await;
+    let (stop, w) = busy(&db).await;
+    let out = crate::support::run_ok({
+        let mut cmd = crate::support::waltap(&db.url(), &["export", "acc"]);
+        cmd.args(["--slot", &log.slot]);
+        cmd
+    })
+    .await;
+    let lines: Vec<Json> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let last = lines.last().unwrap();
+    assert_eq!(last["type"], "snapshotComplete", "{last}");
+    let from: Position = last["position"].as_str().unwrap().parse().unwrap();
+    let mut copy = Copy::default();
+    for line in &lines[..lines.len() - 1] {
+        assert_eq!(line["action"], "snapshot");
+        let row = &line["row"];
+        assert!(copy.rows.insert(Copy::key(row), row.clone()).is_none());
+    }
+    assert!(copy.rows.len() >= ROWS as usize - 50);
+    copy.complete = Some(Some(from));
+    let store = log.store.connect_sql().await.unwrap();
+    let def = StreamDef {
+        name: "incremental".into(),
+        source: log.slot.clone(),
+        tables: vec!["acc".into()],
+        filter: None,
+        initial_state: false,
+        from: Some(from),
+    };
+    streams::create(&store, &store, &def).await.unwrap();
+    let mut c = streams::open(&log.store, "incremental", OpenOptions::default())
+        .await
+        .unwrap();
+    follow_stream(&db, &mut c, &mut copy, stop, w).await;
+    assert_eq!(
+        copy.rows,
+        current(&db, "true").await,
+        "export + changes equal the table"
+    );
+    c.close().await;
+    log.stop().await;
 }

@@ -76,6 +76,8 @@ impl Pipeline {
             source: self.source.clone(),
             tables: tables.iter().map(|t| t.to_string()).collect(),
             filter: filter.map(|f| serde_json::from_value::<Filter>(f).unwrap()),
+            initial_state: false,
+            from: None,
         };
         if let Err(e) = streams::create(&client, &client, &def).await {
             panic!("creating stream {name}: {e}");
@@ -240,6 +242,8 @@ async fn create_list_delete() {
         source: p.source.clone(),
         tables: tables.iter().map(|t| t.to_string()).collect(),
         filter: filter.map(|f| serde_json::from_value(f).unwrap()),
+        initial_state: false,
+        from: None,
     };
     let filter = json!({"create": {"plan": "pro"}});
     let info = streams::create(
@@ -634,7 +638,7 @@ async fn retention_by_age_and_stale_cursors() {
     late.close().await;
 
     // After re-reading the current rows, a stale stream starts again from the head.
-    let info = streams::reset(&store, "early").await.unwrap();
+    let info = streams::reset(&store, "early", false).await.unwrap();
     assert!(info.cursor > through);
     let mut early = p.open("early").await;
     w.batch_execute("INSERT INTO t VALUES (6)").await.unwrap();

@@ -3,6 +3,7 @@
 //! Data goes to stdout (JSON lines), logs to stderr. Defaults work against the Postgres of
 //! `docker compose up` (`postgres://postgres:postgres@localhost:5432/postgres`).
 
+mod export;
 mod stream;
 
 use std::io::Write;
@@ -43,6 +44,8 @@ pub enum Command {
     /// Manage and consume persisted streams (named, resumable, at-least-once).
     #[command(subcommand)]
     Stream(stream::StreamCommand),
+    /// Print a table's current rows as JSON lines, then the position to continue from.
+    Export(export::ExportArgs),
     /// Try waltap in one command: a throwaway local Postgres, sample writes, their events.
     Demo(DemoArgs),
     /// Print the directory of the PostgreSQL server binaries `demo` and the tests use;
@@ -158,6 +161,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => status(args).await,
         Command::Run(args) => run_pipeline(args).await,
         Command::Stream(cmd) => stream::run(cmd).await,
+        Command::Export(args) => export::run(args).await,
         Command::Demo(args) => crate::demo::run(args.orders).await,
         Command::PgBindir => {
             let dir = tokio::task::spawn_blocking(crate::localpg::find_bindir).await??;

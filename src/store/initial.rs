@@ -196,6 +196,17 @@ where
     Ok(())
 }
 
+/// Which rows a stream's initial state holds.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamRows<'a> {
+    /// The stream.
+    pub name: &'a str,
+    /// Its source (slot) in the log.
+    pub source: &'a str,
+    pub tables: &'a [TableName],
+    pub filter: Option<&'a Filter>,
+}
+
 /// Copies the initial state of stream `name` into `waltap.snapshot_rows` in one store
 /// transaction (an interrupted copy leaves nothing behind and is redone by the next
 /// consumer), and moves the stream's cursor to the snapshot's position. `store` must not
@@ -205,11 +216,14 @@ pub async fn materialize(
     store_config: &SourceConfig,
     catalog: &Client,
     watched: &SourceConfig,
-    name: &str,
-    source: &str,
-    tables: &[TableName],
-    filter: Option<&Filter>,
+    stream: &StreamRows<'_>,
 ) -> Result<i64, StoreError> {
+    let StreamRows {
+        name,
+        source,
+        tables,
+        filter,
+    } = *stream;
     let compiled = compile(catalog, tables, filter).await?;
     let (mut session, at) = settle(store_config, source, watched, tables).await?;
     store
@@ -218,7 +232,10 @@ pub async fn materialize(
         .map_err(StoreError::sql("begin the copy of an initial state"))?;
     let copied = async {
         store
-            .execute("DELETE FROM waltap.snapshot_rows WHERE stream = $1", &[&name])
+            .execute(
+                "DELETE FROM waltap.snapshot_rows WHERE stream = $1",
+                &[&name],
+            )
             .await
             .map_err(StoreError::sql("clear an old initial state"))?;
         let insert = store

@@ -15,8 +15,8 @@
 //! [`LogWriter`] is the seam where another log (NATS JetStream, Kafka) could replace the
 //! Postgres table; [`PgLog`] is the Postgres implementation.
 
-mod postgres;
 pub mod initial;
+mod postgres;
 pub mod retention;
 pub mod streams;
 
@@ -76,6 +76,8 @@ pub enum StoreError {
     LeaseLost { name: String },
     #[error("initial state: {0}")]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error("writing the initial state: {0}")]
+    Io(#[from] std::io::Error),
     #[error("the event log has no progress for source {0:?} yet: an initial state's position comes from the log, so keep it filled (waltap run or waltap serve) and try again")]
     NoLog(String),
 }
