@@ -40,6 +40,7 @@
 //!                 println!("{:?} user {} on {}", transition, user.id, user.plan);
 //!             }
 //!         }
+//!         _ => {} // initial-state items, when asked for (SubscribeOptions)
 //!     }
 //! }
 //! # Ok(()) }
