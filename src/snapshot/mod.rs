@@ -40,6 +40,10 @@ use crate::value::decode_text;
 
 pub use visibility::{check_joined, settle, CommittedTx, XidSnapshot};
 
+/// Prefix of the transactional message that flushes a watermark to disk; ignored by
+/// every reader.
+const FLUSH_PREFIX: &str = "waltap.flush";
+
 /// Rows fetched per round trip.
 pub const DEFAULT_CHUNK_ROWS: usize = 1000;
 
@@ -211,6 +215,18 @@ impl Session {
             .map_err(SnapshotError::sql(
                 "take the snapshot and write its watermark",
             ))?;
+        // The message is in WAL but not necessarily flushed, and logical decoding reads only
+        // flushed WAL: on a quiet database it could wait for the next flush for many
+        // seconds. Committing a transaction that wrote WAL flushes everything before it.
+        source
+            .connect_sql()
+            .await?
+            .execute(
+                "SELECT pg_logical_emit_message(true, $1, '')",
+                &[&FLUSH_PREFIX],
+            )
+            .await
+            .map_err(SnapshotError::sql("flush the watermark"))?;
         let xids = XidSnapshot::parse(row.get(0))?;
         let watermark: String = row.get(1);
         let watermark = watermark

@@ -60,7 +60,7 @@ pub enum StoreError {
     InvalidStreamName(String),
     #[error("stream {name:?} is busy: another consumer holds it until {until} (stream_busy)")]
     StreamBusy { name: String, until: String },
-    #[error("the cursor of stream {name:?} ({cursor}) points before the oldest retained event (retention deleted through {pruned}): re-read the current rows and start again (stale_cursor)")]
+    #[error("the cursor of stream {name:?} ({cursor}) points before the oldest retained event (retention deleted through {pruned}): start again from the current rows, e.g. waltap stream reset NAME --initial-state (stale_cursor)")]
     StaleCursor {
         name: String,
         cursor: String,
