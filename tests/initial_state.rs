@@ -356,18 +356,7 @@ impl Log {
     async fn start(db: &TestDb) -> Log {
         let mut config = waltap::appender::AppenderConfig::new(listen::config(db, &[]));
         config.max_batch_delay = Duration::from_millis(20);
-        let setup = waltap::setup::SetupOptions {
-            slot: config.listener.slot.clone(),
-            publication: config.listener.publication.clone(),
-            tables: Vec::new(),
-            create_publication: true,
-            create_slot: true,
-            temporary_slot: false,
-            failover_slot: false,
-        };
-        waltap::setup::prepare(&db.client().await, &setup)
-            .await
-            .unwrap();
+        listen::prepare_slot(db, &config.listener).await;
         let cancel = tokio_util::sync::CancellationToken::new();
         Log {
             slot: config.listener.slot.clone(),

@@ -40,21 +40,7 @@ impl Pipeline {
         config.retention = retention;
         let source = config.listener.slot.clone();
         let store = config.store.clone();
-        // The slot exists before this returns, so every later commit reaches it (a slot
-        // the pipeline creates itself becomes consistent only once all transactions
-        // running in the cluster at that time have ended).
-        let setup = waltap::setup::SetupOptions {
-            slot: source.clone(),
-            publication: config.listener.publication.clone(),
-            tables: Vec::new(),
-            create_publication: true,
-            create_slot: true,
-            temporary_slot: false,
-            failover_slot: false,
-        };
-        if let Err(e) = waltap::setup::prepare(&db.client().await, &setup).await {
-            panic!("setting up the slot: {e}");
-        }
+        listen::prepare_slot(db, &config.listener).await;
         let cancel = CancellationToken::new();
         let task = tokio::spawn(appender::run(config, cancel.clone()));
         Pipeline {
@@ -623,7 +609,7 @@ async fn retention_by_age_and_stale_cursors() {
     // Reading past the pruned mark fails, at open and at a read; never a silent skip.
     let e = open_err(&p.store, "early", OpenOptions::default()).await;
     assert_eq!(e.code(), "stale_cursor");
-    assert!(e.to_string().contains("re-read the current rows"), "{e}");
+    assert!(e.to_string().contains("start again from the current rows"), "{e}");
     let e = next_error(&mut reader).await;
     assert_eq!(e.code(), "stale_cursor");
     assert!(
