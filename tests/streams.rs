@@ -609,7 +609,10 @@ async fn retention_by_age_and_stale_cursors() {
     // Reading past the pruned mark fails, at open and at a read; never a silent skip.
     let e = open_err(&p.store, "early", OpenOptions::default()).await;
     assert_eq!(e.code(), "stale_cursor");
-    assert!(e.to_string().contains("start again from the current rows"), "{e}");
+    assert!(
+        e.to_string().contains("start again from the current rows"),
+        "{e}"
+    );
     let e = next_error(&mut reader).await;
     assert_eq!(e.code(), "stale_cursor");
     assert!(

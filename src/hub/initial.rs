@@ -21,6 +21,7 @@ pub(super) struct Job {
     pub hub: Direct,
     pub source: SourceConfig,
     pub table: TableSchema,
+    pub published: snapshot::Published,
     pub filter: CompiledFilter,
     pub commands: mpsc::Sender<Command>,
     /// Changes held while the rows are read before the subscriber counts as lagging.
@@ -125,7 +126,11 @@ impl Run {
         };
         let (mut session, after) = self.settle(joined).await?;
         let mut rows = session
-            .table(&self.job.table, snapshot::DEFAULT_CHUNK_ROWS)
+            .table(
+                &self.job.table,
+                &self.job.published,
+                snapshot::DEFAULT_CHUNK_ROWS,
+            )
             .await?;
         while let Some(chunk) = rows.next_chunk().await? {
             for row in chunk {

@@ -371,6 +371,10 @@ impl Hub {
         let published = crate::setup::published_tables(client, &self.publication)
             .await
             .map_err(Error::from)?;
+        let restriction = match options.initial_state {
+            true => crate::snapshot::Published::lookup(client, &self.publication, &table).await?,
+            false => crate::snapshot::Published::default(),
+        };
         drop(guard);
         if !published.iter().any(|p| p.table == table.to_string()) {
             return Err(SubscriptionError::NotPublished(table.to_string()));
@@ -409,6 +413,7 @@ impl Hub {
                 hub: direct,
                 source: self.source.clone(),
                 table: schema,
+                published: restriction,
                 filter,
                 commands: self.commands.clone(),
                 buffer_limit: self.queue.saturating_mul(64),

@@ -242,14 +242,20 @@ impl Session {
     }
 
     /// Reads `table` in primary-key order (physical order without a key), `chunk_rows` at
-    /// a time.
+    /// a time, as `publication` publishes it.
     pub async fn table(
         &mut self,
         table: &TableSchema,
+        publication: &Published,
         chunk_rows: usize,
     ) -> Result<TableRows<'_>, SnapshotError> {
         self.cursors += 1;
         let cursor = format!("waltap_snapshot_{}", self.cursors);
+        let mut table = table.clone();
+        if let Some(listed) = &publication.columns {
+            table.columns.retain(|c| listed.contains(&c.name));
+        }
+        let table = &table;
         let columns: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
         let mut sql = format!(
             "DECLARE {} NO SCROLL CURSOR FOR SELECT {} FROM {}.{}",
@@ -262,6 +268,11 @@ impl Session {
             quote_ident(&table.schema),
             quote_ident(&table.table),
         );
+        if let Some(filter) = &publication.row_filter {
+            // The publication's own WHERE, as the catalog prints it.
+            sql.push_str(" WHERE ");
+            sql.push_str(filter);
+        }
         if !table.primary_key.is_empty() {
             let key: Vec<String> = table.primary_key.iter().map(|c| quote_ident(c)).collect();
             sql.push_str(" ORDER BY ");
@@ -355,6 +366,47 @@ impl TableRows<'_> {
             return Ok(None);
         }
         Ok(Some(rows))
+    }
+}
+
+/// What a publication sends of a table: a column list and a row filter (PostgreSQL 15+).
+/// The rows of an initial state are restricted the same way, so that they look like the
+/// table's events.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Published {
+    pub columns: Option<Vec<String>>,
+    pub row_filter: Option<String>,
+}
+
+impl Published {
+    /// The column list and row filter of `table` in `publication` (none before 15).
+    pub async fn lookup(
+        client: &Client,
+        publication: &str,
+        table: &TableName,
+    ) -> Result<Published, SnapshotError> {
+        let version: i32 = client
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(SnapshotError::sql("read the server version"))?
+            .get(0);
+        if version < 150000 {
+            return Ok(Published::default());
+        }
+        let row = client
+            .query_opt(
+                "SELECT attnames::text[], rowfilter FROM pg_publication_tables
+                 WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                &[&publication, &table.schema, &table.table],
+            )
+            .await
+            .map_err(SnapshotError::sql(
+                "read the publication's column list and row filter",
+            ))?;
+        Ok(row.map_or_else(Published::default, |r| Published {
+            columns: r.get(0),
+            row_filter: r.get(1),
+        }))
     }
 }
 

@@ -18,7 +18,7 @@ use crate::event::{Position, TableName};
 use crate::filter::{CompiledFilter, Filter};
 use crate::lsn::Lsn;
 use crate::replication::quote_ident;
-use crate::snapshot::{self, CommittedTx, Session, SnapshotError, SnapshotRow};
+use crate::snapshot::{self, CommittedTx, Published, Session, SnapshotError, SnapshotRow};
 
 /// How long the log may take to pass a snapshot's watermark.
 pub const WATERMARK_WAIT: Duration = Duration::from_secs(60);
@@ -179,7 +179,9 @@ where
     Fut: std::future::Future<Output = Result<(), StoreError>>,
 {
     for (schema, filter) in tables {
-        let mut rows = session.table(schema, snapshot::DEFAULT_CHUNK_ROWS).await?;
+        let mut rows = session
+            .table(schema, &Published::default(), snapshot::DEFAULT_CHUNK_ROWS)
+            .await?;
         while let Some(chunk) = rows.next_chunk().await? {
             let mut admitted = Vec::with_capacity(chunk.len());
             for row in chunk {
