@@ -735,6 +735,13 @@ impl StreamConsumer {
         &self.shared.name
     }
 
+    /// True while the reader has read everything the log holds for the stream and waits
+    /// for appends, with every event it read handed out: a poll that finds nothing now
+    /// finds nothing until the next append.
+    pub fn is_idle(&self) -> bool {
+        self.shared.state().quiet_through.is_some()
+    }
+
     /// The last acknowledged position.
     pub fn cursor(&self) -> Position {
         self.shared.state().acked.position()
@@ -744,6 +751,35 @@ impl StreamConsumer {
     /// again, to this consumer or a later one. Positions at or before the cursor change
     /// nothing. Acknowledge only positions you received: everything before one counts as
     /// handled. Renews the lease.
+    pub async fn ack(&self, position: Position) -> Result<(), StoreError> {
+        self.acker().ack(position).await
+    }
+
+    /// A handle that acknowledges for this consumer without borrowing it, so that one
+    /// task can acknowledge while the consumer is being read (e.g. a server session).
+    pub fn acker(&self) -> StreamAcker {
+        StreamAcker {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Releases the lease now, so that another consumer may open the stream at once.
+    /// Dropping the consumer does the same in the background, best effort.
+    pub async fn close(mut self) {
+        self.released = true;
+        self.shared.release().await;
+    }
+}
+
+/// Acknowledges for a [`StreamConsumer`] ([`StreamConsumer::acker`]); valid while the
+/// consumer holds the lease.
+#[derive(Clone)]
+pub struct StreamAcker {
+    shared: Arc<Shared>,
+}
+
+impl StreamAcker {
+    /// As [`StreamConsumer::ack`].
     pub async fn ack(&self, position: Position) -> Result<(), StoreError> {
         let mut to = Mark::of(position);
         {
@@ -760,13 +796,6 @@ impl StreamConsumer {
             }
         }
         self.shared.store_cursor(to).await
-    }
-
-    /// Releases the lease now, so that another consumer may open the stream at once.
-    /// Dropping the consumer does the same in the background, best effort.
-    pub async fn close(mut self) {
-        self.released = true;
-        self.shared.release().await;
     }
 }
 
