@@ -10,6 +10,7 @@ mod events;
 mod harness_smoke;
 mod listener;
 mod protocol;
+mod server;
 mod streams;
 mod subscribe;
 mod support;

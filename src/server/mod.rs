@@ -283,7 +283,7 @@ pub async fn serve(
     // Subscriptions read live on a temporary slot of their own: nothing to confirm, and
     // it vanishes with the process.
     let mut hub_listener = appender_config.listener.clone();
-    hub_listener.slot = format!("{}_hub_{}", slot, std::process::id());
+    hub_listener.slot = hub_slot_name(&slot, std::process::id());
     hub_listener.temporary_slot = true;
     hub_listener.create_slot = true;
     let mut hub_config = HubConfig::new(hub_listener);
@@ -368,6 +368,13 @@ pub async fn serve(
         Ok(result) => result.map_err(ServerError::Io),
         Err(e) => Err(ServerError::Io(std::io::Error::other(e))),
     }
+}
+
+/// `<slot>_h<pid>`, the slot part shortened so the name fits Postgres' 63 bytes.
+fn hub_slot_name(slot: &str, pid: u32) -> String {
+    let suffix = format!("_h{pid}");
+    let keep: String = slot.chars().take(63 - suffix.len()).collect();
+    format!("{keep}{suffix}")
 }
 
 fn cors_layer(origins: &[String]) -> Result<Option<tower_http::cors::CorsLayer>, ServerError> {
@@ -578,6 +585,12 @@ mod tests {
             .map(|p| p.as_object().unwrap().len())
             .sum();
         assert_eq!(described, ROUTES.len(), "docs/openapi.json describes routes the server lacks");
+    }
+
+    #[test]
+    fn hub_slot_names_fit() {
+        assert_eq!(hub_slot_name("waltap", 42), "waltap_h42");
+        assert_eq!(hub_slot_name(&"s".repeat(63), 4_000_000).len(), 63);
     }
 
     #[test]
