@@ -28,6 +28,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("too many open connections for this key (at most {0}): close some first")]
     TooManyConnections(usize),
+    #[error("the request body is too large (at most {0} bytes)")]
+    TooLarge(usize),
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error(transparent)]
@@ -47,6 +49,7 @@ impl ApiError {
             ApiError::BadFilter(_) => "bad_filter",
             ApiError::NotFound(_) => "not_found",
             ApiError::TooManyConnections(_) => "too_many_connections",
+            ApiError::TooLarge(_) => "payload_too_large",
             ApiError::ShuttingDown => "shutting_down",
             ApiError::Store(e) => e.code(),
             ApiError::Subscription(e) => e.code(),
@@ -62,6 +65,7 @@ impl ApiError {
             "stream_busy" | "conflict" => StatusCode::CONFLICT,
             "stale_cursor" => StatusCode::GONE,
             "too_many_connections" => StatusCode::TOO_MANY_REQUESTS,
+            "payload_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
             "shutting_down" | "source_stopped" => StatusCode::SERVICE_UNAVAILABLE,
             "lagged" => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -71,6 +75,18 @@ impl ApiError {
     /// The error object, as in the body of an error response and in `error` stream items.
     pub fn body(&self) -> serde_json::Value {
         error_body(self.code(), &self.to_string())
+    }
+}
+
+/// A JSON request body, or the error that says what is wrong with it.
+pub fn json_body<T>(
+    body: Result<axum::Json<T>, axum::extract::rejection::JsonRejection>,
+    max_bytes: usize,
+) -> Result<T, ApiError> {
+    match body {
+        Ok(axum::Json(value)) => Ok(value),
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::TooLarge(max_bytes)),
+        Err(e) => Err(ApiError::BadRequest(e.body_text())),
     }
 }
 

@@ -520,7 +520,7 @@ async fn tokens(
     body: Result<Json<TokenRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     caller.require_key()?;
-    let Json(req) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let req = error::json_body(body, state.limits.max_body_bytes)?;
     let ttl = req.ttl_seconds.unwrap_or(3600);
     if ttl == 0 || ttl > state.limits.max_token_ttl.as_secs() {
         return Err(ApiError::BadRequest(format!(

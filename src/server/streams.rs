@@ -26,7 +26,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
 use super::auth::{Caller, ConnectionSlot};
-use super::error::ApiError;
+use super::error::{self, ApiError};
 use super::metrics::SubscriberGauge;
 use super::session::{self, Frame, Inbound, Out};
 use super::{AppState, Shared};
@@ -84,7 +84,7 @@ pub(super) async fn create(
 ) -> Result<Response, ApiError> {
     caller.require_key()?;
     caller.check_streams()?;
-    let Json(req) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let req = error::json_body(body, state.limits.max_body_bytes)?;
     caller.check_table(&TableName::parse(&req.table))?;
     let filter = state.filter(req.filter)?;
     let store = state.store.get().await?;
@@ -424,7 +424,7 @@ pub(super) async fn ack(
     Path(name): Path<String>,
     body: Result<Json<AckRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(req) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let req = error::json_body(body, state.limits.max_body_bytes)?;
     authorize(&state, &caller, &name).await?;
     let live = state
         .consumers
