@@ -4,6 +4,7 @@
 mod api;
 mod browser;
 mod delivery;
+mod example;
 mod process;
 
 use std::time::Duration;
