@@ -56,7 +56,9 @@ async fn run(pg: &LocalPg, args: &Args) -> anyhow::Result<()> {
     let url = pg.url("postgres");
     let source = SourceConfig::parse(&url)?;
     let admin = source.connect_sql().await?;
-    admin.batch_execute(&workload::create_latency_table_sql()).await?;
+    admin
+        .batch_execute(&workload::create_latency_table_sql())
+        .await?;
     let mut listener = ListenerConfig::new(source.clone());
     listener.slot = "sse_bench".into();
     listener.publication = "sse_bench".into();
@@ -64,21 +66,29 @@ async fn run(pg: &LocalPg, args: &Args) -> anyhow::Result<()> {
         &format!("[[key]]\nsecret = \"{KEY}\"\ntables = [\"*\"]\nstreams = true"),
         Some("bench"),
     )?;
-    let mut config = ServerConfig::new(waltap::appender::AppenderConfig::new(listener.clone()), keys);
+    let mut config = ServerConfig::new(
+        waltap::appender::AppenderConfig::new(listener.clone()),
+        keys,
+    );
     config.subscriber_queue = 100_000;
     config.limits.connections_per_key = 10_000;
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", tcp.local_addr()?);
     let cancel = CancellationToken::new();
     let server = tokio::spawn(waltap::server::serve(config, tcp, cancel.clone()));
-    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build()?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()?;
     wait_healthy(&http, &base).await?;
 
     println!("| SSE clients | events each | seconds | events/s per client | events/s delivered |");
     println!("|---|---|---|---|---|");
     for &n in &args.clients {
         let (eps, total, secs) = throughput(&http, &base, &admin, n, args.events).await?;
-        println!("| {n} | {} | {secs:.2} | {eps:.0} | {total:.0} |", args.events);
+        println!(
+            "| {n} | {} | {secs:.2} | {eps:.0} | {total:.0} |",
+            args.events
+        );
     }
 
     println!("\n| consumer | commits | commits/s | p50 ms | p90 ms | p99 ms | max ms |");
@@ -128,7 +138,10 @@ async fn run(pg: &LocalPg, args: &Args) -> anyhow::Result<()> {
         anyhow::ensure!(Instant::now() < deadline, "not every commit arrived");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    for (name, ms) in [("in-process Hub subscription", &direct_ms), ("SSE /v1/subscribe (HTTP, loopback)", &sse_ms)] {
+    for (name, ms) in [
+        ("in-process Hub subscription", &direct_ms),
+        ("SSE /v1/subscribe (HTTP, loopback)", &sse_ms),
+    ] {
         let mut v = ms.lock().map_err(|_| anyhow!("poisoned"))?.clone();
         v.sort_by(f64::total_cmp);
         let p = |q| percentile(&v, q).map_or("-".into(), |x| format!("{x:.2}"));
@@ -161,10 +174,18 @@ fn record(into: &Mutex<Vec<f64>>, text: &str) {
 async fn wait_healthy(http: &reqwest::Client, base: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if http.get(format!("{base}/healthz")).send().await.is_ok_and(|r| r.status() == 200) {
+        if http
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
             return Ok(());
         }
-        anyhow::ensure!(Instant::now() < deadline, "the server did not become healthy");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the server did not become healthy"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -207,7 +228,9 @@ async fn throughput(
             let mut got = 0u64;
             let mut tail = String::new();
             while got < events {
-                let Some(Ok(chunk)) = body.next().await else { break };
+                let Some(Ok(chunk)) = body.next().await else {
+                    break;
+                };
                 tail.push_str(&String::from_utf8_lossy(&chunk));
                 let found = tail.matches("event: change").count() as u64;
                 got += found;
@@ -236,8 +259,15 @@ async fn throughput(
         last = last.max(t.await?);
     }
     let secs = last.duration_since(start).as_secs_f64();
-    anyhow::ensure!(delivered.load(Ordering::Relaxed) >= events * n as u64, "not every event arrived");
-    Ok((events as f64 / secs, (events * n as u64) as f64 / secs, secs))
+    anyhow::ensure!(
+        delivered.load(Ordering::Relaxed) >= events * n as u64,
+        "not every event arrived"
+    );
+    Ok((
+        events as f64 / secs,
+        (events * n as u64) as f64 / secs,
+        secs,
+    ))
 }
 
 trait FloorBoundary {

@@ -224,9 +224,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let keys = match (&args.keys_file, std::env::var("WALTAP_API_KEYS")) {
         (Some(path), _) => Keys::from_file(path, token_secret.as_deref())?,
         (None, Ok(text)) => Keys::from_toml(&text, token_secret.as_deref())?,
-        (None, Err(_)) => anyhow::bail!(
-            "no API keys: give --keys-file (or WALTAP_KEYS_FILE) or WALTAP_API_KEYS"
-        ),
+        (None, Err(_)) => {
+            anyhow::bail!("no API keys: give --keys-file (or WALTAP_KEYS_FILE) or WALTAP_API_KEYS")
+        }
     };
     let mut config = crate::server::ServerConfig::new(args.run.appender()?, keys);
     config.cors_origins = args.cors_origins;

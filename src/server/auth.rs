@@ -39,7 +39,9 @@ pub enum KeysError {
     Parse(String),
     #[error("invalid keys configuration: key #{index} has an empty secret")]
     EmptySecret { index: usize },
-    #[error("invalid keys configuration: no [[key]] entries (every endpoint but /healthz needs a key)")]
+    #[error(
+        "invalid keys configuration: no [[key]] entries (every endpoint but /healthz needs a key)"
+    )]
     NoKeys,
 }
 
@@ -86,7 +88,10 @@ pub struct ApiKey {
 impl ApiKey {
     /// A short, non-secret name for logs and tokens.
     pub fn id(&self) -> String {
-        self.digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+        self.digest[..6]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 }
 
@@ -127,7 +132,8 @@ impl Keys {
     /// `streams`, and optionally a top-level `token_secret`). `token_secret` from the
     /// environment, when given, wins over the file's.
     pub fn from_toml(text: &str, token_secret: Option<&str>) -> Result<Keys, KeysError> {
-        let file: KeysFile = toml::from_str(text).map_err(|e| KeysError::Parse(e.message().to_owned()))?;
+        let file: KeysFile =
+            toml::from_str(text).map_err(|e| KeysError::Parse(e.message().to_owned()))?;
         if file.key.is_empty() {
             return Err(KeysError::NoKeys);
         }
@@ -162,7 +168,10 @@ impl Keys {
     }
 
     /// Reads a keys file.
-    pub fn from_file(path: &std::path::Path, token_secret: Option<&str>) -> Result<Keys, KeysError> {
+    pub fn from_file(
+        path: &std::path::Path,
+        token_secret: Option<&str>,
+    ) -> Result<Keys, KeysError> {
         let text = std::fs::read_to_string(path).map_err(|source| KeysError::Read {
             path: path.display().to_string(),
             source,
@@ -219,7 +228,10 @@ impl Keys {
         if claims.exp <= now_secs() {
             return Err(ApiError::TokenExpired);
         }
-        let key = self.by_id(&claims.key).ok_or(ApiError::Unauthorized)?.clone();
+        let key = self
+            .by_id(&claims.key)
+            .ok_or(ApiError::Unauthorized)?
+            .clone();
         Ok((claims, key))
     }
 }
@@ -345,6 +357,8 @@ impl Drop for ConnectionSlot {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     fn keys() -> Keys {
@@ -369,10 +383,17 @@ mod tests {
         let a = keys.find("alpha").unwrap();
         assert!(a.streams && a.tables.allows(&TableName::parse("orders")));
         assert!(!a.tables.allows(&TableName::parse("public.users")));
-        assert!(keys.find("beta").unwrap().tables.allows(&TableName::parse("x.y")));
+        assert!(keys
+            .find("beta")
+            .unwrap()
+            .tables
+            .allows(&TableName::parse("x.y")));
         assert!(keys.find("alph").is_none() && keys.find("").is_none());
         let shown = format!("{keys:?}");
-        assert!(!shown.contains("alpha") && !shown.contains("sign"), "{shown}");
+        assert!(
+            !shown.contains("alpha") && !shown.contains("sign"),
+            "{shown}"
+        );
         let inline = Keys::from_toml(r#"key = [{secret = "s", tables = ["*"]}]"#, None).unwrap();
         assert!(!inline.token_secret_configured && inline.find("s").is_some());
         assert!(Keys::from_toml("", None).is_err());
@@ -402,10 +423,22 @@ mod tests {
         };
         let forged_payload = keys.sign(&forged);
         let forged_payload = forged_payload.split_once('.').unwrap().0;
-        assert!(matches!(keys.verify(&format!("{forged_payload}.{tag}")), Err(ApiError::Unauthorized)));
-        assert!(matches!(keys.verify(&format!("{payload}.x{tag}")), Err(ApiError::Unauthorized)));
-        assert!(matches!(keys.verify("garbage"), Err(ApiError::Unauthorized)));
-        let expired = keys.sign(&Claims { exp: now_secs() - 1, ..claims });
+        assert!(matches!(
+            keys.verify(&format!("{forged_payload}.{tag}")),
+            Err(ApiError::Unauthorized)
+        ));
+        assert!(matches!(
+            keys.verify(&format!("{payload}.x{tag}")),
+            Err(ApiError::Unauthorized)
+        ));
+        assert!(matches!(
+            keys.verify("garbage"),
+            Err(ApiError::Unauthorized)
+        ));
+        let expired = keys.sign(&Claims {
+            exp: now_secs() - 1,
+            ..claims
+        });
         assert!(matches!(keys.verify(&expired), Err(ApiError::TokenExpired)));
         let other = Keys::from_toml("[[key]]\nsecret = \"alpha\"", Some("other")).unwrap();
         assert!(matches!(other.verify(&token), Err(ApiError::Unauthorized)));
@@ -418,7 +451,10 @@ mod tests {
         let a = keys.find("alpha").unwrap();
         let one = cap.acquire(a).unwrap();
         let _two = cap.acquire(a).unwrap();
-        assert!(matches!(cap.acquire(a), Err(ApiError::TooManyConnections(2))));
+        assert!(matches!(
+            cap.acquire(a),
+            Err(ApiError::TooManyConnections(2))
+        ));
         assert!(cap.acquire(keys.find("beta").unwrap()).is_ok());
         drop(one);
         assert!(cap.acquire(a).is_ok());

@@ -14,7 +14,9 @@ use crate::store::StoreError;
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("missing or invalid credentials: send `Authorization: Bearer <key>` or a valid `token`")]
+    #[error(
+        "missing or invalid credentials: send `Authorization: Bearer <key>` or a valid `token`"
+    )]
     Unauthorized,
     #[error("the token has expired: ask for a new one (POST /v1/tokens)")]
     TokenExpired,
@@ -32,10 +34,23 @@ pub enum ApiError {
     TooLarge(usize),
     #[error("the server is shutting down")]
     ShuttingDown,
+    // Boxed: these are large, and every handler returns this type.
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(Box<StoreError>),
     #[error(transparent)]
-    Subscription(#[from] SubscriptionError),
+    Subscription(Box<SubscriptionError>),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::Store(Box::new(e))
+    }
+}
+
+impl From<SubscriptionError> for ApiError {
+    fn from(e: SubscriptionError) -> Self {
+        ApiError::Subscription(Box::new(e))
+    }
 }
 
 impl ApiError {

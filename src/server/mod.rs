@@ -125,7 +125,7 @@ pub enum ServerError {
     #[error("cannot start the subscription hub: {0}")]
     Hub(#[source] crate::Error),
     #[error(transparent)]
-    Pipeline(#[from] AppendError),
+    Pipeline(Box<AppendError>),
     #[error("HTTP server: {0}")]
     Io(#[from] std::io::Error),
     #[error("invalid CORS origin {0:?}")]
@@ -175,7 +175,8 @@ struct AppState {
     stop: CancellationToken,
     tasks: TaskTracker,
     /// Stream consumers served by this process, by stream name: where explicit acks go.
-    consumers: std::sync::Mutex<HashMap<String, (u64, tokio::sync::mpsc::Sender<session::Inbound>)>>,
+    consumers:
+        std::sync::Mutex<HashMap<String, (u64, tokio::sync::mpsc::Sender<session::Inbound>)>>,
     next_session: std::sync::atomic::AtomicU64,
     pipeline_running: std::sync::atomic::AtomicBool,
 }
@@ -333,7 +334,7 @@ pub async fn serve(
         done = &mut pipeline => {
             state.pipeline_running.store(false, std::sync::atomic::Ordering::Relaxed);
             match done {
-                Ok(Err(e)) => failure = Some(ServerError::Pipeline(e)),
+                Ok(Err(e)) => failure = Some(ServerError::Pipeline(Box::new(e))),
                 Ok(Ok(())) => {}
                 Err(e) => tracing::error!(error = %e, "the pipeline task failed"),
             }
@@ -351,7 +352,7 @@ pub async fn serve(
     pipeline_stop.cancel();
     if failure.is_none() {
         match pipeline.await {
-            Ok(Err(e)) => failure = Some(ServerError::Pipeline(e)),
+            Ok(Err(e)) => failure = Some(ServerError::Pipeline(Box::new(e))),
             Ok(Ok(())) => {}
             Err(e) => tracing::error!(error = %e, "the pipeline task failed"),
         }
@@ -550,7 +551,9 @@ async fn tokens(
     let exp = auth::now_secs() + ttl;
     let claims = auth::Claims {
         key: caller.key.id(),
-        table: req.table.map(|t| crate::event::TableName::parse(&t).to_string()),
+        table: req
+            .table
+            .map(|t| crate::event::TableName::parse(&t).to_string()),
         filter: req.filter,
         stream: req.stream,
         position: req.position,
@@ -566,6 +569,8 @@ async fn tokens(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[test]
@@ -584,7 +589,11 @@ mod tests {
             .values()
             .map(|p| p.as_object().unwrap().len())
             .sum();
-        assert_eq!(described, ROUTES.len(), "docs/openapi.json describes routes the server lacks");
+        assert_eq!(
+            described,
+            ROUTES.len(),
+            "docs/openapi.json describes routes the server lacks"
+        );
     }
 
     #[test]

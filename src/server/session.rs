@@ -184,9 +184,7 @@ async fn read_ws(
                 position: m.ack,
                 reply: None,
             },
-            Err(e) => Inbound::Bad(format!(
-                "expected {{\"ack\": \"<position>\"}}: {e}"
-            )),
+            Err(e) => Inbound::Bad(format!("expected {{\"ack\": \"<position>\"}}: {e}")),
         };
         if inbound.send(item).await.is_err() {
             break;

@@ -13,9 +13,9 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -43,7 +43,9 @@ pub(super) async fn authorize(
     caller.check_streams()?;
     if let Some(claims) = &caller.token {
         if claims.stream.as_deref() != Some(name) {
-            return Err(ApiError::Forbidden(format!("this token does not open stream {name:?}")));
+            return Err(ApiError::Forbidden(format!(
+                "this token does not open stream {name:?}"
+            )));
         }
     }
     let store = state.store.get().await?;
@@ -60,7 +62,10 @@ fn readable(caller: &Caller, info: &StreamInfo) -> bool {
         .all(|t| caller.key.tables.allows(&TableName::parse(t)))
 }
 
-pub(super) async fn list(State(state): State<Shared>, caller: Caller) -> Result<Response, ApiError> {
+pub(super) async fn list(
+    State(state): State<Shared>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
     caller.require_key()?;
     caller.check_streams()?;
     let store = state.store.get().await?;
@@ -150,7 +155,9 @@ fn resume_position(caller: &Caller, given: Option<&str>) -> Result<Option<Positi
 /// The item as the client gets it after resuming at `resume`: events up to it were
 /// handled already and are skipped; the marker names where delivery resumes.
 fn after_resume(item: StreamItem, resume: Option<Position>) -> Option<StreamItem> {
-    let Some(resume) = resume else { return Some(item) };
+    let Some(resume) = resume else {
+        return Some(item);
+    };
     match item {
         StreamItem::Initialized { position } => Some(StreamItem::Initialized {
             position: Some(position.map_or(resume, |p| p.max(resume))),
@@ -288,7 +295,10 @@ impl Job {
         }
         {
             let mut consumers = state.consumers.lock().unwrap_or_else(|e| e.into_inner());
-            if consumers.get(&self.name).is_some_and(|(s, _)| *s == self.session) {
+            if consumers
+                .get(&self.name)
+                .is_some_and(|(s, _)| *s == self.session)
+            {
                 consumers.remove(&self.name);
             }
         }
@@ -315,7 +325,10 @@ pub(super) async fn feed(
     Path(name): Path<String>,
     Query(params): Query<FeedParams>,
 ) -> Result<Response, ApiError> {
-    let limit = params.limit.unwrap_or(100).clamp(1, state.limits.max_feed_limit);
+    let limit = params
+        .limit
+        .unwrap_or(100)
+        .clamp(1, state.limits.max_feed_limit);
     let wait = params.wait.unwrap_or(0.0);
     if !(0.0..=state.limits.max_feed_wait.as_secs_f64()).contains(&wait) {
         return Err(ApiError::BadRequest(format!(
@@ -326,7 +339,14 @@ pub(super) async fn feed(
     let resume = resume_position(&caller, params.cursor.as_deref())?;
     let (mut consumer, _slot) = open(&state, &caller, &name, resume, Some(limit)).await?;
     let _gauge = SubscriberGauge::new(&state.metrics);
-    let result = read_page(&state, &mut consumer, resume, limit, Duration::from_secs_f64(wait)).await;
+    let result = read_page(
+        &state,
+        &mut consumer,
+        resume,
+        limit,
+        Duration::from_secs_f64(wait),
+    )
+    .await;
     let cursor = consumer.cursor();
     consumer.close().await;
     let events = result?;

@@ -73,7 +73,9 @@ pub(super) async fn subscribe(
         }
         Err(_) => {
             let (out, response) = session::sse(stop, state.keepalive);
-            state.tasks.spawn(run(state.clone(), subscription, out, slot));
+            state
+                .tasks
+                .spawn(run(state.clone(), subscription, out, slot));
             response.into_response()
         }
     })
@@ -93,7 +95,10 @@ async fn run(state: Shared, mut sub: Subscription, mut out: Out, _slot: Connecti
             None => break,
             Some(Ok(item)) => Frame::item(&item),
             Some(Err(e)) => {
-                state.metrics.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                state
+                    .metrics
+                    .errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let _ = out.send(Frame::error(e.code(), &e.to_string())).await;
                 break;
             }
@@ -103,7 +108,10 @@ async fn run(state: Shared, mut sub: Subscription, mut out: Out, _slot: Connecti
             break;
         }
         if change {
-            state.metrics.events_out.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            state
+                .metrics
+                .events_out
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
     out.finish().await;

@@ -13,19 +13,39 @@ async fn keys_are_required_checked_and_scoped() {
     let url = |p: &str| format!("{}{p}", s.url);
 
     // /healthz is open; everything else needs a valid key.
-    let health: Json = s.http.get(url("/healthz")).send().await.unwrap().json().await.unwrap();
+    let health: Json = s
+        .http
+        .get(url("/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(health["status"], "ok", "{health}");
     let r = s.http.get(url("/v1/streams")).send().await.unwrap();
     assert_eq!(error_code(r, 401).await, "unauthorized");
     let r = s.get("/v1/streams", "not-a-key").send().await.unwrap();
     assert_eq!(error_code(r, 401).await, "unauthorized");
-    let r = s.get("/v1/subscribe?table=orders", &format!("{ADMIN}x")).send().await.unwrap();
+    let r = s
+        .get("/v1/subscribe?table=orders", &format!("{ADMIN}x"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(r, 401).await, "unauthorized");
 
     // A table outside the key's list is refused before anything is read.
-    let r = s.get("/v1/subscribe?table=users", ORDERS).send().await.unwrap();
+    let r = s
+        .get("/v1/subscribe?table=users", ORDERS)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(r, 403).await, "forbidden");
-    let r = s.get("/v1/subscribe?table=public.orders", USERS).send().await.unwrap();
+    let r = s
+        .get("/v1/subscribe?table=public.orders", USERS)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(r, 403).await, "forbidden");
     // A key without stream rights manages no streams.
     let r = s.get("/v1/streams", USERS).send().await.unwrap();
@@ -37,7 +57,11 @@ async fn keys_are_required_checked_and_scoped() {
         .unwrap();
     assert_eq!(error_code(r, 403).await, "forbidden");
     let r = s
-        .post("/v1/streams", ORDERS, json!({"name": "u", "table": "users"}))
+        .post(
+            "/v1/streams",
+            ORDERS,
+            json!({"name": "u", "table": "users"}),
+        )
         .send()
         .await
         .unwrap();
@@ -50,14 +74,27 @@ async fn keys_are_required_checked_and_scoped() {
         .batch_execute("INSERT INTO users VALUES (1, 'pro')")
         .await
         .unwrap();
-    let listed: Json = s.get("/v1/streams", ORDERS).send().await.unwrap().json().await.unwrap();
+    let listed: Json = s
+        .get("/v1/streams", ORDERS)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(listed["streams"], json!([]), "{listed}");
-    for path in ["/v1/streams/user-changes", "/v1/streams/user-changes/events"] {
+    for path in [
+        "/v1/streams/user-changes",
+        "/v1/streams/user-changes/events",
+    ] {
         let r = s.get(path, ORDERS).send().await.unwrap();
         let status = r.status();
         let body = r.text().await.unwrap();
         assert_eq!(status, 403, "{path}: {body}");
-        assert!(!body.contains("pro"), "a forbidden read leaked a row: {body}");
+        assert!(
+            !body.contains("pro"),
+            "a forbidden read leaked a row: {body}"
+        );
     }
     let r = s
         .http
@@ -68,7 +105,11 @@ async fn keys_are_required_checked_and_scoped() {
         .unwrap();
     assert_eq!(error_code(r, 403).await, "forbidden");
     let r = s
-        .post("/v1/streams/user-changes/ack", ORDERS, json!({"position": "0000000000000001-0000000000"}))
+        .post(
+            "/v1/streams/user-changes/ack",
+            ORDERS,
+            json!({"position": "0000000000000001-0000000000"}),
+        )
         .send()
         .await
         .unwrap();
@@ -107,7 +148,11 @@ async fn tokens_open_delivery_and_fail_when_tampered_or_expired() {
     let other = s.token(ORDERS, json!({"table": "orders"})).await;
     let forged = format!("{}.{sig}", other.split_once('.').unwrap().0);
     assert_ne!(forged, token);
-    for bad in [forged, format!("{payload}.AAAA{sig}"), "nonsense".to_owned()] {
+    for bad in [
+        forged,
+        format!("{payload}.AAAA{sig}"),
+        "nonsense".to_owned(),
+    ] {
         let r = s
             .http
             .get(format!("{}/v1/subscribe?token={bad}", s.url))
@@ -117,7 +162,12 @@ async fn tokens_open_delivery_and_fail_when_tampered_or_expired() {
         assert_eq!(error_code(r, 401).await, "unauthorized");
     }
     // A token opens delivery only, not management, and not another table.
-    let r = s.http.get(format!("{}/v1/streams?token={token}", s.url)).send().await.unwrap();
+    let r = s
+        .http
+        .get(format!("{}/v1/streams?token={token}", s.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(r, 403).await, "forbidden");
     let r = s
         .http
@@ -128,7 +178,9 @@ async fn tokens_open_delivery_and_fail_when_tampered_or_expired() {
     assert_eq!(error_code(r, 400).await, "bad_request");
 
     // Expired: wait (on the condition, not a fixed sleep) until the server says so.
-    let short = s.token(ORDERS, json!({"table": "orders", "ttlSeconds": 1})).await;
+    let short = s
+        .token(ORDERS, json!({"table": "orders", "ttlSeconds": 1}))
+        .await;
     wait_for("the token to expire", TIMEOUT, || async {
         let r = s
             .http
@@ -147,10 +199,17 @@ async fn tokens_open_delivery_and_fail_when_tampered_or_expired() {
 async fn bad_input_and_limits_are_refused_with_codes() {
     let db = TestDb::new().await;
     let s = start(&db, |c| c.limits.connections_per_key = 1).await;
-    let r = s.get("/v1/subscribe?table=orders&filter=%7Bnope", ADMIN).send().await.unwrap();
+    let r = s
+        .get("/v1/subscribe?table=orders&filter=%7Bnope", ADMIN)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(r, 400).await, "bad_filter");
     let r = s
-        .get("/v1/subscribe?table=orders&filter=%7B%22create%22%3A%7B%22missing%22%3A1%7D%7D", ADMIN)
+        .get(
+            "/v1/subscribe?table=orders&filter=%7B%22create%22%3A%7B%22missing%22%3A1%7D%7D",
+            ADMIN,
+        )
         .send()
         .await
         .unwrap();
@@ -160,25 +219,41 @@ async fn bad_input_and_limits_are_refused_with_codes() {
         deep = json!({"NOT": deep});
     }
     let r = s
-        .post("/v1/streams", ADMIN, json!({"name": "deep", "table": "orders", "filter": {"create": deep}}))
+        .post(
+            "/v1/streams",
+            ADMIN,
+            json!({"name": "deep", "table": "orders", "filter": {"create": deep}}),
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(error_code(r, 400).await, "bad_filter");
     let r = s
-        .post("/v1/streams", ADMIN, json!({"name": "bad name!", "table": "orders"}))
+        .post(
+            "/v1/streams",
+            ADMIN,
+            json!({"name": "bad name!", "table": "orders"}),
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(error_code(r, 400).await, "bad_request");
     let huge = "x".repeat(200_000);
     let r = s
-        .post("/v1/streams", ADMIN, json!({"name": "big", "table": "orders", "filter": {"create": {"status": huge}}}))
+        .post(
+            "/v1/streams",
+            ADMIN,
+            json!({"name": "big", "table": "orders", "filter": {"create": {"status": huge}}}),
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 413);
-    let r = s.get("/v1/streams/nope/events", ADMIN).send().await.unwrap();
+    let r = s
+        .get("/v1/streams/nope/events", ADMIN)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(r, 404).await, "not_found");
     let r = s.get("/v1/nowhere", ADMIN).send().await.unwrap();
     assert_eq!(error_code(r, 404).await, "not_found");
@@ -186,14 +261,23 @@ async fn bad_input_and_limits_are_refused_with_codes() {
     // One connection per key here: a second is refused while the first is open.
     let mut first = Sse::open(s.get("/v1/subscribe?table=orders", ADMIN)).await;
     first.expect("initialized").await;
-    let r = s.get("/v1/subscribe?table=orders", ADMIN).send().await.unwrap();
+    let r = s
+        .get("/v1/subscribe?table=orders", ADMIN)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(r, 429).await, "too_many_connections");
     // Another key has its own allowance.
     let mut other = Sse::open(s.get("/v1/subscribe?table=orders", ORDERS)).await;
     other.expect("initialized").await;
     drop(first);
     wait_for("the connection slot to be freed", TIMEOUT, || async {
-        s.get("/v1/streams/nope/events", ADMIN).send().await.unwrap().status() == 404
+        s.get("/v1/streams/nope/events", ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 404
     })
     .await;
     s.stop().await;
@@ -204,14 +288,30 @@ async fn bad_input_and_limits_are_refused_with_codes() {
 async fn streams_are_managed_and_leased() {
     let db = TestDb::new().await;
     let s = start(&db, |_| {}).await;
-    s.create_stream("billing", "orders", Some(json!({"update": {"after": {"status": "paid"}}}))).await;
+    s.create_stream(
+        "billing",
+        "orders",
+        Some(json!({"update": {"after": {"status": "paid"}}})),
+    )
+    .await;
     let r = s
-        .post("/v1/streams", ORDERS, json!({"name": "billing", "table": "orders"}))
+        .post(
+            "/v1/streams",
+            ORDERS,
+            json!({"name": "billing", "table": "orders"}),
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(error_code(r, 409).await, "conflict");
-    let listed: Json = s.get("/v1/streams", ORDERS).send().await.unwrap().json().await.unwrap();
+    let listed: Json = s
+        .get("/v1/streams", ORDERS)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(listed["streams"][0]["name"], "billing", "{listed}");
     assert_eq!(listed["streams"][0]["tables"], json!(["public.orders"]));
     let info: Json = s
@@ -235,11 +335,20 @@ async fn streams_are_managed_and_leased() {
         .await
         .unwrap();
     assert_eq!(error_code(r, 409).await, "stream_busy");
-    let r = s.get("/v1/streams/billing/events", ORDERS).send().await.unwrap();
+    let r = s
+        .get("/v1/streams/billing/events", ORDERS)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(r, 409).await, "stream_busy");
     drop(consumer);
     wait_for("the lease to be released", TIMEOUT, || async {
-        s.get("/v1/streams/billing/events", ORDERS).send().await.unwrap().status() == 200
+        s.get("/v1/streams/billing/events", ORDERS)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200
     })
     .await;
 
@@ -251,7 +360,11 @@ async fn streams_are_managed_and_leased() {
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
-    let r = s.get("/v1/streams/billing/events", ORDERS).send().await.unwrap();
+    let r = s
+        .get("/v1/streams/billing/events", ORDERS)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(r, 404).await, "not_found");
     s.stop().await;
     db.teardown().await;
@@ -267,9 +380,21 @@ async fn health_metrics_and_openapi() {
     sse.expect("initialized").await;
     sse.changes(3).await;
 
-    let r = s.http.get(format!("{}/metrics", s.url)).send().await.unwrap();
+    let r = s
+        .http
+        .get(format!("{}/metrics", s.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(r, 401).await, "unauthorized");
-    let text = s.get("/metrics", ADMIN).send().await.unwrap().text().await.unwrap();
+    let text = s
+        .get("/metrics", ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let value = |name: &str| -> f64 {
         text.lines()
             .find_map(|l| l.strip_prefix(&format!("{name} ")))
@@ -287,11 +412,21 @@ async fn health_metrics_and_openapi() {
     value("waltap_replication_lag_seconds");
 
     // The document is served, and every route of the router answers (none is missing).
-    let doc: Json = s.get("/v1/openapi.json", ADMIN).send().await.unwrap().json().await.unwrap();
+    let doc: Json = s
+        .get("/v1/openapi.json", ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     for (method, path) in waltap::server::ROUTES {
         assert!(doc["paths"][path][method].is_object(), "{method} {path}");
         let path = path.replace("{name}", "m");
-        let req = s.http.request(method.to_uppercase().parse().unwrap(), format!("{}{path}", s.url));
+        let req = s.http.request(
+            method.to_uppercase().parse().unwrap(),
+            format!("{}{path}", s.url),
+        );
         let r = req
             .bearer_auth(USERS)
             .header("accept", "application/json")
@@ -301,7 +436,10 @@ async fn health_metrics_and_openapi() {
             .unwrap();
         if r.status() == 404 {
             let body: Json = r.json().await.unwrap();
-            assert_ne!(body["error"]["message"], "no such endpoint", "{method} {path}");
+            assert_ne!(
+                body["error"]["message"], "no such endpoint",
+                "{method} {path}"
+            );
         }
     }
     drop(sse);

@@ -45,7 +45,10 @@ source.onerror = () => show("error");
     );
     let (ready_tx, ready_rx) = tokio::sync::mpsc::channel::<()>(1);
     let app = axum::Router::new()
-        .route("/", axum::routing::get(move || async move { axum::response::Html(page) }))
+        .route(
+            "/",
+            axum::routing::get(move || async move { axum::response::Html(page) }),
+        )
         .route(
             "/ready",
             axum::routing::get(move || {

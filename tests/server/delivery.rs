@@ -11,7 +11,8 @@ use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
 use super::{ids, insert_orders, start, Server, Sse, ADMIN, ORDERS, TIMEOUT};
 use crate::support::{wait_for, TestDb};
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn ws(s: &Server, path: &str, key: &str) -> Ws {
     let mut req = format!("{}{path}", s.url.replace("http://", "ws://"))
@@ -73,7 +74,11 @@ async fn subscribe_over_sse_and_websocket() {
     let db = TestDb::new().await;
     let s = start(&db, |_| {}).await;
     let filter = urlencode(r#"{"create": {"status": "new"}}"#);
-    let mut sse = Sse::open(s.get(&format!("/v1/subscribe?table=orders&filter={filter}"), ORDERS)).await;
+    let mut sse = Sse::open(s.get(
+        &format!("/v1/subscribe?table=orders&filter={filter}"),
+        ORDERS,
+    ))
+    .await;
     let init = sse.expect("initialized").await;
     assert_eq!(init.data["type"], "initialized");
     let mut sock = ws(&s, "/v1/subscribe?table=orders", ORDERS).await;
@@ -128,7 +133,11 @@ async fn stream_sse_resumes_with_last_event_id_without_loss_or_duplicates() {
 
     // Explicit ack while connected moves the stream's cursor.
     let r = s
-        .post("/v1/streams/orders/ack", ORDERS, json!({"position": rest[5].id}))
+        .post(
+            "/v1/streams/orders/ack",
+            ORDERS,
+            json!({"position": rest[5].id}),
+        )
         .send()
         .await
         .unwrap();
@@ -179,10 +188,26 @@ async fn feed_pages_cover_every_event_once_and_long_poll() {
     let poll = {
         let http = s.http.clone();
         let url = format!("{}/v1/streams/feed/events?wait=30&cursor={cursor}", s.url);
-        tokio::spawn(async move { http.get(url).bearer_auth(ORDERS).send().await.unwrap().json::<Json>().await.unwrap() })
+        tokio::spawn(async move {
+            http.get(url)
+                .bearer_auth(ORDERS)
+                .send()
+                .await
+                .unwrap()
+                .json::<Json>()
+                .await
+                .unwrap()
+        })
     };
     wait_for("the long poll to be waiting", TIMEOUT, || async {
-        let m = s.get("/metrics", ADMIN).send().await.unwrap().text().await.unwrap();
+        let m = s
+            .get("/metrics", ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         m.contains("\nwaltap_subscribers 1\n")
     })
     .await;
@@ -209,9 +234,11 @@ async fn stream_over_websocket_acknowledges() {
     }
     sock.send(Message::Text("not json".into())).await.unwrap();
     assert_eq!(ws_next(&mut sock).await["error"]["code"], "bad_request");
-    sock.send(Message::Text(json!({"ack": positions[2]}).to_string().into()))
-        .await
-        .unwrap();
+    sock.send(Message::Text(
+        json!({"ack": positions[2]}).to_string().into(),
+    ))
+    .await
+    .unwrap();
     // The ack is applied in order with the messages: once the cursor shows it, close.
     wait_for("the ack to be stored", TIMEOUT, || async {
         let info: Json = s
@@ -228,7 +255,11 @@ async fn stream_over_websocket_acknowledges() {
     sock.close(None).await.unwrap();
     lease_free(&s, "w").await;
     let (ids, _) = page(&s, "w", "limit=100&wait=5").await;
-    assert_eq!(ids, [3, 4], "after the ack, only what followed it comes again");
+    assert_eq!(
+        ids,
+        [3, 4],
+        "after the ack, only what followed it comes again"
+    );
     s.stop().await;
     db.teardown().await;
 }
@@ -254,7 +285,11 @@ async fn slow_subscriber_is_cut_off_while_a_stream_loses_nothing() {
         .unwrap();
     }
     let got = stream.changes(N as usize).await;
-    assert_eq!(ids(&got), (0..N as i64).collect::<Vec<_>>(), "the stream lost or reordered events");
+    assert_eq!(
+        ids(&got),
+        (0..N as i64).collect::<Vec<_>>(),
+        "the stream lost or reordered events"
+    );
     // The slow one reads now: some events, then the lagged error, then the end.
     let mut events = 0;
     let code = loop {
@@ -284,7 +319,9 @@ async fn two_hundred_sse_clients_all_get_the_events() {
         clients.push(c);
     }
     insert_orders(&db, 0..5).await;
-    let readers = clients.into_iter().map(|mut c| async move { ids(&c.changes(5).await) });
+    let readers = clients
+        .into_iter()
+        .map(|mut c| async move { ids(&c.changes(5).await) });
     let all = futures::future::join_all(readers).await;
     let distinct: BTreeSet<Vec<i64>> = all.into_iter().collect();
     assert_eq!(distinct, BTreeSet::from([vec![0, 1, 2, 3, 4]]));
@@ -295,7 +332,9 @@ async fn two_hundred_sse_clients_all_get_the_events() {
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()

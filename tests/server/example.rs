@@ -9,24 +9,39 @@ use crate::support::{output, TestDb};
 
 async fn run_client(url: &str, state: &std::path::Path, limit: u32) -> Vec<i64> {
     let mut cmd = tokio::process::Command::new("python3");
-    cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/follow_stream.py"))
-        .args(["stream1", "--limit", &limit.to_string(), "--state"])
-        .arg(state)
-        .env("WALTAP_URL", url)
-        .env("WALTAP_KEY", ORDERS)
-        .kill_on_drop(true);
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/follow_stream.py"
+    ))
+    .args(["stream1", "--limit", &limit.to_string(), "--state"])
+    .arg(state)
+    .env("WALTAP_URL", url)
+    .env("WALTAP_KEY", ORDERS)
+    .kill_on_drop(true);
     let out = output(cmd).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<Json>(l).unwrap()["created"]["id"].as_i64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<Json>(l).unwrap()["created"]["id"]
+                .as_i64()
+                .unwrap()
+        })
         .collect()
 }
 
 #[tokio::test]
 async fn python_client_resumes_after_restart() {
-    if std::process::Command::new("python3").arg("--version").output().is_err() {
+    if std::process::Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         eprintln!("skipped: python3 is not installed");
         return;
     }

@@ -101,7 +101,9 @@ pub async fn start(db: &TestDb, tweak: impl FnOnce(&mut ServerConfig)) -> Server
 
 impl Server {
     pub fn get(&self, path: &str, key: &str) -> reqwest::RequestBuilder {
-        self.http.get(format!("{}{path}", self.url)).bearer_auth(key)
+        self.http
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(key)
     }
 
     pub fn post(&self, path: &str, key: &str, body: Json) -> reqwest::RequestBuilder {
@@ -236,12 +238,9 @@ impl Sse {
 pub async fn insert_orders(db: &TestDb, ids: std::ops::Range<i32>) {
     let c = db.client().await;
     for id in ids {
-        c.execute(
-            "INSERT INTO orders VALUES ($1, 'new', NULL)",
-            &[&id],
-        )
-        .await
-        .unwrap();
+        c.execute("INSERT INTO orders VALUES ($1, 'new', NULL)", &[&id])
+            .await
+            .unwrap();
     }
 }
 

@@ -16,9 +16,18 @@ async fn serve_binary_shuts_down_gracefully_on_sigterm() {
     let publication = db.unique_name("pub");
     let mut cmd = waltap(
         &db.url(),
-        &["serve", "--listen", "127.0.0.1:0", "--slot", &slot, "--publication", &publication],
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--slot",
+            &slot,
+            "--publication",
+            &publication,
+        ],
     );
-    cmd.env("WALTAP_API_KEYS", KEYS).env_remove("WALTAP_KEYS_FILE");
+    cmd.env("WALTAP_API_KEYS", KEYS)
+        .env_remove("WALTAP_KEYS_FILE");
     let mut child = cmd.spawn().unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
     let addr = tokio::time::timeout(TIMEOUT, async {
@@ -63,13 +72,20 @@ async fn serve_binary_shuts_down_gracefully_on_sigterm() {
         .status()
         .unwrap();
     assert!(killed.success());
-    assert!(sse.next().await.is_none(), "the event stream ended with the server");
+    assert!(
+        sse.next().await.is_none(),
+        "the event stream ended with the server"
+    );
     let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
         .await
         .expect("waltap serve exited after SIGTERM")
         .unwrap();
     let logs = logs.await.unwrap();
-    assert!(status.success(), "exit {status:?}; logs:\n{}", logs.join("\n"));
+    assert!(
+        status.success(),
+        "exit {status:?}; logs:\n{}",
+        logs.join("\n")
+    );
     assert!(
         !logs.iter().any(|l| l.contains(ORDERS)),
         "a key appeared in the logs"
@@ -79,10 +95,16 @@ async fn serve_binary_shuts_down_gracefully_on_sigterm() {
     let appended: i64 = db
         .client()
         .await
-        .query_one("SELECT max(commit_lsn) FROM waltap.events WHERE source = $1", &[&slot])
+        .query_one(
+            "SELECT max(commit_lsn) FROM waltap.events WHERE source = $1",
+            &[&slot],
+        )
         .await
         .unwrap()
         .get(0);
-    assert!(confirmed >= appended as u64, "slot confirmed {confirmed} < log {appended}");
+    assert!(
+        confirmed >= appended as u64,
+        "slot confirmed {confirmed} < log {appended}"
+    );
     db.teardown().await;
 }
