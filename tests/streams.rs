@@ -40,20 +40,7 @@ impl Pipeline {
         config.retention = retention;
         let source = config.listener.slot.clone();
         let store = config.store.clone();
-        // The slot exists before this returns, so every later commit reaches it (a slot
-        // the pipeline creates itself becomes consistent only once all transactions
-        // running in the cluster at that time have ended).
-        let setup = waltap::setup::SetupOptions {
-            slot: source.clone(),
-            publication: config.listener.publication.clone(),
-            tables: Vec::new(),
-            create_publication: true,
-            create_slot: true,
-            temporary_slot: false,
-        };
-        if let Err(e) = waltap::setup::prepare(&db.client().await, &setup).await {
-            panic!("setting up the slot: {e}");
-        }
+        listen::create_slot(db, &config.listener).await;
         let cancel = CancellationToken::new();
         let task = tokio::spawn(appender::run(config, cancel.clone()));
         Pipeline {
@@ -869,12 +856,7 @@ async fn cli_create_list_tail_delete() {
     commit_each(&db.client().await, &["INSERT INTO t VALUES (6, 'pro')"]).await;
     let followed = json_line(&mut out).await;
     assert_eq!(followed["created"]["id"], 6);
-    let pid = child.id().expect("running").to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    crate::support::sigterm(&child);
     let exit = tokio::time::timeout(TIMEOUT, child.wait())
         .await
         .expect("exits after SIGTERM")

@@ -8,17 +8,23 @@
 //! but never past the server's shutdown.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocket};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, Stream, StreamExt};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::error::{error_body, ApiError};
+use super::metrics::Metrics;
 use crate::event::Position;
 use crate::hub::SubscriptionItem;
 
@@ -30,7 +36,7 @@ pub struct Frame {
     id: Option<Position>,
     kind: &'static str,
     data: String,
-    pub is_change: bool,
+    is_change: bool,
 }
 
 impl Frame {
@@ -97,7 +103,54 @@ pub fn sse(
     (Out::Sse { tx, stop }, response)
 }
 
+/// Answers a delivery request: upgrades to a WebSocket when the client asked for one, else
+/// opens an SSE response. `run` then drives the session in a task that shutdown waits for.
+pub fn respond<F, Fut>(
+    tasks: &TaskTracker,
+    stop: CancellationToken,
+    keepalive: Duration,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    inbound: Option<mpsc::Sender<Inbound>>,
+    run: F,
+) -> Response
+where
+    F: FnOnce(Out) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    match upgrade {
+        Ok(upgrade) => {
+            let tasks = tasks.clone();
+            upgrade
+                .on_upgrade(move |socket| {
+                    tasks.track_future(async move { run(ws(socket, stop, inbound)).await })
+                })
+                .into_response()
+        }
+        Err(_) => {
+            let (out, response) = sse(stop, keepalive);
+            tasks.spawn(run(out));
+            response.into_response()
+        }
+    }
+}
+
 impl Out {
+    /// Sends an item's frame, counting changes as delivered.
+    pub async fn item(&mut self, frame: Frame, metrics: &Metrics) -> Result<(), Closed> {
+        let change = frame.is_change;
+        self.send(frame).await?;
+        if change {
+            metrics.events_out.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Sends the `error` item that ends a session, counting it.
+    pub async fn fail(&mut self, code: &str, message: &str, metrics: &Metrics) {
+        metrics.errors.fetch_add(1, Ordering::Relaxed);
+        let _ = self.send(Frame::error(code, message)).await;
+    }
+
     pub async fn send(&mut self, frame: Frame) -> Result<(), Closed> {
         match self {
             Out::Sse { tx, stop } => tokio::select! {

@@ -167,19 +167,12 @@ fn after_resume(item: StreamItem, resume: Option<Position>) -> Option<StreamItem
     }
 }
 
-#[derive(Deserialize)]
-pub(super) struct ConsumeParams {
-    #[allow(dead_code)] // read by the Caller extractor
-    token: Option<String>,
-}
-
 /// `GET /v1/streams/{name}`: SSE (or WebSocket upgrade) from the stream's cursor, or with
 /// `Accept: application/json` the stream's description.
 pub(super) async fn consume(
     State(state): State<Shared>,
     caller: Caller,
     Path(name): Path<String>,
-    Query(_params): Query<ConsumeParams>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
@@ -201,7 +194,6 @@ pub(super) async fn consume(
         .unwrap_or_else(|e| e.into_inner())
         .insert(name.clone(), (session, acks.clone()));
     tracing::info!(key = %caller.key.id(), stream = %name, transport = if ws.is_ok() { "ws" } else { "sse" }, "stream consumer opened");
-    let stop = state.stop.clone();
     let job = Job {
         name,
         session,
@@ -210,25 +202,18 @@ pub(super) async fn consume(
         inbound,
         _slot: slot,
     };
-    Ok(match ws {
-        Ok(upgrade) => {
-            let tasks = state.tasks.clone();
-            upgrade
-                .on_upgrade(move |socket| {
-                    tasks.track_future(async move {
-                        let out = session::ws(socket, stop, Some(acks));
-                        job.run(state, out).await;
-                    })
-                })
-                .into_response()
-        }
-        Err(_) => {
-            drop(acks);
-            let (out, response) = session::sse(stop, state.keepalive);
-            state.tasks.spawn(job.run(state.clone(), out));
-            response.into_response()
-        }
-    })
+    // SSE clients acknowledge through `POST .../ack`, which holds its own sender.
+    let ws_acks = ws.is_ok().then_some(acks);
+    let tasks = state.tasks.clone();
+    let (stop, keepalive) = (state.stop.clone(), state.keepalive);
+    Ok(session::respond(
+        &tasks,
+        stop,
+        keepalive,
+        ws,
+        ws_acks,
+        move |out| job.run(state, out),
+    ))
 }
 
 /// One consumer's delivery to one client.
@@ -253,12 +238,12 @@ impl Job {
                     match msg {
                         Some(Inbound::Ack { position, reply }) => {
                             let result = self.consumer.acker().ack(position).await.map_err(ApiError::from);
-                            let failed = result.as_ref().err().map(|e| Frame::error(e.code(), &e.to_string()));
+                            let failed = result.as_ref().err().map(|e| (e.code(), e.to_string()));
                             if let Some(reply) = reply {
                                 let _ = reply.send(result);
                             }
-                            if let Some(frame) = failed {
-                                let _ = out.send(frame).await;
+                            if let Some((code, message)) = failed {
+                                out.fail(code, &message, &state.metrics).await;
                                 break;
                             }
                         }
@@ -280,17 +265,12 @@ impl Job {
                     None => continue,
                 },
                 Some(Err(e)) => {
-                    state.metrics.errors.fetch_add(1, Ordering::Relaxed);
-                    let _ = out.send(Frame::error(e.code(), &e.to_string())).await;
+                    out.fail(e.code(), &e.to_string(), &state.metrics).await;
                     break;
                 }
             };
-            let change = frame.is_change;
-            if out.send(frame).await.is_err() {
+            if out.item(frame, &state.metrics).await.is_err() {
                 break;
-            }
-            if change {
-                state.metrics.events_out.fetch_add(1, Ordering::Relaxed);
             }
         }
         {
@@ -313,8 +293,6 @@ pub(super) struct FeedParams {
     cursor: Option<String>,
     limit: Option<usize>,
     wait: Option<f64>,
-    #[allow(dead_code)] // read by the Caller extractor
-    token: Option<String>,
 }
 
 /// `GET /v1/streams/{name}/events`: the next events after `cursor` (which it

@@ -7,7 +7,7 @@
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Query, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use futures::StreamExt;
 use serde::Deserialize;
 
@@ -23,8 +23,6 @@ use crate::hub::Subscription;
 pub(super) struct Params {
     table: Option<String>,
     filter: Option<String>,
-    #[allow(dead_code)] // read by the Caller extractor
-    token: Option<String>,
 }
 
 pub(super) async fn subscribe(
@@ -58,27 +56,16 @@ pub(super) async fn subscribe(
     let slot = state.cap.acquire(&caller.key)?;
     let subscription = state.hub.subscribe(&table.to_string(), filter).await?;
     tracing::info!(key = %caller.key.id(), table = %table, transport = if ws.is_ok() { "ws" } else { "sse" }, "subscription opened");
-    let stop = state.stop.clone();
-    Ok(match ws {
-        Ok(upgrade) => {
-            let tasks = state.tasks.clone();
-            upgrade
-                .on_upgrade(move |socket| {
-                    tasks.track_future(async move {
-                        let out = session::ws(socket, stop, None);
-                        run(state, subscription, out, slot).await;
-                    })
-                })
-                .into_response()
-        }
-        Err(_) => {
-            let (out, response) = session::sse(stop, state.keepalive);
-            state
-                .tasks
-                .spawn(run(state.clone(), subscription, out, slot));
-            response.into_response()
-        }
-    })
+    let tasks = state.tasks.clone();
+    let (stop, keepalive) = (state.stop.clone(), state.keepalive);
+    Ok(session::respond(
+        &tasks,
+        stop,
+        keepalive,
+        ws,
+        None,
+        move |out| run(state, subscription, out, slot),
+    ))
 }
 
 /// Writes the subscription's items to the client until it ends, the client leaves or
@@ -95,23 +82,12 @@ async fn run(state: Shared, mut sub: Subscription, mut out: Out, _slot: Connecti
             None => break,
             Some(Ok(item)) => Frame::item(&item),
             Some(Err(e)) => {
-                state
-                    .metrics
-                    .errors
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let _ = out.send(Frame::error(e.code(), &e.to_string())).await;
+                out.fail(e.code(), &e.to_string(), &state.metrics).await;
                 break;
             }
         };
-        let change = frame.is_change;
-        if out.send(frame).await.is_err() {
+        if out.item(frame, &state.metrics).await.is_err() {
             break;
-        }
-        if change {
-            state
-                .metrics
-                .events_out
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
     out.finish().await;

@@ -23,49 +23,57 @@ async fn keys_are_required_checked_and_scoped() {
         .await
         .unwrap();
     assert_eq!(health["status"], "ok", "{health}");
-    let r = s.http.get(url("/v1/streams")).send().await.unwrap();
-    assert_eq!(error_code(r, 401).await, "unauthorized");
-    let r = s.get("/v1/streams", "not-a-key").send().await.unwrap();
-    assert_eq!(error_code(r, 401).await, "unauthorized");
-    let r = s
-        .get("/v1/subscribe?table=orders", &format!("{ADMIN}x"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_code(r, 401).await, "unauthorized");
+    assert_eq!(
+        error_code(s.http.get(url("/v1/streams")), 401).await,
+        "unauthorized"
+    );
+    assert_eq!(
+        error_code(s.get("/v1/streams", "not-a-key"), 401).await,
+        "unauthorized"
+    );
+    assert_eq!(
+        error_code(
+            s.get("/v1/subscribe?table=orders", &format!("{ADMIN}x")),
+            401
+        )
+        .await,
+        "unauthorized"
+    );
 
     // A table outside the key's list is refused before anything is read.
-    let r = s
-        .get("/v1/subscribe?table=users", ORDERS)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_code(r, 403).await, "forbidden");
-    let r = s
-        .get("/v1/subscribe?table=public.orders", USERS)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_code(r, 403).await, "forbidden");
+    assert_eq!(
+        error_code(s.get("/v1/subscribe?table=users", ORDERS), 403).await,
+        "forbidden"
+    );
+    assert_eq!(
+        error_code(s.get("/v1/subscribe?table=public.orders", USERS), 403).await,
+        "forbidden"
+    );
     // A key without stream rights manages no streams.
-    let r = s.get("/v1/streams", USERS).send().await.unwrap();
-    assert_eq!(error_code(r, 403).await, "forbidden");
-    let r = s
-        .post("/v1/streams", USERS, json!({"name": "u", "table": "users"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_code(r, 403).await, "forbidden");
-    let r = s
-        .post(
-            "/v1/streams",
-            ORDERS,
-            json!({"name": "u", "table": "users"}),
+    assert_eq!(
+        error_code(s.get("/v1/streams", USERS), 403).await,
+        "forbidden"
+    );
+    assert_eq!(
+        error_code(
+            s.post("/v1/streams", USERS, json!({"name": "u", "table": "users"})),
+            403
         )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_code(r, 403).await, "forbidden");
+        .await,
+        "forbidden"
+    );
+    assert_eq!(
+        error_code(
+            s.post(
+                "/v1/streams",
+                ORDERS,
+                json!({"name": "u", "table": "users"}),
+            ),
+            403
+        )
+        .await,
+        "forbidden"
+    );
 
     // A stream made by the admin on `users`: the orders key cannot see, read or delete it.
     s.create_stream("user-changes", "users", None).await;
@@ -96,31 +104,33 @@ async fn keys_are_required_checked_and_scoped() {
             "a forbidden read leaked a row: {body}"
         );
     }
-    let r = s
-        .http
-        .delete(format!("{}/v1/streams/user-changes", s.url))
-        .bearer_auth(ORDERS)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_code(r, 403).await, "forbidden");
-    let r = s
-        .post(
-            "/v1/streams/user-changes/ack",
-            ORDERS,
-            json!({"position": "0000000000000001-0000000000"}),
+    assert_eq!(
+        error_code(
+            s.http
+                .delete(format!("{}/v1/streams/user-changes", s.url))
+                .bearer_auth(ORDERS),
+            403
         )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_code(r, 403).await, "forbidden");
+        .await,
+        "forbidden"
+    );
+    assert_eq!(
+        error_code(
+            s.post(
+                "/v1/streams/user-changes/ack",
+                ORDERS,
+                json!({"position": "0000000000000001-0000000000"}),
+            ),
+            403
+        )
+        .await,
+        "forbidden"
+    );
     // A token cannot widen its key's rights.
-    let r = s
-        .post("/v1/tokens", ORDERS, json!({"table": "users"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_code(r, 403).await, "forbidden");
+    assert_eq!(
+        error_code(s.post("/v1/tokens", ORDERS, json!({"table": "users"})), 403).await,
+        "forbidden"
+    );
     s.stop().await;
     db.teardown().await;
 }
@@ -153,29 +163,33 @@ async fn tokens_open_delivery_and_fail_when_tampered_or_expired() {
         format!("{payload}.AAAA{sig}"),
         "nonsense".to_owned(),
     ] {
-        let r = s
-            .http
-            .get(format!("{}/v1/subscribe?token={bad}", s.url))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(error_code(r, 401).await, "unauthorized");
+        assert_eq!(
+            error_code(
+                s.http.get(format!("{}/v1/subscribe?token={bad}", s.url)),
+                401
+            )
+            .await,
+            "unauthorized"
+        );
     }
     // A token opens delivery only, not management, and not another table.
-    let r = s
-        .http
-        .get(format!("{}/v1/streams?token={token}", s.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_code(r, 403).await, "forbidden");
-    let r = s
-        .http
-        .get(format!("{}/v1/subscribe?token={token}&table=users", s.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_code(r, 400).await, "bad_request");
+    assert_eq!(
+        error_code(
+            s.http.get(format!("{}/v1/streams?token={token}", s.url)),
+            403
+        )
+        .await,
+        "forbidden"
+    );
+    assert_eq!(
+        error_code(
+            s.http
+                .get(format!("{}/v1/subscribe?token={token}&table=users", s.url)),
+            400
+        )
+        .await,
+        "bad_request"
+    );
 
     // Expired: wait (on the condition, not a fixed sleep) until the server says so.
     let short = s
@@ -199,45 +213,53 @@ async fn tokens_open_delivery_and_fail_when_tampered_or_expired() {
 async fn bad_input_and_limits_are_refused_with_codes() {
     let db = TestDb::new().await;
     let s = start(&db, |c| c.limits.connections_per_key = 1).await;
-    let r = s
-        .get("/v1/subscribe?table=orders&filter=%7Bnope", ADMIN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_code(r, 400).await, "bad_filter");
-    let r = s
-        .get(
-            "/v1/subscribe?table=orders&filter=%7B%22create%22%3A%7B%22missing%22%3A1%7D%7D",
-            ADMIN,
+    assert_eq!(
+        error_code(
+            s.get("/v1/subscribe?table=orders&filter=%7Bnope", ADMIN),
+            400
         )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_code(r, 400).await, "bad_filter");
+        .await,
+        "bad_filter"
+    );
+    assert_eq!(
+        error_code(
+            s.get(
+                "/v1/subscribe?table=orders&filter=%7B%22create%22%3A%7B%22missing%22%3A1%7D%7D",
+                ADMIN,
+            ),
+            400
+        )
+        .await,
+        "bad_filter"
+    );
     let mut deep = json!({"status": "x"});
     for _ in 0..40 {
         deep = json!({"NOT": deep});
     }
-    let r = s
-        .post(
-            "/v1/streams",
-            ADMIN,
-            json!({"name": "deep", "table": "orders", "filter": {"create": deep}}),
+    assert_eq!(
+        error_code(
+            s.post(
+                "/v1/streams",
+                ADMIN,
+                json!({"name": "deep", "table": "orders", "filter": {"create": deep}}),
+            ),
+            400
         )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_code(r, 400).await, "bad_filter");
-    let r = s
-        .post(
-            "/v1/streams",
-            ADMIN,
-            json!({"name": "bad name!", "table": "orders"}),
+        .await,
+        "bad_filter"
+    );
+    assert_eq!(
+        error_code(
+            s.post(
+                "/v1/streams",
+                ADMIN,
+                json!({"name": "bad name!", "table": "orders"}),
+            ),
+            400
         )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_code(r, 400).await, "bad_request");
+        .await,
+        "bad_request"
+    );
     let huge = "x".repeat(200_000);
     let r = s
         .post(
@@ -249,24 +271,22 @@ async fn bad_input_and_limits_are_refused_with_codes() {
         .await
         .unwrap();
     assert_eq!(r.status(), 413);
-    let r = s
-        .get("/v1/streams/nope/events", ADMIN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_code(r, 404).await, "not_found");
-    let r = s.get("/v1/nowhere", ADMIN).send().await.unwrap();
-    assert_eq!(error_code(r, 404).await, "not_found");
+    assert_eq!(
+        error_code(s.get("/v1/streams/nope/events", ADMIN), 404).await,
+        "not_found"
+    );
+    assert_eq!(
+        error_code(s.get("/v1/nowhere", ADMIN), 404).await,
+        "not_found"
+    );
 
     // One connection per key here: a second is refused while the first is open.
     let mut first = Sse::open(s.get("/v1/subscribe?table=orders", ADMIN)).await;
     first.expect("initialized").await;
-    let r = s
-        .get("/v1/subscribe?table=orders", ADMIN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_code(r, 429).await, "too_many_connections");
+    assert_eq!(
+        error_code(s.get("/v1/subscribe?table=orders", ADMIN), 429).await,
+        "too_many_connections"
+    );
     // Another key has its own allowance.
     let mut other = Sse::open(s.get("/v1/subscribe?table=orders", ORDERS)).await;
     other.expect("initialized").await;
@@ -294,16 +314,18 @@ async fn streams_are_managed_and_leased() {
         Some(json!({"update": {"after": {"status": "paid"}}})),
     )
     .await;
-    let r = s
-        .post(
-            "/v1/streams",
-            ORDERS,
-            json!({"name": "billing", "table": "orders"}),
+    assert_eq!(
+        error_code(
+            s.post(
+                "/v1/streams",
+                ORDERS,
+                json!({"name": "billing", "table": "orders"}),
+            ),
+            409
         )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_code(r, 409).await, "conflict");
+        .await,
+        "conflict"
+    );
     let listed: Json = s
         .get("/v1/streams", ORDERS)
         .send()
@@ -314,33 +336,24 @@ async fn streams_are_managed_and_leased() {
         .unwrap();
     assert_eq!(listed["streams"][0]["name"], "billing", "{listed}");
     assert_eq!(listed["streams"][0]["tables"], json!(["public.orders"]));
-    let info: Json = s
-        .get("/v1/streams/billing", ORDERS)
-        .header("accept", "application/json")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(info["name"], "billing");
+    assert_eq!(s.stream_info("billing").await["name"], "billing");
 
     // One consumer at a time.
     let mut consumer = Sse::open(s.get("/v1/streams/billing", ORDERS)).await;
     consumer.expect("initialized").await;
-    let r = s
-        .get("/v1/streams/billing", ORDERS)
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_code(r, 409).await, "stream_busy");
-    let r = s
-        .get("/v1/streams/billing/events", ORDERS)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_code(r, 409).await, "stream_busy");
+    assert_eq!(
+        error_code(
+            s.get("/v1/streams/billing", ORDERS)
+                .header("accept", "text/event-stream"),
+            409
+        )
+        .await,
+        "stream_busy"
+    );
+    assert_eq!(
+        error_code(s.get("/v1/streams/billing/events", ORDERS), 409).await,
+        "stream_busy"
+    );
     drop(consumer);
     wait_for("the lease to be released", TIMEOUT, || async {
         s.get("/v1/streams/billing/events", ORDERS)
@@ -360,12 +373,10 @@ async fn streams_are_managed_and_leased() {
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
-    let r = s
-        .get("/v1/streams/billing/events", ORDERS)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_code(r, 404).await, "not_found");
+    assert_eq!(
+        error_code(s.get("/v1/streams/billing/events", ORDERS), 404).await,
+        "not_found"
+    );
     s.stop().await;
     db.teardown().await;
 }
@@ -380,13 +391,10 @@ async fn health_metrics_and_openapi() {
     sse.expect("initialized").await;
     sse.changes(3).await;
 
-    let r = s
-        .http
-        .get(format!("{}/metrics", s.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_code(r, 401).await, "unauthorized");
+    assert_eq!(
+        error_code(s.http.get(format!("{}/metrics", s.url)), 401).await,
+        "unauthorized"
+    );
     let text = s
         .get("/metrics", ADMIN)
         .send()

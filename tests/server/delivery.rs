@@ -37,16 +37,7 @@ async fn ws_next(ws: &mut Ws) -> Json {
 /// in the background).
 async fn lease_free(s: &Server, name: &str) {
     wait_for("the stream's lease to be released", TIMEOUT, || async {
-        let info: Json = s
-            .get(&format!("/v1/streams/{name}"), ADMIN)
-            .header("accept", "application/json")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        info["lease"].is_null()
+        s.stream_info(name).await["lease"].is_null()
     })
     .await;
 }
@@ -144,16 +135,10 @@ async fn stream_sse_resumes_with_last_event_id_without_loss_or_duplicates() {
     assert_eq!(r.status(), 204, "{:?}", r.text().await);
     insert_orders(&db, 10..12).await;
     assert_eq!(ids(&sse.changes(2).await), [10, 11]);
-    let info: Json = s
-        .get("/v1/streams/orders", ORDERS)
-        .header("accept", "application/json")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(info["cursor"], rest[5].data["position"]);
+    assert_eq!(
+        s.stream_info("orders").await["cursor"],
+        rest[5].data["position"]
+    );
     drop(sse);
     s.stop().await;
     db.teardown().await;

@@ -60,18 +60,7 @@ pub async fn start(db: &TestDb, tweak: impl FnOnce(&mut ServerConfig)) -> Server
     db.client().await.batch_execute(DDL).await.unwrap();
     let mut appender = AppenderConfig::new(listen::config(db, &[]));
     appender.max_batch_delay = Duration::from_millis(20);
-    let slot = appender.listener.slot.clone();
-    let setup = waltap::setup::SetupOptions {
-        slot: slot.clone(),
-        publication: appender.listener.publication.clone(),
-        tables: Vec::new(),
-        create_publication: true,
-        create_slot: true,
-        temporary_slot: false,
-    };
-    if let Err(e) = waltap::setup::prepare(&db.client().await, &setup).await {
-        panic!("setting up the slot: {e}");
-    }
+    listen::create_slot(db, &appender.listener).await;
     let keys = Keys::from_toml(KEYS, None).unwrap();
     let mut config = ServerConfig::new(appender, keys);
     tweak(&mut config);
@@ -113,6 +102,18 @@ impl Server {
             .json(&body)
     }
 
+    /// A stream's description, as the admin sees it.
+    pub async fn stream_info(&self, name: &str) -> Json {
+        self.get(&format!("/v1/streams/{name}"), ADMIN)
+            .header("accept", "application/json")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// Makes a stream as the admin key.
     pub async fn create_stream(&self, name: &str, table: &str, filter: Option<Json>) {
         let mut body = json!({"name": name, "table": table});
@@ -143,8 +144,9 @@ impl Server {
     }
 }
 
-/// An error response's code, checking the status.
-pub async fn error_code(r: reqwest::Response, status: u16) -> String {
+/// Sends a request that must fail with `status`; returns the error's code.
+pub async fn error_code(req: reqwest::RequestBuilder, status: u16) -> String {
+    let r = req.send().await.unwrap();
     assert_eq!(r.status(), status, "unexpected status");
     let body: Json = r.json().await.unwrap();
     body["error"]["code"].as_str().unwrap().to_owned()

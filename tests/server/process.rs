@@ -66,12 +66,7 @@ async fn serve_binary_shuts_down_gracefully_on_sigterm() {
     insert_orders(&db, 0..1).await;
     sse.expect("change").await;
 
-    let pid = child.id().expect("running").to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    crate::support::sigterm(&child);
     assert!(
         sse.next().await.is_none(),
         "the event stream ended with the server"

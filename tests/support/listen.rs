@@ -29,6 +29,23 @@ pub fn config_for_url(db: &TestDb, url: &str, tables: &[&str]) -> ListenerConfig
     c
 }
 
+/// Creates the publication and the slot of `config` now, so that every later commit
+/// reaches the slot (a slot the pipeline creates itself becomes consistent only once all
+/// transactions running in the cluster at that time have ended).
+pub async fn create_slot(db: &TestDb, config: &ListenerConfig) {
+    let setup = waltap::setup::SetupOptions {
+        slot: config.slot.clone(),
+        publication: config.publication.clone(),
+        tables: config.tables.clone(),
+        create_publication: true,
+        create_slot: true,
+        temporary_slot: false,
+    };
+    if let Err(e) = waltap::setup::prepare(&db.client().await, &setup).await {
+        panic!("setting up the slot: {e}");
+    }
+}
+
 /// Starts a listener, panicking with the error when it cannot.
 pub async fn start(config: ListenerConfig) -> Listener {
     match Listener::start(config).await {
