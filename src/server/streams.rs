@@ -132,12 +132,10 @@ async fn open(
     let options = OpenOptions {
         catalog: state.catalog.as_ref().map(|db| db.config.clone()),
         page_size: page_size.unwrap_or(streams::DEFAULT_PAGE_SIZE),
+        acknowledged: resume,
         ..OpenOptions::default()
     };
     let consumer = streams::open(&state.store.config, name, options).await?;
-    if let Some(p) = resume {
-        consumer.acker().ack(p).await?;
-    }
     Ok((consumer, slot))
 }
 
@@ -149,21 +147,6 @@ fn resume_position(caller: &Caller, given: Option<&str>) -> Result<Option<Positi
             .map(Some)
             .map_err(|e: crate::event::ParsePositionError| ApiError::BadRequest(e.to_string())),
         None => Ok(caller.token.as_ref().and_then(|c| c.position)),
-    }
-}
-
-/// The item as the client gets it after resuming at `resume`: events up to it were
-/// handled already and are skipped; the marker names where delivery resumes.
-fn after_resume(item: StreamItem, resume: Option<Position>) -> Option<StreamItem> {
-    let Some(resume) = resume else {
-        return Some(item);
-    };
-    match item {
-        StreamItem::Initialized { position } => Some(StreamItem::Initialized {
-            position: Some(position.map_or(resume, |p| p.max(resume))),
-        }),
-        StreamItem::Event(ev) if ev.position <= resume => None,
-        item => Some(item),
     }
 }
 
@@ -198,7 +181,6 @@ pub(super) async fn consume(
         name,
         session,
         consumer,
-        resume,
         inbound,
         _slot: slot,
     };
@@ -221,7 +203,6 @@ struct Job {
     name: String,
     session: u64,
     consumer: StreamConsumer,
-    resume: Option<Position>,
     inbound: mpsc::Receiver<Inbound>,
     _slot: ConnectionSlot,
 }
@@ -260,10 +241,7 @@ impl Job {
             };
             let frame = match item {
                 None => break,
-                Some(Ok(item)) => match after_resume(item, self.resume) {
-                    Some(item) => Frame::item(&item),
-                    None => continue,
-                },
+                Some(Ok(item)) => Frame::item(&item),
                 Some(Err(e)) => {
                     out.fail(e.code(), &e.to_string(), &state.metrics).await;
                     break;
@@ -317,14 +295,7 @@ pub(super) async fn feed(
     let resume = resume_position(&caller, params.cursor.as_deref())?;
     let (mut consumer, _slot) = open(&state, &caller, &name, resume, Some(limit)).await?;
     let _gauge = SubscriberGauge::new(&state.metrics);
-    let result = read_page(
-        &state,
-        &mut consumer,
-        resume,
-        limit,
-        Duration::from_secs_f64(wait),
-    )
-    .await;
+    let result = read_page(&state, &mut consumer, limit, Duration::from_secs_f64(wait)).await;
     let cursor = consumer.cursor();
     consumer.close().await;
     let events = result?;
@@ -347,7 +318,6 @@ const IDLE_GRACE: Duration = Duration::from_secs(5);
 async fn read_page(
     state: &AppState,
     consumer: &mut StreamConsumer,
-    resume: Option<Position>,
     limit: usize,
     wait: Duration,
 ) -> Result<Vec<crate::Event<serde_json::Value>>, ApiError> {
@@ -382,7 +352,7 @@ async fn read_page(
             // What was read is delivered; the error comes again on the next request.
             Some(Err(_)) => break,
             Some(Ok(item)) => {
-                if let Some(StreamItem::Event(ev)) = after_resume(item, resume) {
+                if let StreamItem::Event(ev) = item {
                     events.push(ev);
                 }
             }
@@ -395,7 +365,7 @@ async fn read_page(
             while events.len() < limit {
                 match consumer.next().now_or_never() {
                     Some(Some(Ok(item))) => {
-                        if let Some(StreamItem::Event(ev)) = after_resume(item, resume) {
+                        if let StreamItem::Event(ev) = item {
                             events.push(ev);
                         }
                     }

@@ -146,6 +146,11 @@ pub struct OpenOptions {
     /// The watched database, whose catalog types the columns for the filter (default:
     /// the store, which is the watched database unless the log lives elsewhere).
     pub catalog: Option<SourceConfig>,
+    /// The consumer has handled everything up to here (e.g. an HTTP client's
+    /// `Last-Event-ID`): acknowledged as soon as the lease is taken, before the stale
+    /// check, so a client that has everything retention deleted resumes rather than
+    /// getting [`StoreError::StaleCursor`].
+    pub acknowledged: Option<Position>,
 }
 
 impl Default for OpenOptions {
@@ -154,6 +159,7 @@ impl Default for OpenOptions {
             lease: DEFAULT_LEASE,
             page_size: DEFAULT_PAGE_SIZE,
             catalog: None,
+            acknowledged: None,
         }
     }
 }
@@ -715,6 +721,11 @@ pub async fn open(
         released: false,
     };
     // From here on, a failure releases the lease (dropping `consumer`).
+    if let Some(p) = options.acknowledged {
+        if Mark::of(p) > shared.state().acked {
+            shared.store_cursor(Mark::of(p)).await?;
+        }
+    }
     let cursor = shared.state().acked;
     let reader = Reader::new(shared, &row, &options, notifications).await?;
     // A cursor at LSN 0 stands before everything: the log was empty when it was set.

@@ -324,3 +324,73 @@ fn urlencode(s: &str) -> String {
         })
         .collect()
 }
+
+#[tokio::test]
+async fn stale_cursor_is_gone_with_advice_and_stream_tokens_open_one_stream() {
+    let db = TestDb::new().await;
+    let s = start(&db, |_| {}).await;
+    s.create_stream("old", "orders", None).await;
+    s.create_stream("other", "orders", None).await;
+    insert_orders(&db, 0..3).await;
+
+    // A token for one stream, resuming after its first event.
+    let token = s.token(ORDERS, json!({"stream": "old"})).await;
+    let mut sse = Sse::open(
+        s.http
+            .get(format!("{}/v1/streams/old?token={token}", s.url)),
+    )
+    .await;
+    sse.expect("initialized").await;
+    let first = sse.changes(3).await;
+    drop(sse);
+    let r = s
+        .http
+        .get(format!("{}/v1/streams/other?token={token}", s.url))
+        .header("accept", "text/event-stream");
+    assert_eq!(super::error_code(r, 403).await, "forbidden");
+
+    // Retention deletes what "old" has not acknowledged.
+    let source = s.stream_info("old").await["source"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut store = db.client().await;
+    store
+        .execute(
+            "UPDATE waltap.events SET appended_at = now() - interval '1 hour' WHERE source = $1",
+            &[&source],
+        )
+        .await
+        .unwrap();
+    let pruned = waltap::store::retention::prune(
+        &mut store,
+        &source,
+        Some(std::time::Duration::from_secs(1800)),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(pruned.events, 3);
+    lease_free(&s, "old").await;
+    let r = s
+        .get("/v1/streams/old/events", ORDERS)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 410);
+    let body: Json = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "stale_cursor");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("re-read the current rows"),
+        "{body}"
+    );
+    // A cursor past the pruned events is not stale: acknowledging them resumes.
+    let cursor = first[2].id.clone().unwrap();
+    let (ids, _) = page(&s, "old", &format!("cursor={cursor}")).await;
+    assert!(ids.is_empty());
+    s.stop().await;
+    db.teardown().await;
+}
