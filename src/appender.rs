@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -25,7 +24,7 @@ use crate::config::SourceConfig;
 use crate::error::Error;
 use crate::event::{Event, Position};
 use crate::lsn::Lsn;
-use crate::pipeline::{Listener, ListenerConfig};
+use crate::pipeline::{Delivery, Listener, ListenerConfig};
 use crate::store::retention::{self, Retention};
 use crate::store::{LogWriter, PgLog, StoreError};
 
@@ -144,19 +143,42 @@ async fn run_once(
         opened: None,
         complete: None,
     };
-    let mut ready: Option<Event> = None;
+    let mut ready: Option<Delivery> = None;
     let result = loop {
-        let ev = match ready.take() {
-            Some(ev) => ev,
+        let item = match ready.take() {
+            Some(item) => item,
             None => tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break Ok(()),
-                item = listener.next() => match item {
-                    Some(Ok(ev)) => ev,
+                item = listener.next_delivery() => match item {
+                    Some(Ok(item)) => item,
                     Some(Err(e)) => break Err(AppendError::from(e)),
                     None => break Err(AppendError::Source(Error::Stopped)),
                 },
             },
+        };
+        let ev = match item {
+            Delivery::Event(ev) => ev,
+            Delivery::Watermark(lsn) => {
+                // Everything before the watermark is in the batch: make it durable and
+                // mark the log complete through the watermark, so that a snapshot waiting
+                // on the log learns that nothing before it is still to come.
+                if lsn <= stored {
+                    continue;
+                }
+                let flushed = match commit(&mut log, &mut batch).await {
+                    Ok(flushed) => flushed,
+                    Err(e) => break Err(e.into()),
+                };
+                if let Some((_, position)) = flushed {
+                    listener.ack(position);
+                }
+                if let Err(e) = log.commit(lsn).await {
+                    break Err(e.into());
+                }
+                stored = lsn;
+                continue;
+            }
         };
         if ev.position.commit_lsn <= stored {
             // Replayed after a crash: already in the log. Acknowledging lets the slot catch up.
@@ -181,7 +203,7 @@ async fn run_once(
                 .opened
                 .is_some_and(|t| t.elapsed() >= config.max_batch_delay);
         if !full {
-            match listener.next().now_or_never() {
+            match listener.try_next_delivery() {
                 Some(Some(Ok(next))) => {
                     ready = Some(next);
                     continue;

@@ -23,6 +23,10 @@ pub enum Error {
     },
     #[error(transparent)]
     Event(#[from] EventError),
+    #[error("streamed transaction: {0}")]
+    Spill(#[from] crate::spill::SpillError),
+    #[error("PostgreSQL {version} is too old: waltap needs PostgreSQL 14 or later (pgoutput protocol 2: streaming of large transactions, logical messages)")]
+    UnsupportedServer { version: String },
     #[error(transparent)]
     SqlConnect(#[from] SqlConnectError),
     #[error("SQL: {}", crate::config::pg_error_text(.0))]

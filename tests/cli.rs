@@ -302,3 +302,68 @@ async fn tail_filter_prints_only_matching_events_renumbered() {
     assert!(err.contains("nope"), "{err}");
     db.teardown().await;
 }
+
+#[tokio::test]
+async fn tail_initial_state_prints_rows_then_the_marker_then_changes() {
+    let db = TestDb::new().await;
+    let n = names(&db);
+    setup(&db, &n).await;
+    let c = db.client().await;
+    c.batch_execute("INSERT INTO t VALUES (1, 'keep'), (2, 'skip'), (3, 'keep')")
+        .await
+        .unwrap();
+    let mut child = waltap(
+        &db,
+        &n,
+        &[
+            "tail",
+            "--table",
+            "t",
+            "--initial-state",
+            "--limit",
+            "1",
+            "--filter",
+            r#"{"where": {"v": "keep"}}"#,
+        ],
+    )
+    .spawn()
+    .expect("spawn waltap tail");
+    let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+    let mut got = Vec::new();
+    loop {
+        let line = next_line(&mut lines)
+            .await
+            .expect("a line before the marker");
+        let v: Json = serde_json::from_str(&line).unwrap();
+        let done = v["type"] == "snapshotComplete";
+        got.push(v);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(got[0]["type"], "initialized");
+    let rows: Vec<&Json> = got[1..got.len() - 1].iter().collect();
+    assert_eq!(rows.len(), 2, "the filter applies to the rows: {got:?}");
+    assert!(rows
+        .iter()
+        .all(|r| r["action"] == "snapshot" && r["row"]["v"] == "keep"));
+    c.batch_execute("INSERT INTO t VALUES (4, 'keep')")
+        .await
+        .unwrap();
+    let change: Json = serde_json::from_str(&next_line(&mut lines).await.unwrap()).unwrap();
+    assert_eq!(change["created"]["id"], 4);
+    let status = tokio::time::timeout(LINE_TIMEOUT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "--limit counts the change only");
+    let bad = waltap(&db, &n, &["tail", "--initial-state"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--initial-state needs exactly one --table")
+    );
+    db.teardown().await;
+}

@@ -62,6 +62,8 @@ impl Pipeline {
             source: self.source.clone(),
             tables: tables.iter().map(|t| t.to_string()).collect(),
             filter: filter.map(|f| serde_json::from_value::<Filter>(f).unwrap()),
+            initial_state: false,
+            from: None,
         };
         if let Err(e) = streams::create(&client, &client, &def).await {
             panic!("creating stream {name}: {e}");
@@ -226,6 +228,8 @@ async fn create_list_delete() {
         source: p.source.clone(),
         tables: tables.iter().map(|t| t.to_string()).collect(),
         filter: filter.map(|f| serde_json::from_value(f).unwrap()),
+        initial_state: false,
+        from: None,
     };
     let filter = json!({"create": {"plan": "pro"}});
     let info = streams::create(
@@ -605,7 +609,10 @@ async fn retention_by_age_and_stale_cursors() {
     // Reading past the pruned mark fails, at open and at a read; never a silent skip.
     let e = open_err(&p.store, "early", OpenOptions::default()).await;
     assert_eq!(e.code(), "stale_cursor");
-    assert!(e.to_string().contains("re-read the current rows"), "{e}");
+    assert!(
+        e.to_string().contains("start again from the current rows"),
+        "{e}"
+    );
     let e = next_error(&mut reader).await;
     assert_eq!(e.code(), "stale_cursor");
     assert!(
@@ -620,7 +627,7 @@ async fn retention_by_age_and_stale_cursors() {
     late.close().await;
 
     // After re-reading the current rows, a stale stream starts again from the head.
-    let info = streams::reset(&store, "early").await.unwrap();
+    let info = streams::reset(&store, "early", false).await.unwrap();
     assert!(info.cursor > through);
     let mut early = p.open("early").await;
     w.batch_execute("INSERT INTO t VALUES (6)").await.unwrap();
@@ -888,4 +895,48 @@ async fn cli_create_list_tail_delete() {
     assert_eq!(listed, json!([]));
     p.stop().await;
     db.teardown().await;
+}
+
+/// An ack awaited while the consumer's next page is in flight and not being polled (the
+/// caller polled `next()` once, or raced it in a `select!`) must not wait behind that
+/// page: it once did, on a connection shared with the reader.
+#[tokio::test]
+async fn ack_does_not_wait_behind_an_unpolled_page() {
+    use futures::FutureExt;
+    let db = TestDb::new().await;
+    let p = Pipeline::start(
+        &db,
+        "CREATE TABLE t (id int PRIMARY KEY, v text NOT NULL)",
+        None,
+    )
+    .await;
+    p.create("s", &["t"], None).await;
+    let w = db.client().await;
+    // Two transactions, each row large enough that a page's response
+    // outgrows what the connection buffers for an unpolled request.
+    commit_each(
+        &w,
+        &[
+            "INSERT INTO t SELECT g, repeat('x', 2000) FROM generate_series(1, 100) g",
+            "INSERT INTO t SELECT g, repeat('x', 2000) FROM generate_series(101, 1200) g",
+        ],
+    )
+    .await;
+    p.logged(1200).await;
+    let options = OpenOptions {
+        page_size: 100,
+        ..OpenOptions::default()
+    };
+    let mut c = p.open_with("s", options).await;
+    let first = take(&mut c, 100).await;
+    // The first page is used up: this poll sends the next page's query and returns.
+    if let Some(item) = c.next().now_or_never() {
+        panic!("the next page is not read yet, but got {item:?}");
+    }
+    let acked = tokio::time::timeout(TIMEOUT, c.ack(first[99].position)).await;
+    assert!(acked.is_ok(), "the ack waited behind the unpolled page");
+    acked.unwrap().unwrap();
+    let rest = take(&mut c, 1100).await;
+    assert_eq!(ids(&rest), (101..=1200).collect::<Vec<_>>());
+    p.stop().await;
 }

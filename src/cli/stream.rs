@@ -23,9 +23,9 @@ pub enum StreamCommand {
     List(ListArgs),
     /// Delete a stream.
     Delete(NameArgs),
-    /// Move a stream's cursor to the log head (after a stale_cursor error, once the
-    /// current rows are re-read).
-    Reset(NameArgs),
+    /// Move a stream's cursor to the log head (after a stale_cursor error); with
+    /// --initial-state the stream starts over with the current rows.
+    Reset(ResetArgs),
     /// Print a stream's events from its cursor as JSON lines (after an `initialized` line
     /// with that cursor), acknowledging what was printed.
     Tail(TailArgs),
@@ -47,7 +47,7 @@ pub struct StoreArgs {
 
 impl StoreArgs {
     /// The store, and the watched database when it is another one.
-    fn configs(&self) -> anyhow::Result<(SourceConfig, Option<SourceConfig>)> {
+    pub(super) fn configs(&self) -> anyhow::Result<(SourceConfig, Option<SourceConfig>)> {
         let watched = SourceConfig::parse(&self.database_url)?;
         Ok(match &self.store_url {
             Some(url) if *url != self.database_url => (SourceConfig::parse(url)?, Some(watched)),
@@ -68,6 +68,25 @@ pub struct CreateArgs {
     /// Filter as JSON (DESIGN.md section 3), checked against every table.
     #[arg(long)]
     pub filter: Option<String>,
+    /// Start with the rows of the tables that match the filter now (copied from one
+    /// snapshot by the first consumer; needs `waltap run` or `serve` filling the log),
+    /// then the changes after them.
+    #[arg(long, conflicts_with = "from")]
+    pub initial_state: bool,
+    /// Deliver the changes after this position (such as the one `waltap export` prints)
+    /// instead of those appended from now on.
+    #[arg(long)]
+    pub from: Option<crate::event::Position>,
+}
+
+#[derive(Debug, Args)]
+pub struct ResetArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    pub name: String,
+    /// Start over with the current rows (see `create --initial-state`).
+    #[arg(long)]
+    pub initial_state: bool,
 }
 
 #[derive(Debug, Args)]
@@ -121,7 +140,7 @@ pub async fn run(cmd: StreamCommand) -> anyhow::Result<()> {
         }
         StreamCommand::Reset(args) => {
             let store = args.store.configs()?.0.connect_sql().await?;
-            let info = streams::reset(&store, &args.name).await?;
+            let info = streams::reset(&store, &args.name, args.initial_state).await?;
             println!("{}", serde_json::to_string_pretty(&info)?);
             Ok(())
         }
@@ -147,6 +166,8 @@ async fn create(args: CreateArgs) -> anyhow::Result<()> {
         source: args.store.slot,
         tables: args.tables,
         filter,
+        initial_state: args.initial_state,
+        from: args.from,
     };
     let info = streams::create(&store, watched.as_ref().unwrap_or(&store), &def).await?;
     println!("{}", serde_json::to_string_pretty(&info)?);
@@ -166,9 +187,9 @@ async fn tail(args: TailArgs) -> anyhow::Result<()> {
     result
 }
 
-/// Prints items as JSON lines (the `initialized` marker first, then events); after each
-/// run of ready items, flushes and acknowledges the last event printed. Only events count
-/// towards the limit. Stops at the limit, a signal, a closed stdout or an error (after
+/// Prints items as JSON lines (the `initialized` marker first, then the initial state if
+/// the stream has one, then events); after each run of ready items, flushes and
+/// acknowledges the last row or event printed. Only events count towards the limit. Stops at the limit, a signal, a closed stdout or an error (after
 /// acknowledging what was printed before it).
 async fn print_stream(consumer: &mut StreamConsumer, limit: Option<u64>) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
@@ -183,6 +204,7 @@ async fn print_stream(consumer: &mut StreamConsumer, limit: Option<u64>) -> anyh
             item = consumer.next() => item,
         };
         let mut last = None;
+        let mut last_row = None;
         let mut failure = None;
         loop {
             let item = match next {
@@ -202,9 +224,13 @@ async fn print_stream(consumer: &mut StreamConsumer, limit: Option<u64>) -> anyh
             {
                 return stdout_closed(e);
             }
-            if let StreamItem::Event(ev) = &item {
-                printed += 1;
-                last = Some(ev.position);
+            match &item {
+                StreamItem::Event(ev) => {
+                    printed += 1;
+                    last = Some(ev.position);
+                }
+                StreamItem::Snapshot(row) => last_row = row.seq,
+                _ => {}
             }
             if limit.is_some_and(|l| printed >= l) {
                 break;
@@ -216,6 +242,9 @@ async fn print_stream(consumer: &mut StreamConsumer, limit: Option<u64>) -> anyh
         }
         if let Err(e) = out.flush() {
             return stdout_closed(e);
+        }
+        if let Some(seq) = last_row {
+            consumer.ack_snapshot(seq).await?;
         }
         if let Some(p) = last {
             consumer.ack(p).await?;

@@ -130,7 +130,17 @@ pub enum Output {
         /// Events of the transaction handed out (after the table filter).
         events: u32,
     },
+    /// A snapshot's watermark (see [`WATERMARK_PREFIX`]) at this LSN: every transaction
+    /// that committed before it has been handed out.
+    Watermark(Lsn),
 }
+
+/// Prefix of the non-transactional `pg_logical_emit_message` that an initial-state
+/// snapshot writes right after taking its snapshot. Logical decoding outputs such a
+/// message in WAL order with the commits, so when it arrives every transaction that
+/// committed before it has arrived too: the point where a snapshot and the change stream
+/// can be matched up.
+pub const WATERMARK_PREFIX: &str = "waltap.watermark";
 
 /// Assembler settings.
 #[derive(Debug, Clone)]
@@ -320,7 +330,9 @@ impl Assembler {
                 }
             }
             LogicalMessage::Message(m) => {
-                if m.transactional && m.prefix == self.options.annotation_prefix {
+                if !m.transactional && m.prefix == WATERMARK_PREFIX {
+                    out.push(Output::Watermark(m.lsn));
+                } else if m.transactional && m.prefix == self.options.annotation_prefix {
                     let tx = self
                         .tx
                         .as_mut()

@@ -32,6 +32,21 @@ pub enum LogicalMessage {
     StreamPrepare(Prepare),
 }
 
+impl LogicalMessage {
+    /// The (sub)transaction xid that changes carry inside a stream block: `Some` only for
+    /// Insert, Update, Delete, Truncate and Message decoded there.
+    pub fn change_xid(&self) -> Option<u32> {
+        match self {
+            LogicalMessage::Insert(m) => m.xid,
+            LogicalMessage::Update(m) => m.xid,
+            LogicalMessage::Delete(m) => m.xid,
+            LogicalMessage::Truncate(m) => m.xid,
+            LogicalMessage::Message(m) => m.xid,
+            _ => None,
+        }
+    }
+}
+
 /// `B`: start of a committed transaction (sent when it commits).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Begin {

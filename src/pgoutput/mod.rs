@@ -126,6 +126,12 @@ impl Decoder {
         Ok(msg)
     }
 
+    /// Decodes a message that was received inside a stream block (with its xid prefix),
+    /// e.g. one kept on disk until its transaction committed. Leaves the state alone.
+    pub fn decode_streamed(&self, buf: Bytes) -> Result<LogicalMessage, DecodeError> {
+        decode::message(buf, self.protocol_version, self.streaming_parallel, true)
+    }
+
     /// Whether the last Stream Start has not yet been followed by its Stream Stop.
     pub fn in_stream(&self) -> bool {
         self.in_stream

@@ -43,6 +43,12 @@ impl Frame {
     pub fn item<R: Serialize>(item: &SubscriptionItem<R>) -> Frame {
         let (id, kind, is_change) = match item {
             SubscriptionItem::Initialized { position } => (*position, "initialized", false),
+            SubscriptionItem::SnapshotComplete { position } => {
+                (*position, "snapshotComplete", false)
+            }
+            // Rows of an initial state carry no position: `Last-Event-ID` stays at the
+            // last change, and a reconnect mid-copy reads the copy again.
+            SubscriptionItem::Snapshot(_) => (None, "snapshot", false),
             SubscriptionItem::Event(ev) => (Some(ev.position), "change", true),
         };
         Frame {

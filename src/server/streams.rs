@@ -75,11 +75,16 @@ pub(super) async fn list(
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct CreateRequest {
     name: String,
     table: String,
     filter: Option<serde_json::Value>,
+    /// Start with the current rows, then the changes after them.
+    #[serde(default)]
+    initial_state: bool,
+    /// Deliver the changes after this position instead of those from now on.
+    from: Option<Position>,
 }
 
 pub(super) async fn create(
@@ -99,6 +104,8 @@ pub(super) async fn create(
         source: state.slot.clone(),
         tables: vec![req.table],
         filter,
+        initial_state: req.initial_state,
+        from: req.from,
     };
     let info = streams::create(&store, &catalog, &def).await?;
     tracing::info!(key = %caller.key.id(), stream = %info.name, "stream created");

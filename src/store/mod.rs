@@ -15,6 +15,7 @@
 //! [`LogWriter`] is the seam where another log (NATS JetStream, Kafka) could replace the
 //! Postgres table; [`PgLog`] is the Postgres implementation.
 
+pub mod initial;
 mod postgres;
 pub mod retention;
 pub mod streams;
@@ -27,7 +28,10 @@ use crate::event::{Event, Position};
 use crate::lsn::Lsn;
 
 /// The migrations, in order. Each is idempotent; applied ones are recorded.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/0001_event_log.sql"))];
+pub const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../migrations/0001_event_log.sql")),
+    (2, include_str!("../../migrations/0002_initial_state.sql")),
+];
 
 /// Failures of the event log.
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +60,7 @@ pub enum StoreError {
     InvalidStreamName(String),
     #[error("stream {name:?} is busy: another consumer holds it until {until} (stream_busy)")]
     StreamBusy { name: String, until: String },
-    #[error("the cursor of stream {name:?} ({cursor}) points before the oldest retained event (retention deleted through {pruned}): re-read the current rows and start again (stale_cursor)")]
+    #[error("the cursor of stream {name:?} ({cursor}) points before the oldest retained event (retention deleted through {pruned}): start again from the current rows, e.g. waltap stream reset NAME --initial-state (stale_cursor)")]
     StaleCursor {
         name: String,
         cursor: String,
@@ -70,6 +74,12 @@ pub enum StoreError {
     NoTables,
     #[error("stream {name:?} was taken over by another consumer after this one's lease expired (it neither read nor acknowledged within the lease): reopen it (stream_busy)")]
     LeaseLost { name: String },
+    #[error("initial state: {0}")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error("writing the initial state: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the event log has no progress for source {0:?} yet: an initial state's position comes from the log, so keep it filled (waltap run or waltap serve) and try again")]
+    NoLog(String),
 }
 
 impl StoreError {
@@ -88,6 +98,8 @@ impl StoreError {
             | StoreError::NoSuchTable(_)
             | StoreError::NoTables => "bad_request",
             StoreError::BadFilter(_) => "bad_filter",
+            StoreError::Snapshot(e) => e.code(),
+            StoreError::NoLog(_) => "no_log",
             _ => "internal",
         }
     }

@@ -50,6 +50,7 @@
 //!             continue;
 //!         }
 //!         StreamItem::Event(event) => event, // an Event<serde_json::Value>: rows as JSON objects
+//!         _ => continue, // initial-state rows and marker, for streams made with one
 //!     };
 //!     let position = event.position;
 //!     let typed: waltap::Event<Order> = streams::typed(event)?;
@@ -82,6 +83,7 @@ use crate::event::{Event, Position, Row, TableName};
 use crate::filter::{CompiledFilter, Decision, Filter};
 use crate::hub::{FilteredView, SubscriptionItem};
 use crate::lsn::Lsn;
+use crate::snapshot::SnapshotRow;
 use crate::value::{TypeKind, Value};
 
 /// How long a consumer holds its stream without renewing.
@@ -104,6 +106,12 @@ pub struct StreamDef {
     /// `table` (schema `public`) or `schema.table`; at least one, each must exist.
     pub tables: Vec<String>,
     pub filter: Option<Filter>,
+    /// Start with the current rows of the tables that match the filter (copied by the
+    /// first consumer), then the changes after them.
+    pub initial_state: bool,
+    /// Deliver the changes after this position (e.g. from `waltap export`) instead of
+    /// those appended from now on.
+    pub from: Option<Position>,
 }
 
 /// A stream as [`list`] and [`get`] describe it.
@@ -259,15 +267,27 @@ pub async fn create(
     migrate(store).await?;
     let names: Vec<String> = tables.iter().map(qualified).collect();
     let filter = def.filter.as_ref().map(|f| f.to_json().to_string());
+    let from = def.from.map(Mark::of);
     // A source without progress has nothing in the log yet: start before everything.
     let created = store
         .execute(
-            "INSERT INTO waltap.streams (name, source, tables, filter, cursor_lsn, cursor_ordinal)
-             SELECT $1, $2, $3, $4::text::jsonb, coalesce(p.lsn, 0),
-                    CASE WHEN p.lsn IS NULL THEN 0 ELSE $5 END
+            "INSERT INTO waltap.streams
+                 (name, source, tables, filter, cursor_lsn, cursor_ordinal, snapshot_state)
+             SELECT $1, $2, $3, $4::text::jsonb, coalesce($7, p.lsn, 0),
+                    CASE WHEN $7 IS NOT NULL THEN $8 WHEN p.lsn IS NULL THEN 0 ELSE $5 END,
+                    CASE WHEN $6 THEN 'pending' END
              FROM (SELECT max(commit_lsn) AS lsn FROM waltap.progress WHERE source = $2) p
              ON CONFLICT (name) DO NOTHING",
-            &[&def.name, &def.source, &names, &filter, &TX_END],
+            &[
+                &def.name,
+                &def.source,
+                &names,
+                &filter,
+                &TX_END,
+                &def.initial_state,
+                &from.map(|m| m.lsn),
+                &from.map(|m| m.ordinal),
+            ],
         )
         .await
         .map_err(StoreError::sql("create a stream"))?;
@@ -395,26 +415,41 @@ pub async fn delete(store: &Client, name: &str) -> Result<(), StoreError> {
 }
 
 /// Moves a stream's cursor to the current log head, as if it were made now: what a
-/// consumer does after [`StoreError::StaleCursor`], once it has re-read the current rows.
-/// Fails with [`StoreError::StreamBusy`] while a consumer holds the stream.
-pub async fn reset(store: &Client, name: &str) -> Result<StreamInfo, StoreError> {
+/// consumer does after [`StoreError::StaleCursor`]. With `initial_state`, the stream then
+/// starts over with the current rows (as if made with [`StreamDef::initial_state`]);
+/// without, the consumer re-reads them on its own. Fails with [`StoreError::StreamBusy`]
+/// while a consumer holds the stream.
+pub async fn reset(
+    store: &Client,
+    name: &str,
+    initial_state: bool,
+) -> Result<StreamInfo, StoreError> {
     migrate(store).await?;
     let n = store
         .execute(
             "UPDATE waltap.streams s
              SET cursor_lsn = coalesce(p.lsn, 0),
-                 cursor_ordinal = CASE WHEN p.lsn IS NULL THEN 0 ELSE $2 END
+                 cursor_ordinal = CASE WHEN p.lsn IS NULL THEN 0 ELSE $2 END,
+                 snapshot_state = CASE WHEN $3 THEN 'pending' END,
+                 snapshot_acked = 0, snapshot_total = 0
              FROM (SELECT max(commit_lsn) AS lsn FROM waltap.progress
                    WHERE source = (SELECT source FROM waltap.streams WHERE name = $1)) p
              WHERE s.name = $1
                AND (s.lease_holder IS NULL OR s.lease_expires_at IS NULL OR s.lease_expires_at <= now())",
-            &[&name, &TX_END],
+            &[&name, &TX_END, &initial_state],
         )
         .await
         .map_err(StoreError::sql("reset a stream"))?;
     if n == 0 {
         return Err(busy_or_missing(store, name).await);
     }
+    store
+        .execute(
+            "DELETE FROM waltap.snapshot_rows WHERE stream = $1",
+            &[&name],
+        )
+        .await
+        .map_err(StoreError::sql("clear a stream's initial state"))?;
     get(store, name).await
 }
 
@@ -525,8 +560,14 @@ pub fn typed<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// What the consumer and its reader share: the connection, the lease and the progress
-/// of acknowledgements.
+/// What the consumer and its reader share: the lease and the progress of
+/// acknowledgements, and the connection that [`StreamConsumer::ack`] uses.
+///
+/// The reader has a connection of its own. tokio-postgres hands responses out in request
+/// order, one buffered message at a time: had an ack shared the reader's connection, an
+/// ack awaited while a page query of the reader was in flight but not being polled (the
+/// caller raced `next()` against something else, or polled it once) would wait forever
+/// behind that page's rows.
 struct Shared {
     client: Client,
     name: String,
@@ -544,6 +585,8 @@ struct Progress {
     /// that the stream delivers has been handed out.
     quiet_through: Option<Mark>,
     renewed_at: Instant,
+    /// The stream's initial state is not yet all acknowledged.
+    snapshot_open: bool,
 }
 
 impl Shared {
@@ -561,8 +604,8 @@ impl Shared {
     }
 
     /// The lease was not renewed: the stream was deleted, or another consumer holds it.
-    async fn lost(&self) -> StoreError {
-        match busy_or_missing(&self.client, &self.name).await {
+    async fn lost(&self, client: &Client) -> StoreError {
+        match busy_or_missing(client, &self.name).await {
             StoreError::StreamBusy { .. } => StoreError::LeaseLost {
                 name: self.name.clone(),
             },
@@ -570,10 +613,9 @@ impl Shared {
         }
     }
 
-    async fn renew(&self) -> Result<(), StoreError> {
+    async fn renew(&self, client: &Client) -> Result<(), StoreError> {
         let started = Instant::now();
-        let n = self
-            .client
+        let n = client
             .execute(
                 "UPDATE waltap.streams SET lease_expires_at = now() + make_interval(secs => $3)
                  WHERE name = $1 AND lease_holder = $2",
@@ -582,17 +624,17 @@ impl Shared {
             .await
             .map_err(StoreError::sql("renew a stream's lease"))?;
         if n == 0 {
-            return Err(self.lost().await);
+            return Err(self.lost(client).await);
         }
         self.state().renewed_at = started;
         Ok(())
     }
 
-    /// Moves the cursor forward to `to` (never back) and renews the lease.
-    async fn store_cursor(&self, to: Mark) -> Result<(), StoreError> {
+    /// Moves the cursor forward to `to` (never back) and renews the lease, on `client`:
+    /// the caller's own connection (see [`Shared`]).
+    async fn store_cursor(&self, client: &Client, to: Mark) -> Result<(), StoreError> {
         let started = Instant::now();
-        let row = self
-            .client
+        let row = client
             .query_opt(
                 "UPDATE waltap.streams SET
                      cursor_lsn = CASE WHEN ($3::int8, $4::int4) > (cursor_lsn, cursor_ordinal)
@@ -613,13 +655,49 @@ impl Shared {
             .await
             .map_err(StoreError::sql("acknowledge"))?;
         let Some(row) = row else {
-            return Err(self.lost().await);
+            return Err(self.lost(client).await);
         };
         let mut state = self.state();
         state.acked = Mark {
             lsn: row.get(0),
             ordinal: row.get(1),
         };
+        state.renewed_at = started;
+        Ok(())
+    }
+
+    /// Acknowledges the initial state's rows up to `seq` (all of them with `None`); once
+    /// all are, the copy is deleted.
+    async fn ack_snapshot(&self, client: &Client, seq: Option<i64>) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let row = client
+            .query_opt(
+                "UPDATE waltap.streams SET
+                     snapshot_acked = greatest(snapshot_acked, least(coalesce($3, snapshot_total), snapshot_total)),
+                     snapshot_state = CASE WHEN least(coalesce($3, snapshot_total), snapshot_total) >= snapshot_total
+                                           THEN NULL ELSE snapshot_state END,
+                     lease_expires_at = now() + make_interval(secs => $4)
+                 WHERE name = $1 AND lease_holder = $2
+                 RETURNING snapshot_state",
+                &[&self.name, &self.holder, &seq, &self.lease_secs()],
+            )
+            .await
+            .map_err(StoreError::sql("acknowledge initial-state rows"))?;
+        let Some(row) = row else {
+            return Err(self.lost(client).await);
+        };
+        let open = row.get::<_, Option<String>>(0).is_some();
+        if !open {
+            client
+                .execute(
+                    "DELETE FROM waltap.snapshot_rows WHERE stream = $1",
+                    &[&self.name],
+                )
+                .await
+                .map_err(StoreError::sql("delete a delivered initial state"))?;
+        }
+        let mut state = self.state();
+        state.snapshot_open = open;
         state.renewed_at = started;
         Ok(())
     }
@@ -675,9 +753,10 @@ pub async fn open(
     name: &str,
     options: OpenOptions,
 ) -> Result<StreamConsumer, StoreError> {
-    let (client, notifications) = store.connect_sql_listening().await?;
+    let client = store.connect_sql().await?;
     migrate(&client).await?;
-    client
+    let (reader_client, notifications) = store.connect_sql_listening().await?;
+    reader_client
         .batch_execute(&format!(
             "LISTEN {}",
             crate::replication::quote_ident(NOTIFY_CHANNEL)
@@ -692,14 +771,29 @@ pub async fn open(
              SET lease_holder = $2, lease_expires_at = now() + make_interval(secs => $3)
              WHERE name = $1
                AND (lease_holder IS NULL OR lease_expires_at IS NULL OR lease_expires_at <= now())
-             RETURNING source, tables, filter::text, cursor_lsn, cursor_ordinal",
+             RETURNING source, tables, filter::text, cursor_lsn, cursor_ordinal,
+                       snapshot_state, snapshot_acked, snapshot_total",
             &[&name, &holder, &lease.as_secs_f64()],
         )
         .await
         .map_err(StoreError::sql("take a stream's lease"))?;
-    let Some(row) = row else {
+    let Some(mut row) = row else {
         return Err(busy_or_missing(&client, name).await);
     };
+    if row.get::<_, Option<String>>(5).as_deref() == Some("pending") {
+        // From here on, a failure releases the lease only when it expires; the copy is
+        // one store transaction, so nothing half-made stays behind.
+        row = copy_initial_state(
+            &client,
+            &reader_client,
+            store,
+            &options,
+            name,
+            &holder,
+            &row,
+        )
+        .await?;
+    }
     let shared = Arc::new(Shared {
         client,
         name: name.to_owned(),
@@ -713,6 +807,7 @@ pub async fn open(
             yielded: None,
             quiet_through: None,
             renewed_at: Instant::now(),
+            snapshot_open: false,
         }),
     });
     let mut consumer = StreamConsumer {
@@ -721,23 +816,106 @@ pub async fn open(
         released: false,
     };
     // From here on, a failure releases the lease (dropping `consumer`).
+    let mut snapshot =
+        (row.get::<_, Option<String>>(5).as_deref() == Some("ready")).then(|| SnapshotPhase {
+            next: row.get::<_, i64>(6),
+            total: row.get::<_, i64>(7),
+            out: VecDeque::new(),
+        });
+    shared.state().snapshot_open = snapshot.is_some();
     if let Some(p) = options.acknowledged {
+        if snapshot.take().is_some() {
+            // A change comes after every row of the initial state.
+            shared.ack_snapshot(&shared.client, None).await?;
+            shared.state().snapshot_open = false;
+        }
         if Mark::of(p) > shared.state().acked {
-            shared.store_cursor(Mark::of(p)).await?;
+            shared.store_cursor(&shared.client, Mark::of(p)).await?;
         }
     }
     let cursor = shared.state().acked;
-    let reader = Reader::new(shared, &row, &options, notifications).await?;
+    let mut reader = Reader::new(shared, reader_client, &row, &options, notifications).await?;
+    reader.snapshot = snapshot;
     // A cursor at LSN 0 stands before everything: the log was empty when it was set.
     let initialized = StreamItem::Initialized {
         position: (cursor.lsn != 0).then(|| cursor.position()),
     };
     let events = futures::stream::unfold(reader, |mut r| async move {
-        let item = r.next_item().await?;
-        Some((item.map(StreamItem::Event), r))
+        let item = r.next_stream_item().await?;
+        Some((item, r))
     });
     consumer.reader = Box::pin(futures::stream::once(async move { Ok(initialized) }).chain(events));
     Ok(consumer)
+}
+
+/// Makes the copy of a stream's initial state ([`super::initial::materialize`]) while
+/// renewing the lease on `renewer`; returns the stream's row as `open` reads it.
+async fn copy_initial_state(
+    client: &Client,
+    renewer: &Client,
+    store: &SourceConfig,
+    options: &OpenOptions,
+    name: &str,
+    holder: &str,
+    row: &tokio_postgres::Row,
+) -> Result<tokio_postgres::Row, StoreError> {
+    let source: String = row.get(0);
+    let tables: Vec<TableName> = row
+        .get::<_, Vec<String>>(1)
+        .iter()
+        .map(|t| TableName::parse(t))
+        .collect();
+    let filter: Option<Filter> = row
+        .get::<_, Option<String>>(2)
+        .map(|f| {
+            f.parse::<Filter>().map_err(|e| StoreError::Corrupt {
+                position: format!("stream {name}"),
+                message: format!("stored filter: {e}"),
+            })
+        })
+        .transpose()?;
+    let watched = options.catalog.as_ref().unwrap_or(store);
+    let catalog = watched.connect_sql().await?;
+    let lease = options.lease.max(Duration::from_millis(10));
+    let rows = super::initial::StreamRows {
+        name,
+        source: &source,
+        tables: &tables,
+        filter: filter.as_ref(),
+    };
+    let copy = super::initial::materialize(client, store, &catalog, watched, &rows);
+    let renew = async {
+        loop {
+            tokio::time::sleep(lease / 3).await;
+            let n = renewer
+                .execute(
+                    "UPDATE waltap.streams SET lease_expires_at = now() + make_interval(secs => $3)
+                     WHERE name = $1 AND lease_holder = $2",
+                    &[&name, &holder, &lease.as_secs_f64()],
+                )
+                .await
+                .map_err(StoreError::sql("renew a stream's lease"))?;
+            if n == 0 {
+                return Err::<(), _>(StoreError::LeaseLost {
+                    name: name.to_owned(),
+                });
+            }
+        }
+    };
+    let rows = tokio::select! {
+        copied = copy => copied?,
+        lost = renew => return Err(lost.err().unwrap_or(StoreError::LeaseLost { name: name.to_owned() })),
+    };
+    tracing::info!(stream = %name, rows, "initial state copied");
+    client
+        .query_one(
+            "SELECT source, tables, filter::text, cursor_lsn, cursor_ordinal,
+                    snapshot_state, snapshot_acked, snapshot_total
+             FROM waltap.streams WHERE name = $1",
+            &[&name],
+        )
+        .await
+        .map_err(StoreError::sql("read a stream"))
 }
 
 impl StreamConsumer {
@@ -766,6 +944,18 @@ impl StreamConsumer {
         self.acker().ack(position).await
     }
 
+    /// Acknowledges the rows of the initial state up to and including `seq`
+    /// ([`SnapshotRow::seq`]): a consumer that reopens the stream resumes after it.
+    pub async fn ack_snapshot(&self, seq: u64) -> Result<(), StoreError> {
+        if !self.shared.state().snapshot_open {
+            return Ok(());
+        }
+        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+        self.shared
+            .ack_snapshot(&self.shared.client, Some(seq))
+            .await
+    }
+
     /// A handle that acknowledges for this consumer without borrowing it, so that one
     /// task can acknowledge while the consumer is being read (e.g. a server session).
     pub fn acker(&self) -> StreamAcker {
@@ -792,6 +982,10 @@ pub struct StreamAcker {
 impl StreamAcker {
     /// As [`StreamConsumer::ack`].
     pub async fn ack(&self, position: Position) -> Result<(), StoreError> {
+        if self.shared.state().snapshot_open {
+            // A change comes after every row of the initial state.
+            self.shared.ack_snapshot(&self.shared.client, None).await?;
+        }
         let mut to = Mark::of(position);
         {
             let state = self.shared.state();
@@ -806,7 +1000,7 @@ impl StreamAcker {
                 return Ok(());
             }
         }
-        self.shared.store_cursor(to).await
+        self.shared.store_cursor(&self.shared.client, to).await
     }
 }
 
@@ -841,6 +1035,9 @@ struct Stored {
 /// The reading side of a consumer: pages of the log through the stream's view.
 struct Reader {
     shared: Arc<Shared>,
+    /// The reader's own connection (see [`Shared`]), which also receives the append
+    /// notifications.
+    client: Client,
     source: String,
     notifications: mpsc::Receiver<Notification>,
     notifications_open: bool,
@@ -865,11 +1062,22 @@ struct Reader {
     decided: Vec<Event<Json>>,
     out: VecDeque<Event<Json>>,
     failed: bool,
+    /// The initial state still to hand out, before the changes.
+    snapshot: Option<SnapshotPhase>,
+}
+
+/// Where a consumer is in its stream's copied initial state.
+struct SnapshotPhase {
+    /// The last row read (rows are numbered from 1).
+    next: i64,
+    total: i64,
+    out: VecDeque<SnapshotRow<Json>>,
 }
 
 impl Reader {
     async fn new(
         shared: Arc<Shared>,
+        client: Client,
         row: &tokio_postgres::Row,
         options: &OpenOptions,
         notifications: mpsc::Receiver<Notification>,
@@ -903,8 +1111,7 @@ impl Reader {
             ),
             Some(filter) => compile(&shared, options, &tables, filter).await?,
         };
-        let page = shared
-            .client
+        let page = client
             .prepare(
                 "WITH mark AS (
                      SELECT coalesce(max(pruned_lsn), 0) AS lsn, coalesce(max(pruned_ordinal), -1) AS ord
@@ -938,6 +1145,7 @@ impl Reader {
         };
         Ok(Reader {
             shared,
+            client,
             source,
             notifications,
             notifications_open: true,
@@ -954,7 +1162,71 @@ impl Reader {
             decided: Vec::new(),
             out: VecDeque::new(),
             failed: false,
+            snapshot: None,
         })
+    }
+
+    /// The next row of the initial state, its end marker, or the next change.
+    async fn next_stream_item(&mut self) -> Option<Result<StreamItem, StoreError>> {
+        if self.failed {
+            return None;
+        }
+        if self.snapshot.is_none() {
+            return self.next_item().await.map(|r| r.map(StreamItem::Event));
+        }
+        match self.next_snapshot_row().await {
+            Ok(Some(row)) => Some(Ok(StreamItem::Snapshot(row))),
+            Ok(None) => {
+                self.snapshot = None;
+                let cursor = self.delivered_through;
+                Some(Ok(StreamItem::SnapshotComplete {
+                    position: (cursor.lsn != 0).then(|| cursor.position()),
+                }))
+            }
+            Err(e) => {
+                self.failed = true;
+                Some(Err(e))
+            }
+        }
+    }
+
+    async fn next_snapshot_row(&mut self) -> Result<Option<SnapshotRow<Json>>, StoreError> {
+        let Some(phase) = self.snapshot.as_mut() else {
+            return Ok(None);
+        };
+        if phase.out.is_empty() && phase.next < phase.total {
+            if self.shared.renewal_due() {
+                self.shared.renew(&self.client).await?;
+            }
+            let rows = self
+                .client
+                .query(
+                    "SELECT seq, row::text FROM waltap.snapshot_rows
+                     WHERE stream = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                    &[&self.shared.name, &phase.next, &self.page_size],
+                )
+                .await
+                .map_err(StoreError::sql("read an initial state"))?;
+            for r in rows {
+                let seq: i64 = r.get(0);
+                let mut row: SnapshotRow<Json> =
+                    serde_json::from_str(r.get(1)).map_err(|e| StoreError::Corrupt {
+                        position: format!(
+                            "initial state of stream {}, row {seq}",
+                            self.shared.name
+                        ),
+                        message: e.to_string(),
+                    })?;
+                row.seq = Some(seq as u64);
+                phase.next = seq;
+                phase.out.push_back(row);
+            }
+            if phase.out.is_empty() {
+                // Fewer rows than counted: the copy was deleted (stream reset or deleted).
+                phase.next = phase.total;
+            }
+        }
+        Ok(phase.out.pop_front())
     }
 
     async fn next_item(&mut self) -> Option<Result<Event<Json>, StoreError>> {
@@ -977,7 +1249,7 @@ impl Reader {
     async fn fill(&mut self) -> Result<(), StoreError> {
         while self.out.is_empty() {
             if self.shared.renewal_due() {
-                self.shared.renew().await?;
+                self.shared.renew(&self.client).await?;
             }
             // Wake-ups from before this read are answered by it.
             while self.notifications.try_recv().is_ok() {}
@@ -1013,7 +1285,6 @@ impl Reader {
             },
         };
         let rows = self
-            .shared
             .client
             .query(
                 &self.page,
@@ -1121,7 +1392,7 @@ impl Reader {
             state.yielded.is_none_or(|y| state.acked >= y) && state.acked < through
         };
         if advance {
-            self.shared.store_cursor(through).await?;
+            self.shared.store_cursor(&self.client, through).await?;
         }
         Ok(())
     }

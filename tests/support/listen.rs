@@ -40,6 +40,7 @@ pub async fn create_slot(db: &TestDb, config: &ListenerConfig) {
         create_publication: true,
         create_slot: true,
         temporary_slot: false,
+        failover_slot: false,
     };
     if let Err(e) = waltap::setup::prepare(&db.client().await, &setup).await {
         panic!("setting up the slot: {e}");

@@ -216,7 +216,7 @@ fn events(out: &[Output]) -> Vec<&Event> {
     out.iter()
         .filter_map(|o| match o {
             Output::Event(e) => Some(e),
-            Output::Commit { .. } => None,
+            Output::Commit { .. } | Output::Watermark(_) => None,
         })
         .collect()
 }

@@ -40,6 +40,7 @@
 //!                 println!("{:?} user {} on {}", transition, user.id, user.plan);
 //!             }
 //!         }
+//!         _ => {} // initial-state items, when asked for (SubscribeOptions)
 //!     }
 //! }
 //! # Ok(()) }
@@ -50,16 +51,26 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+
+mod initial;
+
+use std::collections::VecDeque;
 
 use crate::catalog;
 use crate::error::Error;
 use crate::event::{Action, Event, Position, Row, TableName};
 use crate::filter::{CompiledFilter, Decision, Filter, FilterError};
-use crate::pipeline::{Listener, ListenerConfig};
+use crate::lsn::Lsn;
+use crate::pipeline::{Delivery, Listener, ListenerConfig};
+use crate::snapshot::{SnapshotError, SnapshotRow};
+
+/// Commits the hub remembers (xid, commit LSN) so that an initial state can check that
+/// none it misses had committed just before its subscriber joined.
+const RECENT_COMMITS: usize = 4096;
 
 /// Settings of a hub.
 #[derive(Debug, Clone)]
@@ -90,12 +101,20 @@ impl HubConfig {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
+#[non_exhaustive]
 pub enum SubscriptionItem<R = Row> {
     /// Live from here: every change committed after this arrives is delivered.
     /// `position`: for a subscription, the last position the hub had seen (absent before
     /// the first event); for a stream, the cursor it resumes after (absent when the log
     /// held nothing for its source when it was made or reset).
     Initialized { position: Option<Position> },
+    /// The initial state is complete: the changes that follow are exactly those after
+    /// `position` (absent when no change preceded the snapshot).
+    SnapshotComplete { position: Option<Position> },
+    /// A row of the initial state, when it was asked for (serialized with
+    /// `"action": "snapshot"` and no `type` field).
+    #[serde(untagged)]
+    Snapshot(SnapshotRow<R>),
     /// A change that passed the filter (serialized without a `type` field).
     #[serde(untagged)]
     Event(Event<R>),
@@ -118,6 +137,8 @@ pub enum SubscriptionError {
     HubStopped,
     #[error(transparent)]
     Sql(#[from] Error),
+    #[error("initial state: {0}")]
+    Snapshot(#[from] SnapshotError),
 }
 
 impl SubscriptionError {
@@ -131,16 +152,38 @@ impl SubscriptionError {
             }
             SubscriptionError::Source(_) | SubscriptionError::HubStopped => "source_stopped",
             SubscriptionError::Sql(_) => "internal",
+            SubscriptionError::Snapshot(e) => e.code(),
         }
     }
 }
 
+/// What the hub task puts in a subscriber's queue.
+// Nearly every item is an event; boxing it would cost an allocation per delivery.
+#[allow(clippy::large_enum_variant)]
+enum Fed {
+    Item(SubscriptionItem),
+    /// Passed on only to subscribers reading an initial state.
+    Watermark(Lsn),
+}
+
+type Queue = mpsc::Receiver<Result<Fed, Arc<Error>>>;
+
 struct Subscriber {
     id: u64,
     view: FilteredView,
-    tx: mpsc::Sender<Result<SubscriptionItem, Arc<Error>>>,
+    tx: mpsc::Sender<Result<Fed, Arc<Error>>>,
     lagged: Arc<AtomicBool>,
     done: bool,
+    /// Reads an initial state, so wants the watermarks.
+    watermarks: bool,
+}
+
+/// How to subscribe.
+#[derive(Debug, Clone, Default)]
+pub struct SubscribeOptions {
+    /// Start with the rows that match the filter now ([`SubscriptionItem::Snapshot`]),
+    /// then [`SubscriptionItem::SnapshotComplete`], then the changes after them.
+    pub initial_state: bool,
 }
 
 /// One consumer's view of the change stream: its tables and their filters applied, and
@@ -253,6 +296,8 @@ impl FilteredView<Row> {
 enum Command {
     /// Start handing out events (see [`HubConfig::start_paused`]).
     Resume,
+    /// The most recent commits (xid, commit LSN), oldest first.
+    Recent(oneshot::Sender<Vec<(u32, Lsn)>>),
     Subscribe(Box<Subscriber>, oneshot::Sender<()>),
     /// The subscription was dropped: free its queue now, not at the next event.
     Gone(u64),
@@ -300,6 +345,17 @@ impl Hub {
         table: &str,
         filter: Option<Filter>,
     ) -> Result<Subscription, SubscriptionError> {
+        self.subscribe_with(table, filter, SubscribeOptions::default())
+            .await
+    }
+
+    /// [`Hub::subscribe`] with options, such as an initial state.
+    pub async fn subscribe_with(
+        &self,
+        table: &str,
+        filter: Option<Filter>,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, SubscriptionError> {
         let table = TableName::parse(table);
         let mut guard = self.catalog.lock().await;
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
@@ -327,12 +383,14 @@ impl Hub {
         let (tx, rx) = mpsc::channel(self.queue);
         let lagged = Arc::new(AtomicBool::new(false));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let snapshot_filter = options.initial_state.then(|| filter.clone());
         let sub = Subscriber {
             id,
             view: FilteredView::new(table, filter),
             tx,
             lagged: lagged.clone(),
             done: false,
+            watermarks: options.initial_state,
         };
         let (joined, wait) = oneshot::channel();
         self.commands
@@ -340,10 +398,24 @@ impl Hub {
             .await
             .map_err(|_| SubscriptionError::HubStopped)?;
         wait.await.map_err(|_| SubscriptionError::HubStopped)?;
-        Ok(Subscription {
+        let direct = Direct {
             rx,
             lagged,
             queue: self.queue,
+        };
+        let feed = match snapshot_filter {
+            None => Feed::Direct(direct),
+            Some(filter) => Feed::Initial(initial::start(initial::Job {
+                hub: direct,
+                source: self.source.clone(),
+                table: schema,
+                filter,
+                commands: self.commands.clone(),
+                buffer_limit: self.queue.saturating_mul(64),
+            })),
+        };
+        Ok(Subscription {
+            feed,
             warnings,
             finished: false,
             id,
@@ -376,9 +448,7 @@ impl Drop for Hub {
 
 /// One subscriber's stream of items.
 pub struct Subscription {
-    rx: mpsc::Receiver<Result<SubscriptionItem, Arc<Error>>>,
-    lagged: Arc<AtomicBool>,
-    queue: usize,
+    feed: Feed,
     warnings: Vec<String>,
     finished: bool,
     id: u64,
@@ -400,6 +470,44 @@ impl Subscription {
     }
 }
 
+/// A subscriber's queue in the hub, and how its end is told.
+struct Direct {
+    rx: Queue,
+    lagged: Arc<AtomicBool>,
+    queue: usize,
+}
+
+impl Direct {
+    /// The next item, skipping watermarks; `None` at a clean end.
+    fn poll_item(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<SubscriptionItem, SubscriptionError>>> {
+        loop {
+            return match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(Ok(Fed::Watermark(_)))) => continue,
+                Poll::Ready(Some(Ok(Fed::Item(item)))) => Poll::Ready(Some(Ok(item))),
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(SubscriptionError::Source(e)))),
+                Poll::Ready(None) => Poll::Ready(self.ended().map(Err)),
+                Poll::Pending => Poll::Pending,
+            };
+        }
+    }
+
+    /// Why the queue closed: cut off for lagging, or a clean end.
+    fn ended(&self) -> Option<SubscriptionError> {
+        self.lagged
+            .load(Ordering::Acquire)
+            .then_some(SubscriptionError::Lagged { queue: self.queue })
+    }
+}
+
+enum Feed {
+    Direct(Direct),
+    /// Through the task that reads the initial state first.
+    Initial(initial::Handle),
+}
+
 impl Stream for Subscription {
     type Item = Result<SubscriptionItem, SubscriptionError>;
 
@@ -407,22 +515,14 @@ impl Stream for Subscription {
         if self.finished {
             return Poll::Ready(None);
         }
-        match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(Ok(item))) => Poll::Ready(Some(Ok(item))),
-            Poll::Ready(Some(Err(e))) => {
-                self.finished = true;
-                Poll::Ready(Some(Err(SubscriptionError::Source(e))))
-            }
-            Poll::Ready(None) => {
-                self.finished = true;
-                if self.lagged.load(Ordering::Acquire) {
-                    Poll::Ready(Some(Err(SubscriptionError::Lagged { queue: self.queue })))
-                } else {
-                    Poll::Ready(None)
-                }
-            }
-            Poll::Pending => Poll::Pending,
+        let polled = match &mut self.feed {
+            Feed::Direct(d) => d.poll_item(cx),
+            Feed::Initial(h) => h.poll_item(cx),
+        };
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.finished = true;
         }
+        polled
     }
 }
 
@@ -436,6 +536,7 @@ async fn run(
     let mut waiting: Vec<(Box<Subscriber>, oneshot::Sender<()>)> = Vec::new();
     let mut in_tx = false;
     let mut last_position: Option<Position> = None;
+    let mut recent: VecDeque<(u32, Lsn)> = VecDeque::with_capacity(RECENT_COMMITS);
     let mut out = Vec::new();
     loop {
         if !in_tx {
@@ -444,7 +545,7 @@ async fn run(
                 let marker = SubscriptionItem::Initialized {
                     position: last_position,
                 };
-                if sub.tx.try_send(Ok(marker)).is_ok() {
+                if sub.tx.try_send(Ok(Fed::Item(marker))).is_ok() {
                     subs.push(*sub);
                 }
                 let _ = joined.send(());
@@ -456,14 +557,23 @@ async fn run(
             cmd = commands.recv() => match cmd {
                 Some(Command::Subscribe(sub, joined)) => waiting.push((sub, joined)),
                 Some(Command::Resume) => paused = false,
+                Some(Command::Recent(reply)) => {
+                    let _ = reply.send(recent.iter().copied().collect());
+                }
                 Some(Command::Gone(id)) => {
                     subs.retain(|s| s.id != id);
                     waiting.retain(|(s, _)| s.id != id);
                 }
                 None => break,
             },
-            item = listener.next(), if !paused => match item {
+            item = listener.next_delivery(), if !paused => match item {
                 None => break,
+                Some(Ok(Delivery::Watermark(lsn))) => {
+                    for sub in subs.iter_mut().filter(|s| s.watermarks) {
+                        offer(sub, Fed::Watermark(lsn));
+                    }
+                    subs.retain(|s| !s.done);
+                }
                 Some(Err(e)) => {
                     let e = Arc::new(e);
                     for s in &subs {
@@ -471,14 +581,22 @@ async fn run(
                     }
                     break;
                 }
-                Some(Ok(ev)) => {
+                Some(Ok(Delivery::Event(ev))) => {
                     let position = ev.position;
                     last_position = Some(position);
                     in_tx = !ev.tx.last;
+                    if ev.tx.last {
+                        if recent.len() == RECENT_COMMITS {
+                            recent.pop_front();
+                        }
+                        recent.push_back((ev.tx.xid, ev.tx.commit_lsn));
+                    }
                     for sub in subs.iter_mut() {
                         sub.view.push(&ev, &mut out);
                         for e in out.drain(..) {
-                            offer(sub, e);
+                            let ends = sub.view.single_row_key() && e.action == Action::Delete;
+                            offer(sub, Fed::Item(SubscriptionItem::Event(e)));
+                            sub.done |= ends;
                         }
                     }
                     subs.retain(|s| !s.done);
@@ -491,17 +609,12 @@ async fn run(
     listener.shutdown().await;
 }
 
-fn offer(sub: &mut Subscriber, ev: Event) {
+fn offer(sub: &mut Subscriber, item: Fed) {
     if sub.done {
         return;
     }
-    let ends_subscription = sub.view.single_row_key() && ev.action == Action::Delete;
-    match sub.tx.try_send(Ok(SubscriptionItem::Event(ev))) {
-        Ok(()) => {
-            if ends_subscription {
-                sub.done = true;
-            }
-        }
+    match sub.tx.try_send(Ok(item)) {
+        Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(_)) => {
             sub.lagged.store(true, Ordering::Release);
             sub.done = true;

@@ -1,0 +1,66 @@
+//! `waltap export TABLE`: the current rows as JSON lines in the event value format, then
+//! `{"type": "snapshotComplete", "position": ...}`: the position after which the changes
+//! are exactly those the rows do not contain, to continue from (`stream create --from`,
+//! the feed's `cursor`). The position comes from the event log, so `waltap run` (or
+//! `serve`) must be keeping it filled.
+
+use std::io::Write;
+
+use clap::Args;
+
+use super::stdout_closed;
+use super::stream::StoreArgs;
+use crate::event::TableName;
+use crate::filter::Filter;
+use crate::hub::SubscriptionItem;
+use crate::store::initial;
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// `table` or `schema.table`.
+    pub table: String,
+    /// Filter as JSON (DESIGN.md section 3): the rows a `create` of them would deliver.
+    #[arg(long)]
+    pub filter: Option<String>,
+}
+
+pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
+    let filter = args
+        .filter
+        .as_deref()
+        .map(str::parse::<Filter>)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("invalid --filter: {e}"))?;
+    let (store, watched) = args.store.configs()?;
+    let watched = watched.unwrap_or_else(|| store.clone());
+    let tables = [TableName::parse(&args.table)];
+    let catalog = watched.connect_sql().await?;
+    let compiled = initial::compile(&catalog, &tables, filter.as_ref()).await?;
+    let (mut session, position) =
+        initial::settle(&store, &args.store.slot, &watched, &tables).await?;
+    let stdout = std::io::stdout();
+    let out = std::cell::RefCell::new(std::io::BufWriter::with_capacity(64 * 1024, stdout.lock()));
+    let written = initial::read_rows(&mut session, &compiled, |chunk| {
+        let mut out = out.borrow_mut();
+        let result = chunk.iter().try_for_each(|row| {
+            serde_json::to_writer(&mut *out, row)
+                .map_err(std::io::Error::from)
+                .and_then(|_| out.write_all(b"\n"))
+        });
+        async move { result.map_err(crate::store::StoreError::from) }
+    })
+    .await;
+    session.finish().await?;
+    let mut out = out.into_inner();
+    if let Err(crate::store::StoreError::Io(e)) = written {
+        return stdout_closed(e);
+    }
+    written?;
+    let done: SubscriptionItem = SubscriptionItem::SnapshotComplete { position };
+    serde_json::to_writer(&mut out, &done)?;
+    out.write_all(b"\n")
+        .and_then(|_| out.flush())
+        .or_else(stdout_closed)
+}

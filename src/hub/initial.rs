@@ -1,0 +1,301 @@
+//! A subscription that starts with an initial state: the task that reads the snapshot
+//! while holding on to the changes that arrive meanwhile, then hands out the rows, the
+//! `snapshotComplete` marker and the changes after it (method: [`crate::snapshot`]).
+
+use std::collections::VecDeque;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Command, Direct, Fed, SubscriptionError, SubscriptionItem};
+use crate::config::SourceConfig;
+use crate::event::Position;
+use crate::filter::{CompiledFilter, TableSchema};
+use crate::snapshot::{self, CommittedTx, Session, SnapshotError};
+
+/// How long the hub may take to pass a snapshot's watermark.
+const WATERMARK_WAIT: Duration = Duration::from_secs(60);
+
+pub(super) struct Job {
+    pub hub: Direct,
+    pub source: SourceConfig,
+    pub table: TableSchema,
+    pub filter: CompiledFilter,
+    pub commands: mpsc::Sender<Command>,
+    /// Changes held while the rows are read before the subscriber counts as lagging.
+    pub buffer_limit: usize,
+}
+
+/// The subscription's end of the task.
+pub(super) struct Handle {
+    rx: mpsc::Receiver<Result<SubscriptionItem, SubscriptionError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Handle {
+    pub fn poll_item(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<SubscriptionItem, SubscriptionError>>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+pub(super) fn start(job: Job) -> Handle {
+    let (tx, rx) = mpsc::channel(256);
+    let task = tokio::spawn(async move {
+        let mut run = Run {
+            out: tx,
+            held: VecDeque::new(),
+            job,
+        };
+        if let Err(e) = run.run().await {
+            let _ = run.out.send(Err(e)).await;
+        }
+    });
+    Handle { rx, task }
+}
+
+/// Why the task stops early: an error to pass on, or the subscriber went away.
+enum Stop {
+    Failed(Box<SubscriptionError>),
+    Gone,
+}
+
+impl From<SubscriptionError> for Stop {
+    fn from(e: SubscriptionError) -> Stop {
+        Stop::Failed(Box::new(e))
+    }
+}
+
+impl From<SnapshotError> for Stop {
+    fn from(e: SnapshotError) -> Stop {
+        Stop::Failed(Box::new(e.into()))
+    }
+}
+
+struct Run {
+    job: Job,
+    out: mpsc::Sender<Result<SubscriptionItem, SubscriptionError>>,
+    /// Changes from the hub not yet handed out.
+    held: VecDeque<SubscriptionItem>,
+}
+
+impl Run {
+    async fn run(&mut self) -> Result<(), SubscriptionError> {
+        match self.initial_state().await {
+            Ok(()) => {}
+            Err(Stop::Gone) => return Ok(()),
+            Err(Stop::Failed(e)) => return Err(*e),
+        }
+        // Live: pass the hub's queue on.
+        loop {
+            let item = std::future::poll_fn(|cx| self.job.hub.poll_item(cx)).await;
+            match item {
+                Some(Ok(item)) => {
+                    if self.out.send(Ok(item)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            }
+        }
+    }
+
+    async fn initial_state(&mut self) -> Result<(), Stop> {
+        let joined = match self.next_fed().await? {
+            Fed::Item(item @ SubscriptionItem::Initialized { position }) => {
+                self.emit(item).await?;
+                position
+            }
+            _ => {
+                return Err(SnapshotError::Protocol(
+                    "the hub's first item is not the marker".into(),
+                )
+                .into())
+            }
+        };
+        let (mut session, after) = self.settle(joined).await?;
+        let mut rows = session
+            .table(&self.job.table, snapshot::DEFAULT_CHUNK_ROWS)
+            .await?;
+        while let Some(chunk) = rows.next_chunk().await? {
+            for row in chunk {
+                if row.admitted_by(&self.job.filter, self.job.table.identity) {
+                    self.emit(SubscriptionItem::Snapshot(row)).await?;
+                }
+            }
+        }
+        session.finish().await?;
+        self.emit(SubscriptionItem::SnapshotComplete { position: after })
+            .await?;
+        // The changes the snapshot already holds are dropped; their transactions are whole
+        // (`after` ends one), so the numbering of those that remain is untouched.
+        while let Some(item) = self.held.pop_front() {
+            let included =
+                matches!(&item, SubscriptionItem::Event(ev) if Some(ev.position) <= after);
+            if !included {
+                self.emit_now(item).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes snapshots until one matches a position of the change stream; returns it open
+    /// with that position.
+    async fn settle(
+        &mut self,
+        joined: Option<Position>,
+    ) -> Result<(Session, Option<Position>), Stop> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let session = Session::begin(&self.job.source).await?;
+            let outcome = match self.before_join(&session, joined).await? {
+                Err(e) => Err(e),
+                Ok(()) => {
+                    self.wait_for_watermark(session.watermark).await?;
+                    let txs = committed(&self.held, session.watermark);
+                    snapshot::settle(&session.xids, joined, &txs)
+                }
+            };
+            match outcome {
+                Ok(after) => return Ok((session, after)),
+                Err(e @ SnapshotError::Unsettled { .. }) if attempt < snapshot::MAX_ATTEMPTS => {
+                    tracing::debug!(error = %e, attempt, "snapshot does not match the stream; taking another");
+                    session.finish().await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Whether a transaction the snapshot misses committed at or before the join.
+    async fn before_join(
+        &self,
+        session: &Session,
+        joined: Option<Position>,
+    ) -> Result<Result<(), SnapshotError>, Stop> {
+        let Some(joined) = joined else {
+            return Ok(Ok(()));
+        };
+        let (reply, answer) = oneshot::channel();
+        self.job
+            .commands
+            .send(Command::Recent(reply))
+            .await
+            .map_err(|_| SubscriptionError::HubStopped)?;
+        let recent = answer.await.map_err(|_| SubscriptionError::HubStopped)?;
+        let before: Vec<_> = recent
+            .into_iter()
+            .filter(|(_, lsn)| *lsn <= joined.commit_lsn)
+            .collect();
+        Ok(snapshot::check_joined(&session.xids, &before))
+    }
+
+    async fn wait_for_watermark(&mut self, watermark: crate::lsn::Lsn) -> Result<(), Stop> {
+        let deadline = tokio::time::Instant::now() + WATERMARK_WAIT;
+        loop {
+            let fed = tokio::time::timeout_at(deadline, self.next_fed())
+                .await
+                .map_err(|_| SnapshotError::WatermarkTimeout {
+                    watermark,
+                    seconds: WATERMARK_WAIT.as_secs(),
+                })??;
+            match fed {
+                Fed::Watermark(w) if w >= watermark => return Ok(()),
+                Fed::Watermark(_) => {}
+                Fed::Item(item) => self.hold(item)?,
+            }
+        }
+    }
+
+    fn hold(&mut self, item: SubscriptionItem) -> Result<(), Stop> {
+        hold(&mut self.held, self.job.buffer_limit, item)
+    }
+
+    /// The next item or watermark from the hub.
+    async fn next_fed(&mut self) -> Result<Fed, Stop> {
+        match self.job.hub.rx.recv().await {
+            Some(Ok(fed)) => Ok(fed),
+            Some(Err(e)) => Err(SubscriptionError::Source(e).into()),
+            None => Err(self.ended()),
+        }
+    }
+
+    /// Hands out an item of the initial state, holding the hub's changes meanwhile so
+    /// that its queue never fills while the subscriber reads the rows.
+    async fn emit(&mut self, item: SubscriptionItem) -> Result<(), Stop> {
+        let out = self.out.clone();
+        loop {
+            tokio::select! {
+                permit = out.reserve() => {
+                    let permit = permit.map_err(|_| Stop::Gone)?;
+                    permit.send(Ok(item));
+                    return Ok(());
+                }
+                fed = self.job.hub.rx.recv() => match fed {
+                    Some(Ok(Fed::Item(change))) => hold(&mut self.held, self.job.buffer_limit, change)?,
+                    Some(Ok(Fed::Watermark(_))) => {}
+                    Some(Err(e)) => return Err(SubscriptionError::Source(e).into()),
+                    None => return Err(self.ended()),
+                },
+            }
+        }
+    }
+
+    /// Why the hub closed the queue: lagging, or the hub stopped.
+    fn ended(&self) -> Stop {
+        self.job
+            .hub
+            .ended()
+            .unwrap_or(SubscriptionError::HubStopped)
+            .into()
+    }
+
+    async fn emit_now(&mut self, item: SubscriptionItem) -> Result<(), Stop> {
+        self.out.send(Ok(item)).await.map_err(|_| Stop::Gone)
+    }
+}
+
+fn hold(
+    held: &mut VecDeque<SubscriptionItem>,
+    limit: usize,
+    item: SubscriptionItem,
+) -> Result<(), Stop> {
+    if held.len() >= limit {
+        return Err(SubscriptionError::Lagged { queue: limit }.into());
+    }
+    held.push_back(item);
+    Ok(())
+}
+
+/// The transactions among the held changes that committed before `watermark`, each with
+/// the position of its last event.
+fn committed(held: &VecDeque<SubscriptionItem>, watermark: crate::lsn::Lsn) -> Vec<CommittedTx> {
+    let mut txs: Vec<CommittedTx> = Vec::new();
+    for item in held {
+        let SubscriptionItem::Event(ev) = item else {
+            continue;
+        };
+        if ev.position.commit_lsn >= watermark {
+            break;
+        }
+        match txs.last_mut() {
+            Some(t) if t.last.commit_lsn == ev.position.commit_lsn => t.last = ev.position,
+            _ => txs.push(CommittedTx {
+                xid: ev.tx.xid,
+                last: ev.position,
+            }),
+        }
+    }
+    txs
+}

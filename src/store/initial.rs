@@ -1,0 +1,300 @@
+//! Initial state over the event log: where a database snapshot sits among the logged
+//! events ([`settle`], used by `waltap export` and by streams), and the copy of a stream's
+//! initial state into `waltap.snapshot_rows` ([`materialize`]).
+//!
+//! The method is [`crate::snapshot`]'s, with the log as the change stream: the log's
+//! progress before the snapshot is the join point, and `waltap run` (or `serve`) records
+//! the snapshot's watermark in the progress mark, so waiting for the mark to pass it means
+//! every transaction before the watermark is in the log.
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use super::postgres::NOTIFY_CHANNEL;
+use super::StoreError;
+use crate::config::SourceConfig;
+use crate::event::{Position, TableName};
+use crate::filter::{CompiledFilter, Filter};
+use crate::lsn::Lsn;
+use crate::replication::quote_ident;
+use crate::snapshot::{self, CommittedTx, Session, SnapshotError, SnapshotRow};
+
+/// How long the log may take to pass a snapshot's watermark.
+pub const WATERMARK_WAIT: Duration = Duration::from_secs(60);
+
+/// Commits before the join point checked against the snapshot (see
+/// [`crate::snapshot::check_joined`]).
+const JOIN_LOOKBACK: i64 = 4096;
+
+/// The ordinal of a position that stands after every event of its transaction.
+const TX_END: u32 = i32::MAX as u32;
+
+/// Takes a snapshot of the watched database `watched` and finds the position among the
+/// events of `tables` in the log of `source` (at `store`) after which every event is one
+/// the snapshot does not contain. Returns the open snapshot and that position (`None`:
+/// before every event).
+pub async fn settle(
+    store: &SourceConfig,
+    source: &str,
+    watched: &SourceConfig,
+    tables: &[TableName],
+) -> Result<(Session, Option<Position>), StoreError> {
+    let (log, mut notifications) = store.connect_sql_listening().await?;
+    super::migrate(&log).await?;
+    log.batch_execute(&format!("LISTEN {}", quote_ident(NOTIFY_CHANNEL)))
+        .await
+        .map_err(StoreError::sql("listen for appends"))?;
+    let (schemas, names): (Vec<String>, Vec<String>) = tables
+        .iter()
+        .map(|t| (t.schema.clone(), t.table.clone()))
+        .unzip();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let joined = progress(&log, source)
+            .await?
+            .ok_or_else(|| StoreError::NoLog(source.to_owned()))?;
+        let session = Session::begin(watched).await?;
+        let before: Vec<(u32, Lsn)> = log
+            .query(
+                "SELECT (event->'tx'->>'id')::int8, commit_lsn FROM waltap.events
+                 WHERE source = $1 AND tx_last AND commit_lsn <= $2
+                 ORDER BY commit_lsn DESC LIMIT $3",
+                &[&source, &(joined.0 as i64), &JOIN_LOOKBACK],
+            )
+            .await
+            .map_err(StoreError::sql("read the commits before the snapshot"))?
+            .iter()
+            .map(|r| (r.get::<_, i64>(0) as u32, Lsn(r.get::<_, i64>(1) as u64)))
+            .collect();
+        let joined_at = (joined > Lsn::ZERO).then(|| Position::new(joined, TX_END));
+        let outcome = match snapshot::check_joined(&session.xids, &before) {
+            Err(e) => Err(e),
+            Ok(()) => {
+                wait_for_progress(&log, &mut notifications, source, session.watermark).await?;
+                let txs: Vec<CommittedTx> = log
+                    .query(
+                        "SELECT commit_lsn, max(ordinal), min((event->'tx'->>'id')::int8)
+                         FROM waltap.events
+                         WHERE source = $1 AND commit_lsn > $2 AND commit_lsn < $3
+                           AND (schema_name, table_name) IN
+                               (SELECT * FROM unnest($4::text[], $5::text[]))
+                         GROUP BY commit_lsn ORDER BY commit_lsn",
+                        &[
+                            &source,
+                            &(joined.0 as i64),
+                            &(session.watermark.0 as i64),
+                            &schemas,
+                            &names,
+                        ],
+                    )
+                    .await
+                    .map_err(StoreError::sql("read the commits around the snapshot"))?
+                    .iter()
+                    .map(|r| CommittedTx {
+                        last: Position::new(
+                            Lsn(r.get::<_, i64>(0) as u64),
+                            r.get::<_, i32>(1) as u32,
+                        ),
+                        xid: r.get::<_, i64>(2) as u32,
+                    })
+                    .collect();
+                snapshot::settle(&session.xids, joined_at, &txs)
+            }
+        };
+        match outcome {
+            Ok(at) => return Ok((session, at)),
+            Err(e @ SnapshotError::Unsettled { .. }) if attempt < snapshot::MAX_ATTEMPTS => {
+                tracing::debug!(error = %e, attempt, "snapshot does not match the log; taking another");
+                session.finish().await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn progress(log: &Client, source: &str) -> Result<Option<Lsn>, StoreError> {
+    Ok(log
+        .query_opt(
+            "SELECT commit_lsn FROM waltap.progress WHERE source = $1",
+            &[&source],
+        )
+        .await
+        .map_err(StoreError::sql("read progress"))?
+        .map(|r| Lsn(r.get::<_, i64>(0) as u64)))
+}
+
+/// Until the log's progress mark reaches `watermark`, woken by the appender's
+/// notifications (re-reading now and then in case one was missed while the connection was
+/// busy).
+async fn wait_for_progress(
+    log: &Client,
+    notifications: &mut tokio::sync::mpsc::Receiver<tokio_postgres::Notification>,
+    source: &str,
+    watermark: Lsn,
+) -> Result<(), StoreError> {
+    let deadline = tokio::time::Instant::now() + WATERMARK_WAIT;
+    loop {
+        while notifications.try_recv().is_ok() {}
+        if progress(log, source).await?.is_some_and(|p| p >= watermark) {
+            return Ok(());
+        }
+        let recheck = tokio::time::Instant::now() + Duration::from_millis(500);
+        if recheck > deadline {
+            return Err(SnapshotError::WatermarkTimeout {
+                watermark,
+                seconds: WATERMARK_WAIT.as_secs(),
+            }
+            .into());
+        }
+        let _ = tokio::time::timeout_at(recheck, notifications.recv()).await;
+    }
+}
+
+/// The filters of a snapshot's tables, compiled against their current columns.
+pub async fn compile(
+    catalog: &Client,
+    tables: &[TableName],
+    filter: Option<&Filter>,
+) -> Result<Vec<(crate::filter::TableSchema, CompiledFilter)>, StoreError> {
+    let mut out = Vec::with_capacity(tables.len());
+    for t in tables {
+        let schema = snapshot::table_schema(catalog, t).await?;
+        let compiled = CompiledFilter::new(filter, &schema)?;
+        out.push((schema, compiled));
+    }
+    Ok(out)
+}
+
+/// Reads every table of the snapshot through its filter, handing each admitted row (with
+/// JSON values) to `sink`, a chunk at a time.
+pub async fn read_rows<F, Fut>(
+    session: &mut Session,
+    tables: &[(crate::filter::TableSchema, CompiledFilter)],
+    mut sink: F,
+) -> Result<(), StoreError>
+where
+    F: FnMut(Vec<SnapshotRow<serde_json::Value>>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), StoreError>>,
+{
+    for (schema, filter) in tables {
+        let mut rows = session.table(schema, snapshot::DEFAULT_CHUNK_ROWS).await?;
+        while let Some(chunk) = rows.next_chunk().await? {
+            let mut admitted = Vec::with_capacity(chunk.len());
+            for row in chunk {
+                if row.admitted_by(filter, schema.identity) {
+                    admitted.push(row.into_json().map_err(|e| StoreError::Corrupt {
+                        position: format!("snapshot of {}", schema.qualified()),
+                        message: e.to_string(),
+                    })?);
+                }
+            }
+            sink(admitted).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Which rows a stream's initial state holds.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamRows<'a> {
+    /// The stream.
+    pub name: &'a str,
+    /// Its source (slot) in the log.
+    pub source: &'a str,
+    pub tables: &'a [TableName],
+    pub filter: Option<&'a Filter>,
+}
+
+/// Copies the initial state of stream `name` into `waltap.snapshot_rows` in one store
+/// transaction (an interrupted copy leaves nothing behind and is redone by the next
+/// consumer), and moves the stream's cursor to the snapshot's position. `store` must not
+/// be in a transaction. Returns the number of rows.
+pub async fn materialize(
+    store: &Client,
+    store_config: &SourceConfig,
+    catalog: &Client,
+    watched: &SourceConfig,
+    stream: &StreamRows<'_>,
+) -> Result<i64, StoreError> {
+    let StreamRows {
+        name,
+        source,
+        tables,
+        filter,
+    } = *stream;
+    let compiled = compile(catalog, tables, filter).await?;
+    let (mut session, at) = settle(store_config, source, watched, tables).await?;
+    store
+        .batch_execute("BEGIN")
+        .await
+        .map_err(StoreError::sql("begin the copy of an initial state"))?;
+    let copied = async {
+        store
+            .execute(
+                "DELETE FROM waltap.snapshot_rows WHERE stream = $1",
+                &[&name],
+            )
+            .await
+            .map_err(StoreError::sql("clear an old initial state"))?;
+        let insert = store
+            .prepare(
+                "INSERT INTO waltap.snapshot_rows (stream, seq, row)
+                 SELECT $1, $2 + o, r::json FROM unnest($3::text[]) WITH ORDINALITY AS u(r, o)",
+            )
+            .await
+            .map_err(StoreError::sql("prepare the copy of an initial state"))?;
+        let mut total: i64 = 0;
+        read_rows(&mut session, &compiled, |chunk| {
+            let bodies: Result<Vec<String>, StoreError> = chunk
+                .iter()
+                .map(|r| {
+                    serde_json::to_string(r).map_err(|e| StoreError::Corrupt {
+                        position: format!("initial state of stream {name}"),
+                        message: e.to_string(),
+                    })
+                })
+                .collect();
+            let start = total;
+            total += chunk.len() as i64;
+            let insert = &insert;
+            async move {
+                store
+                    .execute(insert, &[&name, &start, &bodies?])
+                    .await
+                    .map_err(StoreError::sql("copy an initial state"))?;
+                Ok(())
+            }
+        })
+        .await?;
+        let cursor = at.unwrap_or(Position::new(Lsn::ZERO, 0));
+        store
+            .execute(
+                "UPDATE waltap.streams
+                 SET snapshot_state = 'ready', snapshot_acked = 0, snapshot_total = $2,
+                     cursor_lsn = $3, cursor_ordinal = $4
+                 WHERE name = $1",
+                &[
+                    &name,
+                    &total,
+                    &(cursor.commit_lsn.0 as i64),
+                    &(cursor.ordinal.min(TX_END) as i32),
+                ],
+            )
+            .await
+            .map_err(StoreError::sql("record an initial state"))?;
+        store
+            .batch_execute("COMMIT")
+            .await
+            .map_err(StoreError::sql("commit the copy of an initial state"))?;
+        Ok::<i64, StoreError>(total)
+    }
+    .await;
+    if copied.is_err() {
+        let _ = store.batch_execute("ROLLBACK").await;
+    }
+    // The source's snapshot is needed no longer than the copy.
+    let _ = session.finish().await;
+    copied
+}

@@ -1,0 +1,546 @@
+//! Initial state: the current rows, `snapshotComplete`, then the changes after them, taken
+//! while writers are busy; the consumer's copy must equal the table with every change
+//! applied exactly once.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{json, Value as Json};
+use waltap::filter::Filter;
+use waltap::hub::SubscribeOptions;
+use waltap::store::streams::{self, OpenOptions, StreamConsumer, StreamDef, StreamItem};
+use waltap::{Hub, HubConfig, Position, Subscription, SubscriptionItem};
+
+use crate::support::{listen, wait_for, TestDb};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+const ROWS: i32 = 3000;
+
+/// A table of `ROWS` rows.
+async fn table(db: &TestDb, identity_full: bool) {
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "CREATE TABLE acc (id int PRIMARY KEY, v int NOT NULL, note text);
+         INSERT INTO acc SELECT g, g % 10, 'row ' || g FROM generate_series(1, {ROWS}) g;
+         {}",
+        if identity_full {
+            "ALTER TABLE acc REPLICA IDENTITY FULL;"
+        } else {
+            ""
+        }
+    ))
+    .await
+    .unwrap();
+}
+
+/// Writers on two connections: updates, inserts and deletes in small transactions, until
+/// stopped. Returns how many transactions committed.
+fn writers(db: &TestDb, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<u64>> {
+    (0..2)
+        .map(|w| {
+            let url = db.url();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let c = crate::support::connect(&url).await.unwrap();
+                let mut n: u64 = 0;
+                let mut next_id = ROWS + 1 + w * 1_000_000;
+                while !stop.load(Ordering::Relaxed) {
+                    let k = ((n * 7919 + w as u64 * 31) % ROWS as u64) as i32 + 1;
+                    let sql = match n % 5 {
+                        0 | 1 => format!("UPDATE acc SET v = v + 1 WHERE id = {k}"),
+                        2 => format!(
+                            "UPDATE acc SET v = v + 1, note = 'moved' WHERE id IN ({k}, {})",
+                            k % ROWS + 1
+                        ),
+                        3 => {
+                            next_id += 1;
+                            format!("INSERT INTO acc VALUES ({next_id}, {}, 'new')", n % 10)
+                        }
+                        _ => format!("DELETE FROM acc WHERE id = {}", next_id - 1),
+                    };
+                    c.batch_execute(&sql).await.unwrap();
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect()
+}
+
+/// The consumer's copy of the table, by id, built from the items; each change must apply
+/// to the copy exactly (no create of a present row, no update or delete of a missing one).
+#[derive(Default)]
+struct Copy {
+    rows: BTreeMap<i64, Json>,
+    complete: Option<Option<Position>>,
+    last: Option<Position>,
+    snapshot_rows: usize,
+    changes: usize,
+}
+
+impl Copy {
+    fn key(row: &Json) -> i64 {
+        row["id"].as_i64().expect("rows carry their id")
+    }
+
+    /// Applies one item; in transitions mode `appear`/`disappear` enter and leave the set.
+    fn apply<R: serde::Serialize>(&mut self, item: SubscriptionItem<R>) {
+        let item = serde_json::to_value(&item).unwrap();
+        match item.get("type").and_then(Json::as_str) {
+            Some("initialized") => return,
+            Some("snapshotComplete") => {
+                assert!(self.complete.is_none(), "one snapshotComplete");
+                let p = item["position"]
+                    .as_str()
+                    .map(|p| p.parse::<Position>().unwrap());
+                self.complete = Some(p);
+                return;
+            }
+            Some(other) => panic!("unexpected control item {other}"),
+            None => {}
+        }
+        if item["action"] == "snapshot" {
+            assert!(
+                self.complete.is_none(),
+                "snapshot rows come before the marker"
+            );
+            let row = item["row"].clone();
+            assert!(
+                self.rows.insert(Self::key(&row), row).is_none(),
+                "a row twice in the snapshot"
+            );
+            self.snapshot_rows += 1;
+            return;
+        }
+        let complete = self.complete.expect("changes come after snapshotComplete");
+        let position: Position = item["position"].as_str().unwrap().parse().unwrap();
+        assert!(
+            complete.is_none_or(|c| position > c),
+            "a change at or before the snapshot: {item}"
+        );
+        assert!(self.last.is_none_or(|l| position > l), "positions increase");
+        self.last = Some(position);
+        self.changes += 1;
+        let transition = item["transition"].as_str();
+        match (item["action"].as_str().unwrap(), transition) {
+            ("create", _) | ("update", Some("appear")) => {
+                let row = if item["action"] == "create" {
+                    &item["created"]
+                } else {
+                    &item["after"]
+                };
+                let prev = self.rows.insert(Self::key(row), row.clone());
+                assert!(prev.is_none(), "create of a row the copy has: {item}");
+            }
+            ("update", Some("disappear")) => {
+                let gone = self.rows.remove(&Self::key(&item["before"]));
+                assert!(
+                    gone.is_some(),
+                    "a row left the set that the copy lacks: {item}"
+                );
+            }
+            ("update", _) => {
+                let after = &item["after"];
+                let old_key = if item["before"].is_null() {
+                    Self::key(after)
+                } else {
+                    Self::key(&item["before"])
+                };
+                let prev = self.rows.remove(&old_key);
+                assert!(prev.is_some(), "update of a row the copy lacks: {item}");
+                self.rows.insert(Self::key(after), after.clone());
+            }
+            ("delete", _) => {
+                let gone = self.rows.remove(&Self::key(&item["deleted"]));
+                assert!(gone.is_some(), "delete of a row the copy lacks: {item}");
+            }
+            (other, _) => panic!("unexpected action {other}"),
+        }
+    }
+}
+
+async fn next(sub: &mut Subscription) -> SubscriptionItem {
+    match tokio::time::timeout(TIMEOUT, sub.next()).await {
+        Ok(Some(Ok(item))) => item,
+        other => panic!("expected an item, got {other:?}"),
+    }
+}
+
+/// Reads the subscription while the writers run, stops them, then reads until the
+/// sentinel row (id 0) arrives.
+async fn follow(
+    db: &TestDb,
+    sub: &mut Subscription,
+    stop: Arc<AtomicBool>,
+    writers: Vec<tokio::task::JoinHandle<u64>>,
+    sentinel_v: i32,
+) -> Copy {
+    let mut copy = Copy::default();
+    while copy.complete.is_none() || copy.changes < 200 {
+        copy.apply(next(sub).await);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut committed = 0;
+    for w in writers {
+        committed += w.await.unwrap();
+    }
+    assert!(
+        committed > 200,
+        "the writers were busy ({committed} transactions)"
+    );
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO acc VALUES (0, {sentinel_v}, 'sentinel')"
+        ))
+        .await
+        .unwrap();
+    while !copy.rows.contains_key(&0) {
+        copy.apply(next(sub).await);
+    }
+    copy
+}
+
+async fn current(db: &TestDb, predicate: &str) -> BTreeMap<i64, Json> {
+    let rows = db
+        .client()
+        .await
+        .query(
+            &format!("SELECT id::int8, v::int8, note FROM acc WHERE {predicate}"),
+            &[],
+        )
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|r| {
+            let id: i64 = r.get(0);
+            let v: i64 = r.get(1);
+            let note: Option<String> = r.get(2);
+            (id, json!({"id": id, "v": v, "note": note}))
+        })
+        .collect()
+}
+
+async fn subscribe(hub: &Hub, filter: Option<Json>) -> Subscription {
+    let filter = filter.map(|f| serde_json::from_value::<Filter>(f).unwrap());
+    let options = SubscribeOptions {
+        initial_state: true,
+    };
+    match hub.subscribe_with("acc", filter, options).await {
+        Ok(s) => s,
+        Err(e) => panic!("subscribe failed: {e}"),
+    }
+}
+
+async fn busy(db: &TestDb) -> (Arc<AtomicBool>, Vec<tokio::task::JoinHandle<u64>>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writers(db, stop.clone());
+    let c = db.client().await;
+    wait_for("the writers to get going", TIMEOUT, || async {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM acc WHERE v >= 10 OR note = 'new'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n >= 20
+    })
+    .await;
+    (stop, w)
+}
+
+#[tokio::test]
+async fn initial_state_then_changes_equal_the_table_under_writes() {
+    let db = TestDb::new().await;
+    table(&db, false).await;
+    let hub = Hub::start(HubConfig::new(listen::config(&db, &[])))
+        .await
+        .unwrap();
+    let (stop, w) = busy(&db).await;
+    let mut sub = subscribe(&hub, None).await;
+    let copy = follow(&db, &mut sub, stop, w, 0).await;
+    assert!(
+        copy.snapshot_rows >= ROWS as usize - 50,
+        "{} snapshot rows",
+        copy.snapshot_rows
+    );
+    assert_eq!(
+        copy.rows,
+        current(&db, "true").await,
+        "the copy equals the table"
+    );
+    hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn filters_apply_to_the_snapshot_rows_and_transitions_follow() {
+    let db = TestDb::new().await;
+    table(&db, true).await;
+    let hub = Hub::start(HubConfig::new(listen::config(&db, &[])))
+        .await
+        .unwrap();
+    let (stop, w) = busy(&db).await;
+    let mut sub = subscribe(
+        &hub,
+        Some(json!({"where": {"v": {"gte": 5}}, "transitions": true})),
+    )
+    .await;
+    let copy = follow(&db, &mut sub, stop, w, 7).await;
+    assert!(copy.rows.values().all(|r| r["v"].as_i64().unwrap() >= 5));
+    assert_eq!(
+        copy.rows,
+        current(&db, "v >= 5").await,
+        "the copy equals the filtered table"
+    );
+    hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_table_without_primary_key_is_read_in_physical_order() {
+    let db = TestDb::new().await;
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE TABLE nokey (a int, b text);
+             ALTER TABLE nokey REPLICA IDENTITY FULL;
+             INSERT INTO nokey SELECT g, 'x' FROM generate_series(1, 2500) g;",
+        )
+        .await
+        .unwrap();
+    let hub = Hub::start(HubConfig::new(listen::config(&db, &[])))
+        .await
+        .unwrap();
+    let options = SubscribeOptions {
+        initial_state: true,
+    };
+    let mut sub = hub.subscribe_with("nokey", None, options).await.unwrap();
+    let mut rows = Vec::new();
+    loop {
+        match next(&mut sub).await {
+            SubscriptionItem::Initialized { .. } => {}
+            SubscriptionItem::Snapshot(r) => rows.push(r.row.get("a").cloned()),
+            SubscriptionItem::SnapshotComplete { .. } => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(rows.len(), 2500);
+    db.client()
+        .await
+        .batch_execute("DELETE FROM nokey WHERE a = 1")
+        .await
+        .unwrap();
+    match next(&mut sub).await {
+        SubscriptionItem::Event(ev) => assert_eq!(
+            serde_json::to_value(&ev).unwrap()["deleted"],
+            json!({"a": 1, "b": "x"})
+        ),
+        other => panic!("expected the delete, got {other:?}"),
+    }
+    hub.shutdown().await;
+}
+
+/// `waltap run` in-process: the log of `acc`, filled from a slot made before this returns.
+struct Log {
+    slot: String,
+    store: waltap::config::SourceConfig,
+    cancel: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), waltap::appender::AppendError>>,
+}
+
+impl Log {
+    async fn start(db: &TestDb) -> Log {
+        let mut config = waltap::appender::AppenderConfig::new(listen::config(db, &[]));
+        config.max_batch_delay = Duration::from_millis(20);
+        let setup = waltap::setup::SetupOptions {
+            slot: config.listener.slot.clone(),
+            publication: config.listener.publication.clone(),
+            tables: Vec::new(),
+            create_publication: true,
+            create_slot: true,
+            temporary_slot: false,
+            failover_slot: false,
+        };
+        waltap::setup::prepare(&db.client().await, &setup)
+            .await
+            .unwrap();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        Log {
+            slot: config.listener.slot.clone(),
+            store: config.store.clone(),
+            cancel: cancel.clone(),
+            task: tokio::spawn(waltap::appender::run(config, cancel)),
+        }
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+async fn next_stream_item(c: &mut StreamConsumer) -> StreamItem {
+    match tokio::time::timeout(TIMEOUT, c.next()).await {
+        Ok(Some(Ok(item))) => item,
+        other => panic!("expected a stream item, got {other:?}"),
+    }
+}
+
+/// Reads a stream into the copy while the writers run, stops them, then reads until the
+/// sentinel row arrives, acknowledging as it goes.
+async fn follow_stream(
+    db: &TestDb,
+    c: &mut StreamConsumer,
+    copy: &mut Copy,
+    stop: Arc<AtomicBool>,
+    writers: Vec<tokio::task::JoinHandle<u64>>,
+) {
+    let mut stopped = Some((stop, writers));
+    while !copy.rows.contains_key(&0) {
+        let item = next_stream_item(c).await;
+        match &item {
+            StreamItem::Snapshot(row) => c.ack_snapshot(row.seq.unwrap()).await.unwrap(),
+            StreamItem::Event(ev) => c.ack(ev.position).await.unwrap(),
+            _ => {}
+        }
+        copy.apply(item);
+        if copy.changes >= 200 {
+            if let Some((stop, writers)) = stopped.take() {
+                stop.store(true, Ordering::Relaxed);
+                for w in writers {
+                    w.await.unwrap();
+                }
+                db.client()
+                    .await
+                    .batch_execute("INSERT INTO acc VALUES (0, 0, 'sentinel')")
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stream_with_initial_state_resumes_mid_snapshot_without_loss() {
+    let db = TestDb::new().await;
+    table(&db, false).await;
+    let log = Log::start(&db).await;
+    let (stop, w) = busy(&db).await;
+    let store = log.store.connect_sql().await.unwrap();
+    let def = StreamDef {
+        name: "warm".into(),
+        source: log.slot.clone(),
+        tables: vec!["acc".into()],
+        filter: None,
+        initial_state: true,
+        from: None,
+    };
+    streams::create(&store, &store, &def).await.unwrap();
+    let options = || OpenOptions {
+        page_size: 100,
+        lease: Duration::from_secs(5),
+        ..OpenOptions::default()
+    };
+    // The first consumer makes the copy, reads a part of it and goes away.
+    let mut copy = Copy::default();
+    let mut c = streams::open(&log.store, "warm", options()).await.unwrap();
+    let mut taken = 0;
+    while taken < 1000 {
+        match next_stream_item(&mut c).await {
+            StreamItem::Initialized { .. } => {}
+            item @ StreamItem::Snapshot(_) => {
+                copy.apply(item);
+                taken += 1;
+            }
+            other => panic!("expected snapshot rows, got {other:?}"),
+        }
+    }
+    c.ack_snapshot(1000).await.unwrap();
+    c.close().await;
+    // The next one resumes after the acknowledged row, while the writers go on.
+    let mut c = streams::open(&log.store, "warm", options()).await.unwrap();
+    assert!(matches!(
+        next_stream_item(&mut c).await,
+        StreamItem::Initialized { .. }
+    ));
+    match next_stream_item(&mut c).await {
+        StreamItem::Snapshot(row) => {
+            assert_eq!(
+                row.seq,
+                Some(1001),
+                "resumes after the last acknowledged row"
+            );
+            copy.apply(StreamItem::Snapshot(row));
+        }
+        other => panic!("expected the next snapshot row, got {other:?}"),
+    }
+    follow_stream(&db, &mut c, &mut copy, stop, w).await;
+    assert!(copy.snapshot_rows >= ROWS as usize - 50);
+    assert_eq!(
+        copy.rows,
+        current(&db, "true").await,
+        "the copy equals the table"
+    );
+    let info = streams::get(&store, "warm").await.unwrap();
+    assert_eq!(
+        Some(info.cursor),
+        copy.last,
+        "acknowledged through the last change"
+    );
+    c.close().await;
+    log.stop().await;
+}
+
+#[tokio::test]
+async fn export_then_a_stream_from_its_position_equal_the_table() {
+    let db = TestDb::new().await;
+    table(&db, false).await;
+    let log = Log::start(&db).await;
+    let (stop, w) = busy(&db).await;
+    let out = crate::support::run_ok({
+        let mut cmd = crate::support::waltap(&db.url(), &["export", "acc"]);
+        cmd.args(["--slot", &log.slot]);
+        cmd
+    })
+    .await;
+    let lines: Vec<Json> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let last = lines.last().unwrap();
+    assert_eq!(last["type"], "snapshotComplete", "{last}");
+    let from: Position = last["position"].as_str().unwrap().parse().unwrap();
+    let mut copy = Copy::default();
+    for line in &lines[..lines.len() - 1] {
+        assert_eq!(line["action"], "snapshot");
+        let row = &line["row"];
+        assert!(copy.rows.insert(Copy::key(row), row.clone()).is_none());
+    }
+    assert!(copy.rows.len() >= ROWS as usize - 50);
+    copy.complete = Some(Some(from));
+    let store = log.store.connect_sql().await.unwrap();
+    let def = StreamDef {
+        name: "incremental".into(),
+        source: log.slot.clone(),
+        tables: vec!["acc".into()],
+        filter: None,
+        initial_state: false,
+        from: Some(from),
+    };
+    streams::create(&store, &store, &def).await.unwrap();
+    let mut c = streams::open(&log.store, "incremental", OpenOptions::default())
+        .await
+        .unwrap();
+    follow_stream(&db, &mut c, &mut copy, stop, w).await;
+    assert_eq!(
+        copy.rows,
+        current(&db, "true").await,
+        "export + changes equal the table"
+    );
+    c.close().await;
+    log.stop().await;
+}
