@@ -90,6 +90,9 @@ pub async fn table_schema(
              FROM pg_attribute a
              LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+               -- pgoutput leaves generated columns out (by default, up to 18): so do
+               -- filters and initial-state rows.
+               AND a.attgenerated = ''
              ORDER BY a.attnum",
             &[&oid],
         )

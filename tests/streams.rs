@@ -40,7 +40,7 @@ impl Pipeline {
         config.retention = retention;
         let source = config.listener.slot.clone();
         let store = config.store.clone();
-        listen::create_slot(db, &config.listener).await;
+        listen::prepare_slot(db, &config.listener).await;
         let cancel = CancellationToken::new();
         let task = tokio::spawn(appender::run(config, cancel.clone()));
         Pipeline {

@@ -11,7 +11,6 @@ use clap::Args;
 use super::stdout_closed;
 use super::stream::StoreArgs;
 use crate::event::TableName;
-use crate::filter::Filter;
 use crate::hub::SubscriptionItem;
 use crate::store::initial;
 
@@ -27,12 +26,7 @@ pub struct ExportArgs {
 }
 
 pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
-    let filter = args
-        .filter
-        .as_deref()
-        .map(str::parse::<Filter>)
-        .transpose()
-        .map_err(|e| anyhow::anyhow!("invalid --filter: {e}"))?;
+    let filter = super::parse_filter(args.filter.as_deref())?;
     let (store, watched) = args.store.configs()?;
     let watched = watched.unwrap_or_else(|| store.clone());
     let tables = [TableName::parse(&args.table)];

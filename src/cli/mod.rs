@@ -283,12 +283,7 @@ async fn tail(args: TailArgs) -> anyhow::Result<()> {
     if args.temporary && args.source.slot == "waltap" {
         config.slot = format!("waltap_tmp_{}", std::process::id());
     }
-    let filter = args
-        .filter
-        .as_deref()
-        .map(serde_json::from_str::<Filter>)
-        .transpose()
-        .map_err(|e| anyhow::anyhow!("invalid --filter: {e}"))?;
+    let filter = parse_filter(args.filter.as_deref())?;
     if args.initial_state {
         let [table] = config.tables.as_slice() else {
             anyhow::bail!("--initial-state needs exactly one --table");
@@ -444,6 +439,13 @@ async fn print_items(mut sub: crate::Subscription, limit: Option<u64>) -> anyhow
         }
     }
     out.flush().or_else(stdout_closed)
+}
+
+/// A `--filter` argument.
+fn parse_filter(text: Option<&str>) -> anyhow::Result<Option<Filter>> {
+    text.map(str::parse::<Filter>)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("invalid --filter: {e}"))
 }
 
 fn stdout_closed(e: std::io::Error) -> anyhow::Result<()> {

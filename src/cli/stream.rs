@@ -11,7 +11,6 @@ use futures::{FutureExt, StreamExt};
 
 use super::{shutdown_signal, stdout_closed, DEFAULT_DATABASE_URL};
 use crate::config::SourceConfig;
-use crate::filter::Filter;
 use crate::store::streams::{self, OpenOptions, StreamConsumer, StreamDef, StreamItem};
 
 /// Manage and consume persisted streams.
@@ -149,12 +148,7 @@ pub async fn run(cmd: StreamCommand) -> anyhow::Result<()> {
 }
 
 async fn create(args: CreateArgs) -> anyhow::Result<()> {
-    let filter = args
-        .filter
-        .as_deref()
-        .map(str::parse::<Filter>)
-        .transpose()
-        .map_err(|e| anyhow::anyhow!("invalid --filter: {e}"))?;
+    let filter = super::parse_filter(args.filter.as_deref())?;
     let (store, watched) = args.store.configs()?;
     let store = store.connect_sql().await?;
     let watched = match watched {

@@ -60,7 +60,7 @@ pub async fn start(db: &TestDb, tweak: impl FnOnce(&mut ServerConfig)) -> Server
     db.client().await.batch_execute(DDL).await.unwrap();
     let mut appender = AppenderConfig::new(listen::config(db, &[]));
     appender.max_batch_delay = Duration::from_millis(20);
-    listen::create_slot(db, &appender.listener).await;
+    listen::prepare_slot(db, &appender.listener).await;
     let keys = Keys::from_toml(KEYS, None).unwrap();
     let mut config = ServerConfig::new(appender, keys);
     tweak(&mut config);

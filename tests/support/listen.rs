@@ -29,14 +29,14 @@ pub fn config_for_url(db: &TestDb, url: &str, tables: &[&str]) -> ListenerConfig
     c
 }
 
-/// Creates the publication and the slot of `config` now, so that every later commit
-/// reaches the slot (a slot the pipeline creates itself becomes consistent only once all
+/// Creates the publication and slot of `config` now, so that every later commit reaches
+/// the slot (a slot made by a starting pipeline becomes consistent only once all
 /// transactions running in the cluster at that time have ended).
-pub async fn create_slot(db: &TestDb, config: &ListenerConfig) {
+pub async fn prepare_slot(db: &TestDb, config: &ListenerConfig) {
     let setup = waltap::setup::SetupOptions {
         slot: config.slot.clone(),
         publication: config.publication.clone(),
-        tables: config.tables.clone(),
+        tables: Vec::new(),
         create_publication: true,
         create_slot: true,
         temporary_slot: false,
