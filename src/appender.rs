@@ -13,6 +13,8 @@
 //! - a source transaction larger than a chunk is written in chunks inside its store
 //!   transaction, so memory does not grow with it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -38,6 +40,8 @@ pub struct AppenderConfig {
     pub chunk_events: usize,
     /// Deletes old events of this source periodically, beside the appending.
     pub retention: Option<Retention>,
+    /// Counts the events appended (committed to the log), for whoever reports metrics.
+    pub appended: Option<Arc<AtomicU64>>,
 }
 
 impl AppenderConfig {
@@ -49,6 +53,7 @@ impl AppenderConfig {
             max_batch_delay: Duration::from_millis(200),
             chunk_events: 2_000,
             retention: None,
+            appended: None,
         }
     }
 }
@@ -208,8 +213,12 @@ async fn run_once(
                 None => {}
             }
         }
+        let events = batch.events as u64;
         match commit(&mut log, &mut batch).await {
             Ok(Some((lsn, position))) => {
+                if let Some(counter) = &config.appended {
+                    counter.fetch_add(events, Ordering::Relaxed);
+                }
                 stored = lsn;
                 listener.ack(position);
                 *backoff = config.listener.reconnect_min;

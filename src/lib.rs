@@ -47,6 +47,7 @@ pub mod lsn;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod replication;
+pub mod server;
 pub mod setup;
 pub mod snapshot;
 pub mod spill;

@@ -113,12 +113,7 @@ async fn sigterm_stops_cleanly_and_confirms_what_was_printed() {
     for _ in 0..3 {
         printed.push(next_line(&mut lines).await.expect("a line"));
     }
-    let pid = child.id().expect("running").to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    crate::support::sigterm(&child);
     let exit = tokio::time::timeout(LINE_TIMEOUT, child.wait())
         .await
         .expect("exits after SIGTERM")

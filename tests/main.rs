@@ -11,6 +11,7 @@ mod harness_smoke;
 mod initial_state;
 mod listener;
 mod protocol;
+mod server;
 mod streaming;
 mod streams;
 mod subscribe;

@@ -863,12 +863,7 @@ async fn cli_create_list_tail_delete() {
     commit_each(&db.client().await, &["INSERT INTO t VALUES (6, 'pro')"]).await;
     let followed = json_line(&mut out).await;
     assert_eq!(followed["created"]["id"], 6);
-    let pid = child.id().expect("running").to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    crate::support::sigterm(&child);
     let exit = tokio::time::timeout(TIMEOUT, child.wait())
         .await
         .expect("exits after SIGTERM")

@@ -41,6 +41,9 @@ pub enum Command {
     Status(SourceArgs),
     /// The pipeline alone: keep the event log filled from the slot, exactly once.
     Run(RunArgs),
+    /// The pipeline plus the HTTP delivery server (subscribe and streams over SSE,
+    /// WebSocket and a pull feed).
+    Serve(ServeArgs),
     /// Manage and consume persisted streams (named, resumable, at-least-once).
     #[command(subcommand)]
     Stream(stream::StreamCommand),
@@ -72,6 +75,29 @@ pub struct RunArgs {
     /// How often retention runs.
     #[arg(long, default_value = "1m", value_parser = crate::config::parse_duration)]
     pub retention_interval: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Address to listen on.
+    #[arg(long, env = "WALTAP_LISTEN", default_value = "127.0.0.1:7373")]
+    pub listen: String,
+    /// API keys (TOML: `[[key]]` with `secret`, `tables`, `streams`). Without it the keys
+    /// come from the environment variable WALTAP_API_KEYS (the same TOML, e.g.
+    /// `key = [{secret = "s3cret", tables = ["*"], streams = true}]`).
+    #[arg(long, env = "WALTAP_KEYS_FILE")]
+    pub keys_file: Option<std::path::PathBuf>,
+    /// An origin allowed to call the API from a browser (CORS); repeatable.
+    #[arg(long = "cors-origin")]
+    pub cors_origins: Vec<String>,
+    /// Open delivery connections allowed per key.
+    #[arg(long, default_value_t = 512)]
+    pub max_connections_per_key: usize,
+    /// Events queued per subscriber before it is cut off with `lagged`.
+    #[arg(long, default_value_t = 1024)]
+    pub subscriber_queue: usize,
 }
 
 /// Where to read from.
@@ -160,6 +186,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Setup(args) => setup_cmd(args).await,
         Command::Status(args) => status(args).await,
         Command::Run(args) => run_pipeline(args).await,
+        Command::Serve(args) => serve(args).await,
         Command::Stream(cmd) => stream::run(cmd).await,
         Command::Export(args) => export::run(args).await,
         Command::Demo(args) => crate::demo::run(args.orders).await,
@@ -187,28 +214,64 @@ impl SourceArgs {
     }
 }
 
-async fn run_pipeline(args: RunArgs) -> anyhow::Result<()> {
-    let mut listener = args.source.listener()?;
-    listener.create_slot = !args.no_create;
-    listener.create_publication = !args.no_create;
-    let mut config = crate::appender::AppenderConfig::new(listener);
-    if let Some(url) = &args.store_url {
-        config.store = SourceConfig::parse(url)?;
+impl RunArgs {
+    /// The pipeline these flags describe.
+    fn appender(&self) -> anyhow::Result<crate::appender::AppenderConfig> {
+        let mut listener = self.source.listener()?;
+        listener.create_slot = !self.no_create;
+        listener.create_publication = !self.no_create;
+        let mut config = crate::appender::AppenderConfig::new(listener);
+        if let Some(url) = &self.store_url {
+            config.store = SourceConfig::parse(url)?;
+        }
+        if self.retention_age.is_some() || self.retention_bytes.is_some() {
+            config.retention = Some(crate::store::retention::Retention {
+                max_age: self.retention_age,
+                max_bytes: self.retention_bytes,
+                interval: self.retention_interval,
+            });
+        }
+        Ok(config)
     }
-    if args.retention_age.is_some() || args.retention_bytes.is_some() {
-        config.retention = Some(crate::store::retention::Retention {
-            max_age: args.retention_age,
-            max_bytes: args.retention_bytes,
-            interval: args.retention_interval,
-        });
-    }
+}
+
+/// A token cancelled by Ctrl-C or SIGTERM.
+fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
     let cancel = tokio_util::sync::CancellationToken::new();
     let stop = cancel.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
         stop.cancel();
     });
-    crate::appender::run(config, cancel).await?;
+    cancel
+}
+
+async fn run_pipeline(args: RunArgs) -> anyhow::Result<()> {
+    let config = args.appender()?;
+    crate::appender::run(config, cancel_on_signal()).await?;
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    use crate::server::auth::Keys;
+    let token_secret = std::env::var("WALTAP_TOKEN_SECRET").ok();
+    let keys = match (&args.keys_file, std::env::var("WALTAP_API_KEYS")) {
+        (Some(path), _) => Keys::from_file(path, token_secret.as_deref())?,
+        (None, Ok(text)) => Keys::from_toml(&text, token_secret.as_deref())?,
+        (None, Err(_)) => {
+            anyhow::bail!("no API keys: give --keys-file (or WALTAP_KEYS_FILE) or WALTAP_API_KEYS")
+        }
+    };
+    let mut config = crate::server::ServerConfig::new(args.run.appender()?, keys);
+    config.cors_origins = args.cors_origins;
+    config.limits.connections_per_key = args.max_connections_per_key;
+    config.subscriber_queue = args.subscriber_queue;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    // Printed (not only logged) so that a caller that asked for port 0 learns the port.
+    eprintln!("listening on {}", listener.local_addr()?);
+    crate::server::serve(config, listener, cancel_on_signal()).await?;
     Ok(())
 }
 

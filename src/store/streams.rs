@@ -154,6 +154,11 @@ pub struct OpenOptions {
     /// The watched database, whose catalog types the columns for the filter (default:
     /// the store, which is the watched database unless the log lives elsewhere).
     pub catalog: Option<SourceConfig>,
+    /// The consumer has handled everything up to here (e.g. an HTTP client's
+    /// `Last-Event-ID`): acknowledged as soon as the lease is taken, before the stale
+    /// check, so a client that has everything retention deleted resumes rather than
+    /// getting [`StoreError::StaleCursor`].
+    pub acknowledged: Option<Position>,
 }
 
 impl Default for OpenOptions {
@@ -162,6 +167,7 @@ impl Default for OpenOptions {
             lease: DEFAULT_LEASE,
             page_size: DEFAULT_PAGE_SIZE,
             catalog: None,
+            acknowledged: None,
         }
     }
 }
@@ -810,14 +816,24 @@ pub async fn open(
         released: false,
     };
     // From here on, a failure releases the lease (dropping `consumer`).
-    let cursor = shared.state().acked;
-    let snapshot =
+    let mut snapshot =
         (row.get::<_, Option<String>>(5).as_deref() == Some("ready")).then(|| SnapshotPhase {
             next: row.get::<_, i64>(6),
             total: row.get::<_, i64>(7),
             out: VecDeque::new(),
         });
     shared.state().snapshot_open = snapshot.is_some();
+    if let Some(p) = options.acknowledged {
+        if snapshot.take().is_some() {
+            // A change comes after every row of the initial state.
+            shared.ack_snapshot(&shared.client, None).await?;
+            shared.state().snapshot_open = false;
+        }
+        if Mark::of(p) > shared.state().acked {
+            shared.store_cursor(&shared.client, Mark::of(p)).await?;
+        }
+    }
+    let cursor = shared.state().acked;
     let mut reader = Reader::new(shared, reader_client, &row, &options, notifications).await?;
     reader.snapshot = snapshot;
     // A cursor at LSN 0 stands before everything: the log was empty when it was set.
@@ -908,6 +924,13 @@ impl StreamConsumer {
         &self.shared.name
     }
 
+    /// True while the reader has read everything the log holds for the stream and waits
+    /// for appends, with every event it read handed out: a poll that finds nothing now
+    /// finds nothing until the next append.
+    pub fn is_idle(&self) -> bool {
+        self.shared.state().quiet_through.is_some()
+    }
+
     /// The last acknowledged position.
     pub fn cursor(&self) -> Position {
         self.shared.state().acked.position()
@@ -917,6 +940,47 @@ impl StreamConsumer {
     /// again, to this consumer or a later one. Positions at or before the cursor change
     /// nothing. Acknowledge only positions you received: everything before one counts as
     /// handled. Renews the lease.
+    pub async fn ack(&self, position: Position) -> Result<(), StoreError> {
+        self.acker().ack(position).await
+    }
+
+    /// Acknowledges the rows of the initial state up to and including `seq`
+    /// ([`SnapshotRow::seq`]): a consumer that reopens the stream resumes after it.
+    pub async fn ack_snapshot(&self, seq: u64) -> Result<(), StoreError> {
+        if !self.shared.state().snapshot_open {
+            return Ok(());
+        }
+        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+        self.shared
+            .ack_snapshot(&self.shared.client, Some(seq))
+            .await
+    }
+
+    /// A handle that acknowledges for this consumer without borrowing it, so that one
+    /// task can acknowledge while the consumer is being read (e.g. a server session).
+    pub fn acker(&self) -> StreamAcker {
+        StreamAcker {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Releases the lease now, so that another consumer may open the stream at once.
+    /// Dropping the consumer does the same in the background, best effort.
+    pub async fn close(mut self) {
+        self.released = true;
+        self.shared.release().await;
+    }
+}
+
+/// Acknowledges for a [`StreamConsumer`] ([`StreamConsumer::acker`]); valid while the
+/// consumer holds the lease.
+#[derive(Clone)]
+pub struct StreamAcker {
+    shared: Arc<Shared>,
+}
+
+impl StreamAcker {
+    /// As [`StreamConsumer::ack`].
     pub async fn ack(&self, position: Position) -> Result<(), StoreError> {
         if self.shared.state().snapshot_open {
             // A change comes after every row of the initial state.
@@ -937,25 +1001,6 @@ impl StreamConsumer {
             }
         }
         self.shared.store_cursor(&self.shared.client, to).await
-    }
-
-    /// Acknowledges the rows of the initial state up to and including `seq`
-    /// ([`SnapshotRow::seq`]): a consumer that reopens the stream resumes after it.
-    pub async fn ack_snapshot(&self, seq: u64) -> Result<(), StoreError> {
-        if !self.shared.state().snapshot_open {
-            return Ok(());
-        }
-        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
-        self.shared
-            .ack_snapshot(&self.shared.client, Some(seq))
-            .await
-    }
-
-    /// Releases the lease now, so that another consumer may open the stream at once.
-    /// Dropping the consumer does the same in the background, best effort.
-    pub async fn close(mut self) {
-        self.released = true;
-        self.shared.release().await;
     }
 }
 

@@ -159,6 +159,16 @@ where
     })?
 }
 
+/// Sends SIGTERM to a running child (through `kill`: the crate forbids `unsafe`).
+pub fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().expect("the child is running").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -TERM {pid} failed");
+}
+
 /// Runs a command to completion (at most a minute) and returns what it did.
 pub async fn output(mut cmd: tokio::process::Command) -> std::process::Output {
     tokio::time::timeout(Duration::from_secs(60), cmd.output())

@@ -1,0 +1,610 @@
+//! The HTTP delivery server (`waltap serve`): subscribe and persisted streams for services
+//! in any language, over Server-Sent Events, WebSocket and a long-polling pull feed.
+//!
+//! This module owns the router, the shared state and the process's lifecycle:
+//! [`serve`] runs the pipeline (slot -> event log, as `waltap run`), a [`Hub`] for
+//! ephemeral subscriptions on a temporary slot of its own, and the API on the listener it
+//! is given, until the cancellation token fires. Shutdown is ordered: stop accepting, end
+//! every open delivery connection cleanly (a stream consumer releases its lease), then
+//! stop the pipeline, which confirms the slot up to what the log holds.
+//!
+//! The API contract is DESIGN.md section 4 and `docs/openapi.json` (served at
+//! `/v1/openapi.json`). Submodules: [`auth`] (keys, tokens, connection cap), [`error`]
+//! (codes), [`session`] (SSE and WebSocket framing), [`subscribe`], [`streams`],
+//! [`metrics`]. Nothing else in the crate depends on this module.
+
+pub mod auth;
+pub mod error;
+pub mod metrics;
+pub mod session;
+mod streams;
+mod subscribe;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Query, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::appender::{self, AppendError, AppenderConfig};
+use crate::config::SourceConfig;
+use crate::filter::Filter;
+use crate::hub::{Hub, HubConfig};
+use crate::store::StoreError;
+use auth::{Caller, ConnectionCap, Keys};
+use error::ApiError;
+use metrics::{Metrics, Replication};
+
+/// The OpenAPI document of this API, checked in beside the code.
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
+/// Every route as (method, path), in the router's syntax (which is OpenAPI's).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/healthz"),
+    ("get", "/metrics"),
+    ("get", "/v1/openapi.json"),
+    ("get", "/v1/subscribe"),
+    ("post", "/v1/tokens"),
+    ("get", "/v1/streams"),
+    ("post", "/v1/streams"),
+    ("get", "/v1/streams/{name}"),
+    ("delete", "/v1/streams/{name}"),
+    ("get", "/v1/streams/{name}/events"),
+    ("post", "/v1/streams/{name}/ack"),
+];
+
+/// Bounds on what one client may ask for.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_filter_bytes: usize,
+    /// Nesting of the filter's JSON (objects and arrays).
+    pub max_filter_depth: usize,
+    /// Open delivery connections per key (SSE, WebSocket, pending feed requests).
+    pub connections_per_key: usize,
+    pub max_token_ttl: Duration,
+    pub max_feed_limit: usize,
+    pub max_feed_wait: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 64 * 1024,
+            max_filter_bytes: 8 * 1024,
+            max_filter_depth: 16,
+            connections_per_key: 512,
+            max_token_ttl: Duration::from_secs(24 * 3600),
+            max_feed_limit: 1000,
+            max_feed_wait: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Everything [`serve`] needs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The pipeline: its listener's source, slot and publication are the server's.
+    pub appender: AppenderConfig,
+    /// Events queued per ephemeral subscriber before it is cut off with `lagged`.
+    pub subscriber_queue: usize,
+    pub keys: Keys,
+    /// Origins allowed to call the API from a browser (CORS); none = same-origin only.
+    pub cors_origins: Vec<String>,
+    pub limits: Limits,
+    /// Interval of the SSE comment keepalives.
+    pub keepalive: Duration,
+}
+
+impl ServerConfig {
+    pub fn new(appender: AppenderConfig, keys: Keys) -> Self {
+        ServerConfig {
+            appender,
+            subscriber_queue: 1024,
+            keys,
+            cors_origins: Vec::new(),
+            limits: Limits::default(),
+            keepalive: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Why the server stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot start the subscription hub: {0}")]
+    Hub(#[source] crate::Error),
+    #[error(transparent)]
+    Pipeline(Box<AppendError>),
+    #[error("HTTP server: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("invalid CORS origin {0:?}")]
+    CorsOrigin(String),
+}
+
+/// A lazily (re)opened SQL connection shared by requests; tokio-postgres pipelines
+/// concurrent queries on one connection.
+struct Db {
+    config: SourceConfig,
+    client: Mutex<Option<Arc<tokio_postgres::Client>>>,
+}
+
+impl Db {
+    fn new(config: SourceConfig) -> Self {
+        Db {
+            config,
+            client: Mutex::new(None),
+        }
+    }
+
+    async fn get(&self) -> Result<Arc<tokio_postgres::Client>, StoreError> {
+        let mut guard = self.client.lock().await;
+        if let Some(c) = guard.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let client = Arc::new(self.config.connect_sql().await?);
+        *guard = Some(client.clone());
+        Ok(client)
+    }
+}
+
+/// What every handler shares.
+struct AppState {
+    hub: Hub,
+    keys: Keys,
+    cap: ConnectionCap,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    keepalive: Duration,
+    /// The log's database, and the watched one when the log lives elsewhere.
+    store: Db,
+    catalog: Option<Db>,
+    /// The pipeline's slot: the source of every stream made here.
+    slot: String,
+    /// Fires at shutdown: every session ends.
+    stop: CancellationToken,
+    tasks: TaskTracker,
+    /// Stream consumers served by this process, by stream name: where explicit acks go.
+    consumers:
+        std::sync::Mutex<HashMap<String, (u64, tokio::sync::mpsc::Sender<session::Inbound>)>>,
+    next_session: std::sync::atomic::AtomicU64,
+    pipeline_running: std::sync::atomic::AtomicBool,
+}
+
+type Shared = Arc<AppState>;
+
+impl AppState {
+    fn catalog_db(&self) -> &Db {
+        self.catalog.as_ref().unwrap_or(&self.store)
+    }
+
+    /// Parses a filter within the configured bounds.
+    fn filter(&self, json: Option<serde_json::Value>) -> Result<Option<Filter>, ApiError> {
+        let Some(value) = json else { return Ok(None) };
+        let size = value.to_string().len();
+        if size > self.limits.max_filter_bytes {
+            return Err(ApiError::BadFilter(format!(
+                "the filter is {size} bytes; at most {} are accepted",
+                self.limits.max_filter_bytes
+            )));
+        }
+        if depth(&value) > self.limits.max_filter_depth {
+            return Err(ApiError::BadFilter(format!(
+                "the filter nests deeper than {} levels",
+                self.limits.max_filter_depth
+            )));
+        }
+        serde_json::from_value(value)
+            .map(Some)
+            .map_err(|e| ApiError::BadFilter(e.to_string()))
+    }
+
+    /// Parses a filter given as text (a query parameter), within the bounds.
+    fn filter_text(&self, text: Option<&str>) -> Result<Option<Filter>, ApiError> {
+        let Some(text) = text else { return Ok(None) };
+        if text.len() > self.limits.max_filter_bytes {
+            return Err(ApiError::BadFilter(format!(
+                "the filter is {} bytes; at most {} are accepted",
+                text.len(),
+                self.limits.max_filter_bytes
+            )));
+        }
+        let value = serde_json::from_str(text)
+            .map_err(|e| ApiError::BadFilter(format!("invalid JSON: {e}")))?;
+        self.filter(Some(value))
+    }
+}
+
+fn depth(v: &serde_json::Value) -> usize {
+    match v {
+        serde_json::Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+        serde_json::Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenParam {
+    token: Option<String>,
+}
+
+impl FromRequestParts<Shared> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Caller, ApiError> {
+        if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
+            let secret = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .ok_or(ApiError::Unauthorized)?;
+            let key = state
+                .keys
+                .find(secret.trim())
+                .ok_or(ApiError::Unauthorized)?;
+            return Ok(Caller {
+                key: key.clone(),
+                token: None,
+            });
+        }
+        let Query(TokenParam { token }) = Query::<TokenParam>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::Unauthorized)?;
+        let token = token.ok_or(ApiError::Unauthorized)?;
+        let (claims, key) = state.keys.verify(&token)?;
+        Ok(Caller {
+            key,
+            token: Some(claims),
+        })
+    }
+}
+
+/// Runs the pipeline, the hub and the API on `listener` until `cancel` fires or the
+/// pipeline fails definitively.
+pub async fn serve(
+    config: ServerConfig,
+    listener: tokio::net::TcpListener,
+    cancel: CancellationToken,
+) -> Result<(), ServerError> {
+    let metrics = Arc::new(Metrics::default());
+    let mut appender_config = config.appender.clone();
+    appender_config.appended = Some(metrics.events_in.clone());
+    let slot = appender_config.listener.slot.clone();
+
+    // Subscriptions read live on a temporary slot of their own: nothing to confirm, and
+    // it vanishes with the process.
+    let mut hub_listener = appender_config.listener.clone();
+    hub_listener.slot = hub_slot_name(&slot, std::process::id());
+    hub_listener.temporary_slot = true;
+    hub_listener.create_slot = true;
+    let mut hub_config = HubConfig::new(hub_listener);
+    hub_config.subscriber_queue = config.subscriber_queue;
+    let hub = Hub::start(hub_config).await.map_err(ServerError::Hub)?;
+
+    let cors = cors_layer(&config.cors_origins)?;
+    let catalog = (appender_config.store.describe() != appender_config.listener.source.describe())
+        .then(|| Db::new(appender_config.listener.source.clone()));
+    let stop = cancel.child_token();
+    let state = Arc::new(AppState {
+        hub,
+        keys: config.keys.clone(),
+        cap: ConnectionCap::new(config.limits.connections_per_key),
+        metrics: metrics.clone(),
+        limits: config.limits.clone(),
+        keepalive: config.keepalive,
+        store: Db::new(appender_config.store.clone()),
+        catalog,
+        slot: slot.clone(),
+        stop: stop.clone(),
+        tasks: TaskTracker::new(),
+        consumers: std::sync::Mutex::new(HashMap::new()),
+        next_session: Default::default(),
+        pipeline_running: std::sync::atomic::AtomicBool::new(true),
+    });
+    if !config.keys.token_secret_configured {
+        tracing::warn!("no token secret configured (WALTAP_TOKEN_SECRET or token_secret in the keys file): tokens are signed with a random secret and stop working when the process restarts");
+    }
+
+    let pipeline_stop = CancellationToken::new();
+    let mut pipeline = tokio::spawn(appender::run(appender_config, pipeline_stop.clone()));
+
+    let app = router(state.clone(), cors);
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, slot = %slot, "serving");
+    let server_stop = stop.clone();
+    let mut server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(server_stop.cancelled_owned())
+            .await
+    });
+
+    let mut failure = None;
+    let served = tokio::select! {
+        served = &mut server => Some(served),
+        done = &mut pipeline => {
+            state.pipeline_running.store(false, std::sync::atomic::Ordering::Relaxed);
+            match done {
+                Ok(Err(e)) => failure = Some(ServerError::Pipeline(Box::new(e))),
+                Ok(Ok(())) => {}
+                Err(e) => tracing::error!(error = %e, "the pipeline task failed"),
+            }
+            None
+        }
+    };
+    // Shutdown, in order: no new connections, open sessions end, then the pipeline.
+    stop.cancel();
+    let served = match served {
+        Some(s) => s,
+        None => server.await,
+    };
+    state.tasks.close();
+    state.tasks.wait().await;
+    pipeline_stop.cancel();
+    if failure.is_none() {
+        match pipeline.await {
+            Ok(Err(e)) => failure = Some(ServerError::Pipeline(Box::new(e))),
+            Ok(Ok(())) => {}
+            Err(e) => tracing::error!(error = %e, "the pipeline task failed"),
+        }
+    }
+    match Arc::try_unwrap(state) {
+        Ok(state) => state.hub.shutdown().await,
+        Err(_) => tracing::debug!("hub still referenced at shutdown; dropped with the process"),
+    }
+    tracing::info!("server stopped");
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    match served {
+        Ok(result) => result.map_err(ServerError::Io),
+        Err(e) => Err(ServerError::Io(std::io::Error::other(e))),
+    }
+}
+
+/// `<slot>_h<pid>`, the slot part shortened so the name fits Postgres' 63 bytes.
+fn hub_slot_name(slot: &str, pid: u32) -> String {
+    let suffix = format!("_h{pid}");
+    let keep: String = slot.chars().take(63 - suffix.len()).collect();
+    format!("{keep}{suffix}")
+}
+
+fn cors_layer(origins: &[String]) -> Result<Option<tower_http::cors::CorsLayer>, ServerError> {
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let mut allowed = Vec::with_capacity(origins.len());
+    for o in origins {
+        allowed.push(HeaderValue::from_str(o).map_err(|_| ServerError::CorsOrigin(o.clone()))?);
+    }
+    Ok(Some(
+        tower_http::cors::CorsLayer::new()
+            .allow_origin(allowed)
+            .allow_methods([Method::GET, Method::POST, Method::DELETE])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::HeaderName::from_static("last-event-id"),
+            ]),
+    ))
+}
+
+fn router(state: Shared, cors: Option<tower_http::cors::CorsLayer>) -> Router {
+    let limit = state.limits.max_body_bytes;
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/subscribe", get(subscribe::subscribe))
+        .route("/v1/tokens", post(tokens))
+        .route("/v1/streams", get(streams::list).post(streams::create))
+        .route(
+            "/v1/streams/{name}",
+            get(streams::consume).delete(streams::delete),
+        )
+        .route("/v1/streams/{name}/events", get(streams::feed))
+        .route("/v1/streams/{name}/ack", post(streams::ack))
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_errors,
+        ))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state);
+    match cors {
+        Some(cors) => app.layer(cors),
+        None => app,
+    }
+}
+
+async fn count_errors(
+    State(state): State<Shared>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let response = next.run(request).await;
+    if response.status().is_client_error() || response.status().is_server_error() {
+        state
+            .metrics
+            .errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    response
+}
+
+/// Reads the slot's lag and the log's size; `None` fields when Postgres could not say.
+async fn replication(state: &AppState) -> Replication {
+    let mut r = Replication {
+        connected: false,
+        ..Replication::default()
+    };
+    if let Ok(client) = state.catalog_db().get().await {
+        if let Ok(Some(slot)) = crate::setup::slot_state(&client, &state.slot).await {
+            r.connected = slot.active_pid.is_some()
+                && state
+                    .pipeline_running
+                    .load(std::sync::atomic::Ordering::Relaxed);
+            r.lag_bytes = slot.lag_bytes;
+        }
+    }
+    if let Ok(client) = state.store.get().await {
+        let row = client
+            .query_one(
+                "SELECT pg_total_relation_size('waltap.events'),
+                        (SELECT extract(epoch FROM now() - (event->'tx'->>'committedAt')::timestamptz)::float8
+                         FROM waltap.events WHERE source = $1
+                         ORDER BY commit_lsn DESC, ordinal DESC LIMIT 1)",
+                &[&state.slot],
+            )
+            .await;
+        if let Ok(row) = row {
+            r.log_bytes = row.get(0);
+            let newest_age: Option<f64> = row.get(1);
+            r.lag_seconds = match r.lag_bytes {
+                Some(0) => Some(0.0),
+                Some(_) => Some(newest_age.unwrap_or(0.0).max(0.0)),
+                None => None,
+            };
+        }
+    }
+    r
+}
+
+async fn healthz(State(state): State<Shared>) -> Response {
+    let r = replication(&state).await;
+    let healthy = r.connected && r.lag_bytes.is_some();
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({"status": if healthy { "ok" } else { "unavailable" }, "replication": r});
+    (status, Json(body)).into_response()
+}
+
+async fn metrics_text(State(state): State<Shared>, _caller: Caller) -> Response {
+    let r = replication(&state).await;
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(&r),
+    )
+        .into_response()
+}
+
+async fn openapi(_caller: Caller) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct TokenRequest {
+    table: Option<String>,
+    filter: Option<serde_json::Value>,
+    stream: Option<String>,
+    position: Option<crate::event::Position>,
+    ttl_seconds: Option<u64>,
+}
+
+/// `POST /v1/tokens`: a signed token for one table and filter, or for one stream.
+async fn tokens(
+    State(state): State<Shared>,
+    caller: Caller,
+    body: Result<Json<TokenRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    caller.require_key()?;
+    let req = error::json_body(body, state.limits.max_body_bytes)?;
+    let ttl = req.ttl_seconds.unwrap_or(3600);
+    if ttl == 0 || ttl > state.limits.max_token_ttl.as_secs() {
+        return Err(ApiError::BadRequest(format!(
+            "ttlSeconds must be between 1 and {}",
+            state.limits.max_token_ttl.as_secs()
+        )));
+    }
+    match (&req.table, &req.stream) {
+        (Some(table), None) => {
+            caller.check_table(&crate::event::TableName::parse(table))?;
+            state.filter(req.filter.clone())?;
+        }
+        (None, Some(name)) => {
+            if req.filter.is_some() {
+                return Err(ApiError::BadRequest(
+                    "a stream token takes no filter: the stream has its own".into(),
+                ));
+            }
+            streams::authorize(&state, &caller, name).await?;
+        }
+        _ => {
+            return Err(ApiError::BadRequest(
+                "give either `table` (with an optional `filter`) or `stream`".into(),
+            ))
+        }
+    }
+    let exp = auth::now_secs() + ttl;
+    let claims = auth::Claims {
+        key: caller.key.id(),
+        table: req
+            .table
+            .map(|t| crate::event::TableName::parse(&t).to_string()),
+        filter: req.filter,
+        stream: req.stream,
+        position: req.position,
+        exp,
+    };
+    tracing::info!(key = %claims.key, ttl, "token issued");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"token": state.keys.sign(&claims), "expiresAt": exp})),
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn every_route_is_in_the_openapi_document() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+        for (method, path) in ROUTES {
+            assert!(
+                doc["paths"][path][method].is_object(),
+                "{method} {path} is not described in docs/openapi.json"
+            );
+        }
+        let described: usize = doc["paths"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|p| p.as_object().unwrap().len())
+            .sum();
+        assert_eq!(
+            described,
+            ROUTES.len(),
+            "docs/openapi.json describes routes the server lacks"
+        );
+    }
+
+    #[test]
+    fn hub_slot_names_fit() {
+        assert_eq!(hub_slot_name("waltap", 42), "waltap_h42");
+        assert_eq!(hub_slot_name(&"s".repeat(63), 4_000_000).len(), 63);
+    }
+
+    #[test]
+    fn filter_depth() {
+        assert_eq!(depth(&json!(1)), 0);
+        assert_eq!(depth(&json!({"a": [{"b": 1}]})), 3);
+    }
+}

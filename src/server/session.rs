@@ -1,0 +1,253 @@
+//! One client's delivery connection: frames and transports shared by subscriptions and
+//! streams.
+//!
+//! An item becomes one [`Frame`] (serialized once), written either as a Server-Sent Event
+//! (`id:` position, `event:` `change` or the control item's type, `data:` the JSON object)
+//! or as one WebSocket text message holding the same JSON object. Writing waits for the
+//! client (backpressure reaches the hub, which cuts a slow subscriber off with `lagged`),
+//! but never past the server's shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, Stream, StreamExt};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::error::{error_body, ApiError};
+use super::metrics::Metrics;
+use crate::event::Position;
+use crate::hub::SubscriptionItem;
+
+/// Frames buffered between a session task and its SSE response body.
+const SSE_BUFFER: usize = 16;
+
+/// One item, ready for either transport.
+pub struct Frame {
+    id: Option<Position>,
+    kind: &'static str,
+    data: String,
+    is_change: bool,
+}
+
+impl Frame {
+    pub fn item<R: Serialize>(item: &SubscriptionItem<R>) -> Frame {
+        let (id, kind, is_change) = match item {
+            SubscriptionItem::Initialized { position } => (*position, "initialized", false),
+            SubscriptionItem::SnapshotComplete { position } => {
+                (*position, "snapshotComplete", false)
+            }
+            // Rows of an initial state carry no position: `Last-Event-ID` stays at the
+            // last change, and a reconnect mid-copy reads the copy again.
+            SubscriptionItem::Snapshot(_) => (None, "snapshot", false),
+            SubscriptionItem::Event(ev) => (Some(ev.position), "change", true),
+        };
+        Frame {
+            id,
+            kind,
+            data: serde_json::to_string(item).unwrap_or_default(),
+            is_change,
+        }
+    }
+
+    /// An `error` item: `{"type": "error", "error": {"code", "message"}}`.
+    pub fn error(code: &str, message: &str) -> Frame {
+        let data = serde_json::json!({"type": "error", "error": error_body(code, message)});
+        Frame {
+            id: None,
+            kind: "error",
+            data: data.to_string(),
+            is_change: false,
+        }
+    }
+
+    fn sse(self) -> SseEvent {
+        let ev = SseEvent::default().event(self.kind).data(self.data);
+        match self.id {
+            Some(p) => ev.id(p.to_string()),
+            None => ev,
+        }
+    }
+}
+
+/// The client went away, or the server is shutting down.
+pub struct Closed;
+
+/// Where a session writes.
+pub enum Out {
+    Sse {
+        tx: mpsc::Sender<Result<SseEvent, Infallible>>,
+        stop: CancellationToken,
+    },
+    Ws {
+        sink: SplitSink<WebSocket, Message>,
+        /// Cancelled when the client closes its side (see [`read_ws`]).
+        gone: CancellationToken,
+        stop: CancellationToken,
+    },
+}
+
+/// An SSE response fed by the returned [`Out`], with comment keepalives.
+pub fn sse(
+    stop: CancellationToken,
+    keepalive: Duration,
+) -> (Out, Sse<impl Stream<Item = Result<SseEvent, Infallible>>>) {
+    let (tx, rx) = mpsc::channel(SSE_BUFFER);
+    let body = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let response = Sse::new(body).keep_alive(KeepAlive::new().interval(keepalive));
+    (Out::Sse { tx, stop }, response)
+}
+
+/// Answers a delivery request: upgrades to a WebSocket when the client asked for one, else
+/// opens an SSE response. `run` then drives the session in a task that shutdown waits for.
+pub fn respond<F, Fut>(
+    tasks: &TaskTracker,
+    stop: CancellationToken,
+    keepalive: Duration,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    inbound: Option<mpsc::Sender<Inbound>>,
+    run: F,
+) -> Response
+where
+    F: FnOnce(Out) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    match upgrade {
+        Ok(upgrade) => {
+            let tasks = tasks.clone();
+            upgrade
+                .on_upgrade(move |socket| {
+                    tasks.track_future(async move { run(ws(socket, stop, inbound)).await })
+                })
+                .into_response()
+        }
+        Err(_) => {
+            let (out, response) = sse(stop, keepalive);
+            tasks.spawn(run(out));
+            response.into_response()
+        }
+    }
+}
+
+impl Out {
+    /// Sends an item's frame, counting changes as delivered.
+    pub async fn item(&mut self, frame: Frame, metrics: &Metrics) -> Result<(), Closed> {
+        let change = frame.is_change;
+        self.send(frame).await?;
+        if change {
+            metrics.events_out.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Sends the `error` item that ends a session, counting it.
+    pub async fn fail(&mut self, code: &str, message: &str, metrics: &Metrics) {
+        metrics.errors.fetch_add(1, Ordering::Relaxed);
+        let _ = self.send(Frame::error(code, message)).await;
+    }
+
+    pub async fn send(&mut self, frame: Frame) -> Result<(), Closed> {
+        match self {
+            Out::Sse { tx, stop } => tokio::select! {
+                biased;
+                _ = stop.cancelled() => Err(Closed),
+                sent = tx.send(Ok(frame.sse())) => sent.map_err(|_| Closed),
+            },
+            Out::Ws { sink, stop, gone } => tokio::select! {
+                biased;
+                _ = stop.cancelled() => Err(Closed),
+                _ = gone.cancelled() => Err(Closed),
+                sent = sink.send(Message::Text(frame.data.into())) => sent.map_err(|_| Closed),
+            },
+        }
+    }
+
+    /// Resolves when the client has gone or the server stops.
+    pub async fn closed(&self) {
+        match self {
+            Out::Sse { tx, stop } => tokio::select! {
+                _ = tx.closed() => {}
+                _ = stop.cancelled() => {}
+            },
+            Out::Ws { gone, stop, .. } => tokio::select! {
+                _ = gone.cancelled() => {}
+                _ = stop.cancelled() => {}
+            },
+        }
+    }
+
+    /// Ends the connection cleanly: the SSE body ends when the sender drops; a WebSocket
+    /// gets a close frame.
+    pub async fn finish(self) {
+        if let Out::Ws { mut sink, .. } = self {
+            let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
+        }
+    }
+}
+
+/// A request to acknowledge, from a WebSocket client (`{"ack": position}`) or from
+/// `POST /v1/streams/{name}/ack` while this process serves the stream's consumer.
+pub enum Inbound {
+    Ack {
+        position: Position,
+        reply: Option<oneshot::Sender<Result<(), ApiError>>>,
+    },
+    /// A client message that is not an ack: answered with a `bad_request` error item.
+    Bad(String),
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AckMessage {
+    ack: Position,
+}
+
+/// Splits a WebSocket: the returned [`Out`] writes, and a task reads the client's messages
+/// into `inbound` (when given) until the client closes, then cancels `gone`.
+pub fn ws(
+    socket: WebSocket,
+    stop: CancellationToken,
+    inbound: Option<mpsc::Sender<Inbound>>,
+) -> Out {
+    let (sink, stream) = socket.split();
+    let gone = CancellationToken::new();
+    tokio::spawn(read_ws(stream, inbound, gone.clone()));
+    Out::Ws { sink, gone, stop }
+}
+
+async fn read_ws(
+    mut stream: SplitStream<WebSocket>,
+    inbound: Option<mpsc::Sender<Inbound>>,
+    gone: CancellationToken,
+) {
+    while let Some(Ok(msg)) = stream.next().await {
+        let text = match msg {
+            Message::Text(t) => t,
+            Message::Close(_) => break,
+            _ => continue,
+        };
+        let Some(inbound) = &inbound else { continue };
+        let item = match serde_json::from_str::<AckMessage>(&text) {
+            Ok(m) => Inbound::Ack {
+                position: m.ack,
+                reply: None,
+            },
+            Err(e) => Inbound::Bad(format!("expected {{\"ack\": \"<position>\"}}: {e}")),
+        };
+        if inbound.send(item).await.is_err() {
+            break;
+        }
+    }
+    gone.cancel();
+}

@@ -1,0 +1,94 @@
+//! `GET /v1/subscribe`: an ephemeral, filtered subscription over SSE or WebSocket.
+//!
+//! At-most-once from now on (DESIGN.md section 4): the first item is `initialized`; a
+//! client that reads too slowly fills its queue in the hub and is cut off with a `lagged`
+//! error item, so it never slows the others or the slot.
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Query, State};
+use axum::response::Response;
+use futures::StreamExt;
+use serde::Deserialize;
+
+use super::auth::{Caller, ConnectionSlot};
+use super::error::ApiError;
+use super::metrics::SubscriberGauge;
+use super::session::{self, Frame, Out};
+use super::Shared;
+use crate::event::TableName;
+use crate::hub::Subscription;
+
+#[derive(Deserialize)]
+pub(super) struct Params {
+    table: Option<String>,
+    filter: Option<String>,
+}
+
+pub(super) async fn subscribe(
+    State(state): State<Shared>,
+    caller: Caller,
+    Query(params): Query<Params>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let (table, filter) = match &caller.token {
+        Some(claims) => {
+            if params.table.is_some() || params.filter.is_some() {
+                return Err(ApiError::BadRequest(
+                    "a token carries its table and filter: send only `token`".into(),
+                ));
+            }
+            let table = claims.table.clone().ok_or_else(|| {
+                ApiError::Forbidden("this token is for a stream, not a subscription".into())
+            })?;
+            (table, state.filter(claims.filter.clone())?)
+        }
+        None => {
+            let table = params
+                .table
+                .clone()
+                .ok_or_else(|| ApiError::BadRequest("`table` is required".into()))?;
+            (table, state.filter_text(params.filter.as_deref())?)
+        }
+    };
+    let table = TableName::parse(&table);
+    caller.check_table(&table)?;
+    let slot = state.cap.acquire(&caller.key)?;
+    let subscription = state.hub.subscribe(&table.to_string(), filter).await?;
+    tracing::info!(key = %caller.key.id(), table = %table, transport = if ws.is_ok() { "ws" } else { "sse" }, "subscription opened");
+    let tasks = state.tasks.clone();
+    let (stop, keepalive) = (state.stop.clone(), state.keepalive);
+    Ok(session::respond(
+        &tasks,
+        stop,
+        keepalive,
+        ws,
+        None,
+        move |out| run(state, subscription, out, slot),
+    ))
+}
+
+/// Writes the subscription's items to the client until it ends, the client leaves or
+/// the server stops.
+async fn run(state: Shared, mut sub: Subscription, mut out: Out, _slot: ConnectionSlot) {
+    let _gauge = SubscriberGauge::new(&state.metrics);
+    loop {
+        let item = tokio::select! {
+            biased;
+            _ = out.closed() => break,
+            item = sub.next() => item,
+        };
+        let frame = match item {
+            None => break,
+            Some(Ok(item)) => Frame::item(&item),
+            Some(Err(e)) => {
+                out.fail(e.code(), &e.to_string(), &state.metrics).await;
+                break;
+            }
+        };
+        if out.item(frame, &state.metrics).await.is_err() {
+            break;
+        }
+    }
+    out.finish().await;
+}

@@ -1,0 +1,396 @@
+//! Delivery: subscribe over SSE and WebSocket, streams over SSE (resume with
+//! Last-Event-ID, explicit acks), WebSocket (acks) and the pull feed (paging, long poll),
+//! a slow subscriber cut off while a stream loses nothing, and many clients at once.
+
+use std::collections::BTreeSet;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value as Json};
+use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+
+use super::{ids, insert_orders, start, Server, Sse, ADMIN, ORDERS, TIMEOUT};
+use crate::support::{wait_for, TestDb};
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn ws(s: &Server, path: &str, key: &str) -> Ws {
+    let mut req = format!("{}{path}", s.url.replace("http://", "ws://"))
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    tokio_tungstenite::connect_async(req).await.unwrap().0
+}
+
+async fn ws_next(ws: &mut Ws) -> Json {
+    loop {
+        match tokio::time::timeout(TIMEOUT, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).unwrap(),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    }
+}
+
+/// Waits until no consumer holds stream `name` (a closed connection releases its lease
+/// in the background).
+async fn lease_free(s: &Server, name: &str) {
+    wait_for("the stream's lease to be released", TIMEOUT, || async {
+        s.stream_info(name).await["lease"].is_null()
+    })
+    .await;
+}
+
+/// A feed page: (ids of the events, cursor).
+async fn page(s: &Server, name: &str, query: &str) -> (Vec<i64>, String) {
+    let r = s
+        .get(&format!("/v1/streams/{name}/events?{query}"), ORDERS)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Json = r.json().await.unwrap();
+    let ids = body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["created"]["id"].as_i64().unwrap())
+        .collect();
+    (ids, body["cursor"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test]
+async fn subscribe_over_sse_and_websocket() {
+    let db = TestDb::new().await;
+    let s = start(&db, |_| {}).await;
+    let filter = urlencode(r#"{"create": {"status": "new"}}"#);
+    let mut sse = Sse::open(s.get(
+        &format!("/v1/subscribe?table=orders&filter={filter}"),
+        ORDERS,
+    ))
+    .await;
+    let init = sse.expect("initialized").await;
+    assert_eq!(init.data["type"], "initialized");
+    let mut sock = ws(&s, "/v1/subscribe?table=orders", ORDERS).await;
+    assert_eq!(ws_next(&mut sock).await["type"], "initialized");
+    db.client()
+        .await
+        .batch_execute(
+            "INSERT INTO orders VALUES (1, 'draft', NULL);
+             INSERT INTO orders VALUES (2, 'new', NULL);",
+        )
+        .await
+        .unwrap();
+    let ev = sse.expect("change").await;
+    assert_eq!(ev.data["created"]["id"], 2, "the filter passed only id 2");
+    assert!(ev.data.get("type").is_none());
+    assert_eq!(ws_next(&mut sock).await["created"]["id"], 1);
+    assert_eq!(ws_next(&mut sock).await["created"]["id"], 2);
+    sock.close(None).await.unwrap();
+    s.stop().await;
+    // Shutdown ends open event streams cleanly.
+    assert!(sse.next().await.is_none());
+    db.teardown().await;
+}
+
+#[tokio::test]
+async fn stream_sse_resumes_with_last_event_id_without_loss_or_duplicates() {
+    let db = TestDb::new().await;
+    let s = start(&db, |_| {}).await;
+    s.create_stream("orders", "orders", None).await;
+    insert_orders(&db, 0..10).await;
+
+    let mut sse = Sse::open(s.get("/v1/streams/orders", ORDERS)).await;
+    sse.expect("initialized").await;
+    let first = sse.changes(4).await;
+    assert_eq!(ids(&first), [0, 1, 2, 3]);
+    drop(sse); // a crash after handling four: nothing was acknowledged explicitly
+
+    let last = first[3].id.clone().unwrap();
+    lease_free(&s, "orders").await;
+    let mut sse = Sse::new(
+        s.get("/v1/streams/orders", ORDERS)
+            .header("accept", "text/event-stream")
+            .header("last-event-id", &last)
+            .send()
+            .await
+            .unwrap(),
+    );
+    let init = sse.expect("initialized").await;
+    assert_eq!(init.data["position"], last.as_str());
+    let rest = sse.changes(6).await;
+    assert_eq!(ids(&rest), [4, 5, 6, 7, 8, 9]);
+
+    // Explicit ack while connected moves the stream's cursor.
+    let r = s
+        .post(
+            "/v1/streams/orders/ack",
+            ORDERS,
+            json!({"position": rest[5].id}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204, "{:?}", r.text().await);
+    insert_orders(&db, 10..12).await;
+    assert_eq!(ids(&sse.changes(2).await), [10, 11]);
+    assert_eq!(
+        s.stream_info("orders").await["cursor"],
+        rest[5].data["position"]
+    );
+    drop(sse);
+    s.stop().await;
+    db.teardown().await;
+}
+
+#[tokio::test]
+async fn feed_pages_cover_every_event_once_and_long_poll() {
+    let db = TestDb::new().await;
+    let s = start(&db, |_| {}).await;
+    s.create_stream("feed", "orders", None).await;
+    insert_orders(&db, 0..23).await;
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    // The log fills asynchronously: page until all 23 are seen.
+    while seen.len() < 23 {
+        let q = if cursor.is_empty() {
+            "limit=7&wait=10".to_owned()
+        } else {
+            format!("limit=7&wait=10&cursor={cursor}")
+        };
+        let (ids, next) = page(&s, "feed", &q).await;
+        assert!(ids.len() <= 7);
+        seen.extend(ids);
+        cursor = next;
+    }
+    assert_eq!(seen, (0..23).collect::<Vec<i64>>());
+    // Nothing new: an immediate empty page, the cursor unchanged.
+    let (ids, same) = page(&s, "feed", &format!("cursor={cursor}")).await;
+    assert!(ids.is_empty());
+    assert_eq!(same, cursor);
+    // A long poll is answered by the next append.
+    let poll = {
+        let http = s.http.clone();
+        let url = format!("{}/v1/streams/feed/events?wait=30&cursor={cursor}", s.url);
+        tokio::spawn(async move {
+            http.get(url)
+                .bearer_auth(ORDERS)
+                .send()
+                .await
+                .unwrap()
+                .json::<Json>()
+                .await
+                .unwrap()
+        })
+    };
+    wait_for("the long poll to be waiting", TIMEOUT, || async {
+        let m = s
+            .get("/metrics", ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        m.contains("\nwaltap_subscribers 1\n")
+    })
+    .await;
+    insert_orders(&db, 23..24).await;
+    let body = tokio::time::timeout(TIMEOUT, poll).await.unwrap().unwrap();
+    assert_eq!(body["events"][0]["created"]["id"], 23, "{body}");
+    s.stop().await;
+    db.teardown().await;
+}
+
+#[tokio::test]
+async fn stream_over_websocket_acknowledges() {
+    let db = TestDb::new().await;
+    let s = start(&db, |_| {}).await;
+    s.create_stream("w", "orders", None).await;
+    insert_orders(&db, 0..5).await;
+    let mut sock = ws(&s, "/v1/streams/w", ORDERS).await;
+    assert_eq!(ws_next(&mut sock).await["type"], "initialized");
+    let mut positions = Vec::new();
+    for id in 0..5 {
+        let ev = ws_next(&mut sock).await;
+        assert_eq!(ev["created"]["id"], id);
+        positions.push(ev["position"].as_str().unwrap().to_owned());
+    }
+    sock.send(Message::Text("not json".into())).await.unwrap();
+    assert_eq!(ws_next(&mut sock).await["error"]["code"], "bad_request");
+    sock.send(Message::Text(
+        json!({"ack": positions[2]}).to_string().into(),
+    ))
+    .await
+    .unwrap();
+    // The ack is applied in order with the messages: once the cursor shows it, close.
+    wait_for("the ack to be stored", TIMEOUT, || async {
+        let info: Json = s
+            .get("/v1/streams", ORDERS)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        info["streams"][0]["cursor"] == positions[2].as_str()
+    })
+    .await;
+    sock.close(None).await.unwrap();
+    lease_free(&s, "w").await;
+    let (ids, _) = page(&s, "w", "limit=100&wait=5").await;
+    assert_eq!(
+        ids,
+        [3, 4],
+        "after the ack, only what followed it comes again"
+    );
+    s.stop().await;
+    db.teardown().await;
+}
+
+#[tokio::test]
+async fn slow_subscriber_is_cut_off_while_a_stream_loses_nothing() {
+    let db = TestDb::new().await;
+    let s = start(&db, |c| c.subscriber_queue = 8).await;
+    s.create_stream("keep", "orders", None).await;
+    let mut slow = Sse::open(s.get("/v1/subscribe?table=orders", ADMIN)).await;
+    slow.expect("initialized").await;
+    let mut stream = Sse::open(s.get("/v1/streams/keep", ORDERS)).await;
+    stream.expect("initialized").await;
+    // Large rows, so the slow client's socket buffers fill and the hub's queue overflows.
+    let c = db.client().await;
+    const N: i32 = 600;
+    for chunk in 0..(N / 100) {
+        c.execute(
+            "INSERT INTO orders SELECT g, 'new', repeat('x', 20000) FROM generate_series($1::int, $2::int) g",
+            &[&(chunk * 100), &(chunk * 100 + 99)],
+        )
+        .await
+        .unwrap();
+    }
+    let got = stream.changes(N as usize).await;
+    assert_eq!(
+        ids(&got),
+        (0..N as i64).collect::<Vec<_>>(),
+        "the stream lost or reordered events"
+    );
+    // The slow one reads now: some events, then the lagged error, then the end.
+    let mut events = 0;
+    let code = loop {
+        let f = slow.next().await.expect("the lagged error before the end");
+        match f.event.as_str() {
+            "change" => events += 1,
+            "error" => break f.data["error"]["code"].as_str().unwrap().to_owned(),
+            other => panic!("unexpected {other}"),
+        }
+    };
+    assert_eq!(code, "lagged");
+    assert!(events < N, "the slow subscriber was not cut off");
+    assert!(slow.next().await.is_none());
+    drop(stream);
+    s.stop().await;
+    db.teardown().await;
+}
+
+#[tokio::test]
+async fn two_hundred_sse_clients_all_get_the_events() {
+    let db = TestDb::new().await;
+    let s = start(&db, |_| {}).await;
+    let mut clients = Vec::new();
+    for _ in 0..200 {
+        let mut c = Sse::open(s.get("/v1/subscribe?table=orders", ORDERS)).await;
+        c.expect("initialized").await;
+        clients.push(c);
+    }
+    insert_orders(&db, 0..5).await;
+    let readers = clients
+        .into_iter()
+        .map(|mut c| async move { ids(&c.changes(5).await) });
+    let all = futures::future::join_all(readers).await;
+    let distinct: BTreeSet<Vec<i64>> = all.into_iter().collect();
+    assert_eq!(distinct, BTreeSet::from([vec![0, 1, 2, 3, 4]]));
+    s.stop().await;
+    db.teardown().await;
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn stale_cursor_is_gone_with_advice_and_stream_tokens_open_one_stream() {
+    let db = TestDb::new().await;
+    let s = start(&db, |_| {}).await;
+    s.create_stream("old", "orders", None).await;
+    s.create_stream("other", "orders", None).await;
+    insert_orders(&db, 0..3).await;
+
+    // A token for one stream, resuming after its first event.
+    let token = s.token(ORDERS, json!({"stream": "old"})).await;
+    let mut sse = Sse::open(
+        s.http
+            .get(format!("{}/v1/streams/old?token={token}", s.url)),
+    )
+    .await;
+    sse.expect("initialized").await;
+    let first = sse.changes(3).await;
+    drop(sse);
+    let r = s
+        .http
+        .get(format!("{}/v1/streams/other?token={token}", s.url))
+        .header("accept", "text/event-stream");
+    assert_eq!(super::error_code(r, 403).await, "forbidden");
+
+    // Retention deletes what "old" has not acknowledged.
+    let source = s.stream_info("old").await["source"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut store = db.client().await;
+    store
+        .execute(
+            "UPDATE waltap.events SET appended_at = now() - interval '1 hour' WHERE source = $1",
+            &[&source],
+        )
+        .await
+        .unwrap();
+    let pruned = waltap::store::retention::prune(
+        &mut store,
+        &source,
+        Some(std::time::Duration::from_secs(1800)),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(pruned.events, 3);
+    lease_free(&s, "old").await;
+    let r = s
+        .get("/v1/streams/old/events", ORDERS)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 410);
+    let body: Json = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "stale_cursor");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the current rows"),
+        "{body}"
+    );
+    // A cursor past the pruned events is not stale: acknowledging them resumes.
+    let cursor = first[2].id.clone().unwrap();
+    let (ids, _) = page(&s, "old", &format!("cursor={cursor}")).await;
+    assert!(ids.is_empty());
+    s.stop().await;
+    db.teardown().await;
+}
