@@ -25,15 +25,16 @@ use tokio_util::task::TaskTracker;
 
 use super::error::{error_body, ApiError};
 use super::metrics::Metrics;
-use crate::event::Position;
 use crate::hub::SubscriptionItem;
+use crate::store::streams::Cursor;
 
 /// Frames buffered between a session task and its SSE response body.
 const SSE_BUFFER: usize = 16;
 
 /// One item, ready for either transport.
 pub struct Frame {
-    id: Option<Position>,
+    /// The cursor the client holds after this item (SSE `id`).
+    id: Option<Cursor>,
     kind: &'static str,
     data: String,
     is_change: bool,
@@ -41,18 +42,16 @@ pub struct Frame {
 
 impl Frame {
     pub fn item<R: Serialize>(item: &SubscriptionItem<R>) -> Frame {
-        let (id, kind, is_change) = match item {
-            SubscriptionItem::Initialized { position } => (*position, "initialized", false),
-            SubscriptionItem::SnapshotComplete { position } => {
-                (*position, "snapshotComplete", false)
-            }
-            // Rows of an initial state carry no position: `Last-Event-ID` stays at the
-            // last change, and a reconnect mid-copy reads the copy again.
-            SubscriptionItem::Snapshot(_) => (None, "snapshot", false),
-            SubscriptionItem::Event(ev) => (Some(ev.position), "change", true),
+        let (kind, is_change) = match item {
+            SubscriptionItem::Initialized { .. } => ("initialized", false),
+            SubscriptionItem::SnapshotComplete { .. } => ("snapshotComplete", false),
+            SubscriptionItem::Snapshot(_) => ("snapshot", false),
+            SubscriptionItem::Event(_) => ("change", true),
         };
         Frame {
-            id,
+            // A stream's initial-state rows have `snapshot-<seq>` ids, so that a client
+            // reconnecting in the middle of them resumes after the last one it has.
+            id: Cursor::after(item),
             kind,
             data: serde_json::to_string(item).unwrap_or_default(),
             is_change,
@@ -196,11 +195,11 @@ impl Out {
     }
 }
 
-/// A request to acknowledge, from a WebSocket client (`{"ack": position}`) or from
+/// A request to acknowledge, from a WebSocket client (`{"ack": cursor}`) or from
 /// `POST /v1/streams/{name}/ack` while this process serves the stream's consumer.
 pub enum Inbound {
     Ack {
-        position: Position,
+        cursor: Cursor,
         reply: Option<oneshot::Sender<Result<(), ApiError>>>,
     },
     /// A client message that is not an ack: answered with a `bad_request` error item.
@@ -210,7 +209,7 @@ pub enum Inbound {
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AckMessage {
-    ack: Position,
+    ack: Cursor,
 }
 
 /// Splits a WebSocket: the returned [`Out`] writes, and a task reads the client's messages
@@ -240,10 +239,12 @@ async fn read_ws(
         let Some(inbound) = &inbound else { continue };
         let item = match serde_json::from_str::<AckMessage>(&text) {
             Ok(m) => Inbound::Ack {
-                position: m.ack,
+                cursor: m.ack,
                 reply: None,
             },
-            Err(e) => Inbound::Bad(format!("expected {{\"ack\": \"<position>\"}}: {e}")),
+            Err(e) => Inbound::Bad(format!(
+                "expected {{\"ack\": \"<position or snapshot-<seq>>\"}}: {e}"
+            )),
         };
         if inbound.send(item).await.is_err() {
             break;

@@ -7,8 +7,11 @@
 //!
 //! - SSE: `Last-Event-ID` on reconnect acknowledges everything up to it (events up to it
 //!   are not sent again), and `POST /v1/streams/{name}/ack` acknowledges while connected;
-//! - WebSocket: the client sends `{"ack": position}`;
+//! - WebSocket: the client sends `{"ack": cursor}`;
 //! - feed: the `cursor` of a request acknowledges everything up to it.
+//!
+//! A cursor is a change's position, or `snapshot-<seq>` for the rows of a stream's initial
+//! state ([`Cursor`]), so that a client resumes in the middle of those too.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -31,7 +34,9 @@ use super::metrics::SubscriberGauge;
 use super::session::{self, Frame, Inbound, Out};
 use super::{AppState, Shared};
 use crate::event::{Position, TableName};
-use crate::store::streams::{self, OpenOptions, StreamConsumer, StreamDef, StreamInfo, StreamItem};
+use crate::store::streams::{
+    self, Cursor, OpenOptions, StreamConsumer, StreamDef, StreamInfo, StreamItem,
+};
 
 /// Checks that the caller may use stream `name` and returns it. A token opens only the
 /// stream it names.
@@ -131,7 +136,7 @@ async fn open(
     state: &AppState,
     caller: &Caller,
     name: &str,
-    resume: Option<Position>,
+    resume: Option<Cursor>,
     page_size: Option<usize>,
 ) -> Result<(StreamConsumer, ConnectionSlot), ApiError> {
     authorize(state, caller, name).await?;
@@ -147,13 +152,14 @@ async fn open(
 }
 
 /// `resume` from a header value or a token.
-fn resume_position(caller: &Caller, given: Option<&str>) -> Result<Option<Position>, ApiError> {
+fn resume_position(caller: &Caller, given: Option<&str>) -> Result<Option<Cursor>, ApiError> {
     match given {
-        Some(text) => text
-            .parse()
-            .map(Some)
-            .map_err(|e: crate::event::ParsePositionError| ApiError::BadRequest(e.to_string())),
-        None => Ok(caller.token.as_ref().and_then(|c| c.position)),
+        Some(text) => text.parse().map(Some).map_err(ApiError::BadRequest),
+        None => Ok(caller
+            .token
+            .as_ref()
+            .and_then(|c| c.position)
+            .map(Cursor::Position)),
     }
 }
 
@@ -224,8 +230,8 @@ impl Job {
                 _ = out.closed() => break,
                 msg = self.inbound.recv(), if inbound_open => {
                     match msg {
-                        Some(Inbound::Ack { position, reply }) => {
-                            let result = self.consumer.acker().ack(position).await.map_err(ApiError::from);
+                        Some(Inbound::Ack { cursor, reply }) => {
+                            let result = self.consumer.acker().ack_cursor(cursor).await.map_err(ApiError::from);
                             let failed = result.as_ref().err().map(|e| (e.code(), e.to_string()));
                             if let Some(reply) = reply {
                                 let _ = reply.send(result);
@@ -303,15 +309,19 @@ pub(super) async fn feed(
     let (mut consumer, _slot) = open(&state, &caller, &name, resume, Some(limit)).await?;
     let _gauge = SubscriberGauge::new(&state.metrics);
     let result = read_page(&state, &mut consumer, limit, Duration::from_secs_f64(wait)).await;
-    let cursor = consumer.cursor();
+    let cursor = resume.unwrap_or(Cursor::Position(consumer.cursor()));
     consumer.close().await;
-    let events = result?;
-    let cursor = events.last().map_or(cursor, |e| e.position);
+    let items = result?;
+    let cursor = items.iter().rev().find_map(Cursor::after).unwrap_or(cursor);
+    let changes = items
+        .iter()
+        .filter(|i| matches!(i, StreamItem::Event(_)))
+        .count();
     state
         .metrics
         .events_out
-        .fetch_add(events.len() as u64, Ordering::Relaxed);
-    Ok(Json(json!({"events": events, "cursor": cursor})).into_response())
+        .fetch_add(changes as u64, Ordering::Relaxed);
+    Ok(Json(json!({"events": items, "cursor": cursor})).into_response())
 }
 
 /// After the deadline, how often to look whether the reader has gone idle (it is then
@@ -320,14 +330,15 @@ const IDLE_CHECK: Duration = Duration::from_millis(5);
 /// How long past the deadline a read in flight may take before the page is returned as is.
 const IDLE_GRACE: Duration = Duration::from_secs(5);
 
-/// Up to `limit` events: waits for the first until `wait` has passed and the reader has
-/// found nothing more in the log, then takes what is ready without waiting.
+/// Up to `limit` items (changes; while the stream hands out its initial state, its rows
+/// and then `snapshotComplete`): waits for the first until `wait` has passed and the
+/// reader has found nothing more in the log, then takes what is ready without waiting.
 async fn read_page(
     state: &AppState,
     consumer: &mut StreamConsumer,
     limit: usize,
     wait: Duration,
-) -> Result<Vec<crate::Event<serde_json::Value>>, ApiError> {
+) -> Result<Vec<StreamItem>, ApiError> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut events = Vec::new();
     loop {
@@ -359,8 +370,8 @@ async fn read_page(
             // What was read is delivered; the error comes again on the next request.
             Some(Err(_)) => break,
             Some(Ok(item)) => {
-                if let StreamItem::Event(ev) = item {
-                    events.push(ev);
+                if paged(&item) {
+                    events.push(item);
                 }
             }
         }
@@ -372,8 +383,8 @@ async fn read_page(
             while events.len() < limit {
                 match consumer.next().now_or_never() {
                     Some(Some(Ok(item))) => {
-                        if let StreamItem::Event(ev) = item {
-                            events.push(ev);
+                        if paged(&item) {
+                            events.push(item);
                         }
                     }
                     _ => break,
@@ -385,10 +396,16 @@ async fn read_page(
     Ok(events)
 }
 
+/// What a feed page holds: all but the `initialized` marker (the page's cursor says it).
+fn paged(item: &StreamItem) -> bool {
+    !matches!(item, StreamItem::Initialized { .. })
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct AckRequest {
-    position: Position,
+    /// A change's position, or `snapshot-<seq>`.
+    position: Cursor,
 }
 
 /// `POST /v1/streams/{name}/ack`: through the consumer this process serves, or by taking
@@ -411,7 +428,7 @@ pub(super) async fn ack(
         let (reply, answer) = oneshot::channel();
         let sent = tx
             .send(Inbound::Ack {
-                position: req.position,
+                cursor: req.position,
                 reply: Some(reply),
             })
             .await;

@@ -2,7 +2,9 @@
 //!
 //! At-most-once from now on (DESIGN.md section 4): the first item is `initialized`; a
 //! client that reads too slowly fills its queue in the hub and is cut off with a `lagged`
-//! error item, so it never slows the others or the slot.
+//! error item, so it never slows the others or the slot. With `initialState=true` the
+//! matching rows come first (`snapshot` items), then `snapshotComplete`, then the changes
+//! after them.
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
@@ -20,9 +22,12 @@ use crate::event::TableName;
 use crate::hub::Subscription;
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub(super) struct Params {
     table: Option<String>,
     filter: Option<String>,
+    #[serde(default)]
+    initial_state: bool,
 }
 
 pub(super) async fn subscribe(
@@ -54,7 +59,13 @@ pub(super) async fn subscribe(
     let table = TableName::parse(&table);
     caller.check_table(&table)?;
     let slot = state.cap.acquire(&caller.key)?;
-    let subscription = state.hub.subscribe(&table.to_string(), filter).await?;
+    let options = crate::hub::SubscribeOptions {
+        initial_state: params.initial_state,
+    };
+    let subscription = state
+        .hub
+        .subscribe_with(&table.to_string(), filter, options)
+        .await?;
     tracing::info!(key = %caller.key.id(), table = %table, transport = if ws.is_ok() { "ws" } else { "sse" }, "subscription opened");
     let tasks = state.tasks.clone();
     let (stop, keepalive) = (state.stop.clone(), state.keepalive);

@@ -158,7 +158,67 @@ pub struct OpenOptions {
     /// `Last-Event-ID`): acknowledged as soon as the lease is taken, before the stale
     /// check, so a client that has everything retention deleted resumes rather than
     /// getting [`StoreError::StaleCursor`].
-    pub acknowledged: Option<Position>,
+    pub acknowledged: Option<Cursor>,
+}
+
+/// Where a consumer of a stream is: after a change ([`Position`]), or, while the stream
+/// hands out its initial state, after row `seq` of it. Text form: the position, or
+/// `snapshot-<seq>` (what the server uses as SSE `id` and feed `cursor`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cursor {
+    Position(Position),
+    Snapshot(u64),
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cursor::Position(p) => p.fmt(f),
+            Cursor::Snapshot(seq) => write!(f, "snapshot-{seq}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Cursor {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Cursor, String> {
+        match s.strip_prefix("snapshot-") {
+            Some(seq) => seq
+                .parse()
+                .map(Cursor::Snapshot)
+                .map_err(|_| format!("invalid cursor {s:?}: snapshot-<row number> expected")),
+            None => s
+                .parse()
+                .map(Cursor::Position)
+                .map_err(|e: crate::event::ParsePositionError| e.to_string()),
+        }
+    }
+}
+
+impl Serialize for Cursor {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Cursor {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = std::borrow::Cow::<str>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Cursor {
+    /// The cursor a client holds after `item`, if the item moves it.
+    pub fn after<R>(item: &SubscriptionItem<R>) -> Option<Cursor> {
+        match item {
+            SubscriptionItem::Event(ev) => Some(Cursor::Position(ev.position)),
+            SubscriptionItem::Snapshot(row) => row.seq.map(Cursor::Snapshot),
+            SubscriptionItem::Initialized { position }
+            | SubscriptionItem::SnapshotComplete { position } => position.map(Cursor::Position),
+        }
+    }
 }
 
 impl Default for OpenOptions {
@@ -823,15 +883,24 @@ pub async fn open(
             out: VecDeque::new(),
         });
     shared.state().snapshot_open = snapshot.is_some();
-    if let Some(p) = options.acknowledged {
-        if snapshot.take().is_some() {
-            // A change comes after every row of the initial state.
-            shared.ack_snapshot(&shared.client, None).await?;
-            shared.state().snapshot_open = false;
+    match options.acknowledged {
+        None => {}
+        Some(Cursor::Snapshot(seq)) => {
+            if let Some(phase) = snapshot.as_mut() {
+                let seq = i64::try_from(seq).unwrap_or(i64::MAX).min(phase.total);
+                shared.ack_snapshot(&shared.client, Some(seq)).await?;
+                phase.next = phase.next.max(seq);
+            }
         }
-        if Mark::of(p) > shared.state().acked {
+        // A change after the cursor comes after every row of the initial state; a position
+        // at or before it (the markers') leaves the initial state as it is.
+        Some(Cursor::Position(p)) if Mark::of(p) > shared.state().acked => {
+            if snapshot.take().is_some() {
+                shared.ack_snapshot(&shared.client, None).await?;
+            }
             shared.store_cursor(&shared.client, Mark::of(p)).await?;
         }
+        Some(Cursor::Position(_)) => {}
     }
     let cursor = shared.state().acked;
     let mut reader = Reader::new(shared, reader_client, &row, &options, notifications).await?;
@@ -947,13 +1016,12 @@ impl StreamConsumer {
     /// Acknowledges the rows of the initial state up to and including `seq`
     /// ([`SnapshotRow::seq`]): a consumer that reopens the stream resumes after it.
     pub async fn ack_snapshot(&self, seq: u64) -> Result<(), StoreError> {
-        if !self.shared.state().snapshot_open {
-            return Ok(());
-        }
-        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
-        self.shared
-            .ack_snapshot(&self.shared.client, Some(seq))
-            .await
+        self.ack_cursor(Cursor::Snapshot(seq)).await
+    }
+
+    /// Acknowledges up to `cursor`: a change's position or an initial-state row.
+    pub async fn ack_cursor(&self, cursor: Cursor) -> Result<(), StoreError> {
+        self.acker().ack_cursor(cursor).await
     }
 
     /// A handle that acknowledges for this consumer without borrowing it, so that one
@@ -982,8 +1050,12 @@ pub struct StreamAcker {
 impl StreamAcker {
     /// As [`StreamConsumer::ack`].
     pub async fn ack(&self, position: Position) -> Result<(), StoreError> {
-        if self.shared.state().snapshot_open {
-            // A change comes after every row of the initial state.
+        let finishes_snapshot = {
+            let state = self.shared.state();
+            state.snapshot_open && Mark::of(position) > state.acked
+        };
+        if finishes_snapshot {
+            // A change after the cursor comes after every row of the initial state.
             self.shared.ack_snapshot(&self.shared.client, None).await?;
         }
         let mut to = Mark::of(position);
@@ -1001,6 +1073,22 @@ impl StreamAcker {
             }
         }
         self.shared.store_cursor(&self.shared.client, to).await
+    }
+
+    /// As [`StreamConsumer::ack_cursor`].
+    pub async fn ack_cursor(&self, cursor: Cursor) -> Result<(), StoreError> {
+        match cursor {
+            Cursor::Position(p) => self.ack(p).await,
+            Cursor::Snapshot(seq) => {
+                if !self.shared.state().snapshot_open {
+                    return Ok(());
+                }
+                let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+                self.shared
+                    .ack_snapshot(&self.shared.client, Some(seq))
+                    .await
+            }
+        }
     }
 }
 
