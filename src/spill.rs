@@ -292,6 +292,7 @@ impl Spool {
             Some(dir) => dir.clone(),
             None => {
                 let parent = self.config.dir.clone().unwrap_or_else(std::env::temp_dir);
+                remove_orphans(&parent);
                 let dir = parent.join(format!(
                     "waltap-spill-{}-{}",
                     std::process::id(),
@@ -303,6 +304,33 @@ impl Spool {
             }
         };
         Ok(dir.join(format!("{xid}.spill")))
+    }
+}
+
+/// Deletes the spill directories that processes killed before they could clean up left
+/// in `parent` (`waltap-spill-<pid>-<n>` of a pid that no longer runs). Best effort, and
+/// only where `/proc` tells which processes run.
+fn remove_orphans(parent: &std::path::Path) {
+    if !std::path::Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("waltap-spill-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new("/proc").join(pid.to_string()).exists() {
+            tracing::info!(dir = %entry.path().display(), "removing the spill directory of a process that is gone");
+            let _ = fs::remove_dir_all(entry.path());
+        }
     }
 }
 
@@ -510,5 +538,23 @@ mod tests {
             Err(SpillError::UnknownTransaction { xid: 5 })
         ));
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn orphaned_spill_directories_are_removed() {
+        let parent = std::env::temp_dir().join(format!("waltap-orphans-{}", std::process::id()));
+        let gone = parent.join("waltap-spill-2147483646-0");
+        let mine = parent.join(format!("waltap-spill-{}-0", std::process::id()));
+        let other = parent.join("unrelated");
+        for d in [&gone, &mine, &other] {
+            fs::create_dir_all(d).unwrap();
+        }
+        remove_orphans(&parent);
+        assert!(!gone.exists(), "a dead process's directory is removed");
+        assert!(
+            mine.exists() && other.exists(),
+            "live and foreign ones stay"
+        );
+        let _ = fs::remove_dir_all(&parent);
     }
 }
