@@ -35,12 +35,6 @@ async fn ws_next(ws: &mut Ws) -> Json {
 
 /// Waits until no consumer holds stream `name` (a closed connection releases its lease
 /// in the background).
-async fn lease_free(s: &Server, name: &str) {
-    wait_for("the stream's lease to be released", TIMEOUT, || async {
-        s.stream_info(name).await["lease"].is_null()
-    })
-    .await;
-}
 
 /// A feed page: (ids of the events, cursor).
 async fn page(s: &Server, name: &str, query: &str) -> (Vec<i64>, String) {
@@ -108,7 +102,7 @@ async fn stream_sse_resumes_with_last_event_id_without_loss_or_duplicates() {
     drop(sse); // a crash after handling four: nothing was acknowledged explicitly
 
     let last = first[3].id.clone().unwrap();
-    lease_free(&s, "orders").await;
+    s.lease_free("orders").await;
     let mut sse = Sse::new(
         s.get("/v1/streams/orders", ORDERS)
             .header("accept", "text/event-stream")
@@ -238,7 +232,7 @@ async fn stream_over_websocket_acknowledges() {
     })
     .await;
     sock.close(None).await.unwrap();
-    lease_free(&s, "w").await;
+    s.lease_free("w").await;
     let (ids, _) = page(&s, "w", "limit=100&wait=5").await;
     assert_eq!(
         ids,
@@ -371,7 +365,7 @@ async fn stale_cursor_is_gone_with_advice_and_stream_tokens_open_one_stream() {
     .await
     .unwrap();
     assert_eq!(pruned.events, 3);
-    lease_free(&s, "old").await;
+    s.lease_free("old").await;
     let r = s
         .get("/v1/streams/old/events", ORDERS)
         .send()

@@ -4,15 +4,8 @@
 
 use serde_json::{json, Value as Json};
 
-use super::{insert_orders, start, Server, Sse, ADMIN, ORDERS, TIMEOUT};
+use super::{insert_orders, start, Sse, ADMIN, ORDERS, TIMEOUT};
 use crate::support::{wait_for, TestDb};
-
-async fn lease_free(s: &Server, name: &str) {
-    wait_for("the stream's lease to be released", TIMEOUT, || async {
-        s.stream_info(name).await["lease"].is_null()
-    })
-    .await;
-}
 
 /// Waits until the server's log holds order `id` (the initial state's position comes from it).
 async fn logged(db: &TestDb, id: i32) {
@@ -90,7 +83,7 @@ async fn stream_initial_state_resumes_mid_snapshot_over_sse_and_pages_on_the_fee
     }
     assert_eq!(last, "snapshot-10");
     drop(sse);
-    lease_free(&s, "warm").await;
+    s.lease_free("warm").await;
     let mut sse = Sse::new(
         s.get("/v1/streams/warm", ORDERS)
             .header("accept", "text/event-stream")

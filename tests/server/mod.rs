@@ -115,6 +115,14 @@ impl Server {
             .unwrap()
     }
 
+    /// Waits until no consumer holds stream `name`.
+    pub async fn lease_free(&self, name: &str) {
+        wait_for("the stream's lease to be released", TIMEOUT, || async {
+            self.stream_info(name).await["lease"].is_null()
+        })
+        .await;
+    }
+
     /// Makes a stream as the admin key.
     pub async fn create_stream(&self, name: &str, table: &str, filter: Option<Json>) {
         let mut body = json!({"name": name, "table": table});
