@@ -33,9 +33,6 @@ async fn ws_next(ws: &mut Ws) -> Json {
     }
 }
 
-/// Waits until no consumer holds stream `name` (a closed connection releases its lease
-/// in the background).
-
 /// A feed page: (ids of the events, cursor).
 async fn page(s: &Server, name: &str, query: &str) -> (Vec<i64>, String) {
     let r = s

@@ -115,7 +115,8 @@ impl Server {
             .unwrap()
     }
 
-    /// Waits until no consumer holds stream `name`.
+    /// Waits until no consumer holds stream `name` (a closed connection releases its lease
+    /// in the background).
     pub async fn lease_free(&self, name: &str) {
         wait_for("the stream's lease to be released", TIMEOUT, || async {
             self.stream_info(name).await["lease"].is_null()
