@@ -275,6 +275,7 @@ pub async fn print_events(
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
     let mut printed = 0u64;
     let mut shown = Vec::new();
+    let mut line = Vec::with_capacity(4096);
     let mut stop = std::pin::pin!(shutdown_signal());
     let result: anyhow::Result<()> = 'outer: loop {
         if limit.is_some_and(|l| printed >= l) {
@@ -304,10 +305,12 @@ pub async fn print_events(
                         if limit.is_some_and(|l| printed >= l) {
                             break;
                         }
-                        if let Err(e) = serde_json::to_writer(&mut out, item)
-                            .map_err(std::io::Error::from)
-                            .and_then(|_| out.write_all(b"\n"))
-                        {
+                        line.clear();
+                        if let Err(e) = item.write_json(&mut line) {
+                            break 'outer Err(e.into());
+                        }
+                        line.push(b'\n');
+                        if let Err(e) = out.write_all(&line) {
                             break 'outer stdout_closed(e);
                         }
                         printed += 1;
