@@ -154,6 +154,18 @@ pub struct DemoArgs {
 }
 
 /// Runs a parsed command line.
+impl Cli {
+    /// Whether the command runs best on one thread. `tail` is one pipeline: the task that
+    /// reads the slot and the loop that prints. On one thread they hand events over
+    /// without waking each other across threads (futex and epoll calls, which cost more
+    /// CPU per event than decoding did), and the channel fills in batches. The price:
+    /// while stdout blocks, status updates wait too; a reader stalled for longer than
+    /// `wal_sender_timeout` costs a reconnect, which redelivers nothing already printed.
+    pub fn single_threaded(&self) -> bool {
+        matches!(self.command, Command::Tail(_))
+    }
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Tail(args) => tail(args).await,
