@@ -870,7 +870,7 @@ proptest! {
         let mut direct = Vec::new();
         crate::value::write_str(&mut direct, &s);
         prop_assert_eq!(String::from_utf8(direct).unwrap(), serde_json::to_string(&s).unwrap());
-        let value = Value::Float(f64::from_bits(s.len() as u64 * 0x9E37_79B9_7F4A_7C15));
+        let value = Value::Float(f64::from_bits((s.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
         let mut direct = Vec::new();
         value.write_json(&mut direct);
         prop_assert_eq!(String::from_utf8(direct).unwrap(), serde_json::to_string(&value).unwrap());
