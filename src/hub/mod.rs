@@ -40,6 +40,7 @@
 //!                 println!("{:?} user {} on {}", transition, user.id, user.plan);
 //!             }
 //!         }
+//!         _ => {} // control items added later (the enum is non-exhaustive)
 //!     }
 //! }
 //! # Ok(()) }

@@ -50,6 +50,7 @@
 //!             continue;
 //!         }
 //!         StreamItem::Event(event) => event, // an Event<serde_json::Value>: rows as JSON objects
+//!         _ => continue, // control items added later (the enum is non-exhaustive)
 //!     };
 //!     let position = event.position;
 //!     let typed: waltap::Event<Order> = streams::typed(event)?;
