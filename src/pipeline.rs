@@ -105,7 +105,7 @@ impl ListenerConfig {
             spill: SpillConfig::default(),
             stream_in_progress: true,
             failover_slot: false,
-            catch_up_pause: Duration::from_micros(500),
+            catch_up_pause: Duration::from_micros(300),
         }
     }
 

@@ -23,7 +23,7 @@ const PINNED_OPTIONS: &str =
     "-c datestyle=ISO -c intervalstyle=postgres -c timezone=UTC -c extra_float_digits=3";
 
 /// Receive buffer for connections to a server on the same machine (see `connect_one`).
-const LOOPBACK_RCVBUF: usize = 128 * 1024;
+const LOOPBACK_RCVBUF: usize = 32 * 1024;
 
 /// During catch-up, a read that returned less than this is followed by a pause before the
 /// next (see [`ReplicationConnection::fill`]).
@@ -123,7 +123,7 @@ impl ReplicationConnection {
                 if tcp.peer_addr().is_ok_and(|a| a.ip().is_loopback()) {
                     // A bounded window makes the walsender's sends queue behind it while
                     // we are busy (cheap appends) instead of each crossing the loopback
-                    // stack to us; with a round trip of microseconds, 128 KiB never limits
+                    // stack to us; with a round trip of microseconds, 32 KiB never limits
                     // throughput. Remote servers keep the kernel's autotuning, which a
                     // fixed buffer would cripple on a long round trip.
                     socket2::SockRef::from(&tcp).set_recv_buffer_size(LOOPBACK_RCVBUF)?;
