@@ -180,6 +180,18 @@ pub struct DemoArgs {
 }
 
 /// Runs a parsed command line.
+impl Cli {
+    /// Whether the command runs best on one thread. `tail` is one pipeline: the task that
+    /// reads the slot and the loop that prints. On one thread they hand events over
+    /// without waking each other across threads (futex and epoll calls, which cost more
+    /// CPU per event than decoding did), and the channel fills in batches. The price:
+    /// while stdout blocks, status updates wait too; a reader stalled for longer than
+    /// `wal_sender_timeout` costs a reconnect, which redelivers nothing already printed.
+    pub fn single_threaded(&self) -> bool {
+        matches!(self.command, Command::Tail(_))
+    }
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Tail(args) => tail(args).await,
@@ -333,6 +345,7 @@ pub async fn print_events(
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
     let mut printed = 0u64;
     let mut shown = Vec::new();
+    let mut line = Vec::with_capacity(4096);
     let mut stop = std::pin::pin!(shutdown_signal());
     let result: anyhow::Result<()> = 'outer: loop {
         if limit.is_some_and(|l| printed >= l) {
@@ -362,10 +375,12 @@ pub async fn print_events(
                         if limit.is_some_and(|l| printed >= l) {
                             break;
                         }
-                        if let Err(e) = serde_json::to_writer(&mut out, item)
-                            .map_err(std::io::Error::from)
-                            .and_then(|_| out.write_all(b"\n"))
-                        {
+                        line.clear();
+                        if let Err(e) = item.write_json(&mut line) {
+                            break 'outer Err(e.into());
+                        }
+                        line.push(b'\n');
+                        if let Err(e) = out.write_all(&line) {
                             break 'outer stdout_closed(e);
                         }
                         printed += 1;

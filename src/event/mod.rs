@@ -10,6 +10,7 @@
 mod assemble;
 mod position;
 mod time;
+mod write;
 
 use std::sync::Arc;
 
@@ -47,6 +48,17 @@ pub enum Transition {
     Update,
 }
 
+impl Transition {
+    /// The JSON name (`appear`, `disappear`, `update`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Transition::Appear => "appear",
+            Transition::Disappear => "disappear",
+            Transition::Update => "update",
+        }
+    }
+}
+
 /// How much of the old row Postgres sends for the table (`REPLICA IDENTITY`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -59,6 +71,18 @@ pub enum Identity {
     Index,
     /// Nothing: updates and deletes fail on the source when the table is published.
     Nothing,
+}
+
+impl Identity {
+    /// The JSON name (`default`, `full`, `index`, `nothing`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Identity::Default => "default",
+            Identity::Full => "full",
+            Identity::Index => "index",
+            Identity::Nothing => "nothing",
+        }
+    }
 }
 
 /// A row: the relation's column names and a value for each column that was sent.
@@ -98,12 +122,12 @@ impl Serialize for Row {
 }
 
 /// An LSN in Postgres's `X/Y` form, written without `fmt` machinery.
+#[derive(Clone, Copy)]
 struct LsnText(Lsn);
 
-impl Serialize for LsnText {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+impl LsnText {
+    fn encode(self, buf: &mut [u8; 17]) -> &str {
         const HEX: &[u8; 16] = b"0123456789ABCDEF";
-        let mut buf = [0u8; 17];
         let mut len = 0;
         for half in [(self.0 .0 >> 32) as u32, self.0 .0 as u32] {
             if len > 0 {
@@ -116,7 +140,13 @@ impl Serialize for LsnText {
                 len += 1;
             }
         }
-        s.serialize_str(std::str::from_utf8(&buf[..len]).unwrap_or_default())
+        std::str::from_utf8(&buf[..len]).unwrap_or_default()
+    }
+}
+
+impl Serialize for LsnText {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(LsnText(self.0).encode(&mut [0; 17]))
     }
 }
 

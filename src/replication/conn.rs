@@ -22,6 +22,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
 const PINNED_OPTIONS: &str =
     "-c datestyle=ISO -c intervalstyle=postgres -c timezone=UTC -c extra_float_digits=3";
 
+/// Receive buffer for connections to a server on the same machine (see `connect_one`).
+const LOOPBACK_RCVBUF: usize = 32 * 1024;
+
+/// During catch-up, a read that returned less than this is followed by a pause before the
+/// next (see [`ReplicationConnection::fill`]).
+const PACED_READ: usize = 64 * 1024;
+
 /// One row of a simple-query result: column names and text values.
 #[derive(Debug, Clone, Default)]
 pub struct SqlRow {
@@ -62,6 +69,11 @@ pub struct ReplicationConnection {
     pub(crate) write_buf: BytesMut,
     server_version_num: u32,
     backend_pid: i32,
+    /// Pause before a read while catching up; zero: never.
+    pub(crate) catch_up_pause: std::time::Duration,
+    /// Set by the consumer of the stream: the server is sending old changes.
+    pub(crate) catching_up: bool,
+    last_read: usize,
 }
 
 impl ReplicationConnection {
@@ -108,6 +120,14 @@ impl ReplicationConnection {
                     .await
                     .map_err(|source| ReplicationError::Connect { target, source })?;
                 tcp.set_nodelay(true)?;
+                if tcp.peer_addr().is_ok_and(|a| a.ip().is_loopback()) {
+                    // A bounded window makes the walsender's sends queue behind it while
+                    // we are busy (cheap appends) instead of each crossing the loopback
+                    // stack to us; with a round trip of microseconds, 32 KiB never limits
+                    // throughput. Remote servers keep the kernel's autotuning, which a
+                    // fixed buffer would cripple on a long round trip.
+                    socket2::SockRef::from(&tcp).set_recv_buffer_size(LOOPBACK_RCVBUF)?;
+                }
                 Self::maybe_tls(config, h, tcp).await?
             }
         };
@@ -117,6 +137,9 @@ impl ReplicationConnection {
             write_buf: BytesMut::with_capacity(1024),
             server_version_num: 0,
             backend_pid: 0,
+            catch_up_pause: std::time::Duration::ZERO,
+            catching_up: false,
+            last_read: 0,
         };
         conn.startup(config).await?;
         Ok(conn)
@@ -324,11 +347,21 @@ impl ReplicationConnection {
     }
 
     /// Reads more bytes from the socket into the buffer; cancellation-safe.
+    ///
+    /// While catching up, a short last read means we are ahead of the walsender: reading
+    /// again at once would take a few messages per wake-up, and have the walsender pay a
+    /// `send()` through the whole TCP stack per message. Sleeping briefly instead (a
+    /// thread sleep: the socket must not wake us) lets the data pile up behind our
+    /// window; the walsender's sends then only queue, and we read it all in one go.
     pub(crate) async fn fill(&mut self) -> Result<(), ReplicationError> {
+        if self.catching_up && self.last_read < PACED_READ && !self.catch_up_pause.is_zero() {
+            std::thread::sleep(self.catch_up_pause);
+        }
         if self.read_buf.capacity() - self.read_buf.len() < 8 * 1024 {
             self.read_buf.reserve(64 * 1024);
         }
         let n = self.io.read_buf(&mut self.read_buf).await?;
+        self.last_read = n;
         if n == 0 {
             return Err(ReplicationError::Closed);
         }

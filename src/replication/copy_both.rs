@@ -85,6 +85,18 @@ impl ReplicationStream {
         }
     }
 
+    /// Pause this long before reading while [`Self::set_catching_up`] holds and the last
+    /// read was short; zero turns pacing off. See `ReplicationConnection::fill`.
+    pub fn set_catch_up_pause(&mut self, pause: std::time::Duration) {
+        self.conn.catch_up_pause = pause;
+    }
+
+    /// Whether the server is sending changes committed a while ago (catch-up) rather than
+    /// live ones; only then are reads paced.
+    pub fn set_catching_up(&mut self, catching_up: bool) {
+        self.conn.catching_up = catching_up;
+    }
+
     /// Waits for more bytes from the server. Cancellation-safe: nothing read is lost
     /// when the future is dropped.
     pub async fn fill(&mut self) -> Result<(), ReplicationError> {

@@ -52,9 +52,9 @@ pub async fn settle(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let joined = progress(&log, source)
-            .await?
-            .ok_or_else(|| StoreError::NoLog(source.to_owned()))?;
+        // No progress yet: the pipeline has appended nothing so far, and waiting for the
+        // watermark below tells whether it runs at all.
+        let joined = progress(&log, source).await?.unwrap_or(Lsn::ZERO);
         let session = Session::begin(watched).await?;
         let before: Vec<(u32, Lsn)> = log
             .query(

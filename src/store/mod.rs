@@ -78,8 +78,6 @@ pub enum StoreError {
     Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("writing the initial state: {0}")]
     Io(#[from] std::io::Error),
-    #[error("the event log has no progress for source {0:?} yet: an initial state's position comes from the log, so keep it filled (waltap run or waltap serve) and try again")]
-    NoLog(String),
 }
 
 impl StoreError {
@@ -99,7 +97,6 @@ impl StoreError {
             | StoreError::NoTables => "bad_request",
             StoreError::BadFilter(_) => "bad_filter",
             StoreError::Snapshot(e) => e.code(),
-            StoreError::NoLog(_) => "no_log",
             _ => "internal",
         }
     }

@@ -31,6 +31,7 @@ mod from_json;
 mod json;
 mod kind;
 mod time;
+mod write;
 
 #[cfg(test)]
 mod tests;
@@ -43,6 +44,7 @@ use bytes::Bytes;
 use serde::ser::{Serialize, SerializeSeq, Serializer};
 
 pub use kind::TypeKind;
+pub(crate) use write::{write_str, write_u64};
 
 /// Column value, zero-copy where possible (holds slices of the received
 /// buffer).
@@ -275,10 +277,15 @@ fn serialize_timestamp<S: Serializer>(
     with_zone: bool,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
+    with_timestamp_text(t, with_zone, |s| serializer.serialize_str(s))
+}
+
+/// Calls `f` with the ISO 8601 form of a timestamp value (rendered on the stack).
+fn with_timestamp_text<R>(t: &Text, with_zone: bool, f: impl FnOnce(&str) -> R) -> R {
     match time::render(t.as_bytes(), with_zone) {
-        Some(time::Rendered::Iso(buf)) => serializer.serialize_str(buf.as_str()),
+        Some(time::Rendered::Iso(buf)) => f(buf.as_str()),
         // `AsIs` by design; `None` only for a hand-built Value that skipped
         // decode_text's check, where the raw text is the most honest output.
-        Some(time::Rendered::AsIs) | None => serializer.serialize_str(t.as_str()),
+        Some(time::Rendered::AsIs) | None => f(t.as_str()),
     }
 }

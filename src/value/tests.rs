@@ -854,12 +854,26 @@ proptest! {
         for kind in every_kind() {
             if let Ok(value) = decode_text(&kind, Bytes::from(raw.clone())) {
                 let json = serde_json::to_string(&value).unwrap();
+                let mut direct = Vec::new();
+                value.write_json(&mut direct);
+                prop_assert_eq!(String::from_utf8(direct).unwrap(), json.clone());
                 // Deep JSON is legal for us but not for serde_json's reader.
                 if !matches!(kind, K::Json) || raw.len() < 100 {
                     serde_json::from_str::<serde_json::Value>(&json).unwrap();
                 }
             }
         }
+    }
+
+    #[test]
+    fn direct_writer_escapes_like_serde(s in prop_oneof![any::<String>(), tricky_string()]) {
+        let mut direct = Vec::new();
+        crate::value::write_str(&mut direct, &s);
+        prop_assert_eq!(String::from_utf8(direct).unwrap(), serde_json::to_string(&s).unwrap());
+        let value = Value::Float(f64::from_bits((s.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+        let mut direct = Vec::new();
+        value.write_json(&mut direct);
+        prop_assert_eq!(String::from_utf8(direct).unwrap(), serde_json::to_string(&value).unwrap());
     }
 
     #[test]

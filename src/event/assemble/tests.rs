@@ -221,7 +221,15 @@ fn events(out: &[Output]) -> Vec<&Event> {
         .collect()
 }
 
+/// The event's JSON; every event the tests look at also checks that the direct writer
+/// (`Event::write_json`, what `waltap tail` prints) gives serde_json's bytes.
 fn to_json(ev: &Event) -> Json {
+    let mut direct = Vec::new();
+    ev.write_json(&mut direct).unwrap();
+    assert_eq!(
+        String::from_utf8(direct).unwrap(),
+        serde_json::to_string(ev).unwrap()
+    );
     serde_json::to_value(ev).unwrap()
 }
 
