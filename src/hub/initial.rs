@@ -148,7 +148,9 @@ impl Run {
             let included =
                 matches!(&item, SubscriptionItem::Event(ev) if Some(ev.position) <= after);
             if !included {
-                self.emit_now(item).await?;
+                // Holds what the hub sends meanwhile behind it, so the hub's queue does
+                // not fill while the backlog drains.
+                self.emit(item).await?;
             }
         }
         Ok(())
@@ -236,8 +238,8 @@ impl Run {
         }
     }
 
-    /// Hands out an item of the initial state, holding the hub's changes meanwhile so
-    /// that its queue never fills while the subscriber reads the rows.
+    /// Hands out an item, holding the hub's changes meanwhile so that its queue never
+    /// fills while the subscriber reads the rows and the backlog.
     async fn emit(&mut self, item: SubscriptionItem) -> Result<(), Stop> {
         let out = self.out.clone();
         loop {
@@ -264,10 +266,6 @@ impl Run {
             .ended()
             .unwrap_or(SubscriptionError::HubStopped)
             .into()
-    }
-
-    async fn emit_now(&mut self, item: SubscriptionItem) -> Result<(), Stop> {
-        self.out.send(Ok(item)).await.map_err(|_| Stop::Gone)
     }
 }
 
