@@ -134,6 +134,7 @@ async fn run_once(
     backoff: &mut Duration,
 ) -> Result<(), AppendError> {
     let mut log = PgLog::open(&config.store, &config.listener.slot).await?;
+    log.record_publication(&config.listener.publication).await?;
     let mut stored = log.progress().await?.unwrap_or(Lsn::ZERO);
     let mut listener = Listener::start(config.listener.clone()).await?;
     tracing::info!(slot = %config.listener.slot, progress = %stored, "appending to the event log");

@@ -360,7 +360,11 @@ struct Log {
 
 impl Log {
     async fn start(db: &TestDb) -> Log {
-        let mut config = waltap::appender::AppenderConfig::new(listen::config(db, &[]));
+        Log::start_with(db, listen::config(db, &[])).await
+    }
+
+    async fn start_with(db: &TestDb, listener: waltap::ListenerConfig) -> Log {
+        let mut config = waltap::appender::AppenderConfig::new(listener);
         config.max_batch_delay = Duration::from_millis(20);
         listen::prepare_slot(db, &config.listener).await;
         let cancel = tokio_util::sync::CancellationToken::new();
@@ -594,4 +598,59 @@ async fn initial_state_rows_follow_the_publications_row_filter_and_column_list()
         other => panic!("expected the insert, got {other:?}"),
     }
     hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn export_rows_follow_the_publication_of_the_logs_source() {
+    if crate::support::cluster().server_version_num() < 150000 {
+        eprintln!("publication row filters and column lists need PostgreSQL 15+");
+        return;
+    }
+    let db = TestDb::new().await;
+    let listener = listen::config(&db, &[]);
+    let publication = listener.publication.clone();
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE pt (id int PRIMARY KEY, shown text, hidden text);
+             INSERT INTO pt SELECT g, 's' || g, 'h' || g FROM generate_series(1, 20) g;
+             CREATE PUBLICATION {} FOR TABLE pt (id, shown) WHERE (id > 15);",
+            crate::support::quote_ident(&publication)
+        ))
+        .await
+        .unwrap();
+    // `waltap run` records which publication its source reads through.
+    let log = Log::start_with(&db, listener).await;
+    let store = log.store.connect_sql().await.unwrap();
+    wait_for(
+        "the pipeline to record its publication",
+        TIMEOUT,
+        || async {
+            store
+                .query_opt(
+                    "SELECT 1 FROM waltap.progress WHERE source = $1 AND publication IS NOT NULL",
+                    &[&log.slot],
+                )
+                .await
+                .is_ok_and(|r| r.is_some())
+        },
+    )
+    .await;
+    let out = crate::support::run_ok({
+        let mut cmd = crate::support::waltap(&db.url(), &["export", "pt"]);
+        cmd.args(["--slot", &log.slot]);
+        cmd
+    })
+    .await;
+    let rows: Vec<Json> = out
+        .lines()
+        .map(|l| serde_json::from_str::<Json>(l).unwrap())
+        .filter(|l| l["action"] == "snapshot")
+        .map(|l| l["row"].clone())
+        .collect();
+    let want: Vec<Json> = (16..=20)
+        .map(|i| json!({"id": i, "shown": format!("s{i}")}))
+        .collect();
+    assert_eq!(rows, want, "the rows and columns the publication sends");
+    log.stop().await;
 }

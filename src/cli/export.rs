@@ -31,7 +31,9 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     let watched = watched.unwrap_or_else(|| store.clone());
     let tables = [TableName::parse(&args.table)];
     let catalog = watched.connect_sql().await?;
-    let compiled = initial::compile(&catalog, &tables, filter.as_ref()).await?;
+    let log = store.connect_sql().await?;
+    let compiled =
+        initial::compile(&log, &args.store.slot, &catalog, &tables, filter.as_ref()).await?;
     let (mut session, position) =
         initial::settle(&store, &args.store.slot, &watched, &tables).await?;
     let stdout = std::io::stdout();

@@ -152,17 +152,46 @@ async fn wait_for_progress(
     }
 }
 
-/// The filters of a snapshot's tables, compiled against their current columns.
+/// One table of a snapshot read from the log's side.
+pub struct SnapshotTable {
+    pub schema: crate::filter::TableSchema,
+    pub filter: CompiledFilter,
+    /// The column list and row filter of the source's publication.
+    pub published: Published,
+}
+
+/// The tables of a snapshot for the log of `source` (at `log`): their filters compiled
+/// against their current columns in `catalog` (the watched database), and what the
+/// source's publication sends of them, as `waltap run` recorded it.
 pub async fn compile(
+    log: &Client,
+    source: &str,
     catalog: &Client,
     tables: &[TableName],
     filter: Option<&Filter>,
-) -> Result<Vec<(crate::filter::TableSchema, CompiledFilter)>, StoreError> {
+) -> Result<Vec<SnapshotTable>, StoreError> {
+    super::migrate(log).await?;
+    let publication: Option<String> = log
+        .query_opt(
+            "SELECT publication FROM waltap.progress WHERE source = $1",
+            &[&source],
+        )
+        .await
+        .map_err(StoreError::sql("read the source's publication"))?
+        .and_then(|r| r.get(0));
     let mut out = Vec::with_capacity(tables.len());
     for t in tables {
         let schema = snapshot::table_schema(catalog, t).await?;
-        let compiled = CompiledFilter::new(filter, &schema)?;
-        out.push((schema, compiled));
+        let filter = CompiledFilter::new(filter, &schema)?;
+        let published = match &publication {
+            Some(p) => Published::lookup(catalog, p, t).await?,
+            None => Published::default(),
+        };
+        out.push(SnapshotTable {
+            schema,
+            filter,
+            published,
+        });
     }
     Ok(out)
 }
@@ -171,16 +200,21 @@ pub async fn compile(
 /// JSON values) to `sink`, a chunk at a time.
 pub async fn read_rows<F, Fut>(
     session: &mut Session,
-    tables: &[(crate::filter::TableSchema, CompiledFilter)],
+    tables: &[SnapshotTable],
     mut sink: F,
 ) -> Result<(), StoreError>
 where
     F: FnMut(Vec<SnapshotRow<serde_json::Value>>) -> Fut,
     Fut: std::future::Future<Output = Result<(), StoreError>>,
 {
-    for (schema, filter) in tables {
+    for SnapshotTable {
+        schema,
+        filter,
+        published,
+    } in tables
+    {
         let mut rows = session
-            .table(schema, &Published::default(), snapshot::DEFAULT_CHUNK_ROWS)
+            .table(schema, published, snapshot::DEFAULT_CHUNK_ROWS)
             .await?;
         while let Some(chunk) = rows.next_chunk().await? {
             let mut admitted = Vec::with_capacity(chunk.len());
@@ -226,7 +260,7 @@ pub async fn materialize(
         tables,
         filter,
     } = *stream;
-    let compiled = compile(catalog, tables, filter).await?;
+    let compiled = compile(store, source, catalog, tables, filter).await?;
     let (mut session, at) = settle(store_config, source, watched, tables).await?;
     store
         .batch_execute("BEGIN")

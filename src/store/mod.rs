@@ -31,6 +31,10 @@ use crate::lsn::Lsn;
 pub const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../../migrations/0001_event_log.sql")),
     (2, include_str!("../../migrations/0002_initial_state.sql")),
+    (
+        3,
+        include_str!("../../migrations/0003_source_publication.sql"),
+    ),
 ];
 
 /// Failures of the event log.

@@ -97,6 +97,21 @@ impl PgLog {
         })
     }
 
+    /// Records the publication the source is read through (see
+    /// [`super::initial::compile`]). A source without progress gets a mark before
+    /// everything.
+    pub async fn record_publication(&mut self, publication: &str) -> Result<(), StoreError> {
+        self.client
+            .execute(
+                "INSERT INTO waltap.progress (source, commit_lsn, publication) VALUES ($1, 0, $2)
+                 ON CONFLICT (source) DO UPDATE SET publication = excluded.publication",
+                &[&self.source, &publication],
+            )
+            .await
+            .map_err(StoreError::sql("record the source's publication"))?;
+        Ok(())
+    }
+
     /// The underlying connection, for reads.
     pub fn client(&self) -> &Client {
         &self.client

@@ -334,7 +334,7 @@ pub async fn create(
             "INSERT INTO waltap.streams
                  (name, source, tables, filter, cursor_lsn, cursor_ordinal, snapshot_state)
              SELECT $1, $2, $3, $4::text::jsonb, coalesce($7, p.lsn, 0),
-                    CASE WHEN $7 IS NOT NULL THEN $8 WHEN p.lsn IS NULL THEN 0 ELSE $5 END,
+                    CASE WHEN $7 IS NOT NULL THEN $8 WHEN coalesce(p.lsn, 0) = 0 THEN 0 ELSE $5 END,
                     CASE WHEN $6 THEN 'pending' END
              FROM (SELECT max(commit_lsn) AS lsn FROM waltap.progress WHERE source = $2) p
              ON CONFLICT (name) DO NOTHING",
@@ -489,7 +489,7 @@ pub async fn reset(
         .execute(
             "UPDATE waltap.streams s
              SET cursor_lsn = coalesce(p.lsn, 0),
-                 cursor_ordinal = CASE WHEN p.lsn IS NULL THEN 0 ELSE $2 END,
+                 cursor_ordinal = CASE WHEN coalesce(p.lsn, 0) = 0 THEN 0 ELSE $2 END,
                  snapshot_state = CASE WHEN $3 THEN 'pending' END,
                  snapshot_acked = 0, snapshot_total = 0
              FROM (SELECT max(commit_lsn) AS lsn FROM waltap.progress
