@@ -61,6 +61,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("delete", "/v1/streams/{name}"),
     ("get", "/v1/streams/{name}/events"),
     ("post", "/v1/streams/{name}/ack"),
+    ("post", "/v1/streams/{name}/reset"),
 ];
 
 /// Bounds on what one client may ask for.
@@ -413,6 +414,7 @@ fn router(state: Shared, cors: Option<tower_http::cors::CorsLayer>) -> Router {
         )
         .route("/v1/streams/{name}/events", get(streams::feed))
         .route("/v1/streams/{name}/ack", post(streams::ack))
+        .route("/v1/streams/{name}/reset", post(streams::reset))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -130,6 +130,34 @@ pub(super) async fn delete(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct ResetRequest {
+    #[serde(default)]
+    initial_state: bool,
+}
+
+/// `POST /v1/streams/{name}/reset`: the cursor moves to the log head (what to do after
+/// `stale_cursor`); with `initialState` the stream starts over with the current rows.
+pub(super) async fn reset(
+    State(state): State<Shared>,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Result<Json<ResetRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    caller.require_key()?;
+    let req = match body {
+        // An empty body is a plain reset.
+        Err(JsonRejection::MissingJsonContentType(_)) => ResetRequest::default(),
+        body => error::json_body(body, state.limits.max_body_bytes)?,
+    };
+    authorize(&state, &caller, &name).await?;
+    let store = state.store.get().await?;
+    let info = streams::reset(&store, &name, req.initial_state).await?;
+    tracing::info!(key = %caller.key.id(), stream = %name, initial_state = req.initial_state, "stream reset");
+    Ok(Json(info).into_response())
+}
+
 /// Opens the stream for a consumer: its connection slot and lease, then an
 /// acknowledgement of `resume` (everything up to it is handled).
 async fn open(

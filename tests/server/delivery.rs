@@ -382,6 +382,43 @@ async fn stale_cursor_is_gone_with_advice_and_stream_tokens_open_one_stream() {
     let cursor = first[2].id.clone().unwrap();
     let (ids, _) = page(&s, "old", &format!("cursor={cursor}")).await;
     assert!(ids.is_empty());
+
+    // The way out the advice names: reset with the initial state, over HTTP.
+    s.create_stream("gone", "orders", None).await;
+    let r = s
+        .get("/v1/streams/gone/events", ORDERS)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "made after the prune: not stale");
+    s.lease_free("gone").await;
+    let r = s
+        .post(
+            "/v1/streams/gone/reset",
+            ORDERS,
+            json!({"initialState": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    let body: Json = s
+        .get("/v1/streams/gone/events?limit=10&wait=5", ORDERS)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rows: Vec<i64> = body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["action"] == "snapshot")
+        .map(|i| i["row"]["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(rows, [0, 1, 2], "starts over with the current rows");
+    assert_eq!(body["events"][3]["type"], "snapshotComplete");
     s.stop().await;
     db.teardown().await;
 }
