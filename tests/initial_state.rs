@@ -162,8 +162,14 @@ impl Copy {
     }
 }
 
-async fn next(sub: &mut Subscription) -> SubscriptionItem {
-    match tokio::time::timeout(TIMEOUT, sub.next()).await {
+/// The next item of a subscription or a stream consumer.
+async fn next<S, T, E>(items: &mut S) -> T
+where
+    S: futures::Stream<Item = Result<T, E>> + Unpin,
+    T: std::fmt::Debug,
+    E: std::fmt::Debug,
+{
+    match tokio::time::timeout(TIMEOUT, items.next()).await {
         Ok(Some(Ok(item))) => item,
         other => panic!("expected an item, got {other:?}"),
     }
@@ -382,13 +388,6 @@ impl Log {
     }
 }
 
-async fn next_stream_item(c: &mut StreamConsumer) -> StreamItem {
-    match tokio::time::timeout(TIMEOUT, c.next()).await {
-        Ok(Some(Ok(item))) => item,
-        other => panic!("expected a stream item, got {other:?}"),
-    }
-}
-
 /// Reads a stream into the copy while the writers run, stops them, then reads until the
 /// sentinel row arrives, acknowledging as it goes.
 async fn follow_stream(
@@ -400,7 +399,7 @@ async fn follow_stream(
 ) {
     let mut stopped = Some((stop, writers));
     while !copy.rows.contains_key(&0) {
-        let item = next_stream_item(c).await;
+        let item = next(c).await;
         match &item {
             StreamItem::Snapshot(row) => c.ack_snapshot(row.seq.unwrap()).await.unwrap(),
             StreamItem::Event(ev) => c.ack(ev.position).await.unwrap(),
@@ -449,7 +448,7 @@ async fn a_stream_with_initial_state_resumes_mid_snapshot_without_loss() {
     let mut c = streams::open(&log.store, "warm", options()).await.unwrap();
     let mut taken = 0;
     while taken < 1000 {
-        match next_stream_item(&mut c).await {
+        match next(&mut c).await {
             StreamItem::Initialized { .. } => {}
             item @ StreamItem::Snapshot(_) => {
                 copy.apply(item);
@@ -463,10 +462,10 @@ async fn a_stream_with_initial_state_resumes_mid_snapshot_without_loss() {
     // The next one resumes after the acknowledged row, while the writers go on.
     let mut c = streams::open(&log.store, "warm", options()).await.unwrap();
     assert!(matches!(
-        next_stream_item(&mut c).await,
+        next(&mut c).await,
         StreamItem::Initialized { .. }
     ));
-    match next_stream_item(&mut c).await {
+    match next(&mut c).await {
         StreamItem::Snapshot(row) => {
             assert_eq!(
                 row.seq,
