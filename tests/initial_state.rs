@@ -461,10 +461,7 @@ async fn a_stream_with_initial_state_resumes_mid_snapshot_without_loss() {
     c.close().await;
     // The next one resumes after the acknowledged row, while the writers go on.
     let mut c = streams::open(&log.store, "warm", options()).await.unwrap();
-    assert!(matches!(
-        next(&mut c).await,
-        StreamItem::Initialized { .. }
-    ));
+    assert!(matches!(next(&mut c).await, StreamItem::Initialized { .. }));
     match next(&mut c).await {
         StreamItem::Snapshot(row) => {
             assert_eq!(
