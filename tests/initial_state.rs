@@ -230,6 +230,13 @@ async fn current(db: &TestDb, predicate: &str) -> BTreeMap<i64, Json> {
         .collect()
 }
 
+async fn start_hub(listener: waltap::ListenerConfig) -> Hub {
+    match Hub::start(HubConfig::new(listener)).await {
+        Ok(h) => h,
+        Err(e) => panic!("hub did not start: {e}"),
+    }
+}
+
 async fn subscribe(hub: &Hub, filter: Option<Json>) -> Subscription {
     let filter = filter.map(|f| serde_json::from_value::<Filter>(f).unwrap());
     let options = SubscribeOptions {
@@ -264,9 +271,7 @@ async fn busy(db: &TestDb) -> (Arc<AtomicBool>, Vec<tokio::task::JoinHandle<u64>
 async fn initial_state_then_changes_equal_the_table_under_writes() {
     let db = TestDb::new().await;
     table(&db, false).await;
-    let hub = Hub::start(HubConfig::new(listen::config(&db, &[])))
-        .await
-        .unwrap();
+    let hub = start_hub(listen::config(&db, &[])).await;
     let (stop, w) = busy(&db).await;
     let mut sub = subscribe(&hub, None).await;
     let copy = follow(&db, &mut sub, stop, w, 0).await;
@@ -287,9 +292,7 @@ async fn initial_state_then_changes_equal_the_table_under_writes() {
 async fn filters_apply_to_the_snapshot_rows_and_transitions_follow() {
     let db = TestDb::new().await;
     table(&db, true).await;
-    let hub = Hub::start(HubConfig::new(listen::config(&db, &[])))
-        .await
-        .unwrap();
+    let hub = start_hub(listen::config(&db, &[])).await;
     let (stop, w) = busy(&db).await;
     let mut sub = subscribe(
         &hub,
@@ -318,9 +321,7 @@ async fn a_table_without_primary_key_is_read_in_physical_order_like_its_events()
         )
         .await
         .unwrap();
-    let hub = Hub::start(HubConfig::new(listen::config(&db, &[])))
-        .await
-        .unwrap();
+    let hub = start_hub(listen::config(&db, &[])).await;
     let options = SubscribeOptions {
         initial_state: true,
     };
@@ -559,7 +560,7 @@ async fn initial_state_rows_follow_the_publications_row_filter_and_column_list()
         ))
         .await
         .unwrap();
-    let hub = Hub::start(HubConfig::new(config)).await.unwrap();
+    let hub = start_hub(config).await;
     let options = SubscribeOptions {
         initial_state: true,
     };
