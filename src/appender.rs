@@ -5,8 +5,12 @@
 //! - a store transaction holds only whole source transactions plus the progress mark
 //!   (the commit LSN of the last of them); the listener is acknowledged, and so the slot
 //!   confirmed, only after that store transaction committed;
-//! - events of source transactions at or below the stored mark are skipped (Postgres
-//!   replays from the slot's confirmed position, which may trail the log after a crash);
+//! - the progress mark ([`LogMark`]) covers exactly the transactions in the log; events of
+//!   source transactions it holds are skipped (Postgres replays from the slot's confirmed
+//!   position, which may trail the log after a crash), and nothing else is;
+//! - a snapshot's watermark moves the mark to just below the watermark, never onto it: a
+//!   transaction can commit exactly where the watermark's message record ends, and it
+//!   comes after the watermark;
 //! - batches close when the listener has nothing more ready, at `max_batch_events`, or
 //!   after `max_batch_delay`, whichever comes first: no timer on an idle pipeline, large
 //!   batches under load;
@@ -23,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::SourceConfig;
 use crate::error::Error;
 use crate::event::{Event, Position};
-use crate::lsn::Lsn;
+use crate::lsn::{LogMark, Lsn};
 use crate::pipeline::{Delivery, Listener, ListenerConfig};
 use crate::store::retention::{self, Retention};
 use crate::store::{LogWriter, PgLog, StoreError};
@@ -135,7 +139,7 @@ async fn run_once(
 ) -> Result<(), AppendError> {
     let mut log = PgLog::open(&config.store, &config.listener.slot).await?;
     log.record_publication(&config.listener.publication).await?;
-    let mut stored = log.progress().await?.unwrap_or(Lsn::ZERO);
+    let mut stored = log.progress().await?.unwrap_or(LogMark::NONE);
     let mut listener = Listener::start(config.listener.clone()).await?;
     tracing::info!(slot = %config.listener.slot, progress = %stored, "appending to the event log");
     let mut batch = Batch {
@@ -160,11 +164,12 @@ async fn run_once(
         };
         let ev = match item {
             Delivery::Event(ev) => ev,
-            Delivery::Watermark(lsn) => {
+            Delivery::Watermark(watermark) => {
                 // Everything before the watermark is in the batch: make it durable and
-                // mark the log complete through the watermark, so that a snapshot waiting
+                // mark the log complete up to the watermark, so that a snapshot waiting
                 // on the log learns that nothing before it is still to come.
-                if lsn <= stored {
+                let mark = LogMark::before(watermark);
+                if mark <= stored {
                     continue;
                 }
                 let flushed = match commit(&mut log, &mut batch).await {
@@ -174,14 +179,14 @@ async fn run_once(
                 if let Some((_, position)) = flushed {
                     listener.ack(position);
                 }
-                if let Err(e) = log.commit(lsn).await {
+                if let Err(e) = log.commit(mark).await {
                     break Err(e.into());
                 }
-                stored = lsn;
+                stored = mark;
                 continue;
             }
         };
-        if ev.position.commit_lsn <= stored {
+        if stored.holds(ev.position.commit_lsn) {
             // Replayed after a crash: already in the log. Acknowledging lets the slot catch up.
             listener.ack(ev.position);
             continue;
@@ -220,7 +225,7 @@ async fn run_once(
                 if let Some(counter) = &config.appended {
                     counter.fetch_add(events, Ordering::Relaxed);
                 }
-                stored = lsn;
+                stored = LogMark::through_commit(lsn);
                 listener.ack(position);
                 *backoff = config.listener.reconnect_min;
             }
@@ -240,7 +245,7 @@ async fn commit(log: &mut PgLog, batch: &mut Batch) -> Result<Option<(Lsn, Posit
     };
     log.write(&batch.chunk).await?;
     batch.chunk.clear();
-    log.commit(lsn).await?;
+    log.commit(LogMark::through_commit(lsn)).await?;
     tracing::debug!(through = %lsn, events = batch.events, "batch appended");
     batch.events = 0;
     batch.opened = None;

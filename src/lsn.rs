@@ -1,9 +1,26 @@
-//! Log sequence numbers.
+//! Log sequence numbers, and the kinds of position built from them.
 //!
 //! An [`Lsn`] is a byte position in the write-ahead log. It is displayed the way Postgres
 //! displays it (`16/B374D848`: high and low 32 bits in hex) and ordered numerically. `0/0`
 //! means "no position" on the wire (Relation and Type messages carry it), so code that
 //! tracks progress must take maxima and never treat `0/0` as a step back.
+//!
+//! Several kinds of LSN meet in waltap, and they must never be compared as if they were
+//! one kind: WAL records are contiguous, so the *end* of one record is the *start* of the
+//! next, and a position of one kind can equal a position of another kind that lies on
+//! the other side of it.
+//!
+//! | kind | what it is | type |
+//! |---|---|---|
+//! | commit LSN | start of a transaction's commit record (pgoutput `Begin.final_lsn`, `Commit.commit_lsn`; an event's `tx.commitLsn`): orders transactions | `Lsn` inside [`crate::event::Position`] |
+//! | end LSN | end of a commit record (`Commit.end_lsn`): confirming the slot there means the transaction is not sent again | `Lsn` (pipeline only) |
+//! | watermark | end of a non-transactional logical message (what `pg_logical_emit_message` returns and decoding reports): transactions with a commit LSN *below* it are decoded before it, those at or above it after it, and a commit can start exactly at it | [`Watermark`] |
+//! | log mark | the event log's progress: every transaction with a commit LSN *at or below* it is in the log | [`LogMark`] |
+//! | position | a change's place in the total order (commit LSN, ordinal): events, cursors, `from`, `snapshotComplete`, the pruned mark | [`crate::event::Position`] |
+//!
+//! A watermark turns into a log mark only through [`LogMark::before`], and a commit LSN
+//! is tested against either only through their methods, which say which side of the
+//! boundary it falls on.
 
 use std::fmt;
 use std::str::FromStr;
@@ -19,6 +36,92 @@ impl Lsn {
     /// Whether this is `0/0`.
     pub fn is_zero(self) -> bool {
         self.0 == 0
+    }
+}
+
+/// A snapshot's watermark: the end of its non-transactional logical message record.
+///
+/// Decoding hands the message out after every transaction whose commit record starts
+/// before it and before every transaction whose commit record starts at or after it. The
+/// record that follows the message starts exactly at the watermark, so a transaction can
+/// commit *at* the watermark and still come after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Watermark(Lsn);
+
+impl Watermark {
+    /// The watermark whose message record ends at `end` (what `pg_logical_emit_message`
+    /// returns, and the LSN pgoutput reports for the message).
+    pub fn at(end: Lsn) -> Watermark {
+        Watermark(end)
+    }
+
+    /// The end of the message record.
+    pub fn lsn(self) -> Lsn {
+        self.0
+    }
+
+    /// Whether the transaction committing at `commit_lsn` is decoded before the watermark
+    /// (its commit record starts before the message's record ends).
+    pub fn follows_commit(self, commit_lsn: Lsn) -> bool {
+        commit_lsn < self.0
+    }
+}
+
+impl fmt::Display for Watermark {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The event log's progress mark: every source transaction whose commit LSN is at or
+/// below it is in the log, and the log holds no transaction above it.
+///
+/// Stored in `waltap.progress.commit_lsn`. It moves forward only: to the commit LSN of
+/// the last transaction appended, or to just below a watermark once every transaction
+/// before that watermark is appended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct LogMark(Lsn);
+
+impl LogMark {
+    /// Nothing is in the log yet.
+    pub const NONE: LogMark = LogMark(Lsn::ZERO);
+
+    /// The mark after appending the transaction that committed at `commit_lsn` (and every
+    /// one before it).
+    pub fn through_commit(commit_lsn: Lsn) -> LogMark {
+        LogMark(commit_lsn)
+    }
+
+    /// The mark once every transaction decoded before `watermark` is appended: commit
+    /// LSNs below the watermark, and not one that starts at it.
+    pub fn before(watermark: Watermark) -> LogMark {
+        LogMark(Lsn(watermark.0 .0.saturating_sub(1)))
+    }
+
+    /// The stored form (`waltap.progress.commit_lsn`).
+    pub fn from_stored(lsn: Lsn) -> LogMark {
+        LogMark(lsn)
+    }
+
+    /// The greatest commit LSN the mark covers, as stored and as the log's positions use it.
+    pub fn lsn(self) -> Lsn {
+        self.0
+    }
+
+    /// Whether the transaction that committed at `commit_lsn` is already in the log.
+    pub fn holds(self, commit_lsn: Lsn) -> bool {
+        commit_lsn <= self.0
+    }
+
+    /// Whether every transaction decoded before `watermark` is in the log.
+    pub fn reached(self, watermark: Watermark) -> bool {
+        self >= LogMark::before(watermark)
+    }
+}
+
+impl fmt::Display for LogMark {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
     }
 }
 
@@ -65,6 +168,23 @@ mod tests {
             assert_eq!(lsn.to_string().parse::<Lsn>(), Ok(lsn));
         }
         assert_eq!(Lsn(0x16_B374_D848).to_string(), "16/B374D848");
+    }
+
+    /// The boundary that lost a transaction: a commit whose record starts where the
+    /// watermark's message ends comes after the watermark, so the mark the watermark gives
+    /// must not hold it.
+    #[test]
+    fn a_commit_at_the_watermark_follows_it() {
+        let w = Watermark::at(Lsn(0x1CDA_7458));
+        assert!(!w.follows_commit(Lsn(0x1CDA_7458)));
+        assert!(w.follows_commit(Lsn(0x1CDA_7457)));
+        let mark = LogMark::before(w);
+        assert!(!mark.holds(Lsn(0x1CDA_7458)));
+        assert!(mark.holds(Lsn(0x1CDA_71B0)));
+        assert!(mark.reached(w));
+        assert!(!LogMark::through_commit(Lsn(0x1CDA_7000)).reached(w));
+        assert!(LogMark::through_commit(Lsn(0x1CDA_7458)).reached(w));
+        assert_eq!(LogMark::before(Watermark::at(Lsn::ZERO)), LogMark::NONE);
     }
 
     #[test]

@@ -38,7 +38,7 @@ use crate::catalog::resolve_type;
 use crate::config::SourceConfig;
 use crate::error::Error;
 use crate::event::{Assembler, AssemblerOptions, Event, Output, Position, TableName};
-use crate::lsn::Lsn;
+use crate::lsn::{Lsn, Watermark};
 use crate::pgoutput::{Begin, Commit, Decoder, LogicalMessage, StreamCommit};
 use crate::replication::{
     quote_ident, quote_literal, ReplicationConnection, ReplicationError, ReplicationMessage,
@@ -230,8 +230,9 @@ impl Drop for Listener {
 #[derive(Debug)]
 pub enum Delivery {
     Event(Event),
-    /// Every transaction that committed before this LSN has been delivered.
-    Watermark(Lsn),
+    /// A snapshot's watermark: every transaction whose commit LSN is below it has been
+    /// delivered, and none at or above it (see [`Watermark`]).
+    Watermark(Watermark),
 }
 
 impl Listener {

@@ -14,6 +14,7 @@ use waltap::hub::SubscribeOptions;
 use waltap::store::streams::{self, OpenOptions, StreamConsumer, StreamDef, StreamItem};
 use waltap::{Hub, HubConfig, Position, Subscription, SubscriptionItem};
 
+use crate::support::log::Log;
 use crate::support::{listen, wait_for, TestDb};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -355,38 +356,6 @@ async fn a_table_without_primary_key_is_read_in_physical_order_like_its_events()
         other => panic!("expected the insert, got {other:?}"),
     }
     hub.shutdown().await;
-}
-
-/// `waltap run` in-process: the log of `acc`, filled from a slot made before this returns.
-struct Log {
-    slot: String,
-    store: waltap::config::SourceConfig,
-    cancel: tokio_util::sync::CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), waltap::appender::AppendError>>,
-}
-
-impl Log {
-    async fn start(db: &TestDb) -> Log {
-        Log::start_with(db, listen::config(db, &[])).await
-    }
-
-    async fn start_with(db: &TestDb, listener: waltap::ListenerConfig) -> Log {
-        let mut config = waltap::appender::AppenderConfig::new(listener);
-        config.max_batch_delay = Duration::from_millis(20);
-        listen::prepare_slot(db, &config.listener).await;
-        let cancel = tokio_util::sync::CancellationToken::new();
-        Log {
-            slot: config.listener.slot.clone(),
-            store: config.store.clone(),
-            cancel: cancel.clone(),
-            task: tokio::spawn(waltap::appender::run(config, cancel)),
-        }
-    }
-
-    async fn stop(self) {
-        self.cancel.cancel();
-        self.task.await.unwrap().unwrap();
-    }
 }
 
 /// Reads a stream into the copy while the writers run, stops them, then reads until the

@@ -17,3 +17,4 @@ mod streams;
 mod subscribe;
 mod support;
 mod versions;
+mod watermark;

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::{Action, Event, Identity, Position, Row, TxInfo};
-use crate::lsn::Lsn;
+use crate::lsn::{Lsn, Watermark};
 use crate::pgoutput::{
     LogicalMessage, OldTuple, Relation, ReplicaIdentity, TupleColumn, TupleData,
 };
@@ -130,9 +130,9 @@ pub enum Output {
         /// Events of the transaction handed out (after the table filter).
         events: u32,
     },
-    /// A snapshot's watermark (see [`WATERMARK_PREFIX`]) at this LSN: every transaction
-    /// that committed before it has been handed out.
-    Watermark(Lsn),
+    /// A snapshot's watermark (see [`WATERMARK_PREFIX`]): every transaction whose commit
+    /// LSN is below it has been handed out, none at or above it.
+    Watermark(Watermark),
 }
 
 /// Prefix of the non-transactional `pg_logical_emit_message` that an initial-state
@@ -331,7 +331,7 @@ impl Assembler {
             }
             LogicalMessage::Message(m) => {
                 if !m.transactional && m.prefix == WATERMARK_PREFIX {
-                    out.push(Output::Watermark(m.lsn));
+                    out.push(Output::Watermark(Watermark::at(m.lsn)));
                 } else if m.transactional && m.prefix == self.options.annotation_prefix {
                     let tx = self
                         .tx

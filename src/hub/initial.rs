@@ -12,6 +12,7 @@ use super::{Command, Direct, Fed, SubscriptionError, SubscriptionItem};
 use crate::config::SourceConfig;
 use crate::event::Position;
 use crate::filter::{CompiledFilter, TableSchema};
+use crate::lsn::Watermark;
 use crate::snapshot::{self, CommittedTx, Session, SnapshotError};
 
 /// How long the hub may take to pass a snapshot's watermark.
@@ -208,7 +209,7 @@ impl Run {
         Ok(snapshot::check_joined(&session.xids, &before))
     }
 
-    async fn wait_for_watermark(&mut self, watermark: crate::lsn::Lsn) -> Result<(), Stop> {
+    async fn wait_for_watermark(&mut self, watermark: Watermark) -> Result<(), Stop> {
         let deadline = tokio::time::Instant::now() + WATERMARK_WAIT;
         loop {
             let fed = tokio::time::timeout_at(deadline, self.next_fed())
@@ -281,15 +282,16 @@ fn hold(
     Ok(())
 }
 
-/// The transactions among the held changes that committed before `watermark`, each with
-/// the position of its last event.
-fn committed(held: &VecDeque<SubscriptionItem>, watermark: crate::lsn::Lsn) -> Vec<CommittedTx> {
+/// The transactions among the held changes that were decoded before `watermark`, each
+/// with the position of its last event. A transaction committing exactly at the watermark
+/// comes after it.
+fn committed(held: &VecDeque<SubscriptionItem>, watermark: Watermark) -> Vec<CommittedTx> {
     let mut txs: Vec<CommittedTx> = Vec::new();
     for item in held {
         let SubscriptionItem::Event(ev) = item else {
             continue;
         };
-        if ev.position.commit_lsn >= watermark {
+        if !watermark.follows_commit(ev.position.commit_lsn) {
             break;
         }
         match txs.last_mut() {

@@ -64,7 +64,7 @@ use crate::catalog;
 use crate::error::Error;
 use crate::event::{Action, Event, Position, Row, TableName};
 use crate::filter::{CompiledFilter, Decision, Filter, FilterError};
-use crate::lsn::Lsn;
+use crate::lsn::{Lsn, Watermark};
 use crate::pipeline::{Delivery, Listener, ListenerConfig};
 use crate::snapshot::{SnapshotError, SnapshotRow};
 
@@ -163,7 +163,7 @@ impl SubscriptionError {
 enum Fed {
     Item(SubscriptionItem),
     /// Passed on only to subscribers reading an initial state.
-    Watermark(Lsn),
+    Watermark(Watermark),
 }
 
 type Queue = mpsc::Receiver<Result<Fed, Arc<Error>>>;

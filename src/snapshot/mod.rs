@@ -34,7 +34,7 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use crate::config::SourceConfig;
 use crate::event::{Action, Event, Identity, Position, Row, TableName, TxInfo, WATERMARK_PREFIX};
 use crate::filter::{CompiledFilter, TableSchema};
-use crate::lsn::Lsn;
+use crate::lsn::{Lsn, Watermark};
 use crate::replication::quote_ident;
 use crate::value::decode_text;
 
@@ -77,7 +77,7 @@ pub enum SnapshotError {
     #[error("transaction {xid} committed while the snapshot was taken; no single position matches it (retried {MAX_ATTEMPTS} times under a heavy commit load)")]
     Unsettled { xid: u32 },
     #[error("the change stream did not reach the snapshot's watermark {watermark} within {seconds} s: is the pipeline running (waltap run or serve, for the event log)?")]
-    WatermarkTimeout { watermark: Lsn, seconds: u64 },
+    WatermarkTimeout { watermark: Watermark, seconds: u64 },
 }
 
 impl SnapshotError {
@@ -185,8 +185,9 @@ pub struct Session {
     client: Client,
     /// What the snapshot sees.
     pub xids: XidSnapshot,
-    /// The watermark written right after the snapshot was taken.
-    pub watermark: Lsn,
+    /// The watermark written right after the snapshot was taken: every transaction the
+    /// snapshot sees commits below it.
+    pub watermark: Watermark,
     cursors: u32,
 }
 
@@ -229,8 +230,11 @@ impl Session {
             .map_err(SnapshotError::sql("flush the watermark"))?;
         let xids = XidSnapshot::parse(row.get(0))?;
         let watermark: String = row.get(1);
+        // pg_logical_emit_message returns the end of the message's record, which is what
+        // decoding reports for it: the two compare as the same kind.
         let watermark = watermark
             .parse::<Lsn>()
+            .map(Watermark::at)
             .map_err(|_| SnapshotError::Protocol(format!("watermark LSN {watermark:?}")))?;
         tracing::debug!(snapshot = %row.get::<_, String>(0), %watermark, "snapshot taken");
         Ok(Session {

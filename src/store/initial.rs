@@ -3,9 +3,11 @@
 //! initial state into `waltap.snapshot_rows` ([`materialize`]).
 //!
 //! The method is [`crate::snapshot`]'s, with the log as the change stream: the log's
-//! progress before the snapshot is the join point, and `waltap run` (or `serve`) records
-//! the snapshot's watermark in the progress mark, so waiting for the mark to pass it means
-//! every transaction before the watermark is in the log.
+//! progress mark before the snapshot is the join point, and `waltap run` (or `serve`)
+//! moves the mark to just below the snapshot's watermark once every transaction before it
+//! is appended ([`LogMark::before`]), so waiting for the mark to reach the watermark means
+//! the log holds every transaction that commits below it. A transaction that commits
+//! exactly at the watermark is after it: the log's reads below use `< watermark`.
 
 use std::time::Duration;
 
@@ -16,7 +18,7 @@ use super::StoreError;
 use crate::config::SourceConfig;
 use crate::event::{Position, TableName};
 use crate::filter::{CompiledFilter, Filter};
-use crate::lsn::Lsn;
+use crate::lsn::{LogMark, Lsn, Watermark};
 use crate::replication::quote_ident;
 use crate::snapshot::{self, CommittedTx, Published, Session, SnapshotError, SnapshotRow};
 
@@ -54,25 +56,27 @@ pub async fn settle(
         attempt += 1;
         // No progress yet: the pipeline has appended nothing so far, and waiting for the
         // watermark below tells whether it runs at all.
-        let joined = progress(&log, source).await?.unwrap_or(Lsn::ZERO);
+        let joined = progress(&log, source).await?.unwrap_or(LogMark::NONE);
         let session = Session::begin(watched).await?;
         let before: Vec<(u32, Lsn)> = log
             .query(
                 "SELECT (event->'tx'->>'id')::int8, commit_lsn FROM waltap.events
                  WHERE source = $1 AND tx_last AND commit_lsn <= $2
                  ORDER BY commit_lsn DESC LIMIT $3",
-                &[&source, &(joined.0 as i64), &JOIN_LOOKBACK],
+                &[&source, &(joined.lsn().0 as i64), &JOIN_LOOKBACK],
             )
             .await
             .map_err(StoreError::sql("read the commits before the snapshot"))?
             .iter()
             .map(|r| (r.get::<_, i64>(0) as u32, Lsn(r.get::<_, i64>(1) as u64)))
             .collect();
-        let joined_at = (joined > Lsn::ZERO).then(|| Position::new(joined, TX_END));
+        let joined_at = (joined > LogMark::NONE).then(|| Position::new(joined.lsn(), TX_END));
         let outcome = match snapshot::check_joined(&session.xids, &before) {
             Err(e) => Err(e),
             Ok(()) => {
                 wait_for_progress(&log, &mut notifications, source, session.watermark).await?;
+                // The transactions after the join point that decoding put before the
+                // watermark: commit LSN strictly below it (one at it comes after).
                 let txs: Vec<CommittedTx> = log
                     .query(
                         "SELECT commit_lsn, max(ordinal), min((event->'tx'->>'id')::int8)
@@ -83,8 +87,8 @@ pub async fn settle(
                          GROUP BY commit_lsn ORDER BY commit_lsn",
                         &[
                             &source,
-                            &(joined.0 as i64),
-                            &(session.watermark.0 as i64),
+                            &(joined.lsn().0 as i64),
+                            &(session.watermark.lsn().0 as i64),
                             &schemas,
                             &names,
                         ],
@@ -114,7 +118,7 @@ pub async fn settle(
     }
 }
 
-async fn progress(log: &Client, source: &str) -> Result<Option<Lsn>, StoreError> {
+async fn progress(log: &Client, source: &str) -> Result<Option<LogMark>, StoreError> {
     Ok(log
         .query_opt(
             "SELECT commit_lsn FROM waltap.progress WHERE source = $1",
@@ -122,22 +126,25 @@ async fn progress(log: &Client, source: &str) -> Result<Option<Lsn>, StoreError>
         )
         .await
         .map_err(StoreError::sql("read progress"))?
-        .map(|r| Lsn(r.get::<_, i64>(0) as u64)))
+        .map(|r| LogMark::from_stored(Lsn(r.get::<_, i64>(0) as u64))))
 }
 
-/// Until the log's progress mark reaches `watermark`, woken by the appender's
+/// Until the log's progress mark reaches `watermark` ([`LogMark::reached`]), woken by the appender's
 /// notifications (re-reading now and then in case one was missed while the connection was
 /// busy).
 async fn wait_for_progress(
     log: &Client,
     notifications: &mut tokio::sync::mpsc::Receiver<tokio_postgres::Notification>,
     source: &str,
-    watermark: Lsn,
+    watermark: Watermark,
 ) -> Result<(), StoreError> {
     let deadline = tokio::time::Instant::now() + WATERMARK_WAIT;
     loop {
         while notifications.try_recv().is_ok() {}
-        if progress(log, source).await?.is_some_and(|p| p >= watermark) {
+        if progress(log, source)
+            .await?
+            .is_some_and(|p| p.reached(watermark))
+        {
             return Ok(());
         }
         let recheck = tokio::time::Instant::now() + Duration::from_millis(500);

@@ -25,7 +25,7 @@ pub use postgres::{migrate, PgLog};
 use std::future::Future;
 
 use crate::event::{Event, Position};
-use crate::lsn::Lsn;
+use crate::lsn::LogMark;
 
 /// The migrations, in order. Each is idempotent; applied ones are recorded.
 pub const MIGRATIONS: &[(i32, &str)] = &[
@@ -120,14 +120,16 @@ impl StoreError {
 
 /// Appends to the log. One writer per source at a time (the pipeline that owns the slot).
 pub trait LogWriter: Send {
-    /// The commit LSN through which the source's transactions are in the log.
-    fn progress(&mut self) -> impl Future<Output = Result<Option<Lsn>, StoreError>> + Send;
+    /// The log's progress mark: which of the source's transactions are in the log.
+    fn progress(&mut self) -> impl Future<Output = Result<Option<LogMark>, StoreError>> + Send;
 
     /// Adds events to the open batch (opening it when needed): neither durable nor visible
     /// until [`LogWriter::commit`].
     fn write(&mut self, events: &[Event]) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Makes the batch durable together with the progress mark, atomically, and wakes
-    /// readers. `through` is the commit LSN of the last complete transaction in the batch.
-    fn commit(&mut self, through: Lsn) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// readers. `through` covers the last complete transaction in the batch
+    /// ([`LogMark::through_commit`]), or everything before a watermark
+    /// ([`LogMark::before`]); the stored mark never moves back.
+    fn commit(&mut self, through: LogMark) -> impl Future<Output = Result<(), StoreError>> + Send;
 }

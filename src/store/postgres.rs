@@ -5,7 +5,7 @@ use tokio_postgres::Client;
 use super::{LogWriter, StoreError, MIGRATIONS};
 use crate::config::SourceConfig;
 use crate::event::Event;
-use crate::lsn::Lsn;
+use crate::lsn::{LogMark, Lsn};
 
 /// The channel on which appends are announced; the payload is the source name.
 pub const NOTIFY_CHANNEL: &str = "waltap_events";
@@ -119,7 +119,7 @@ impl PgLog {
 }
 
 impl LogWriter for PgLog {
-    async fn progress(&mut self) -> Result<Option<Lsn>, StoreError> {
+    async fn progress(&mut self) -> Result<Option<LogMark>, StoreError> {
         let row = self
             .client
             .query_opt(
@@ -128,7 +128,7 @@ impl LogWriter for PgLog {
             )
             .await
             .map_err(StoreError::sql("read progress"))?;
-        Ok(row.map(|r| Lsn(r.get::<_, i64>(0) as u64)))
+        Ok(row.map(|r| LogMark::from_stored(Lsn(r.get::<_, i64>(0) as u64))))
     }
 
     async fn write(&mut self, events: &[Event]) -> Result<(), StoreError> {
@@ -185,9 +185,9 @@ impl LogWriter for PgLog {
         Ok(())
     }
 
-    async fn commit(&mut self, through: Lsn) -> Result<(), StoreError> {
+    async fn commit(&mut self, through: LogMark) -> Result<(), StoreError> {
         self.begin().await?;
-        let lsn = through.0 as i64;
+        let lsn = through.lsn().0 as i64;
         let result = async {
             self.client
                 .execute(

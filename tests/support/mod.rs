@@ -17,6 +17,7 @@
 pub mod cluster;
 pub mod db;
 pub mod listen;
+pub mod log;
 
 use std::future::Future;
 use std::path::Path;
