@@ -4,13 +4,17 @@
 //! workload. Afterwards the log must hold every committed change exactly once, in commit
 //! order, with consistent transaction metadata, and nothing of rolled-back transactions.
 //!
+//! Initial-state traffic runs beside the kills: watermarks written continuously and
+//! `waltap export`s, so that transactions commit on both sides of (and exactly at)
+//! watermarks while the appender dies and restarts.
+//!
 //! The workload and the kill points come from a seeded PRNG; set `WALTAP_CRASH_SEED` to
 //! vary or reproduce them (the seed is printed).
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -483,6 +487,41 @@ fn schedule(regular: usize, special: &[(usize, Shape)]) -> Vec<Shape> {
 
 /// `SELECT ... FROM waltap.events` through a fresh connection (the server may have
 /// restarted); `None` while that fails (e.g. the log's tables do not exist yet).
+/// Writes snapshot watermarks until stopped: bare ones back to back, and every so often a
+/// whole `waltap export` of `items` (which writes its own and waits for the log to pass
+/// it, so it fails while the appender is down too long). Returns how many watermarks
+/// were written and how many exports completed and failed.
+async fn initial_state_traffic(
+    url: String,
+    slot: String,
+    stop: Arc<AtomicBool>,
+) -> (u64, (u64, u64)) {
+    let c = reconnect(&url).await;
+    let (mut written, mut exported, mut failed) = (0u64, 0u64, 0u64);
+    while !stop.load(Ordering::Relaxed) {
+        if written % 200 == 199 {
+            let mut export = support::waltap(&url, &["export", "items", "--slot", &slot]);
+            export.stdout(Stdio::null());
+            match tokio::time::timeout(Duration::from_secs(30), export.status()).await {
+                Ok(Ok(status)) if status.success() => exported += 1,
+                _ => failed += 1,
+            }
+        }
+        // The source is never restarted in this test: a broken connection means it is
+        // being torn down.
+        if c.batch_execute("SELECT pg_logical_emit_message(false, 'waltap.watermark', 'crash')")
+            .await
+            .is_err()
+        {
+            return (written, (exported, failed));
+        }
+        written += 1;
+        // Pacing, not waiting: about a hundred watermarks a second.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (written, (exported, failed))
+}
+
 async fn count_events(c: &Client, source: &str) -> Option<i64> {
     c.query_one(
         "SELECT count(*) FROM waltap.events WHERE source = $1",
@@ -818,6 +857,12 @@ async fn sigkill_run_twenty_times_log_holds_every_change_exactly_once() {
     );
     let total_tx = shapes.len();
     let writer = tokio::spawn(writer.write_all(shapes, progress.clone()));
+    let stop_marks = Arc::new(AtomicBool::new(false));
+    let marks = tokio::spawn(initial_state_traffic(
+        url.clone(),
+        names.slot.clone(),
+        stop_marks.clone(),
+    ));
 
     let mut rng = Prng::new(seed);
     let watch = db.client().await;
@@ -867,13 +912,16 @@ async fn sigkill_run_twenty_times_log_holds_every_change_exactly_once() {
     let killed_in = started.elapsed();
 
     let run = Run::spawn(&url, &names);
+    stop_marks.store(true, Ordering::Relaxed);
+    let (watermarks, exports) = marks.await.unwrap();
     wait_until_caught_up(&url, source, &record, &run).await;
     let stderr = run.sigkill("after catching up").await;
     let summary = verify(&watch, source, &record).await;
     eprintln!(
         "sigkill crash test: {kills} kills ({during_writes} while the writer wrote; by mode \
          early/random/after-N-events/after-commit: {kill_modes:?}) in {killed_in:?}; log holds \
-         {} events of {} transactions exactly once ({} rolled-back transactions absent); \
+         {} events of {} transactions exactly once ({} rolled-back transactions absent) \
+         beside {watermarks} watermarks and {exports:?} exports (complete, failed); \
          total {:?}; last run's stderr: {} bytes",
         summary.events,
         summary.transactions,

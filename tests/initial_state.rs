@@ -462,6 +462,24 @@ async fn a_stream_with_initial_state_resumes_mid_snapshot_without_loss() {
 
 #[tokio::test]
 async fn export_then_a_stream_from_its_position_equal_the_table() {
+    export_then_stream_from_its_position().await;
+}
+
+/// The same, 50 times over: a transaction committing right at the export's watermark was
+/// lost about one run in ten (issue 21). Ignored for CI time; run with
+/// `cargo test --test main -- --ignored export_then_stream_stress`.
+#[tokio::test]
+#[ignore]
+async fn export_then_stream_stress() {
+    for run in 1..=50 {
+        eprintln!("export then stream: run {run} of 50");
+        export_then_stream_from_its_position().await;
+    }
+}
+
+/// Exports `acc` while writers are busy, then follows a stream created at the export's
+/// position: the rows plus the changes must rebuild the table.
+async fn export_then_stream_from_its_position() {
     let db = TestDb::new().await;
     table(&db, false).await;
     let log = Log::start(&db).await;
@@ -508,6 +526,7 @@ async fn export_then_a_stream_from_its_position_equal_the_table() {
     );
     c.close().await;
     log.stop().await;
+    db.teardown().await;
 }
 
 #[tokio::test]
