@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
@@ -22,6 +23,12 @@ pub enum TlsError {
         path: String,
         #[source]
         source: std::io::Error,
+    },
+    #[error("sslrootcert {path} is not valid PEM: {source}")]
+    RootCertPem {
+        path: String,
+        #[source]
+        source: rustls::pki_types::pem::Error,
     },
     #[error("sslrootcert {path} holds no usable certificate")]
     NoCertificate { path: String },
@@ -74,8 +81,8 @@ fn load_roots(path: Option<&Path>) -> Result<RootCertStore, TlsError> {
                 path: shown.clone(),
                 source,
             })?;
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert = cert.map_err(|source| TlsError::RootCert {
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|source| TlsError::RootCertPem {
                     path: shown.clone(),
                     source,
                 })?;
