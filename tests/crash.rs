@@ -499,7 +499,7 @@ async fn initial_state_traffic(
     let c = reconnect(&url).await;
     let (mut written, mut exported, mut failed) = (0u64, 0u64, 0u64);
     while !stop.load(Ordering::Relaxed) {
-        if written % 200 == 199 {
+        if written % 50 == 49 {
             let mut export = support::waltap(&url, &["export", "items", "--slot", &slot]);
             export.stdout(Stdio::null());
             match tokio::time::timeout(Duration::from_secs(30), export.status()).await {

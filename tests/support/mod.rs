@@ -103,7 +103,8 @@ where
 pub fn tls_connector(ca: &Path) -> tokio_postgres_rustls::MakeRustlsConnect {
     let pem = std::fs::read(ca).unwrap_or_else(|e| panic!("reading {}: {e}", ca.display()));
     let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+    use rustls::pki_types::pem::PemObject;
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
         let cert = cert.unwrap_or_else(|e| panic!("parsing {}: {e}", ca.display()));
         roots
             .add(cert)
