@@ -1286,9 +1286,15 @@ fn single_row_key() {
     assert!(on_composite(
         json!({"where": {"AND": [{"name": {"equals": "x"}}, {"AND": [{"id": 7}]}]}})
     ));
-    assert!(!on_composite(json!({"where": {"id": 7, "name": {"in": ["x", "y"]}}})));
-    assert!(!on_composite(json!({"where": {"OR": [{"id": 7, "name": "x"}]}})));
-    assert!(!on_composite(json!({"where": {"id": 7, "name": "x", "big": 1}})));
+    assert!(!on_composite(
+        json!({"where": {"id": 7, "name": {"in": ["x", "y"]}}})
+    ));
+    assert!(!on_composite(
+        json!({"where": {"OR": [{"id": 7, "name": "x"}]}})
+    ));
+    assert!(!on_composite(
+        json!({"where": {"id": 7, "name": "x", "big": 1}})
+    ));
     let keyless = table_with(Identity::Full, &[]);
     assert!(!compile_on(json!({"where": {"id": 7}}), &keyless).single_row_key());
 }
@@ -1316,7 +1322,12 @@ fn pinned_row_follows_the_row_by_its_key() {
         (update_default(eight()), None),
         // ... or it did, and Postgres sent the old key.
         (
-            event(Action::Update, Identity::Default, Some(eight()), Some(key_row(7))),
+            event(
+                Action::Update,
+                Identity::Default,
+                Some(eight()),
+                Some(key_row(7)),
+            ),
             Some(Gone),
         ),
     ];
@@ -1326,7 +1337,10 @@ fn pinned_row_follows_the_row_by_its_key() {
     let transitions = compile(json!({"where": {"id": 7}, "transitions": true}));
     assert_eq!(transitions.pinned_row(&delete_key(7)), Some(Gone));
     // Other filters follow no row.
-    for f in [json!({"where": {"id": {"gt": 7}}}), json!({"delete": {"id": 7}})] {
+    for f in [
+        json!({"where": {"id": {"gt": 7}}}),
+        json!({"delete": {"id": 7}}),
+    ] {
         assert_eq!(compile(f.clone()).pinned_row(&delete_key(7)), None, "{f}");
     }
     // An update under an index identity that may have moved the key without saying so.

@@ -313,7 +313,10 @@ impl FilteredView<Row> {
     pub fn push(&mut self, ev: &Event, out: &mut Vec<Event>) -> Option<Position> {
         let mine = self.matching(ev);
         if self.single_row_key() {
-            match self.filter_for(&ev.schema, &ev.table).and_then(|f| f.pinned_row(ev)) {
+            match self
+                .filter_for(&ev.schema, &ev.table)
+                .and_then(|f| f.pinned_row(ev))
+            {
                 Some(PinnedRow::Gone) => self.row_gone = true,
                 Some(PinnedRow::Exists) => self.row_gone = false,
                 None => {}
