@@ -12,7 +12,7 @@ use crate::support::TestDb;
 /// One subscription over either transport.
 enum Client {
     Sse(Sse),
-    Ws(Ws),
+    Ws(Box<Ws>),
 }
 
 impl Client {
@@ -21,7 +21,7 @@ impl Client {
         let path =
             format!("/v1/subscribe?table=orders&filter={filter}&initialState={initial_state}");
         match websocket {
-            true => Client::Ws(ws(s, &path, ORDERS).await),
+            true => Client::Ws(Box::new(ws(s, &path, ORDERS).await)),
             false => Client::Sse(Sse::open(s.get(&path, ORDERS)).await),
         }
     }
