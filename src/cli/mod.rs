@@ -151,9 +151,10 @@ pub struct TailArgs {
     /// Fail instead of creating a missing publication or slot.
     #[arg(long)]
     pub no_create: bool,
-    /// Filter as JSON (README.md, "Filters and subscriptions"), e.g. '{"update": {"after": {"plan": "pro"}}}';
-    /// needs exactly one --table. One that pins a row by its primary key ('{"where": {"id":
-    /// 3}}') ends with a `{"type": "completed", ...}` line and exit 0 once the row is gone.
+    /// Filter as JSON (README.md, "Filters and subscriptions"), e.g.
+    /// '{"update": {"after": {"plan": "pro"}}}'; needs exactly one --table. One that pins a
+    /// row by its primary key ('{"where": {"id": 3}}') ends with a
+    /// `{"type": "completed", ...}` line and exit 0 once the row is gone.
     #[arg(long)]
     pub filter: Option<String>,
     /// First print the table's current rows that match the filter (`"action": "snapshot"`),
