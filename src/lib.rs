@@ -57,7 +57,9 @@ pub mod value;
 
 pub use error::Error;
 pub use event::{Action, Event, Identity, Position, Row, Transition};
-pub use hub::{Hub, HubConfig, Subscription, SubscriptionError, SubscriptionItem};
+pub use hub::{
+    CompletionReason, Hub, HubConfig, Subscription, SubscriptionError, SubscriptionItem,
+};
 pub use pipeline::{Acker, Delivery, Listener, ListenerConfig};
 
 /// The README's Rust examples, compiled as doctests so they cannot drift from the API.

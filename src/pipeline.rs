@@ -175,7 +175,15 @@ impl Listener {
         let cancel = CancellationToken::new();
         let mut worker = Worker::new(config, client, ack_rx, tx, cancel.clone());
         let stream = worker.connect(true).await?;
-        let start_lsn = worker.received;
+        // A temporary slot starts at its consistent point, a slot of its own at its
+        // confirmed point, which nobody moves while this connection holds the slot.
+        let confirmed = report
+            .slot
+            .as_ref()
+            .and_then(|s| s.confirmed_flush_lsn.as_deref())
+            .and_then(|l| l.parse::<Lsn>().ok())
+            .unwrap_or(Lsn::ZERO);
+        let start_lsn = worker.received.max(confirmed);
         let task = tokio::spawn(async move { worker.run(stream).await });
         Ok(Listener {
             rx,
@@ -202,7 +210,8 @@ impl Listener {
         &self.report
     }
 
-    /// The WAL position streaming started from.
+    /// The WAL position streaming started from: every transaction delivered commits at
+    /// or after it.
     pub fn start_lsn(&self) -> Lsn {
         self.start_lsn
     }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use serde_json::Value as Json;
+use serde_json::{json, Value as Json};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
@@ -365,5 +365,109 @@ async fn tail_initial_state_prints_rows_then_the_marker_then_changes() {
     assert!(
         String::from_utf8_lossy(&bad.stderr).contains("--initial-state needs exactly one --table")
     );
+    db.teardown().await;
+}
+
+fn json_lines(out: &str) -> Vec<Json> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect()
+}
+
+/// A filter that pins row `id` of `t` by its primary key.
+fn pin(id: i32) -> String {
+    serde_json::json!({"where": {"id": id}}).to_string()
+}
+
+#[tokio::test]
+async fn tail_of_one_row_completes_and_exits_zero() {
+    let db = TestDb::new().await;
+    let n = names(&db);
+    setup(&db, &n).await;
+    let c = db.client().await;
+    c.batch_execute(
+        "INSERT INTO t VALUES (1, 'a'), (2, 'b'), (3, 'c');
+         UPDATE t SET v = 'x' WHERE id = 3;
+         DELETE FROM t WHERE id = 3;",
+    )
+    .await
+    .unwrap();
+
+    // Without --initial-state: the row's changes, then `completed`.
+    let pins = [pin(3), pin(999), pin(2)];
+    let tail = |id: usize, more: &[&'static str]| {
+        let mut args = vec!["tail", "--table", "t", "--filter", pins[id].as_str()];
+        args.extend(more);
+        waltap(&db, &n, &args)
+    };
+    let out = run_ok(tail(0, &[])).await;
+    let lines = json_lines(&out);
+    let actions: Vec<&Json> = lines.iter().map(|l| &l["action"]).collect();
+    assert_eq!(actions[..3], ["create", "update", "delete"], "{out}");
+    assert_eq!(lines[3]["type"], "completed", "{out}");
+    assert_eq!(lines[3]["reason"], "deleted");
+    assert_eq!(lines[3]["position"], lines[2]["position"]);
+    assert_eq!(lines.len(), 4, "{out}");
+
+    // With it, a row that does not exist: completed right after the initial state, with
+    // positions a stream can start from.
+    let out = run_ok(tail(1, &["--initial-state"])).await;
+    let lines = json_lines(&out);
+    let types: Vec<&Json> = lines.iter().map(|l| &l["type"]).collect();
+    assert_eq!(
+        types,
+        ["initialized", "snapshotComplete", "completed"],
+        "{out}"
+    );
+    assert_eq!(lines[2]["reason"], "notFound");
+    let after = lines[1]["position"]
+        .as_str()
+        .expect("a position, never null");
+    assert_eq!(lines[2]["position"], after);
+    assert!(lines[0]["position"].as_str().is_some_and(|p| p <= after));
+    let mut create = support::waltap(
+        &db.url(),
+        &[
+            "stream",
+            "create",
+            "after_export",
+            "--table",
+            "t",
+            "--from",
+            after,
+        ],
+    );
+    create.args(["--slot", &n.slot]);
+    run_ok(create).await;
+
+    // A row that exists: its row, the marker, then its delete and `completed`.
+    let mut child = tail(2, &["--initial-state"])
+        .spawn()
+        .expect("spawn waltap tail");
+    let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+    let mut got = Vec::new();
+    while got
+        .last()
+        .is_none_or(|l: &Json| l["type"] != "snapshotComplete")
+    {
+        let line = next_line(&mut lines).await.expect("a line");
+        got.push(serde_json::from_str(&line).unwrap());
+    }
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!(got[1]["row"]["id"], 2);
+    c.batch_execute("DELETE FROM t WHERE id = 2").await.unwrap();
+    let delete: Json = serde_json::from_str(&next_line(&mut lines).await.unwrap()).unwrap();
+    assert_eq!(delete["deleted"]["id"], 2);
+    let done: Json = serde_json::from_str(&next_line(&mut lines).await.unwrap()).unwrap();
+    assert_eq!(
+        (&done["type"], &done["reason"]),
+        (&json!("completed"), &json!("deleted"))
+    );
+    assert_eq!(next_line(&mut lines).await, None, "nothing after completed");
+    let status = tokio::time::timeout(LINE_TIMEOUT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "completion is a normal end: {status}");
     db.teardown().await;
 }

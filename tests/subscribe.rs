@@ -5,7 +5,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::{json, Value as Json};
 use waltap::filter::Filter;
-use waltap::{Hub, HubConfig, Subscription, SubscriptionError, SubscriptionItem};
+use waltap::hub::SubscribeOptions;
+use waltap::{CompletionReason, Hub, HubConfig, Subscription, SubscriptionError, SubscriptionItem};
 
 use crate::support::listen;
 use crate::support::TestDb;
@@ -328,26 +329,177 @@ async fn writes_right_after_the_marker_are_never_missed() {
     db.teardown().await;
 }
 
+/// The next item, which must be `completed` for `reason`; then the subscription ends.
+async fn completed(s: &mut Subscription, reason: CompletionReason) -> waltap::event::Position {
+    let position = match tokio::time::timeout(TIMEOUT, s.next()).await.unwrap() {
+        Some(Ok(SubscriptionItem::Completed {
+            reason: r,
+            position,
+        })) if r == reason => position,
+        other => panic!("expected completed ({reason:?}), got {other:?}"),
+    };
+    let end = tokio::time::timeout(TIMEOUT, s.next()).await.unwrap();
+    assert!(
+        end.is_none(),
+        "the subscription ends after completed: {end:?}"
+    );
+    position
+}
+
 #[tokio::test]
-async fn single_row_subscription_ends_after_its_delete() {
+async fn single_row_subscription_completes_after_its_delete() {
     let db = TestDb::new().await;
     let h = hub(
         &db,
         "CREATE TABLE one (id int PRIMARY KEY, v text);
-         ALTER TABLE one REPLICA IDENTITY FULL;
-         INSERT INTO one VALUES (1, 'a'), (2, 'b');",
+         INSERT INTO one VALUES (1, 'a'), (2, 'b'), (3, 'c');
+         CREATE TABLE pair (a int, b int, v text, PRIMARY KEY (a, b));",
     )
     .await;
-    let mut s = subscribe(&h, "one", filter(json!({"where": {"id": 1}}))).await;
+    let mut deleted = subscribe(&h, "one", filter(json!({"where": {"id": 1}}))).await;
+    let mut moved = subscribe(&h, "one", filter(json!({"where": {"id": 2}}))).await;
+    let mut back = subscribe(&h, "one", filter(json!({"where": {"id": 3}}))).await;
+    let mut impure = subscribe(&h, "one", filter(json!({"where": {"id": 1, "v": "x"}}))).await;
+    let mut pair = subscribe(&h, "pair", filter(json!({"where": {"a": 1, "b": 2}}))).await;
+    let mut half = subscribe(&h, "pair", filter(json!({"where": {"a": 1}}))).await;
     let c = db.client().await;
-    c.batch_execute("UPDATE one SET v = 'x'; DELETE FROM one WHERE id = 1;")
-        .await
-        .unwrap();
-    let evs = events(&mut s, 2).await;
+    c.batch_execute(
+        "UPDATE one SET v = 'x' WHERE id = 1;
+         BEGIN; DELETE FROM one WHERE id = 1; INSERT INTO one VALUES (9, 'z'); COMMIT;
+         UPDATE one SET id = 20 WHERE id = 2;
+         BEGIN; DELETE FROM one WHERE id = 3; INSERT INTO one VALUES (3, 'again'); COMMIT;
+         INSERT INTO pair VALUES (1, 2, 'p'), (1, 3, 'q');
+         DELETE FROM pair;
+         INSERT INTO one VALUES (1, 'x');
+         UPDATE one SET v = 'y' WHERE id = 3;
+         INSERT INTO pair VALUES (1, 4, 'r');",
+    )
+    .await
+    .unwrap();
+    let evs = events(&mut deleted, 2).await;
     assert_eq!(evs[0]["action"], "update");
     assert_eq!(evs[1]["action"], "delete");
-    let end = tokio::time::timeout(TIMEOUT, s.next()).await.unwrap();
-    assert!(end.is_none(), "the subscription completes: {end:?}");
+    assert_eq!(evs[1]["tx"]["last"], true, "numbered over what it receives");
+    // At the end of the deleting transaction (which also created row 9).
+    let at = completed(&mut deleted, CompletionReason::Deleted)
+        .await
+        .to_string();
+    let delete_at = evs[1]["position"].as_str().unwrap();
+    assert!(
+        at[..16] == delete_at[..16] && at.as_str() > delete_at,
+        "{at} {delete_at}"
+    );
+    // Its key updated away: the update leaves `where`, and the row is gone.
+    completed(&mut moved, CompletionReason::Deleted).await;
+    // Deleted and created again in one transaction: still there, and followed on.
+    let evs = events(&mut back, 3).await;
+    let actions: Vec<&Json> = evs.iter().map(|e| &e["action"]).collect();
+    assert_eq!(actions, ["delete", "create", "update"]);
+    // A composite key pins only with every column; a filter that is not a pure pin
+    // goes on past the delete.
+    assert_eq!(events(&mut pair, 2).await[1]["action"], "delete");
+    completed(&mut pair, CompletionReason::Deleted).await;
+    let evs = events(&mut half, 5).await;
+    assert_eq!(evs[3]["action"], "delete");
+    assert_eq!(evs[4]["created"]["b"], 4);
+    let evs = events(&mut impure, 3).await;
+    assert_eq!(evs[1]["action"], "delete");
+    assert_eq!(evs[2]["created"]["v"], "x");
+    h.shutdown().await;
+    db.teardown().await;
+}
+
+#[tokio::test]
+async fn single_row_subscription_with_initial_state_completes_too() {
+    let db = TestDb::new().await;
+    let h = hub(
+        &db,
+        "CREATE TABLE one (id int PRIMARY KEY, v text);
+         INSERT INTO one VALUES (1, 'a');",
+    )
+    .await;
+    let options = SubscribeOptions {
+        initial_state: true,
+    };
+    let open =
+        |id: i32| h.subscribe_with("one", filter(json!({"where": {"id": id}})), options.clone());
+    let mut there = open(1).await.unwrap();
+    let mut missing = open(999).await.unwrap();
+    // Every control item carries a position, even before the hub saw any event.
+    let mut marks = Vec::new();
+    for s in [&mut there, &mut missing] {
+        let mut items = Vec::new();
+        loop {
+            let item = tokio::time::timeout(TIMEOUT, s.next()).await.unwrap();
+            let item = item.unwrap().unwrap();
+            let done = matches!(item, SubscriptionItem::SnapshotComplete { .. });
+            items.push(item);
+            if done {
+                break;
+            }
+        }
+        marks.push(items);
+    }
+    for items in &marks {
+        let (
+            SubscriptionItem::Initialized {
+                position: Some(joined),
+            },
+            SubscriptionItem::SnapshotComplete {
+                position: Some(after),
+            },
+        ) = (&items[0], &items[items.len() - 1])
+        else {
+            panic!("control items with positions: {items:?}");
+        };
+        assert!(joined <= after);
+    }
+    let row = serde_json::to_value(&marks[0][1]).unwrap();
+    assert_eq!(
+        (&row["action"], &row["row"]["id"]),
+        (&json!("snapshot"), &json!(1))
+    );
+    assert_eq!(marks[1].len(), 2, "no row for 999: {:?}", marks[1]);
+    let SubscriptionItem::SnapshotComplete {
+        position: Some(after),
+    } = marks[1][1]
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        completed(&mut missing, CompletionReason::NotFound).await,
+        after
+    );
+    db.client()
+        .await
+        .batch_execute("DELETE FROM one WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(next_event(&mut there).await["action"], "delete");
+    completed(&mut there, CompletionReason::Deleted).await;
+    h.shutdown().await;
+    db.teardown().await;
+}
+
+#[tokio::test]
+async fn initialized_on_a_fresh_slot_carries_where_streaming_starts() {
+    let db = TestDb::new().await;
+    let h = hub(&db, "CREATE TABLE fresh (id int PRIMARY KEY)").await;
+    let mut s = h.subscribe("fresh", None).await.unwrap();
+    let start = match tokio::time::timeout(TIMEOUT, s.next()).await.unwrap() {
+        Some(Ok(SubscriptionItem::Initialized { position: Some(p) })) => p,
+        other => panic!("expected initialized with a position, got {other:?}"),
+    };
+    db.client()
+        .await
+        .batch_execute("INSERT INTO fresh VALUES (1)")
+        .await
+        .unwrap();
+    let ev = next_event(&mut s).await;
+    assert!(
+        ev["position"].as_str().unwrap() > start.to_string().as_str(),
+        "the changes delivered lie after {start}: {ev}"
+    );
     h.shutdown().await;
     db.teardown().await;
 }

@@ -151,8 +151,10 @@ pub struct TailArgs {
     /// Fail instead of creating a missing publication or slot.
     #[arg(long)]
     pub no_create: bool,
-    /// Filter as JSON (DESIGN.md section 3), e.g. '{"update": {"after": {"plan": "pro"}}}';
-    /// needs exactly one --table.
+    /// Filter as JSON (README.md, "Filters and subscriptions"), e.g.
+    /// '{"update": {"after": {"plan": "pro"}}}'; needs exactly one --table. One that pins a
+    /// row by its primary key ('{"where": {"id": 3}}') ends with a
+    /// `{"type": "completed", ...}` line and exit 0 once the row is gone.
     #[arg(long)]
     pub filter: Option<String>,
     /// First print the table's current rows that match the filter (`"action": "snapshot"`),
@@ -335,7 +337,7 @@ async fn tail(args: TailArgs) -> anyhow::Result<()> {
 }
 
 /// Prints events as JSON lines and acknowledges them once stdout has taken them, until the
-/// limit, a signal, or a closed stdout.
+/// limit, a signal, a closed stdout, or the `completed` line of a view that follows one row.
 pub async fn print_events(
     mut listener: Listener,
     mut view: Option<FilteredView>,
@@ -347,8 +349,9 @@ pub async fn print_events(
     let mut shown = Vec::new();
     let mut line = Vec::with_capacity(4096);
     let mut stop = std::pin::pin!(shutdown_signal());
+    let mut completed = false;
     let result: anyhow::Result<()> = 'outer: loop {
-        if limit.is_some_and(|l| printed >= l) {
+        if completed || limit.is_some_and(|l| printed >= l) {
             break Ok(());
         }
         let first = tokio::select! {
@@ -364,13 +367,15 @@ pub async fn print_events(
                 None => break 'outer Err(anyhow::anyhow!("the listener stopped")),
                 Some(Err(e)) => break 'outer Err(e.into()),
                 Some(Ok(ev)) => {
+                    let mut gone = None;
                     let ready = match view.as_mut() {
                         None => std::slice::from_ref(&ev),
                         Some(v) => {
-                            v.push(&ev, &mut shown);
+                            gone = v.push(&ev, &mut shown);
                             shown.as_slice()
                         }
                     };
+                    let whole = limit.is_none_or(|l| printed + ready.len() as u64 <= l);
                     for item in ready {
                         if limit.is_some_and(|l| printed >= l) {
                             break;
@@ -392,9 +397,18 @@ pub async fn print_events(
                         last = Some(ev.position);
                     }
                     shown.clear();
+                    if let Some(position) = gone.filter(|_| whole) {
+                        let reason = crate::CompletionReason::Deleted;
+                        let item = crate::SubscriptionItem::Completed { reason, position };
+                        if let Err(e) = write_line(&mut out, &item) {
+                            break 'outer stdout_closed(e);
+                        }
+                        last = Some(ev.position);
+                        completed = true;
+                    }
                 }
             }
-            if limit.is_some_and(|l| printed >= l) {
+            if completed || limit.is_some_and(|l| printed >= l) {
                 break;
             }
             match listener.next().now_or_never() {
@@ -415,7 +429,7 @@ pub async fn print_events(
 }
 
 /// Prints a subscription's items as JSON lines until `limit` change events (control items
-/// and snapshot rows do not count), a signal, a closed stdout or an error.
+/// and snapshot rows do not count), a signal, a closed stdout, an error, or `completed`.
 async fn print_items(mut sub: crate::Subscription, limit: Option<u64>) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
@@ -432,11 +446,11 @@ async fn print_items(mut sub: crate::Subscription, limit: Option<u64>) -> anyhow
                 None => anyhow::bail!("the subscription ended"),
                 Some(item) => item?,
             };
-            if let Err(e) = serde_json::to_writer(&mut out, &item)
-                .map_err(std::io::Error::from)
-                .and_then(|_| out.write_all(b"\n"))
-            {
+            if let Err(e) = write_line(&mut out, &item) {
                 return stdout_closed(e);
+            }
+            if let crate::SubscriptionItem::Completed { .. } = item {
+                return out.flush().or_else(stdout_closed);
             }
             if matches!(item, crate::SubscriptionItem::Event(_)) {
                 printed += 1;
@@ -454,6 +468,12 @@ async fn print_items(mut sub: crate::Subscription, limit: Option<u64>) -> anyhow
         }
     }
     out.flush().or_else(stdout_closed)
+}
+
+/// Writes one item as a JSON line.
+fn write_line(out: &mut impl Write, item: &crate::SubscriptionItem) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *out, item).map_err(std::io::Error::from)?;
+    out.write_all(b"\n")
 }
 
 /// A `--filter` argument.

@@ -27,6 +27,23 @@ impl Position {
     }
 }
 
+/// The ordinal of a position that stands after every event of its transaction (an `int4`
+/// like the ordinals the event log stores).
+const TX_END: u32 = i32::MAX as u32;
+
+impl Position {
+    /// The position before every transaction that commits at or after `lsn`: where a
+    /// consumer stands that streams from `lsn` and has received nothing yet. (A
+    /// transaction may commit exactly at a slot's confirmed point, so the position is
+    /// one byte below it, after every event committed there.)
+    pub fn before_lsn(lsn: Lsn) -> Position {
+        match lsn.0.checked_sub(1) {
+            Some(below) => Position::new(Lsn(below), TX_END),
+            None => Position::new(Lsn::ZERO, 0),
+        }
+    }
+}
+
 /// Length of a position's text form.
 pub const POSITION_LEN: usize = 27;
 
@@ -119,6 +136,11 @@ mod tests {
             assert!(w[0] < w[1]);
             assert!(w[0].to_string() < w[1].to_string());
         }
+        let start = Position::before_lsn(Lsn(0x16B3748));
+        assert!(start < Position::new(Lsn(0x16B3748), 0));
+        assert!(start > Position::new(Lsn(0x16B3747), i32::MAX as u32 - 1));
+        assert_eq!(start.to_string(), "00000000016B3747-2147483647");
+        assert_eq!(Position::before_lsn(Lsn::ZERO), Position::new(Lsn::ZERO, 0));
         assert!("0-1".parse::<Position>().is_err());
         assert!("00000000016B3748-00000000x2".parse::<Position>().is_err());
         assert!("00000000016B3748-9999999999".parse::<Position>().is_err());

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::Arc;
 
 use super::typed::{self, Family, Lit};
-use super::{CompiledFilter, Decision, Transition};
+use super::{CompiledFilter, Decision, PinnedRow, Transition};
 use crate::event::{Action, Event, Identity, Row};
 use crate::value::Value;
 
@@ -256,6 +256,36 @@ impl CompiledFilter {
                 self.by_action(event, Some(expr), Some(update), Some(expr))
             }
             Mode::Transitions(expr) => self.transition(event, expr),
+        }
+    }
+
+    /// What `event`, an event of the filter's table, does to the row a
+    /// [`CompiledFilter::single_row_key`] filter follows, whether or not the event is
+    /// delivered (under `where`, an update moving the key away is not); `None` for other
+    /// filters and for events that leave the row as it was. An update that may have
+    /// changed the key without telling the old one (REPLICA IDENTITY USING INDEX on other
+    /// columns) is not taken as the row leaving.
+    pub fn pinned_row(&self, event: &Event) -> Option<PinnedRow> {
+        let (true, Mode::Where(expr) | Mode::Transitions(expr)) = (self.single_row_key, &self.mode)
+        else {
+            return None;
+        };
+        let is_pinned = |view| Outcome::from(self.eval(expr, view)) == Outcome::Yes;
+        let is_other = |view| Outcome::from(self.eval(expr, view)) == Outcome::No;
+        match event.action {
+            Action::Truncate => Some(PinnedRow::Gone),
+            Action::Delete => is_pinned(View::before(event)).then_some(PinnedRow::Gone),
+            Action::Create => is_pinned(View::after(event)).then_some(PinnedRow::Exists),
+            Action::Update => {
+                let (before, after) = (View::before(event), View::after(event));
+                if is_pinned(after) {
+                    Some(PinnedRow::Exists)
+                } else if is_pinned(before) && is_other(after) {
+                    Some(PinnedRow::Gone)
+                } else {
+                    None
+                }
+            }
         }
     }
 

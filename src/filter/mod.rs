@@ -398,6 +398,15 @@ pub enum Decision {
     },
 }
 
+/// What an event does to the row a [`CompiledFilter::single_row_key`] filter follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinnedRow {
+    /// The row no longer exists: deleted, truncated, or its key updated to another value.
+    Gone,
+    /// The row exists (again): created, or another row's key updated to the pinned one.
+    Exists,
+}
+
 impl Decision {
     pub fn is_deliver(&self) -> bool {
         matches!(self, Decision::Deliver { .. })
@@ -451,8 +460,9 @@ impl CompiledFilter {
         &self.warnings
     }
 
-    /// True when `where` (or every action predicate given) pins every primary-key column
-    /// to one value: the subscription follows one row and may end after its delete.
+    /// True when the filter is `where` with an equality on every primary-key column, ANDed,
+    /// and nothing else: it follows one row, and a subscription with it completes once
+    /// that row is gone ([`CompiledFilter::pinned_row`]).
     pub fn single_row_key(&self) -> bool {
         self.single_row_key
     }

@@ -1,6 +1,9 @@
 //! A subscription that starts with an initial state: the task that reads the snapshot
 //! while holding on to the changes that arrive meanwhile, then hands out the rows, the
 //! `snapshotComplete` marker and the changes after it (method: [`crate::snapshot`]).
+//! When the filter follows one row, the task ends with `completed`: `notFound` right
+//! after the marker when the snapshot lacks the row, else the hub's first `deleted` that
+//! comes after the snapshot.
 
 use std::collections::VecDeque;
 use std::task::{Context, Poll};
@@ -8,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Command, Direct, Fed, SubscriptionError, SubscriptionItem};
+use super::{Command, CompletionReason, Direct, Fed, SubscriptionError, SubscriptionItem};
 use crate::config::SourceConfig;
 use crate::event::Position;
 use crate::filter::{CompiledFilter, TableSchema};
@@ -65,10 +68,12 @@ pub(super) fn start(job: Job) -> Handle {
     Handle { rx, task }
 }
 
-/// Why the task stops early: an error to pass on, or the subscriber went away.
+/// Why the task stops early: an error to pass on, the subscriber went away, or the
+/// subscription completed.
 enum Stop {
     Failed(Box<SubscriptionError>),
     Gone,
+    Completed,
 }
 
 impl From<SubscriptionError> for Stop {
@@ -94,7 +99,7 @@ impl Run {
     async fn run(&mut self) -> Result<(), SubscriptionError> {
         match self.initial_state().await {
             Ok(()) => {}
-            Err(Stop::Gone) => return Ok(()),
+            Err(Stop::Gone | Stop::Completed) => return Ok(()),
             Err(Stop::Failed(e)) => return Err(*e),
         }
         // Live: pass the hub's queue on.
@@ -102,7 +107,8 @@ impl Run {
             let item = std::future::poll_fn(|cx| self.job.hub.poll_item(cx)).await;
             match item {
                 Some(Ok(item)) => {
-                    if self.out.send(Ok(item)).await.is_err() {
+                    let last = matches!(item, SubscriptionItem::Completed { .. });
+                    if self.out.send(Ok(item)).await.is_err() || last {
                         return Ok(());
                     }
                 }
@@ -114,13 +120,13 @@ impl Run {
 
     async fn initial_state(&mut self) -> Result<(), Stop> {
         let joined = match self.next_fed().await? {
-            Fed::Item(item @ SubscriptionItem::Initialized { position }) => {
+            Fed::Item(item @ SubscriptionItem::Initialized { position: Some(p) }) => {
                 self.emit(item).await?;
-                position
+                p
             }
             _ => {
                 return Err(SnapshotError::Protocol(
-                    "the hub's first item is not the marker".into(),
+                    "the hub's first item is not the marker with its position".into(),
                 )
                 .into())
             }
@@ -133,25 +139,45 @@ impl Run {
                 snapshot::DEFAULT_CHUNK_ROWS,
             )
             .await?;
+        let mut found = false;
         while let Some(chunk) = rows.next_chunk().await? {
             for row in chunk {
                 if row.admitted_by(&self.job.filter, self.job.table.identity) {
+                    found = true;
                     self.emit(SubscriptionItem::Snapshot(row)).await?;
                 }
             }
         }
         session.finish().await?;
-        self.emit(SubscriptionItem::SnapshotComplete { position: after })
-            .await?;
-        // The changes the snapshot already holds are dropped; their transactions are whole
-        // (`after` ends one), so the numbering of those that remain is untouched.
+        self.emit(SubscriptionItem::SnapshotComplete {
+            position: Some(after),
+        })
+        .await?;
+        if !found && self.job.filter.single_row_key() {
+            let reason = CompletionReason::NotFound;
+            let position = after;
+            self.emit(SubscriptionItem::Completed { reason, position })
+                .await?;
+            return Err(Stop::Completed);
+        }
+        // The changes the snapshot already holds are dropped, and so is a completion it
+        // already reflects; their transactions are whole (`after` ends one), so the
+        // numbering of those that remain is untouched.
         while let Some(item) = self.held.pop_front() {
-            let included =
-                matches!(&item, SubscriptionItem::Event(ev) if Some(ev.position) <= after);
-            if !included {
-                // Holds what the hub sends meanwhile behind it, so the hub's queue does
-                // not fill while the backlog drains.
-                self.emit(item).await?;
+            let position = match &item {
+                SubscriptionItem::Event(ev) => Some(ev.position),
+                SubscriptionItem::Completed { position, .. } => Some(*position),
+                _ => None,
+            };
+            if position.is_some_and(|p| p <= after) {
+                continue;
+            }
+            let last = matches!(item, SubscriptionItem::Completed { .. });
+            // Holds what the hub sends meanwhile behind it, so the hub's queue does not
+            // fill while the backlog drains.
+            self.emit(item).await?;
+            if last {
+                return Err(Stop::Completed);
             }
         }
         Ok(())
@@ -159,10 +185,7 @@ impl Run {
 
     /// Takes snapshots until one matches a position of the change stream; returns it open
     /// with that position.
-    async fn settle(
-        &mut self,
-        joined: Option<Position>,
-    ) -> Result<(Session, Option<Position>), Stop> {
+    async fn settle(&mut self, joined: Position) -> Result<(Session, Position), Stop> {
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -172,11 +195,11 @@ impl Run {
                 Ok(()) => {
                     self.wait_for_watermark(session.watermark).await?;
                     let txs = committed(&self.held, session.watermark);
-                    snapshot::settle(&session.xids, joined, &txs)
+                    snapshot::settle(&session.xids, Some(joined), &txs)
                 }
             };
             match outcome {
-                Ok(after) => return Ok((session, after)),
+                Ok(after) => return Ok((session, after.unwrap_or(joined))),
                 Err(e @ SnapshotError::Unsettled { .. }) if attempt < snapshot::MAX_ATTEMPTS => {
                     tracing::debug!(error = %e, attempt, "snapshot does not match the stream; taking another");
                     session.finish().await?;
@@ -190,11 +213,8 @@ impl Run {
     async fn before_join(
         &self,
         session: &Session,
-        joined: Option<Position>,
+        joined: Position,
     ) -> Result<Result<(), SnapshotError>, Stop> {
-        let Some(joined) = joined else {
-            return Ok(Ok(()));
-        };
         let (reply, answer) = oneshot::channel();
         self.job
             .commands

@@ -12,8 +12,11 @@
 //!   between transactions and the marker is sent when they have joined;
 //! - `tx.index` / `tx.total` / `tx.last` count the events this subscriber receives from the
 //!   transaction; `total` is absent when the transaction was too large to hold;
-//! - a subscription whose filter pins one row by its whole primary key ends after that
-//!   row's delete;
+//! - a subscription whose filter pins one row by its whole primary key (`where` with an
+//!   equality on every key column and nothing else) completes: its last item is
+//!   [`SubscriptionItem::Completed`], after the transaction that deleted the row (or moved
+//!   its key away, or truncated the table), or right after the initial state when the
+//!   row does not exist;
 //! - a dropped subscription is removed at once, and its queue is freed with it.
 //!
 //! ```no_run
@@ -62,8 +65,8 @@ use std::collections::VecDeque;
 
 use crate::catalog;
 use crate::error::Error;
-use crate::event::{Action, Event, Position, Row, TableName};
-use crate::filter::{CompiledFilter, Decision, Filter, FilterError};
+use crate::event::{Event, Position, Row, TableName};
+use crate::filter::{CompiledFilter, Decision, Filter, FilterError, PinnedRow};
 use crate::lsn::{Lsn, Watermark};
 use crate::pipeline::{Delivery, Listener, ListenerConfig};
 use crate::snapshot::{SnapshotError, SnapshotRow};
@@ -95,7 +98,8 @@ impl HubConfig {
 
 /// What a subscription yields, and with JSON rows (`R` = [`serde_json::Value`]) a
 /// persisted stream ([`crate::store::streams::StreamItem`]): first one
-/// [`SubscriptionItem::Initialized`], then changes. On the wire a control item is an
+/// [`SubscriptionItem::Initialized`], then changes, and for a subscription that follows
+/// one row, a last [`SubscriptionItem::Completed`]. On the wire a control item is an
 /// object with a `type` (`{"type": "initialized", "position": ...}`); an event has none.
 // Events are nearly every item; boxing them would add an allocation per delivery.
 #[allow(clippy::large_enum_variant)]
@@ -104,13 +108,23 @@ impl HubConfig {
 #[non_exhaustive]
 pub enum SubscriptionItem<R = Row> {
     /// Live from here: every change committed after this arrives is delivered.
-    /// `position`: for a subscription, the last position the hub had seen (absent before
-    /// the first event); for a stream, the cursor it resumes after (absent when the log
-    /// held nothing for its source when it was made or reset).
+    /// `position`: for a subscription, the position after which the changes it delivers
+    /// lie (the last one the hub had seen, or where its slot started streaming); for a
+    /// stream, the cursor it resumes after (absent when the log held nothing for its
+    /// source when it was made or reset).
     Initialized { position: Option<Position> },
     /// The initial state is complete: the changes that follow are exactly those after
-    /// `position` (absent when no change preceded the snapshot).
+    /// `position` (always set for a subscription).
     SnapshotComplete { position: Option<Position> },
+    /// The last item of a subscription whose filter pins one row by its whole primary key
+    /// ([`crate::filter::CompiledFilter::single_row_key`]): the row is gone, or was not
+    /// there. `position`: the last position that accounts for it (the end of the
+    /// deleting transaction, or the initial state's position). Persisted streams never
+    /// complete.
+    Completed {
+        reason: CompletionReason,
+        position: Position,
+    },
     /// A row of the initial state, when it was asked for (serialized with
     /// `"action": "snapshot"` and no `type` field).
     #[serde(untagged)]
@@ -118,6 +132,17 @@ pub enum SubscriptionItem<R = Row> {
     /// A change that passed the filter (serialized without a `type` field).
     #[serde(untagged)]
     Event(Event<R>),
+}
+
+/// Why a subscription that follows one row completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum CompletionReason {
+    /// A transaction deleted the row, moved its key away, or truncated the table (and
+    /// did not put the row back).
+    Deleted,
+    /// The initial state did not have the row.
+    NotFound,
 }
 
 /// Why a subscription ended or could not start.
@@ -202,6 +227,8 @@ pub struct FilteredView<R = Row> {
     /// the end of the transaction) tells whether it is the last.
     held: Option<Event<R>>,
     next_index: u32,
+    /// The open transaction has removed the row a single-row filter follows.
+    row_gone: bool,
 }
 
 impl<R> FilteredView<R> {
@@ -217,6 +244,7 @@ impl<R> FilteredView<R> {
             pending: Vec::new(),
             held: None,
             next_index: 0,
+            row_gone: false,
         }
     }
 
@@ -276,9 +304,26 @@ impl<R> FilteredView<R> {
 impl FilteredView<Row> {
     /// Feeds the next event of the listener's stream; appends to `out` the events this
     /// consumer may now receive, in order and renumbered.
-    pub fn push(&mut self, ev: &Event, out: &mut Vec<Event>) {
+    ///
+    /// Returns the position of `ev` when it ends a transaction that left the row a
+    /// single-row view follows deleted: the view is complete after the events in `out`
+    /// (the rest of the transaction is delivered first, so its numbering holds, and a
+    /// row deleted and created again within it is not gone).
+    #[must_use = "a single-row view completes when this returns a position"]
+    pub fn push(&mut self, ev: &Event, out: &mut Vec<Event>) -> Option<Position> {
         let mine = self.matching(ev);
+        if self.single_row_key() {
+            match self
+                .filter_for(&ev.schema, &ev.table)
+                .and_then(|f| f.pinned_row(ev))
+            {
+                Some(PinnedRow::Gone) => self.row_gone = true,
+                Some(PinnedRow::Exists) => self.row_gone = false,
+                None => {}
+            }
+        }
         self.push_decided(mine, ev.tx.last, out);
+        (ev.tx.last && std::mem::take(&mut self.row_gone)).then_some(ev.position)
     }
 
     fn matching(&self, ev: &Event) -> Option<Event> {
@@ -524,7 +569,10 @@ impl Stream for Subscription {
             Feed::Direct(d) => d.poll_item(cx),
             Feed::Initial(h) => h.poll_item(cx),
         };
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+        if matches!(
+            polled,
+            Poll::Ready(None | Some(Err(_) | Ok(SubscriptionItem::Completed { .. })))
+        ) {
             self.finished = true;
         }
         polled
@@ -540,7 +588,8 @@ async fn run(
     let mut subs: Vec<Subscriber> = Vec::new();
     let mut waiting: Vec<(Box<Subscriber>, oneshot::Sender<()>)> = Vec::new();
     let mut in_tx = false;
-    let mut last_position: Option<Position> = None;
+    // Before the first event: where the slot started streaming.
+    let mut last_position = Position::before_lsn(listener.start_lsn());
     let mut recent: VecDeque<(u32, Lsn)> = VecDeque::with_capacity(RECENT_COMMITS);
     let mut out = Vec::new();
     loop {
@@ -548,7 +597,7 @@ async fn run(
             // Joining only between transactions: a subscriber never sees half of one.
             for (sub, joined) in waiting.drain(..) {
                 let marker = SubscriptionItem::Initialized {
-                    position: last_position,
+                    position: Some(last_position),
                 };
                 if sub.tx.try_send(Ok(Fed::Item(marker))).is_ok() {
                     subs.push(*sub);
@@ -588,7 +637,7 @@ async fn run(
                 }
                 Some(Ok(Delivery::Event(ev))) => {
                     let position = ev.position;
-                    last_position = Some(position);
+                    last_position = position;
                     in_tx = !ev.tx.last;
                     if ev.tx.last {
                         if recent.len() == RECENT_COMMITS {
@@ -597,11 +646,16 @@ async fn run(
                         recent.push_back((ev.tx.xid, ev.tx.commit_lsn));
                     }
                     for sub in subs.iter_mut() {
-                        sub.view.push(&ev, &mut out);
+                        let completed = sub.view.push(&ev, &mut out);
                         for e in out.drain(..) {
-                            let ends = sub.view.single_row_key() && e.action == Action::Delete;
                             offer(sub, Fed::Item(SubscriptionItem::Event(e)));
-                            sub.done |= ends;
+                        }
+                        if let Some(position) = completed {
+                            let reason = CompletionReason::Deleted;
+                            offer(sub, Fed::Item(SubscriptionItem::Completed { reason, position }));
+                            // One reading an initial state drops this completion when its
+                            // snapshot already misses the row, and goes on.
+                            sub.done |= !sub.watermarks;
                         }
                     }
                     subs.retain(|s| !s.done);

@@ -45,6 +45,7 @@ impl Frame {
         let (kind, is_change) = match item {
             SubscriptionItem::Initialized { .. } => ("initialized", false),
             SubscriptionItem::SnapshotComplete { .. } => ("snapshotComplete", false),
+            SubscriptionItem::Completed { .. } => ("completed", false),
             SubscriptionItem::Snapshot(_) => ("snapshot", false),
             SubscriptionItem::Event(_) => ("change", true),
         };

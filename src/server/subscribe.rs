@@ -4,7 +4,8 @@
 //! client that reads too slowly fills its queue in the hub and is cut off with a `lagged`
 //! error item, so it never slows the others or the slot. With `initialState=true` the
 //! matching rows come first (`snapshot` items), then `snapshotComplete`, then the changes
-//! after them.
+//! after them. A filter that pins one row by its primary key ends with `completed`, after
+//! which the connection closes normally (see README.md, "Filters and subscriptions").
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;

@@ -217,6 +217,7 @@ impl Cursor {
             SubscriptionItem::Snapshot(row) => row.seq.map(Cursor::Snapshot),
             SubscriptionItem::Initialized { position }
             | SubscriptionItem::SnapshotComplete { position } => position.map(Cursor::Position),
+            SubscriptionItem::Completed { position, .. } => Some(Cursor::Position(*position)),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 mod api;
 mod browser;
+mod complete;
 mod delivery;
 mod example;
 mod initial;
