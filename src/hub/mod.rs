@@ -109,7 +109,8 @@ pub enum SubscriptionItem<R = Row> {
     /// held nothing for its source when it was made or reset).
     Initialized { position: Option<Position> },
     /// The initial state is complete: the changes that follow are exactly those after
-    /// `position` (absent when no change preceded the snapshot).
+    /// `position` (for a subscription, absent when no change preceded the snapshot; a
+    /// stream always gives one, the cursor that acknowledges the marker).
     SnapshotComplete { position: Option<Position> },
     /// A row of the initial state, when it was asked for (serialized with
     /// `"action": "snapshot"` and no `type` field).
