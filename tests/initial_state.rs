@@ -14,7 +14,7 @@ use waltap::hub::SubscribeOptions;
 use waltap::store::streams::{self, OpenOptions, StreamConsumer, StreamDef, StreamItem};
 use waltap::{Hub, HubConfig, Position, Subscription, SubscriptionItem};
 
-use crate::support::{listen, wait_for, TestDb};
+use crate::support::{json_line, listen, wait_for, TestDb};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const ROWS: i32 = 3000;
@@ -650,16 +650,6 @@ async fn export_rows_follow_the_publication_of_the_logs_source() {
         .collect();
     assert_eq!(rows, want, "the rows and columns the publication sends");
     log.stop().await;
-}
-
-/// A line of JSON from a child's stdout.
-async fn json_line<R: tokio::io::AsyncBufRead + Unpin>(out: &mut tokio::io::Lines<R>) -> Json {
-    let line = tokio::time::timeout(TIMEOUT, out.next_line())
-        .await
-        .expect("a line in time")
-        .unwrap()
-        .expect("a line");
-    serde_json::from_str(&line).unwrap()
 }
 
 /// `waltap stream reset NAME --initial-state`, then `waltap stream tail` (the binary): the

@@ -1081,7 +1081,9 @@ impl StreamConsumer {
     }
 
     /// Acknowledges the rows of the initial state up to and including `seq`
-    /// ([`SnapshotRow::seq`]): a consumer that reopens the stream resumes after it.
+    /// ([`SnapshotRow::seq`]): a consumer that reopens the stream resumes after it. The
+    /// `snapshotComplete` marker is acknowledged by its position ([`StreamConsumer::ack`]),
+    /// as is everything before a change.
     pub async fn ack_snapshot(&self, seq: u64) -> Result<(), StoreError> {
         self.ack_cursor(Cursor::Snapshot(seq)).await
     }
