@@ -316,10 +316,11 @@ async fn made_and_reset_with_initial_state_page_rows_and_marker_once_on_the_feed
     insert_orders(&db, 0..5).await;
     logged(&db, 4).await;
     let mut feeds = vec![early];
-    for (name, reset) in [("made", false), ("again", true)] {
+    // Pages that end inside the rows, and (limit 5) right after the last row.
+    for (name, reset, limit) in [("made", false, 2), ("again", true, 5)] {
         with_initial_state(&s, name, reset).await;
         let mut feed = Feed::new(&s, name);
-        feed.until(2, |seen| !seen.markers.is_empty()).await;
+        feed.until(limit, |seen| !seen.markers.is_empty()).await;
         assert_eq!(feed.seen.rows, [0, 1, 2, 3, 4], "{name}");
         // A quiet table: the marker's cursor gives nothing more, however often.
         feed.quiet().await;
