@@ -516,3 +516,44 @@ async fn after_stale_cursor_reset_with_initial_state_delivers_everything_once_un
     s.stop().await;
     db.teardown().await;
 }
+
+/// SSE after a reset with the initial state while a writer runs, reconnecting every few
+/// frames with the last id it got: every row and change once, the marker once.
+#[tokio::test]
+async fn sse_resuming_after_reset_with_initial_state_under_writers_gets_everything_once() {
+    let db = TestDb::new().await;
+    let s = start(&db, |_| {}).await;
+    insert_orders(&db, 0..50).await;
+    logged(&db, 49).await;
+    s.create_stream("busy", "orders", None).await;
+    // The writer's last insert (id 1299) ends the test.
+    let writing = writer(&db, 1000..1300);
+    reset_with_initial_state(&s, "busy").await;
+    let mut seen = Seen::default();
+    let mut last: Option<String> = None;
+    while !seen.changes.contains(&1299) {
+        let mut req = s
+            .get("/v1/streams/busy", ORDERS)
+            .header("accept", "text/event-stream");
+        if let Some(id) = &last {
+            req = req.header("last-event-id", id);
+        }
+        let mut sse = Sse::new(req.send().await.unwrap());
+        sse.expect("initialized").await;
+        for _ in 0..25 {
+            let f = sse.next().await.expect("a frame");
+            seen.take(&f.data);
+            last = f.id.or(last);
+            if seen.changes.contains(&1299) {
+                break;
+            }
+        }
+        drop(sse);
+        s.lease_free("busy").await;
+    }
+    writing.await.unwrap();
+    let ids: BTreeSet<i64> = (0..50).chain(1000..1300).collect();
+    seen.assert_once(&ids);
+    s.stop().await;
+    db.teardown().await;
+}
