@@ -15,7 +15,7 @@ use waltap::store::streams::{self, OpenOptions, StreamConsumer, StreamDef, Strea
 use waltap::{Hub, HubConfig, Position, Subscription, SubscriptionItem};
 
 use crate::support::log::Log;
-use crate::support::{listen, wait_for, TestDb};
+use crate::support::{json_line, listen, wait_for, TestDb};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const ROWS: i32 = 3000;
@@ -637,5 +637,64 @@ async fn export_rows_follow_the_publication_of_the_logs_source() {
         .map(|i| json!({"id": i, "shown": format!("s{i}")}))
         .collect();
     assert_eq!(rows, want, "the rows and columns the publication sends");
+    log.stop().await;
+}
+
+/// `waltap stream reset NAME --initial-state`, then `waltap stream tail` (the binary): the
+/// rows and the marker once, then, in the next run, only the changes.
+#[tokio::test]
+async fn cli_reset_with_initial_state_then_tail_delivers_rows_and_marker_once() {
+    use tokio::io::AsyncBufReadExt;
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let log = Log::start(&db).await;
+    let stream = |args: &[&str]| {
+        let mut cmd = crate::support::waltap(&db.url(), &["stream"]);
+        cmd.args(args).args(["--slot", &log.slot]);
+        cmd
+    };
+    crate::support::run_ok(stream(&["create", "s", "--table", "t"])).await;
+    c.batch_execute("INSERT INTO t SELECT generate_series(1, 5)")
+        .await
+        .unwrap();
+    let reset = crate::support::run_ok(stream(&["reset", "s", "--initial-state"])).await;
+    assert_eq!(serde_json::from_str::<Json>(&reset).unwrap()["name"], "s");
+
+    // The rows and the marker, then stopped while the table is quiet.
+    let mut child = stream(&["tail", "s"]).spawn().unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(json_line(&mut out).await["type"], "initialized");
+    let mut rows = Vec::new();
+    let marker = loop {
+        let item = json_line(&mut out).await;
+        if item["type"] == "snapshotComplete" {
+            break item;
+        }
+        assert_eq!(item["action"], "snapshot", "{item}");
+        rows.push(item["row"]["id"].as_i64().unwrap());
+    };
+    assert_eq!(rows, [1, 2, 3, 4, 5]);
+    crate::support::sigterm(&child);
+    let exit = tokio::time::timeout(TIMEOUT, child.wait()).await.unwrap();
+    assert!(exit.unwrap().success());
+
+    // The next run: neither the rows nor the marker again, but the change after them.
+    let mut child = stream(&["tail", "s", "--limit", "1"]).spawn().unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(
+        json_line(&mut out).await,
+        json!({"type": "initialized", "position": marker["position"]})
+    );
+    c.batch_execute("INSERT INTO t VALUES (6)").await.unwrap();
+    let change = json_line(&mut out).await;
+    assert_eq!(change["created"]["id"], 6, "{change}");
+    let exit = tokio::time::timeout(TIMEOUT, child.wait()).await.unwrap();
+    assert!(exit.unwrap().success());
+    let listed = crate::support::run_ok(stream(&["list"])).await;
+    let listed: Json = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed[0]["cursor"], change["position"], "acknowledged");
     log.stop().await;
 }

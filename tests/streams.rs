@@ -18,7 +18,7 @@ use waltap::store::streams::{self, OpenOptions, StreamConsumer, StreamDef, Strea
 use waltap::store::StoreError;
 use waltap::{Event, Position};
 
-use crate::support::{listen, output, run_ok, wait_for, TestDb};
+use crate::support::{json_line, listen, output, run_ok, wait_for, TestDb};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -753,15 +753,6 @@ fn lines(stdout: &str) -> Vec<Json> {
         .lines()
         .map(|l| serde_json::from_str(l).expect("each line is JSON"))
         .collect()
-}
-
-async fn json_line<R: tokio::io::AsyncBufRead + Unpin>(out: &mut tokio::io::Lines<R>) -> Json {
-    let line = tokio::time::timeout(TIMEOUT, out.next_line())
-        .await
-        .expect("a line in time")
-        .unwrap()
-        .expect("a line");
-    serde_json::from_str(&line).unwrap()
 }
 
 /// `tail`'s output split into its first line, the initialized marker (its position), and

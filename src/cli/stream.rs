@@ -11,7 +11,7 @@ use futures::{FutureExt, StreamExt};
 
 use super::{shutdown_signal, stdout_closed, DEFAULT_DATABASE_URL};
 use crate::config::SourceConfig;
-use crate::store::streams::{self, OpenOptions, StreamConsumer, StreamDef, StreamItem};
+use crate::store::streams::{self, Cursor, OpenOptions, StreamConsumer, StreamDef, StreamItem};
 
 /// Manage and consume persisted streams.
 #[derive(Debug, Subcommand)]
@@ -183,7 +183,8 @@ async fn tail(args: TailArgs) -> anyhow::Result<()> {
 
 /// Prints items as JSON lines (the `initialized` marker first, then the initial state if
 /// the stream has one, then events); after each run of ready items, flushes and
-/// acknowledges the last row or event printed. Only events count towards the limit. Stops at the limit, a signal, a closed stdout or an error (after
+/// acknowledges the last row, `snapshotComplete` or event printed. Only events count
+/// towards the limit. Stops at the limit, a signal, a closed stdout or an error (after
 /// acknowledging what was printed before it).
 async fn print_stream(consumer: &mut StreamConsumer, limit: Option<u64>) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
@@ -197,8 +198,8 @@ async fn print_stream(consumer: &mut StreamConsumer, limit: Option<u64>) -> anyh
             _ = &mut stop => return Ok(()),
             item = consumer.next() => item,
         };
+        // The cursor after the last item printed: acknowledging it acknowledges all before.
         let mut last = None;
-        let mut last_row = None;
         let mut failure = None;
         loop {
             let item = match next {
@@ -218,14 +219,10 @@ async fn print_stream(consumer: &mut StreamConsumer, limit: Option<u64>) -> anyh
             {
                 return stdout_closed(e);
             }
-            match &item {
-                StreamItem::Event(ev) => {
-                    printed += 1;
-                    last = Some(ev.position);
-                }
-                StreamItem::Snapshot(row) => last_row = row.seq,
-                _ => {}
+            if matches!(item, StreamItem::Event(_)) {
+                printed += 1;
             }
+            last = Cursor::after(&item).or(last);
             if limit.is_some_and(|l| printed >= l) {
                 break;
             }
@@ -237,11 +234,8 @@ async fn print_stream(consumer: &mut StreamConsumer, limit: Option<u64>) -> anyh
         if let Err(e) = out.flush() {
             return stdout_closed(e);
         }
-        if let Some(seq) = last_row {
-            consumer.ack_snapshot(seq).await?;
-        }
-        if let Some(p) = last {
-            consumer.ack(p).await?;
+        if let Some(cursor) = last {
+            consumer.ack_cursor(cursor).await?;
         }
         if let Some(e) = failure {
             return Err(e);

@@ -114,7 +114,8 @@ pub enum SubscriptionItem<R = Row> {
     /// source when it was made or reset).
     Initialized { position: Option<Position> },
     /// The initial state is complete: the changes that follow are exactly those after
-    /// `position` (always set for a subscription).
+    /// `position` (always set for a subscription; a stream always gives one too, the
+    /// cursor that acknowledges the marker).
     SnapshotComplete { position: Option<Position> },
     /// The last item of a subscription whose filter pins one row by its whole primary key
     /// ([`crate::filter::CompiledFilter::single_row_key`]): the row is gone, or was not

@@ -337,7 +337,7 @@ pub(super) async fn feed(
     let (mut consumer, _slot) = open(&state, &caller, &name, resume, Some(limit)).await?;
     let _gauge = SubscriberGauge::new(&state.metrics);
     let result = read_page(&state, &mut consumer, limit, Duration::from_secs_f64(wait)).await;
-    let cursor = resume.unwrap_or(Cursor::Position(consumer.cursor()));
+    let cursor = resume.unwrap_or_else(|| consumer.acknowledged());
     consumer.close().await;
     let items = result?;
     let cursor = items.iter().rev().find_map(Cursor::after).unwrap_or(cursor);

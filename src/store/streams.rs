@@ -164,6 +164,11 @@ pub struct OpenOptions {
 /// Where a consumer of a stream is: after a change ([`Position`]), or, while the stream
 /// hands out its initial state, after row `seq` of it. Text form: the position, or
 /// `snapshot-<seq>` (what the server uses as SSE `id` and feed `cursor`).
+///
+/// A stream with an initial state orders its cursors as: `snapshot-1` .. `snapshot-N`
+/// (its rows), then the position `P` of its `snapshotComplete` marker, then the changes
+/// after `P`. Acknowledging `P` or a later change acknowledges the whole initial state,
+/// marker included; a position before `P` (held from before a reset) changes nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cursor {
     Position(Position),
@@ -210,14 +215,17 @@ impl<'de> serde::Deserialize<'de> for Cursor {
 }
 
 impl Cursor {
-    /// The cursor a client holds after `item`, if the item moves it.
+    /// The cursor a client holds after `item`, if the item moves it. `initialized` moves
+    /// none: it says where the consumer resumes, which is what the client already holds,
+    /// and while a stream hands out its initial state its position is the marker's (after
+    /// the rows), so passing it back would skip them.
     pub fn after<R>(item: &SubscriptionItem<R>) -> Option<Cursor> {
         match item {
             SubscriptionItem::Event(ev) => Some(Cursor::Position(ev.position)),
             SubscriptionItem::Snapshot(row) => row.seq.map(Cursor::Snapshot),
-            SubscriptionItem::Initialized { position }
-            | SubscriptionItem::SnapshotComplete { position } => position.map(Cursor::Position),
+            SubscriptionItem::SnapshotComplete { position } => position.map(Cursor::Position),
             SubscriptionItem::Completed { position, .. } => Some(Cursor::Position(*position)),
+            SubscriptionItem::Initialized { .. } => None,
         }
     }
 }
@@ -328,26 +336,24 @@ pub async fn create(
     migrate(store).await?;
     let names: Vec<String> = tables.iter().map(qualified).collect();
     let filter = def.filter.as_ref().map(|f| f.to_json().to_string());
-    let from = def.from.map(Mark::of);
-    // A source without progress has nothing in the log yet: start before everything.
+    let start = match def.from {
+        Some(from) => Mark::of(from),
+        None => log_head(store, &def.source).await?,
+    };
     let created = store
         .execute(
             "INSERT INTO waltap.streams
                  (name, source, tables, filter, cursor_lsn, cursor_ordinal, snapshot_state)
-             SELECT $1, $2, $3, $4::text::jsonb, coalesce($7, p.lsn, 0),
-                    CASE WHEN $7 IS NOT NULL THEN $8 WHEN coalesce(p.lsn, 0) = 0 THEN 0 ELSE $5 END,
-                    CASE WHEN $6 THEN 'pending' END
-             FROM (SELECT max(commit_lsn) AS lsn FROM waltap.progress WHERE source = $2) p
+             VALUES ($1, $2, $3, $4::text::jsonb, $5, $6, $7)
              ON CONFLICT (name) DO NOTHING",
             &[
                 &def.name,
                 &def.source,
                 &names,
                 &filter,
-                &TX_END,
-                &def.initial_state,
-                &from.map(|m| m.lsn),
-                &from.map(|m| m.ordinal),
+                &start.lsn,
+                &start.ordinal,
+                &snapshot_state(def.initial_state),
             ],
         )
         .await
@@ -486,18 +492,29 @@ pub async fn reset(
     initial_state: bool,
 ) -> Result<StreamInfo, StoreError> {
     migrate(store).await?;
+    let source: String = store
+        .query_opt(
+            "SELECT source FROM waltap.streams WHERE name = $1",
+            &[&name],
+        )
+        .await
+        .map_err(StoreError::sql("read a stream"))?
+        .ok_or_else(|| StoreError::NoSuchStream(name.to_owned()))?
+        .get(0);
+    let start = log_head(store, &source).await?;
     let n = store
         .execute(
-            "UPDATE waltap.streams s
-             SET cursor_lsn = coalesce(p.lsn, 0),
-                 cursor_ordinal = CASE WHEN coalesce(p.lsn, 0) = 0 THEN 0 ELSE $2 END,
-                 snapshot_state = CASE WHEN $3 THEN 'pending' END,
+            "UPDATE waltap.streams
+             SET cursor_lsn = $2, cursor_ordinal = $3, snapshot_state = $4,
                  snapshot_acked = 0, snapshot_total = 0
-             FROM (SELECT max(commit_lsn) AS lsn FROM waltap.progress
-                   WHERE source = (SELECT source FROM waltap.streams WHERE name = $1)) p
-             WHERE s.name = $1
-               AND (s.lease_holder IS NULL OR s.lease_expires_at IS NULL OR s.lease_expires_at <= now())",
-            &[&name, &TX_END, &initial_state],
+             WHERE name = $1
+               AND (lease_holder IS NULL OR lease_expires_at IS NULL OR lease_expires_at <= now())",
+            &[
+                &name,
+                &start.lsn,
+                &start.ordinal,
+                &snapshot_state(initial_state),
+            ],
         )
         .await
         .map_err(StoreError::sql("reset a stream"))?;
@@ -512,6 +529,34 @@ pub async fn reset(
         .await
         .map_err(StoreError::sql("clear a stream's initial state"))?;
     get(store, name).await
+}
+
+/// Where a stream made or reset now starts, unless told otherwise: after the log head of
+/// `source`, or before everything while its log is empty. With an initial state the first
+/// consumer then copies the rows and moves the cursor to their snapshot's position
+/// ([`super::initial::materialize`]); [`create`] and [`reset`] share both steps.
+async fn log_head(store: &Client, source: &str) -> Result<Mark, StoreError> {
+    let head: Option<i64> = store
+        .query_one(
+            "SELECT max(commit_lsn) FROM waltap.progress WHERE source = $1",
+            &[&source],
+        )
+        .await
+        .map_err(StoreError::sql("read the log head"))?
+        .get(0);
+    Ok(match head {
+        Some(lsn) if lsn != 0 => Mark {
+            lsn,
+            ordinal: TX_END,
+        },
+        _ => Mark { lsn: 0, ordinal: 0 },
+    })
+}
+
+/// `snapshot_state` of a stream that starts now: `pending` until its first consumer copies
+/// the initial state.
+fn snapshot_state(initial_state: bool) -> Option<&'static str> {
+    initial_state.then_some("pending")
 }
 
 /// Why a stream could not be leased: it is gone, or someone holds it.
@@ -646,8 +691,10 @@ struct Progress {
     /// that the stream delivers has been handed out.
     quiet_through: Option<Mark>,
     renewed_at: Instant,
-    /// The stream's initial state is not yet all acknowledged.
+    /// The stream's initial state is not yet all acknowledged (its marker included).
     snapshot_open: bool,
+    /// The last row of the initial state acknowledged.
+    snapshot_acked: i64,
 }
 
 impl Shared {
@@ -727,19 +774,19 @@ impl Shared {
         Ok(())
     }
 
-    /// Acknowledges the initial state's rows up to `seq` (all of them with `None`); once
-    /// all are, the copy is deleted.
+    /// Acknowledges the initial state's rows up to `seq`, or with `None` all of it, its
+    /// marker included: only then is the copy deleted, so that a consumer that has the
+    /// last row but not the marker gets the marker again.
     async fn ack_snapshot(&self, client: &Client, seq: Option<i64>) -> Result<(), StoreError> {
         let started = Instant::now();
         let row = client
             .query_opt(
                 "UPDATE waltap.streams SET
                      snapshot_acked = greatest(snapshot_acked, least(coalesce($3, snapshot_total), snapshot_total)),
-                     snapshot_state = CASE WHEN least(coalesce($3, snapshot_total), snapshot_total) >= snapshot_total
-                                           THEN NULL ELSE snapshot_state END,
+                     snapshot_state = CASE WHEN $3 IS NULL THEN NULL ELSE snapshot_state END,
                      lease_expires_at = now() + make_interval(secs => $4)
                  WHERE name = $1 AND lease_holder = $2
-                 RETURNING snapshot_state",
+                 RETURNING snapshot_state, snapshot_acked",
                 &[&self.name, &self.holder, &seq, &self.lease_secs()],
             )
             .await
@@ -759,6 +806,7 @@ impl Shared {
         }
         let mut state = self.state();
         state.snapshot_open = open;
+        state.snapshot_acked = row.get(1);
         state.renewed_at = started;
         Ok(())
     }
@@ -869,6 +917,7 @@ pub async fn open(
             quiet_through: None,
             renewed_at: Instant::now(),
             snapshot_open: false,
+            snapshot_acked: 0,
         }),
     });
     let mut consumer = StreamConsumer {
@@ -883,7 +932,11 @@ pub async fn open(
             total: row.get::<_, i64>(7),
             out: VecDeque::new(),
         });
-    shared.state().snapshot_open = snapshot.is_some();
+    if let Some(phase) = &snapshot {
+        let mut state = shared.state();
+        state.snapshot_open = true;
+        state.snapshot_acked = phase.next;
+    }
     match options.acknowledged {
         None => {}
         Some(Cursor::Snapshot(seq)) => {
@@ -893,13 +946,15 @@ pub async fn open(
                 phase.next = phase.next.max(seq);
             }
         }
-        // A change after the cursor comes after every row of the initial state; a position
-        // at or before it (the markers') leaves the initial state as it is.
-        Some(Cursor::Position(p)) if Mark::of(p) > shared.state().acked => {
+        // The marker's position (the cursor) or a change after it acknowledges the whole
+        // initial state (see [`Cursor`]); a position before it changes nothing.
+        Some(Cursor::Position(p)) if Mark::of(p) >= shared.state().acked => {
             if snapshot.take().is_some() {
                 shared.ack_snapshot(&shared.client, None).await?;
             }
-            shared.store_cursor(&shared.client, Mark::of(p)).await?;
+            if Mark::of(p) > shared.state().acked {
+                shared.store_cursor(&shared.client, Mark::of(p)).await?;
+            }
         }
         Some(Cursor::Position(_)) => {}
     }
@@ -1006,6 +1061,18 @@ impl StreamConsumer {
         self.shared.state().acked.position()
     }
 
+    /// What the consumer has acknowledged, as the cursor to resume after: while the
+    /// initial state is not all acknowledged, its last acknowledged row (`snapshot-0`
+    /// before the first), since the position stands after the rows.
+    pub fn acknowledged(&self) -> Cursor {
+        let state = self.shared.state();
+        if state.snapshot_open {
+            Cursor::Snapshot(state.snapshot_acked.max(0) as u64)
+        } else {
+            Cursor::Position(state.acked.position())
+        }
+    }
+
     /// Acknowledges every event up to and including `position`: they are not delivered
     /// again, to this consumer or a later one. Positions at or before the cursor change
     /// nothing. Acknowledge only positions you received: everything before one counts as
@@ -1015,7 +1082,9 @@ impl StreamConsumer {
     }
 
     /// Acknowledges the rows of the initial state up to and including `seq`
-    /// ([`SnapshotRow::seq`]): a consumer that reopens the stream resumes after it.
+    /// ([`SnapshotRow::seq`]): a consumer that reopens the stream resumes after it. The
+    /// `snapshotComplete` marker is acknowledged by its position ([`StreamConsumer::ack`]),
+    /// as is everything before a change.
     pub async fn ack_snapshot(&self, seq: u64) -> Result<(), StoreError> {
         self.ack_cursor(Cursor::Snapshot(seq)).await
     }
@@ -1053,10 +1122,10 @@ impl StreamAcker {
     pub async fn ack(&self, position: Position) -> Result<(), StoreError> {
         let finishes_snapshot = {
             let state = self.shared.state();
-            state.snapshot_open && Mark::of(position) > state.acked
+            state.snapshot_open && Mark::of(position) >= state.acked
         };
         if finishes_snapshot {
-            // A change after the cursor comes after every row of the initial state.
+            // The marker's position or a change after it (see [`Cursor`]).
             self.shared.ack_snapshot(&self.shared.client, None).await?;
         }
         let mut to = Mark::of(position);
@@ -1268,8 +1337,10 @@ impl Reader {
             Ok(None) => {
                 self.snapshot = None;
                 let cursor = self.delivered_through;
+                // Always a position, even before every change (LSN 0): it is the cursor
+                // that acknowledges the marker.
                 Some(Ok(StreamItem::SnapshotComplete {
-                    position: (cursor.lsn != 0).then(|| cursor.position()),
+                    position: Some(cursor.position()),
                 }))
             }
             Err(e) => {
@@ -1478,7 +1549,10 @@ impl Reader {
         let advance = {
             let mut state = self.shared.state();
             state.quiet_through = Some(through);
-            state.yielded.is_none_or(|y| state.acked >= y) && state.acked < through
+            // Not past the marker's position before the consumer acknowledged the marker.
+            !state.snapshot_open
+                && state.yielded.is_none_or(|y| state.acked >= y)
+                && state.acked < through
         };
         if advance {
             self.shared.store_cursor(&self.client, through).await?;

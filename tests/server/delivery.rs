@@ -23,7 +23,7 @@ pub(super) async fn ws(s: &Server, path: &str, key: &str) -> Ws {
     tokio_tungstenite::connect_async(req).await.unwrap().0
 }
 
-async fn ws_next(ws: &mut Ws) -> Json {
+pub(super) async fn ws_next(ws: &mut Ws) -> Json {
     loop {
         match tokio::time::timeout(TIMEOUT, ws.next()).await {
             Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).unwrap(),

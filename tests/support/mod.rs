@@ -206,3 +206,15 @@ pub fn waltap(url: &str, args: &[&str]) -> tokio::process::Command {
         .kill_on_drop(true);
     cmd
 }
+
+/// The next line of a child's output, which must be JSON, within 60 s.
+pub async fn json_line<R: tokio::io::AsyncBufRead + Unpin>(
+    out: &mut tokio::io::Lines<R>,
+) -> serde_json::Value {
+    let line = tokio::time::timeout(Duration::from_secs(60), out.next_line())
+        .await
+        .expect("a line in time")
+        .unwrap()
+        .expect("a line");
+    serde_json::from_str(&line).unwrap()
+}
