@@ -110,8 +110,8 @@ pub enum SubscriptionItem<R = Row> {
     /// Live from here: every change committed after this arrives is delivered.
     /// `position`: for a subscription, the position after which the changes it delivers
     /// lie (the last one the hub had seen, or where its slot started streaming); for a
-    /// stream, the cursor it resumes after (absent when the log held nothing for its
-    /// source when it was made or reset).
+    /// stream, the cursor it resumes after (`0000000000000000-0000000000` when the log
+    /// held nothing for its source when it was made or reset). Always set.
     Initialized { position: Option<Position> },
     /// The initial state is complete: the changes that follow are exactly those after
     /// `position` (always set for a subscription; a stream always gives one too, the

@@ -961,9 +961,10 @@ pub async fn open(
     let cursor = shared.state().acked;
     let mut reader = Reader::new(shared, reader_client, &row, &options, notifications).await?;
     reader.snapshot = snapshot;
-    // A cursor at LSN 0 stands before everything: the log was empty when it was set.
+    // Always a real position, resumable with `from`: a cursor at LSN 0 (the log was empty
+    // when it was set) is the position before every event.
     let initialized = StreamItem::Initialized {
-        position: (cursor.lsn != 0).then(|| cursor.position()),
+        position: Some(cursor.position()),
     };
     let events = futures::stream::unfold(reader, |mut r| async move {
         let item = r.next_stream_item().await?;
