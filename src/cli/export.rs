@@ -20,7 +20,7 @@ pub struct ExportArgs {
     pub store: StoreArgs,
     /// `table` or `schema.table`.
     pub table: String,
-    /// Filter as JSON (DESIGN.md section 3): the rows a `create` of them would deliver.
+    /// Filter as JSON (README, "Filters and subscriptions"): the rows a `create` of them would deliver.
     #[arg(long)]
     pub filter: Option<String>,
 }

@@ -64,7 +64,7 @@ pub struct CreateArgs {
     /// A table of the stream (`table` or `schema.table`); repeatable, at least one.
     #[arg(long = "table", short = 't', required = true)]
     pub tables: Vec<String>,
-    /// Filter as JSON (DESIGN.md section 3), checked against every table.
+    /// Filter as JSON (README, "Filters and subscriptions"), checked against every table.
     #[arg(long)]
     pub filter: Option<String>,
     /// Start with the rows of the tables that match the filter now (copied from one

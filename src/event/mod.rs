@@ -1,4 +1,4 @@
-//! Change events: the public data model and its JSON form (DESIGN.md section 2).
+//! Change events: the public data model and its JSON form (README, "Point it at your database").
 //!
 //! This module owns [`Event`] and its serialization, [`Position`] (the total order and
 //! resume cursor) and the [`Assembler`] that turns decoded pgoutput messages into events:
@@ -36,7 +36,7 @@ pub enum Action {
     Truncate,
 }
 
-/// How an update moved a row relative to a subscriber's filtered set (DESIGN.md section 3).
+/// How an update moved a row relative to a subscriber's filtered set (README, "Filters and subscriptions").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Transition {

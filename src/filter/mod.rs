@@ -1,4 +1,4 @@
-//! Subscriber filters (DESIGN.md section 3): which change events a subscription receives.
+//! Subscriber filters (README, "Filters and subscriptions"): which change events a subscription receives.
 //!
 //! This module owns the JSON form of a filter ([`Filter`], the same for Rust, the CLI's
 //! `--filter` and HTTP), its validation against one table's columns and types

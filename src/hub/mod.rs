@@ -1,7 +1,7 @@
 //! Ephemeral fan-out: one listener, any number of filtered subscribers (`subscribe`).
 //!
 //! The hub owns one [`Listener`] and one task. Each subscriber has its own compiled filter
-//! and its own bounded queue. Guarantees (DESIGN.md section 4, the `subscribe` column):
+//! and its own bounded queue. Guarantees (README, "Filters and subscriptions"):
 //!
 //! - at-most-once, from now on: the hub acknowledges every event as soon as it has been
 //!   offered to the subscribers, so the slot never waits for a subscriber;

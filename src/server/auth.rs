@@ -128,7 +128,7 @@ fn digest(secret: &[u8]) -> [u8; 32] {
 }
 
 impl Keys {
-    /// Reads the TOML document of DESIGN.md section 4 (`[[key]]` with `secret`, `tables`,
+    /// Reads the keys file described in the README ("HTTP API") (`[[key]]` with `secret`, `tables`,
     /// `streams`, and optionally a top-level `token_secret`). `token_secret` from the
     /// environment, when given, wins over the file's.
     pub fn from_toml(text: &str, token_secret: Option<&str>) -> Result<Keys, KeysError> {

@@ -8,7 +8,7 @@
 //! every open delivery connection cleanly (a stream consumer releases its lease), then
 //! stop the pipeline, which confirms the slot up to what the log holds.
 //!
-//! The API contract is DESIGN.md section 4 and `docs/openapi.json` (served at
+//! The API contract is the README's "HTTP API" section and `docs/openapi.json` (served at
 //! `/v1/openapi.json`). Submodules: [`auth`] (keys, tokens, connection cap), [`error`]
 //! (codes), [`session`] (SSE and WebSocket framing), [`subscribe`], [`streams`],
 //! [`metrics`]. Nothing else in the crate depends on this module.

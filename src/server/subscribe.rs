@@ -1,6 +1,6 @@
 //! `GET /v1/subscribe`: an ephemeral, filtered subscription over SSE or WebSocket.
 //!
-//! At-most-once from now on (DESIGN.md section 4): the first item is `initialized`; a
+//! At-most-once from now on (README, "Delivery guarantees"): the first item is `initialized`; a
 //! client that reads too slowly fills its queue in the hub and is cut off with a `lagged`
 //! error item, so it never slows the others or the slot. With `initialState=true` the
 //! matching rows come first (`snapshot` items), then `snapshotComplete`, then the changes

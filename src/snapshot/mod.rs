@@ -1,6 +1,6 @@
 //! Initial state: the rows of a table as of one consistent database snapshot, and the
 //! position in the change stream from which changes continue them, with nothing missed
-//! or doubled in between (DESIGN.md section 4, "Initial state").
+//! or doubled in between (README, "Initial state"; `docs/initial-state.md`).
 //!
 //! How (see `docs/initial-state.md` for why this method):
 //!
@@ -195,7 +195,7 @@ impl Session {
     /// Opens the transaction, takes the snapshot and writes the watermark.
     pub async fn begin(source: &SourceConfig) -> Result<Session, SnapshotError> {
         let client = source.connect_sql().await?;
-        // The values come out as the walsender prints them (DESIGN.md section 2), so a
+        // The values come out as the walsender prints them (README, the event format), so a
         // snapshot row and a change of the same row look the same.
         client
             .batch_execute(

@@ -1,5 +1,5 @@
 //! Named streams over the log: persisted, at-least-once, ordered, resumable consumers
-//! (DESIGN.md section 4, the `stream` column).
+//! (README, "Persisted streams").
 //!
 //! This module owns the rows of `waltap.streams` and the reading of the log for them.
 //! A stream has a name, a source (the slot whose events it reads), a set of tables, an
@@ -9,7 +9,7 @@
 //! - a new stream's cursor is the log head of its source (the progress mark), so it
 //!   delivers exactly what is appended after it was made;
 //! - a consumer ([`open`]) first yields [`StreamItem::Initialized`] carrying the cursor it
-//!   resumes after (the item type of a subscription, DESIGN.md section 4), then, in
+//!   resumes after (the item type of a subscription), then, in
 //!   position order and without gaps, every event of the stream's tables after that
 //!   cursor that passes the filter; the cursor moves only forward and only by
 //!   [`StreamConsumer::ack`], so after a crash or a reopen everything after the last

@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used)]
 
 //! Table-driven tests of the [`Assembler`]: hand-built pgoutput messages in, events and
-//! their JSON (DESIGN.md section 2) out.
+//! their JSON (the README's event format) out.
 
 use super::*;
 
