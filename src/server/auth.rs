@@ -250,9 +250,16 @@ pub struct Claims {
     /// The issuing key's id.
     #[serde(rename = "k")]
     pub key: String,
-    /// For a subscription: the table (`schema.table`) and filter (JSON).
-    #[serde(rename = "t", default, skip_serializing_if = "Option::is_none")]
-    pub table: Option<String>,
+    /// For a subscription: the table and filter (JSON). The table is written as
+    /// `[schema, name]`; tokens made before that carry `"schema.table"` text, which is
+    /// read only when it names one table unambiguously (one dot, no quote).
+    #[serde(
+        rename = "t",
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "token_table"
+    )]
+    pub table: Option<TableName>,
     #[serde(rename = "f", default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<serde_json::Value>,
     /// For a persisted stream: its name.
@@ -263,6 +270,42 @@ pub struct Claims {
     pub position: Option<Position>,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
+}
+
+/// The token's table as a `[schema, name]` pair, never as text to parse again.
+mod token_table {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::event::TableName;
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Pair(String, String),
+        /// Tokens issued before the pair form.
+        Text(String),
+    }
+
+    pub fn serialize<S: Serializer>(t: &Option<TableName>, s: S) -> Result<S::Ok, S::Error> {
+        t.as_ref()
+            .map(|t| Form::Pair(t.schema.clone(), t.table.clone()))
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<TableName>, D::Error> {
+        match Option::<Form>::deserialize(d)? {
+            None => Ok(None),
+            Some(Form::Pair(schema, table)) => Ok(Some(TableName { schema, table })),
+            Some(Form::Text(text)) => {
+                // Issued as `schema.table` without quoting: exact only with one dot and
+                // no quote; anything else may name another table, so the token is refused.
+                if text.contains('"') || text.matches('.').count() != 1 {
+                    return Err(serde::de::Error::custom("ambiguous table in a token"));
+                }
+                Ok(Some(TableName::parse(&text)))
+            }
+        }
+    }
 }
 
 /// Who is calling: a key, directly or through a token it issued.
@@ -406,7 +449,7 @@ mod tests {
         let key = keys.find("alpha").unwrap();
         let claims = Claims {
             key: key.id(),
-            table: Some("public.orders".into()),
+            table: Some(TableName::parse("public.orders")),
             filter: None,
             stream: None,
             position: None,
@@ -414,11 +457,11 @@ mod tests {
         };
         let token = keys.sign(&claims);
         let (back, k) = keys.verify(&token).unwrap();
-        assert_eq!(back.table.as_deref(), Some("public.orders"));
+        assert_eq!(back.table, Some(TableName::parse("public.orders")));
         assert_eq!(k.id(), key.id());
         let (payload, tag) = token.split_once('.').unwrap();
         let forged = Claims {
-            table: Some("public.users".into()),
+            table: Some(TableName::parse("public.users")),
             ..claims.clone()
         };
         let forged_payload = keys.sign(&forged);

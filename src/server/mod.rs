@@ -38,6 +38,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::appender::{self, AppendError, AppenderConfig};
 use crate::config::SourceConfig;
+use crate::event::TableName;
 use crate::filter::Filter;
 use crate::hub::{Hub, HubConfig};
 use crate::store::StoreError;
@@ -172,6 +173,8 @@ struct AppState {
     catalog: Option<Db>,
     /// The pipeline's slot: the source of every stream made here.
     slot: String,
+    /// The pipeline's publication: only its tables are delivered.
+    publication: String,
     /// Fires at shutdown: every session ends.
     stop: CancellationToken,
     tasks: TaskTracker,
@@ -187,6 +190,39 @@ type Shared = Arc<AppState>;
 impl AppState {
     fn catalog_db(&self) -> &Db {
         self.catalog.as_ref().unwrap_or(&self.store)
+    }
+
+    /// Refuses a table the caller's key may not read or the source does not publish
+    /// (system catalogs and waltap's own tables never are). A key's `"*"` thus means
+    /// every published table.
+    async fn check_published(&self, caller: &Caller, table: &TableName) -> Result<(), ApiError> {
+        caller.check_table(table)?;
+        let catalog = self.catalog_db().get().await?;
+        let published = crate::catalog::is_published(&catalog, &self.publication, table)
+            .await
+            .map_err(StoreError::sql("read the publication's tables"))?;
+        if published {
+            Ok(())
+        } else {
+            Err(ApiError::NotPublished(table.clone()))
+        }
+    }
+
+    /// Checks a filter against the table's columns and types now, as a subscription
+    /// would when it starts (so a token is not minted for a filter that cannot work).
+    async fn check_filter_columns(
+        &self,
+        table: &TableName,
+        filter: Option<&Filter>,
+    ) -> Result<(), ApiError> {
+        let catalog = self.catalog_db().get().await?;
+        let schema = crate::catalog::table_schema(&catalog, table)
+            .await
+            .map_err(StoreError::sql("read a table's columns"))?
+            .ok_or_else(|| ApiError::NotPublished(table.clone()))?;
+        crate::filter::CompiledFilter::new(filter, &schema)
+            .map(drop)
+            .map_err(|e| ApiError::BadFilter(e.to_string()))
     }
 
     /// Parses a filter within the configured bounds.
@@ -306,6 +342,7 @@ pub async fn serve(
         store: Db::new(appender_config.store.clone()),
         catalog,
         slot: slot.clone(),
+        publication: appender_config.listener.publication.clone(),
         stop: stop.clone(),
         tasks: TaskTracker::new(),
         consumers: std::sync::Mutex::new(HashMap::new()),
@@ -531,10 +568,17 @@ async fn tokens(
             state.limits.max_token_ttl.as_secs()
         )));
     }
-    match (&req.table, &req.stream) {
+    let table = req
+        .table
+        .as_deref()
+        .map(TableName::parse_strict)
+        .transpose()
+        .map_err(ApiError::BadRequest)?;
+    match (&table, &req.stream) {
         (Some(table), None) => {
-            caller.check_table(&crate::event::TableName::parse(table))?;
-            state.filter(req.filter.clone())?;
+            state.check_published(&caller, table).await?;
+            let filter = state.filter(req.filter.clone())?;
+            state.check_filter_columns(table, filter.as_ref()).await?;
         }
         (None, Some(name)) => {
             if req.filter.is_some() {
@@ -542,7 +586,7 @@ async fn tokens(
                     "a stream token takes no filter: the stream has its own".into(),
                 ));
             }
-            streams::authorize(&state, &caller, name).await?;
+            streams::authorize_delivery(&state, &caller, name).await?;
         }
         _ => {
             return Err(ApiError::BadRequest(
@@ -553,9 +597,7 @@ async fn tokens(
     let exp = auth::now_secs() + ttl;
     let claims = auth::Claims {
         key: caller.key.id(),
-        table: req
-            .table
-            .map(|t| crate::event::TableName::parse(&t).to_string()),
+        table,
         filter: req.filter,
         stream: req.stream,
         position: req.position,

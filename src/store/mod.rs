@@ -60,7 +60,7 @@ pub enum StoreError {
     NoSuchStream(String),
     #[error("stream {0:?} already exists")]
     StreamExists(String),
-    #[error("invalid stream name {0:?}: use 1 to 128 characters of A-Z, a-z, 0-9, _, . and -")]
+    #[error("invalid stream name {0:?}: use 1 to 128 characters of A-Z, a-z, 0-9, _, . and - (but not . or ..)")]
     InvalidStreamName(String),
     #[error("stream {name:?} is busy: another consumer holds it until {until} (stream_busy)")]
     StreamBusy { name: String, until: String },

@@ -257,18 +257,15 @@ impl Mark {
 /// `schema.table`, each part quoted when it holds a dot or a quote, so that
 /// [`TableName::parse`] reads it back.
 fn qualified(t: &TableName) -> String {
-    let part = |s: &str| {
-        if s.contains(['.', '"']) {
-            crate::replication::quote_ident(s)
-        } else {
-            s.to_owned()
-        }
-    };
-    format!("{}.{}", part(&t.schema), part(&t.table))
+    t.to_string()
 }
 
-fn check_name(name: &str) -> Result<(), StoreError> {
+/// Refuses a name a stream cannot have: 1 to 128 characters of `A-Z a-z 0-9 _ . -`,
+/// and not `.` or `..` (which no URL path can carry).
+pub fn check_name(name: &str) -> Result<(), StoreError> {
     let ok = (1..=128).contains(&name.len())
+        && name != "."
+        && name != ".."
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
