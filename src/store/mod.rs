@@ -35,6 +35,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
         3,
         include_str!("../../migrations/0003_source_publication.sql"),
     ),
+    (4, include_str!("../../migrations/0004_stream_delivered.sql")),
 ];
 
 /// Failures of the event log.
@@ -70,6 +71,14 @@ pub enum StoreError {
         cursor: String,
         pruned: String,
     },
+    #[error("cannot acknowledge {cursor} on stream {name:?}: it has delivered only up to {delivered}; acknowledge what was received")]
+    AheadOfDelivery {
+        name: String,
+        cursor: String,
+        delivered: String,
+    },
+    #[error("position {0} is beyond the event log (which ends at {1})")]
+    BeyondLog(String, String),
     #[error("bad stream filter: {0}")]
     BadFilter(#[from] crate::filter::FilterError),
     #[error("table {0} does not exist")]
@@ -97,6 +106,8 @@ impl StoreError {
             StoreError::NoSuchStream(_) => "not_found",
             StoreError::StreamExists(_) => "conflict",
             StoreError::InvalidStreamName(_)
+            | StoreError::AheadOfDelivery { .. }
+            | StoreError::BeyondLog(..)
             | StoreError::NoSuchTable(_)
             | StoreError::NoTables => "bad_request",
             StoreError::BadFilter(_) => "bad_filter",

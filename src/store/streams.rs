@@ -252,6 +252,15 @@ impl Mark {
             ordinal: i32::try_from(p.ordinal).unwrap_or(TX_END),
         }
     }
+
+    /// [`Mark::of`] for a position from a client: LSNs at or above 2^63 are beyond any
+    /// log (and would wrap around in the store's `bigint`).
+    fn checked(p: Position) -> Result<Mark, StoreError> {
+        if i64::try_from(p.commit_lsn.0).is_err() {
+            return Err(StoreError::BeyondLog(p.to_string(), "7FFFFFFF/FFFFFFFF".into()));
+        }
+        Ok(Mark::of(p))
+    }
 }
 
 /// `schema.table`, each part quoted when it holds a dot or a quote, so that
@@ -324,7 +333,29 @@ pub async fn create(
     migrate(store).await?;
     let names: Vec<String> = tables.iter().map(qualified).collect();
     let filter = def.filter.as_ref().map(|f| f.to_json().to_string());
-    let from = def.from.map(Mark::of);
+    let from = def.from.map(Mark::checked).transpose()?;
+    if let Some(from) = from {
+        // Starting after a position the log has not reached would skip what comes
+        // before it unseen.
+        let head: Option<i64> = store
+            .query_one(
+                "SELECT max(commit_lsn) FROM waltap.progress WHERE source = $1",
+                &[&def.source],
+            )
+            .await
+            .map_err(StoreError::sql("read the log head"))?
+            .get(0);
+        let head = Mark {
+            lsn: head.unwrap_or(0),
+            ordinal: TX_END,
+        };
+        if from > head {
+            return Err(StoreError::BeyondLog(
+                from.position().to_string(),
+                head.position().to_string(),
+            ));
+        }
+    }
     // A source without progress has nothing in the log yet: start before everything.
     let created = store
         .execute(
@@ -488,7 +519,8 @@ pub async fn reset(
              SET cursor_lsn = coalesce(p.lsn, 0),
                  cursor_ordinal = CASE WHEN coalesce(p.lsn, 0) = 0 THEN 0 ELSE $2 END,
                  snapshot_state = CASE WHEN $3 THEN 'pending' END,
-                 snapshot_acked = 0, snapshot_total = 0
+                 snapshot_acked = 0, snapshot_total = 0,
+                 delivered_lsn = NULL, delivered_ordinal = NULL, snapshot_delivered = 0
              FROM (SELECT max(commit_lsn) AS lsn FROM waltap.progress
                    WHERE source = (SELECT source FROM waltap.streams WHERE name = $1)) p
              WHERE s.name = $1
@@ -638,6 +670,11 @@ struct Progress {
     acked: Mark,
     /// The last event handed out.
     yielded: Option<Mark>,
+    /// Through here, events were handed out to this stream's consumers (this one or
+    /// earlier ones): acknowledgements may not go further.
+    delivered: Mark,
+    /// Initial-state rows 1..this were handed out.
+    snapshot_delivered: i64,
     /// Set while the reader is caught up with nothing held back: every event up to here
     /// that the stream delivers has been handed out.
     quiet_through: Option<Mark>,
@@ -720,6 +757,86 @@ impl Shared {
             ordinal: row.get(1),
         };
         state.renewed_at = started;
+        Ok(())
+    }
+
+    /// Refuses to acknowledge `to` when it lies beyond what the stream delivered (or, with
+    /// `quiet`, beyond what the reader has read through without finding anything more).
+    fn check_delivered(&self, to: Mark, quiet: bool) -> Result<(), StoreError> {
+        let state = self.state();
+        let mut bound = state.acked.max(state.delivered);
+        if quiet {
+            bound = bound.max(state.quiet_through.unwrap_or(bound));
+        }
+        if to <= bound {
+            return Ok(());
+        }
+        Err(StoreError::AheadOfDelivery {
+            name: self.name.clone(),
+            cursor: to.position().to_string(),
+            delivered: bound.position().to_string(),
+        })
+    }
+
+    /// As [`Shared::check_delivered`], for row `seq` of the initial state.
+    fn check_snapshot_delivered(&self, seq: u64) -> Result<i64, StoreError> {
+        let delivered = self.state().snapshot_delivered;
+        match i64::try_from(seq) {
+            Ok(seq) if seq <= delivered => Ok(seq),
+            _ => Err(StoreError::AheadOfDelivery {
+                name: self.name.clone(),
+                cursor: Cursor::Snapshot(seq).to_string(),
+                delivered: Cursor::Snapshot(delivered.max(0) as u64).to_string(),
+            }),
+        }
+    }
+
+    /// Records, before they are handed out, that events through `to` and initial-state
+    /// rows through `snapshot` are delivered (on the reader's connection).
+    async fn record_delivered(
+        &self,
+        client: &Client,
+        to: Option<Mark>,
+        snapshot: Option<i64>,
+    ) -> Result<(), StoreError> {
+        {
+            let state = self.state();
+            let more = to.is_some_and(|m| m > state.delivered)
+                || snapshot.is_some_and(|n| n > state.snapshot_delivered);
+            if !more {
+                return Ok(());
+            }
+        }
+        let n = client
+            .execute(
+                "UPDATE waltap.streams SET
+                     (delivered_lsn, delivered_ordinal) = (
+                         SELECT CASE WHEN $3::int8 IS NULL OR (delivered_lsn, delivered_ordinal) >= ($3, $4::int4)
+                                     THEN delivered_lsn ELSE $3 END,
+                                CASE WHEN $3::int8 IS NULL OR (delivered_lsn, delivered_ordinal) >= ($3, $4::int4)
+                                     THEN delivered_ordinal ELSE $4 END),
+                     snapshot_delivered = greatest(snapshot_delivered, coalesce($5, 0))
+                 WHERE name = $1 AND lease_holder = $2",
+                &[
+                    &self.name,
+                    &self.holder,
+                    &to.map(|m| m.lsn),
+                    &to.map(|m| m.ordinal),
+                    &snapshot,
+                ],
+            )
+            .await
+            .map_err(StoreError::sql("record what a stream delivered"))?;
+        if n == 0 {
+            return Err(self.lost(client).await);
+        }
+        let mut state = self.state();
+        if let Some(m) = to {
+            state.delivered = state.delivered.max(m);
+        }
+        if let Some(seq) = snapshot {
+            state.snapshot_delivered = state.snapshot_delivered.max(seq);
+        }
         Ok(())
     }
 
@@ -829,7 +946,8 @@ pub async fn open(
              WHERE name = $1
                AND (lease_holder IS NULL OR lease_expires_at IS NULL OR lease_expires_at <= now())
              RETURNING source, tables, filter::text, cursor_lsn, cursor_ordinal,
-                       snapshot_state, snapshot_acked, snapshot_total",
+                       snapshot_state, snapshot_acked, snapshot_total,
+                       delivered_lsn, delivered_ordinal, snapshot_delivered",
             &[&name, &holder, &lease.as_secs_f64()],
         )
         .await
@@ -851,17 +969,24 @@ pub async fn open(
         )
         .await?;
     }
+    let acked = Mark {
+        lsn: row.get(3),
+        ordinal: row.get(4),
+    };
+    let delivered = match (row.get(8), row.get(9)) {
+        (Some(lsn), Some(ordinal)) => acked.max(Mark { lsn, ordinal }),
+        _ => acked,
+    };
     let shared = Arc::new(Shared {
         client,
         name: name.to_owned(),
         holder,
         lease,
         state: Mutex::new(Progress {
-            acked: Mark {
-                lsn: row.get(3),
-                ordinal: row.get(4),
-            },
+            acked,
             yielded: None,
+            delivered,
+            snapshot_delivered: row.get(10),
             quiet_through: None,
             renewed_at: Instant::now(),
             snapshot_open: false,
@@ -880,24 +1005,12 @@ pub async fn open(
             out: VecDeque::new(),
         });
     shared.state().snapshot_open = snapshot.is_some();
-    match options.acknowledged {
-        None => {}
-        Some(Cursor::Snapshot(seq)) => {
-            if let Some(phase) = snapshot.as_mut() {
-                let seq = i64::try_from(seq).unwrap_or(i64::MAX).min(phase.total);
-                shared.ack_snapshot(&shared.client, Some(seq)).await?;
-                phase.next = phase.next.max(seq);
-            }
+    if let Some(cursor) = options.acknowledged {
+        if let Err(e) = resume_after(&shared, &mut snapshot, cursor).await {
+            // Refused: nothing changed, and the lease is free again at once.
+            consumer.close().await;
+            return Err(e);
         }
-        // A change after the cursor comes after every row of the initial state; a position
-        // at or before it (the markers') leaves the initial state as it is.
-        Some(Cursor::Position(p)) if Mark::of(p) > shared.state().acked => {
-            if snapshot.take().is_some() {
-                shared.ack_snapshot(&shared.client, None).await?;
-            }
-            shared.store_cursor(&shared.client, Mark::of(p)).await?;
-        }
-        Some(Cursor::Position(_)) => {}
     }
     let cursor = shared.state().acked;
     let mut reader = Reader::new(shared, reader_client, &row, &options, notifications).await?;
@@ -912,6 +1025,38 @@ pub async fn open(
     });
     consumer.reader = Box::pin(futures::stream::once(async move { Ok(initialized) }).chain(events));
     Ok(consumer)
+}
+
+/// Acknowledges what a reopening consumer says it has handled, when the stream did
+/// deliver that much.
+async fn resume_after(
+    shared: &Shared,
+    snapshot: &mut Option<SnapshotPhase>,
+    cursor: Cursor,
+) -> Result<(), StoreError> {
+    match cursor {
+        Cursor::Snapshot(seq) => {
+            let seq = shared.check_snapshot_delivered(seq)?;
+            if let Some(phase) = snapshot.as_mut() {
+                let seq = seq.min(phase.total);
+                shared.ack_snapshot(&shared.client, Some(seq)).await?;
+                phase.next = phase.next.max(seq);
+            }
+        }
+        Cursor::Position(p) => {
+            let to = Mark::checked(p)?;
+            shared.check_delivered(to, false)?;
+            // A change after the cursor comes after every row of the initial state; a
+            // position at or before it (the markers') leaves the initial state as it is.
+            if to > shared.state().acked {
+                if snapshot.take().is_some() {
+                    shared.ack_snapshot(&shared.client, None).await?;
+                }
+                shared.store_cursor(&shared.client, to).await?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Makes the copy of a stream's initial state ([`super::initial::materialize`]) while
@@ -976,7 +1121,8 @@ async fn copy_initial_state(
     client
         .query_one(
             "SELECT source, tables, filter::text, cursor_lsn, cursor_ordinal,
-                    snapshot_state, snapshot_acked, snapshot_total
+                    snapshot_state, snapshot_acked, snapshot_total,
+                    delivered_lsn, delivered_ordinal, snapshot_delivered
              FROM waltap.streams WHERE name = $1",
             &[&name],
         )
@@ -1047,15 +1193,16 @@ pub struct StreamAcker {
 impl StreamAcker {
     /// As [`StreamConsumer::ack`].
     pub async fn ack(&self, position: Position) -> Result<(), StoreError> {
+        let mut to = Mark::checked(position)?;
+        self.shared.check_delivered(to, true)?;
         let finishes_snapshot = {
             let state = self.shared.state();
-            state.snapshot_open && Mark::of(position) > state.acked
+            state.snapshot_open && to > state.acked
         };
         if finishes_snapshot {
             // A change after the cursor comes after every row of the initial state.
             self.shared.ack_snapshot(&self.shared.client, None).await?;
         }
-        let mut to = Mark::of(position);
         {
             let state = self.shared.state();
             if let Some(quiet) = state.quiet_through {
@@ -1077,10 +1224,10 @@ impl StreamAcker {
         match cursor {
             Cursor::Position(p) => self.ack(p).await,
             Cursor::Snapshot(seq) => {
+                let seq = self.shared.check_snapshot_delivered(seq)?;
                 if !self.shared.state().snapshot_open {
                     return Ok(());
                 }
-                let seq = i64::try_from(seq).unwrap_or(i64::MAX);
                 self.shared
                     .ack_snapshot(&self.shared.client, Some(seq))
                     .await
@@ -1309,6 +1456,11 @@ impl Reader {
             if phase.out.is_empty() {
                 // Fewer rows than counted: the copy was deleted (stream reset or deleted).
                 phase.next = phase.total;
+            } else {
+                let through = phase.next;
+                self.shared
+                    .record_delivered(&self.client, None, Some(through))
+                    .await?;
             }
         }
         Ok(phase.out.pop_front())
@@ -1418,6 +1570,10 @@ impl Reader {
                 self.out.push_back(ev);
             }
         }
+        let handed = self.out.back().map(|ev| Mark::of(ev.position));
+        self.shared
+            .record_delivered(&self.client, handed, None)
+            .await?;
         Ok(last)
     }
 
