@@ -455,7 +455,7 @@ fn router(state: Shared, cors: Option<tower_http::cors::CorsLayer>) -> Router {
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            count_errors,
+            error_responses,
         ))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state);
@@ -465,19 +465,51 @@ fn router(state: Shared, cors: Option<tower_http::cors::CorsLayer>) -> Router {
     }
 }
 
-async fn count_errors(
+/// Counts error responses, and gives those the framework makes itself (a malformed query
+/// string or path, a method the route lacks) the API's JSON error shape.
+async fn error_responses(
     State(state): State<Shared>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     let response = next.run(request).await;
-    if response.status().is_client_error() || response.status().is_server_error() {
-        state
-            .metrics
-            .errors
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let status = response.status();
+    if !status.is_client_error() && !status.is_server_error() {
+        return response;
     }
-    response
+    state
+        .metrics
+        .errors
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // The framework's rejections are one short line of text.
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let code = match status {
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let message = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("error").to_owned(),
+        t => t.to_owned(),
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let body = json!({"error": error::error_body(code, &message)}).to_string();
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 /// Reads the slot's lag and the log's size; `None` fields when Postgres could not say.
@@ -486,6 +518,11 @@ async fn replication(state: &AppState) -> Replication {
         connected: false,
         ..Replication::default()
     };
+    // While the pipeline streams, the walsender's own measure: how long the WAL it sent
+    // waited for the pipeline's confirmation (NULL once caught up and idle). WAL keeps
+    // growing on an idle server (checkpoints, other databases), so the byte lag alone
+    // does not tell that anything is waiting.
+    let mut flush_lag = None;
     if let Ok(client) = state.catalog_db().get().await {
         if let Ok(Some(slot)) = crate::setup::slot_state(&client, &state.slot).await {
             r.connected = slot.active_pid.is_some()
@@ -493,6 +530,18 @@ async fn replication(state: &AppState) -> Replication {
                     .pipeline_running
                     .load(std::sync::atomic::Ordering::Relaxed);
             r.lag_bytes = slot.lag_bytes;
+            if let (true, Some(pid)) = (r.connected, slot.active_pid) {
+                flush_lag = client
+                    .query_opt(
+                        "SELECT coalesce(extract(epoch FROM flush_lag)::float8, 0)
+                         FROM pg_stat_replication WHERE pid = $1",
+                        &[&pid],
+                    )
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|row| row.get::<_, f64>(0));
+            }
         }
     }
     if let Ok(client) = state.store.get().await {
@@ -508,10 +557,12 @@ async fn replication(state: &AppState) -> Replication {
         if let Ok(row) = row {
             r.log_bytes = row.get(0);
             let newest_age: Option<f64> = row.get(1);
-            r.lag_seconds = match r.lag_bytes {
-                Some(0) => Some(0.0),
-                Some(_) => Some(newest_age.unwrap_or(0.0).max(0.0)),
-                None => None,
+            r.lag_seconds = match (r.lag_bytes, flush_lag) {
+                (Some(0), _) => Some(0.0),
+                (Some(_), Some(lag)) => Some(lag.max(0.0)),
+                // Not streaming: how old the log's newest event is.
+                (Some(_), None) => Some(newest_age.unwrap_or(0.0).max(0.0)),
+                (None, _) => None,
             };
         }
     }
@@ -530,17 +581,19 @@ async fn healthz(State(state): State<Shared>) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn metrics_text(State(state): State<Shared>, _caller: Caller) -> Response {
+async fn metrics_text(State(state): State<Shared>, caller: Caller) -> Result<Response, ApiError> {
+    caller.require_key()?;
     let r = replication(&state).await;
-    (
+    Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(&r),
     )
-        .into_response()
+        .into_response())
 }
 
-async fn openapi(_caller: Caller) -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+async fn openapi(caller: Caller) -> Result<Response, ApiError> {
+    caller.require_key()?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response())
 }
 
 #[derive(Deserialize)]

@@ -83,6 +83,8 @@ pub enum StoreError {
     BadFilter(#[from] crate::filter::FilterError),
     #[error("table {0} does not exist")]
     NoSuchTable(String),
+    #[error("table {0} is not one of the source's published tables, so it is neither delivered nor exported")]
+    NotPublished(String),
     #[error("a stream needs at least one table")]
     NoTables,
     #[error("stream {name:?} was taken over by another consumer after this one's lease expired (it neither read nor acknowledged within the lease): reopen it (stream_busy)")]
@@ -111,6 +113,7 @@ impl StoreError {
             | StoreError::NoSuchTable(_)
             | StoreError::NoTables => "bad_request",
             StoreError::BadFilter(_) => "bad_filter",
+            StoreError::NotPublished(_) => "unknown_table",
             StoreError::Snapshot(e) => e.code(),
             _ => "internal",
         }
