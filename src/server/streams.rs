@@ -55,13 +55,12 @@ pub(super) async fn authorize(
             )));
         }
     }
-    let missing = || ApiError::from(StoreError::NoSuchStream(name.to_owned()));
     // A name no stream can have (a NUL, a path segment like `..`) is not looked up.
-    streams::check_name(name).map_err(|_| missing())?;
+    streams::check_name(name)?;
     let store = state.store.get().await?;
     let info = streams::get(&store, name).await?;
     if !readable(caller, &info) {
-        return Err(missing());
+        return Err(StoreError::NoSuchStream(name.to_owned()).into());
     }
     Ok(info)
 }

@@ -815,7 +815,7 @@ impl Shared {
                                      THEN delivered_lsn ELSE $3 END,
                                 CASE WHEN $3::int8 IS NULL OR (delivered_lsn, delivered_ordinal) >= ($3, $4::int4)
                                      THEN delivered_ordinal ELSE $4 END),
-                     snapshot_delivered = greatest(snapshot_delivered, coalesce($5, 0))
+                     snapshot_delivered = greatest(snapshot_delivered, coalesce($5::int8, 0))
                  WHERE name = $1 AND lease_holder = $2",
                 &[
                     &self.name,

@@ -11,10 +11,10 @@ use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
 use super::{ids, insert_orders, start, Server, Sse, ADMIN, ORDERS, TIMEOUT};
 use crate::support::{wait_for, TestDb};
 
-type Ws =
+pub(super) type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn ws(s: &Server, path: &str, key: &str) -> Ws {
+pub(super) async fn ws(s: &Server, path: &str, key: &str) -> Ws {
     let mut req = format!("{}{path}", s.url.replace("http://", "ws://"))
         .into_client_request()
         .unwrap();
@@ -23,7 +23,7 @@ async fn ws(s: &Server, path: &str, key: &str) -> Ws {
     tokio_tungstenite::connect_async(req).await.unwrap().0
 }
 
-async fn ws_next(ws: &mut Ws) -> Json {
+pub(super) async fn ws_next(ws: &mut Ws) -> Json {
     loop {
         match tokio::time::timeout(TIMEOUT, ws.next()).await {
             Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).unwrap(),
@@ -34,7 +34,7 @@ async fn ws_next(ws: &mut Ws) -> Json {
 }
 
 /// A feed page: (ids of the events, cursor).
-async fn page(s: &Server, name: &str, query: &str) -> (Vec<i64>, String) {
+pub(super) async fn page(s: &Server, name: &str, query: &str) -> (Vec<i64>, String) {
     let r = s
         .get(&format!("/v1/streams/{name}/events?{query}"), ORDERS)
         .send()
@@ -305,7 +305,7 @@ async fn two_hundred_sse_clients_all_get_the_events() {
     db.teardown().await;
 }
 
-fn urlencode(s: &str) -> String {
+pub(super) fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
