@@ -488,6 +488,44 @@ mod tests {
     }
 
     #[test]
+    fn token_tables_are_pairs_and_old_text_only_when_unambiguous() {
+        let keys = keys();
+        let key = keys.find("alpha").unwrap();
+        let weird = TableName {
+            schema: "public".into(),
+            table: "a.b".into(),
+        };
+        let token = keys.sign(&Claims {
+            key: key.id(),
+            table: Some(weird.clone()),
+            filter: None,
+            stream: None,
+            position: None,
+            exp: now_secs() + 60,
+        });
+        assert_eq!(keys.verify(&token).unwrap().0.table, Some(weird));
+        // Tokens issued with `"t": "schema.table"` text.
+        let legacy = |t: &str| {
+            let claims = serde_json::json!({"k": key.id(), "t": t, "exp": now_secs() + 60});
+            let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
+            let mut mac = keys.mac();
+            mac.update(payload.as_bytes());
+            let tag = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+            keys.verify(&format!("{payload}.{tag}"))
+        };
+        assert_eq!(
+            legacy("public.orders").unwrap().0.table,
+            Some(TableName::parse("public.orders"))
+        );
+        for ambiguous in ["public.a.b", "My Schema.We\"ird Tab", "orders"] {
+            assert!(
+                matches!(legacy(ambiguous), Err(ApiError::Unauthorized)),
+                "{ambiguous}"
+            );
+        }
+    }
+
+    #[test]
     fn connection_cap_counts_per_key() {
         let keys = keys();
         let cap = ConnectionCap::new(2);

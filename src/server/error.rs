@@ -140,3 +140,21 @@ impl IntoResponse for ApiError {
         (status, axum::Json(json!({"error": self.body()}))).into_response()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_side_failures_keep_their_text_in_the_log() {
+        let corrupt = ApiError::from(StoreError::Corrupt {
+            position: "postgres@db.internal:5432/app".into(),
+            message: "ERROR: relation (SQLSTATE 42P01)".into(),
+        });
+        assert_eq!(corrupt.code(), "internal");
+        let told = corrupt.body().to_string();
+        assert!(!told.contains("db.internal") && !told.contains("SQLSTATE"), "{told}");
+        let refused = ApiError::BadRequest("limit must be a number".into());
+        assert_eq!(refused.public_message(), "limit must be a number");
+    }
+}
