@@ -142,6 +142,10 @@ impl Keys {
             if k.secret.is_empty() {
                 return Err(KeysError::EmptySecret { index });
             }
+            for t in k.tables.iter().filter(|t| *t != "*") {
+                TableName::parse_strict(t)
+                    .map_err(|e| KeysError::Parse(format!("key #{index}: {e}")))?;
+            }
             keys.push(ApiKey {
                 digest: digest(k.secret.as_bytes()),
                 tables: Tables(k.tables),
@@ -441,6 +445,7 @@ mod tests {
         assert!(!inline.token_secret_configured && inline.find("s").is_some());
         assert!(Keys::from_toml("", None).is_err());
         assert!(Keys::from_toml("[[key]]\nsecret = \"\"", None).is_err());
+        assert!(Keys::from_toml("[[key]]\nsecret = \"s\"\ntables = [\"a.b.c\"]", None).is_err());
     }
 
     #[test]

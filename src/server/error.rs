@@ -153,7 +153,10 @@ mod tests {
         });
         assert_eq!(corrupt.code(), "internal");
         let told = corrupt.body().to_string();
-        assert!(!told.contains("db.internal") && !told.contains("SQLSTATE"), "{told}");
+        assert!(
+            !told.contains("db.internal") && !told.contains("SQLSTATE"),
+            "{told}"
+        );
         let refused = ApiError::BadRequest("limit must be a number".into());
         assert_eq!(refused.public_message(), "limit must be a number");
     }

@@ -35,7 +35,10 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
         3,
         include_str!("../../migrations/0003_source_publication.sql"),
     ),
-    (4, include_str!("../../migrations/0004_stream_delivered.sql")),
+    (
+        4,
+        include_str!("../../migrations/0004_stream_delivered.sql"),
+    ),
 ];
 
 /// Failures of the event log.

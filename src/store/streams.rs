@@ -257,7 +257,10 @@ impl Mark {
     /// log (and would wrap around in the store's `bigint`).
     fn checked(p: Position) -> Result<Mark, StoreError> {
         if i64::try_from(p.commit_lsn.0).is_err() {
-            return Err(StoreError::BeyondLog(p.to_string(), "7FFFFFFF/FFFFFFFF".into()));
+            return Err(StoreError::BeyondLog(
+                p.to_string(),
+                "7FFFFFFF/FFFFFFFF".into(),
+            ));
         }
         Ok(Mark::of(p))
     }

@@ -46,7 +46,10 @@ async fn quoted_and_dotted_table_names_reach_exactly_their_table() {
 
     // Subscribe, with the initial state: the rows and changes of the named table only.
     let mut sse = Sse::open(s.get(
-        &format!("/v1/subscribe?table={}&initialState=true", urlencode(TARGET)),
+        &format!(
+            "/v1/subscribe?table={}&initialState=true",
+            urlencode(TARGET)
+        ),
         WEIRD,
     ))
     .await;
@@ -59,8 +62,16 @@ async fn quoted_and_dotted_table_names_reach_exactly_their_table() {
             other => panic!("unexpected {other}: {f:?}"),
         }
     }
-    sql(&db, r#"INSERT INTO "My Schema"."Weird Tab" VALUES (101, 'decoy')"#).await;
-    sql(&db, r#"INSERT INTO "My Schema"."We""ird Tab" VALUES (201, 'target')"#).await;
+    sql(
+        &db,
+        r#"INSERT INTO "My Schema"."Weird Tab" VALUES (101, 'decoy')"#,
+    )
+    .await;
+    sql(
+        &db,
+        r#"INSERT INTO "My Schema"."We""ird Tab" VALUES (201, 'target')"#,
+    )
+    .await;
     let change = sse.expect("change").await;
     assert_eq!(change.data["created"]["id"], 201, "{change:?}");
     assert_eq!(change.data["schema"], "My Schema");
@@ -93,16 +104,32 @@ async fn quoted_and_dotted_table_names_reach_exactly_their_table() {
 
     // A stream keeps the quoting in its stored table list and reads that table only.
     let r = s
-        .post("/v1/streams", WEIRD, json!({"name": "weird", "table": TARGET}))
+        .post(
+            "/v1/streams",
+            WEIRD,
+            json!({"name": "weird", "table": TARGET}),
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
     let info: Json = r.json().await.unwrap();
     // Quoted only where reading it back needs it.
-    assert_eq!(info["tables"], json!([r#"My Schema."We""ird Tab""#]), "{info}");
-    sql(&db, r#"INSERT INTO "My Schema"."Weird Tab" VALUES (102, 'decoy')"#).await;
-    sql(&db, r#"INSERT INTO "My Schema"."We""ird Tab" VALUES (202, 'target')"#).await;
+    assert_eq!(
+        info["tables"],
+        json!([r#"My Schema."We""ird Tab""#]),
+        "{info}"
+    );
+    sql(
+        &db,
+        r#"INSERT INTO "My Schema"."Weird Tab" VALUES (102, 'decoy')"#,
+    )
+    .await;
+    sql(
+        &db,
+        r#"INSERT INTO "My Schema"."We""ird Tab" VALUES (202, 'target')"#,
+    )
+    .await;
     let r = s
         .get("/v1/streams/weird/events?wait=10", WEIRD)
         .send()
@@ -143,11 +170,7 @@ async fn only_published_tables_are_delivered() {
             "{table}"
         );
         assert_eq!(
-            error_code(
-                s.get(&format!("/v1/subscribe?table={table}"), ADMIN),
-                400
-            )
-            .await,
+            error_code(s.get(&format!("/v1/subscribe?table={table}"), ADMIN), 400).await,
             "unknown_table",
             "{table}"
         );
@@ -175,7 +198,11 @@ async fn only_published_tables_are_delivered() {
         "{body}"
     );
     assert_eq!(
-        error_code(s.post("/v1/tokens", ADMIN, json!({"stream": "legacy"})), 400).await,
+        error_code(
+            s.post("/v1/tokens", ADMIN, json!({"stream": "legacy"})),
+            400
+        )
+        .await,
         "unknown_table"
     );
 
@@ -268,7 +295,11 @@ async fn acknowledgements_cannot_run_ahead_of_delivery() {
         .await,
         "bad_request"
     );
-    assert_eq!(s.stream_info("acks").await["cursor"], cursor, "nothing moved");
+    assert_eq!(
+        s.stream_info("acks").await["cursor"],
+        cursor,
+        "nothing moved"
+    );
 
     // Over a WebSocket: the ack is refused with an error item and the session goes on.
     s.lease_free("acks").await;
@@ -276,7 +307,9 @@ async fn acknowledgements_cannot_run_ahead_of_delivery() {
     assert_eq!(ws_next(&mut sock).await["type"], "initialized");
     assert_eq!(ws_next(&mut sock).await["created"]["id"], 1);
     sock.send(Message::Text(
-        json!({"ack": "00000000FFFFFFFF-0000000000"}).to_string().into(),
+        json!({"ack": "00000000FFFFFFFF-0000000000"})
+            .to_string()
+            .into(),
     ))
     .await
     .unwrap();
@@ -294,7 +327,11 @@ async fn acknowledgements_cannot_run_ahead_of_delivery() {
     assert_eq!(ids, [2, 3, 4]);
     drop(sock);
     s.lease_free("acks").await;
-    assert_eq!(s.stream_info("acks").await["cursor"], cursor, "nothing moved");
+    assert_eq!(
+        s.stream_info("acks").await["cursor"],
+        cursor,
+        "nothing moved"
+    );
 
     // What was delivered is acknowledged as before, and nothing after it was skipped.
     let (rest, _) = page(&s, "acks", &format!("cursor={c1}&wait=10")).await;
@@ -313,8 +350,8 @@ async fn every_error_is_json_and_tells_nothing_it_should_not() {
         let got = r.status();
         let text = r.text().await.unwrap();
         assert_eq!(got, status, "{text}");
-        let body: Json = serde_json::from_str(&text)
-            .unwrap_or_else(|_| panic!("not JSON: {text:?}"));
+        let body: Json =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:?}"));
         assert_eq!(body["error"]["code"], code, "{body}");
         assert!(!text.contains("SQLSTATE"), "{text}");
         text
@@ -327,12 +364,21 @@ async fn every_error_is_json_and_tells_nothing_it_should_not() {
         json_error(
             400,
             "bad_request",
-            s.post("/v1/streams", ADMIN, json!({"name": name, "table": "orders"})),
+            s.post(
+                "/v1/streams",
+                ADMIN,
+                json!({"name": name, "table": "orders"}),
+            ),
         )
         .await;
     }
     // What the framework refuses: query strings, paths, methods.
-    json_error(400, "bad_request", s.get("/v1/streams/x/events?limit=abc", ADMIN)).await;
+    json_error(
+        400,
+        "bad_request",
+        s.get("/v1/streams/x/events?limit=abc", ADMIN),
+    )
+    .await;
     json_error(
         400,
         "bad_request",
@@ -366,7 +412,12 @@ async fn every_error_is_json_and_tells_nothing_it_should_not() {
     // Delivery tokens open neither the metrics nor the API document.
     let token = s.token(ORDERS, json!({"table": "orders"})).await;
     for path in ["/metrics", "/v1/openapi.json"] {
-        json_error(403, "forbidden", s.http.get(url(&format!("{path}?token={token}")))).await;
+        json_error(
+            403,
+            "forbidden",
+            s.http.get(url(&format!("{path}?token={token}"))),
+        )
+        .await;
     }
     // A filter naming a column the table lacks is refused when the token is minted.
     json_error(
@@ -412,13 +463,24 @@ async fn idle_health_reports_no_lag() {
         let ddl = format!("CREATE TABLE wal_{n} (); DROP TABLE wal_{n}");
         async move {
             c.batch_execute(&ddl).await.unwrap();
-            let h: Json = s.http.get(format!("{}/healthz", s.url)).send().await.unwrap().json().await.unwrap();
+            let h: Json = s
+                .http
+                .get(format!("{}/healthz", s.url))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
             (h["replication"]["lagBytes"].as_i64().unwrap_or(0) > 0).then_some(h)
         }
     })
     .await;
     let lag = health["replication"]["lagSeconds"].as_f64().unwrap();
-    assert!(lag < 60.0, "an idle server reported {lag} s of lag: {health}");
+    assert!(
+        lag < 60.0,
+        "an idle server reported {lag} s of lag: {health}"
+    );
     s.stop().await;
     db.teardown().await;
 }
