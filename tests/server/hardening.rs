@@ -39,6 +39,16 @@ async fn sql(db: &TestDb, text: &str) {
     db.client().await.batch_execute(text).await.unwrap();
 }
 
+/// Row `100 + n` into the decoy, then row `200 + n` into the target, one commit each.
+async fn insert_both(db: &TestDb, n: i32) {
+    let c = db.client().await;
+    for (table, id) in [(r#""My Schema"."Weird Tab""#, 100 + n), (TARGET, 200 + n)] {
+        c.execute(&format!("INSERT INTO {table} VALUES ($1, 'x')"), &[&id])
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test]
 async fn quoted_and_dotted_table_names_reach_exactly_their_table() {
     let db = TestDb::new().await;
@@ -62,16 +72,7 @@ async fn quoted_and_dotted_table_names_reach_exactly_their_table() {
             other => panic!("unexpected {other}: {f:?}"),
         }
     }
-    sql(
-        &db,
-        r#"INSERT INTO "My Schema"."Weird Tab" VALUES (101, 'decoy')"#,
-    )
-    .await;
-    sql(
-        &db,
-        r#"INSERT INTO "My Schema"."We""ird Tab" VALUES (201, 'target')"#,
-    )
-    .await;
+    insert_both(&db, 1).await;
     let change = sse.expect("change").await;
     assert_eq!(change.data["created"]["id"], 201, "{change:?}");
     assert_eq!(change.data["schema"], "My Schema");
@@ -120,16 +121,7 @@ async fn quoted_and_dotted_table_names_reach_exactly_their_table() {
         json!([r#"My Schema."We""ird Tab""#]),
         "{info}"
     );
-    sql(
-        &db,
-        r#"INSERT INTO "My Schema"."Weird Tab" VALUES (102, 'decoy')"#,
-    )
-    .await;
-    sql(
-        &db,
-        r#"INSERT INTO "My Schema"."We""ird Tab" VALUES (202, 'target')"#,
-    )
-    .await;
+    insert_both(&db, 2).await;
     let r = s
         .get("/v1/streams/weird/events?wait=10", WEIRD)
         .send()
