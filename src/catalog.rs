@@ -119,3 +119,28 @@ pub async fn table_schema(
         identity,
     }))
 }
+
+/// Schemas whose tables are never delivered, published or not: the system catalogs and
+/// waltap's own tables (the event log, streams, and their cursors).
+pub const RESERVED_SCHEMAS: &[&str] = &["pg_catalog", "information_schema", "pg_toast", "waltap"];
+
+/// Whether `table` is one of `publication`'s tables (matched by schema and name, never by
+/// a joined `schema.table` text, which is ambiguous when a name holds a dot) and outside
+/// [`RESERVED_SCHEMAS`].
+pub async fn is_published(
+    client: &Client,
+    publication: &str,
+    table: &crate::event::TableName,
+) -> Result<bool, tokio_postgres::Error> {
+    if RESERVED_SCHEMAS.contains(&table.schema.as_str()) {
+        return Ok(false);
+    }
+    let row = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication_tables
+             WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+            &[&publication, &table.schema, &table.table],
+        )
+        .await?;
+    Ok(row.is_some())
+}

@@ -29,7 +29,7 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     let filter = super::parse_filter(args.filter.as_deref())?;
     let (store, watched) = args.store.configs()?;
     let watched = watched.unwrap_or_else(|| store.clone());
-    let tables = [TableName::parse(&args.table)];
+    let tables = [TableName::parse_strict(&args.table).map_err(anyhow::Error::msg)?];
     let catalog = watched.connect_sql().await?;
     let log = store.connect_sql().await?;
     let compiled =

@@ -34,9 +34,35 @@ impl TableName {
     }
 }
 
+impl TableName {
+    /// As [`TableName::parse`], but refuses text that does not name exactly one table
+    /// unambiguously: an empty part, more than two parts, or an unbalanced quote.
+    pub fn parse_strict(s: &str) -> Result<TableName, String> {
+        let balanced = s.chars().filter(|&c| c == '"').count() % 2 == 0;
+        let parts = split_qualified(s);
+        if !balanced || parts.len() > 2 || parts.iter().any(String::is_empty) {
+            return Err(format!(
+                "{s:?} is not a table name: use `table` or `schema.table`, double-quoting a part that holds a dot or a quote (`\"a.b\"`, `\"say \"\"hi\"\"\"`)"
+            ));
+        }
+        Ok(TableName::parse(s))
+    }
+}
+
+/// `schema.table`, a part double-quoted when it holds a dot or a quote, so that
+/// [`TableName::parse`] reads back the same table.
 impl std::fmt::Display for TableName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}", self.schema, self.table)
+        fn part(f: &mut std::fmt::Formatter<'_>, s: &str) -> std::fmt::Result {
+            if s.contains(['.', '"']) {
+                write!(f, "\"{}\"", s.replace('"', "\"\""))
+            } else {
+                f.write_str(s)
+            }
+        }
+        part(f, &self.schema)?;
+        f.write_str(".")?;
+        part(f, &self.table)
     }
 }
 

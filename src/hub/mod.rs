@@ -402,7 +402,18 @@ impl Hub {
         filter: Option<Filter>,
         options: SubscribeOptions,
     ) -> Result<Subscription, SubscriptionError> {
-        let table = TableName::parse(table);
+        self.subscribe_table(TableName::parse(table), filter, options)
+            .await
+    }
+
+    /// [`Hub::subscribe_with`] for a table already named by schema and name (no parsing,
+    /// so quoted names and names holding dots reach exactly that table).
+    pub async fn subscribe_table(
+        &self,
+        table: TableName,
+        filter: Option<Filter>,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, SubscriptionError> {
         let mut guard = self.catalog.lock().await;
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
             *guard = Some(self.source.connect_sql().await.map_err(Error::from)?);
@@ -414,7 +425,7 @@ impl Hub {
             .await
             .map_err(Error::from)?
             .ok_or_else(|| SubscriptionError::NoSuchTable(table.to_string()))?;
-        let published = crate::setup::published_tables(client, &self.publication)
+        let published = catalog::is_published(client, &self.publication, &table)
             .await
             .map_err(Error::from)?;
         let restriction = match options.initial_state {
@@ -422,7 +433,7 @@ impl Hub {
             false => crate::snapshot::Published::default(),
         };
         drop(guard);
-        if !published.iter().any(|p| p.table == table.to_string()) {
+        if !published {
             return Err(SubscriptionError::NotPublished(table.to_string()));
         }
         let filter = CompiledFilter::new(filter.as_ref(), &schema)?;

@@ -142,6 +142,10 @@ impl Keys {
             if k.secret.is_empty() {
                 return Err(KeysError::EmptySecret { index });
             }
+            for t in k.tables.iter().filter(|t| *t != "*") {
+                TableName::parse_strict(t)
+                    .map_err(|e| KeysError::Parse(format!("key #{index}: {e}")))?;
+            }
             keys.push(ApiKey {
                 digest: digest(k.secret.as_bytes()),
                 tables: Tables(k.tables),
@@ -250,9 +254,16 @@ pub struct Claims {
     /// The issuing key's id.
     #[serde(rename = "k")]
     pub key: String,
-    /// For a subscription: the table (`schema.table`) and filter (JSON).
-    #[serde(rename = "t", default, skip_serializing_if = "Option::is_none")]
-    pub table: Option<String>,
+    /// For a subscription: the table and filter (JSON). The table is written as
+    /// `[schema, name]`; tokens made before that carry `"schema.table"` text, which is
+    /// read only when it names one table unambiguously (one dot, no quote).
+    #[serde(
+        rename = "t",
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "token_table"
+    )]
+    pub table: Option<TableName>,
     #[serde(rename = "f", default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<serde_json::Value>,
     /// For a persisted stream: its name.
@@ -263,6 +274,42 @@ pub struct Claims {
     pub position: Option<Position>,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
+}
+
+/// The token's table as a `[schema, name]` pair, never as text to parse again.
+mod token_table {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::event::TableName;
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Pair(String, String),
+        /// Tokens issued before the pair form.
+        Text(String),
+    }
+
+    pub fn serialize<S: Serializer>(t: &Option<TableName>, s: S) -> Result<S::Ok, S::Error> {
+        t.as_ref()
+            .map(|t| Form::Pair(t.schema.clone(), t.table.clone()))
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<TableName>, D::Error> {
+        match Option::<Form>::deserialize(d)? {
+            None => Ok(None),
+            Some(Form::Pair(schema, table)) => Ok(Some(TableName { schema, table })),
+            Some(Form::Text(text)) => {
+                // Issued as `schema.table` without quoting: exact only with one dot and
+                // no quote; anything else may name another table, so the token is refused.
+                if text.contains('"') || text.matches('.').count() != 1 {
+                    return Err(serde::de::Error::custom("ambiguous table in a token"));
+                }
+                Ok(Some(TableName::parse(&text)))
+            }
+        }
+    }
 }
 
 /// Who is calling: a key, directly or through a token it issued.
@@ -398,6 +445,7 @@ mod tests {
         assert!(!inline.token_secret_configured && inline.find("s").is_some());
         assert!(Keys::from_toml("", None).is_err());
         assert!(Keys::from_toml("[[key]]\nsecret = \"\"", None).is_err());
+        assert!(Keys::from_toml("[[key]]\nsecret = \"s\"\ntables = [\"a.b.c\"]", None).is_err());
     }
 
     #[test]
@@ -406,7 +454,7 @@ mod tests {
         let key = keys.find("alpha").unwrap();
         let claims = Claims {
             key: key.id(),
-            table: Some("public.orders".into()),
+            table: Some(TableName::parse("public.orders")),
             filter: None,
             stream: None,
             position: None,
@@ -414,11 +462,11 @@ mod tests {
         };
         let token = keys.sign(&claims);
         let (back, k) = keys.verify(&token).unwrap();
-        assert_eq!(back.table.as_deref(), Some("public.orders"));
+        assert_eq!(back.table, Some(TableName::parse("public.orders")));
         assert_eq!(k.id(), key.id());
         let (payload, tag) = token.split_once('.').unwrap();
         let forged = Claims {
-            table: Some("public.users".into()),
+            table: Some(TableName::parse("public.users")),
             ..claims.clone()
         };
         let forged_payload = keys.sign(&forged);
@@ -442,6 +490,44 @@ mod tests {
         assert!(matches!(keys.verify(&expired), Err(ApiError::TokenExpired)));
         let other = Keys::from_toml("[[key]]\nsecret = \"alpha\"", Some("other")).unwrap();
         assert!(matches!(other.verify(&token), Err(ApiError::Unauthorized)));
+    }
+
+    #[test]
+    fn token_tables_are_pairs_and_old_text_only_when_unambiguous() {
+        let keys = keys();
+        let key = keys.find("alpha").unwrap();
+        let weird = TableName {
+            schema: "public".into(),
+            table: "a.b".into(),
+        };
+        let token = keys.sign(&Claims {
+            key: key.id(),
+            table: Some(weird.clone()),
+            filter: None,
+            stream: None,
+            position: None,
+            exp: now_secs() + 60,
+        });
+        assert_eq!(keys.verify(&token).unwrap().0.table, Some(weird));
+        // Tokens issued with `"t": "schema.table"` text.
+        let legacy = |t: &str| {
+            let claims = serde_json::json!({"k": key.id(), "t": t, "exp": now_secs() + 60});
+            let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
+            let mut mac = keys.mac();
+            mac.update(payload.as_bytes());
+            let tag = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+            keys.verify(&format!("{payload}.{tag}"))
+        };
+        assert_eq!(
+            legacy("public.orders").unwrap().0.table,
+            Some(TableName::parse("public.orders"))
+        );
+        for ambiguous in ["public.a.b", "My Schema.We\"ird Tab", "orders"] {
+            assert!(
+                matches!(legacy(ambiguous), Err(ApiError::Unauthorized)),
+                "{ambiguous}"
+            );
+        }
     }
 
     #[test]

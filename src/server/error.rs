@@ -28,6 +28,8 @@ pub enum ApiError {
     BadFilter(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("table {0} is not one of the source's published tables")]
+    NotPublished(crate::event::TableName),
     #[error("too many open connections for this key (at most {0}): close some first")]
     TooManyConnections(usize),
     #[error("the request body is too large (at most {0} bytes)")]
@@ -63,6 +65,7 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::BadFilter(_) => "bad_filter",
             ApiError::NotFound(_) => "not_found",
+            ApiError::NotPublished(_) => "unknown_table",
             ApiError::TooManyConnections(_) => "too_many_connections",
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::ShuttingDown => "shutting_down",
@@ -87,9 +90,25 @@ impl ApiError {
         }
     }
 
+    /// What the client is told. A failure on the server's side (the database, the
+    /// change source) is told only by its code: its text can name the database's
+    /// `user@host:port/db` or quote SQL, which stay in the server's log.
+    pub fn public_message(&self) -> String {
+        match self.code() {
+            "internal" => "internal error (details are in the server's log)".into(),
+            "source_stopped" => {
+                "the change source stopped (details are in the server's log)".into()
+            }
+            "snapshot_failed" => {
+                "reading the initial state failed (details are in the server's log)".into()
+            }
+            _ => self.to_string(),
+        }
+    }
+
     /// The error object, as in the body of an error response and in `error` stream items.
     pub fn body(&self) -> serde_json::Value {
-        error_body(self.code(), &self.to_string())
+        error_body(self.code(), &self.public_message())
     }
 }
 
@@ -119,5 +138,26 @@ impl IntoResponse for ApiError {
             tracing::debug!(code = self.code(), error = %self, "request refused");
         }
         (status, axum::Json(json!({"error": self.body()}))).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_side_failures_keep_their_text_in_the_log() {
+        let corrupt = ApiError::from(StoreError::Corrupt {
+            position: "postgres@db.internal:5432/app".into(),
+            message: "ERROR: relation (SQLSTATE 42P01)".into(),
+        });
+        assert_eq!(corrupt.code(), "internal");
+        let told = corrupt.body().to_string();
+        assert!(
+            !told.contains("db.internal") && !told.contains("SQLSTATE"),
+            "{told}"
+        );
+        let refused = ApiError::BadRequest("limit must be a number".into());
+        assert_eq!(refused.public_message(), "limit must be a number");
     }
 }

@@ -38,6 +38,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::appender::{self, AppendError, AppenderConfig};
 use crate::config::SourceConfig;
+use crate::event::TableName;
 use crate::filter::Filter;
 use crate::hub::{Hub, HubConfig};
 use crate::store::StoreError;
@@ -172,6 +173,8 @@ struct AppState {
     catalog: Option<Db>,
     /// The pipeline's slot: the source of every stream made here.
     slot: String,
+    /// The pipeline's publication: only its tables are delivered.
+    publication: String,
     /// Fires at shutdown: every session ends.
     stop: CancellationToken,
     tasks: TaskTracker,
@@ -187,6 +190,39 @@ type Shared = Arc<AppState>;
 impl AppState {
     fn catalog_db(&self) -> &Db {
         self.catalog.as_ref().unwrap_or(&self.store)
+    }
+
+    /// Refuses a table the caller's key may not read or the source does not publish
+    /// (system catalogs and waltap's own tables never are). A key's `"*"` thus means
+    /// every published table.
+    async fn check_published(&self, caller: &Caller, table: &TableName) -> Result<(), ApiError> {
+        caller.check_table(table)?;
+        let catalog = self.catalog_db().get().await?;
+        let published = crate::catalog::is_published(&catalog, &self.publication, table)
+            .await
+            .map_err(StoreError::sql("read the publication's tables"))?;
+        if published {
+            Ok(())
+        } else {
+            Err(ApiError::NotPublished(table.clone()))
+        }
+    }
+
+    /// Checks a filter against the table's columns and types now, as a subscription
+    /// would when it starts (so a token is not minted for a filter that cannot work).
+    async fn check_filter_columns(
+        &self,
+        table: &TableName,
+        filter: Option<&Filter>,
+    ) -> Result<(), ApiError> {
+        let catalog = self.catalog_db().get().await?;
+        let schema = crate::catalog::table_schema(&catalog, table)
+            .await
+            .map_err(StoreError::sql("read a table's columns"))?
+            .ok_or_else(|| ApiError::NotPublished(table.clone()))?;
+        crate::filter::CompiledFilter::new(filter, &schema)
+            .map(drop)
+            .map_err(|e| ApiError::BadFilter(e.to_string()))
     }
 
     /// Parses a filter within the configured bounds.
@@ -306,6 +342,7 @@ pub async fn serve(
         store: Db::new(appender_config.store.clone()),
         catalog,
         slot: slot.clone(),
+        publication: appender_config.listener.publication.clone(),
         stop: stop.clone(),
         tasks: TaskTracker::new(),
         consumers: std::sync::Mutex::new(HashMap::new()),
@@ -418,7 +455,7 @@ fn router(state: Shared, cors: Option<tower_http::cors::CorsLayer>) -> Router {
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            count_errors,
+            error_responses,
         ))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state);
@@ -428,19 +465,51 @@ fn router(state: Shared, cors: Option<tower_http::cors::CorsLayer>) -> Router {
     }
 }
 
-async fn count_errors(
+/// Counts error responses, and gives those the framework makes itself (a malformed query
+/// string or path, a method the route lacks) the API's JSON error shape.
+async fn error_responses(
     State(state): State<Shared>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     let response = next.run(request).await;
-    if response.status().is_client_error() || response.status().is_server_error() {
-        state
-            .metrics
-            .errors
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let status = response.status();
+    if !status.is_client_error() && !status.is_server_error() {
+        return response;
     }
-    response
+    state
+        .metrics
+        .errors
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // The framework's rejections are one short line of text.
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let code = match status {
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let message = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("error").to_owned(),
+        t => t.to_owned(),
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let body = json!({"error": error::error_body(code, &message)}).to_string();
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 /// Reads the slot's lag and the log's size; `None` fields when Postgres could not say.
@@ -449,6 +518,11 @@ async fn replication(state: &AppState) -> Replication {
         connected: false,
         ..Replication::default()
     };
+    // While the pipeline streams, the walsender's own measure: how long the WAL it sent
+    // waited for the pipeline's confirmation (NULL once caught up and idle). WAL keeps
+    // growing on an idle server (checkpoints, other databases), so the byte lag alone
+    // does not tell that anything is waiting.
+    let mut flush_lag = None;
     if let Ok(client) = state.catalog_db().get().await {
         if let Ok(Some(slot)) = crate::setup::slot_state(&client, &state.slot).await {
             r.connected = slot.active_pid.is_some()
@@ -456,6 +530,18 @@ async fn replication(state: &AppState) -> Replication {
                     .pipeline_running
                     .load(std::sync::atomic::Ordering::Relaxed);
             r.lag_bytes = slot.lag_bytes;
+            if let (true, Some(pid)) = (r.connected, slot.active_pid) {
+                flush_lag = client
+                    .query_opt(
+                        "SELECT coalesce(extract(epoch FROM flush_lag)::float8, 0)
+                         FROM pg_stat_replication WHERE pid = $1",
+                        &[&pid],
+                    )
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|row| row.get::<_, f64>(0));
+            }
         }
     }
     if let Ok(client) = state.store.get().await {
@@ -471,10 +557,12 @@ async fn replication(state: &AppState) -> Replication {
         if let Ok(row) = row {
             r.log_bytes = row.get(0);
             let newest_age: Option<f64> = row.get(1);
-            r.lag_seconds = match r.lag_bytes {
-                Some(0) => Some(0.0),
-                Some(_) => Some(newest_age.unwrap_or(0.0).max(0.0)),
-                None => None,
+            r.lag_seconds = match (r.lag_bytes, flush_lag) {
+                (Some(0), _) => Some(0.0),
+                (Some(_), Some(lag)) => Some(lag.max(0.0)),
+                // Not streaming: how old the log's newest event is.
+                (Some(_), None) => Some(newest_age.unwrap_or(0.0).max(0.0)),
+                (None, _) => None,
             };
         }
     }
@@ -493,17 +581,19 @@ async fn healthz(State(state): State<Shared>) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn metrics_text(State(state): State<Shared>, _caller: Caller) -> Response {
+async fn metrics_text(State(state): State<Shared>, caller: Caller) -> Result<Response, ApiError> {
+    caller.require_key()?;
     let r = replication(&state).await;
-    (
+    Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(&r),
     )
-        .into_response()
+        .into_response())
 }
 
-async fn openapi(_caller: Caller) -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+async fn openapi(caller: Caller) -> Result<Response, ApiError> {
+    caller.require_key()?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response())
 }
 
 #[derive(Deserialize)]
@@ -531,10 +621,17 @@ async fn tokens(
             state.limits.max_token_ttl.as_secs()
         )));
     }
-    match (&req.table, &req.stream) {
+    let table = req
+        .table
+        .as_deref()
+        .map(TableName::parse_strict)
+        .transpose()
+        .map_err(ApiError::BadRequest)?;
+    match (&table, &req.stream) {
         (Some(table), None) => {
-            caller.check_table(&crate::event::TableName::parse(table))?;
-            state.filter(req.filter.clone())?;
+            state.check_published(&caller, table).await?;
+            let filter = state.filter(req.filter.clone())?;
+            state.check_filter_columns(table, filter.as_ref()).await?;
         }
         (None, Some(name)) => {
             if req.filter.is_some() {
@@ -542,7 +639,7 @@ async fn tokens(
                     "a stream token takes no filter: the stream has its own".into(),
                 ));
             }
-            streams::authorize(&state, &caller, name).await?;
+            streams::authorize_delivery(&state, &caller, name).await?;
         }
         _ => {
             return Err(ApiError::BadRequest(
@@ -553,9 +650,7 @@ async fn tokens(
     let exp = auth::now_secs() + ttl;
     let claims = auth::Claims {
         key: caller.key.id(),
-        table: req
-            .table
-            .map(|t| crate::event::TableName::parse(&t).to_string()),
+        table,
         filter: req.filter,
         stream: req.stream,
         position: req.position,

@@ -151,10 +151,18 @@ impl Out {
         Ok(())
     }
 
-    /// Sends the `error` item that ends a session, counting it.
-    pub async fn fail(&mut self, code: &str, message: &str, metrics: &Metrics) {
+    /// Sends an `error` item (the last of a session, unless it refused one client
+    /// message), counting it.
+    pub async fn fail(&mut self, error: &ApiError, metrics: &Metrics) {
         metrics.errors.fetch_add(1, Ordering::Relaxed);
-        let _ = self.send(Frame::error(code, message)).await;
+        if error.status().is_server_error() {
+            tracing::warn!(code = error.code(), error = %error, "delivery failed");
+        } else {
+            tracing::debug!(code = error.code(), error = %error, "delivery refused");
+        }
+        let _ = self
+            .send(Frame::error(error.code(), &error.public_message()))
+            .await;
     }
 
     pub async fn send(&mut self, frame: Frame) -> Result<(), Closed> {

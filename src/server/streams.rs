@@ -37,9 +37,11 @@ use crate::event::{Position, TableName};
 use crate::store::streams::{
     self, Cursor, OpenOptions, StreamConsumer, StreamDef, StreamInfo, StreamItem,
 };
+use crate::store::StoreError;
 
 /// Checks that the caller may use stream `name` and returns it. A token opens only the
-/// stream it names.
+/// stream it names. A stream the key may not read is answered as one that does not
+/// exist, so a key learns nothing of others' streams.
 pub(super) async fn authorize(
     state: &AppState,
     caller: &Caller,
@@ -53,10 +55,26 @@ pub(super) async fn authorize(
             )));
         }
     }
+    // A name no stream can have (a NUL, a path segment like `..`) is not looked up.
+    streams::check_name(name)?;
     let store = state.store.get().await?;
     let info = streams::get(&store, name).await?;
+    if !readable(caller, &info) {
+        return Err(StoreError::NoSuchStream(name.to_owned()).into());
+    }
+    Ok(info)
+}
+
+/// [`authorize`], and every table of the stream is published: streams made before only
+/// published tables were accepted may name others, which are not delivered.
+pub(super) async fn authorize_delivery(
+    state: &AppState,
+    caller: &Caller,
+    name: &str,
+) -> Result<StreamInfo, ApiError> {
+    let info = authorize(state, caller, name).await?;
     for t in &info.tables {
-        caller.check_table(&TableName::parse(t))?;
+        state.check_published(caller, &TableName::parse(t)).await?;
     }
     Ok(info)
 }
@@ -100,14 +118,16 @@ pub(super) async fn create(
     caller.require_key()?;
     caller.check_streams()?;
     let req = error::json_body(body, state.limits.max_body_bytes)?;
-    caller.check_table(&TableName::parse(&req.table))?;
+    let table = TableName::parse_strict(&req.table).map_err(ApiError::BadRequest)?;
+    state.check_published(&caller, &table).await?;
     let filter = state.filter(req.filter)?;
     let store = state.store.get().await?;
     let catalog = state.catalog_db().get().await?;
     let def = StreamDef {
         name: req.name,
         source: state.slot.clone(),
-        tables: vec![req.table],
+        // The stored text reads back as this very table (see TableName's Display).
+        tables: vec![table.to_string()],
         filter,
         initial_state: req.initial_state,
         from: req.from,
@@ -167,7 +187,7 @@ async fn open(
     resume: Option<Cursor>,
     page_size: Option<usize>,
 ) -> Result<(StreamConsumer, ConnectionSlot), ApiError> {
-    authorize(state, caller, name).await?;
+    authorize_delivery(state, caller, name).await?;
     let slot = state.cap.acquire(&caller.key)?;
     let options = OpenOptions {
         catalog: state.catalog.as_ref().map(|db| db.config.clone()),
@@ -260,12 +280,19 @@ impl Job {
                     match msg {
                         Some(Inbound::Ack { cursor, reply }) => {
                             let result = self.consumer.acker().ack_cursor(cursor).await.map_err(ApiError::from);
-                            let failed = result.as_ref().err().map(|e| (e.code(), e.to_string()));
+                            // An ack ahead of delivery is refused and changes nothing: the
+                            // session goes on (the client is told by its error item or its
+                            // POST's answer).
+                            let fatal = result.as_ref().is_err_and(|e| e.status() != StatusCode::BAD_REQUEST);
+                            if let Err(e) = &result {
+                                if reply.is_none() || fatal {
+                                    out.fail(e, &state.metrics).await;
+                                }
+                            }
                             if let Some(reply) = reply {
                                 let _ = reply.send(result);
                             }
-                            if let Some((code, message)) = failed {
-                                out.fail(code, &message, &state.metrics).await;
+                            if fatal {
                                 break;
                             }
                         }
@@ -284,7 +311,7 @@ impl Job {
                 None => break,
                 Some(Ok(item)) => Frame::item(&item),
                 Some(Err(e)) => {
-                    out.fail(e.code(), &e.to_string(), &state.metrics).await;
+                    out.fail(&e.into(), &state.metrics).await;
                     break;
                 }
             };

@@ -52,12 +52,12 @@ pub(super) async fn subscribe(
         None => {
             let table = params
                 .table
-                .clone()
+                .as_deref()
                 .ok_or_else(|| ApiError::BadRequest("`table` is required".into()))?;
+            let table = TableName::parse_strict(table).map_err(ApiError::BadRequest)?;
             (table, state.filter_text(params.filter.as_deref())?)
         }
     };
-    let table = TableName::parse(&table);
     caller.check_table(&table)?;
     let slot = state.cap.acquire(&caller.key)?;
     let options = crate::hub::SubscribeOptions {
@@ -65,7 +65,7 @@ pub(super) async fn subscribe(
     };
     let subscription = state
         .hub
-        .subscribe_with(&table.to_string(), filter, options)
+        .subscribe_table(table.clone(), filter, options)
         .await?;
     tracing::info!(key = %caller.key.id(), table = %table, transport = if ws.is_ok() { "ws" } else { "sse" }, "subscription opened");
     let tasks = state.tasks.clone();
@@ -94,7 +94,7 @@ async fn run(state: Shared, mut sub: Subscription, mut out: Out, _slot: Connecti
             None => break,
             Some(Ok(item)) => Frame::item(&item),
             Some(Err(e)) => {
-                out.fail(e.code(), &e.to_string(), &state.metrics).await;
+                out.fail(&e.into(), &state.metrics).await;
                 break;
             }
         };

@@ -188,6 +188,17 @@ pub async fn compile(
         .and_then(|r| r.get(0));
     let mut out = Vec::with_capacity(tables.len());
     for t in tables {
+        // Only what the source publishes is copied: never the system catalogs (password
+        // hashes) or waltap's own tables, whatever the caller may otherwise read.
+        let published = match &publication {
+            Some(p) => crate::catalog::is_published(catalog, p, t)
+                .await
+                .map_err(StoreError::sql("read the publication's tables"))?,
+            None => !crate::catalog::RESERVED_SCHEMAS.contains(&t.schema.as_str()),
+        };
+        if !published {
+            return Err(StoreError::NotPublished(t.to_string()));
+        }
         let schema = snapshot::table_schema(catalog, t).await?;
         let filter = CompiledFilter::new(filter, &schema)?;
         let published = match &publication {

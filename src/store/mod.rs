@@ -35,6 +35,10 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
         3,
         include_str!("../../migrations/0003_source_publication.sql"),
     ),
+    (
+        4,
+        include_str!("../../migrations/0004_stream_delivered.sql"),
+    ),
 ];
 
 /// Failures of the event log.
@@ -60,7 +64,7 @@ pub enum StoreError {
     NoSuchStream(String),
     #[error("stream {0:?} already exists")]
     StreamExists(String),
-    #[error("invalid stream name {0:?}: use 1 to 128 characters of A-Z, a-z, 0-9, _, . and -")]
+    #[error("invalid stream name {0:?}: use 1 to 128 characters of A-Z, a-z, 0-9, _, . and - (but not . or ..)")]
     InvalidStreamName(String),
     #[error("stream {name:?} is busy: another consumer holds it until {until} (stream_busy)")]
     StreamBusy { name: String, until: String },
@@ -70,10 +74,20 @@ pub enum StoreError {
         cursor: String,
         pruned: String,
     },
+    #[error("cannot acknowledge {cursor} on stream {name:?}: it has delivered only up to {delivered}; acknowledge what was received")]
+    AheadOfDelivery {
+        name: String,
+        cursor: String,
+        delivered: String,
+    },
+    #[error("position {0} is beyond the event log (which ends at {1})")]
+    BeyondLog(String, String),
     #[error("bad stream filter: {0}")]
     BadFilter(#[from] crate::filter::FilterError),
     #[error("table {0} does not exist")]
     NoSuchTable(String),
+    #[error("table {0} is not one of the source's published tables, so it is neither delivered nor exported")]
+    NotPublished(String),
     #[error("a stream needs at least one table")]
     NoTables,
     #[error("stream {name:?} was taken over by another consumer after this one's lease expired (it neither read nor acknowledged within the lease): reopen it (stream_busy)")]
@@ -97,9 +111,12 @@ impl StoreError {
             StoreError::NoSuchStream(_) => "not_found",
             StoreError::StreamExists(_) => "conflict",
             StoreError::InvalidStreamName(_)
+            | StoreError::AheadOfDelivery { .. }
+            | StoreError::BeyondLog(..)
             | StoreError::NoSuchTable(_)
             | StoreError::NoTables => "bad_request",
             StoreError::BadFilter(_) => "bad_filter",
+            StoreError::NotPublished(_) => "unknown_table",
             StoreError::Snapshot(e) => e.code(),
             _ => "internal",
         }

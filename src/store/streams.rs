@@ -261,23 +261,32 @@ impl Mark {
             ordinal: i32::try_from(p.ordinal).unwrap_or(TX_END),
         }
     }
+
+    /// [`Mark::of`] for a position from a client: LSNs at or above 2^63 are beyond any
+    /// log (and would wrap around in the store's `bigint`).
+    fn checked(p: Position) -> Result<Mark, StoreError> {
+        if i64::try_from(p.commit_lsn.0).is_err() {
+            return Err(StoreError::BeyondLog(
+                p.to_string(),
+                "7FFFFFFF/FFFFFFFF".into(),
+            ));
+        }
+        Ok(Mark::of(p))
+    }
 }
 
 /// `schema.table`, each part quoted when it holds a dot or a quote, so that
 /// [`TableName::parse`] reads it back.
 fn qualified(t: &TableName) -> String {
-    let part = |s: &str| {
-        if s.contains(['.', '"']) {
-            crate::replication::quote_ident(s)
-        } else {
-            s.to_owned()
-        }
-    };
-    format!("{}.{}", part(&t.schema), part(&t.table))
+    t.to_string()
 }
 
-fn check_name(name: &str) -> Result<(), StoreError> {
+/// Refuses a name a stream cannot have: 1 to 128 characters of `A-Z a-z 0-9 _ . -`,
+/// and not `.` or `..` (which no URL path can carry).
+pub fn check_name(name: &str) -> Result<(), StoreError> {
     let ok = (1..=128).contains(&name.len())
+        && name != "."
+        && name != ".."
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
@@ -337,7 +346,23 @@ pub async fn create(
     let names: Vec<String> = tables.iter().map(qualified).collect();
     let filter = def.filter.as_ref().map(|f| f.to_json().to_string());
     let start = match def.from {
-        Some(from) => Mark::of(from),
+        Some(from) => {
+            let from = Mark::checked(from)?;
+            // Starting after a position the log has not reached would skip what comes
+            // before it unseen.
+            let head = log_head(store, &def.source).await?;
+            let head = Mark {
+                lsn: head.lsn,
+                ordinal: TX_END,
+            };
+            if from > head {
+                return Err(StoreError::BeyondLog(
+                    from.position().to_string(),
+                    head.position().to_string(),
+                ));
+            }
+            from
+        }
         None => log_head(store, &def.source).await?,
     };
     let created = store
@@ -506,7 +531,8 @@ pub async fn reset(
         .execute(
             "UPDATE waltap.streams
              SET cursor_lsn = $2, cursor_ordinal = $3, snapshot_state = $4,
-                 snapshot_acked = 0, snapshot_total = 0
+                 snapshot_acked = 0, snapshot_total = 0,
+                 delivered_lsn = NULL, delivered_ordinal = NULL, snapshot_delivered = 0
              WHERE name = $1
                AND (lease_holder IS NULL OR lease_expires_at IS NULL OR lease_expires_at <= now())",
             &[
@@ -687,6 +713,11 @@ struct Progress {
     acked: Mark,
     /// The last event handed out.
     yielded: Option<Mark>,
+    /// Through here, events were handed out to this stream's consumers (this one or
+    /// earlier ones): acknowledgements may not go further.
+    delivered: Mark,
+    /// Initial-state rows 1..this were handed out.
+    snapshot_delivered: i64,
     /// Set while the reader is caught up with nothing held back: every event up to here
     /// that the stream delivers has been handed out.
     quiet_through: Option<Mark>,
@@ -771,6 +802,86 @@ impl Shared {
             ordinal: row.get(1),
         };
         state.renewed_at = started;
+        Ok(())
+    }
+
+    /// Refuses to acknowledge `to` when it lies beyond what the stream delivered (or, with
+    /// `quiet`, beyond what the reader has read through without finding anything more).
+    fn check_delivered(&self, to: Mark, quiet: bool) -> Result<(), StoreError> {
+        let state = self.state();
+        let mut bound = state.acked.max(state.delivered);
+        if quiet {
+            bound = bound.max(state.quiet_through.unwrap_or(bound));
+        }
+        if to <= bound {
+            return Ok(());
+        }
+        Err(StoreError::AheadOfDelivery {
+            name: self.name.clone(),
+            cursor: to.position().to_string(),
+            delivered: bound.position().to_string(),
+        })
+    }
+
+    /// As [`Shared::check_delivered`], for row `seq` of the initial state.
+    fn check_snapshot_delivered(&self, seq: u64) -> Result<i64, StoreError> {
+        let delivered = self.state().snapshot_delivered;
+        match i64::try_from(seq) {
+            Ok(seq) if seq <= delivered => Ok(seq),
+            _ => Err(StoreError::AheadOfDelivery {
+                name: self.name.clone(),
+                cursor: Cursor::Snapshot(seq).to_string(),
+                delivered: Cursor::Snapshot(delivered.max(0) as u64).to_string(),
+            }),
+        }
+    }
+
+    /// Records, before they are handed out, that events through `to` and initial-state
+    /// rows through `snapshot` are delivered (on the reader's connection).
+    async fn record_delivered(
+        &self,
+        client: &Client,
+        to: Option<Mark>,
+        snapshot: Option<i64>,
+    ) -> Result<(), StoreError> {
+        {
+            let state = self.state();
+            let more = to.is_some_and(|m| m > state.delivered)
+                || snapshot.is_some_and(|n| n > state.snapshot_delivered);
+            if !more {
+                return Ok(());
+            }
+        }
+        let n = client
+            .execute(
+                "UPDATE waltap.streams SET
+                     (delivered_lsn, delivered_ordinal) = (
+                         SELECT CASE WHEN $3::int8 IS NULL OR (delivered_lsn, delivered_ordinal) >= ($3, $4::int4)
+                                     THEN delivered_lsn ELSE $3 END,
+                                CASE WHEN $3::int8 IS NULL OR (delivered_lsn, delivered_ordinal) >= ($3, $4::int4)
+                                     THEN delivered_ordinal ELSE $4 END),
+                     snapshot_delivered = greatest(snapshot_delivered, coalesce($5::int8, 0))
+                 WHERE name = $1 AND lease_holder = $2",
+                &[
+                    &self.name,
+                    &self.holder,
+                    &to.map(|m| m.lsn),
+                    &to.map(|m| m.ordinal),
+                    &snapshot,
+                ],
+            )
+            .await
+            .map_err(StoreError::sql("record what a stream delivered"))?;
+        if n == 0 {
+            return Err(self.lost(client).await);
+        }
+        let mut state = self.state();
+        if let Some(m) = to {
+            state.delivered = state.delivered.max(m);
+        }
+        if let Some(seq) = snapshot {
+            state.snapshot_delivered = state.snapshot_delivered.max(seq);
+        }
         Ok(())
     }
 
@@ -881,7 +992,8 @@ pub async fn open(
              WHERE name = $1
                AND (lease_holder IS NULL OR lease_expires_at IS NULL OR lease_expires_at <= now())
              RETURNING source, tables, filter::text, cursor_lsn, cursor_ordinal,
-                       snapshot_state, snapshot_acked, snapshot_total",
+                       snapshot_state, snapshot_acked, snapshot_total,
+                       delivered_lsn, delivered_ordinal, snapshot_delivered",
             &[&name, &holder, &lease.as_secs_f64()],
         )
         .await
@@ -903,17 +1015,24 @@ pub async fn open(
         )
         .await?;
     }
+    let acked = Mark {
+        lsn: row.get(3),
+        ordinal: row.get(4),
+    };
+    let delivered = match (row.get(8), row.get(9)) {
+        (Some(lsn), Some(ordinal)) => acked.max(Mark { lsn, ordinal }),
+        _ => acked,
+    };
     let shared = Arc::new(Shared {
         client,
         name: name.to_owned(),
         holder,
         lease,
         state: Mutex::new(Progress {
-            acked: Mark {
-                lsn: row.get(3),
-                ordinal: row.get(4),
-            },
+            acked,
             yielded: None,
+            delivered,
+            snapshot_delivered: row.get(10),
             quiet_through: None,
             renewed_at: Instant::now(),
             snapshot_open: false,
@@ -932,31 +1051,19 @@ pub async fn open(
             total: row.get::<_, i64>(7),
             out: VecDeque::new(),
         });
-    if let Some(phase) = &snapshot {
+    {
         let mut state = shared.state();
-        state.snapshot_open = true;
-        state.snapshot_acked = phase.next;
+        state.snapshot_open = snapshot.is_some();
+        if let Some(phase) = &snapshot {
+            state.snapshot_acked = phase.next;
+        }
     }
-    match options.acknowledged {
-        None => {}
-        Some(Cursor::Snapshot(seq)) => {
-            if let Some(phase) = snapshot.as_mut() {
-                let seq = i64::try_from(seq).unwrap_or(i64::MAX).min(phase.total);
-                shared.ack_snapshot(&shared.client, Some(seq)).await?;
-                phase.next = phase.next.max(seq);
-            }
+    if let Some(cursor) = options.acknowledged {
+        if let Err(e) = resume_after(&shared, &mut snapshot, cursor).await {
+            // Refused: nothing changed, and the lease is free again at once.
+            consumer.close().await;
+            return Err(e);
         }
-        // The marker's position (the cursor) or a change after it acknowledges the whole
-        // initial state (see [`Cursor`]); a position before it changes nothing.
-        Some(Cursor::Position(p)) if Mark::of(p) >= shared.state().acked => {
-            if snapshot.take().is_some() {
-                shared.ack_snapshot(&shared.client, None).await?;
-            }
-            if Mark::of(p) > shared.state().acked {
-                shared.store_cursor(&shared.client, Mark::of(p)).await?;
-            }
-        }
-        Some(Cursor::Position(_)) => {}
     }
     let cursor = shared.state().acked;
     let mut reader = Reader::new(shared, reader_client, &row, &options, notifications).await?;
@@ -972,6 +1079,40 @@ pub async fn open(
     });
     consumer.reader = Box::pin(futures::stream::once(async move { Ok(initialized) }).chain(events));
     Ok(consumer)
+}
+
+/// Acknowledges what a reopening consumer says it has handled, when the stream did
+/// deliver that much.
+async fn resume_after(
+    shared: &Shared,
+    snapshot: &mut Option<SnapshotPhase>,
+    cursor: Cursor,
+) -> Result<(), StoreError> {
+    match cursor {
+        Cursor::Snapshot(seq) => {
+            let seq = shared.check_snapshot_delivered(seq)?;
+            if let Some(phase) = snapshot.as_mut() {
+                let seq = seq.min(phase.total);
+                shared.ack_snapshot(&shared.client, Some(seq)).await?;
+                phase.next = phase.next.max(seq);
+            }
+        }
+        Cursor::Position(p) => {
+            let to = Mark::checked(p)?;
+            shared.check_delivered(to, false)?;
+            // The marker's position (the cursor) or a change after it acknowledges the
+            // whole initial state (see [`Cursor`]); a position before it changes nothing.
+            if to >= shared.state().acked {
+                if snapshot.take().is_some() {
+                    shared.ack_snapshot(&shared.client, None).await?;
+                }
+                if to > shared.state().acked {
+                    shared.store_cursor(&shared.client, to).await?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Makes the copy of a stream's initial state ([`super::initial::materialize`]) while
@@ -1036,7 +1177,8 @@ async fn copy_initial_state(
     client
         .query_one(
             "SELECT source, tables, filter::text, cursor_lsn, cursor_ordinal,
-                    snapshot_state, snapshot_acked, snapshot_total
+                    snapshot_state, snapshot_acked, snapshot_total,
+                    delivered_lsn, delivered_ordinal, snapshot_delivered
              FROM waltap.streams WHERE name = $1",
             &[&name],
         )
@@ -1121,15 +1263,16 @@ pub struct StreamAcker {
 impl StreamAcker {
     /// As [`StreamConsumer::ack`].
     pub async fn ack(&self, position: Position) -> Result<(), StoreError> {
+        let mut to = Mark::checked(position)?;
+        self.shared.check_delivered(to, true)?;
         let finishes_snapshot = {
             let state = self.shared.state();
-            state.snapshot_open && Mark::of(position) >= state.acked
+            state.snapshot_open && to >= state.acked
         };
         if finishes_snapshot {
             // The marker's position or a change after it (see [`Cursor`]).
             self.shared.ack_snapshot(&self.shared.client, None).await?;
         }
-        let mut to = Mark::of(position);
         {
             let state = self.shared.state();
             if let Some(quiet) = state.quiet_through {
@@ -1151,10 +1294,10 @@ impl StreamAcker {
         match cursor {
             Cursor::Position(p) => self.ack(p).await,
             Cursor::Snapshot(seq) => {
+                let seq = self.shared.check_snapshot_delivered(seq)?;
                 if !self.shared.state().snapshot_open {
                     return Ok(());
                 }
-                let seq = i64::try_from(seq).unwrap_or(i64::MAX);
                 self.shared
                     .ack_snapshot(&self.shared.client, Some(seq))
                     .await
@@ -1385,6 +1528,11 @@ impl Reader {
             if phase.out.is_empty() {
                 // Fewer rows than counted: the copy was deleted (stream reset or deleted).
                 phase.next = phase.total;
+            } else {
+                let through = phase.next;
+                self.shared
+                    .record_delivered(&self.client, None, Some(through))
+                    .await?;
             }
         }
         Ok(phase.out.pop_front())
@@ -1494,6 +1642,10 @@ impl Reader {
                 self.out.push_back(ev);
             }
         }
+        let handed = self.out.back().map(|ev| Mark::of(ev.position));
+        self.shared
+            .record_delivered(&self.client, handed, None)
+            .await?;
         Ok(last)
     }
 

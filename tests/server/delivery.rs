@@ -34,7 +34,7 @@ pub(super) async fn ws_next(ws: &mut Ws) -> Json {
 }
 
 /// A feed page: (ids of the events, cursor).
-async fn page(s: &Server, name: &str, query: &str) -> (Vec<i64>, String) {
+pub(super) async fn page(s: &Server, name: &str, query: &str) -> (Vec<i64>, String) {
     let r = s
         .get(&format!("/v1/streams/{name}/events?{query}"), ORDERS)
         .send()

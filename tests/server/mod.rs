@@ -6,6 +6,7 @@ mod browser;
 mod complete;
 mod delivery;
 mod example;
+mod hardening;
 mod initial;
 mod process;
 

@@ -1,5 +1,6 @@
 //! The real `waltap serve` binary: keys from the environment, an event stream open, then
-//! SIGTERM: the stream ends cleanly, the slot is confirmed, the exit status is 0.
+//! SIGTERM: the stream ends cleanly, the slot is confirmed, the exit status is 0; debug
+//! logs name neither keys nor row values.
 
 use std::time::Duration;
 
@@ -26,7 +27,9 @@ async fn serve_binary_shuts_down_gracefully_on_sigterm() {
             &publication,
         ],
     );
+    // Debug logging on: it still must not print row values (statement parameters).
     cmd.env("WALTAP_API_KEYS", KEYS)
+        .env("WALTAP_LOG", "debug")
         .env_remove("WALTAP_KEYS_FILE");
     let mut child = cmd.spawn().unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
@@ -65,6 +68,12 @@ async fn serve_binary_shuts_down_gracefully_on_sigterm() {
     sse.expect("initialized").await;
     insert_orders(&db, 0..1).await;
     sse.expect("change").await;
+    db.client()
+        .await
+        .batch_execute("INSERT INTO orders VALUES (1, 'new', 'row-value-4e1f')")
+        .await
+        .unwrap();
+    sse.expect("change").await;
 
     crate::support::sigterm(&child);
     assert!(
@@ -84,6 +93,10 @@ async fn serve_binary_shuts_down_gracefully_on_sigterm() {
     assert!(
         !logs.iter().any(|l| l.contains(ORDERS)),
         "a key appeared in the logs"
+    );
+    assert!(
+        !logs.iter().any(|l| l.contains("row-value-4e1f")),
+        "a row value appeared in the debug logs"
     );
     // The slot was confirmed through the insert (appended to the log, then confirmed).
     let confirmed = listen::confirmed_flush(&db, &slot).await.unwrap();

@@ -1442,3 +1442,29 @@ fn values_render_as_designed() {
     }
     assert_eq!(created.as_object().unwrap().len(), cases.len());
 }
+
+#[test]
+fn table_names_display_as_text_that_reads_back() {
+    let cases = [
+        ("public", "orders", "public.orders"),
+        ("My Schema", "We\"ird Tab", r#"My Schema."We""ird Tab""#),
+        ("public", "a.b", r#"public."a.b""#),
+        ("x.y", "z", r#""x.y".z"#),
+    ];
+    for (schema, table, text) in cases {
+        let t = TableName {
+            schema: schema.into(),
+            table: table.into(),
+        };
+        assert_eq!(t.to_string(), text);
+        assert_eq!(TableName::parse(text), t);
+        assert_eq!(TableName::parse_strict(text), Ok(t));
+    }
+    assert_eq!(
+        TableName::parse_strict("orders"),
+        Ok(TableName::parse("public.orders"))
+    );
+    for ambiguous in ["public.a.b", "\"open", "a.", ".b", "", "\"\".t"] {
+        assert!(TableName::parse_strict(ambiguous).is_err(), "{ambiguous:?}");
+    }
+}
