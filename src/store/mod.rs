@@ -112,6 +112,7 @@ impl StoreError {
             StoreError::Connect(crate::config::SqlConnectError::Postgres { source, .. }) => {
                 crate::replication::pg_error_is_transient(source)
             }
+            StoreError::Connect(crate::config::SqlConnectError::Timeout { .. }) => true,
             StoreError::Connect(_) => false,
             _ => false,
         }
