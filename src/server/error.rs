@@ -81,7 +81,10 @@ impl ApiError {
             "stale_cursor" => StatusCode::GONE,
             "too_many_connections" => StatusCode::TOO_MANY_REQUESTS,
             "payload_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
-            "shutting_down" | "source_stopped" => StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down" | "source_stopped" | "source_unavailable" => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            "source_interrupted" => StatusCode::SERVICE_UNAVAILABLE,
             "lagged" => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -483,13 +483,22 @@ async fn replication(state: &AppState) -> Replication {
 
 async fn healthz(State(state): State<Shared>) -> Response {
     let r = replication(&state).await;
-    let healthy = r.connected && r.lag_bytes.is_some();
+    let hub = state.hub.is_streaming();
+    let healthy = r.connected && r.lag_bytes.is_some() && hub;
     let status = if healthy {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({"status": if healthy { "ok" } else { "unavailable" }, "replication": r});
+    let mut body = json!({
+        "status": if healthy { "ok" } else { "unavailable" },
+        "replication": r,
+        "subscriptions": {"streaming": hub},
+    });
+    if !hub {
+        body["reason"] =
+            "the subscription hub lost its replication connection and is reconnecting".into();
+    }
     (status, Json(body)).into_response()
 }
 

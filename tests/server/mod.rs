@@ -5,6 +5,7 @@ mod api;
 mod browser;
 mod delivery;
 mod example;
+mod hardening;
 mod initial;
 mod process;
 

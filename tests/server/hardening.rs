@@ -1,0 +1,129 @@
+//! The server under attack and under a flaky network: a hub that loses its replication
+//! connection recovers; connections, sockets, messages and shutdown are bounded.
+
+use serde_json::Value as Json;
+
+use super::{insert_orders, start, Server, Sse, ORDERS, TIMEOUT};
+use crate::support::{cluster::Cluster, wait_for, TestDb};
+
+/// The subscription a client opens again after an interruption, once the hub takes it.
+async fn subscribe_again(server: &Server) -> Sse {
+    let opened = std::sync::Mutex::new(None);
+    let cell = &opened;
+    wait_for(
+        "the hub to take subscribers again",
+        TIMEOUT,
+        || async move {
+            let r = server
+                .get("/v1/subscribe?table=orders", ORDERS)
+                .header("accept", "text/event-stream")
+                .send()
+                .await
+                .unwrap();
+            if r.status() != 200 {
+                let body: Json = r.json().await.unwrap();
+                assert_eq!(body["error"]["code"], "source_unavailable", "{body}");
+                return false;
+            }
+            *cell.lock().unwrap() = Some(Sse::new(r));
+            true
+        },
+    )
+    .await;
+    let mut sse = opened.into_inner().unwrap().unwrap();
+    sse.expect("initialized").await;
+    sse
+}
+
+async fn health(server: &Server) -> (u16, Json) {
+    let r = server
+        .http
+        .get(format!("{}/healthz", server.url))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn the_hub_recovers_after_its_walsender_is_terminated() {
+    let db = TestDb::new().await;
+    let server = start(&db, |_| {}).await;
+    let mut sse = Sse::open(server.get("/v1/subscribe?table=orders", ORDERS)).await;
+    sse.expect("initialized").await;
+
+    // The hub's slot is the only temporary one in this database.
+    let killed: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots
+             WHERE temporary AND database = current_database() AND active_pid IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1);
+    let f = sse.expect("error").await;
+    assert_eq!(f.data["error"]["code"], "source_interrupted", "{f:?}");
+    let message = f.data["error"]["message"].as_str().unwrap();
+    assert!(!message.contains("waltap setup"), "{message}");
+    assert!(sse.next().await.is_none(), "the interrupted stream ends");
+
+    let mut sse = subscribe_again(&server).await;
+    insert_orders(&db, 0..1).await;
+    let f = sse.expect("change").await;
+    assert_eq!(f.data["created"]["id"], 0);
+    wait_for("/healthz to say ok", TIMEOUT, || async {
+        health(&server).await.0 == 200
+    })
+    .await;
+    server.stop().await;
+    db.teardown().await;
+}
+
+#[tokio::test]
+async fn the_hub_recovers_after_postgres_restarts_and_healthz_says_so_meanwhile() {
+    let cluster = match tokio::task::spawn_blocking(Cluster::start_dedicated)
+        .await
+        .unwrap()
+    {
+        Ok(c) => c,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let db = TestDb::new_on(&cluster).await;
+    let server = start(&db, |_| {}).await;
+    let mut sse = Sse::open(server.get("/v1/subscribe?table=orders", ORDERS)).await;
+    sse.expect("initialized").await;
+
+    cluster.stop_immediate();
+    let f = sse.expect("error").await;
+    assert_eq!(f.data["error"]["code"], "source_interrupted", "{f:?}");
+    let (status, body) = health(&server).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["subscriptions"]["streaming"], false, "{body}");
+    assert!(body["reason"].is_string(), "{body}");
+    let r = server
+        .get("/v1/subscribe?table=orders", ORDERS)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let refused: Json = r.json().await.unwrap();
+    assert_eq!(refused["error"]["code"], "source_unavailable", "{refused}");
+
+    cluster.start();
+    let mut sse = subscribe_again(&server).await;
+    insert_orders(&db, 0..1).await;
+    sse.expect("change").await;
+    wait_for("/healthz to say ok", TIMEOUT, || async {
+        health(&server).await.0 == 200
+    })
+    .await;
+    server.stop().await;
+    db.teardown().await;
+}
