@@ -98,6 +98,10 @@ pub struct ServeArgs {
     /// Events queued per subscriber before it is cut off with `lagged`.
     #[arg(long, default_value_t = 1024)]
     pub subscriber_queue: usize,
+    /// Postgres connections shared by all stream consumers (plus one listening for
+    /// appends), however many are connected.
+    #[arg(long, default_value_t = crate::store::pool::DEFAULT_POOL_SIZE)]
+    pub store_pool_size: usize,
 }
 
 /// Where to read from.
@@ -278,6 +282,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.cors_origins = args.cors_origins;
     config.limits.connections_per_key = args.max_connections_per_key;
     config.subscriber_queue = args.subscriber_queue;
+    config.store_pool_size = args.store_pool_size;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;

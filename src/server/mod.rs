@@ -105,6 +105,9 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Interval of the SSE comment keepalives.
     pub keepalive: Duration,
+    /// Connections to the log shared by every stream consumer (plus one that listens for
+    /// appends), however many consumers are connected.
+    pub store_pool_size: usize,
 }
 
 impl ServerConfig {
@@ -116,6 +119,7 @@ impl ServerConfig {
             cors_origins: Vec::new(),
             limits: Limits::default(),
             keepalive: Duration::from_secs(15),
+            store_pool_size: crate::store::pool::DEFAULT_POOL_SIZE,
         }
     }
 }
@@ -131,6 +135,8 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("invalid CORS origin {0:?}")]
     CorsOrigin(String),
+    #[error("cannot make the stream consumers' connection pool: {0}")]
+    Pool(#[source] StoreError),
 }
 
 /// A lazily (re)opened SQL connection shared by requests; tokio-postgres pipelines
@@ -169,6 +175,8 @@ struct AppState {
     keepalive: Duration,
     /// The log's database, and the watched one when the log lives elsewhere.
     store: Db,
+    /// What stream consumers read and acknowledge through.
+    consumer_pool: crate::store::pool::ConsumerPool,
     catalog: Option<Db>,
     /// The pipeline's slot: the source of every stream made here.
     slot: String,
@@ -304,6 +312,11 @@ pub async fn serve(
         limits: config.limits.clone(),
         keepalive: config.keepalive,
         store: Db::new(appender_config.store.clone()),
+        consumer_pool: crate::store::pool::ConsumerPool::new(
+            &appender_config.store,
+            config.store_pool_size,
+        )
+        .map_err(ServerError::Pool)?,
         catalog,
         slot: slot.clone(),
         stop: stop.clone(),

@@ -71,11 +71,12 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use serde::Serialize;
 use serde_json::Value as Json;
-use tokio::sync::mpsc;
+use tokio::sync::broadcast;
 use tokio::time::Instant;
-use tokio_postgres::{Client, Notification, Statement};
+use tokio_postgres::Client;
 
-use super::postgres::{migrate, NOTIFY_CHANNEL};
+use super::pool::{ConsumerPool, Wake};
+use super::postgres::migrate;
 use super::StoreError;
 use crate::catalog;
 use crate::config::SourceConfig;
@@ -623,13 +624,11 @@ pub fn typed<T: serde::de::DeserializeOwned>(
 /// What the consumer and its reader share: the lease and the progress of
 /// acknowledgements, and the connection that [`StreamConsumer::ack`] uses.
 ///
-/// The reader has a connection of its own. tokio-postgres hands responses out in request
-/// order, one buffered message at a time: had an ack shared the reader's connection, an
-/// ack awaited while a page query of the reader was in flight but not being polled (the
-/// caller raced `next()` against something else, or polled it once) would wait forever
-/// behind that page's rows.
+/// Every statement takes a connection from the pool and returns it when done, never
+/// holding one while waiting for another, so that consumers share a bounded pool; the
+/// reader and acknowledgements never queue behind each other on one connection.
 struct Shared {
-    client: Client,
+    pool: ConsumerPool,
     name: String,
     holder: String,
     lease: Duration,
@@ -763,8 +762,14 @@ impl Shared {
     }
 
     async fn release(&self) {
-        let result = self
-            .client
+        let client = match self.pool.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(stream = %self.name, error = %e, "lease not released; it expires");
+                return;
+            }
+        };
+        let result = client
             .execute(
                 "UPDATE waltap.streams SET lease_holder = NULL, lease_expires_at = NULL
                  WHERE name = $1 AND lease_holder = $2",
@@ -813,16 +818,22 @@ pub async fn open(
     name: &str,
     options: OpenOptions,
 ) -> Result<StreamConsumer, StoreError> {
-    let client = store.connect_sql().await?;
+    // Two: one for the reader's statement and one for an acknowledgement meanwhile.
+    open_pooled(&ConsumerPool::new(store, 2)?, store, name, options).await
+}
+
+/// As [`open`], with connections from `pool` (the log at `store`), which any number of
+/// consumers may share.
+pub async fn open_pooled(
+    pool: &ConsumerPool,
+    store: &SourceConfig,
+    name: &str,
+    options: OpenOptions,
+) -> Result<StreamConsumer, StoreError> {
+    // Subscribed before the first read: an append after it wakes the reader.
+    let notifications = pool.wake_ups();
+    let client = pool.get().await?;
     migrate(&client).await?;
-    let (reader_client, notifications) = store.connect_sql_listening().await?;
-    reader_client
-        .batch_execute(&format!(
-            "LISTEN {}",
-            crate::replication::quote_ident(NOTIFY_CHANNEL)
-        ))
-        .await
-        .map_err(StoreError::sql("listen for appends"))?;
     let holder = ulid::Ulid::new().to_string();
     let lease = options.lease.max(Duration::from_millis(10));
     let row = client
@@ -843,9 +854,10 @@ pub async fn open(
     if row.get::<_, Option<String>>(5).as_deref() == Some("pending") {
         // From here on, a failure releases the lease only when it expires; the copy is
         // one store transaction, so nothing half-made stays behind.
+        let renewer = pool.get().await?;
         row = copy_initial_state(
             &client,
-            &reader_client,
+            &renewer,
             store,
             &options,
             name,
@@ -855,7 +867,7 @@ pub async fn open(
         .await?;
     }
     let shared = Arc::new(Shared {
-        client,
+        pool: pool.clone(),
         name: name.to_owned(),
         holder,
         lease,
@@ -888,7 +900,7 @@ pub async fn open(
         Some(Cursor::Snapshot(seq)) => {
             if let Some(phase) = snapshot.as_mut() {
                 let seq = i64::try_from(seq).unwrap_or(i64::MAX).min(phase.total);
-                shared.ack_snapshot(&shared.client, Some(seq)).await?;
+                shared.ack_snapshot(&client, Some(seq)).await?;
                 phase.next = phase.next.max(seq);
             }
         }
@@ -896,14 +908,15 @@ pub async fn open(
         // at or before it (the markers') leaves the initial state as it is.
         Some(Cursor::Position(p)) if Mark::of(p) > shared.state().acked => {
             if snapshot.take().is_some() {
-                shared.ack_snapshot(&shared.client, None).await?;
+                shared.ack_snapshot(&client, None).await?;
             }
-            shared.store_cursor(&shared.client, Mark::of(p)).await?;
+            shared.store_cursor(&client, Mark::of(p)).await?;
         }
         Some(Cursor::Position(_)) => {}
     }
     let cursor = shared.state().acked;
-    let mut reader = Reader::new(shared, reader_client, &row, &options, notifications).await?;
+    drop(client);
+    let mut reader = Reader::new(shared, &row, &options, notifications).await?;
     reader.snapshot = snapshot;
     // A cursor at LSN 0 stands before everything: the log was empty when it was set.
     let initialized = StreamItem::Initialized {
@@ -1056,7 +1069,8 @@ impl StreamAcker {
         };
         if finishes_snapshot {
             // A change after the cursor comes after every row of the initial state.
-            self.shared.ack_snapshot(&self.shared.client, None).await?;
+            let client = self.shared.pool.get().await?;
+            self.shared.ack_snapshot(&client, None).await?;
         }
         let mut to = Mark::of(position);
         {
@@ -1072,7 +1086,8 @@ impl StreamAcker {
                 return Ok(());
             }
         }
-        self.shared.store_cursor(&self.shared.client, to).await
+        let client = self.shared.pool.get().await?;
+        self.shared.store_cursor(&client, to).await
     }
 
     /// As [`StreamConsumer::ack_cursor`].
@@ -1084,9 +1099,8 @@ impl StreamAcker {
                     return Ok(());
                 }
                 let seq = i64::try_from(seq).unwrap_or(i64::MAX);
-                self.shared
-                    .ack_snapshot(&self.shared.client, Some(seq))
-                    .await
+                let client = self.shared.pool.get().await?;
+                self.shared.ack_snapshot(&client, Some(seq)).await
             }
         }
     }
@@ -1112,6 +1126,24 @@ impl Stream for StreamConsumer {
     }
 }
 
+/// One page of the log after a mark, with the pruned mark read in the same snapshot.
+const PAGE: &str = "WITH mark AS (
+                     SELECT coalesce(max(pruned_lsn), 0) AS lsn, coalesce(max(pruned_ordinal), -1) AS ord
+                     FROM waltap.progress WHERE source = $1)
+                 SELECT mark.lsn, mark.ord, e.commit_lsn, e.ordinal, e.tx_last, e.body
+                 FROM mark LEFT JOIN LATERAL (
+                     SELECT commit_lsn, ordinal, tx_last,
+                            CASE WHEN (schema_name, table_name) IN
+                                      (SELECT * FROM unnest($6::text[], $7::text[]))
+                                 THEN event::text END AS body
+                     FROM waltap.events
+                     WHERE source = $1
+                       AND (commit_lsn, ordinal) > ($2, $3)
+                       AND (commit_lsn, ordinal) <= ($4, $5)
+                     ORDER BY commit_lsn, ordinal
+                     LIMIT $8) e ON true
+                 ORDER BY e.commit_lsn, e.ordinal";
+
 /// One stored event as a page query returns it.
 struct Stored {
     at: Mark,
@@ -1123,13 +1155,10 @@ struct Stored {
 /// The reading side of a consumer: pages of the log through the stream's view.
 struct Reader {
     shared: Arc<Shared>,
-    /// The reader's own connection (see [`Shared`]), which also receives the append
-    /// notifications.
-    client: Client,
     source: String,
-    notifications: mpsc::Receiver<Notification>,
+    /// The pool's append notifications.
+    notifications: broadcast::Receiver<Wake>,
     notifications_open: bool,
-    page: Statement,
     page_size: i64,
     schemas: Vec<String>,
     tables: Vec<String>,
@@ -1165,10 +1194,9 @@ struct SnapshotPhase {
 impl Reader {
     async fn new(
         shared: Arc<Shared>,
-        client: Client,
         row: &tokio_postgres::Row,
         options: &OpenOptions,
-        notifications: mpsc::Receiver<Notification>,
+        notifications: broadcast::Receiver<Wake>,
     ) -> Result<Reader, StoreError> {
         let source: String = row.get(0);
         let stored_tables: Vec<String> = row.get(1);
@@ -1182,7 +1210,8 @@ impl Reader {
             })
             .transpose()?;
         let cursor = shared.state().acked;
-        let pruned = pruned_mark(&shared.client, &source).await?;
+        let client = shared.pool.get().await?;
+        let pruned = pruned_mark(&client, &source).await?;
         if pruned > cursor {
             return Err(stale(&shared.name, cursor, pruned));
         }
@@ -1197,29 +1226,10 @@ impl Reader {
                 ),
                 Vec::new(),
             ),
-            Some(filter) => compile(&shared, options, &tables, filter).await?,
+            Some(filter) => compile(&shared, &client, options, &tables, filter).await?,
         };
-        let page = client
-            .prepare(
-                "WITH mark AS (
-                     SELECT coalesce(max(pruned_lsn), 0) AS lsn, coalesce(max(pruned_ordinal), -1) AS ord
-                     FROM waltap.progress WHERE source = $1)
-                 SELECT mark.lsn, mark.ord, e.commit_lsn, e.ordinal, e.tx_last, e.body
-                 FROM mark LEFT JOIN LATERAL (
-                     SELECT commit_lsn, ordinal, tx_last,
-                            CASE WHEN (schema_name, table_name) IN
-                                      (SELECT * FROM unnest($6::text[], $7::text[]))
-                                 THEN event::text END AS body
-                     FROM waltap.events
-                     WHERE source = $1
-                       AND (commit_lsn, ordinal) > ($2, $3)
-                       AND (commit_lsn, ordinal) <= ($4, $5)
-                     ORDER BY commit_lsn, ordinal
-                     LIMIT $8) e ON true
-                 ORDER BY e.commit_lsn, e.ordinal",
-            )
-            .await
-            .map_err(StoreError::sql("prepare the page query"))?;
+        drop(client);
+        
         let (schemas, names) = split_tables(&stored_tables);
         // Resuming inside a transaction: read it from its start, so that its numbering
         // is the one the consumer saw before.
@@ -1233,11 +1243,9 @@ impl Reader {
         };
         Ok(Reader {
             shared,
-            client,
             source,
             notifications,
             notifications_open: true,
-            page,
             page_size: options.page_size.clamp(1, 100_000) as i64,
             schemas,
             tables: names,
@@ -1283,11 +1291,11 @@ impl Reader {
             return Ok(None);
         };
         if phase.out.is_empty() && phase.next < phase.total {
+            let client = self.shared.pool.get().await?;
             if self.shared.renewal_due() {
-                self.shared.renew(&self.client).await?;
+                self.shared.renew(&client).await?;
             }
-            let rows = self
-                .client
+            let rows = client
                 .query(
                     "SELECT seq, row::text FROM waltap.snapshot_rows
                      WHERE stream = $1 AND seq > $2 ORDER BY seq LIMIT $3",
@@ -1337,10 +1345,14 @@ impl Reader {
     async fn fill(&mut self) -> Result<(), StoreError> {
         while self.out.is_empty() {
             if self.shared.renewal_due() {
-                self.shared.renew(&self.client).await?;
+                let client = self.shared.pool.get().await?;
+                self.shared.renew(&client).await?;
             }
             // Wake-ups from before this read are answered by it.
-            while self.notifications.try_recv().is_ok() {}
+            while matches!(
+                self.notifications.try_recv(),
+                Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_))
+            ) {}
             let last = self.fetch(self.page_size, None).await?;
             let Some(last) = last else {
                 self.caught_up().await?;
@@ -1372,10 +1384,14 @@ impl Reader {
                 ordinal: TX_END,
             },
         };
-        let rows = self
-            .client
+        let client = self.shared.pool.get().await?;
+        let page = client
+            .prepare_cached(PAGE)
+            .await
+            .map_err(StoreError::sql("prepare the page query"))?;
+        let rows = client
             .query(
-                &self.page,
+                &page,
                 &[
                     &self.source,
                     &self.read_after.lsn,
@@ -1389,6 +1405,7 @@ impl Reader {
             )
             .await
             .map_err(StoreError::sql("read the log"))?;
+        drop(client);
         let Some(first) = rows.first() else {
             return Ok(None);
         };
@@ -1480,7 +1497,8 @@ impl Reader {
             state.yielded.is_none_or(|y| state.acked >= y) && state.acked < through
         };
         if advance {
-            self.shared.store_cursor(&self.client, through).await?;
+            let client = self.shared.pool.get().await?;
+            self.shared.store_cursor(&client, through).await?;
         }
         Ok(())
     }
@@ -1497,9 +1515,12 @@ impl Reader {
             tokio::select! {
                 _ = &mut renew => return,
                 n = self.notifications.recv() => match n {
-                    Some(n) if n.channel() == NOTIFY_CHANNEL && n.payload() == self.source => return,
-                    Some(_) => {}
-                    None => self.notifications_open = false,
+                    Ok(Some(source)) if *source == *self.source => return,
+                    Ok(Some(_)) => {}
+                    // The listening connection was reopened, or this reader fell behind:
+                    // appends may have been missed.
+                    Ok(None) | Err(broadcast::error::RecvError::Lagged(_)) => return,
+                    Err(broadcast::error::RecvError::Closed) => self.notifications_open = false,
                 },
             }
         }
@@ -1518,6 +1539,7 @@ fn stale(name: &str, cursor: Mark, pruned: Mark) -> StoreError {
 /// no filter (its events still in the log are delivered, never dropped unseen).
 async fn compile(
     shared: &Shared,
+    client: &Client,
     options: &OpenOptions,
     tables: &[TableName],
     filter: &Filter,
@@ -1528,7 +1550,7 @@ async fn compile(
             separate = c.connect_sql().await?;
             &separate
         }
-        None => &shared.client,
+        None => client,
     };
     let mut view_tables = Vec::with_capacity(tables.len());
     let mut types = Vec::with_capacity(tables.len());

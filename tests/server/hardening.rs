@@ -127,3 +127,71 @@ async fn the_hub_recovers_after_postgres_restarts_and_healthz_says_so_meanwhile(
     server.stop().await;
     db.teardown().await;
 }
+
+/// Stream consumers share a bounded pool: more consumers than a default Postgres
+/// (`max_connections = 100`) has connections read and are woken by appends.
+/// `WALTAP_TEST_CONSUMERS` sets how many (default 120).
+#[tokio::test]
+async fn many_stream_consumers_share_a_bounded_pool() {
+    let cluster = match tokio::task::spawn_blocking(Cluster::start_dedicated)
+        .await
+        .unwrap()
+    {
+        Ok(c) => c,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let n: usize = std::env::var("WALTAP_TEST_CONSUMERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(120);
+    {
+        let admin = TestDb::new_on(&cluster).await;
+        admin
+            .client()
+            .await
+            .batch_execute("ALTER SYSTEM SET max_connections = 100")
+            .await
+            .unwrap();
+        admin.teardown().await;
+    }
+    cluster.restart_immediate();
+    let db = TestDb::new_on(&cluster).await;
+    let server = start(&db, |_| {}).await;
+    for i in 0..n {
+        server
+            .create_stream(&format!("s{i}"), "orders", None)
+            .await;
+    }
+    let mut consumers = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut sse = Sse::open(server.get(&format!("/v1/streams/s{i}"), super::ADMIN)).await;
+        sse.expect("initialized").await;
+        consumers.push(sse);
+    }
+    insert_orders(&db, 0..1).await;
+    for sse in &mut consumers {
+        let f = sse.expect("change").await;
+        assert_eq!(f.data["created"]["id"], 0);
+    }
+    let backends: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'waltap'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    eprintln!("{n} stream consumers; {backends} waltap backends on the database");
+    // The pool, the one listening, the pipeline's and the hub's, and the server's own.
+    let bound = waltap::store::pool::DEFAULT_POOL_SIZE as i64 + 10;
+    assert!(backends <= bound, "{backends} backends for {n} consumers");
+    drop(consumers);
+    server.stop().await;
+    db.teardown().await;
+}
