@@ -13,6 +13,7 @@
 //! (codes), [`session`] (SSE and WebSocket framing), [`subscribe`], [`streams`],
 //! [`metrics`]. Nothing else in the crate depends on this module.
 
+mod accept;
 pub mod auth;
 pub mod error;
 pub mod metrics;
@@ -76,6 +77,14 @@ pub struct Limits {
     pub max_token_ttl: Duration,
     pub max_feed_limit: usize,
     pub max_feed_wait: Duration,
+    /// Open HTTP connections, all keys and none together (a few more are kept for
+    /// `/healthz`). Keep it under the process's open-file limit (`ulimit -n`).
+    pub max_connections: usize,
+    /// Time a client has to send a request's head, and to start the next request on a
+    /// kept-alive connection.
+    pub header_read_timeout: Duration,
+    /// Longest pause while a client sends a request body.
+    pub body_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -88,6 +97,9 @@ impl Default for Limits {
             max_token_ttl: Duration::from_secs(24 * 3600),
             max_feed_limit: 1000,
             max_feed_wait: Duration::from_secs(60),
+            max_connections: 1000,
+            header_read_timeout: Duration::from_secs(10),
+            body_idle_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -108,6 +120,9 @@ pub struct ServerConfig {
     /// Connections to the log shared by every stream consumer (plus one that listens for
     /// appends), however many consumers are connected.
     pub store_pool_size: usize,
+    /// At shutdown, how long open requests and connections may take to finish before
+    /// they are closed.
+    pub shutdown_grace: Duration,
 }
 
 impl ServerConfig {
@@ -120,6 +135,7 @@ impl ServerConfig {
             limits: Limits::default(),
             keepalive: Duration::from_secs(15),
             store_pool_size: crate::store::pool::DEFAULT_POOL_SIZE,
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
@@ -335,12 +351,18 @@ pub async fn serve(
     let app = router(state.clone(), cors);
     let addr = listener.local_addr()?;
     tracing::info!(%addr, slot = %slot, "serving");
-    let server_stop = stop.clone();
-    let mut server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(server_stop.cancelled_owned())
-            .await
-    });
+    let bounds = accept::Bounds {
+        max_connections: config.limits.max_connections,
+        header_read_timeout: config.limits.header_read_timeout,
+        shutdown_grace: config.shutdown_grace,
+    };
+    let mut server = tokio::spawn(accept::serve(
+        listener,
+        app,
+        health_router(state.clone()),
+        bounds,
+        stop.clone(),
+    ));
 
     let mut failure = None;
     let served = tokio::select! {
@@ -362,7 +384,12 @@ pub async fn serve(
         None => server.await,
     };
     state.tasks.close();
-    state.tasks.wait().await;
+    if tokio::time::timeout(config.shutdown_grace, state.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("delivery sessions still open after the grace period; stopping anyway");
+    }
     pipeline_stop.cancel();
     if failure.is_none() {
         match pipeline.await {
@@ -379,10 +406,7 @@ pub async fn serve(
     if let Some(e) = failure {
         return Err(e);
     }
-    match served {
-        Ok(result) => result.map_err(ServerError::Io),
-        Err(e) => Err(ServerError::Io(std::io::Error::other(e))),
-    }
+    served.map_err(|e| ServerError::Io(std::io::Error::other(e)))
 }
 
 /// `<slot>_h<pid>`, the slot part shortened so the name fits Postgres' 63 bytes.
@@ -434,11 +458,23 @@ fn router(state: Shared, cors: Option<tower_http::cors::CorsLayer>) -> Router {
             count_errors,
         ))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            state.limits.body_idle_timeout,
+        ))
         .with_state(state);
     match cors {
         Some(cors) => app.layer(cors),
         None => app,
     }
+}
+
+/// What a connection beyond the cap may ask: `/healthz` only.
+fn health_router(state: Shared) -> Router {
+    let cap = state.limits.max_connections;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .fallback(move || async move { ApiError::Busy(cap) })
+        .with_state(state)
 }
 
 async fn count_errors(

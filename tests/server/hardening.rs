@@ -195,3 +195,106 @@ async fn many_stream_consumers_share_a_bounded_pool() {
     server.stop().await;
     db.teardown().await;
 }
+
+/// Sockets that send the start of a request head and nothing more.
+async fn unfinished_requests(server: &Server, n: usize) -> Vec<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let addr = server.url.trim_start_matches("http://").to_owned();
+    let mut sockets = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        sockets.push(s);
+    }
+    sockets
+}
+
+/// Waits until the server closed the socket (EOF or reset, after any answer).
+async fn closed_by_server(mut s: tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(TIMEOUT, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("the server kept an unfinished request open for {TIMEOUT:?}"),
+        }
+    }
+}
+
+/// A client with no kept-alive connections: each request is a new connection.
+fn fresh_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn unfinished_requests_are_closed_after_the_header_timeout() {
+    let db = TestDb::new().await;
+    let server = start(&db, |c| {
+        c.limits.header_read_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let sockets = unfinished_requests(&server, 50).await;
+    for s in sockets {
+        closed_by_server(s).await;
+    }
+    server.stop().await;
+    db.teardown().await;
+}
+
+#[tokio::test]
+async fn healthz_answers_while_the_connection_cap_is_reached() {
+    let db = TestDb::new().await;
+    let server = start(&db, |c| {
+        c.limits.max_connections = 20;
+        c.limits.header_read_timeout = std::time::Duration::from_secs(300);
+    })
+    .await;
+    // Every regular connection, and the reserve for a moment.
+    let _held = unfinished_requests(&server, 20 + 16).await;
+    let http = fresh_client();
+    wait_for("/healthz to answer at the cap", TIMEOUT, || async {
+        http.get(format!("{}/healthz", server.url))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    wait_for("other requests to be refused at the cap", TIMEOUT, || async {
+        let Ok(r) = http
+            .get(format!("{}/v1/openapi.json", server.url))
+            .bearer_auth(ORDERS)
+            .send()
+            .await
+        else {
+            return false; // closed at once: the reserve was full
+        };
+        assert_eq!(r.status(), 503);
+        let body: Json = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "server_busy", "{body}");
+        true
+    })
+    .await;
+    server.stop().await;
+    db.teardown().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_unfinished_requests_after_the_grace_period() {
+    let db = TestDb::new().await;
+    let server = start(&db, |c| {
+        c.limits.header_read_timeout = std::time::Duration::from_secs(300);
+        c.shutdown_grace = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let sockets = unfinished_requests(&server, 5).await;
+    // Within the test's timeout, although the requests could wait for minutes.
+    server.stop().await;
+    for s in sockets {
+        closed_by_server(s).await;
+    }
+    db.teardown().await;
+}
