@@ -67,8 +67,17 @@ pub async fn serve(
                 drop(permit);
             });
         } else if let Ok(permit) = reserve.clone().try_acquire_owned() {
-            tracing::debug!(cap = bounds.max_connections, "connection cap reached; serving /healthz only");
-            let conn = connection(stream, reserve_app.clone(), RESERVE_HEAD_TIMEOUT, false, &stop);
+            tracing::debug!(
+                cap = bounds.max_connections,
+                "connection cap reached; serving /healthz only"
+            );
+            let conn = connection(
+                stream,
+                reserve_app.clone(),
+                RESERVE_HEAD_TIMEOUT,
+                false,
+                &stop,
+            );
             connections.spawn(async move {
                 conn.await;
                 drop(permit);

@@ -855,16 +855,7 @@ pub async fn open_pooled(
         // From here on, a failure releases the lease only when it expires; the copy is
         // one store transaction, so nothing half-made stays behind.
         let renewer = pool.get().await?;
-        row = copy_initial_state(
-            &client,
-            &renewer,
-            store,
-            &options,
-            name,
-            &holder,
-            &row,
-        )
-        .await?;
+        row = copy_initial_state(&client, &renewer, store, &options, name, &holder, &row).await?;
     }
     let shared = Arc::new(Shared {
         pool: pool.clone(),
@@ -1229,7 +1220,7 @@ impl Reader {
             Some(filter) => compile(&shared, &client, options, &tables, filter).await?,
         };
         drop(client);
-        
+
         let (schemas, names) = split_tables(&stored_tables);
         // Resuming inside a transaction: read it from its start, so that its numbering
         // is the one the consumer saw before.

@@ -442,4 +442,3 @@ async fn large_websocket_messages_close_the_connection() {
     server.stop().await;
     db.teardown().await;
 }
-

@@ -35,6 +35,34 @@ async fn subscribe_again(server: &Server) -> Sse {
     sse
 }
 
+/// A new subscription gets the next change and `/healthz` is ok again; then stops.
+async fn delivers_again(server: Server, db: TestDb) {
+    let mut sse = subscribe_again(&server).await;
+    insert_orders(&db, 0..1).await;
+    let f = sse.expect("change").await;
+    assert_eq!(f.data["created"]["id"], 0);
+    wait_for("/healthz to say ok", TIMEOUT, || async {
+        health(&server).await.0 == 200
+    })
+    .await;
+    server.stop().await;
+    db.teardown().await;
+}
+
+/// A cluster of the test's own, or `None` (test skipped) without server binaries.
+async fn dedicated_cluster() -> Option<Cluster> {
+    match tokio::task::spawn_blocking(Cluster::start_dedicated)
+        .await
+        .unwrap()
+    {
+        Ok(c) => Some(c),
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            None
+        }
+    }
+}
+
 async fn health(server: &Server) -> (u16, Json) {
     let r = server
         .http
@@ -71,29 +99,13 @@ async fn the_hub_recovers_after_its_walsender_is_terminated() {
     assert!(!message.contains("waltap setup"), "{message}");
     assert!(sse.next().await.is_none(), "the interrupted stream ends");
 
-    let mut sse = subscribe_again(&server).await;
-    insert_orders(&db, 0..1).await;
-    let f = sse.expect("change").await;
-    assert_eq!(f.data["created"]["id"], 0);
-    wait_for("/healthz to say ok", TIMEOUT, || async {
-        health(&server).await.0 == 200
-    })
-    .await;
-    server.stop().await;
-    db.teardown().await;
+    delivers_again(server, db).await;
 }
 
 #[tokio::test]
 async fn the_hub_recovers_after_postgres_restarts_and_healthz_says_so_meanwhile() {
-    let cluster = match tokio::task::spawn_blocking(Cluster::start_dedicated)
-        .await
-        .unwrap()
-    {
-        Ok(c) => c,
-        Err(why) => {
-            eprintln!("skipped: {why}");
-            return;
-        }
+    let Some(cluster) = dedicated_cluster().await else {
+        return;
     };
     let db = TestDb::new_on(&cluster).await;
     let server = start(&db, |_| {}).await;
@@ -117,15 +129,7 @@ async fn the_hub_recovers_after_postgres_restarts_and_healthz_says_so_meanwhile(
     assert_eq!(refused["error"]["code"], "source_unavailable", "{refused}");
 
     cluster.start();
-    let mut sse = subscribe_again(&server).await;
-    insert_orders(&db, 0..1).await;
-    sse.expect("change").await;
-    wait_for("/healthz to say ok", TIMEOUT, || async {
-        health(&server).await.0 == 200
-    })
-    .await;
-    server.stop().await;
-    db.teardown().await;
+    delivers_again(server, db).await;
 }
 
 /// Stream consumers share a bounded pool: more consumers than a default Postgres
@@ -133,15 +137,8 @@ async fn the_hub_recovers_after_postgres_restarts_and_healthz_says_so_meanwhile(
 /// `WALTAP_TEST_CONSUMERS` sets how many (default 120).
 #[tokio::test]
 async fn many_stream_consumers_share_a_bounded_pool() {
-    let cluster = match tokio::task::spawn_blocking(Cluster::start_dedicated)
-        .await
-        .unwrap()
-    {
-        Ok(c) => c,
-        Err(why) => {
-            eprintln!("skipped: {why}");
-            return;
-        }
+    let Some(cluster) = dedicated_cluster().await else {
+        return;
     };
     let n: usize = std::env::var("WALTAP_TEST_CONSUMERS")
         .ok()
@@ -161,9 +158,7 @@ async fn many_stream_consumers_share_a_bounded_pool() {
     let db = TestDb::new_on(&cluster).await;
     let server = start(&db, |_| {}).await;
     for i in 0..n {
-        server
-            .create_stream(&format!("s{i}"), "orders", None)
-            .await;
+        server.create_stream(&format!("s{i}"), "orders", None).await;
     }
     let mut consumers = Vec::with_capacity(n);
     for i in 0..n {
@@ -263,20 +258,24 @@ async fn healthz_answers_while_the_connection_cap_is_reached() {
             .is_ok_and(|r| r.status() == 200)
     })
     .await;
-    wait_for("other requests to be refused at the cap", TIMEOUT, || async {
-        let Ok(r) = http
-            .get(format!("{}/v1/openapi.json", server.url))
-            .bearer_auth(ORDERS)
-            .send()
-            .await
-        else {
-            return false; // closed at once: the reserve was full
-        };
-        assert_eq!(r.status(), 503);
-        let body: Json = r.json().await.unwrap();
-        assert_eq!(body["error"]["code"], "server_busy", "{body}");
-        true
-    })
+    wait_for(
+        "other requests to be refused at the cap",
+        TIMEOUT,
+        || async {
+            let Ok(r) = http
+                .get(format!("{}/v1/openapi.json", server.url))
+                .bearer_auth(ORDERS)
+                .send()
+                .await
+            else {
+                return false; // closed at once: the reserve was full
+            };
+            assert_eq!(r.status(), 503);
+            let body: Json = r.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "server_busy", "{body}");
+            true
+        },
+    )
     .await;
     server.stop().await;
     db.teardown().await;
