@@ -67,6 +67,9 @@ impl std::fmt::Debug for SourceConfig {
     }
 }
 
+/// How long connecting to one host may take when the URL sets no `connect_timeout`.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl SourceConfig {
     /// Parses a `postgres://` URL or a `key=value` string.
     pub fn parse(s: &str) -> Result<Self, ConfigError> {
@@ -132,11 +135,15 @@ impl SourceConfig {
         self.pg.get_application_name().unwrap_or("waltap")
     }
 
+    /// How long one host may take to accept and authenticate a connection:
+    /// `connect_timeout` of the URL (seconds, as in libpq), else
+    /// [`DEFAULT_CONNECT_TIMEOUT`]. Unlike libpq, 0 does not mean "wait forever": a host
+    /// that accepts TCP and never answers must not hang a command.
     pub fn connect_timeout(&self) -> Duration {
         self.pg
             .get_connect_timeout()
             .copied()
-            .unwrap_or(Duration::from_secs(10))
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT)
     }
 
     /// Host and port candidates, in order.
@@ -204,15 +211,29 @@ impl SourceConfig {
             target: self.describe(),
             source,
         };
+        // tokio-postgres bounds only the TCP connect; the bound here also covers TLS and
+        // the start-up exchange, with each host of the URL getting the full timeout.
+        let timeout = self.connect_timeout() * self.targets().len().max(1) as u32;
+        let timed_out = || SqlConnectError::Timeout {
+            target: self.describe(),
+            timeout: self.connect_timeout(),
+        };
         let client = match self.rustls_config()? {
             Some(cfg) => {
                 let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*cfg).clone());
-                let (client, conn) = pg.connect(connector).await.map_err(fail)?;
+                let (client, conn) = tokio::time::timeout(timeout, pg.connect(connector))
+                    .await
+                    .map_err(|_| timed_out())?
+                    .map_err(fail)?;
                 tokio::spawn(drive(conn, notifications));
                 client
             }
             None => {
-                let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(fail)?;
+                let (client, conn) =
+                    tokio::time::timeout(timeout, pg.connect(tokio_postgres::NoTls))
+                        .await
+                        .map_err(|_| timed_out())?
+                        .map_err(fail)?;
                 tokio::spawn(drive(conn, notifications));
                 client
             }
@@ -256,6 +277,8 @@ pub enum SqlConnectError {
         #[source]
         source: tokio_postgres::Error,
     },
+    #[error("cannot connect to {target}: no answer within {timeout:?} (connect_timeout)")]
+    Timeout { target: String, timeout: Duration },
 }
 
 /// tokio-postgres displays server errors as just "db error"; this spells out the server's

@@ -51,6 +51,7 @@ impl Error {
             Error::SqlConnect(SqlConnectError::Postgres { source, .. }) => {
                 pg_error_is_transient(source)
             }
+            Error::SqlConnect(SqlConnectError::Timeout { .. }) => true,
             _ => false,
         }
     }

@@ -21,6 +21,7 @@
 //! - Transient failures (connection lost, server restarting) reconnect with backoff; the
 //!   server resends from the confirmed position and events already handed out in this
 //!   process are skipped by position, so the consumer sees each change once per process.
+//!   A temporary slot cannot be resumed: its listener ends with the first failure.
 //!   Definite failures (slot dropped or invalidated, publication missing, malformed data)
 //!   end the stream with a typed error.
 
@@ -471,7 +472,9 @@ impl Worker {
             };
             match result {
                 Ok(SessionEnd::Cancelled) | Ok(SessionEnd::ConsumerGone) => return,
-                Err(e) if e.is_transient() => {
+                // A temporary slot dies with its connection: waiting for the server to come
+                // back cannot resume it, so the owner hears of the interruption at once.
+                Err(e) if e.is_transient() && !self.config.temporary_slot => {
                     tracing::warn!(slot = %self.config.slot, error = %e, retry_in = ?backoff, "replication interrupted; reconnecting");
                     tokio::select! {
                         _ = self.cancel.cancelled() => return,

@@ -224,6 +224,37 @@ async fn bad_flags_and_unreachable_servers_are_clear_errors() {
     db.teardown().await;
 }
 
+/// A host that accepts TCP and never answers: every command gives up after the URL's
+/// `connect_timeout` (or the default) with a clear error, instead of hanging.
+#[tokio::test]
+async fn silent_hosts_time_out_in_every_command() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    // Accepted connections stay open and unanswered for the whole test.
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres?connect_timeout=2");
+    for args in [
+        &["tail", "--table", "t"][..],
+        &["setup", "--table", "t"],
+        &["status"],
+        &["stream", "list"],
+    ] {
+        let out = support::output(support::waltap(&url, args)).await;
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("no answer") || err.contains("timed out"),
+            "{args:?}: {err}"
+        );
+    }
+    hold.abort();
+}
+
 #[tokio::test]
 async fn demo_prints_the_sample_events_and_leaves_nothing_behind() {
     let mut cmd = support::waltap("", &["demo", "--orders", "2"]);

@@ -98,6 +98,21 @@ pub struct ServeArgs {
     /// Events queued per subscriber before it is cut off with `lagged`.
     #[arg(long, default_value_t = 1024)]
     pub subscriber_queue: usize,
+    /// Postgres connections shared by all stream consumers (plus one listening for
+    /// appends), however many are connected.
+    #[arg(long, default_value_t = crate::store::pool::DEFAULT_POOL_SIZE)]
+    pub store_pool_size: usize,
+    /// Open HTTP connections in all (a few more are kept for /healthz); keep it under the
+    /// open-file limit (ulimit -n).
+    #[arg(long, default_value_t = 1000)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's head (and to start the next request on a
+    /// kept-alive connection).
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout: u64,
+    /// Seconds open requests and connections get to finish at shutdown (SIGTERM).
+    #[arg(long, default_value_t = 10)]
+    pub shutdown_grace: u64,
 }
 
 /// Where to read from.
@@ -280,6 +295,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.cors_origins = args.cors_origins;
     config.limits.connections_per_key = args.max_connections_per_key;
     config.subscriber_queue = args.subscriber_queue;
+    config.store_pool_size = args.store_pool_size;
+    config.limits.max_connections = args.max_connections;
+    config.limits.header_read_timeout = std::time::Duration::from_secs(args.header_timeout.max(1));
+    config.shutdown_grace = std::time::Duration::from_secs(args.shutdown_grace);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;

@@ -17,7 +17,12 @@
 //!   [`SubscriptionItem::Completed`], after the transaction that deleted the row (or moved
 //!   its key away, or truncated the table), or right after the initial state when the
 //!   row does not exist;
-//! - a dropped subscription is removed at once, and its queue is freed with it.
+//! - a dropped subscription is removed at once, and its queue is freed with it;
+//! - when the replication connection breaks (walsender terminated, Postgres restarted),
+//!   every open subscription ends with [`SubscriptionError::Source`] (changes may have been
+//!   missed: subscribe again), and the hub starts a new listener with backoff; meanwhile
+//!   [`Hub::is_streaming`] is false and subscribing fails with
+//!   [`SubscriptionError::Unavailable`].
 //!
 //! ```no_run
 //! use futures::StreamExt;
@@ -157,8 +162,12 @@ pub enum SubscriptionError {
     NotPublished(String),
     #[error("table {0} does not exist")]
     NoSuchTable(String),
-    #[error("the change source stopped: {0}")]
+    /// The hub's replication connection broke (the cause is logged): changes may have
+    /// been missed, and the hub reconnects.
+    #[error("the subscription hub lost its replication connection, so changes may have been missed; it is reconnecting: subscribe again")]
     Source(Arc<Error>),
+    #[error("the subscription hub is reconnecting to Postgres: subscribe again shortly")]
+    Unavailable,
     #[error("the hub has stopped")]
     HubStopped,
     #[error(transparent)]
@@ -176,7 +185,9 @@ impl SubscriptionError {
             SubscriptionError::NotPublished(_) | SubscriptionError::NoSuchTable(_) => {
                 "unknown_table"
             }
-            SubscriptionError::Source(_) | SubscriptionError::HubStopped => "source_stopped",
+            SubscriptionError::Source(_) => "source_interrupted",
+            SubscriptionError::Unavailable => "source_unavailable",
+            SubscriptionError::HubStopped => "source_stopped",
             SubscriptionError::Sql(_) => "internal",
             SubscriptionError::Snapshot(e) => e.code(),
         }
@@ -360,6 +371,8 @@ pub struct Hub {
     cancel: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
     next_id: std::sync::atomic::AtomicU64,
+    /// Set while the listener is down and being restarted.
+    down: Arc<AtomicBool>,
 }
 
 impl Hub {
@@ -367,10 +380,17 @@ impl Hub {
     pub async fn start(config: HubConfig) -> Result<Hub, Error> {
         let source = config.listener.source.clone();
         let publication = config.listener.publication.clone();
-        let listener = Listener::start(config.listener).await?;
+        let listener = Listener::start(config.listener.clone()).await?;
         let (commands, rx) = mpsc::channel(64);
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(run(listener, rx, cancel.clone(), config.start_paused));
+        let down = Arc::new(AtomicBool::new(false));
+        let fanout = Fanout {
+            config: config.listener,
+            commands: rx,
+            cancel: cancel.clone(),
+            down: down.clone(),
+        };
+        let task = tokio::spawn(run(fanout, listener, config.start_paused));
         Ok(Hub {
             commands,
             source,
@@ -380,7 +400,21 @@ impl Hub {
             cancel,
             task: Some(task),
             next_id: std::sync::atomic::AtomicU64::new(0),
+            down,
         })
+    }
+
+    /// False while the replication connection is down and the hub reconnects.
+    pub fn is_streaming(&self) -> bool {
+        !self.down.load(Ordering::Acquire)
+    }
+
+    /// Why the hub took no subscriber: it is reconnecting, or it has stopped.
+    fn refused(&self) -> SubscriptionError {
+        match self.is_streaming() {
+            true => SubscriptionError::HubStopped,
+            false => SubscriptionError::Unavailable,
+        }
     }
 
     /// Subscribes to one table (`table` or `schema.table`) with an optional filter. The
@@ -414,6 +448,9 @@ impl Hub {
         filter: Option<Filter>,
         options: SubscribeOptions,
     ) -> Result<Subscription, SubscriptionError> {
+        if !self.is_streaming() {
+            return Err(SubscriptionError::Unavailable);
+        }
         let mut guard = self.catalog.lock().await;
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
             *guard = Some(self.source.connect_sql().await.map_err(Error::from)?);
@@ -457,8 +494,8 @@ impl Hub {
         self.commands
             .send(Command::Subscribe(Box::new(sub), joined))
             .await
-            .map_err(|_| SubscriptionError::HubStopped)?;
-        wait.await.map_err(|_| SubscriptionError::HubStopped)?;
+            .map_err(|_| self.refused())?;
+        wait.await.map_err(|_| self.refused())?;
         let direct = Direct {
             rx,
             lagged,
@@ -591,21 +628,28 @@ impl Stream for Subscription {
     }
 }
 
-async fn run(
-    mut listener: Listener,
-    mut commands: mpsc::Receiver<Command>,
+/// What the fan-out task needs besides its listener: how to start another one.
+struct Fanout {
+    config: ListenerConfig,
+    commands: mpsc::Receiver<Command>,
     cancel: CancellationToken,
-    mut paused: bool,
-) {
+    down: Arc<AtomicBool>,
+}
+
+async fn run(mut f: Fanout, listener: Listener, mut paused: bool) {
+    // Before the first event: where the slot started streaming.
+    let mut last_position = Position::before_lsn(listener.start_lsn());
+    let mut listener = Some(listener);
     let mut subs: Vec<Subscriber> = Vec::new();
     let mut waiting: Vec<(Box<Subscriber>, oneshot::Sender<()>)> = Vec::new();
     let mut in_tx = false;
-    // Before the first event: where the slot started streaming.
-    let mut last_position = Position::before_lsn(listener.start_lsn());
     let mut recent: VecDeque<(u32, Lsn)> = VecDeque::with_capacity(RECENT_COMMITS);
     let mut out = Vec::new();
+    let mut backoff = f.config.reconnect_min;
+    let retry = tokio::time::sleep(std::time::Duration::ZERO);
+    tokio::pin!(retry);
     loop {
-        if !in_tx {
+        if !in_tx && listener.is_some() {
             // Joining only between transactions: a subscriber never sees half of one.
             for (sub, joined) in waiting.drain(..) {
                 let marker = SubscriptionItem::Initialized {
@@ -617,11 +661,14 @@ async fn run(
                 let _ = joined.send(());
             }
         }
+        let connected = listener.is_some();
         tokio::select! {
             biased;
-            _ = cancel.cancelled() => break,
-            cmd = commands.recv() => match cmd {
-                Some(Command::Subscribe(sub, joined)) => waiting.push((sub, joined)),
+            _ = f.cancel.cancelled() => break,
+            cmd = f.commands.recv() => match cmd {
+                // While reconnecting, a new subscriber is refused (dropping `joined`).
+                Some(Command::Subscribe(sub, joined)) if connected => waiting.push((sub, joined)),
+                Some(Command::Subscribe(..)) => {}
                 Some(Command::Resume) => paused = false,
                 Some(Command::Recent(reply)) => {
                     let _ = reply.send(recent.iter().copied().collect());
@@ -632,20 +679,33 @@ async fn run(
                 }
                 None => break,
             },
-            item = listener.next_delivery(), if !paused => match item {
-                None => break,
+            _ = &mut retry, if !connected => {
+                let started = tokio::select! {
+                    _ = f.cancel.cancelled() => break,
+                    started = Listener::start(f.config.clone()) => started,
+                };
+                match started {
+                    Ok(l) => {
+                        tracing::info!(slot = %f.config.slot, "subscription hub reconnected");
+                        // A new slot: subscribers from now on join where it starts.
+                        last_position = Position::before_lsn(l.start_lsn());
+                        listener = Some(l);
+                        backoff = f.config.reconnect_min;
+                        f.down.store(false, Ordering::Release);
+                    }
+                    Err(e) => {
+                        tracing::warn!(slot = %f.config.slot, error = %e, retry_in = ?backoff, "subscription hub cannot reconnect yet");
+                        retry.as_mut().reset(tokio::time::Instant::now() + backoff);
+                        backoff = (backoff * 2).min(f.config.reconnect_max);
+                    }
+                }
+            }
+            item = next_delivery(&mut listener), if connected && !paused => match item {
                 Some(Ok(Delivery::Watermark(lsn))) => {
                     for sub in subs.iter_mut().filter(|s| s.watermarks) {
                         offer(sub, Fed::Watermark(lsn));
                     }
                     subs.retain(|s| !s.done);
-                }
-                Some(Err(e)) => {
-                    let e = Arc::new(e);
-                    for s in &subs {
-                        let _ = s.tx.try_send(Err(e.clone()));
-                    }
-                    break;
                 }
                 Some(Ok(Delivery::Event(ev))) => {
                     let position = ev.position;
@@ -672,12 +732,43 @@ async fn run(
                     }
                     subs.retain(|s| !s.done);
                     // At-most-once: offered is handled, so the slot never waits for anyone.
-                    listener.ack(position);
+                    if let Some(l) = &listener {
+                        l.ack(position);
+                    }
+                }
+                failed => {
+                    // The temporary slot died with its connection, and with it the changes
+                    // since: every subscriber is told and ends; a new listener (a new slot,
+                    // from "now") takes the new subscribers.
+                    let e = Arc::new(failed.and_then(Result::err).unwrap_or(Error::Stopped));
+                    tracing::warn!(slot = %f.config.slot, error = %e, subscribers = subs.len(), retry_in = ?backoff, "subscription hub lost its replication connection; reconnecting");
+                    f.down.store(true, Ordering::Release);
+                    for s in subs.drain(..) {
+                        let _ = s.tx.try_send(Err(e.clone()));
+                    }
+                    // Callers still waiting to join are refused; they subscribe again.
+                    waiting.clear();
+                    in_tx = false;
+                    recent.clear();
+                    if let Some(l) = listener.take() {
+                        l.shutdown().await;
+                    }
+                    retry.as_mut().reset(tokio::time::Instant::now() + backoff);
+                    backoff = (backoff * 2).min(f.config.reconnect_max);
                 }
             },
         }
     }
-    listener.shutdown().await;
+    if let Some(l) = listener {
+        l.shutdown().await;
+    }
+}
+
+async fn next_delivery(listener: &mut Option<Listener>) -> Option<Result<Delivery, Error>> {
+    match listener {
+        Some(l) => l.next_delivery().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn offer(sub: &mut Subscriber, item: Fed) {

@@ -36,6 +36,8 @@ pub enum ApiError {
     TooLarge(usize),
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("the server has {0} open connections, its limit: retry later")]
+    Busy(usize),
     // Boxed: these are large, and every handler returns this type.
     #[error(transparent)]
     Store(Box<StoreError>),
@@ -69,6 +71,7 @@ impl ApiError {
             ApiError::TooManyConnections(_) => "too_many_connections",
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::ShuttingDown => "shutting_down",
+            ApiError::Busy(_) => "server_busy",
             ApiError::Store(e) => e.code(),
             ApiError::Subscription(e) => e.code(),
         }
@@ -84,7 +87,10 @@ impl ApiError {
             "stale_cursor" => StatusCode::GONE,
             "too_many_connections" => StatusCode::TOO_MANY_REQUESTS,
             "payload_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
-            "shutting_down" | "source_stopped" => StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down" | "source_stopped" | "source_unavailable" | "server_busy" => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            "source_interrupted" => StatusCode::SERVICE_UNAVAILABLE,
             "lagged" => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -13,6 +13,7 @@
 //! (codes), [`session`] (SSE and WebSocket framing), [`subscribe`], [`streams`],
 //! [`metrics`]. Nothing else in the crate depends on this module.
 
+mod accept;
 pub mod auth;
 pub mod error;
 pub mod metrics;
@@ -77,6 +78,14 @@ pub struct Limits {
     pub max_token_ttl: Duration,
     pub max_feed_limit: usize,
     pub max_feed_wait: Duration,
+    /// Open HTTP connections, all keys and none together (a few more are kept for
+    /// `/healthz`). Keep it under the process's open-file limit (`ulimit -n`).
+    pub max_connections: usize,
+    /// Time a client has to send a request's head, and to start the next request on a
+    /// kept-alive connection.
+    pub header_read_timeout: Duration,
+    /// Longest pause while a client sends a request body.
+    pub body_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -89,6 +98,9 @@ impl Default for Limits {
             max_token_ttl: Duration::from_secs(24 * 3600),
             max_feed_limit: 1000,
             max_feed_wait: Duration::from_secs(60),
+            max_connections: 1000,
+            header_read_timeout: Duration::from_secs(10),
+            body_idle_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -106,6 +118,12 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Interval of the SSE comment keepalives.
     pub keepalive: Duration,
+    /// Connections to the log shared by every stream consumer (plus one that listens for
+    /// appends), however many consumers are connected.
+    pub store_pool_size: usize,
+    /// At shutdown, how long open requests and connections may take to finish before
+    /// they are closed.
+    pub shutdown_grace: Duration,
 }
 
 impl ServerConfig {
@@ -117,6 +135,8 @@ impl ServerConfig {
             cors_origins: Vec::new(),
             limits: Limits::default(),
             keepalive: Duration::from_secs(15),
+            store_pool_size: crate::store::pool::DEFAULT_POOL_SIZE,
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
@@ -132,6 +152,8 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("invalid CORS origin {0:?}")]
     CorsOrigin(String),
+    #[error("cannot make the stream consumers' connection pool: {0}")]
+    Pool(#[source] StoreError),
 }
 
 /// A lazily (re)opened SQL connection shared by requests; tokio-postgres pipelines
@@ -170,6 +192,8 @@ struct AppState {
     keepalive: Duration,
     /// The log's database, and the watched one when the log lives elsewhere.
     store: Db,
+    /// What stream consumers read and acknowledge through.
+    consumer_pool: crate::store::pool::ConsumerPool,
     catalog: Option<Db>,
     /// The pipeline's slot: the source of every stream made here.
     slot: String,
@@ -340,6 +364,11 @@ pub async fn serve(
         limits: config.limits.clone(),
         keepalive: config.keepalive,
         store: Db::new(appender_config.store.clone()),
+        consumer_pool: crate::store::pool::ConsumerPool::new(
+            &appender_config.store,
+            config.store_pool_size,
+        )
+        .map_err(ServerError::Pool)?,
         catalog,
         slot: slot.clone(),
         publication: appender_config.listener.publication.clone(),
@@ -359,12 +388,18 @@ pub async fn serve(
     let app = router(state.clone(), cors);
     let addr = listener.local_addr()?;
     tracing::info!(%addr, slot = %slot, "serving");
-    let server_stop = stop.clone();
-    let mut server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(server_stop.cancelled_owned())
-            .await
-    });
+    let bounds = accept::Bounds {
+        max_connections: config.limits.max_connections,
+        header_read_timeout: config.limits.header_read_timeout,
+        shutdown_grace: config.shutdown_grace,
+    };
+    let mut server = tokio::spawn(accept::serve(
+        listener,
+        app,
+        health_router(state.clone()),
+        bounds,
+        stop.clone(),
+    ));
 
     let mut failure = None;
     let served = tokio::select! {
@@ -386,7 +421,12 @@ pub async fn serve(
         None => server.await,
     };
     state.tasks.close();
-    state.tasks.wait().await;
+    if tokio::time::timeout(config.shutdown_grace, state.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("delivery sessions still open after the grace period; stopping anyway");
+    }
     pipeline_stop.cancel();
     if failure.is_none() {
         match pipeline.await {
@@ -403,10 +443,7 @@ pub async fn serve(
     if let Some(e) = failure {
         return Err(e);
     }
-    match served {
-        Ok(result) => result.map_err(ServerError::Io),
-        Err(e) => Err(ServerError::Io(std::io::Error::other(e))),
-    }
+    served.map_err(|e| ServerError::Io(std::io::Error::other(e)))
 }
 
 /// `<slot>_h<pid>`, the slot part shortened so the name fits Postgres' 63 bytes.
@@ -458,11 +495,23 @@ fn router(state: Shared, cors: Option<tower_http::cors::CorsLayer>) -> Router {
             error_responses,
         ))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            state.limits.body_idle_timeout,
+        ))
         .with_state(state);
     match cors {
         Some(cors) => app.layer(cors),
         None => app,
     }
+}
+
+/// What a connection beyond the cap may ask: `/healthz` only.
+fn health_router(state: Shared) -> Router {
+    let cap = state.limits.max_connections;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .fallback(move || async move { ApiError::Busy(cap) })
+        .with_state(state)
 }
 
 /// Counts error responses, and gives those the framework makes itself (a malformed query
@@ -571,13 +620,22 @@ async fn replication(state: &AppState) -> Replication {
 
 async fn healthz(State(state): State<Shared>) -> Response {
     let r = replication(&state).await;
-    let healthy = r.connected && r.lag_bytes.is_some();
+    let hub = state.hub.is_streaming();
+    let healthy = r.connected && r.lag_bytes.is_some() && hub;
     let status = if healthy {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({"status": if healthy { "ok" } else { "unavailable" }, "replication": r});
+    let mut body = json!({
+        "status": if healthy { "ok" } else { "unavailable" },
+        "replication": r,
+        "subscriptions": {"streaming": hub},
+    });
+    if !hub {
+        body["reason"] =
+            "the subscription hub lost its replication connection and is reconnecting".into();
+    }
     (status, Json(body)).into_response()
 }
 

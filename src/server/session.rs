@@ -30,6 +30,9 @@ use crate::store::streams::Cursor;
 
 /// Frames buffered between a session task and its SSE response body.
 const SSE_BUFFER: usize = 16;
+/// The largest WebSocket message (and frame) a client may send: clients send only small
+/// control messages (`{"ack": ...}`), so a larger one closes the connection.
+pub const MAX_CLIENT_MESSAGE: usize = 4 * 1024;
 
 /// One item, ready for either transport.
 pub struct Frame {
@@ -127,6 +130,8 @@ where
         Ok(upgrade) => {
             let tasks = tasks.clone();
             upgrade
+                .max_message_size(MAX_CLIENT_MESSAGE)
+                .max_frame_size(MAX_CLIENT_MESSAGE)
                 .on_upgrade(move |socket| {
                     tasks.track_future(async move { run(ws(socket, stop, inbound)).await })
                 })

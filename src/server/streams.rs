@@ -195,7 +195,8 @@ async fn open(
         acknowledged: resume,
         ..OpenOptions::default()
     };
-    let consumer = streams::open(&state.store.config, name, options).await?;
+    let consumer =
+        streams::open_pooled(&state.consumer_pool, &state.store.config, name, options).await?;
     Ok((consumer, slot))
 }
 

@@ -16,6 +16,7 @@
 //! Postgres table; [`PgLog`] is the Postgres implementation.
 
 pub mod initial;
+pub mod pool;
 mod postgres;
 pub mod retention;
 pub mod streams;
@@ -96,6 +97,8 @@ pub enum StoreError {
     Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("writing the initial state: {0}")]
     Io(#[from] std::io::Error),
+    #[error("event log connection pool: {0}")]
+    Pool(String),
 }
 
 impl StoreError {
@@ -129,7 +132,9 @@ impl StoreError {
             StoreError::Connect(crate::config::SqlConnectError::Postgres { source, .. }) => {
                 crate::replication::pg_error_is_transient(source)
             }
+            StoreError::Connect(crate::config::SqlConnectError::Timeout { .. }) => true,
             StoreError::Connect(_) => false,
+            StoreError::Pool(_) => true,
             _ => false,
         }
     }

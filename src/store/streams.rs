@@ -71,11 +71,12 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use serde::Serialize;
 use serde_json::Value as Json;
-use tokio::sync::mpsc;
+use tokio::sync::broadcast;
 use tokio::time::Instant;
-use tokio_postgres::{Client, Notification, Statement};
+use tokio_postgres::Client;
 
-use super::postgres::{migrate, NOTIFY_CHANNEL};
+use super::pool::{ConsumerPool, Wake};
+use super::postgres::migrate;
 use super::StoreError;
 use crate::catalog;
 use crate::config::SourceConfig;
@@ -682,13 +683,11 @@ pub fn typed<T: serde::de::DeserializeOwned>(
 /// What the consumer and its reader share: the lease and the progress of
 /// acknowledgements, and the connection that [`StreamConsumer::ack`] uses.
 ///
-/// The reader has a connection of its own. tokio-postgres hands responses out in request
-/// order, one buffered message at a time: had an ack shared the reader's connection, an
-/// ack awaited while a page query of the reader was in flight but not being polled (the
-/// caller raced `next()` against something else, or polled it once) would wait forever
-/// behind that page's rows.
+/// Every statement takes a connection from the pool and returns it when done, never
+/// holding one while waiting for another, so that consumers share a bounded pool; the
+/// reader and acknowledgements never queue behind each other on one connection.
 struct Shared {
-    client: Client,
+    pool: ConsumerPool,
     name: String,
     holder: String,
     lease: Duration,
@@ -827,7 +826,6 @@ impl Shared {
     /// rows through `snapshot` are delivered (on the reader's connection).
     async fn record_delivered(
         &self,
-        client: &Client,
         to: Option<Mark>,
         snapshot: Option<i64>,
     ) -> Result<(), StoreError> {
@@ -839,6 +837,7 @@ impl Shared {
                 return Ok(());
             }
         }
+        let client = self.pool.get().await?;
         let n = client
             .execute(
                 "UPDATE waltap.streams SET
@@ -860,7 +859,7 @@ impl Shared {
             .await
             .map_err(StoreError::sql("record what a stream delivered"))?;
         if n == 0 {
-            return Err(self.lost(client).await);
+            return Err(self.lost(&client).await);
         }
         let mut state = self.state();
         if let Some(m) = to {
@@ -910,8 +909,14 @@ impl Shared {
     }
 
     async fn release(&self) {
-        let result = self
-            .client
+        let client = match self.pool.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(stream = %self.name, error = %e, "lease not released; it expires");
+                return;
+            }
+        };
+        let result = client
             .execute(
                 "UPDATE waltap.streams SET lease_holder = NULL, lease_expires_at = NULL
                  WHERE name = $1 AND lease_holder = $2",
@@ -960,16 +965,22 @@ pub async fn open(
     name: &str,
     options: OpenOptions,
 ) -> Result<StreamConsumer, StoreError> {
-    let client = store.connect_sql().await?;
+    // Two: one for the reader's statement and one for an acknowledgement meanwhile.
+    open_pooled(&ConsumerPool::new(store, 2)?, store, name, options).await
+}
+
+/// As [`open`], with connections from `pool` (the log at `store`), which any number of
+/// consumers may share.
+pub async fn open_pooled(
+    pool: &ConsumerPool,
+    store: &SourceConfig,
+    name: &str,
+    options: OpenOptions,
+) -> Result<StreamConsumer, StoreError> {
+    // Subscribed before the first read: an append after it wakes the reader.
+    let notifications = pool.wake_ups();
+    let client = pool.get().await?;
     migrate(&client).await?;
-    let (reader_client, notifications) = store.connect_sql_listening().await?;
-    reader_client
-        .batch_execute(&format!(
-            "LISTEN {}",
-            crate::replication::quote_ident(NOTIFY_CHANNEL)
-        ))
-        .await
-        .map_err(StoreError::sql("listen for appends"))?;
     let holder = ulid::Ulid::new().to_string();
     let lease = options.lease.max(Duration::from_millis(10));
     let row = client
@@ -991,16 +1002,8 @@ pub async fn open(
     if row.get::<_, Option<String>>(5).as_deref() == Some("pending") {
         // From here on, a failure releases the lease only when it expires; the copy is
         // one store transaction, so nothing half-made stays behind.
-        row = copy_initial_state(
-            &client,
-            &reader_client,
-            store,
-            &options,
-            name,
-            &holder,
-            &row,
-        )
-        .await?;
+        let renewer = pool.get().await?;
+        row = copy_initial_state(&client, &renewer, store, &options, name, &holder, &row).await?;
     }
     let acked = Mark {
         lsn: row.get(3),
@@ -1011,7 +1014,7 @@ pub async fn open(
         _ => acked,
     };
     let shared = Arc::new(Shared {
-        client,
+        pool: pool.clone(),
         name: name.to_owned(),
         holder,
         lease,
@@ -1053,7 +1056,8 @@ pub async fn open(
         }
     }
     let cursor = shared.state().acked;
-    let mut reader = Reader::new(shared, reader_client, &row, &options, notifications).await?;
+    drop(client);
+    let mut reader = Reader::new(shared, &row, &options, notifications).await?;
     reader.snapshot = snapshot;
     // Always a real position, resumable with `from`: a cursor at LSN 0 (the log was empty
     // when it was set) is the position before every event.
@@ -1075,12 +1079,13 @@ async fn resume_after(
     snapshot: &mut Option<SnapshotPhase>,
     cursor: Cursor,
 ) -> Result<(), StoreError> {
+    let client = shared.pool.get().await?;
     match cursor {
         Cursor::Snapshot(seq) => {
             let seq = shared.check_snapshot_delivered(seq)?;
             if let Some(phase) = snapshot.as_mut() {
                 let seq = seq.min(phase.total);
-                shared.ack_snapshot(&shared.client, Some(seq)).await?;
+                shared.ack_snapshot(&client, Some(seq)).await?;
                 phase.next = phase.next.max(seq);
             }
         }
@@ -1091,10 +1096,10 @@ async fn resume_after(
             // whole initial state (see [`Cursor`]); a position before it changes nothing.
             if to >= shared.state().acked {
                 if snapshot.take().is_some() {
-                    shared.ack_snapshot(&shared.client, None).await?;
+                    shared.ack_snapshot(&client, None).await?;
                 }
                 if to > shared.state().acked {
-                    shared.store_cursor(&shared.client, to).await?;
+                    shared.store_cursor(&client, to).await?;
                 }
             }
         }
@@ -1258,7 +1263,8 @@ impl StreamAcker {
         };
         if finishes_snapshot {
             // The marker's position or a change after it (see [`Cursor`]).
-            self.shared.ack_snapshot(&self.shared.client, None).await?;
+            let client = self.shared.pool.get().await?;
+            self.shared.ack_snapshot(&client, None).await?;
         }
         {
             let state = self.shared.state();
@@ -1273,7 +1279,8 @@ impl StreamAcker {
                 return Ok(());
             }
         }
-        self.shared.store_cursor(&self.shared.client, to).await
+        let client = self.shared.pool.get().await?;
+        self.shared.store_cursor(&client, to).await
     }
 
     /// As [`StreamConsumer::ack_cursor`].
@@ -1285,9 +1292,8 @@ impl StreamAcker {
                 if !self.shared.state().snapshot_open {
                     return Ok(());
                 }
-                self.shared
-                    .ack_snapshot(&self.shared.client, Some(seq))
-                    .await
+                let client = self.shared.pool.get().await?;
+                self.shared.ack_snapshot(&client, Some(seq)).await
             }
         }
     }
@@ -1313,6 +1319,24 @@ impl Stream for StreamConsumer {
     }
 }
 
+/// One page of the log after a mark, with the pruned mark read in the same snapshot.
+const PAGE: &str = "WITH mark AS (
+                     SELECT coalesce(max(pruned_lsn), 0) AS lsn, coalesce(max(pruned_ordinal), -1) AS ord
+                     FROM waltap.progress WHERE source = $1)
+                 SELECT mark.lsn, mark.ord, e.commit_lsn, e.ordinal, e.tx_last, e.body
+                 FROM mark LEFT JOIN LATERAL (
+                     SELECT commit_lsn, ordinal, tx_last,
+                            CASE WHEN (schema_name, table_name) IN
+                                      (SELECT * FROM unnest($6::text[], $7::text[]))
+                                 THEN event::text END AS body
+                     FROM waltap.events
+                     WHERE source = $1
+                       AND (commit_lsn, ordinal) > ($2, $3)
+                       AND (commit_lsn, ordinal) <= ($4, $5)
+                     ORDER BY commit_lsn, ordinal
+                     LIMIT $8) e ON true
+                 ORDER BY e.commit_lsn, e.ordinal";
+
 /// One stored event as a page query returns it.
 struct Stored {
     at: Mark,
@@ -1324,13 +1348,10 @@ struct Stored {
 /// The reading side of a consumer: pages of the log through the stream's view.
 struct Reader {
     shared: Arc<Shared>,
-    /// The reader's own connection (see [`Shared`]), which also receives the append
-    /// notifications.
-    client: Client,
     source: String,
-    notifications: mpsc::Receiver<Notification>,
+    /// The pool's append notifications.
+    notifications: broadcast::Receiver<Wake>,
     notifications_open: bool,
-    page: Statement,
     page_size: i64,
     schemas: Vec<String>,
     tables: Vec<String>,
@@ -1366,10 +1387,9 @@ struct SnapshotPhase {
 impl Reader {
     async fn new(
         shared: Arc<Shared>,
-        client: Client,
         row: &tokio_postgres::Row,
         options: &OpenOptions,
-        notifications: mpsc::Receiver<Notification>,
+        notifications: broadcast::Receiver<Wake>,
     ) -> Result<Reader, StoreError> {
         let source: String = row.get(0);
         let stored_tables: Vec<String> = row.get(1);
@@ -1383,7 +1403,8 @@ impl Reader {
             })
             .transpose()?;
         let cursor = shared.state().acked;
-        let pruned = pruned_mark(&shared.client, &source).await?;
+        let client = shared.pool.get().await?;
+        let pruned = pruned_mark(&client, &source).await?;
         if pruned > cursor {
             return Err(stale(&shared.name, cursor, pruned));
         }
@@ -1398,29 +1419,10 @@ impl Reader {
                 ),
                 Vec::new(),
             ),
-            Some(filter) => compile(&shared, options, &tables, filter).await?,
+            Some(filter) => compile(&shared, &client, options, &tables, filter).await?,
         };
-        let page = client
-            .prepare(
-                "WITH mark AS (
-                     SELECT coalesce(max(pruned_lsn), 0) AS lsn, coalesce(max(pruned_ordinal), -1) AS ord
-                     FROM waltap.progress WHERE source = $1)
-                 SELECT mark.lsn, mark.ord, e.commit_lsn, e.ordinal, e.tx_last, e.body
-                 FROM mark LEFT JOIN LATERAL (
-                     SELECT commit_lsn, ordinal, tx_last,
-                            CASE WHEN (schema_name, table_name) IN
-                                      (SELECT * FROM unnest($6::text[], $7::text[]))
-                                 THEN event::text END AS body
-                     FROM waltap.events
-                     WHERE source = $1
-                       AND (commit_lsn, ordinal) > ($2, $3)
-                       AND (commit_lsn, ordinal) <= ($4, $5)
-                     ORDER BY commit_lsn, ordinal
-                     LIMIT $8) e ON true
-                 ORDER BY e.commit_lsn, e.ordinal",
-            )
-            .await
-            .map_err(StoreError::sql("prepare the page query"))?;
+        drop(client);
+
         let (schemas, names) = split_tables(&stored_tables);
         // Resuming inside a transaction: read it from its start, so that its numbering
         // is the one the consumer saw before.
@@ -1434,11 +1436,9 @@ impl Reader {
         };
         Ok(Reader {
             shared,
-            client,
             source,
             notifications,
             notifications_open: true,
-            page,
             page_size: options.page_size.clamp(1, 100_000) as i64,
             schemas,
             tables: names,
@@ -1486,11 +1486,11 @@ impl Reader {
             return Ok(None);
         };
         if phase.out.is_empty() && phase.next < phase.total {
+            let client = self.shared.pool.get().await?;
             if self.shared.renewal_due() {
-                self.shared.renew(&self.client).await?;
+                self.shared.renew(&client).await?;
             }
-            let rows = self
-                .client
+            let rows = client
                 .query(
                     "SELECT seq, row::text FROM waltap.snapshot_rows
                      WHERE stream = $1 AND seq > $2 ORDER BY seq LIMIT $3",
@@ -1517,9 +1517,7 @@ impl Reader {
                 phase.next = phase.total;
             } else {
                 let through = phase.next;
-                self.shared
-                    .record_delivered(&self.client, None, Some(through))
-                    .await?;
+                self.shared.record_delivered(None, Some(through)).await?;
             }
         }
         Ok(phase.out.pop_front())
@@ -1545,10 +1543,14 @@ impl Reader {
     async fn fill(&mut self) -> Result<(), StoreError> {
         while self.out.is_empty() {
             if self.shared.renewal_due() {
-                self.shared.renew(&self.client).await?;
+                let client = self.shared.pool.get().await?;
+                self.shared.renew(&client).await?;
             }
             // Wake-ups from before this read are answered by it.
-            while self.notifications.try_recv().is_ok() {}
+            while matches!(
+                self.notifications.try_recv(),
+                Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_))
+            ) {}
             let last = self.fetch(self.page_size, None).await?;
             let Some(last) = last else {
                 self.caught_up().await?;
@@ -1580,10 +1582,14 @@ impl Reader {
                 ordinal: TX_END,
             },
         };
-        let rows = self
-            .client
+        let client = self.shared.pool.get().await?;
+        let page = client
+            .prepare_cached(PAGE)
+            .await
+            .map_err(StoreError::sql("prepare the page query"))?;
+        let rows = client
             .query(
-                &self.page,
+                &page,
                 &[
                     &self.source,
                     &self.read_after.lsn,
@@ -1597,6 +1603,7 @@ impl Reader {
             )
             .await
             .map_err(StoreError::sql("read the log"))?;
+        drop(client);
         let Some(first) = rows.first() else {
             return Ok(None);
         };
@@ -1630,9 +1637,7 @@ impl Reader {
             }
         }
         let handed = self.out.back().map(|ev| Mark::of(ev.position));
-        self.shared
-            .record_delivered(&self.client, handed, None)
-            .await?;
+        self.shared.record_delivered(handed, None).await?;
         Ok(last)
     }
 
@@ -1695,7 +1700,8 @@ impl Reader {
                 && state.acked < through
         };
         if advance {
-            self.shared.store_cursor(&self.client, through).await?;
+            let client = self.shared.pool.get().await?;
+            self.shared.store_cursor(&client, through).await?;
         }
         Ok(())
     }
@@ -1712,9 +1718,12 @@ impl Reader {
             tokio::select! {
                 _ = &mut renew => return,
                 n = self.notifications.recv() => match n {
-                    Some(n) if n.channel() == NOTIFY_CHANNEL && n.payload() == self.source => return,
-                    Some(_) => {}
-                    None => self.notifications_open = false,
+                    Ok(Some(source)) if *source == *self.source => return,
+                    Ok(Some(_)) => {}
+                    // The listening connection was reopened, or this reader fell behind:
+                    // appends may have been missed.
+                    Ok(None) | Err(broadcast::error::RecvError::Lagged(_)) => return,
+                    Err(broadcast::error::RecvError::Closed) => self.notifications_open = false,
                 },
             }
         }
@@ -1733,6 +1742,7 @@ fn stale(name: &str, cursor: Mark, pruned: Mark) -> StoreError {
 /// no filter (its events still in the log are delivered, never dropped unseen).
 async fn compile(
     shared: &Shared,
+    client: &Client,
     options: &OpenOptions,
     tables: &[TableName],
     filter: &Filter,
@@ -1743,7 +1753,7 @@ async fn compile(
             separate = c.connect_sql().await?;
             &separate
         }
-        None => &shared.client,
+        None => client,
     };
     let mut view_tables = Vec::with_capacity(tables.len());
     let mut types = Vec::with_capacity(tables.len());

@@ -422,3 +422,23 @@ async fn stale_cursor_is_gone_with_advice_and_stream_tokens_open_one_stream() {
     s.stop().await;
     db.teardown().await;
 }
+
+/// Clients send only small control messages: a large one (whole or in fragments that
+/// never end) closes the connection instead of filling the server's memory.
+#[tokio::test]
+async fn large_websocket_messages_close_the_connection() {
+    let db = TestDb::new().await;
+    let server = start(&db, |_| {}).await;
+    let mut sock = ws(&server, "/v1/subscribe?table=orders", ORDERS).await;
+    assert_eq!(ws_next(&mut sock).await["type"], "initialized");
+    let _ = sock.send(Message::Text("x".repeat(64 * 1024).into())).await;
+    loop {
+        match tokio::time::timeout(TIMEOUT, sock.next()).await {
+            Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => break,
+            Ok(Some(Ok(_))) => {}
+            Err(_) => panic!("the connection stayed open after a 64 KiB message"),
+        }
+    }
+    server.stop().await;
+    db.teardown().await;
+}

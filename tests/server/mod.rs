@@ -2,6 +2,7 @@
 //! ephemeral port (`waltap::server::serve`), except in `process`, which runs the binary.
 
 mod api;
+mod bounds;
 mod browser;
 mod complete;
 mod delivery;

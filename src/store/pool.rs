@@ -1,0 +1,169 @@
+//! The connections stream consumers share: a bounded pool for their queries and one
+//! `LISTEN` connection whose append notifications wake every reader of this process.
+//!
+//! A consumer holds a pooled connection only for the duration of one statement, so any
+//! number of consumers share `size` connections (plus the listening one): the count of
+//! consumers is bounded by the server's connection caps, not by `max_connections`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::broadcast;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::postgres::NOTIFY_CHANNEL;
+use super::StoreError;
+use crate::config::SourceConfig;
+
+/// Connections a [`ConsumerPool`] opens by default.
+pub const DEFAULT_POOL_SIZE: usize = 16;
+/// How long a statement waits for a free pooled connection before failing.
+pub const POOL_WAIT: Duration = Duration::from_secs(30);
+/// Wake-ups buffered per reader; one that falls behind just looks again.
+const WAKE_BUFFER: usize = 64;
+
+/// A wake-up for readers: the source whose events were appended, or `None` after the
+/// listening connection was (re)opened, when notifications may have been missed.
+pub(crate) type Wake = Option<Arc<str>>;
+
+/// A pooled connection.
+pub(crate) type Conn = deadpool_postgres::Object;
+
+/// Shared by every consumer opened on it; cheap to clone. Dropping the last clone closes
+/// the listening connection.
+#[derive(Clone)]
+pub struct ConsumerPool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    wake: broadcast::Sender<Wake>,
+    _listening: DropGuard,
+}
+
+impl std::fmt::Debug for ConsumerPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerPool")
+            .field("status", &self.inner.pool.status())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConsumerPool {
+    /// A pool of at most `size` connections to the log at `store` (none is opened before
+    /// it is needed), and the listening connection, opened now in the background and
+    /// reopened with backoff when it breaks. Needs a Tokio runtime.
+    pub fn new(store: &SourceConfig, size: usize) -> Result<ConsumerPool, StoreError> {
+        let mut pg = store.pg().clone();
+        if pg.get_application_name().is_none() {
+            pg.application_name("waltap");
+        }
+        let config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let tls = store
+            .rustls_config()
+            .map_err(crate::config::SqlConnectError::from)?;
+        let manager = match tls {
+            Some(cfg) => Manager::from_config(
+                pg,
+                tokio_postgres_rustls::MakeRustlsConnect::new((*cfg).clone()),
+                config,
+            ),
+            None => Manager::from_config(pg, tokio_postgres::NoTls, config),
+        };
+        let pool = Pool::builder(manager)
+            .max_size(size.max(1))
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(store.connect_timeout()))
+            .wait_timeout(Some(POOL_WAIT))
+            .build()
+            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        let (wake, _) = broadcast::channel(WAKE_BUFFER);
+        let stop = CancellationToken::new();
+        tokio::spawn(listen(store.clone(), wake.clone(), stop.clone()));
+        Ok(ConsumerPool {
+            inner: Arc::new(Inner {
+                pool,
+                wake,
+                _listening: stop.drop_guard(),
+            }),
+        })
+    }
+
+    /// A connection for one statement (or a few in a row); return it by dropping it.
+    pub(crate) async fn get(&self) -> Result<Conn, StoreError> {
+        self.inner.pool.get().await.map_err(|e| {
+            use deadpool_postgres::PoolError;
+            match e {
+                PoolError::Backend(source) => StoreError::Sql {
+                    operation: "connect",
+                    source,
+                },
+                PoolError::Timeout(_) => StoreError::Pool(format!(
+                    "no database connection free within {POOL_WAIT:?} (all {} in use): raise the pool size",
+                    self.inner.pool.status().max_size
+                )),
+                other => StoreError::Pool(other.to_string()),
+            }
+        })
+    }
+
+    /// Wake-ups from now on.
+    pub(crate) fn wake_ups(&self) -> broadcast::Receiver<Wake> {
+        self.inner.wake.subscribe()
+    }
+}
+
+/// Holds the `LISTEN` connection until `stop`, reopening it with backoff.
+async fn listen(store: SourceConfig, wake: broadcast::Sender<Wake>, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let opened = async {
+            let (client, notifications) = store.connect_sql_listening().await?;
+            client
+                .batch_execute(&format!(
+                    "LISTEN {}",
+                    crate::replication::quote_ident(NOTIFY_CHANNEL)
+                ))
+                .await
+                .map_err(StoreError::sql("listen for appends"))?;
+            Ok::<_, StoreError>((client, notifications))
+        };
+        let opened = tokio::select! {
+            _ = stop.cancelled() => return,
+            opened = opened => opened,
+        };
+        match opened {
+            Ok((_client, mut notifications)) => {
+                backoff = Duration::from_millis(200);
+                // Appends while no connection listened are found by looking again.
+                let _ = wake.send(None);
+                loop {
+                    let n = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        n = notifications.recv() => n,
+                    };
+                    match n {
+                        Some(n) if n.channel() == NOTIFY_CHANNEL => {
+                            let _ = wake.send(Some(Arc::from(n.payload())));
+                        }
+                        Some(_) => {}
+                        None => break,
+                    }
+                }
+                tracing::warn!("the connection listening for appends closed; reopening");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot listen for appends yet");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
