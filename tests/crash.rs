@@ -21,36 +21,11 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use waltap::event::Position;
 use waltap::lsn::Lsn;
 
+use crate::support::prng::Prng;
 use crate::support::{self, Cluster, TestDb};
 
 /// How long the final run may take to catch up, and other generous bounds.
 const CATCH_UP: Duration = Duration::from_secs(90);
-
-/// splitmix64: small, seedable, good enough to pick workloads and kill points.
-struct Prng(u64);
-
-impl Prng {
-    fn new(seed: u64) -> Self {
-        Prng(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-
-    fn percent(&mut self) -> u64 {
-        self.next() % 100
-    }
-}
 
 fn seed() -> u64 {
     let seed = std::env::var("WALTAP_CRASH_SEED")
