@@ -68,8 +68,8 @@ impl Ctx {
     }
 }
 
-/// The event log, polled with SQL from before the first write: every committed
-/// transaction must be in it once, in order.
+/// The event log (its copy in `chaos_log`, out of retention's reach), polled with SQL
+/// from before the first write: every committed transaction must be in it once, in order.
 pub async fn log_poller(ctx: Ctx, replica: SharedReplica) {
     let mut after = (0i64, -1i32);
     let mut client = None;
@@ -80,7 +80,7 @@ pub async fn log_poller(ctx: Ctx, replica: SharedReplica) {
         let Some(c) = &client else { continue };
         let rows = c
             .query(
-                "SELECT commit_lsn, ordinal, event::text FROM waltap.events \
+                "SELECT commit_lsn, ordinal, event::text FROM chaos_log \
                  WHERE source = $1 AND (commit_lsn, ordinal) > ($2, $3) \
                  ORDER BY commit_lsn, ordinal LIMIT 5000",
                 &[&ctx.env.slot, &after.0, &after.1],
@@ -193,12 +193,24 @@ async fn cli(
 }
 
 async fn cli_reset(ctx: &Ctx, name: &str, replica: &SharedReplica, why: &str) {
-    match procs::run(&ctx.env, &["stream", "reset", name, "--initial-state"]).await {
-        Ok(_) => {
-            ctx.log(replica, &format!("stream reset --initial-state ({why})"));
-            replica.lock().unwrap().restart_with_rows();
+    let since = std::time::Instant::now();
+    loop {
+        match procs::run(&ctx.env, &["stream", "reset", name, "--initial-state"]).await {
+            Ok(_) => {
+                ctx.log(replica, &format!("stream reset --initial-state ({why})"));
+                replica.lock().unwrap().restart_with_rows();
+                return;
+            }
+            // The lease of the `tail` that just exited with stale_cursor is still held
+            // (its release is left to a background task the exiting process never runs).
+            Err(e) if e.contains("stream_busy") && since.elapsed() < Duration::from_secs(45) => {
+                if since.elapsed() < Duration::from_millis(300) {
+                    ctx.log(replica, "ANOMALY: stream reset right after the tail exited: stream_busy");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return ctx.trace.fail(name, format!("stream reset failed: {e}")),
         }
-        Err(e) => ctx.trace.fail(name, format!("stream reset failed: {e}")),
     }
 }
 
@@ -290,6 +302,11 @@ async fn feed(
             }
         }
         let items = body["events"].as_array().cloned().unwrap_or_default();
+        replica.lock().unwrap().note = format!(
+            "the last page, for cursor {cursor:?}: {} items, cursor {}",
+            items.len(),
+            body["cursor"]
+        );
         if !ctx.apply(&replica, &items) {
             ctx.log(&replica, &format!("the page came for cursor {cursor:?}"));
             return;

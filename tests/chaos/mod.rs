@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::prng::Prng;
-use crate::support::TestDb;
+use crate::support::{self, TestDb};
 use consumers::{Control, Ctx, SharedReplica, Via};
 use procs::{Env, Kind, Pipeline};
 use replica::{Base, Replica};
@@ -111,9 +111,19 @@ async fn schedule(seed: u64, length: Duration) -> Result<(), String> {
         retention_secs: rng.range(3, 8),
     };
     // Slot first: every commit from here on reaches the log.
+    // Small enough that the writers' large transactions are streamed before their commit.
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET logical_decoding_work_mem = '64kB'",
+            support::quote_ident(&db.name)
+        ))
+        .await
+        .unwrap();
     procs::run(&env, &["setup", "--table", "items"])
         .await
         .unwrap_or_else(|e| panic!("waltap setup: {e}"));
+    audit_the_log(&db).await;
     let started = Instant::now();
     let trace = Trace::new(started);
     trace.log(format!("pipeline: retention {}s", env.retention_secs));
@@ -145,6 +155,7 @@ async fn schedule(seed: u64, length: Duration) -> Result<(), String> {
     }
 
     stop_writers.cancel();
+    trace.log("writers: stop".into());
     let mut live = Vec::new();
     for w in writers {
         live.push(w.await.expect("writer"));
@@ -160,7 +171,7 @@ async fn schedule(seed: u64, length: Duration) -> Result<(), String> {
         .map(|r| std::mem::take(&mut *r.lock().unwrap()))
         .collect();
     trace.log(format!(
-        "writers stopped: {} transactions committed",
+        "writers: stopped, {} transactions committed",
         records.iter().map(|r| r.committed.len()).sum::<usize>()
     ));
     let all: Vec<SharedReplica> = std::iter::once(log.clone())
@@ -169,17 +180,18 @@ async fn schedule(seed: u64, length: Duration) -> Result<(), String> {
     let deadline = Instant::now() + CATCH_UP;
     while !trace.failed() {
         pipeline.assert_alive();
-        let behind: Vec<String> = all
+        let behind: Vec<(String, String)> = all
             .iter()
-            .filter(|r| !r.lock().unwrap().caught_up(&records))
-            .map(|r| r.lock().unwrap().name.clone())
+            .map(|r| r.lock().unwrap())
+            .filter(|r| !r.caught_up(&records))
+            .map(|r| (r.name.clone(), r.status()))
             .collect();
         if behind.is_empty() {
             break;
         }
         if Instant::now() > deadline {
-            for name in &behind {
-                trace.fail(name, format!("did not catch up within {CATCH_UP:?}"));
+            for (name, status) in &behind {
+                trace.fail(name, format!("did not catch up within {CATCH_UP:?}: {status}"));
             }
             break;
         }
@@ -189,7 +201,13 @@ async fn schedule(seed: u64, length: Duration) -> Result<(), String> {
     for t in tasks {
         let _ = t.await;
     }
-    if trace.failure().is_none() {
+    if let Some((subject, _, _)) = trace.failure() {
+        // Which transaction went missing or came twice, if the writers' record tells.
+        let failed = all.iter().find(|r| r.lock().unwrap().name == subject);
+        if let Some(Err(why)) = failed.map(|r| r.lock().unwrap().check_transactions(&records, false)) {
+            trace.log(format!("{subject}: against the writers' record: {why}"));
+        }
+    } else {
         let table = table_rows(&db).await;
         check_writers(&records, &live, &table);
         for r in &all {
@@ -210,6 +228,9 @@ async fn schedule(seed: u64, length: Duration) -> Result<(), String> {
                 records.iter().map(|r| r.committed.len()).sum::<usize>(),
                 all.len()
             );
+            for line in trace.anomalies() {
+                eprintln!("chaos: {line}");
+            }
             Ok(())
         }
         Some((subject, what, at)) => Err(format!(
@@ -219,6 +240,23 @@ async fn schedule(seed: u64, length: Duration) -> Result<(), String> {
             trace.relevant(&subject, at)
         )),
     }
+}
+
+/// Copies every event appended to the log into `chaos_log`, which retention does not
+/// touch: the event log consumer reads it, so a short retention cannot hide a lost event.
+async fn audit_the_log(db: &TestDb) {
+    let c = db.client().await;
+    waltap::store::migrate(&c).await.unwrap();
+    c.batch_execute(
+        "CREATE TABLE chaos_log (LIKE waltap.events);
+         CREATE INDEX ON chaos_log (source, commit_lsn, ordinal);
+         CREATE FUNCTION chaos_copy() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN INSERT INTO chaos_log SELECT NEW.*; RETURN NULL; END $$;
+         CREATE TRIGGER chaos_copy AFTER INSERT ON waltap.events
+           FOR EACH ROW EXECUTE FUNCTION chaos_copy();",
+    )
+    .await
+    .unwrap();
 }
 
 /// The writers' own model must match the table, or the record is not the truth.
@@ -323,8 +361,13 @@ async fn create_stream(
             if let Some(f) = &filter {
                 export.extend(["--filter", f]);
             }
+            ctx.trace.log(format!("{name}: waltap export items"));
             let out = match procs::run(&ctx.env, &export).await {
                 Ok(out) => out,
+                Err(e) if e.contains("did not finish") => {
+                    ctx.trace.fail(&name, e);
+                    return None;
+                }
                 Err(e) => {
                     ctx.trace.log(format!("{name}: export failed: {e}"));
                     return None;

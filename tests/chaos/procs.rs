@@ -138,9 +138,13 @@ impl Pipeline {
     }
 }
 
-/// Runs `waltap ARGS`; its stdout, or the stderr it failed with.
+/// Runs `waltap ARGS`; its stdout, or the stderr it failed with (or that it hung).
 pub async fn run(env: &Env, args: &[&str]) -> Result<String, String> {
-    let out = support::output(env.waltap(args)).await;
+    let limit = Duration::from_secs(60);
+    let out = match tokio::time::timeout(limit, env.waltap(args).output()).await {
+        Ok(out) => out.unwrap(),
+        Err(_) => return Err(format!("waltap {args:?} did not finish within {limit:?}")),
+    };
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {

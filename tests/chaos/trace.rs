@@ -38,6 +38,17 @@ impl Trace {
             .get_or_insert((subject.to_owned(), what, at));
     }
 
+    /// Lines marked `ANOMALY`: odd but not a divergence, worth a look.
+    pub fn anomalies(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, line)| line.contains("ANOMALY"))
+            .map(|(t, line)| format!("{:.3}s {line}", t.as_secs_f64()))
+            .collect()
+    }
+
     pub fn failed(&self) -> bool {
         self.failure.lock().unwrap().is_some()
     }
@@ -46,19 +57,14 @@ impl Trace {
         self.failure.lock().unwrap().clone()
     }
 
-    /// The operations on `subject` and on the pipeline, and everything within two seconds
-    /// before `at`: the part of the schedule that can explain a divergence.
+    /// The operations of the schedule up to `at` (writers' commits are not in it: the
+    /// report names the transactions that matter), and what happened to `subject` after.
     pub fn relevant(&self, subject: &str, at: Duration) -> String {
-        let window = at.saturating_sub(Duration::from_secs(2))..=at;
         self.lines
             .lock()
             .unwrap()
             .iter()
-            .filter(|(t, line)| {
-                line.starts_with(&format!("{subject}:"))
-                    || line.starts_with("pipeline")
-                    || window.contains(t)
-            })
+            .filter(|(t, line)| *t <= at || line.starts_with(&format!("{subject}:")))
             .map(|(t, line)| format!("  {:>8.3}s {line}", t.as_secs_f64()))
             .collect::<Vec<_>>()
             .join("\n")
