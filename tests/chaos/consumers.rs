@@ -45,11 +45,19 @@ pub struct Ctx {
     pub trace: Trace,
     /// Ends every consumer at the end of the schedule.
     pub stop: CancellationToken,
+    /// The schedule is over: consumers ignore what it asked and not yet done.
+    pub quiet: CancellationToken,
+    /// Operations left out (`WALTAP_CHAOS_WITHOUT`).
+    pub without: Vec<String>,
 }
 
 pub type SharedReplica = Arc<Mutex<Replica>>;
 
 impl Ctx {
+    pub fn allows(&self, op: &str) -> bool {
+        !self.without.iter().any(|w| w == op)
+    }
+
     /// Applies items to `replica`; false (after recording the divergence) on the first bad one.
     fn apply(&self, replica: &SharedReplica, items: &[Json]) -> bool {
         let mut r = replica.lock().unwrap();
@@ -154,7 +162,7 @@ async fn cli(
                     }
                     _ => break None,
                 },
-                c = control.recv() => {
+                c = control.recv(), if !ctx.quiet.is_cancelled() => {
                     let _ = child.start_kill();
                     let _ = child.wait().await;
                     break c;
@@ -230,6 +238,7 @@ async fn feed(
     let mut reset = false;
     while !ctx.stop.is_cancelled() && !ctx.trace.failed() {
         match control.try_recv() {
+            _ if ctx.quiet.is_cancelled() => {}
             Ok(Control::Disconnect(down)) => {
                 ctx.log(&replica, &format!("feed pauses for {down:?}"));
                 tokio::time::sleep(down).await;
@@ -342,7 +351,7 @@ async fn api(
         let asked = loop {
             let next = tokio::select! {
                 item = consumer.next() => item,
-                c = control.recv() => break c,
+                c = control.recv(), if !ctx.quiet.is_cancelled() => break c,
                 _ = ctx.stop.cancelled() => break None,
             };
             let item = match next {

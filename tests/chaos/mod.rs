@@ -17,7 +17,10 @@
 //!
 //! `WALTAP_CHAOS_SEED=N` replays schedule N (as far as timing allows);
 //! `WALTAP_CHAOS_SECONDS` bounds the run (default 90; `0` runs until a failure);
-//! `WALTAP_CHAOS_SCHEDULE_SECONDS` is the length of one schedule (default 20).
+//! `WALTAP_CHAOS_SCHEDULE_SECONDS` is the length of one schedule (default 20);
+//! `WALTAP_CHAOS_WITHOUT=op,op` leaves operations out: `kill`, `sigstop`, `disconnect`,
+//! `reset` (the schedule's own resets; stale cursors still reset), consumers `cli`, `feed`,
+//! `api`, and streams `from-now`, `initial-state`, `export`.
 
 mod consumers;
 mod procs;
@@ -44,7 +47,7 @@ use writer::{Record, Writer};
 const WRITERS: i32 = 3;
 const MAX_STREAMS: usize = 10;
 /// How long consumers may take to catch up once the writers stop.
-const CATCH_UP: Duration = Duration::from_secs(90);
+const CATCH_UP: Duration = Duration::from_secs(180);
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|s| s.parse().ok())
@@ -108,7 +111,7 @@ async fn schedule(seed: u64, length: Duration) -> Result<(), String> {
         url: db.url(),
         slot: db.unique_name("chaos_slot"),
         publication: db.unique_name("chaos_pub"),
-        retention_secs: rng.range(3, 8),
+        retention_secs: rng.range(4, 15),
     };
     // Slot first: every commit from here on reaches the log.
     // Small enough that the writers' large transactions are streamed before their commit.
@@ -134,8 +137,15 @@ async fn schedule(seed: u64, length: Duration) -> Result<(), String> {
         http: http.clone(),
         trace: trace.clone(),
         stop: CancellationToken::new(),
+        quiet: CancellationToken::new(),
+        without: std::env::var("WALTAP_CHAOS_WITHOUT")
+            .unwrap_or_default()
+            .split(',')
+            .map(|op| op.trim().to_owned())
+            .filter(|op| !op.is_empty())
+            .collect(),
     };
-    let log = Arc::new(Mutex::new(Replica::new("event-log".into(), None, Base::Empty)));
+    let log = Arc::new(Mutex::new(Replica::new("event-log".into(), None, Base::Empty, Duration::ZERO)));
     let mut tasks = vec![tokio::spawn(consumers::log_poller(ctx.clone(), log.clone()))];
 
     let stop_writers = CancellationToken::new();
@@ -155,6 +165,7 @@ async fn schedule(seed: u64, length: Duration) -> Result<(), String> {
     }
 
     stop_writers.cancel();
+    ctx.quiet.cancel();
     trace.log("writers: stop".into());
     let mut live = Vec::new();
     for w in writers {
@@ -177,14 +188,15 @@ async fn schedule(seed: u64, length: Duration) -> Result<(), String> {
     let all: Vec<SharedReplica> = std::iter::once(log.clone())
         .chain(streams.iter().map(|s| s.replica.clone()))
         .collect();
+    let table = table_rows(&db).await;
     let deadline = Instant::now() + CATCH_UP;
     while !trace.failed() {
         pipeline.assert_alive();
         let behind: Vec<(String, String)> = all
             .iter()
             .map(|r| r.lock().unwrap())
-            .filter(|r| !r.caught_up(&records))
-            .map(|r| (r.name.clone(), r.status()))
+            .filter(|r| !r.caught_up(&records, &table))
+            .map(|r| (r.name.clone(), r.status(&table)))
             .collect();
         if behind.is_empty() {
             break;
@@ -208,7 +220,6 @@ async fn schedule(seed: u64, length: Duration) -> Result<(), String> {
             trace.log(format!("{subject}: against the writers' record: {why}"));
         }
     } else {
-        let table = table_rows(&db).await;
         check_writers(&records, &live, &table);
         for r in &all {
             let r = r.lock().unwrap();
@@ -292,13 +303,14 @@ async fn operate(
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) {
     let trace = &ctx.trace;
+    let on = |op: &str| ctx.allows(op);
     match rng.percent() {
         0..=29 if streams.len() < MAX_STREAMS => {
             if let Some(c) = create_stream(rng, ctx, streams.len(), tasks).await {
                 streams.push(c);
             }
         }
-        0..=39 => {
+        30..=39 if on("kill") => {
             let kind = if rng.percent() < 50 { Kind::Run } else { Kind::Serve };
             let down = Duration::from_millis(rng.range(0, 1500));
             trace.log(format!(
@@ -307,20 +319,20 @@ async fn operate(
             ));
             pipeline.kill_and_restart(kind, down).await;
         }
-        40..=49 => {
+        40..=49 if on("sigstop") => {
             let frozen = Duration::from_millis(rng.range(100, 2000));
             trace.log(format!("pipeline: SIGSTOP {:?} for {frozen:?}", pipeline.kind));
             pipeline.pause();
             tokio::time::sleep(frozen).await;
             pipeline.resume();
         }
-        50..=74 if !streams.is_empty() => {
+        50..=74 if !streams.is_empty() && on("disconnect") => {
             let c = &streams[rng.range(0, streams.len() as u64 - 1) as usize];
             let down = Duration::from_millis(rng.range(0, 3000) * rng.range(1, 4));
             trace.log(format!("{}: disconnect ({:?}) for {down:?}", c.name, c.via));
             let _ = c.control.send(Control::Disconnect(down));
         }
-        75..=84 if !streams.is_empty() => {
+        75..=84 if !streams.is_empty() && on("reset") => {
             let c = &streams[rng.range(0, streams.len() as u64 - 1) as usize];
             trace.log(format!("{}: reset with initial state ({:?})", c.name, c.via));
             let _ = c.control.send(Control::ResetWithRows);
@@ -340,16 +352,26 @@ async fn create_stream(
     let name = format!("s{n}");
     let filter_w = (rng.percent() < 30).then(|| rng.range(0, WRITERS as u64 - 1) as i32);
     let filter = filter_w.map(|w| json!({"where": {"w": w}}).to_string());
-    let via = match rng.range(0, 2) {
-        0 => Via::Cli,
-        1 => Via::Feed,
-        _ => Via::Api,
-    };
+    let vias: Vec<Via> = [("cli", Via::Cli), ("feed", Via::Feed), ("api", Via::Api)]
+        .into_iter()
+        .filter(|(op, _)| ctx.allows(op))
+        .map(|(_, via)| via)
+        .collect();
+    let hows: Vec<u64> = ["from-now", "initial-state", "export"]
+        .iter()
+        .enumerate()
+        .filter(|(_, op)| ctx.allows(op))
+        .map(|(i, _)| i as u64)
+        .collect();
+    if vias.is_empty() || hows.is_empty() {
+        return None;
+    }
+    let via = vias[rng.range(0, vias.len() as u64 - 1) as usize];
     let mut args = vec!["stream", "create", &name, "--table", "items"];
     if let Some(f) = &filter {
         args.extend(["--filter", f]);
     }
-    let how = rng.range(0, 2);
+    let how = hows[rng.range(0, hows.len() as u64 - 1) as usize];
     let (base, exported, from) = match how {
         0 => (Base::Now, Vec::new(), String::new()),
         1 => {
@@ -394,6 +416,7 @@ async fn create_stream(
         ["from now", "with initial state", "after an export"][how as usize],
         filter.as_deref().map(|f| format!(", filter {f}")).unwrap_or_default(),
     );
+    let created_at = ctx.trace.elapsed();
     if let Err(e) = procs::run(&ctx.env, &args).await {
         ctx.trace.fail(&name, format!("stream create failed: {e}"));
         return None;
@@ -406,7 +429,7 @@ async fn create_stream(
             format!(" (export of {} rows, position {from})", exported.len() - 1)
         }
     ));
-    let mut replica = Replica::new(name.clone(), filter_w, base);
+    let mut replica = Replica::new(name.clone(), filter_w, base, created_at);
     for line in &exported {
         if let Err(what) = replica.apply(line) {
             ctx.trace.fail(&name, format!("export: {what}"));

@@ -3,6 +3,7 @@
 //! record at the end.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use serde_json::Value as Json;
 
@@ -47,10 +48,12 @@ pub struct Replica {
     pub items: u64,
     /// What the consumer last did, for reports (e.g. the cursor it passed).
     pub note: String,
+    created_at: Duration,
 }
 
 impl Replica {
-    pub fn new(name: String, filter_w: Option<i32>, base: Base) -> Replica {
+    /// `created_at`: when the stream was made, on the schedule's clock.
+    pub fn new(name: String, filter_w: Option<i32>, base: Base, created_at: Duration) -> Replica {
         Replica {
             name,
             filter_w,
@@ -68,6 +71,7 @@ impl Replica {
             txs_from: 0,
             items: 0,
             note: String::new(),
+            created_at,
         }
     }
 
@@ -238,9 +242,13 @@ impl Replica {
     }
 
     /// Where the consumer is, for a report.
-    pub fn status(&self) -> String {
+    pub fn status(&self, table: &BTreeMap<i64, Json>) -> String {
+        let rows_check = match self.base {
+            Base::Rows => self.check_rows(table).err().unwrap_or_default(),
+            _ => String::new(),
+        };
         format!(
-            "{} items; {:?} phase, {} rows, last seq {:?}, last position {:?}, {} transactions \
+            "{rows_check}; {} items; {:?} phase, {} rows, last seq {:?}, last position {:?}, {} transactions \
              since the start or reset; {}",
             self.items,
             self.phase,
@@ -252,17 +260,22 @@ impl Replica {
         )
     }
 
-    /// True once the consumer has the last transaction of every writer its filter selects.
-    pub fn caught_up(&self, records: &[Record]) -> bool {
+    /// True once the consumer is where the writers stopped: with rows to start from, it
+    /// has the table (`table`, which no longer changes); otherwise it has the last
+    /// transaction of every writer it selects that committed after the stream was made.
+    pub fn caught_up(&self, records: &[Record], table: &BTreeMap<i64, Json>) -> bool {
+        if self.base == Base::Rows {
+            return self.phase == Phase::Changes && self.check_rows(table).is_ok();
+        }
         let seen: HashMap<u32, ()> = self.txs[self.txs_from..]
             .iter()
             .map(|(x, _)| (*x, ()))
             .collect();
         records.iter().enumerate().all(|(w, r)| {
             !self.selects(w as i32)
-                || r.committed
-                    .last()
-                    .is_none_or(|last| seen.contains_key(&last.xid))
+                || r.committed.last().is_none_or(|last| {
+                    seen.contains_key(&last.xid) || last.at < self.created_at
+                })
         })
     }
 

@@ -20,6 +20,10 @@ impl Trace {
         }
     }
 
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     pub fn log(&self, line: String) {
         tracing::debug!(target: "chaos", "{line}");
         self.lines

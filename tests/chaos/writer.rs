@@ -107,7 +107,7 @@ impl Writer {
             }
             }
             // Think time, part of the workload: spreads commits around waltap's operations.
-            let think = self.rng.range(0, 30);
+            let think = self.rng.range(5, 80);
             tokio::time::sleep(Duration::from_millis(think)).await;
         }
         self.live
