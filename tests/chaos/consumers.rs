@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde_json::{json, Value as Json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::sync::mpsc;
@@ -332,7 +332,9 @@ async fn api(
     mut control: mpsc::UnboundedReceiver<Control>,
 ) {
     let store = SourceConfig::parse(&ctx.env.url).unwrap();
+    let note = |what: &str| replica.lock().unwrap().note = format!("{what} at {:?}", ctx.trace.elapsed());
     while !ctx.stop.is_cancelled() && !ctx.trace.failed() {
+        note("opening");
         let mut consumer = match streams::open(&store, &name, OpenOptions::default()).await {
             Ok(c) => c,
             Err(StoreError::StaleCursor { .. }) => {
@@ -348,11 +350,24 @@ async fn api(
                 return;
             }
         };
+        // What was applied and not yet acknowledged: acknowledged whenever the consumer
+        // has nothing more ready, and before it disconnects.
+        let mut pending: Option<Cursor> = None;
         let asked = loop {
-            let next = tokio::select! {
-                item = consumer.next() => item,
-                c = control.recv(), if !ctx.quiet.is_cancelled() => break c,
-                _ = ctx.stop.cancelled() => break None,
+            let next = match consumer.next().now_or_never() {
+                Some(next) => next,
+                None => {
+                    if let Err(e) = ack(consumer.acker(), pending.take()).await {
+                        ctx.trace.fail(&name, format!("ack: {e}"));
+                        return;
+                    }
+                    note("waiting for the next item");
+                    tokio::select! {
+                        item = consumer.next() => item,
+                        c = control.recv(), if !ctx.quiet.is_cancelled() => break c,
+                        _ = ctx.stop.cancelled() => break None,
+                    }
+                }
             };
             let item = match next {
                 Some(Ok(item)) => serde_json::to_value(&item).unwrap(),
@@ -366,21 +381,16 @@ async fn api(
             if !ctx.apply(&replica, std::slice::from_ref(&item)) {
                 return;
             }
-            // Through the acker: a future borrowing the consumer itself is not Send
-            // (StreamConsumer is not Sync).
-            let acker = consumer.acker();
-            let acked = if let Some(seq) = item["seq"].as_u64() {
-                acker.ack_cursor(Cursor::Snapshot(seq)).await
+            if let Some(seq) = item["seq"].as_u64() {
+                pending = Some(Cursor::Snapshot(seq));
             } else if let (Some(p), None) = (item["position"].as_str(), item["type"].as_str()) {
-                acker.ack(p.parse::<Position>().unwrap()).await
-            } else {
-                Ok(())
-            };
-            if let Err(e) = acked {
-                ctx.trace.fail(&name, format!("ack: {e}"));
-                return;
+                pending = Some(Cursor::Position(p.parse::<Position>().unwrap()));
             }
         };
+        if let Err(e) = ack(consumer.acker(), pending.take()).await {
+            ctx.trace.fail(&name, format!("ack: {e}"));
+            return;
+        }
         consumer.close().await;
         match asked {
             Some(Control::Disconnect(down)) => {
@@ -390,6 +400,15 @@ async fn api(
             Some(Control::ResetWithRows) => api_reset(&ctx, &store, &name, &replica, "asked").await,
             None => {}
         }
+    }
+}
+
+/// Acknowledges through the acker: a future borrowing the consumer itself is not Send
+/// (StreamConsumer is not Sync).
+async fn ack(acker: streams::StreamAcker, cursor: Option<Cursor>) -> Result<(), StoreError> {
+    match cursor {
+        Some(cursor) => acker.ack_cursor(cursor).await,
+        None => Ok(()),
     }
 }
 
