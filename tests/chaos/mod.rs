@@ -239,6 +239,7 @@ async fn schedule(seed: u64, length: Duration) -> Result<(), String> {
                 records.iter().map(|r| r.committed.len()).sum::<usize>(),
                 all.len()
             );
+            eprintln!("chaos: {}", trace.counts());
             for line in trace.anomalies() {
                 eprintln!("chaos: {line}");
             }
@@ -336,6 +337,22 @@ async fn operate(
             let c = &streams[rng.range(0, streams.len() as u64 - 1) as usize];
             trace.log(format!("{}: reset with initial state ({:?})", c.name, c.via));
             let _ = c.control.send(Control::ResetWithRows);
+        }
+        85..=97 if on("export") => {
+            // In the background, several at once: each writes a watermark among the
+            // writers' commits, which the event log must pass without losing one.
+            let (ctx, n) = (ctx.clone(), rng.next() % 1000);
+            tasks.push(tokio::spawn(async move {
+                ctx.trace.log(format!("export-{n}: waltap export items"));
+                match procs::run(&ctx.env, &["export", "items"]).await {
+                    Ok(out) => {
+                        let last = out.lines().last().unwrap_or_default().to_owned();
+                        ctx.trace.log(format!("export-{n}: done, {last}"));
+                    }
+                    Err(e) if e.contains("did not finish") => ctx.trace.fail(&format!("export-{n}"), e),
+                    Err(e) => ctx.trace.log(format!("export-{n}: failed: {e}")),
+                }
+            }));
         }
         _ => {}
     }

@@ -53,6 +53,21 @@ impl Trace {
             .collect()
     }
 
+    /// How often the schedule did what: a line for passing runs.
+    pub fn counts(&self) -> String {
+        let lines = self.lines.lock().unwrap();
+        let count = |what: &str| lines.iter().filter(|(_, l)| l.contains(what)).count();
+        format!(
+            "{} exports, {} streams, {} SIGKILLs and {} SIGSTOPs of the pipeline, {} disconnects, {} resets",
+            count("waltap export items"),
+            count(": created "),
+            count("pipeline: SIGKILL"),
+            count("pipeline: SIGSTOP"),
+            count(": disconnect ("),
+            count("reset"),
+        )
+    }
+
     pub fn failed(&self) -> bool {
         self.failure.lock().unwrap().is_some()
     }

@@ -107,7 +107,9 @@ impl Writer {
             }
             }
             // Think time, part of the workload: spreads commits around waltap's operations.
-            let think = self.rng.range(5, 80);
+            // Writer 0 commits back to back, so that commits are dense in the WAL around
+            // the watermarks of exports and initial states.
+            let think = if self.w == 0 { 0 } else { self.rng.range(5, 80) };
             tokio::time::sleep(Duration::from_millis(think)).await;
         }
         self.live
