@@ -213,7 +213,10 @@ async fn cli_reset(ctx: &Ctx, name: &str, replica: &SharedReplica, why: &str) {
             // (its release is left to a background task the exiting process never runs).
             Err(e) if e.contains("stream_busy") && since.elapsed() < Duration::from_secs(45) => {
                 if since.elapsed() < Duration::from_millis(300) {
-                    ctx.log(replica, "ANOMALY: stream reset right after the tail exited: stream_busy");
+                    ctx.log(
+                        replica,
+                        "ANOMALY: stream reset right after the tail exited: stream_busy",
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -268,7 +271,8 @@ async fn feed(
                 Ok(r) => {
                     let status = r.status();
                     let body = r.text().await.unwrap_or_default();
-                    ctx.trace.fail(&name, format!("reset answered {status}: {body}"));
+                    ctx.trace
+                        .fail(&name, format!("reset answered {status}: {body}"));
                     return;
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -306,7 +310,8 @@ async fn feed(
                 continue;
             }
             _ => {
-                ctx.trace.fail(&name, format!("feed answered {status}: {body}"));
+                ctx.trace
+                    .fail(&name, format!("feed answered {status}: {body}"));
                 return;
             }
         }
@@ -332,7 +337,8 @@ async fn api(
     mut control: mpsc::UnboundedReceiver<Control>,
 ) {
     let store = SourceConfig::parse(&ctx.env.url).unwrap();
-    let note = |what: &str| replica.lock().unwrap().note = format!("{what} at {:?}", ctx.trace.elapsed());
+    let note =
+        |what: &str| replica.lock().unwrap().note = format!("{what} at {:?}", ctx.trace.elapsed());
     while !ctx.stop.is_cancelled() && !ctx.trace.failed() {
         note("opening");
         let mut consumer = match streams::open(&store, &name, OpenOptions::default()).await {

@@ -145,8 +145,16 @@ async fn schedule(seed: u64, length: Duration) -> Result<(), String> {
             .filter(|op| !op.is_empty())
             .collect(),
     };
-    let log = Arc::new(Mutex::new(Replica::new("event-log".into(), None, Base::Empty, Duration::ZERO)));
-    let mut tasks = vec![tokio::spawn(consumers::log_poller(ctx.clone(), log.clone()))];
+    let log = Arc::new(Mutex::new(Replica::new(
+        "event-log".into(),
+        None,
+        Base::Empty,
+        Duration::ZERO,
+    )));
+    let mut tasks = vec![tokio::spawn(consumers::log_poller(
+        ctx.clone(),
+        log.clone(),
+    ))];
 
     let stop_writers = CancellationToken::new();
     let mut records = Vec::new();
@@ -203,7 +211,10 @@ async fn schedule(seed: u64, length: Duration) -> Result<(), String> {
         }
         if Instant::now() > deadline {
             for (name, status) in &behind {
-                trace.fail(name, format!("did not catch up within {CATCH_UP:?}: {status}"));
+                trace.fail(
+                    name,
+                    format!("did not catch up within {CATCH_UP:?}: {status}"),
+                );
             }
             break;
         }
@@ -216,7 +227,9 @@ async fn schedule(seed: u64, length: Duration) -> Result<(), String> {
     if let Some((subject, _, _)) = trace.failure() {
         // Which transaction went missing or came twice, if the writers' record tells.
         let failed = all.iter().find(|r| r.lock().unwrap().name == subject);
-        if let Some(Err(why)) = failed.map(|r| r.lock().unwrap().check_transactions(&records, false)) {
+        if let Some(Err(why)) =
+            failed.map(|r| r.lock().unwrap().check_transactions(&records, false))
+        {
             trace.log(format!("{subject}: against the writers' record: {why}"));
         }
     } else {
@@ -277,7 +290,10 @@ fn check_writers(records: &[Record], live: &[Vec<i32>], table: &BTreeMap<i64, Js
     let mut want: Vec<i64> = live.iter().flatten().map(|&id| id as i64).collect();
     want.sort_unstable();
     let have: Vec<i64> = table.keys().copied().collect();
-    assert_eq!(have, want, "the writers' model of the table is wrong (harness bug)");
+    assert_eq!(
+        have, want,
+        "the writers' model of the table is wrong (harness bug)"
+    );
 }
 
 async fn table_rows(db: &TestDb) -> BTreeMap<i64, Json> {
@@ -312,7 +328,11 @@ async fn operate(
             }
         }
         30..=39 if on("kill") => {
-            let kind = if rng.percent() < 50 { Kind::Run } else { Kind::Serve };
+            let kind = if rng.percent() < 50 {
+                Kind::Run
+            } else {
+                Kind::Serve
+            };
             let down = Duration::from_millis(rng.range(0, 1500));
             trace.log(format!(
                 "pipeline: SIGKILL {:?}, {kind:?} starts after {down:?}",
@@ -322,7 +342,10 @@ async fn operate(
         }
         40..=49 if on("sigstop") => {
             let frozen = Duration::from_millis(rng.range(100, 2000));
-            trace.log(format!("pipeline: SIGSTOP {:?} for {frozen:?}", pipeline.kind));
+            trace.log(format!(
+                "pipeline: SIGSTOP {:?} for {frozen:?}",
+                pipeline.kind
+            ));
             pipeline.pause();
             tokio::time::sleep(frozen).await;
             pipeline.resume();
@@ -335,7 +358,10 @@ async fn operate(
         }
         75..=84 if !streams.is_empty() && on("reset") => {
             let c = &streams[rng.range(0, streams.len() as u64 - 1) as usize];
-            trace.log(format!("{}: reset with initial state ({:?})", c.name, c.via));
+            trace.log(format!(
+                "{}: reset with initial state ({:?})",
+                c.name, c.via
+            ));
             let _ = c.control.send(Control::ResetWithRows);
         }
         85..=97 if on("export") => {
@@ -349,7 +375,9 @@ async fn operate(
                         let last = out.lines().last().unwrap_or_default().to_owned();
                         ctx.trace.log(format!("export-{n}: done, {last}"));
                     }
-                    Err(e) if e.contains("did not finish") => ctx.trace.fail(&format!("export-{n}"), e),
+                    Err(e) if e.contains("did not finish") => {
+                        ctx.trace.fail(&format!("export-{n}"), e)
+                    }
                     Err(e) => ctx.trace.log(format!("export-{n}: failed: {e}")),
                 }
             }));
@@ -431,7 +459,10 @@ async fn create_stream(
     let what = format!(
         "{}{}, consumed via {via:?}",
         ["from now", "with initial state", "after an export"][how as usize],
-        filter.as_deref().map(|f| format!(", filter {f}")).unwrap_or_default(),
+        filter
+            .as_deref()
+            .map(|f| format!(", filter {f}"))
+            .unwrap_or_default(),
     );
     let created_at = ctx.trace.elapsed();
     if let Err(e) = procs::run(&ctx.env, &args).await {

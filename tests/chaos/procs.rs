@@ -73,7 +73,11 @@ impl Pipeline {
         };
         let mut all = vec![sub];
         all.extend(args);
-        let mut child = env.waltap(&all).stdout(std::process::Stdio::null()).spawn().unwrap();
+        let mut child = env
+            .waltap(&all)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let (sink, http_slot) = (stderr.clone(), http.clone());
@@ -140,7 +144,9 @@ impl Pipeline {
 
 /// Runs `waltap ARGS`; its stdout, or the stderr it failed with (or that it hung).
 pub async fn run(env: &Env, args: &[&str]) -> Result<String, String> {
-    let limit = Duration::from_secs(60);
+    // Generous: an export waits for the log to pass its watermark, which takes a while
+    // after SIGKILLs on a loaded machine.
+    let limit = Duration::from_secs(180);
     let out = match tokio::time::timeout(limit, env.waltap(args).output()).await {
         Ok(out) => out.unwrap(),
         Err(_) => return Err(format!("waltap {args:?} did not finish within {limit:?}")),

@@ -143,9 +143,7 @@ impl Replica {
         let change = self.apply_change(item)?;
         let since_reset = self.txs.len() > self.txs_from;
         match self.txs.last_mut() {
-            Some((last, changes)) if *last == xid && since_reset => {
-                changes.push(change)
-            }
+            Some((last, changes)) if *last == xid && since_reset => changes.push(change),
             _ => self.txs.push((xid, vec![change])),
         }
         Ok(())
@@ -190,7 +188,9 @@ impl Replica {
                 self.check_filter(row, item)?;
                 let id = id_of(row, item)?;
                 if self.rows.insert(id, row.clone()).is_some() {
-                    return Err(format!("create of row {id}, which the consumer has: {item}"));
+                    return Err(format!(
+                        "create of row {id}, which the consumer has: {item}"
+                    ));
                 }
                 Ok(("create", id as i32))
             }
@@ -273,9 +273,9 @@ impl Replica {
             .collect();
         records.iter().enumerate().all(|(w, r)| {
             !self.selects(w as i32)
-                || r.committed.last().is_none_or(|last| {
-                    seen.contains_key(&last.xid) || last.at < self.created_at
-                })
+                || r.committed
+                    .last()
+                    .is_none_or(|last| seen.contains_key(&last.xid) || last.at < self.created_at)
         })
     }
 
@@ -383,8 +383,16 @@ impl Replica {
             .collect();
         let have: BTreeMap<i64, &Json> = self.rows.iter().map(|(id, row)| (*id, row)).collect();
         if want != have {
-            let missing: Vec<_> = want.keys().filter(|k| !have.contains_key(k)).take(5).collect();
-            let extra: Vec<_> = have.keys().filter(|k| !want.contains_key(k)).take(5).collect();
+            let missing: Vec<_> = want
+                .keys()
+                .filter(|k| !have.contains_key(k))
+                .take(5)
+                .collect();
+            let extra: Vec<_> = have
+                .keys()
+                .filter(|k| !want.contains_key(k))
+                .take(5)
+                .collect();
             let differ: Vec<_> = want
                 .iter()
                 .filter(|(k, v)| have.get(k).is_some_and(|h| h != *v))

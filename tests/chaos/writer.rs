@@ -9,6 +9,7 @@ use tokio_postgres::SimpleQueryMessage;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::prng::Prng;
+use crate::support::workload::pick_change;
 use crate::support::{self};
 
 /// (action, id): one row change as the events must show it.
@@ -81,7 +82,10 @@ impl Writer {
             let plan = self.plan();
             let messages = match client.simple_query(&plan.sql).await {
                 Ok(m) => m,
-                Err(e) => panic!("writer {} ({}) failed: {e:?}\n{}", self.w, plan.shape, plan.sql),
+                Err(e) => panic!(
+                    "writer {} ({}) failed: {e:?}\n{}",
+                    self.w, plan.shape, plan.sql
+                ),
             };
             let xid = messages
                 .iter()
@@ -92,24 +96,28 @@ impl Writer {
                 .expect("txid_current() row");
             let xid = (xid.parse::<u64>().expect("xid") & 0xFFFF_FFFF) as u32;
             {
-            let mut record = self.record.lock().unwrap();
-            if plan.rollback {
-                record.rolled_back.push(xid);
-            } else {
-                self.live = plan.live;
-                self.next_id = plan.next_id;
-                record.committed.push(Committed {
-                    xid,
-                    changes: plan.changes,
-                    shape: plan.shape,
-                    at: self.started.elapsed(),
-                });
-            }
+                let mut record = self.record.lock().unwrap();
+                if plan.rollback {
+                    record.rolled_back.push(xid);
+                } else {
+                    self.live = plan.live;
+                    self.next_id = plan.next_id;
+                    record.committed.push(Committed {
+                        xid,
+                        changes: plan.changes,
+                        shape: plan.shape,
+                        at: self.started.elapsed(),
+                    });
+                }
             }
             // Think time, part of the workload: spreads commits around waltap's operations.
             // Writer 0 commits back to back, so that commits are dense in the WAL around
             // the watermarks of exports and initial states.
-            let think = if self.w == 0 { 0 } else { self.rng.range(5, 80) };
+            let think = if self.w == 0 {
+                0
+            } else {
+                self.rng.range(5, 80)
+            };
             tokio::time::sleep(Duration::from_millis(think)).await;
         }
         self.live
@@ -234,28 +242,20 @@ impl Writer {
 impl Plan {
     /// One single-row insert, update or delete of writer `w`'s rows.
     fn op(&mut self, rng: &mut Prng, w: i32) {
-        let r = rng.percent();
         // Deletes win once a writer has many rows, so the table stays small.
-        let insert_below = if self.live.len() > 1_000 { 10 } else { 40 };
-        if self.live.len() < 10 || r < insert_below {
-            let id = self.next_id;
-            self.next_id += 1;
-            self.live.push(id);
-            self.sql.push_str(&format!(
-                " INSERT INTO items (id, w, v, note) VALUES ({id}, {w}, 0, 'row {id}');"
-            ));
-            self.changes.push(("create", id));
-        } else if r < 70 {
-            let id = self.live[rng.range(0, self.live.len() as u64 - 1) as usize];
-            self.sql
-                .push_str(&format!(" UPDATE items SET v = v + 1 WHERE id = {id};"));
-            self.changes.push(("update", id));
+        let odds = if self.live.len() > 1_000 {
+            (10, 70)
         } else {
-            let i = rng.range(0, self.live.len() as u64 - 1) as usize;
-            let id = self.live.swap_remove(i);
-            self.sql
-                .push_str(&format!(" DELETE FROM items WHERE id = {id};"));
-            self.changes.push(("delete", id));
-        }
+            (40, 70)
+        };
+        let change = pick_change(rng, &mut self.live, &mut self.next_id, 10, odds);
+        self.sql.push_str(&match change {
+            ("create", id) => {
+                format!(" INSERT INTO items (id, w, v, note) VALUES ({id}, {w}, 0, 'row {id}');")
+            }
+            ("update", id) => format!(" UPDATE items SET v = v + 1 WHERE id = {id};"),
+            (_, id) => format!(" DELETE FROM items WHERE id = {id};"),
+        });
+        self.changes.push(change);
     }
 }

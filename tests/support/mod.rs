@@ -18,6 +18,7 @@ pub mod cluster;
 pub mod db;
 pub mod listen;
 pub mod prng;
+pub mod workload;
 
 use std::future::Future;
 use std::path::Path;
