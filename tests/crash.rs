@@ -25,36 +25,12 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use waltap::event::Position;
 use waltap::lsn::Lsn;
 
+use crate::support::prng::Prng;
+use crate::support::workload::pick_change;
 use crate::support::{self, Cluster, TestDb};
 
 /// How long the final run may take to catch up, and other generous bounds.
 const CATCH_UP: Duration = Duration::from_secs(90);
-
-/// splitmix64: small, seedable, good enough to pick workloads and kill points.
-struct Prng(u64);
-
-impl Prng {
-    fn new(seed: u64) -> Self {
-        Prng(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-
-    fn percent(&mut self) -> u64 {
-        self.next() % 100
-    }
-}
 
 fn seed() -> u64 {
     let seed = std::env::var("WALTAP_CRASH_SEED")
@@ -428,28 +404,20 @@ impl Writer {
 /// One single-row statement: an insert below `insert_below` percent, an update below
 /// `update_below`, else a delete.
 fn random_op(rng: &mut Prng, p: &mut Plan, insert_below: u64, update_below: u64) {
-    let r = rng.percent();
     let m = &mut p.model;
-    if m.live.len() < 20 || r < insert_below {
-        let id = m.next_id;
-        m.next_id += 1;
-        m.live.push(id);
-        p.sql.push_str(&format!(
-            " INSERT INTO items (id, v, note) VALUES ({id}, 0, 'row {id}');"
-        ));
-        p.changes.push(("create", id));
-    } else if r < update_below {
-        let id = m.live[rng.range(0, m.live.len() as u64 - 1) as usize];
-        p.sql
-            .push_str(&format!(" UPDATE items SET v = v + 1 WHERE id = {id};"));
-        p.changes.push(("update", id));
-    } else {
-        let i = rng.range(0, m.live.len() as u64 - 1) as usize;
-        let id = m.live.swap_remove(i);
-        p.sql
-            .push_str(&format!(" DELETE FROM items WHERE id = {id};"));
-        p.changes.push(("delete", id));
-    }
+    let change = pick_change(
+        rng,
+        &mut m.live,
+        &mut m.next_id,
+        20,
+        (insert_below, update_below),
+    );
+    p.sql.push_str(&match change {
+        ("create", id) => format!(" INSERT INTO items (id, v, note) VALUES ({id}, 0, 'row {id}');"),
+        ("update", id) => format!(" UPDATE items SET v = v + 1 WHERE id = {id};"),
+        (_, id) => format!(" DELETE FROM items WHERE id = {id};"),
+    });
+    p.changes.push(change);
     p.counts.push(1);
 }
 

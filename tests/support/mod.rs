@@ -18,6 +18,8 @@ pub mod cluster;
 pub mod db;
 pub mod listen;
 pub mod log;
+pub mod prng;
+pub mod workload;
 
 use std::future::Future;
 use std::path::Path;
@@ -163,12 +165,17 @@ where
 
 /// Sends SIGTERM to a running child (through `kill`: the crate forbids `unsafe`).
 pub fn sigterm(child: &tokio::process::Child) {
+    signal(child, "TERM");
+}
+
+/// Sends `SIG<name>` (`TERM`, `STOP`, `CONT`...) to a running child.
+pub fn signal(child: &tokio::process::Child, name: &str) {
     let pid = child.id().expect("the child is running").to_string();
     let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
+        .args([&format!("-{name}"), &pid])
         .status()
         .expect("kill runs");
-    assert!(status.success(), "kill -TERM {pid} failed");
+    assert!(status.success(), "kill -{name} {pid} failed");
 }
 
 /// Runs a command to completion (at most a minute) and returns what it did.

@@ -1,0 +1,502 @@
+//! Random schedules over a real Postgres and real `waltap` processes, every consumer
+//! checked against what the writers committed.
+//!
+//! A schedule: writers commit a random mix of transactions (single rows, dozens of rows,
+//! savepoints rolled back or released, primary-key changes, annotations, transactions
+//! large enough to be streamed, rollbacks, transactions held open across a moment); the
+//! pipeline (`waltap run` or `waltap serve`, switching) fills the event log under SIGKILL
+//! and SIGSTOP; streams are made from now on, with an initial state, or after an export's
+//! position, with and without a filter, and consumed by `waltap stream tail`, the HTTP
+//! feed and the Rust API, which disconnect, resume, go stale under a short retention and
+//! start over with `reset` and an initial state. The event log itself is read too.
+//!
+//! Each consumer's [`replica::Replica`] checks every item as it arrives, and at the end
+//! that it saw each selected transaction once, in commit order, with exactly its changes,
+//! and (with rows to start from) that it rebuilt the table. A divergence fails the test
+//! with the seed and the part of the schedule that explains it.
+//!
+//! `WALTAP_CHAOS_SEED=N` replays schedule N (as far as timing allows);
+//! `WALTAP_CHAOS_SECONDS` bounds the run (default 90; `0` runs until a failure);
+//! `WALTAP_CHAOS_SCHEDULE_SECONDS` is the length of one schedule (default 20);
+//! `WALTAP_CHAOS_WITHOUT=op,op` leaves operations out: `kill`, `sigstop`, `disconnect`,
+//! `reset` (the schedule's own resets; stale cursors still reset), consumers `cli`, `feed`,
+//! `api`, and streams `from-now`, `initial-state`, `export`.
+
+mod consumers;
+mod procs;
+mod replica;
+mod trace;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value as Json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::prng::Prng;
+use crate::support::{self, TestDb};
+use consumers::{Control, Ctx, SharedReplica, Via};
+use procs::{Env, Kind, Pipeline};
+use replica::{Base, Replica};
+use trace::Trace;
+use writer::{Record, Writer};
+
+const WRITERS: i32 = 3;
+const MAX_STREAMS: usize = 10;
+/// How long consumers may take to catch up once the writers stop.
+const CATCH_UP: Duration = Duration::from_secs(180);
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|s| s.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos() {
+    let replay = env_u64("WALTAP_CHAOS_SEED");
+    let budget = env_u64("WALTAP_CHAOS_SECONDS").unwrap_or(90);
+    let length = Duration::from_secs(env_u64("WALTAP_CHAOS_SCHEDULE_SECONDS").unwrap_or(20));
+    let first = replay.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            % 1_000_000_000
+    });
+    let started = Instant::now();
+    for n in 0.. {
+        let seed = first + n;
+        eprintln!(
+            "chaos: schedule {n}, WALTAP_CHAOS_SEED={seed} ({:.0}s into the run)",
+            started.elapsed().as_secs_f64()
+        );
+        if let Err(report) = schedule(seed, length).await {
+            panic!(
+                "chaos: schedule {n} diverged after {:.0}s of chaos ({n} schedules passed before it)\n\
+                 replay: WALTAP_CHAOS_SEED={seed} cargo test --test chaos\n{report}",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        let out_of_time = budget > 0 && started.elapsed() >= Duration::from_secs(budget);
+        if replay.is_some() || out_of_time {
+            eprintln!("chaos: {} schedules passed", n + 1);
+            return;
+        }
+    }
+}
+
+/// A stream and its consumer, as the schedule knows them.
+struct Consumer {
+    name: String,
+    via: Via,
+    replica: SharedReplica,
+    control: mpsc::UnboundedSender<Control>,
+}
+
+/// One schedule from `seed`, `length` long; `Err` is the report of a divergence.
+async fn schedule(seed: u64, length: Duration) -> Result<(), String> {
+    let mut rng = Prng::new(seed);
+    let db = TestDb::new().await;
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, w int NOT NULL, v int NOT NULL, note text);
+             ALTER TABLE items REPLICA IDENTITY FULL;",
+        )
+        .await
+        .unwrap();
+    let env = Env {
+        url: db.url(),
+        slot: db.unique_name("chaos_slot"),
+        publication: db.unique_name("chaos_pub"),
+        retention_secs: rng.range(4, 15),
+    };
+    // Slot first: every commit from here on reaches the log.
+    // Small enough that the writers' large transactions are streamed before their commit.
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET logical_decoding_work_mem = '64kB'",
+            support::quote_ident(&db.name)
+        ))
+        .await
+        .unwrap();
+    procs::run(&env, &["setup", "--table", "items"])
+        .await
+        .unwrap_or_else(|e| panic!("waltap setup: {e}"));
+    audit_the_log(&db).await;
+    let started = Instant::now();
+    let trace = Trace::new(started);
+    trace.log(format!("pipeline: retention {}s", env.retention_secs));
+    let http = Arc::new(Mutex::new(None));
+    let mut pipeline = Pipeline::start(&env, Kind::Serve, http.clone()).await;
+    let ctx = Ctx {
+        env: env.clone(),
+        http: http.clone(),
+        trace: trace.clone(),
+        stop: CancellationToken::new(),
+        quiet: CancellationToken::new(),
+        without: std::env::var("WALTAP_CHAOS_WITHOUT")
+            .unwrap_or_default()
+            .split(',')
+            .map(|op| op.trim().to_owned())
+            .filter(|op| !op.is_empty())
+            .collect(),
+    };
+    let log = Arc::new(Mutex::new(Replica::new(
+        "event-log".into(),
+        None,
+        Base::Empty,
+        Duration::ZERO,
+    )));
+    let mut tasks = vec![tokio::spawn(consumers::log_poller(
+        ctx.clone(),
+        log.clone(),
+    ))];
+
+    let stop_writers = CancellationToken::new();
+    let mut records = Vec::new();
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let writer = Writer::new(w, env.url.clone(), rng.next(), started);
+        records.push(writer.record());
+        writers.push(tokio::spawn(writer.run(stop_writers.clone())));
+    }
+
+    let mut streams: Vec<Consumer> = Vec::new();
+    while started.elapsed() < length && !trace.failed() {
+        pipeline.assert_alive();
+        operate(&mut rng, &ctx, &mut pipeline, &mut streams, &mut tasks).await;
+        tokio::time::sleep(Duration::from_millis(rng.range(20, 300))).await;
+    }
+
+    stop_writers.cancel();
+    ctx.quiet.cancel();
+    trace.log("writers: stop".into());
+    let mut live = Vec::new();
+    for w in writers {
+        live.push(w.await.expect("writer"));
+    }
+    pipeline.resume();
+    if pipeline.kind == Kind::Run && !streams.iter().all(|s| !matches!(s.via, Via::Feed)) {
+        // Feed consumers need the HTTP server to catch up.
+        pipeline.kill_and_restart(Kind::Serve, Duration::ZERO).await;
+        trace.log("pipeline: serve, for the feeds to catch up".into());
+    }
+    let records: Vec<Record> = records
+        .iter()
+        .map(|r| std::mem::take(&mut *r.lock().unwrap()))
+        .collect();
+    trace.log(format!(
+        "writers: stopped, {} transactions committed",
+        records.iter().map(|r| r.committed.len()).sum::<usize>()
+    ));
+    let all: Vec<SharedReplica> = std::iter::once(log.clone())
+        .chain(streams.iter().map(|s| s.replica.clone()))
+        .collect();
+    let table = table_rows(&db).await;
+    let deadline = Instant::now() + CATCH_UP;
+    while !trace.failed() {
+        pipeline.assert_alive();
+        let behind: Vec<(String, String)> = all
+            .iter()
+            .map(|r| r.lock().unwrap())
+            .filter(|r| !r.caught_up(&records, &table))
+            .map(|r| (r.name.clone(), r.status(&table)))
+            .collect();
+        if behind.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            for (name, status) in &behind {
+                trace.fail(
+                    name,
+                    format!("did not catch up within {CATCH_UP:?}: {status}"),
+                );
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ctx.stop.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    if let Some((subject, _, _)) = trace.failure() {
+        // Which transaction went missing or came twice, if the writers' record tells.
+        let failed = all.iter().find(|r| r.lock().unwrap().name == subject);
+        if let Some(Err(why)) =
+            failed.map(|r| r.lock().unwrap().check_transactions(&records, false))
+        {
+            trace.log(format!("{subject}: against the writers' record: {why}"));
+        }
+    } else {
+        check_writers(&records, &live, &table);
+        for r in &all {
+            let r = r.lock().unwrap();
+            if let Err(what) = r.verify(&records, &table) {
+                trace.fail(&r.name, what);
+                break;
+            }
+        }
+    }
+    pipeline.shutdown().await;
+    db.teardown().await;
+    match trace.failure() {
+        None => {
+            let items: u64 = all.iter().map(|r| r.lock().unwrap().items).sum();
+            eprintln!(
+                "chaos: seed {seed} passed: {} transactions, {} consumers, {items} items checked",
+                records.iter().map(|r| r.committed.len()).sum::<usize>(),
+                all.len()
+            );
+            eprintln!("chaos: {}", trace.counts());
+            for line in trace.anomalies() {
+                eprintln!("chaos: {line}");
+            }
+            Ok(())
+        }
+        Some((subject, what, at)) => Err(format!(
+            "{subject} diverged at {:.3}s: {what}\ntrace (operations on {subject}, on the \
+             pipeline, and everything in the 2 s before):\n{}",
+            at.as_secs_f64(),
+            trace.relevant(&subject, at)
+        )),
+    }
+}
+
+/// Copies every event appended to the log into `chaos_log`, which retention does not
+/// touch: the event log consumer reads it, so a short retention cannot hide a lost event.
+async fn audit_the_log(db: &TestDb) {
+    let c = db.client().await;
+    waltap::store::migrate(&c).await.unwrap();
+    c.batch_execute(
+        "CREATE TABLE chaos_log (LIKE waltap.events);
+         CREATE INDEX ON chaos_log (source, commit_lsn, ordinal);
+         CREATE FUNCTION chaos_copy() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN INSERT INTO chaos_log SELECT NEW.*; RETURN NULL; END $$;
+         CREATE TRIGGER chaos_copy AFTER INSERT ON waltap.events
+           FOR EACH ROW EXECUTE FUNCTION chaos_copy();",
+    )
+    .await
+    .unwrap();
+}
+
+/// The writers' own model must match the table, or the record is not the truth.
+fn check_writers(records: &[Record], live: &[Vec<i32>], table: &BTreeMap<i64, Json>) {
+    let _ = records;
+    let mut want: Vec<i64> = live.iter().flatten().map(|&id| id as i64).collect();
+    want.sort_unstable();
+    let have: Vec<i64> = table.keys().copied().collect();
+    assert_eq!(
+        have, want,
+        "the writers' model of the table is wrong (harness bug)"
+    );
+}
+
+async fn table_rows(db: &TestDb) -> BTreeMap<i64, Json> {
+    db.client()
+        .await
+        .query("SELECT id, w, v, note FROM items", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let id: i32 = r.get(0);
+            let (w, v, note): (i32, i32, Option<String>) = (r.get(1), r.get(2), r.get(3));
+            (id as i64, json!({"id": id, "w": w, "v": v, "note": note}))
+        })
+        .collect()
+}
+
+/// One random operation on waltap.
+async fn operate(
+    rng: &mut Prng,
+    ctx: &Ctx,
+    pipeline: &mut Pipeline,
+    streams: &mut Vec<Consumer>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) {
+    let trace = &ctx.trace;
+    let on = |op: &str| ctx.allows(op);
+    match rng.percent() {
+        0..=29 if streams.len() < MAX_STREAMS => {
+            if let Some(c) = create_stream(rng, ctx, streams.len(), tasks).await {
+                streams.push(c);
+            }
+        }
+        30..=39 if on("kill") => {
+            let kind = if rng.percent() < 50 {
+                Kind::Run
+            } else {
+                Kind::Serve
+            };
+            let down = Duration::from_millis(rng.range(0, 1500));
+            trace.log(format!(
+                "pipeline: SIGKILL {:?}, {kind:?} starts after {down:?}",
+                pipeline.kind
+            ));
+            pipeline.kill_and_restart(kind, down).await;
+        }
+        40..=49 if on("sigstop") => {
+            let frozen = Duration::from_millis(rng.range(100, 2000));
+            trace.log(format!(
+                "pipeline: SIGSTOP {:?} for {frozen:?}",
+                pipeline.kind
+            ));
+            pipeline.pause();
+            tokio::time::sleep(frozen).await;
+            pipeline.resume();
+        }
+        50..=74 if !streams.is_empty() && on("disconnect") => {
+            let c = &streams[rng.range(0, streams.len() as u64 - 1) as usize];
+            let down = Duration::from_millis(rng.range(0, 3000) * rng.range(1, 4));
+            trace.log(format!("{}: disconnect ({:?}) for {down:?}", c.name, c.via));
+            let _ = c.control.send(Control::Disconnect(down));
+        }
+        75..=84 if !streams.is_empty() && on("reset") => {
+            let c = &streams[rng.range(0, streams.len() as u64 - 1) as usize];
+            trace.log(format!(
+                "{}: reset with initial state ({:?})",
+                c.name, c.via
+            ));
+            let _ = c.control.send(Control::ResetWithRows);
+        }
+        85..=97 if on("export") => {
+            // In the background, several at once: each writes a watermark among the
+            // writers' commits, which the event log must pass without losing one.
+            let (ctx, n) = (ctx.clone(), rng.next() % 1000);
+            tasks.push(tokio::spawn(async move {
+                ctx.trace.log(format!("export-{n}: waltap export items"));
+                match procs::run(&ctx.env, &["export", "items"]).await {
+                    Ok(out) => {
+                        let last = out.lines().last().unwrap_or_default().to_owned();
+                        ctx.trace.log(format!("export-{n}: done, {last}"));
+                    }
+                    Err(e) if e.contains("did not finish") => {
+                        ctx.trace.fail(&format!("export-{n}"), e)
+                    }
+                    Err(e) => ctx.trace.log(format!("export-{n}: failed: {e}")),
+                }
+            }));
+        }
+        _ => {}
+    }
+}
+
+/// A new stream from now, from the current rows, or after an export's position; with or
+/// without a filter; and its consumer.
+async fn create_stream(
+    rng: &mut Prng,
+    ctx: &Ctx,
+    n: usize,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Option<Consumer> {
+    let name = format!("s{n}");
+    let filter_w = (rng.percent() < 30).then(|| rng.range(0, WRITERS as u64 - 1) as i32);
+    let filter = filter_w.map(|w| json!({"where": {"w": w}}).to_string());
+    let vias: Vec<Via> = [("cli", Via::Cli), ("feed", Via::Feed), ("api", Via::Api)]
+        .into_iter()
+        .filter(|(op, _)| ctx.allows(op))
+        .map(|(_, via)| via)
+        .collect();
+    let hows: Vec<u64> = ["from-now", "initial-state", "export"]
+        .iter()
+        .enumerate()
+        .filter(|(_, op)| ctx.allows(op))
+        .map(|(i, _)| i as u64)
+        .collect();
+    if vias.is_empty() || hows.is_empty() {
+        return None;
+    }
+    let via = vias[rng.range(0, vias.len() as u64 - 1) as usize];
+    let mut args = vec!["stream", "create", &name, "--table", "items"];
+    if let Some(f) = &filter {
+        args.extend(["--filter", f]);
+    }
+    let how = hows[rng.range(0, hows.len() as u64 - 1) as usize];
+    let (base, exported, from) = match how {
+        0 => (Base::Now, Vec::new(), String::new()),
+        1 => {
+            args.push("--initial-state");
+            (Base::Rows, Vec::new(), String::new())
+        }
+        _ => {
+            let mut export = vec!["export", "items"];
+            if let Some(f) = &filter {
+                export.extend(["--filter", f]);
+            }
+            ctx.trace.log(format!("{name}: waltap export items"));
+            let out = match procs::run(&ctx.env, &export).await {
+                Ok(out) => out,
+                Err(e) if e.contains("did not finish") => {
+                    ctx.trace.fail(&name, e);
+                    return None;
+                }
+                Err(e) => {
+                    ctx.trace.log(format!("{name}: export failed: {e}"));
+                    return None;
+                }
+            };
+            let lines: Vec<Json> = out
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            let position = lines.last().and_then(|l| l["position"].as_str());
+            let Some(position) = position.map(str::to_owned) else {
+                ctx.trace
+                    .fail(&name, format!("export ended without a position: {out}"));
+                return None;
+            };
+            (Base::Rows, lines, position)
+        }
+    };
+    if !from.is_empty() {
+        args.extend(["--from", &from]);
+    }
+    let what = format!(
+        "{}{}, consumed via {via:?}",
+        ["from now", "with initial state", "after an export"][how as usize],
+        filter
+            .as_deref()
+            .map(|f| format!(", filter {f}"))
+            .unwrap_or_default(),
+    );
+    let created_at = ctx.trace.elapsed();
+    if let Err(e) = procs::run(&ctx.env, &args).await {
+        ctx.trace.fail(&name, format!("stream create failed: {e}"));
+        return None;
+    }
+    ctx.trace.log(format!(
+        "{name}: created {what}{}",
+        if from.is_empty() {
+            String::new()
+        } else {
+            format!(" (export of {} rows, position {from})", exported.len() - 1)
+        }
+    ));
+    let mut replica = Replica::new(name.clone(), filter_w, base, created_at);
+    for line in &exported {
+        if let Err(what) = replica.apply(line) {
+            ctx.trace.fail(&name, format!("export: {what}"));
+            return None;
+        }
+    }
+    let replica = Arc::new(Mutex::new(replica));
+    let (control, rx) = mpsc::unbounded_channel();
+    tasks.push(tokio::spawn(consumers::consume(
+        ctx.clone(),
+        name.clone(),
+        via,
+        replica.clone(),
+        rx,
+    )));
+    Some(Consumer {
+        name,
+        via,
+        replica,
+        control,
+    })
+}

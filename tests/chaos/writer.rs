@@ -1,0 +1,261 @@
+//! Writers: each owns the rows of `items` whose `w` is its number (so their transactions never
+//! wait on each other), commits a random mix of transactions, and records what committed
+//! with the transaction's xid. That record is the truth consumers are checked against.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::SimpleQueryMessage;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::prng::Prng;
+use crate::support::workload::pick_change;
+use crate::support::{self};
+
+/// (action, id): one row change as the events must show it.
+pub type Change = (&'static str, i32);
+
+/// One committed transaction of one writer.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub xid: u32,
+    pub changes: Vec<Change>,
+    /// What the transaction was, for traces.
+    pub shape: &'static str,
+    pub at: Duration,
+}
+
+/// Everything one writer committed, in its commit order.
+#[derive(Debug, Default)]
+pub struct Record {
+    pub committed: Vec<Committed>,
+    pub rolled_back: Vec<u32>,
+}
+
+pub type SharedRecord = Arc<Mutex<Record>>;
+
+/// First id of writer `w`'s rows: writers never touch each other's rows.
+pub fn first_id(w: i32) -> i32 {
+    (w + 1) * 10_000_000
+}
+
+struct Plan {
+    sql: String,
+    changes: Vec<Change>,
+    live: Vec<i32>,
+    next_id: i32,
+    rollback: bool,
+    shape: &'static str,
+}
+
+pub struct Writer {
+    pub w: i32,
+    url: String,
+    rng: Prng,
+    live: Vec<i32>,
+    next_id: i32,
+    record: SharedRecord,
+    started: Instant,
+}
+
+impl Writer {
+    pub fn new(w: i32, url: String, seed: u64, started: Instant) -> Writer {
+        Writer {
+            w,
+            url,
+            rng: Prng::new(seed),
+            live: Vec::new(),
+            next_id: first_id(w),
+            record: SharedRecord::default(),
+            started,
+        }
+    }
+
+    pub fn record(&self) -> SharedRecord {
+        self.record.clone()
+    }
+
+    /// Writes until `stop`; returns the ids of its rows that exist at the end.
+    pub async fn run(mut self, stop: CancellationToken) -> Vec<i32> {
+        let client = support::connect(&self.url).await.expect("writer connects");
+        while !stop.is_cancelled() {
+            let plan = self.plan();
+            let messages = match client.simple_query(&plan.sql).await {
+                Ok(m) => m,
+                Err(e) => panic!(
+                    "writer {} ({}) failed: {e:?}\n{}",
+                    self.w, plan.shape, plan.sql
+                ),
+            };
+            let xid = messages
+                .iter()
+                .find_map(|m| match m {
+                    SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                    _ => None,
+                })
+                .expect("txid_current() row");
+            let xid = (xid.parse::<u64>().expect("xid") & 0xFFFF_FFFF) as u32;
+            {
+                let mut record = self.record.lock().unwrap();
+                if plan.rollback {
+                    record.rolled_back.push(xid);
+                } else {
+                    self.live = plan.live;
+                    self.next_id = plan.next_id;
+                    record.committed.push(Committed {
+                        xid,
+                        changes: plan.changes,
+                        shape: plan.shape,
+                        at: self.started.elapsed(),
+                    });
+                }
+            }
+            // Think time, part of the workload: spreads commits around waltap's operations.
+            // Writer 0 commits back to back, so that commits are dense in the WAL around
+            // the watermarks of exports and initial states.
+            let think = if self.w == 0 {
+                0
+            } else {
+                self.rng.range(5, 80)
+            };
+            tokio::time::sleep(Duration::from_millis(think)).await;
+        }
+        self.live
+    }
+
+    fn plan(&mut self) -> Plan {
+        let mut p = Plan {
+            sql: "BEGIN; SELECT txid_current();".into(),
+            changes: Vec::new(),
+            live: self.live.clone(),
+            next_id: self.next_id,
+            rollback: false,
+            shape: "small",
+        };
+        let w = self.w;
+        let rng = &mut self.rng;
+        match rng.percent() {
+            0..=39 => {
+                for _ in 0..rng.range(1, 4) {
+                    p.op(rng, w);
+                }
+            }
+            40..=54 => {
+                p.shape = "mixed";
+                for _ in 0..rng.range(5, 40) {
+                    p.op(rng, w);
+                }
+            }
+            55..=64 => {
+                // Open across a moment in which exports and initial states write watermarks.
+                p.shape = "slow";
+                p.op(rng, w);
+                p.sql.push_str(&format!(
+                    " SELECT pg_sleep({});",
+                    rng.range(5, 200) as f64 / 1000.0
+                ));
+                p.op(rng, w);
+            }
+            65..=71 => {
+                p.shape = "savepoint";
+                p.op(rng, w);
+                let saved = (p.sql.len(), p.changes.len(), p.live.clone(), p.next_id);
+                p.sql.push_str(" SAVEPOINT s;");
+                let mark = p.sql.len();
+                for _ in 0..rng.range(1, 5) {
+                    p.op(rng, w);
+                }
+                if rng.percent() < 50 {
+                    // Undo the savepoint's changes: keep the statements, forget their effects.
+                    let statements = p.sql[mark..].to_owned();
+                    p.sql.truncate(saved.0);
+                    p.sql.push_str(" SAVEPOINT s;");
+                    p.sql.push_str(&statements);
+                    p.sql.push_str(" ROLLBACK TO SAVEPOINT s;");
+                    p.changes.truncate(saved.1);
+                    p.live = saved.2;
+                    p.next_id = saved.3;
+                } else {
+                    p.sql.push_str(" RELEASE SAVEPOINT s;");
+                }
+                p.op(rng, w);
+            }
+            72..=79 => {
+                p.shape = "pk-change";
+                p.op(rng, w);
+                if !p.live.is_empty() {
+                    let i = rng.range(0, p.live.len() as u64 - 1) as usize;
+                    let (old, new) = (p.live[i], p.next_id);
+                    p.next_id += 1;
+                    p.live[i] = new;
+                    p.sql.push_str(&format!(
+                        " UPDATE items SET id = {new}, v = v + 1 WHERE id = {old};"
+                    ));
+                    p.changes.push(("update", new));
+                }
+            }
+            80..=85 => {
+                p.shape = "annotated";
+                p.sql.push_str(&format!(
+                    " SELECT pg_logical_emit_message(true, 'waltap', '{{\"writer\": {w}}}');"
+                ));
+                p.op(rng, w);
+            }
+            86..=88 => {
+                // Large enough to pass logical_decoding_work_mem: decoded as a streamed
+                // transaction (or spilled).
+                p.shape = "large";
+                let n = rng.range(200, 800) as i32;
+                let first = p.next_id;
+                let last = first + n - 1;
+                p.sql.push_str(&format!(
+                    " INSERT INTO items (id, w, v, note) SELECT g, {w}, 0, repeat('x', 400) \
+                     FROM generate_series({first}, {last}) g;"
+                ));
+                p.changes.extend((first..=last).map(|id| ("create", id)));
+                p.live.extend(first..=last);
+                p.next_id = last + 1;
+                if rng.percent() < 50 {
+                    // The order of an UPDATE's rows is physical; the check compares a
+                    // transaction's changes as a set.
+                    p.sql.push_str(&format!(
+                        " UPDATE items SET v = v + 1 WHERE id BETWEEN {first} AND {last};"
+                    ));
+                    p.changes.extend((first..=last).map(|id| ("update", id)));
+                    p.shape = "large+update";
+                }
+            }
+            _ => {
+                p.shape = "rollback";
+                for _ in 0..rng.range(1, 6) {
+                    p.op(rng, w);
+                }
+                p.rollback = true;
+            }
+        }
+        p.sql
+            .push_str(if p.rollback { " ROLLBACK;" } else { " COMMIT;" });
+        p
+    }
+}
+
+impl Plan {
+    /// One single-row insert, update or delete of writer `w`'s rows.
+    fn op(&mut self, rng: &mut Prng, w: i32) {
+        // Deletes win once a writer has many rows, so the table stays small.
+        let odds = if self.live.len() > 1_000 {
+            (10, 70)
+        } else {
+            (40, 70)
+        };
+        let change = pick_change(rng, &mut self.live, &mut self.next_id, 10, odds);
+        self.sql.push_str(&match change {
+            ("create", id) => {
+                format!(" INSERT INTO items (id, w, v, note) VALUES ({id}, {w}, 0, 'row {id}');")
+            }
+            ("update", id) => format!(" UPDATE items SET v = v + 1 WHERE id = {id};"),
+            (_, id) => format!(" DELETE FROM items WHERE id = {id};"),
+        });
+        self.changes.push(change);
+    }
+}
