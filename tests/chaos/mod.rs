@@ -19,6 +19,7 @@
 //! `WALTAP_CHAOS_SECONDS` bounds the run (default 90; `0` runs until a failure);
 //! `WALTAP_CHAOS_SCHEDULE_SECONDS` is the length of one schedule (default 20);
 //! `WALTAP_CHAOS_WITHOUT=op,op` leaves operations out: `kill`, `sigstop`, `disconnect`,
+//! `watermarks`,
 //! `reset` (the schedule's own resets; stale cursors still reset), consumers `cli`, `feed`,
 //! `api`, and streams `from-now`, `initial-state`, `export`.
 
@@ -364,7 +365,28 @@ async fn operate(
             ));
             let _ = c.control.send(Control::ResetWithRows);
         }
-        85..=97 if on("export") => {
+        85..=91 if on("watermarks") => {
+            // A burst of bare snapshot watermarks, back to back, in the background: what
+            // many initial states starting at once write, cheaply. Commits land right
+            // after (and exactly at) a watermark, where the log once lost a transaction.
+            let (ctx, burst) = (ctx.clone(), Duration::from_millis(rng.range(500, 3000)));
+            tasks.push(tokio::spawn(async move {
+                let Ok(c) = support::connect(&ctx.env.url).await else {
+                    return;
+                };
+                let until = Instant::now() + burst;
+                let mut n = 0u64;
+                while Instant::now() < until && !ctx.stop.is_cancelled() {
+                    let sql = "SELECT pg_logical_emit_message(false, 'waltap.watermark', 'chaos')";
+                    if c.batch_execute(sql).await.is_err() {
+                        break;
+                    }
+                    n += 1;
+                }
+                ctx.trace.log(format!("watermarks: {n} in {burst:?}"));
+            }));
+        }
+        92..=99 if on("export") => {
             // In the background, several at once: each writes a watermark among the
             // writers' commits, which the event log must pass without losing one.
             let (ctx, n) = (ctx.clone(), rng.next() % 1000);
