@@ -620,6 +620,11 @@ async fn retention_by_age_and_stale_cursors() {
         e.to_string().contains("start again from the current rows"),
         "{e}"
     );
+    // The refused open gave the lease back at once: the advised reset works right away.
+    assert!(
+        streams::get(&store, "early").await.unwrap().lease.is_none(),
+        "a stale open leaves no lease behind"
+    );
     let e = next_error(&mut reader).await;
     assert_eq!(e.code(), "stale_cursor");
     assert!(

@@ -930,8 +930,8 @@ impl Shared {
 }
 
 /// What a [`StreamConsumer`] yields: first [`StreamItem::Initialized`] with the cursor the
-/// consumer resumes after (`None` when the log held nothing for the stream's source when
-/// it was made or reset), then [`StreamItem::Event`]s with rows as JSON objects. Serialized
+/// consumer resumes after (the position before every event when the log held nothing for
+/// the stream's source when it was made or reset), then [`StreamItem::Event`]s with rows as JSON objects. Serialized
 /// as `{"type": "initialized", "position": ...}` and plain events (no `type` field).
 pub type StreamItem = SubscriptionItem<Json>;
 
@@ -1057,7 +1057,16 @@ pub async fn open_pooled(
     }
     let cursor = shared.state().acked;
     drop(client);
-    let mut reader = Reader::new(shared, &row, &options, notifications).await?;
+    let mut reader = match Reader::new(shared, &row, &options, notifications).await {
+        Ok(reader) => reader,
+        Err(e) => {
+            // Released now, not in the background: a process that exits on this error
+            // (`waltap stream tail` on `stale_cursor`) would otherwise leave the lease
+            // held until it expires, and the advised `reset` would fail with stream_busy.
+            consumer.close().await;
+            return Err(e);
+        }
+    };
     reader.snapshot = snapshot;
     // Always a real position, resumable with `from`: a cursor at LSN 0 (the log was empty
     // when it was set) is the position before every event.
