@@ -127,6 +127,16 @@ struct Batch {
     opened: Option<Instant>,
     /// The last complete source transaction in the batch.
     complete: Option<(Lsn, Position)>,
+    /// The mark the batch's watermarks give (everything before the last of them is in
+    /// the batch or already in the log).
+    watermark: Option<LogMark>,
+}
+
+/// What a committed batch moved: the log's mark, and the source position to acknowledge
+/// (none when the batch held only watermarks).
+struct Appended {
+    mark: LogMark,
+    ack: Option<Position>,
 }
 
 /// One session: open the log, start the listener, append until cancelled or an error.
@@ -147,6 +157,7 @@ async fn run_once(
         events: 0,
         opened: None,
         complete: None,
+        watermark: None,
     };
     let mut ready: Option<Delivery> = None;
     let result = loop {
@@ -162,47 +173,42 @@ async fn run_once(
                 },
             },
         };
-        let ev = match item {
-            Delivery::Event(ev) => ev,
-            Delivery::Watermark(watermark) => {
-                // Everything before the watermark is in the batch: make it durable and
-                // mark the log complete up to the watermark, so that a snapshot waiting
-                // on the log learns that nothing before it is still to come.
-                let mark = LogMark::before(watermark);
-                if mark <= stored {
+        match item {
+            Delivery::Event(ev) => {
+                if stored.holds(ev.position.commit_lsn) {
+                    // Replayed after a crash: already in the log. Acknowledging lets the
+                    // slot catch up.
+                    listener.ack(ev.position);
                     continue;
                 }
-                let flushed = match commit(&mut log, &mut batch).await {
-                    Ok(flushed) => flushed,
-                    Err(e) => break Err(e.into()),
-                };
-                if let Some((_, position)) = flushed {
-                    listener.ack(position);
+                let tx_end = ev.tx.last.then_some((ev.position.commit_lsn, ev.position));
+                batch.opened.get_or_insert_with(Instant::now);
+                batch.events += 1;
+                batch.chunk.push(ev);
+                if batch.chunk.len() >= config.chunk_events {
+                    if let Err(e) = log.write(&batch.chunk).await {
+                        break Err(e.into());
+                    }
+                    batch.chunk.clear();
                 }
-                if let Err(e) = log.commit(mark).await {
-                    break Err(e.into());
+                let Some(end) = tx_end else { continue };
+                batch.complete = Some(end);
+            }
+            Delivery::Watermark(watermark) => {
+                // Everything before the watermark is in the batch (it comes between
+                // transactions): committing the batch marks the log complete up to it, so
+                // that a snapshot waiting on the log learns that nothing before it is
+                // still to come. Watermarks that come in a burst share one commit.
+                let mark = LogMark::before(watermark);
+                if mark > stored {
+                    batch.watermark = batch.watermark.max(Some(mark));
+                    batch.opened.get_or_insert_with(Instant::now);
                 }
-                stored = mark;
-                continue;
+                if batch.complete.is_none() && batch.watermark.is_none() {
+                    continue;
+                }
             }
-        };
-        if stored.holds(ev.position.commit_lsn) {
-            // Replayed after a crash: already in the log. Acknowledging lets the slot catch up.
-            listener.ack(ev.position);
-            continue;
         }
-        let tx_end = ev.tx.last.then_some((ev.position.commit_lsn, ev.position));
-        batch.opened.get_or_insert_with(Instant::now);
-        batch.events += 1;
-        batch.chunk.push(ev);
-        if batch.chunk.len() >= config.chunk_events {
-            if let Err(e) = log.write(&batch.chunk).await {
-                break Err(e.into());
-            }
-            batch.chunk.clear();
-        }
-        let Some(end) = tx_end else { continue };
-        batch.complete = Some(end);
         // Close the batch when nothing else is ready, or it is big or old enough.
         let full = batch.events >= config.max_batch_events
             || batch
@@ -221,13 +227,15 @@ async fn run_once(
         }
         let events = batch.events as u64;
         match commit(&mut log, &mut batch).await {
-            Ok(Some((lsn, position))) => {
+            Ok(Some(appended)) => {
                 if let Some(counter) = &config.appended {
                     counter.fetch_add(events, Ordering::Relaxed);
                 }
-                stored = LogMark::through_commit(lsn);
-                listener.ack(position);
-                *backoff = config.listener.reconnect_min;
+                stored = appended.mark;
+                if let Some(position) = appended.ack {
+                    listener.ack(position);
+                    *backoff = config.listener.reconnect_min;
+                }
             }
             Ok(None) => {}
             Err(e) => break Err(e.into()),
@@ -239,15 +247,25 @@ async fn run_once(
     result
 }
 
-async fn commit(log: &mut PgLog, batch: &mut Batch) -> Result<Option<(Lsn, Position)>, StoreError> {
-    let Some((lsn, position)) = batch.complete.take() else {
+/// Writes the batch and commits it with its mark: the last complete transaction's commit
+/// LSN, or just below the batch's last watermark if that is higher.
+async fn commit(log: &mut PgLog, batch: &mut Batch) -> Result<Option<Appended>, StoreError> {
+    let complete = batch.complete.take();
+    let watermark = batch.watermark.take();
+    let Some(mark) = complete
+        .map(|(lsn, _)| LogMark::through_commit(lsn))
+        .max(watermark)
+    else {
         return Ok(None);
     };
     log.write(&batch.chunk).await?;
     batch.chunk.clear();
-    log.commit(LogMark::through_commit(lsn)).await?;
-    tracing::debug!(through = %lsn, events = batch.events, "batch appended");
+    log.commit(mark).await?;
+    tracing::debug!(through = %mark, events = batch.events, "batch appended");
     batch.events = 0;
     batch.opened = None;
-    Ok(Some((lsn, position)))
+    Ok(Some(Appended {
+        mark,
+        ack: complete.map(|(_, position)| position),
+    }))
 }
