@@ -21,8 +21,8 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use waltap::bench::measure::{find_timestamp, now_unix_micros, percentile};
 use waltap::bench::workload::{self, LATENCY_TABLE};
-use waltap::config::SourceConfig;
 use waltap::localpg::{LocalPg, LocalPgOptions};
+use waltap::pg::config::SourceConfig;
 use waltap::server::{auth::Keys, ServerConfig};
 use waltap::value::Value;
 use waltap::{Hub, HubConfig, ListenerConfig, SubscriptionItem};
@@ -67,7 +67,7 @@ async fn run(pg: &LocalPg, args: &Args) -> anyhow::Result<()> {
         Some("bench"),
     )?;
     let mut config = ServerConfig::new(
-        waltap::appender::AppenderConfig::new(listener.clone()),
+        waltap::log::append::AppenderConfig::new(listener.clone()),
         keys,
     );
     config.subscriber_queue = 100_000;

@@ -1,10 +1,10 @@
 //! The top-level error: every layer's error, and whether trying again can help.
 
-use crate::config::{ConfigError, SqlConnectError};
 use crate::event::EventError;
+use crate::pg::config::{ConfigError, SqlConnectError};
 use crate::pgoutput::DecodeError;
 use crate::replication::{pg_error_is_transient, ReplicationError};
-use crate::setup::SetupError;
+use crate::source::setup::SetupError;
 
 /// Anything that stops a listener.
 #[derive(Debug, thiserror::Error)]
@@ -24,12 +24,12 @@ pub enum Error {
     #[error(transparent)]
     Event(#[from] EventError),
     #[error("streamed transaction: {0}")]
-    Spill(#[from] crate::spill::SpillError),
+    Spill(#[from] crate::source::spill::SpillError),
     #[error("PostgreSQL {version} is too old: waltap needs PostgreSQL 14 or later (pgoutput protocol 2: streaming of large transactions, logical messages)")]
     UnsupportedServer { version: String },
     #[error(transparent)]
     SqlConnect(#[from] SqlConnectError),
-    #[error("SQL: {}", crate::config::pg_error_text(.0))]
+    #[error("SQL: {}", crate::pg::config::pg_error_text(.0))]
     Sql(#[from] tokio_postgres::Error),
     #[error("replication slot {slot:?} no longer exists (dropped while waltap used it); the changes since its last confirmed position are gone: create it again with `waltap setup` and re-read the current rows")]
     SlotDropped { slot: String },

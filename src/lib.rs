@@ -32,27 +32,21 @@
 //! # Ok(()) }
 //! ```
 
-pub mod appender;
 pub mod bench;
-pub mod catalog;
 pub mod cli;
-pub mod config;
-pub mod demo;
 pub mod error;
 pub mod event;
 pub mod filter;
 pub mod hub;
+pub mod initial;
 pub mod localpg;
+pub mod log;
 pub mod lsn;
+pub mod pg;
 pub mod pgoutput;
-pub mod pipeline;
 pub mod replication;
 pub mod server;
-pub mod setup;
-pub mod snapshot;
-pub mod spill;
-pub mod store;
-pub mod tls;
+pub mod source;
 pub mod value;
 
 pub use error::Error;
@@ -60,7 +54,7 @@ pub use event::{Action, Event, Identity, Position, Row, Transition};
 pub use hub::{
     CompletionReason, Hub, HubConfig, Subscription, SubscriptionError, SubscriptionItem,
 };
-pub use pipeline::{Acker, Delivery, Listener, ListenerConfig};
+pub use source::pipeline::{Acker, Delivery, Listener, ListenerConfig};
 
 /// The README's Rust examples, compiled as doctests so they cannot drift from the API.
 #[cfg(doctest)]

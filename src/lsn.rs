@@ -25,6 +25,18 @@
 use std::fmt;
 use std::str::FromStr;
 
+/// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01).
+pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// Now, in microseconds since 2000-01-01 UTC, as the protocol's clock fields want it.
+pub fn pg_now_micros() -> i64 {
+    let since_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    since_unix - PG_EPOCH_OFFSET_MICROS
+}
+
 /// A WAL position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Lsn(pub u64);

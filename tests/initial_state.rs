@@ -11,7 +11,7 @@ use futures::StreamExt;
 use serde_json::{json, Value as Json};
 use waltap::filter::Filter;
 use waltap::hub::SubscribeOptions;
-use waltap::store::streams::{self, OpenOptions, StreamConsumer, StreamDef, StreamItem};
+use waltap::log::streams::{self, OpenOptions, StreamConsumer, StreamDef, StreamItem};
 use waltap::{Hub, HubConfig, Position, Subscription, SubscriptionItem};
 
 use crate::support::log::Log;

@@ -232,7 +232,7 @@ async fn missing_publication_is_a_clear_error() {
     let mut l = listen::start(cfg).await;
     c.batch_execute(&format!(
         "DROP PUBLICATION {}; INSERT INTO mp VALUES (1);",
-        waltap::replication::quote_ident(&publication)
+        waltap::pg::quote_ident(&publication)
     ))
     .await
     .unwrap();

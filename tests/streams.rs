@@ -1,6 +1,6 @@
 //! Persisted streams over the event log: management, at-least-once consumption with acks
 //! and resumption, filters and table sets, the one-consumer lease, retention and stale
-//! cursors, and `waltap stream` end to end. The pipeline (`waltap::appender::run`) runs
+//! cursors, and `waltap stream` end to end. The pipeline (`waltap::log::append::run`) runs
 //! in-process, appending the test database's changes to its own log.
 
 use std::time::Duration;
@@ -10,12 +10,12 @@ use serde_json::{json, Value as Json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
-use waltap::appender::{self, AppenderConfig};
-use waltap::config::SourceConfig;
 use waltap::filter::Filter;
-use waltap::store::retention::{self, Retention};
-use waltap::store::streams::{self, OpenOptions, StreamConsumer, StreamDef, StreamItem};
-use waltap::store::StoreError;
+use waltap::log::append::{self, AppenderConfig};
+use waltap::log::retention::{self, Retention};
+use waltap::log::streams::{self, OpenOptions, StreamConsumer, StreamDef, StreamItem};
+use waltap::log::StoreError;
+use waltap::pg::config::SourceConfig;
 use waltap::{Event, Position};
 
 use crate::support::{json_line, listen, output, run_ok, wait_for, TestDb};
@@ -27,7 +27,7 @@ struct Pipeline {
     source: String,
     store: SourceConfig,
     cancel: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), appender::AppendError>>,
+    task: tokio::task::JoinHandle<Result<(), append::AppendError>>,
 }
 
 impl Pipeline {
@@ -42,7 +42,7 @@ impl Pipeline {
         let store = config.store.clone();
         listen::prepare_slot(db, &config.listener).await;
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(appender::run(config, cancel.clone()));
+        let task = tokio::spawn(append::run(config, cancel.clone()));
         Pipeline {
             source,
             store,

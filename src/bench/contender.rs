@@ -24,8 +24,8 @@ use super::measure::{
     read_gnu_time, reset_peak_rss, LastSeen, Proc, GNU_TIME_FORMAT,
 };
 use super::workload;
-use crate::config::SourceConfig;
-use crate::pipeline::{Listener, ListenerConfig};
+use crate::pg::config::SourceConfig;
+use crate::source::pipeline::{Listener, ListenerConfig};
 use crate::value::Value;
 
 /// How often a running contender's processes are sampled.
@@ -526,9 +526,9 @@ async fn in_process(
 
 /// The appender fills the log until it holds all `events` of this slot.
 async fn persisted_run(slot: &Slot<'_>, events: u64) -> anyhow::Result<()> {
-    let config = crate::appender::AppenderConfig::new(listener_config(slot)?);
+    let config = crate::log::append::AppenderConfig::new(listener_config(slot)?);
     let cancel = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(crate::appender::run(config, cancel.clone()));
+    let task = tokio::spawn(crate::log::append::run(config, cancel.clone()));
     let count = async {
         loop {
             // The log table exists once the appender has migrated.

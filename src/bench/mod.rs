@@ -31,10 +31,12 @@ use tokio_postgres::Client;
 pub use contender::{Contender, Latency, Measurement};
 pub use report::Report;
 
-use crate::config::SourceConfig;
 use crate::event::rfc3339_micros;
 use crate::localpg::{LocalPg, LocalPgOptions};
-use crate::replication::{pg_now_micros, quote_ident, quote_literal};
+use crate::lsn::pg_now_micros;
+use crate::pg::config::SourceConfig;
+use crate::pg::quote_ident;
+use crate::replication::quote_literal;
 use crate::Identity;
 use contender::{Pacer, Slot, Tools};
 use report::{CatchUp, Machine, NotAvailable, Settings, Versions, Workload};

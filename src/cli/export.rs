@@ -12,7 +12,7 @@ use super::stdout_closed;
 use super::stream::StoreArgs;
 use crate::event::TableName;
 use crate::hub::SubscriptionItem;
-use crate::store::initial;
+use crate::log::initial;
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
@@ -45,12 +45,12 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
                 .map_err(std::io::Error::from)
                 .and_then(|_| out.write_all(b"\n"))
         });
-        async move { result.map_err(crate::store::StoreError::from) }
+        async move { result.map_err(crate::log::StoreError::from) }
     })
     .await;
     session.finish().await?;
     let mut out = out.into_inner();
-    if let Err(crate::store::StoreError::Io(e)) = written {
+    if let Err(crate::log::StoreError::Io(e)) = written {
         return stdout_closed(e);
     }
     written?;

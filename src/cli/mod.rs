@@ -3,6 +3,7 @@
 //! Data goes to stdout (JSON lines), logs to stderr. Defaults work against the Postgres of
 //! `docker compose up` (`postgres://postgres:postgres@localhost:5432/postgres`).
 
+pub mod demo;
 mod export;
 mod stream;
 
@@ -11,12 +12,12 @@ use std::io::Write;
 use clap::{Args, Parser, Subcommand};
 use futures::{FutureExt, StreamExt};
 
-use crate::config::SourceConfig;
 use crate::event::TableName;
 use crate::filter::Filter;
 use crate::hub::FilteredView;
-use crate::pipeline::{Listener, ListenerConfig};
-use crate::setup::{self, SetupOptions};
+use crate::pg::config::SourceConfig;
+use crate::source::pipeline::{Listener, ListenerConfig};
+use crate::source::setup::{self, SetupOptions};
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres:postgres@localhost:5432/postgres";
 
@@ -67,13 +68,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_create: bool,
     /// Delete events appended longer ago than this (e.g. 7d, 12h, 30m).
-    #[arg(long, env = "WALTAP_RETENTION_AGE", value_parser = crate::config::parse_duration)]
+    #[arg(long, env = "WALTAP_RETENTION_AGE", value_parser = crate::pg::config::parse_duration)]
     pub retention_age: Option<std::time::Duration>,
     /// Delete the oldest events while this source's events take more than this (e.g. 10GB).
-    #[arg(long, env = "WALTAP_RETENTION_BYTES", value_parser = crate::config::parse_size)]
+    #[arg(long, env = "WALTAP_RETENTION_BYTES", value_parser = crate::pg::config::parse_size)]
     pub retention_bytes: Option<u64>,
     /// How often retention runs.
-    #[arg(long, default_value = "1m", value_parser = crate::config::parse_duration)]
+    #[arg(long, default_value = "1m", value_parser = crate::pg::config::parse_duration)]
     pub retention_interval: std::time::Duration,
 }
 
@@ -100,7 +101,7 @@ pub struct ServeArgs {
     pub subscriber_queue: usize,
     /// Postgres connections shared by all stream consumers (plus one listening for
     /// appends), however many are connected.
-    #[arg(long, default_value_t = crate::store::pool::DEFAULT_POOL_SIZE)]
+    #[arg(long, default_value_t = crate::log::pool::DEFAULT_POOL_SIZE)]
     pub store_pool_size: usize,
     /// Open HTTP connections in all (a few more are kept for /healthz); keep it under the
     /// open-file limit (ulimit -n).
@@ -139,7 +140,7 @@ pub struct SourceArgs {
     pub spill_dir: Option<std::path::PathBuf>,
     /// How much of such transactions may stay in memory before going to --spill-dir
     /// (e.g. 16MB).
-    #[arg(long, env = "WALTAP_SPILL_MEMORY_LIMIT", default_value = "16MB", value_parser = crate::config::parse_size)]
+    #[arg(long, env = "WALTAP_SPILL_MEMORY_LIMIT", default_value = "16MB", value_parser = crate::pg::config::parse_size)]
     pub spill_memory_limit: u64,
 }
 
@@ -218,7 +219,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve(args).await,
         Command::Stream(cmd) => stream::run(cmd).await,
         Command::Export(args) => export::run(args).await,
-        Command::Demo(args) => crate::demo::run(args.orders).await,
+        Command::Demo(args) => crate::cli::demo::run(args.orders).await,
         Command::PgBindir => {
             let dir = tokio::task::spawn_blocking(crate::localpg::find_bindir).await??;
             println!("{}", dir.display());
@@ -235,7 +236,7 @@ impl SourceArgs {
         config.publication = self.publication.clone();
         config.tables = self.tables();
         config.failover_slot = self.failover;
-        config.spill = crate::spill::SpillConfig {
+        config.spill = crate::source::spill::SpillConfig {
             dir: self.spill_dir.clone(),
             memory_limit: usize::try_from(self.spill_memory_limit).unwrap_or(usize::MAX),
         };
@@ -245,16 +246,16 @@ impl SourceArgs {
 
 impl RunArgs {
     /// The pipeline these flags describe.
-    fn appender(&self) -> anyhow::Result<crate::appender::AppenderConfig> {
+    fn appender(&self) -> anyhow::Result<crate::log::append::AppenderConfig> {
         let mut listener = self.source.listener()?;
         listener.create_slot = !self.no_create;
         listener.create_publication = !self.no_create;
-        let mut config = crate::appender::AppenderConfig::new(listener);
+        let mut config = crate::log::append::AppenderConfig::new(listener);
         if let Some(url) = &self.store_url {
             config.store = SourceConfig::parse(url)?;
         }
         if self.retention_age.is_some() || self.retention_bytes.is_some() {
-            config.retention = Some(crate::store::retention::Retention {
+            config.retention = Some(crate::log::retention::Retention {
                 max_age: self.retention_age,
                 max_bytes: self.retention_bytes,
                 interval: self.retention_interval,
@@ -277,7 +278,7 @@ fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
 
 async fn run_pipeline(args: RunArgs) -> anyhow::Result<()> {
     let config = args.appender()?;
-    crate::appender::run(config, cancel_on_signal()).await?;
+    crate::log::append::run(config, cancel_on_signal()).await?;
     Ok(())
 }
 
@@ -338,7 +339,7 @@ async fn tail(args: TailArgs) -> anyhow::Result<()> {
                 anyhow::bail!("--filter needs exactly one --table");
             };
             let client = config.source.connect_sql().await?;
-            let schema = crate::catalog::table_schema(&client, table)
+            let schema = crate::pg::catalog::table_schema(&client, table)
                 .await
                 .map_err(crate::Error::Sql)?
                 .ok_or_else(|| anyhow::anyhow!("table {table} does not exist"))?;
@@ -541,7 +542,7 @@ async fn setup_cmd(args: SetupArgs) -> anyhow::Result<()> {
         client
             .batch_execute(&format!(
                 "DROP PUBLICATION IF EXISTS {}",
-                crate::replication::quote_ident(&args.source.publication)
+                crate::pg::quote_ident(&args.source.publication)
             ))
             .await
             .map_err(crate::Error::Sql)?;

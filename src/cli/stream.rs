@@ -10,8 +10,8 @@ use clap::{Args, Subcommand};
 use futures::{FutureExt, StreamExt};
 
 use super::{shutdown_signal, stdout_closed, DEFAULT_DATABASE_URL};
-use crate::config::SourceConfig;
-use crate::store::streams::{self, Cursor, OpenOptions, StreamConsumer, StreamDef, StreamItem};
+use crate::log::streams::{self, Cursor, OpenOptions, StreamConsumer, StreamDef, StreamItem};
+use crate::pg::config::SourceConfig;
 
 /// Manage and consume persisted streams.
 #[derive(Debug, Subcommand)]
@@ -117,7 +117,7 @@ pub struct TailArgs {
     pub limit: Option<u64>,
     /// How long the stream stays reserved for this consumer without a read or an ack; a
     /// consumer that dies without closing blocks others (stream_busy) for this long.
-    #[arg(long, default_value = "30s", value_parser = crate::config::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = crate::pg::config::parse_duration)]
     pub lease: std::time::Duration,
 }
 

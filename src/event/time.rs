@@ -106,7 +106,7 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 
 /// Unix milliseconds of a Postgres-epoch µs time (for ULID timestamps).
 pub fn unix_millis(pg_micros: i64) -> u64 {
-    let unix_micros = pg_micros.saturating_add(crate::replication::PG_EPOCH_OFFSET_MICROS);
+    let unix_micros = pg_micros.saturating_add(crate::lsn::PG_EPOCH_OFFSET_MICROS);
     u64::try_from(unix_micros / 1000).unwrap_or(0)
 }
 
@@ -134,7 +134,7 @@ mod tests {
         assert_eq!(rfc3339_micros(-1), "1999-12-31T23:59:59.999999Z");
         // 2026-11-27T10:00:00.123456Z
         let unix = 1_795_773_600_123_456i64;
-        let pg = unix - crate::replication::PG_EPOCH_OFFSET_MICROS;
+        let pg = unix - crate::lsn::PG_EPOCH_OFFSET_MICROS;
         assert_eq!(rfc3339_micros(pg), "2026-11-27T10:00:00.123456Z");
         assert_eq!(unix_millis(pg), 1_795_773_600_123);
         assert_eq!(

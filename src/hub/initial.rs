@@ -1,6 +1,6 @@
 //! A subscription that starts with an initial state: the task that reads the snapshot
 //! while holding on to the changes that arrive meanwhile, then hands out the rows, the
-//! `snapshotComplete` marker and the changes after it (method: [`crate::snapshot`]).
+//! `snapshotComplete` marker and the changes after it (method: [`crate::initial`]).
 //! When the filter follows one row, the task ends with `completed`: `notFound` right
 //! after the marker when the snapshot lacks the row, else the hub's first `deleted` that
 //! comes after the snapshot.
@@ -12,11 +12,11 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Command, CompletionReason, Direct, Fed, SubscriptionError, SubscriptionItem};
-use crate::config::SourceConfig;
 use crate::event::Position;
 use crate::filter::{CompiledFilter, TableSchema};
+use crate::initial::{self, CommittedTx, Session, SnapshotError};
 use crate::lsn::Watermark;
-use crate::snapshot::{self, CommittedTx, Session, SnapshotError};
+use crate::pg::config::SourceConfig;
 
 /// How long the hub may take to pass a snapshot's watermark.
 const WATERMARK_WAIT: Duration = Duration::from_secs(60);
@@ -25,7 +25,7 @@ pub(super) struct Job {
     pub hub: Direct,
     pub source: SourceConfig,
     pub table: TableSchema,
-    pub published: snapshot::Published,
+    pub published: initial::Published,
     pub filter: CompiledFilter,
     pub commands: mpsc::Sender<Command>,
     /// Changes held while the rows are read before the subscriber counts as lagging.
@@ -136,7 +136,7 @@ impl Run {
             .table(
                 &self.job.table,
                 &self.job.published,
-                snapshot::DEFAULT_CHUNK_ROWS,
+                initial::DEFAULT_CHUNK_ROWS,
             )
             .await?;
         let mut found = false;
@@ -195,12 +195,12 @@ impl Run {
                 Ok(()) => {
                     self.wait_for_watermark(session.watermark).await?;
                     let txs = committed(&self.held, session.watermark);
-                    snapshot::settle(&session.xids, Some(joined), &txs)
+                    initial::settle(&session.xids, Some(joined), &txs)
                 }
             };
             match outcome {
                 Ok(after) => return Ok((session, after.unwrap_or(joined))),
-                Err(e @ SnapshotError::Unsettled { .. }) if attempt < snapshot::MAX_ATTEMPTS => {
+                Err(e @ SnapshotError::Unsettled { .. }) if attempt < initial::MAX_ATTEMPTS => {
                     tracing::debug!(error = %e, attempt, "snapshot does not match the stream; taking another");
                     session.finish().await?;
                 }
@@ -226,7 +226,7 @@ impl Run {
             .into_iter()
             .filter(|(_, lsn)| *lsn <= joined.commit_lsn)
             .collect();
-        Ok(snapshot::check_joined(&session.xids, &before))
+        Ok(initial::check_joined(&session.xids, &before))
     }
 
     async fn wait_for_watermark(&mut self, watermark: Watermark) -> Result<(), Stop> {

@@ -68,13 +68,13 @@ mod initial;
 
 use std::collections::VecDeque;
 
-use crate::catalog;
 use crate::error::Error;
 use crate::event::{Event, Position, Row, TableName};
 use crate::filter::{CompiledFilter, Decision, Filter, FilterError, PinnedRow};
+use crate::initial::{SnapshotError, SnapshotRow};
 use crate::lsn::{Lsn, Watermark};
-use crate::pipeline::{Delivery, Listener, ListenerConfig};
-use crate::snapshot::{SnapshotError, SnapshotRow};
+use crate::pg::catalog;
+use crate::source::pipeline::{Delivery, Listener, ListenerConfig};
 
 /// Commits the hub remembers (xid, commit LSN) so that an initial state can check that
 /// none it misses had committed just before its subscriber joined.
@@ -102,7 +102,7 @@ impl HubConfig {
 }
 
 /// What a subscription yields, and with JSON rows (`R` = [`serde_json::Value`]) a
-/// persisted stream ([`crate::store::streams::StreamItem`]): first one
+/// persisted stream ([`crate::log::streams::StreamItem`]): first one
 /// [`SubscriptionItem::Initialized`], then changes, and for a subscription that follows
 /// one row, a last [`SubscriptionItem::Completed`]. On the wire a control item is an
 /// object with a `type` (`{"type": "initialized", "position": ...}`); an event has none.
@@ -363,7 +363,7 @@ enum Command {
 /// A running fan-out over one slot.
 pub struct Hub {
     commands: mpsc::Sender<Command>,
-    source: crate::config::SourceConfig,
+    source: crate::pg::config::SourceConfig,
     /// One catalog connection for all subscribe calls, reopened when it breaks.
     catalog: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
     publication: String,
@@ -466,8 +466,8 @@ impl Hub {
             .await
             .map_err(Error::from)?;
         let restriction = match options.initial_state {
-            true => crate::snapshot::Published::lookup(client, &self.publication, &table).await?,
-            false => crate::snapshot::Published::default(),
+            true => crate::initial::Published::lookup(client, &self.publication, &table).await?,
+            false => crate::initial::Published::default(),
         };
         drop(guard);
         if !published {

@@ -9,9 +9,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_postgres::config::Host;
 
 use super::copy_both::ReplicationStream;
-use super::{quote_ident, validate_slot_name, ReplicationError, ServerError, MAX_FRAME};
-use crate::config::{SourceConfig, TlsMode};
+use super::{validate_slot_name, ReplicationError, ServerError, MAX_FRAME};
 use crate::lsn::Lsn;
+use crate::pg::config::{SourceConfig, TlsMode};
+use crate::pg::quote_ident;
 
 /// Anything we can speak the protocol over: TCP, a Unix socket, or TLS on TCP.
 pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}

@@ -5,7 +5,8 @@ use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 
 use super::conn::{check_frame_size, unexpected, ReplicationConnection};
-use super::{pg_now_micros, ReplicationError, ServerError};
+use super::{ReplicationError, ServerError};
+use crate::lsn::pg_now_micros;
 use crate::lsn::Lsn;
 
 /// One message of the replication stream.

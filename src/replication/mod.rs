@@ -26,34 +26,10 @@ pub use error::{pg_error_is_transient, sqlstate_is_transient, ReplicationError, 
 /// Largest backend frame accepted: a pgoutput message of a very wide row can approach 1 GiB.
 pub const MAX_FRAME: usize = (1 << 30) + (1 << 20);
 
-/// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01).
-pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
-
-/// Now, in microseconds since 2000-01-01 UTC, as the protocol's clock fields want it.
-pub fn pg_now_micros() -> i64 {
-    let since_unix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0);
-    since_unix - PG_EPOCH_OFFSET_MICROS
-}
-
-/// Quotes an SQL identifier (`"a""b"`), for replication commands and SQL alike.
-pub fn quote_ident(ident: &str) -> String {
-    let mut out = String::with_capacity(ident.len() + 2);
-    out.push('"');
-    for c in ident.chars() {
-        if c == '"' {
-            out.push('"');
-        }
-        out.push(c);
-    }
-    out.push('"');
-    out
-}
-
-/// Quotes an SQL string literal (`'it''s'`). Backslashes are literal with
-/// `standard_conforming_strings`, which is on since PostgreSQL 9.1 and which we check.
+/// Quotes a string literal for a replication command (`'it''s'`). The replication grammar
+/// takes only plain quoted strings, not the `E'...'` form that
+/// `postgres_protocol::escape::escape_literal` produces for backslashes, and its scanner
+/// keeps backslashes literal, so doubling the quote is the whole escape.
 pub fn quote_literal(value: &str) -> String {
     let mut out = String::with_capacity(value.len() + 2);
     out.push('\'');
@@ -88,7 +64,6 @@ mod tests {
 
     #[test]
     fn quoting() {
-        assert_eq!(quote_ident(r#"my"tab"#), r#""my""tab""#);
         assert_eq!(quote_literal("it's"), "'it''s'");
     }
 

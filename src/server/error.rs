@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::hub::SubscriptionError;
-use crate::store::StoreError;
+use crate::log::StoreError;
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]

@@ -37,12 +37,12 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::appender::{self, AppendError, AppenderConfig};
-use crate::config::SourceConfig;
 use crate::event::TableName;
 use crate::filter::Filter;
 use crate::hub::{Hub, HubConfig};
-use crate::store::StoreError;
+use crate::log::append::{self, AppendError, AppenderConfig};
+use crate::log::StoreError;
+use crate::pg::config::SourceConfig;
 use auth::{Caller, ConnectionCap, Keys};
 use error::ApiError;
 use metrics::{Metrics, Replication};
@@ -135,7 +135,7 @@ impl ServerConfig {
             cors_origins: Vec::new(),
             limits: Limits::default(),
             keepalive: Duration::from_secs(15),
-            store_pool_size: crate::store::pool::DEFAULT_POOL_SIZE,
+            store_pool_size: crate::log::pool::DEFAULT_POOL_SIZE,
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -193,7 +193,7 @@ struct AppState {
     /// The log's database, and the watched one when the log lives elsewhere.
     store: Db,
     /// What stream consumers read and acknowledge through.
-    consumer_pool: crate::store::pool::ConsumerPool,
+    consumer_pool: crate::log::pool::ConsumerPool,
     catalog: Option<Db>,
     /// The pipeline's slot: the source of every stream made here.
     slot: String,
@@ -222,7 +222,7 @@ impl AppState {
     async fn check_published(&self, caller: &Caller, table: &TableName) -> Result<(), ApiError> {
         caller.check_table(table)?;
         let catalog = self.catalog_db().get().await?;
-        let published = crate::catalog::is_published(&catalog, &self.publication, table)
+        let published = crate::pg::catalog::is_published(&catalog, &self.publication, table)
             .await
             .map_err(StoreError::sql("read the publication's tables"))?;
         if published {
@@ -240,7 +240,7 @@ impl AppState {
         filter: Option<&Filter>,
     ) -> Result<(), ApiError> {
         let catalog = self.catalog_db().get().await?;
-        let schema = crate::catalog::table_schema(&catalog, table)
+        let schema = crate::pg::catalog::table_schema(&catalog, table)
             .await
             .map_err(StoreError::sql("read a table's columns"))?
             .ok_or_else(|| ApiError::NotPublished(table.clone()))?;
@@ -364,7 +364,7 @@ pub async fn serve(
         limits: config.limits.clone(),
         keepalive: config.keepalive,
         store: Db::new(appender_config.store.clone()),
-        consumer_pool: crate::store::pool::ConsumerPool::new(
+        consumer_pool: crate::log::pool::ConsumerPool::new(
             &appender_config.store,
             config.store_pool_size,
         )
@@ -383,7 +383,7 @@ pub async fn serve(
     }
 
     let pipeline_stop = CancellationToken::new();
-    let mut pipeline = tokio::spawn(appender::run(appender_config, pipeline_stop.clone()));
+    let mut pipeline = tokio::spawn(append::run(appender_config, pipeline_stop.clone()));
 
     let app = router(state.clone(), cors);
     let addr = listener.local_addr()?;
@@ -573,7 +573,7 @@ async fn replication(state: &AppState) -> Replication {
     // does not tell that anything is waiting.
     let mut flush_lag = None;
     if let Ok(client) = state.catalog_db().get().await {
-        if let Ok(Some(slot)) = crate::setup::slot_state(&client, &state.slot).await {
+        if let Ok(Some(slot)) = crate::source::setup::slot_state(&client, &state.slot).await {
             r.connected = slot.active_pid.is_some()
                 && state
                     .pipeline_running

@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 use super::error::{error_body, ApiError};
 use super::metrics::Metrics;
 use crate::hub::SubscriptionItem;
-use crate::store::streams::Cursor;
+use crate::log::streams::Cursor;
 
 /// Frames buffered between a session task and its SSE response body.
 const SSE_BUFFER: usize = 16;

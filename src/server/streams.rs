@@ -34,10 +34,10 @@ use super::metrics::SubscriberGauge;
 use super::session::{self, Frame, Inbound, Out};
 use super::{AppState, Shared};
 use crate::event::{Position, TableName};
-use crate::store::streams::{
+use crate::log::streams::{
     self, Cursor, OpenOptions, StreamConsumer, StreamDef, StreamInfo, StreamItem,
 };
-use crate::store::StoreError;
+use crate::log::StoreError;
 
 /// Checks that the caller may use stream `name` and returns it. A token opens only the
 /// stream it names. A stream the key may not read is answered as one that does not

@@ -10,10 +10,10 @@ use serde_json::{json, Value as Json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use waltap::config::SourceConfig;
 use waltap::event::Position;
-use waltap::store::streams::{self, Cursor, OpenOptions};
-use waltap::store::StoreError;
+use waltap::log::streams::{self, Cursor, OpenOptions};
+use waltap::log::StoreError;
+use waltap::pg::config::SourceConfig;
 
 use super::procs::{self, Env, KEY};
 use super::replica::Replica;
@@ -330,7 +330,7 @@ async fn feed(
     }
 }
 
-/// `waltap::store::streams::open` in this process, acknowledging each item.
+/// `waltap::log::streams::open` in this process, acknowledging each item.
 async fn api(
     ctx: Ctx,
     name: String,

@@ -272,7 +272,7 @@ async fn schedule(seed: u64, length: Duration) -> Result<(), String> {
 /// touch: the event log consumer reads it, so a short retention cannot hide a lost event.
 async fn audit_the_log(db: &TestDb) {
     let c = db.client().await;
-    waltap::store::migrate(&c).await.unwrap();
+    waltap::log::migrate(&c).await.unwrap();
     c.batch_execute(
         "CREATE TABLE chaos_log (LIKE waltap.events);
          CREATE INDEX ON chaos_log (source, commit_lsn, ordinal);

@@ -353,7 +353,7 @@ async fn stale_cursor_is_gone_with_advice_and_stream_tokens_open_one_stream() {
         )
         .await
         .unwrap();
-    let pruned = waltap::store::retention::prune(
+    let pruned = waltap::log::retention::prune(
         &mut store,
         &source,
         Some(std::time::Duration::from_secs(1800)),

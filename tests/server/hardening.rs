@@ -204,7 +204,7 @@ async fn only_published_tables_are_delivered() {
         .unwrap()
         .to_owned();
     let client = db.client().await;
-    let compiled = waltap::store::initial::compile(
+    let compiled = waltap::log::initial::compile(
         &client,
         &source,
         &client,
@@ -213,7 +213,7 @@ async fn only_published_tables_are_delivered() {
     )
     .await;
     assert!(
-        matches!(compiled, Err(waltap::store::StoreError::NotPublished(_))),
+        matches!(compiled, Err(waltap::log::StoreError::NotPublished(_))),
         "{:?}",
         compiled.map(|t| t.len())
     );

@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::SinkExt;
 use serde_json::{json, Value as Json};
 use tokio_tungstenite::tungstenite::Message;
-use waltap::store::retention::Retention;
+use waltap::log::retention::Retention;
 
 use super::delivery::{ws, ws_next};
 use super::{insert_orders, start, Server, Sse, ADMIN, ORDERS, TIMEOUT};

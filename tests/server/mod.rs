@@ -16,7 +16,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::{json, Value as Json};
 use tokio_util::sync::CancellationToken;
-use waltap::appender::AppenderConfig;
+use waltap::log::append::AppenderConfig;
 use waltap::server::auth::Keys;
 use waltap::server::{ServerConfig, ServerError};
 

@@ -8,9 +8,9 @@ use super::{listen, TestDb};
 /// [`Log::start`] returns.
 pub struct Log {
     pub slot: String,
-    pub store: waltap::config::SourceConfig,
+    pub store: waltap::pg::config::SourceConfig,
     cancel: tokio_util::sync::CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), waltap::appender::AppendError>>,
+    task: tokio::task::JoinHandle<Result<(), waltap::log::append::AppendError>>,
 }
 
 impl Log {
@@ -19,7 +19,7 @@ impl Log {
     }
 
     pub async fn start_with(db: &TestDb, listener: waltap::ListenerConfig) -> Log {
-        let mut config = waltap::appender::AppenderConfig::new(listener);
+        let mut config = waltap::log::append::AppenderConfig::new(listener);
         config.max_batch_delay = Duration::from_millis(20);
         listen::prepare_slot(db, &config.listener).await;
         let cancel = tokio_util::sync::CancellationToken::new();
@@ -27,7 +27,7 @@ impl Log {
             slot: config.listener.slot.clone(),
             store: config.store.clone(),
             cancel: cancel.clone(),
-            task: tokio::spawn(waltap::appender::run(config, cancel)),
+            task: tokio::spawn(waltap::log::append::run(config, cancel)),
         }
     }
 

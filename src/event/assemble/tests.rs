@@ -18,7 +18,7 @@ const LSN1: Lsn = Lsn(0x016B_3748);
 /// `1/A0`
 const LSN2: Lsn = Lsn(0x1_0000_00A0);
 /// 2026-11-27T10:00:00.123456Z in µs since 2000-01-01.
-const T0: i64 = 1_795_773_600_123_456 - crate::replication::PG_EPOCH_OFFSET_MICROS;
+const T0: i64 = 1_795_773_600_123_456 - crate::lsn::PG_EPOCH_OFFSET_MICROS;
 const T0_TEXT: &str = "2026-11-27T10:00:00.123456Z";
 const T0_UNIX_MS: u64 = 1_795_773_600_123;
 

@@ -24,13 +24,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::SourceConfig;
 use crate::error::Error;
 use crate::event::{Event, Position};
+use crate::log::retention::{self, Retention};
+use crate::log::{LogWriter, PgLog, StoreError};
 use crate::lsn::{LogMark, Lsn};
-use crate::pipeline::{Delivery, Listener, ListenerConfig};
-use crate::store::retention::{self, Retention};
-use crate::store::{LogWriter, PgLog, StoreError};
+use crate::pg::config::SourceConfig;
+use crate::source::pipeline::{Delivery, Listener, ListenerConfig};
 
 /// Settings of the persisted pipeline.
 #[derive(Debug, Clone)]

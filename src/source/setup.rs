@@ -9,7 +9,7 @@
 use tokio_postgres::Client;
 
 use crate::event::TableName;
-use crate::replication::quote_ident;
+use crate::pg::quote_ident;
 
 /// What to prepare and check.
 #[derive(Debug, Clone)]
@@ -72,7 +72,7 @@ pub enum SetupError {
     FailoverTemporary,
     #[error("cannot create replication slot {slot:?}: {message}")]
     CannotCreateSlot { slot: String, message: String },
-    #[error("SQL error during setup: {}", crate::config::pg_error_text(.0))]
+    #[error("SQL error during setup: {}", crate::pg::config::pg_error_text(.0))]
     Sql(#[from] tokio_postgres::Error),
 }
 

@@ -14,7 +14,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::postgres::NOTIFY_CHANNEL;
 use super::StoreError;
-use crate::config::SourceConfig;
+use crate::pg::config::SourceConfig;
 
 /// Connections a [`ConsumerPool`] opens by default.
 pub const DEFAULT_POOL_SIZE: usize = 16;
@@ -65,7 +65,7 @@ impl ConsumerPool {
         };
         let tls = store
             .rustls_config()
-            .map_err(crate::config::SqlConnectError::from)?;
+            .map_err(crate::pg::config::SqlConnectError::from)?;
         let manager = match tls {
             Some(cfg) => Manager::from_config(
                 pg,
@@ -126,7 +126,7 @@ async fn listen(store: SourceConfig, wake: broadcast::Sender<Wake>, stop: Cancel
             client
                 .batch_execute(&format!(
                     "LISTEN {}",
-                    crate::replication::quote_ident(NOTIFY_CHANNEL)
+                    crate::pg::quote_ident(NOTIFY_CHANNEL)
                 ))
                 .await
                 .map_err(StoreError::sql("listen for appends"))?;

@@ -31,11 +31,11 @@ use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-use crate::config::SourceConfig;
 use crate::event::{Action, Event, Identity, Position, Row, TableName, TxInfo, WATERMARK_PREFIX};
 use crate::filter::{CompiledFilter, TableSchema};
 use crate::lsn::{Lsn, Watermark};
-use crate::replication::quote_ident;
+use crate::pg::config::SourceConfig;
+use crate::pg::quote_ident;
 use crate::value::decode_text;
 
 pub use visibility::{check_joined, settle, CommittedTx, XidSnapshot};
@@ -54,8 +54,8 @@ pub const MAX_ATTEMPTS: u32 = 20;
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error(transparent)]
-    Connect(#[from] crate::config::SqlConnectError),
-    #[error("{operation}: {}", crate::config::pg_error_text(.source))]
+    Connect(#[from] crate::pg::config::SqlConnectError),
+    #[error("{operation}: {}", crate::pg::config::pg_error_text(.source))]
     Sql {
         operation: &'static str,
         #[source]
@@ -419,7 +419,7 @@ pub async fn table_schema(
     client: &Client,
     table: &TableName,
 ) -> Result<TableSchema, SnapshotError> {
-    crate::catalog::table_schema(client, table)
+    crate::pg::catalog::table_schema(client, table)
         .await
         .map_err(SnapshotError::sql("read the table's columns"))?
         .ok_or_else(|| SnapshotError::NoSuchTable(table.to_string()))

@@ -15,7 +15,7 @@
 //!   least every `status_interval` (kept under a third of `wal_sender_timeout`), also while
 //!   the consumer is slow and the channel is full.
 //! - Transactions the server streams before their commit (`streaming 'on'`) are held by
-//!   [`crate::spill`] and become events only at Stream Commit, through the same assembler
+//!   [`crate::source::spill`] and become events only at Stream Commit, through the same assembler
 //!   as any other transaction (same positions and ids); while one is open the flush
 //!   position does not follow the server's send position.
 //! - Transient failures (connection lost, server restarting) reconnect with backoff; the
@@ -35,18 +35,19 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::resolve_type;
-use crate::config::SourceConfig;
 use crate::error::Error;
 use crate::event::{Assembler, AssemblerOptions, Event, Output, Position, TableName};
 use crate::lsn::{Lsn, Watermark};
+use crate::pg::catalog::resolve_type;
+use crate::pg::config::SourceConfig;
+use crate::pg::quote_ident;
 use crate::pgoutput::{Begin, Commit, Decoder, LogicalMessage, StreamCommit};
 use crate::replication::{
-    quote_ident, quote_literal, ReplicationConnection, ReplicationError, ReplicationMessage,
-    ReplicationStream, StatusUpdate,
+    quote_literal, ReplicationConnection, ReplicationError, ReplicationMessage, ReplicationStream,
+    StatusUpdate,
 };
-use crate::setup::{self, SetupOptions, SetupReport};
-use crate::spill::{SpillConfig, Spool, KEEP};
+use crate::source::setup::{self, SetupOptions, SetupReport};
+use crate::source::spill::{SpillConfig, Spool, KEEP};
 
 /// What a listener reads and how.
 #[derive(Debug, Clone)]
@@ -234,7 +235,7 @@ impl Drop for Listener {
 
 /// What a listener hands its owner: the changes (all that [`Listener`]'s `Stream` yields),
 /// and the watermarks of initial-state snapshots, which the hub and the event log need to
-/// match a snapshot with the changes ([`crate::snapshot`]).
+/// match a snapshot with the changes ([`crate::initial`]).
 // Nearly every item is an event; boxing it would cost an allocation per event.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
@@ -424,7 +425,7 @@ impl Worker {
             .first()
             .and_then(|r| r.columns.first())
             .and_then(|(_, v)| v.as_deref())
-            .and_then(|v| crate::config::parse_duration(v).ok());
+            .and_then(|v| crate::pg::config::parse_duration(v).ok());
         match timeout {
             Some(t) if !t.is_zero() => configured.min(t / 3).max(Duration::from_millis(50)),
             _ => configured,

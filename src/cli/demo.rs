@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail};
 use futures::StreamExt;
 
-use crate::config::SourceConfig;
 use crate::event::{Action, TableName};
 use crate::localpg::{LocalPg, LocalPgOptions};
-use crate::pipeline::{Listener, ListenerConfig};
+use crate::pg::config::SourceConfig;
+use crate::source::pipeline::{Listener, ListenerConfig};
 
 /// Generous: on a loaded machine an event takes milliseconds, so hitting this means
 /// something is broken, not slow.

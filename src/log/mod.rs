@@ -15,6 +15,7 @@
 //! [`LogWriter`] is the seam where another log (NATS JetStream, Kafka) could replace the
 //! Postgres table; [`PgLog`] is the Postgres implementation.
 
+pub mod append;
 pub mod initial;
 pub mod pool;
 mod postgres;
@@ -45,14 +46,14 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
 /// Failures of the event log.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("event log ({operation}): {}", crate::config::pg_error_text(.source))]
+    #[error("event log ({operation}): {}", crate::pg::config::pg_error_text(.source))]
     Sql {
         operation: &'static str,
         #[source]
         source: tokio_postgres::Error,
     },
     #[error(transparent)]
-    Connect(#[from] crate::config::SqlConnectError),
+    Connect(#[from] crate::pg::config::SqlConnectError),
     #[error("cannot serialize event {position}: {source}")]
     Serialize {
         position: Position,
@@ -94,7 +95,7 @@ pub enum StoreError {
     #[error("stream {name:?} was taken over by another consumer after this one's lease expired (it neither read nor acknowledged within the lease): reopen it (stream_busy)")]
     LeaseLost { name: String },
     #[error("initial state: {0}")]
-    Snapshot(#[from] crate::snapshot::SnapshotError),
+    Snapshot(#[from] crate::initial::SnapshotError),
     #[error("writing the initial state: {0}")]
     Io(#[from] std::io::Error),
     #[error("event log connection pool: {0}")]
@@ -129,10 +130,10 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         match self {
             StoreError::Sql { source, .. } => crate::replication::pg_error_is_transient(source),
-            StoreError::Connect(crate::config::SqlConnectError::Postgres { source, .. }) => {
-                crate::replication::pg_error_is_transient(source)
-            }
-            StoreError::Connect(crate::config::SqlConnectError::Timeout { .. }) => true,
+            StoreError::Connect(crate::pg::config::SqlConnectError::Postgres {
+                source, ..
+            }) => crate::replication::pg_error_is_transient(source),
+            StoreError::Connect(crate::pg::config::SqlConnectError::Timeout { .. }) => true,
             StoreError::Connect(_) => false,
             StoreError::Pool(_) => true,
             _ => false,

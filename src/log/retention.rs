@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::streams::Mark;
 use super::StoreError;
-use crate::config::SourceConfig;
 use crate::event::Position;
+use crate::pg::config::SourceConfig;
 
 /// Events examined and deleted per transaction.
 const CHUNK: i64 = 5_000;

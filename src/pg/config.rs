@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::config::Host;
 use tokio_postgres::{AsyncMessage, Notification};
 
-use crate::tls::{self, TlsError};
+use crate::pg::tls::{self, TlsError};
 
 /// How TLS is used, with libpq's meaning of each `sslmode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //! events ([`settle`], used by `waltap export` and by streams), and the copy of a stream's
 //! initial state into `waltap.snapshot_rows` ([`materialize`]).
 //!
-//! The method is [`crate::snapshot`]'s, with the log as the change stream: the log's
+//! The method is [`crate::initial`]'s, with the log as the change stream: the log's
 //! progress mark before the snapshot is the join point, and `waltap run` (or `serve`)
 //! moves the mark to just below the snapshot's watermark once every transaction before it
 //! is appended ([`LogMark::before`]), so waiting for the mark to reach the watermark means
@@ -15,18 +15,18 @@ use tokio_postgres::Client;
 
 use super::postgres::NOTIFY_CHANNEL;
 use super::StoreError;
-use crate::config::SourceConfig;
 use crate::event::{Position, TableName};
 use crate::filter::{CompiledFilter, Filter};
+use crate::initial::{self, CommittedTx, Published, Session, SnapshotError, SnapshotRow};
 use crate::lsn::{LogMark, Lsn, Watermark};
-use crate::replication::quote_ident;
-use crate::snapshot::{self, CommittedTx, Published, Session, SnapshotError, SnapshotRow};
+use crate::pg::config::SourceConfig;
+use crate::pg::quote_ident;
 
 /// How long the log may take to pass a snapshot's watermark.
 pub const WATERMARK_WAIT: Duration = Duration::from_secs(60);
 
 /// Commits before the join point checked against the snapshot (see
-/// [`crate::snapshot::check_joined`]).
+/// [`crate::initial::check_joined`]).
 const JOIN_LOOKBACK: i64 = 4096;
 
 /// The ordinal of a position that stands after every event of its transaction.
@@ -71,7 +71,7 @@ pub async fn settle(
             .map(|r| (r.get::<_, i64>(0) as u32, Lsn(r.get::<_, i64>(1) as u64)))
             .collect();
         let joined_at = (joined > LogMark::NONE).then(|| Position::new(joined.lsn(), TX_END));
-        let outcome = match snapshot::check_joined(&session.xids, &before) {
+        let outcome = match initial::check_joined(&session.xids, &before) {
             Err(e) => Err(e),
             Ok(()) => {
                 wait_for_progress(&log, &mut notifications, source, session.watermark).await?;
@@ -104,12 +104,12 @@ pub async fn settle(
                         xid: r.get::<_, i64>(2) as u32,
                     })
                     .collect();
-                snapshot::settle(&session.xids, joined_at, &txs)
+                initial::settle(&session.xids, joined_at, &txs)
             }
         };
         match outcome {
             Ok(at) => return Ok((session, at)),
-            Err(e @ SnapshotError::Unsettled { .. }) if attempt < snapshot::MAX_ATTEMPTS => {
+            Err(e @ SnapshotError::Unsettled { .. }) if attempt < initial::MAX_ATTEMPTS => {
                 tracing::debug!(error = %e, attempt, "snapshot does not match the log; taking another");
                 session.finish().await?;
             }
@@ -191,15 +191,15 @@ pub async fn compile(
         // Only what the source publishes is copied: never the system catalogs (password
         // hashes) or waltap's own tables, whatever the caller may otherwise read.
         let published = match &publication {
-            Some(p) => crate::catalog::is_published(catalog, p, t)
+            Some(p) => crate::pg::catalog::is_published(catalog, p, t)
                 .await
                 .map_err(StoreError::sql("read the publication's tables"))?,
-            None => !crate::catalog::RESERVED_SCHEMAS.contains(&t.schema.as_str()),
+            None => !crate::pg::catalog::RESERVED_SCHEMAS.contains(&t.schema.as_str()),
         };
         if !published {
             return Err(StoreError::NotPublished(t.to_string()));
         }
-        let schema = snapshot::table_schema(catalog, t).await?;
+        let schema = initial::table_schema(catalog, t).await?;
         let filter = CompiledFilter::new(filter, &schema)?;
         let published = match &publication {
             Some(p) => Published::lookup(catalog, p, t).await?,
@@ -232,7 +232,7 @@ where
     } in tables
     {
         let mut rows = session
-            .table(schema, published, snapshot::DEFAULT_CHUNK_ROWS)
+            .table(schema, published, initial::DEFAULT_CHUNK_ROWS)
             .await?;
         while let Some(chunk) = rows.next_chunk().await? {
             let mut admitted = Vec::with_capacity(chunk.len());

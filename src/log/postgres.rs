@@ -3,9 +3,9 @@
 use tokio_postgres::Client;
 
 use super::{LogWriter, StoreError, MIGRATIONS};
-use crate::config::SourceConfig;
 use crate::event::Event;
 use crate::lsn::{LogMark, Lsn};
+use crate::pg::config::SourceConfig;
 
 /// The channel on which appends are announced; the payload is the source name.
 pub const NOTIFY_CHANNEL: &str = "waltap_events";

@@ -78,13 +78,13 @@ use tokio_postgres::Client;
 use super::pool::{ConsumerPool, Wake};
 use super::postgres::migrate;
 use super::StoreError;
-use crate::catalog;
-use crate::config::SourceConfig;
 use crate::event::{Event, Position, Row, TableName};
 use crate::filter::{CompiledFilter, Decision, Filter};
 use crate::hub::{FilteredView, SubscriptionItem};
+use crate::initial::SnapshotRow;
 use crate::lsn::Lsn;
-use crate::snapshot::SnapshotRow;
+use crate::pg::catalog;
+use crate::pg::config::SourceConfig;
 use crate::value::{TypeKind, Value};
 
 /// How long a consumer holds its stream without renewing.

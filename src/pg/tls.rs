@@ -13,7 +13,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
-use crate::config::TlsMode;
+use crate::pg::config::TlsMode;
 
 /// The TLS settings could not be built.
 #[derive(Debug, thiserror::Error)]
