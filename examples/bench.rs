@@ -1,6 +1,6 @@
 //! `cargo run --release --example bench -- --runs 5 --out bench-results/`
 //!
-//! The command line of [`waltap::bench`]: parses flags, builds the `waltap` binary for the
+//! The command line of [`waltap::dev::bench`]: parses flags, builds the `waltap` binary for the
 //! `waltap tail` contender unless one is given, runs the benchmark and prints the
 //! Markdown report. See docs/benchmarks.md.
 
@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use waltap::bench::{self, BenchConfig, Contender};
+use waltap::dev::bench::{self, BenchConfig, Contender};
 
 #[derive(Debug, Parser)]
 #[command(about = "Benchmark waltap against pg_recvlogical on a throwaway PostgreSQL")]

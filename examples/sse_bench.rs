@@ -19,12 +19,12 @@ use anyhow::{anyhow, Context};
 use clap::Parser;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
-use waltap::bench::measure::{find_timestamp, now_unix_micros, percentile};
-use waltap::bench::workload::{self, LATENCY_TABLE};
-use waltap::localpg::{LocalPg, LocalPgOptions};
-use waltap::pg::config::SourceConfig;
-use waltap::server::{auth::Keys, ServerConfig};
-use waltap::value::Value;
+use waltap::dev::bench::measure::{find_timestamp, now_unix_micros, percentile};
+use waltap::dev::bench::workload::{self, LATENCY_TABLE};
+use waltap::dev::localpg::{LocalPg, LocalPgOptions};
+use waltap::server::{Keys, ServerConfig};
+use waltap::SourceConfig;
+use waltap::Value;
 use waltap::{Hub, HubConfig, ListenerConfig, SubscriptionItem};
 
 #[derive(Debug, Parser)]

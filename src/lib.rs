@@ -1,25 +1,39 @@
 //! waltap: typed change events from a Postgres logical replication slot.
 //!
+//! The modules follow one change from the source database to a consumer; each depends
+//! only on those above it:
+//!
 //! ```text
 //!  Postgres (wal_level=logical): one slot (pgoutput) + one publication
 //!    │
-//!  replication   connect (replication=database, TLS, SCRAM), slot commands,
+//!  pg            connecting as a client: SourceConfig, TLS, errors, catalog, quoting
+//!  replication   the wire client: replication=database, SCRAM, slot commands,
 //!    │           START_REPLICATION, CopyBoth, keepalives, standby status updates
 //!  pgoutput      pure decoder: bytes -> typed messages; no I/O, never panics
 //!    │
-//!  event         relation cache, type OID -> typed value, Begin..Commit -> events
+//!  value, event  type OID -> typed value; relation cache; Begin..Commit -> events
+//!  filter        pure: compile a filter against a table, decide, the per-consumer view
 //!    │
-//!  pipeline      the one task that owns the slot: decode, deliver, confirm only what
-//!    │           the consumer acknowledged
-//!  Listener      a futures::Stream of events, plus ack()
+//!  source        the slot's owner: setup checks, the pipeline task (decode, deliver,
+//!    │           confirm only what was acknowledged), spill of streamed transactions
+//!    │           -> Listener: a futures::Stream of events, plus ack()
+//!    │
+//!  initial       initial state: snapshot + watermark + settle, one algorithm for
+//!    │           subscriptions, streams and export
+//!    ├── hub     ephemeral fan-out: one Listener, many filtered Subscriptions
+//!    └── log     the event log in Postgres: append (exactly once), retention, named
+//!    │           streams (leases, cursors, the page reader)
+//!  server        HTTP: SSE, WebSocket, feed, acks, keys and tokens, metrics
+//!  cli           the `waltap` program: wires pipeline + hub + log + server per command
 //! ```
 //!
-//! Dependency direction: `lsn` <- `pgoutput`, `replication`; `value` <- `event` <-
-//! `pipeline`; `cli` and `main` use everything; nothing depends on `cli`.
+//! The public API is what is re-exported here, plus [`log`] (the event log and its
+//! streams), [`server`] (the HTTP server) and [`setup`] (checks and creation of the
+//! publication and slot). Everything else is private.
 //!
 //! ```no_run
 //! use futures::StreamExt;
-//! use waltap::{config::SourceConfig, Listener, ListenerConfig};
+//! use waltap::{Listener, ListenerConfig, SourceConfig};
 //!
 //! # async fn run() -> Result<(), waltap::Error> {
 //! let source = SourceConfig::parse("postgres://postgres@localhost/app")?;
@@ -32,29 +46,41 @@
 //! # Ok(()) }
 //! ```
 
-pub mod bench;
-pub mod cli;
-pub mod error;
-pub mod event;
-pub mod filter;
-pub mod hub;
-pub mod initial;
-pub mod localpg;
+mod cli;
+#[cfg(feature = "dev")]
+pub mod dev;
+#[cfg(not(feature = "dev"))]
+mod dev;
+mod error;
+mod event;
+mod filter;
+mod hub;
+mod initial;
 pub mod log;
-pub mod lsn;
-pub mod pg;
-pub mod pgoutput;
-pub mod replication;
+mod lsn;
+mod pg;
+mod pgoutput;
+#[cfg_attr(not(feature = "dev"), allow(dead_code, unused_imports))]
+mod replication;
 pub mod server;
-pub mod source;
-pub mod value;
+mod source;
+mod value;
 
+pub use cli::main as run_cli;
 pub use error::Error;
-pub use event::{Action, Event, Identity, Position, Row, Transition};
-pub use hub::{
-    CompletionReason, Hub, HubConfig, Subscription, SubscriptionError, SubscriptionItem,
+pub use event::{
+    Action, Event, Identity, ParsePositionError, Position, Row, TableName, Transition, TxInfo,
 };
+pub use filter::{Filter, FilterError};
+pub use hub::{
+    CompletionReason, Hub, HubConfig, SubscribeOptions, Subscription, SubscriptionError,
+    SubscriptionItem,
+};
+pub use lsn::{Lsn, ParseLsnError};
+pub use pg::{SourceConfig, TlsMode};
 pub use source::pipeline::{Acker, Delivery, Listener, ListenerConfig};
+pub use source::setup;
+pub use value::{TypeKind, Value};
 
 /// The README's Rust examples, compiled as doctests so they cannot drift from the API.
 #[cfg(doctest)]

@@ -1,16 +1,16 @@
-//! The benchmark (`waltap::bench`) at toy size: it must keep running end to end and
+//! The benchmark (`waltap::dev::bench`) at toy size: it must keep running end to end and
 //! produce a well-formed report. Nothing here looks at how fast anything was.
 
 use std::time::Duration;
 
 use serde_json::Value as Json;
-use waltap::bench::{self, BenchConfig, Contender};
+use waltap::dev::bench::{self, BenchConfig, Contender};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_benchmark_writes_a_well_formed_report() {
     // The benchmark starts its own cluster, so it needs local server binaries even
     // when DATABASE_URL points the other tests elsewhere.
-    if let Err(why) = waltap::localpg::find_bindir() {
+    if let Err(why) = waltap::dev::localpg::find_bindir() {
         eprintln!("skipping the benchmark smoke test: {why}");
         return;
     }

@@ -22,8 +22,8 @@ use serde_json::Value as Json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_postgres::{Client, SimpleQueryMessage};
-use waltap::event::Position;
-use waltap::lsn::Lsn;
+use waltap::Lsn;
+use waltap::Position;
 
 use crate::support::prng::Prng;
 use crate::support::workload::pick_change;

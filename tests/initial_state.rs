@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{json, Value as Json};
-use waltap::filter::Filter;
-use waltap::hub::SubscribeOptions;
 use waltap::log::streams::{self, OpenOptions, StreamConsumer, StreamDef, StreamItem};
+use waltap::Filter;
+use waltap::SubscribeOptions;
 use waltap::{Hub, HubConfig, Position, Subscription, SubscriptionItem};
 
 use crate::support::log::Log;

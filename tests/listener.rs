@@ -10,7 +10,7 @@ use crate::support::{wait_for, Cluster, TestDb};
 async fn ids(evs: &[waltap::Event]) -> Vec<i64> {
     evs.iter()
         .map(|e| match e.after().and_then(|r| r.get("id")) {
-            Some(waltap::value::Value::Int(i)) => *i,
+            Some(waltap::Value::Int(i)) => *i,
             other => panic!("no id in {other:?}"),
         })
         .collect()
@@ -232,7 +232,7 @@ async fn missing_publication_is_a_clear_error() {
     let mut l = listen::start(cfg).await;
     c.batch_execute(&format!(
         "DROP PUBLICATION {}; INSERT INTO mp VALUES (1);",
-        waltap::pg::quote_ident(&publication)
+        crate::support::quote_ident(&publication)
     ))
     .await
     .unwrap();

@@ -1,7 +1,7 @@
 //! The replication client against a real server: authentication methods, TLS, commands.
 
-use waltap::pg::config::SourceConfig;
-use waltap::replication::{ReplicationConnection, ReplicationError};
+use waltap::dev::replication::{ReplicationConnection, ReplicationError};
+use waltap::SourceConfig;
 
 use crate::support::listen::{self, take_json};
 use crate::support::{LocalCluster, TestDb, MD5_ROLE, PASSWORD_ROLE, SCRAM_ROLE, TLS_ROLE};
@@ -121,7 +121,7 @@ async fn listener_streams_over_tls_as_an_unprivileged_replication_role() {
          GRANT SELECT ON secure TO {role};
          CREATE PUBLICATION {publication} FOR TABLE secure;",
         role = TLS_ROLE.user,
-        publication = waltap::pg::quote_ident(&cfg.publication),
+        publication = crate::support::quote_ident(&cfg.publication),
     ))
     .await
     .unwrap();
@@ -154,7 +154,7 @@ async fn missing_rights_and_settings_are_reported_with_the_fix() {
     let cfg = listen::config_for_url(&db, &url, &["hidden"]);
     c.batch_execute(&format!(
         "CREATE PUBLICATION {} FOR TABLE hidden",
-        waltap::pg::quote_ident(&cfg.publication)
+        crate::support::quote_ident(&cfg.publication)
     ))
     .await
     .unwrap();
@@ -168,7 +168,7 @@ async fn missing_rights_and_settings_are_reported_with_the_fix() {
     cfg.publication = db.unique_name("pub");
     c.batch_execute(&format!(
         "CREATE TABLE other (id int); CREATE PUBLICATION {} FOR TABLE other",
-        waltap::pg::quote_ident(&cfg.publication)
+        crate::support::quote_ident(&cfg.publication)
     ))
     .await
     .unwrap();

@@ -10,12 +10,12 @@ use serde_json::{json, Value as Json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
-use waltap::filter::Filter;
 use waltap::log::append::{self, AppenderConfig};
 use waltap::log::retention::{self, Retention};
 use waltap::log::streams::{self, OpenOptions, StreamConsumer, StreamDef, StreamItem};
 use waltap::log::StoreError;
-use waltap::pg::config::SourceConfig;
+use waltap::Filter;
+use waltap::SourceConfig;
 use waltap::{Event, Position};
 
 use crate::support::{json_line, listen, output, run_ok, wait_for, TestDb};

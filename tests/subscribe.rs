@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{json, Value as Json};
-use waltap::filter::Filter;
-use waltap::hub::SubscribeOptions;
+use waltap::Filter;
+use waltap::SubscribeOptions;
 use waltap::{CompletionReason, Hub, HubConfig, Subscription, SubscriptionError, SubscriptionItem};
 
 use crate::support::listen;
@@ -330,7 +330,7 @@ async fn writes_right_after_the_marker_are_never_missed() {
 }
 
 /// The next item, which must be `completed` for `reason`; then the subscription ends.
-async fn completed(s: &mut Subscription, reason: CompletionReason) -> waltap::event::Position {
+async fn completed(s: &mut Subscription, reason: CompletionReason) -> waltap::Position {
     let position = match tokio::time::timeout(TIMEOUT, s.next()).await.unwrap() {
         Some(Ok(SubscriptionItem::Completed {
             reason: r,

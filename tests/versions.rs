@@ -169,7 +169,7 @@ async fn failover_slots_on_17_and_a_clear_error_before() {
         assert!(
             matches!(
                 err,
-                waltap::Error::Setup(waltap::source::setup::SetupError::FailoverUnsupported { .. })
+                waltap::Error::Setup(waltap::setup::SetupError::FailoverUnsupported { .. })
             ),
             "{err}"
         );

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_postgres::Client;
-use waltap::lsn::Lsn;
+use waltap::Lsn;
 
 use crate::support::log::Log;
 use crate::support::{wait_for, Cluster, TestDb};

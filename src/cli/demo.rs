@@ -1,6 +1,6 @@
 //! `waltap demo`: try waltap in one command, with nothing to set up.
 //!
-//! Starts a throwaway PostgreSQL ([`crate::localpg`]), creates a sample `orders` table,
+//! Starts a throwaway PostgreSQL ([`crate::dev::localpg`]), creates a sample `orders` table,
 //! listens to it with a [`Listener`], makes a few changes on an ordinary SQL connection
 //! and prints each resulting event as a JSON line on stdout, exactly as `waltap tail`
 //! would. Progress goes to stderr, so stdout stays pure JSON for `jq` and friends. The
@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail};
 use futures::StreamExt;
 
+use crate::dev::localpg::{LocalPg, LocalPgOptions};
 use crate::event::{Action, TableName};
-use crate::localpg::{LocalPg, LocalPgOptions};
 use crate::pg::config::SourceConfig;
 use crate::source::pipeline::{Listener, ListenerConfig};
 

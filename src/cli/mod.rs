@@ -8,6 +8,9 @@ mod export;
 mod stream;
 
 use std::io::Write;
+use std::process::ExitCode;
+
+use tracing_subscriber::EnvFilter;
 
 use clap::{Args, Parser, Subcommand};
 use futures::{FutureExt, StreamExt};
@@ -210,7 +213,49 @@ impl Cli {
     }
 }
 
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+/// The `waltap` program: parses the command line, sets up logging (`WALTAP_LOG`), runs
+/// the command on a Tokio runtime and prints an error with its causes.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let asked = std::env::var("WALTAP_LOG").unwrap_or_default();
+    let mut filter = Some(asked.as_str())
+        .filter(|a| !a.trim().is_empty())
+        .and_then(|a| EnvFilter::try_new(a).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    // tokio-postgres logs every statement's parameters (row values, cursors) at debug:
+    // kept out of `WALTAP_LOG=debug` unless asked for by name.
+    if !asked.contains("tokio_postgres") {
+        if let Ok(quiet) = "tokio_postgres=info".parse() {
+            filter = filter.add_directive(quiet);
+        }
+    }
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .init();
+    let mut builder = if cli.single_threaded() {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Our errors already include their causes in their messages.
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Tail(args) => tail(args).await,
         Command::Setup(args) => setup_cmd(args).await,
@@ -221,7 +266,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(args) => export::run(args).await,
         Command::Demo(args) => crate::cli::demo::run(args.orders).await,
         Command::PgBindir => {
-            let dir = tokio::task::spawn_blocking(crate::localpg::find_bindir).await??;
+            let dir = tokio::task::spawn_blocking(crate::dev::localpg::find_bindir).await??;
             println!("{}", dir.display());
             Ok(())
         }
@@ -283,7 +328,7 @@ async fn run_pipeline(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    use crate::server::auth::Keys;
+    use crate::server::Keys;
     let token_secret = std::env::var("WALTAP_TOKEN_SECRET").ok();
     let keys = match (&args.keys_file, std::env::var("WALTAP_API_KEYS")) {
         (Some(path), _) => Keys::from_file(path, token_secret.as_deref())?,

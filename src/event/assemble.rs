@@ -93,7 +93,6 @@ fn split_qualified(s: &str) -> Vec<String> {
 /// A relation as the stream last described it.
 #[derive(Debug, Clone)]
 pub struct RelationInfo {
-    pub id: u32,
     pub schema: Arc<str>,
     pub table: Arc<str>,
     pub identity: Identity,
@@ -254,6 +253,7 @@ impl Assembler {
     }
 
     /// The cached relation with this OID.
+    #[cfg(test)]
     pub fn relation(&self, id: u32) -> Option<&Arc<RelationInfo>> {
         self.relations.get(&id)
     }
@@ -410,7 +410,6 @@ impl Assembler {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(RelationInfo {
-            id: r.id,
             schema: Arc::from(if r.namespace.is_empty() {
                 "pg_catalog"
             } else {

@@ -17,11 +17,9 @@ use std::sync::Arc;
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 
-pub use assemble::{
-    Assembler, AssemblerOptions, EventError, Output, RelationInfo, TableName, WATERMARK_PREFIX,
-};
+pub use assemble::{Assembler, AssemblerOptions, EventError, Output, TableName, WATERMARK_PREFIX};
 pub use position::{ParsePositionError, Position};
-pub use time::{parse_rfc3339_micros, rfc3339_micros};
+pub use time::rfc3339_micros;
 
 use crate::lsn::Lsn;
 use crate::value::Value;

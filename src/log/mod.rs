@@ -16,12 +16,13 @@
 //! Postgres table; [`PgLog`] is the Postgres implementation.
 
 pub mod append;
-pub mod initial;
-pub mod pool;
+pub(crate) mod initial;
+pub(crate) mod pool;
 mod postgres;
 pub mod retention;
 pub mod streams;
 
+pub use pool::DEFAULT_POOL_SIZE;
 pub use postgres::{migrate, PgLog};
 
 use std::future::Future;

@@ -11,7 +11,7 @@ pub mod catalog;
 pub mod config;
 pub mod tls;
 
-pub use config::{pg_error_text as error_text, SourceConfig, TlsMode};
+pub use config::{SourceConfig, TlsMode};
 
 /// Quotes an SQL identifier (`"a""b"`). Every name that reaches SQL text (schemas, tables,
 /// publications) goes through this; nothing is formatted raw.

@@ -136,18 +136,4 @@ impl Decoder {
     pub fn in_stream(&self) -> bool {
         self.in_stream
     }
-
-    pub fn protocol_version(&self) -> u32 {
-        self.protocol_version
-    }
-
-    pub fn streaming_parallel(&self) -> bool {
-        self.streaming_parallel
-    }
-
-    /// Forgets stream state. A new connection starts outside any stream block even if the
-    /// old one died inside one.
-    pub fn reset(&mut self) {
-        self.in_stream = false;
-    }
 }

@@ -945,16 +945,6 @@ fn failed_stream_messages_leave_state_alone() {
 }
 
 #[test]
-fn reset_leaves_the_stream() {
-    let mut d = decoder(2, false, true);
-    d.reset();
-    assert!(!d.in_stream());
-    // And so the next data message is read without an xid prefix.
-    let b = Enc::tag(b'T').i32(1).u8(0).u32(5).bytes();
-    assert!(d.decode(b).is_ok());
-}
-
-#[test]
 fn bad_replica_identity() {
     let b = Enc::tag(b'R')
         .u32(1)

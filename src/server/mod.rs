@@ -14,10 +14,10 @@
 //! [`metrics`]. Nothing else in the crate depends on this module.
 
 mod accept;
-pub mod auth;
-pub mod error;
-pub mod metrics;
-pub mod session;
+mod auth;
+mod error;
+mod metrics;
+mod session;
 mod streams;
 mod subscribe;
 
@@ -43,7 +43,8 @@ use crate::hub::{Hub, HubConfig};
 use crate::log::append::{self, AppendError, AppenderConfig};
 use crate::log::StoreError;
 use crate::pg::config::SourceConfig;
-use auth::{Caller, ConnectionCap, Keys};
+pub use auth::{ApiKey, Keys, KeysError};
+use auth::{Caller, ConnectionCap};
 use error::ApiError;
 use metrics::{Metrics, Replication};
 

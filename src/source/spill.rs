@@ -141,7 +141,8 @@ impl Spool {
     }
 
     /// Bytes of streamed changes held in memory now.
-    pub fn memory_bytes(&self) -> usize {
+    #[cfg(test)]
+    fn memory_bytes(&self) -> usize {
         self.in_memory
     }
 

@@ -10,10 +10,10 @@ use serde_json::{json, Value as Json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use waltap::event::Position;
 use waltap::log::streams::{self, Cursor, OpenOptions};
 use waltap::log::StoreError;
-use waltap::pg::config::SourceConfig;
+use waltap::Position;
+use waltap::SourceConfig;
 
 use super::procs::{self, Env, KEY};
 use super::replica::Replica;

@@ -184,7 +184,7 @@ async fn many_stream_consumers_share_a_bounded_pool() {
         .get(0);
     eprintln!("{n} stream consumers; {backends} waltap backends on the database");
     // The pool, the one listening, the pipeline's and the hub's, and the server's own.
-    let bound = waltap::log::pool::DEFAULT_POOL_SIZE as i64 + 10;
+    let bound = waltap::log::DEFAULT_POOL_SIZE as i64 + 10;
     assert!(backends <= bound, "{backends} backends for {n} consumers");
     drop(consumers);
     server.stop().await;

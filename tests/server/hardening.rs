@@ -5,8 +5,7 @@
 use futures::SinkExt;
 use serde_json::{json, Value as Json};
 use tokio_tungstenite::tungstenite::Message;
-use waltap::event::TableName;
-use waltap::server::auth::Keys;
+use waltap::server::Keys;
 
 use super::delivery::{page, urlencode, ws, ws_next};
 use super::{error_code, insert_orders, start, Server, Sse, ADMIN, KEYS, ORDERS, TIMEOUT};
@@ -203,19 +202,24 @@ async fn only_published_tables_are_delivered() {
         .as_str()
         .unwrap()
         .to_owned();
-    let client = db.client().await;
-    let compiled = waltap::log::initial::compile(
-        &client,
-        &source,
-        &client,
-        &[TableName::parse("pg_catalog.pg_authid")],
-        None,
-    )
+    let out = crate::support::output(crate::support::waltap(
+        &db.url(),
+        &["export", "--slot", &source, "pg_catalog.pg_authid"],
+    ))
     .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        matches!(compiled, Err(waltap::log::StoreError::NotPublished(_))),
-        "{:?}",
-        compiled.map(|t| t.len())
+        !out.status.success(),
+        "export of an unpublished table succeeded"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "export printed rows: {:?}",
+        out.stdout
+    );
+    assert!(
+        stderr.contains("not one of the source's published tables"),
+        "{stderr}"
     );
     s.stop().await;
     db.teardown().await;

@@ -17,7 +17,7 @@ use futures::StreamExt;
 use serde_json::{json, Value as Json};
 use tokio_util::sync::CancellationToken;
 use waltap::log::append::AppenderConfig;
-use waltap::server::auth::Keys;
+use waltap::server::Keys;
 use waltap::server::{ServerConfig, ServerError};
 
 use crate::support::{listen, wait_for, TestDb};

@@ -1,11 +1,11 @@
 //! The PostgreSQL server that tests talk to: `DATABASE_URL`'s, or a throwaway
-//! local cluster ([`waltap::localpg`]) with the test roles of `mod.rs`.
+//! local cluster ([`waltap::dev::localpg`]) with the test roles of `mod.rs`.
 
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use waltap::localpg::{url_encode, LocalPg, LocalPgOptions, LOCAL_HOST};
+use waltap::dev::localpg::{url_encode, LocalPg, LocalPgOptions, LOCAL_HOST};
 
 use super::{
     find_bindir, quote_literal, run_blocking, MD5_ROLE, PASSWORD_ROLE, SCRAM_ROLE, TLS_ROLE,

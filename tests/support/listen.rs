@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::Value as Json;
-use waltap::event::TableName;
-use waltap::pg::config::SourceConfig;
+use waltap::SourceConfig;
+use waltap::TableName;
 use waltap::{Event, Listener, ListenerConfig};
 
 use super::TestDb;
@@ -33,7 +33,7 @@ pub fn config_for_url(db: &TestDb, url: &str, tables: &[&str]) -> ListenerConfig
 /// the slot (a slot made by a starting pipeline becomes consistent only once all
 /// transactions running in the cluster at that time have ended).
 pub async fn prepare_slot(db: &TestDb, config: &ListenerConfig) {
-    let setup = waltap::source::setup::SetupOptions {
+    let setup = waltap::setup::SetupOptions {
         slot: config.slot.clone(),
         publication: config.publication.clone(),
         tables: Vec::new(),
@@ -42,7 +42,7 @@ pub async fn prepare_slot(db: &TestDb, config: &ListenerConfig) {
         temporary_slot: false,
         failover_slot: false,
     };
-    if let Err(e) = waltap::source::setup::prepare(&db.client().await, &setup).await {
+    if let Err(e) = waltap::setup::prepare(&db.client().await, &setup).await {
         panic!("setting up the slot: {e}");
     }
 }
@@ -110,5 +110,5 @@ pub async fn confirmed_flush(db: &TestDb, slot: &str) -> Option<u64> {
         .await
         .expect("query slot");
     row.and_then(|r| r.get::<_, Option<String>>(0))
-        .map(|s| s.parse::<waltap::lsn::Lsn>().expect("LSN").0)
+        .map(|s| s.parse::<waltap::Lsn>().expect("LSN").0)
 }

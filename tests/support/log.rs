@@ -8,7 +8,7 @@ use super::{listen, TestDb};
 /// [`Log::start`] returns.
 pub struct Log {
     pub slot: String,
-    pub store: waltap::pg::config::SourceConfig,
+    pub store: waltap::SourceConfig,
     cancel: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<Result<(), waltap::log::append::AppendError>>,
 }

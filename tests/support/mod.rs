@@ -29,9 +29,9 @@ use std::time::{Duration, Instant};
 pub use cluster::{cluster, Cluster, LocalCluster};
 pub use db::TestDb;
 
-/// [`waltap::localpg::find_bindir`], or why not, with the alternative tests have.
+/// [`waltap::dev::localpg::find_bindir`], or why not, with the alternative tests have.
 pub fn find_bindir() -> Result<std::path::PathBuf, String> {
-    waltap::localpg::find_bindir()
+    waltap::dev::localpg::find_bindir()
         .map_err(|e| format!("{e}; or set DATABASE_URL to test against a running server"))
 }
 

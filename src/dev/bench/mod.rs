@@ -31,8 +31,8 @@ use tokio_postgres::Client;
 pub use contender::{Contender, Latency, Measurement};
 pub use report::Report;
 
+use crate::dev::localpg::{LocalPg, LocalPgOptions};
 use crate::event::rfc3339_micros;
-use crate::localpg::{LocalPg, LocalPgOptions};
 use crate::lsn::pg_now_micros;
 use crate::pg::config::SourceConfig;
 use crate::pg::quote_ident;

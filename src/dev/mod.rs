@@ -1,0 +1,17 @@
+//! Tools for waltap's own tests and benchmarks: a throwaway PostgreSQL cluster
+//! ([`localpg`], which `waltap demo` also uses) and, with the `dev` feature, the benchmark
+//! harness and the low-level replication client the protocol tests drive.
+//!
+//! Public only with the `dev` feature (the crate's tests and examples turn it on); nothing
+//! here is part of waltap's stable API.
+#![cfg_attr(not(feature = "dev"), allow(dead_code, unused_imports))]
+
+#[cfg(feature = "dev")]
+pub mod bench;
+pub mod localpg;
+
+/// The replication-protocol client, for tests that speak to a walsender directly.
+#[cfg(feature = "dev")]
+pub mod replication {
+    pub use crate::replication::*;
+}

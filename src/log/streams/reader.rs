@@ -1,0 +1,544 @@
+//! Reading the log for a consumer: pages after its cursor, checked against the pruned
+//! mark in the same snapshot, passed through the stream's filter and view.
+
+use super::*;
+use super::{consumer::*, cursor::*, lease::*};
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use serde_json::Value as Json;
+use tokio::sync::broadcast;
+use tokio_postgres::Client;
+
+use crate::event::{Event, Row, TableName};
+use crate::filter::{CompiledFilter, Decision, Filter};
+use crate::hub::FilteredView;
+use crate::initial::SnapshotRow;
+use crate::log::pool::Wake;
+use crate::log::StoreError;
+use crate::value::{TypeKind, Value};
+
+/// The pruned mark of `source`: retention deleted every event at or below it.
+pub(super) async fn pruned_mark(store: &Client, source: &str) -> Result<Mark, StoreError> {
+    let row = store
+        .query_one(
+            "SELECT coalesce(max(pruned_lsn), 0), coalesce(max(pruned_ordinal), -1)
+             FROM waltap.progress WHERE source = $1",
+            &[&source],
+        )
+        .await
+        .map_err(StoreError::sql("read the pruned mark"))?;
+    Ok(Mark {
+        lsn: row.get(0),
+        ordinal: row.get(1),
+    })
+}
+
+/// The stream's rows with typed values, as its filter needs them: the table's columns,
+/// read once when the consumer opens.
+pub(super) struct TableTypes {
+    pub(super) table: TableName,
+    pub(super) names: Arc<[Arc<str>]>,
+    pub(super) kinds: Vec<TypeKind>,
+}
+
+impl TableTypes {
+    /// A column the event lacks stays absent (unknown to the filter, never NULL), and so
+    /// does one whose JSON does not fit the type read at open (the column changed type
+    /// since): the filter delivers what it cannot decide.
+    pub(super) fn row(&self, json: &Json) -> Row {
+        let values = self
+            .names
+            .iter()
+            .zip(&self.kinds)
+            .map(|(name, kind)| {
+                let v = json.get(&**name)?;
+                Value::from_json(kind, v).ok()
+            })
+            .collect();
+        Row {
+            names: self.names.clone(),
+            values,
+        }
+    }
+
+    pub(super) fn typed(&self, ev: &Event<Json>) -> Event<Row> {
+        Event {
+            id: ev.id,
+            position: ev.position,
+            action: ev.action,
+            schema: ev.schema.clone(),
+            table: ev.table.clone(),
+            identity: ev.identity,
+            new: ev.new.as_ref().map(|r| self.row(r)),
+            old: ev.old.as_ref().map(|r| self.row(r)),
+            changed: ev.changed.clone(),
+            unchanged: ev.unchanged.clone(),
+            transition: None,
+            tx: ev.tx.clone(),
+        }
+    }
+}
+
+/// One page of the log after a mark, with the pruned mark read in the same snapshot.
+pub(super) const PAGE: &str = "WITH mark AS (
+                     SELECT coalesce(max(pruned_lsn), 0) AS lsn, coalesce(max(pruned_ordinal), -1) AS ord
+                     FROM waltap.progress WHERE source = $1)
+                 SELECT mark.lsn, mark.ord, e.commit_lsn, e.ordinal, e.tx_last, e.body
+                 FROM mark LEFT JOIN LATERAL (
+                     SELECT commit_lsn, ordinal, tx_last,
+                            CASE WHEN (schema_name, table_name) IN
+                                      (SELECT * FROM unnest($6::text[], $7::text[]))
+                                 THEN event::text END AS body
+                     FROM waltap.events
+                     WHERE source = $1
+                       AND (commit_lsn, ordinal) > ($2, $3)
+                       AND (commit_lsn, ordinal) <= ($4, $5)
+                     ORDER BY commit_lsn, ordinal
+                     LIMIT $8) e ON true
+                 ORDER BY e.commit_lsn, e.ordinal";
+
+/// One stored event as a page query returns it.
+pub(super) struct Stored {
+    pub(super) at: Mark,
+    pub(super) tx_last: bool,
+    /// The JSON text; absent for events of tables outside the stream.
+    pub(super) body: Option<String>,
+}
+
+/// The reading side of a consumer: pages of the log through the stream's view.
+pub(super) struct Reader {
+    pub(super) shared: Arc<Shared>,
+    pub(super) source: String,
+    /// The pool's append notifications.
+    pub(super) notifications: broadcast::Receiver<Wake>,
+    pub(super) notifications_open: bool,
+    pub(super) page_size: i64,
+    pub(super) schemas: Vec<String>,
+    pub(super) tables: Vec<String>,
+    pub(super) view: FilteredView<Json>,
+    /// Column types per table, only when the stream has a filter.
+    pub(super) types: Vec<TableTypes>,
+    /// The last event read (the bound of the next page).
+    pub(super) read_after: Mark,
+    /// The last event the consumer is owed nothing up to: when retention pruned past it,
+    /// the consumer would miss events.
+    pub(super) needed_after: Mark,
+    /// Events up to here were delivered before (the cursor at open); they are read again
+    /// only for their transaction's numbering.
+    pub(super) delivered_through: Mark,
+    /// The last event this stream delivered belongs to a transaction of known size that
+    /// has not ended yet.
+    pub(super) counted_tx_open: bool,
+    pub(super) decided: Vec<Event<Json>>,
+    pub(super) out: VecDeque<Event<Json>>,
+    pub(super) failed: bool,
+    /// The initial state still to hand out, before the changes.
+    pub(super) snapshot: Option<SnapshotPhase>,
+}
+
+/// Where a consumer is in its stream's copied initial state.
+pub(super) struct SnapshotPhase {
+    /// The last row read (rows are numbered from 1).
+    pub(super) next: i64,
+    pub(super) total: i64,
+    pub(super) out: VecDeque<SnapshotRow<Json>>,
+}
+
+impl Reader {
+    pub(super) async fn new(
+        shared: Arc<Shared>,
+        row: &tokio_postgres::Row,
+        options: &OpenOptions,
+        notifications: broadcast::Receiver<Wake>,
+    ) -> Result<Reader, StoreError> {
+        let source: String = row.get(0);
+        let stored_tables: Vec<String> = row.get(1);
+        let filter: Option<Filter> = row
+            .get::<_, Option<String>>(2)
+            .map(|f| {
+                f.parse::<Filter>().map_err(|e| StoreError::Corrupt {
+                    position: format!("stream {}", shared.name),
+                    message: format!("stored filter: {e}"),
+                })
+            })
+            .transpose()?;
+        let cursor = shared.state().acked;
+        let client = shared.pool.get().await?;
+        let pruned = pruned_mark(&client, &source).await?;
+        if pruned > cursor {
+            return Err(stale(&shared.name, cursor, pruned));
+        }
+        let tables: Vec<TableName> = stored_tables.iter().map(|t| TableName::parse(t)).collect();
+        let (view, types) = match &filter {
+            None => (
+                FilteredView::for_tables(
+                    tables
+                        .iter()
+                        .map(|t| (t.clone(), CompiledFilter::accept_all()))
+                        .collect(),
+                ),
+                Vec::new(),
+            ),
+            Some(filter) => compile(&shared, &client, options, &tables, filter).await?,
+        };
+        drop(client);
+
+        let (schemas, names) = split_tables(&stored_tables);
+        // Resuming inside a transaction: read it from its start, so that its numbering
+        // is the one the consumer saw before.
+        let read_after = if cursor.ordinal == TX_END {
+            cursor
+        } else {
+            Mark {
+                lsn: cursor.lsn,
+                ordinal: -1,
+            }
+        };
+        Ok(Reader {
+            shared,
+            source,
+            notifications,
+            notifications_open: true,
+            page_size: options.page_size.clamp(1, 100_000) as i64,
+            schemas,
+            tables: names,
+            view,
+            types,
+            read_after,
+            needed_after: cursor,
+            delivered_through: cursor,
+            counted_tx_open: false,
+            decided: Vec::new(),
+            out: VecDeque::new(),
+            failed: false,
+            snapshot: None,
+        })
+    }
+
+    /// The next row of the initial state, its end marker, or the next change.
+    pub(super) async fn next_stream_item(&mut self) -> Option<Result<StreamItem, StoreError>> {
+        if self.failed {
+            return None;
+        }
+        if self.snapshot.is_none() {
+            return self.next_item().await.map(|r| r.map(StreamItem::Event));
+        }
+        match self.next_snapshot_row().await {
+            Ok(Some(row)) => Some(Ok(StreamItem::Snapshot(row))),
+            Ok(None) => {
+                self.snapshot = None;
+                let cursor = self.delivered_through;
+                // Always a position, even before every change (LSN 0): it is the cursor
+                // that acknowledges the marker.
+                Some(Ok(StreamItem::SnapshotComplete {
+                    position: Some(cursor.position()),
+                }))
+            }
+            Err(e) => {
+                self.failed = true;
+                Some(Err(e))
+            }
+        }
+    }
+
+    pub(super) async fn next_snapshot_row(
+        &mut self,
+    ) -> Result<Option<SnapshotRow<Json>>, StoreError> {
+        let Some(phase) = self.snapshot.as_mut() else {
+            return Ok(None);
+        };
+        if phase.out.is_empty() && phase.next < phase.total {
+            let client = self.shared.pool.get().await?;
+            if self.shared.renewal_due() {
+                self.shared.renew(&client).await?;
+            }
+            let rows = client
+                .query(
+                    "SELECT seq, row::text FROM waltap.snapshot_rows
+                     WHERE stream = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                    &[&self.shared.name, &phase.next, &self.page_size],
+                )
+                .await
+                .map_err(StoreError::sql("read an initial state"))?;
+            for r in rows {
+                let seq: i64 = r.get(0);
+                let mut row: SnapshotRow<Json> =
+                    serde_json::from_str(r.get(1)).map_err(|e| StoreError::Corrupt {
+                        position: format!(
+                            "initial state of stream {}, row {seq}",
+                            self.shared.name
+                        ),
+                        message: e.to_string(),
+                    })?;
+                row.seq = Some(seq as u64);
+                phase.next = seq;
+                phase.out.push_back(row);
+            }
+            if phase.out.is_empty() {
+                // Fewer rows than counted: the copy was deleted (stream reset or deleted).
+                phase.next = phase.total;
+            } else {
+                let through = phase.next;
+                self.shared.record_delivered(None, Some(through)).await?;
+            }
+        }
+        Ok(phase.out.pop_front())
+    }
+
+    pub(super) async fn next_item(&mut self) -> Option<Result<Event<Json>, StoreError>> {
+        if self.failed {
+            return None;
+        }
+        loop {
+            if let Some(ev) = self.out.pop_front() {
+                self.shared.state().yielded = Some(Mark::of(ev.position));
+                return Some(Ok(ev));
+            }
+            if let Err(e) = self.fill().await {
+                self.failed = true;
+                return Some(Err(e));
+            }
+        }
+    }
+
+    /// Reads until there is something to hand out, waiting for appends when caught up.
+    pub(super) async fn fill(&mut self) -> Result<(), StoreError> {
+        while self.out.is_empty() {
+            if self.shared.renewal_due() {
+                let client = self.shared.pool.get().await?;
+                self.shared.renew(&client).await?;
+            }
+            // Wake-ups from before this read are answered by it.
+            while matches!(
+                self.notifications.try_recv(),
+                Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_))
+            ) {}
+            let last = self.fetch(self.page_size, None).await?;
+            let Some(last) = last else {
+                self.caught_up().await?;
+                self.wait_for_appends().await;
+                continue;
+            };
+            if !last.tx_last && self.counted_tx_open {
+                // Hand out the transaction whole, rather than hold it over pages.
+                self.fetch(i64::MAX, Some(last.at.lsn)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the next events (at most `limit`; only of transaction `within` if given)
+    /// into the view; returns the last one read.
+    pub(super) async fn fetch(
+        &mut self,
+        limit: i64,
+        within: Option<i64>,
+    ) -> Result<Option<Stored>, StoreError> {
+        let upto = match within {
+            Some(lsn) => Mark {
+                lsn,
+                ordinal: TX_END,
+            },
+            None => Mark {
+                lsn: i64::MAX,
+                ordinal: TX_END,
+            },
+        };
+        let client = self.shared.pool.get().await?;
+        let page = client
+            .prepare_cached(PAGE)
+            .await
+            .map_err(StoreError::sql("prepare the page query"))?;
+        let rows = client
+            .query(
+                &page,
+                &[
+                    &self.source,
+                    &self.read_after.lsn,
+                    &self.read_after.ordinal,
+                    &upto.lsn,
+                    &upto.ordinal,
+                    &self.schemas,
+                    &self.tables,
+                    &limit,
+                ],
+            )
+            .await
+            .map_err(StoreError::sql("read the log"))?;
+        drop(client);
+        let Some(first) = rows.first() else {
+            return Ok(None);
+        };
+        let pruned = Mark {
+            lsn: first.get(0),
+            ordinal: first.get(1),
+        };
+        if pruned > self.needed_after {
+            return Err(stale(&self.shared.name, self.needed_after, pruned));
+        }
+        let mut last = None;
+        for row in &rows {
+            let (Some(lsn), Some(ordinal), Some(tx_last)) = (row.get(2), row.get(3), row.get(4))
+            else {
+                continue; // the empty page's one row, carrying only the mark
+            };
+            let stored = Stored {
+                at: Mark { lsn, ordinal },
+                tx_last,
+                body: row.get(5),
+            };
+            self.take(&stored)?;
+            last = Some(stored);
+        }
+        if last.is_some() {
+            self.shared.state().quiet_through = None;
+        }
+        for ev in self.decided.drain(..) {
+            if Mark::of(ev.position) > self.delivered_through {
+                self.out.push_back(ev);
+            }
+        }
+        let handed = self.out.back().map(|ev| Mark::of(ev.position));
+        self.shared.record_delivered(handed, None).await?;
+        Ok(last)
+    }
+
+    pub(super) fn take(&mut self, stored: &Stored) -> Result<(), StoreError> {
+        self.read_after = stored.at;
+        self.needed_after = self.needed_after.max(stored.at);
+        let mine = match &stored.body {
+            None => None,
+            Some(text) => self.decide(text, stored.at)?,
+        };
+        if let Some(ev) = &mine {
+            self.counted_tx_open = ev.tx.total.is_some();
+        }
+        if stored.tx_last {
+            self.counted_tx_open = false;
+        }
+        self.view
+            .push_decided(mine, stored.tx_last, &mut self.decided);
+        Ok(())
+    }
+
+    /// The event as this stream delivers it, or `None` when its filter skips it.
+    pub(super) fn decide(&self, text: &str, at: Mark) -> Result<Option<Event<Json>>, StoreError> {
+        let mut ev: Event<Json> = serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
+            position: at.position().to_string(),
+            message: e.to_string(),
+        })?;
+        let Some(filter) = self.view.filter_for(&ev.schema, &ev.table) else {
+            return Ok(None);
+        };
+        let types = self
+            .types
+            .iter()
+            .find(|t| *t.table.schema == *ev.schema && *t.table.table == *ev.table);
+        let Some(types) = types else {
+            return Ok(Some(ev)); // no filter
+        };
+        Ok(match filter.evaluate(&types.typed(&ev)) {
+            Decision::Skip => None,
+            Decision::Deliver { transition } => {
+                ev.transition = transition;
+                Some(ev)
+            }
+        })
+    }
+
+    /// Caught up with nothing held back: once the consumer has acknowledged all it got,
+    /// the cursor may pass the events the filter skipped.
+    pub(super) async fn caught_up(&mut self) -> Result<(), StoreError> {
+        if self.view.holds_events() {
+            return Ok(());
+        }
+        let through = self.read_after.max(self.delivered_through);
+        let advance = {
+            let mut state = self.shared.state();
+            state.quiet_through = Some(through);
+            // Not past the marker's position before the consumer acknowledged the marker.
+            !state.snapshot_open
+                && state.yielded.is_none_or(|y| state.acked >= y)
+                && state.acked < through
+        };
+        if advance {
+            let client = self.shared.pool.get().await?;
+            self.shared.store_cursor(&client, through).await?;
+        }
+        Ok(())
+    }
+
+    /// Until the appender announces a commit of this source, or the lease needs renewing.
+    pub(super) async fn wait_for_appends(&mut self) {
+        let renew = tokio::time::sleep(self.shared.lease / 3);
+        tokio::pin!(renew);
+        loop {
+            if !self.notifications_open {
+                // The connection is gone; the next query reports why.
+                return;
+            }
+            tokio::select! {
+                _ = &mut renew => return,
+                n = self.notifications.recv() => match n {
+                    Ok(Some(source)) if *source == *self.source => return,
+                    Ok(Some(_)) => {}
+                    // The listening connection was reopened, or this reader fell behind:
+                    // appends may have been missed.
+                    Ok(None) | Err(broadcast::error::RecvError::Lagged(_)) => return,
+                    Err(broadcast::error::RecvError::Closed) => self.notifications_open = false,
+                },
+            }
+        }
+    }
+}
+
+pub(super) fn stale(name: &str, cursor: Mark, pruned: Mark) -> StoreError {
+    StoreError::StaleCursor {
+        name: name.to_owned(),
+        cursor: cursor.position().to_string(),
+        pruned: pruned.position().to_string(),
+    }
+}
+
+/// The view and column types of a filtered stream. A table that no longer exists gets
+/// no filter (its events still in the log are delivered, never dropped unseen).
+pub(super) async fn compile(
+    shared: &Shared,
+    client: &Client,
+    options: &OpenOptions,
+    tables: &[TableName],
+    filter: &Filter,
+) -> Result<(FilteredView<Json>, Vec<TableTypes>), StoreError> {
+    let separate;
+    let catalog_client = match &options.catalog {
+        Some(c) => {
+            separate = c.connect_sql().await?;
+            &separate
+        }
+        None => client,
+    };
+    let mut view_tables = Vec::with_capacity(tables.len());
+    let mut types = Vec::with_capacity(tables.len());
+    for (t, schema) in tables
+        .iter()
+        .zip(table_schemas(catalog_client, tables).await?)
+    {
+        let Some(schema) = schema else {
+            tracing::warn!(stream = %shared.name, table = %t, "table no longer exists: its events are delivered unfiltered");
+            view_tables.push((t.clone(), CompiledFilter::accept_all()));
+            continue;
+        };
+        view_tables.push((t.clone(), filter.compile(&schema)?));
+        types.push(TableTypes {
+            table: t.clone(),
+            names: schema
+                .columns
+                .iter()
+                .map(|c| Arc::from(c.name.as_str()))
+                .collect(),
+            kinds: schema.columns.into_iter().map(|c| c.kind).collect(),
+        });
+    }
+    Ok((FilteredView::for_tables(view_tables), types))
+}
