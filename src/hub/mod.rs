@@ -26,7 +26,7 @@
 //!
 //! ```no_run
 //! use futures::StreamExt;
-//! use waltap::{config::SourceConfig, filter::Filter, Hub, HubConfig, ListenerConfig, SubscriptionItem};
+//! use waltap::{Filter, Hub, HubConfig, ListenerConfig, SourceConfig, SubscriptionItem};
 //!
 //! #[derive(serde::Deserialize)]
 //! struct User { id: i64, plan: String }
