@@ -99,8 +99,8 @@ pub enum StoreError {
     Snapshot(#[from] crate::initial::SnapshotError),
     #[error("writing the initial state: {0}")]
     Io(#[from] std::io::Error),
-    #[error("event log connection pool: {0}")]
-    Pool(String),
+    #[error(transparent)]
+    Pool(#[from] crate::pg::PoolError),
 }
 
 impl StoreError {
@@ -136,7 +136,11 @@ impl StoreError {
             }) => crate::replication::pg_error_is_transient(source),
             StoreError::Connect(crate::pg::config::SqlConnectError::Timeout { .. }) => true,
             StoreError::Connect(_) => false,
-            StoreError::Pool(_) => true,
+            StoreError::Pool(crate::pg::PoolError::Connect(source)) => {
+                crate::replication::pg_error_is_transient(source)
+            }
+            StoreError::Pool(crate::pg::PoolError::Exhausted { .. }) => true,
+            StoreError::Pool(_) => false,
             _ => false,
         }
     }

@@ -8,18 +8,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::postgres::NOTIFY_CHANNEL;
 use super::StoreError;
 use crate::pg::config::SourceConfig;
+use crate::pg::SqlPool;
 
 /// Connections a [`ConsumerPool`] opens by default.
 pub const DEFAULT_POOL_SIZE: usize = 16;
-/// How long a statement waits for a free pooled connection before failing.
-pub const POOL_WAIT: Duration = Duration::from_secs(30);
 /// Wake-ups buffered per reader; one that falls behind just looks again.
 const WAKE_BUFFER: usize = 64;
 
@@ -28,7 +26,7 @@ const WAKE_BUFFER: usize = 64;
 pub(crate) type Wake = Option<Arc<str>>;
 
 /// A pooled connection.
-pub(crate) type Conn = deadpool_postgres::Object;
+pub(crate) type Conn = crate::pg::PooledClient;
 
 /// Shared by every consumer opened on it; cheap to clone. Dropping the last clone closes
 /// the listening connection.
@@ -38,7 +36,7 @@ pub struct ConsumerPool {
 }
 
 struct Inner {
-    pool: Pool,
+    pool: SqlPool,
     wake: broadcast::Sender<Wake>,
     _listening: DropGuard,
 }
@@ -46,7 +44,7 @@ struct Inner {
 impl std::fmt::Debug for ConsumerPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConsumerPool")
-            .field("status", &self.inner.pool.status())
+            .field("pool", &self.inner.pool)
             .finish_non_exhaustive()
     }
 }
@@ -56,31 +54,7 @@ impl ConsumerPool {
     /// it is needed), and the listening connection, opened now in the background and
     /// reopened with backoff when it breaks. Needs a Tokio runtime.
     pub fn new(store: &SourceConfig, size: usize) -> Result<ConsumerPool, StoreError> {
-        let mut pg = store.pg().clone();
-        if pg.get_application_name().is_none() {
-            pg.application_name("waltap");
-        }
-        let config = ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        };
-        let tls = store
-            .rustls_config()
-            .map_err(crate::pg::config::SqlConnectError::from)?;
-        let manager = match tls {
-            Some(cfg) => Manager::from_config(
-                pg,
-                tokio_postgres_rustls::MakeRustlsConnect::new((*cfg).clone()),
-                config,
-            ),
-            None => Manager::from_config(pg, tokio_postgres::NoTls, config),
-        };
-        let pool = Pool::builder(manager)
-            .max_size(size.max(1))
-            .runtime(Runtime::Tokio1)
-            .create_timeout(Some(store.connect_timeout()))
-            .wait_timeout(Some(POOL_WAIT))
-            .build()
-            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        let pool = SqlPool::new(store, size)?;
         let (wake, _) = broadcast::channel(WAKE_BUFFER);
         let stop = CancellationToken::new();
         tokio::spawn(listen(store.clone(), wake.clone(), stop.clone()));
@@ -95,20 +69,12 @@ impl ConsumerPool {
 
     /// A connection for one statement (or a few in a row); return it by dropping it.
     pub(crate) async fn get(&self) -> Result<Conn, StoreError> {
-        self.inner.pool.get().await.map_err(|e| {
-            use deadpool_postgres::PoolError;
-            match e {
-                PoolError::Backend(source) => StoreError::Sql {
-                    operation: "connect",
-                    source,
-                },
-                PoolError::Timeout(_) => StoreError::Pool(format!(
-                    "no database connection free within {POOL_WAIT:?} (all {} in use): raise the pool size",
-                    self.inner.pool.status().max_size
-                )),
-                other => StoreError::Pool(other.to_string()),
-            }
-        })
+        Ok(self.inner.pool.get().await?)
+    }
+
+    /// The pool itself, for other statements of the same process (the server's).
+    pub(crate) fn sql(&self) -> &SqlPool {
+        &self.inner.pool
     }
 
     /// Wake-ups from now on.

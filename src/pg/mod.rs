@@ -9,9 +9,11 @@
 
 pub mod catalog;
 pub mod config;
+pub mod pool;
 pub mod tls;
 
 pub use config::{SourceConfig, TlsMode};
+pub use pool::{PoolError, PoolStatus, PooledClient, SqlPool};
 
 /// Quotes an SQL identifier (`"a""b"`). Every name that reaches SQL text (schemas, tables,
 /// publications) goes through this; nothing is formatted raw.

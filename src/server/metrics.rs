@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::pg::PoolStatus;
+
 /// Counters and gauges updated on the hot path (relaxed atomics: each is independent).
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -46,7 +48,7 @@ pub struct Replication {
 }
 
 impl Metrics {
-    pub fn render(&self, replication: &Replication) -> String {
+    pub fn render(&self, replication: &Replication, pool: PoolStatus) -> String {
         let mut out = String::with_capacity(1024);
         let mut series = |name: &str, kind: &str, help: &str, value: Option<String>| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -103,6 +105,18 @@ impl Metrics {
             "error responses and error items sent",
             n(&self.errors),
         );
+        for (name, help, value) in [
+            ("waltap_store_pool_max", "connections the log's pool may open", pool.max_size),
+            ("waltap_store_pool_open", "connections the log's pool holds open", pool.size),
+            ("waltap_store_pool_idle", "open pool connections not in use", pool.available),
+            (
+                "waltap_store_pool_waiting",
+                "statements waiting for a pool connection (persistently above 0: raise --store-pool-size)",
+                pool.waiting,
+            ),
+        ] {
+            series(name, "gauge", help, Some(value.to_string()));
+        }
         out
     }
 }
@@ -117,15 +131,24 @@ mod tests {
     fn renders_every_series_once() {
         let m = Metrics::default();
         m.events_out.fetch_add(3, Ordering::Relaxed);
-        let text = m.render(&Replication {
-            connected: true,
-            lag_bytes: Some(10),
-            lag_seconds: None,
-            log_bytes: Some(8192),
-        });
+        let text = m.render(
+            &Replication {
+                connected: true,
+                lag_bytes: Some(10),
+                lag_seconds: None,
+                log_bytes: Some(8192),
+            },
+            PoolStatus {
+                max_size: 16,
+                size: 3,
+                available: 1,
+                waiting: 0,
+            },
+        );
+        assert!(text.contains("\nwaltap_store_pool_open 3\n"), "{text}");
         assert!(text.contains("\nwaltap_events_out_total 3\n"), "{text}");
         assert!(text.contains("\nwaltap_replication_lag_bytes 10\n"));
         assert!(!text.contains("\nwaltap_replication_lag_seconds "));
-        assert_eq!(text.matches("# TYPE").count(), 8);
+        assert_eq!(text.matches("# TYPE").count(), 12);
     }
 }

@@ -33,7 +33,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -157,31 +156,22 @@ pub enum ServerError {
     Pool(#[source] StoreError),
 }
 
-/// A lazily (re)opened SQL connection shared by requests; tokio-postgres pipelines
-/// concurrent queries on one connection.
+/// A database the handlers query, through a pool: a slow statement holds one connection
+/// and delays no other request.
 struct Db {
     config: SourceConfig,
-    client: Mutex<Option<Arc<tokio_postgres::Client>>>,
+    pool: crate::pg::SqlPool,
 }
 
 impl Db {
-    fn new(config: SourceConfig) -> Self {
-        Db {
-            config,
-            client: Mutex::new(None),
-        }
-    }
-
-    async fn get(&self) -> Result<Arc<tokio_postgres::Client>, StoreError> {
-        let mut guard = self.client.lock().await;
-        if let Some(c) = guard.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(c.clone());
-        }
-        let client = Arc::new(self.config.connect_sql().await?);
-        *guard = Some(client.clone());
-        Ok(client)
+    async fn get(&self) -> Result<crate::pg::PooledClient, StoreError> {
+        Ok(self.pool.get().await?)
     }
 }
+
+/// Connections the handlers keep to the watched database when the log lives elsewhere
+/// (catalog lookups only).
+const CATALOG_POOL_SIZE: usize = 4;
 
 /// What every handler shares.
 struct AppState {
@@ -354,8 +344,21 @@ pub async fn serve(
     let hub = Hub::start(hub_config).await.map_err(ServerError::Hub)?;
 
     let cors = cors_layer(&config.cors_origins)?;
-    let catalog = (appender_config.store.describe() != appender_config.listener.source.describe())
-        .then(|| Db::new(appender_config.listener.source.clone()));
+    let consumer_pool =
+        crate::log::pool::ConsumerPool::new(&appender_config.store, config.store_pool_size)
+            .map_err(ServerError::Pool)?;
+    let catalog = if appender_config.store.describe() != appender_config.listener.source.describe()
+    {
+        let source = appender_config.listener.source.clone();
+        let pool = crate::pg::SqlPool::new(&source, CATALOG_POOL_SIZE)
+            .map_err(|e| ServerError::Pool(e.into()))?;
+        Some(Db {
+            config: source,
+            pool,
+        })
+    } else {
+        None
+    };
     let stop = cancel.child_token();
     let state = Arc::new(AppState {
         hub,
@@ -364,12 +367,11 @@ pub async fn serve(
         metrics: metrics.clone(),
         limits: config.limits.clone(),
         keepalive: config.keepalive,
-        store: Db::new(appender_config.store.clone()),
-        consumer_pool: crate::log::pool::ConsumerPool::new(
-            &appender_config.store,
-            config.store_pool_size,
-        )
-        .map_err(ServerError::Pool)?,
+        store: Db {
+            config: appender_config.store.clone(),
+            pool: consumer_pool.sql().clone(),
+        },
+        consumer_pool,
         catalog,
         slot: slot.clone(),
         publication: appender_config.listener.publication.clone(),
@@ -645,7 +647,7 @@ async fn metrics_text(State(state): State<Shared>, caller: Caller) -> Result<Res
     let r = replication(&state).await;
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(&r),
+        state.metrics.render(&r, state.store.pool.status()),
     )
         .into_response())
 }

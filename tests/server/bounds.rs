@@ -297,3 +297,65 @@ async fn shutdown_closes_unfinished_requests_after_the_grace_period() {
     }
     db.teardown().await;
 }
+
+/// A statement stuck on a row lock holds one pooled connection: every other request goes
+/// on, and the stuck one finishes when the lock goes.
+#[tokio::test]
+async fn a_stuck_statement_delays_no_other_request() {
+    let db = TestDb::new().await;
+    let server = start(&db, |_| {}).await;
+    server.create_stream("held", "orders", None).await;
+    let mut locker = db.client().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.execute(
+        "SELECT 1 FROM waltap.streams WHERE name = 'held' FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+
+    let delete = tokio::spawn(
+        server
+            .http
+            .delete(format!("{}/v1/streams/held", server.url))
+            .bearer_auth(super::ADMIN)
+            .send(),
+    );
+    let watcher = db.client().await;
+    wait_for("the delete to wait on the row lock", TIMEOUT, || async {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND query LIKE 'DELETE FROM waltap.streams%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        waiting == 1
+    })
+    .await;
+
+    // Each of these ran behind the stuck statement on the one shared connection before.
+    for path in ["/v1/streams", "/v1/streams/held", "/metrics"] {
+        let request = server
+            .get(path, super::ADMIN)
+            .header("accept", "application/json");
+        let r = tokio::time::timeout(TIMEOUT, request.send())
+            .await
+            .unwrap_or_else(|_| panic!("GET {path} waited for the stuck statement"))
+            .unwrap();
+        assert_eq!(r.status(), 200, "GET {path}");
+    }
+    server.create_stream("other", "orders", None).await;
+    let metrics = server.get("/metrics", super::ADMIN).send().await.unwrap();
+    let text = metrics.text().await.unwrap();
+    assert!(text.contains("\nwaltap_store_pool_max 16\n"), "{text}");
+    assert!(!delete.is_finished(), "the delete went through a held lock");
+
+    lock.commit().await.unwrap();
+    let r = delete.await.unwrap().unwrap();
+    assert_eq!(r.status(), 204);
+    server.stop().await;
+    db.teardown().await;
+}
