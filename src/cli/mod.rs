@@ -5,6 +5,7 @@
 
 mod export;
 mod stream;
+mod types;
 
 use std::io::Write;
 
@@ -51,6 +52,9 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Try waltap in one command: a throwaway local Postgres, sample writes, their events.
     Demo(DemoArgs),
+    /// Print row types for the published tables (TypeScript, Python or Rust), following
+    /// the JSON form of each column's type.
+    Types(types::TypesArgs),
     /// Print the directory of the PostgreSQL server binaries `demo` and the tests use;
     /// with WALTAP_PG=14..18 that version is fetched first (npm) when not cached.
     PgBindir,
@@ -219,6 +223,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stream(cmd) => stream::run(cmd).await,
         Command::Export(args) => export::run(args).await,
         Command::Demo(args) => crate::demo::run(args.orders).await,
+        Command::Types(args) => types::run(args).await,
         Command::PgBindir => {
             let dir = tokio::task::spawn_blocking(crate::localpg::find_bindir).await??;
             println!("{}", dir.display());

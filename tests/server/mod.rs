@@ -4,6 +4,7 @@
 mod api;
 mod bounds;
 mod browser;
+mod clients;
 mod complete;
 mod delivery;
 mod example;

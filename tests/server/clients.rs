@@ -1,0 +1,255 @@
+//! The client libraries (`clients/typescript`, `clients/python`) against a real server and
+//! Postgres: each suite runs as a child process (`node --test`, `python3 -m unittest`) and
+//! fails this test with its output when it fails.
+//!
+//! The suites reach the server through a TCP proxy that the harness can cut (every open
+//! connection closed at once, as a network drop would), and drive the database through a
+//! small control endpoint: run SQL, cut the proxy, age and prune the event log (to make a
+//! cursor stale), sign an already expired token. A suite is skipped, with a message, only
+//! when its interpreter is not installed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use waltap::server::auth::{now_secs, Claims, Keys};
+
+use super::{start, Server, ADMIN, KEYS, ORDERS};
+use crate::support::TestDb;
+
+/// Tables the suites use beside `orders` and `users`.
+const EXTRA_DDL: &str = "CREATE TABLE big (id int8 PRIMARY KEY, n int8, ns int8[], note text);";
+
+/// How long a suite may run.
+const SUITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Whether `program --version` runs.
+fn installed(program: &str) -> bool {
+    std::process::Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A TCP proxy to the server whose connections can all be cut at once.
+struct Proxy {
+    url: String,
+    cut: Arc<std::sync::Mutex<CancellationToken>>,
+}
+
+impl Proxy {
+    async fn start(target: String) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let cut = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
+        let current = cut.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let token = current.lock().unwrap().clone();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = token.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Proxy { url, cut }
+    }
+
+    /// Closes every open connection; new ones go through.
+    fn cut(&self) {
+        let mut token = self.cut.lock().unwrap();
+        token.cancel();
+        *token = CancellationToken::new();
+    }
+}
+
+struct Control {
+    db_url: String,
+    server_url: String,
+    proxy: Proxy,
+}
+
+/// The control endpoint: `POST /sql` (the body is run as a batch), `/cut`, `/prune`
+/// (`{"stream"}`: every event of the stream's source is aged and deleted), `/expired-token`
+/// (`{"stream"}` or `{"table"}`: a token of the orders key that expired a minute ago).
+async fn control(state: Control) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = Router::new()
+        .route("/sql", post(sql))
+        .route("/cut", post(cut))
+        .route("/prune", post(prune))
+        .route("/expired-token", post(expired_token))
+        .with_state(Arc::new(state));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+async fn sql(State(c): State<Arc<Control>>, body: String) -> Result<(), String> {
+    connect(&c.db_url)
+        .await
+        .batch_execute(&body)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn cut(State(c): State<Arc<Control>>) {
+    c.proxy.cut();
+}
+
+async fn prune(State(c): State<Arc<Control>>, Json(body): Json<Value>) -> Json<Value> {
+    let name = body["stream"].as_str().unwrap();
+    let info: Value = reqwest::Client::new()
+        .get(format!("{}/v1/streams/{name}", c.server_url))
+        .bearer_auth(ADMIN)
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let source = info["source"].as_str().unwrap().to_owned();
+    let mut store = connect(&c.db_url).await;
+    store
+        .execute(
+            "UPDATE waltap.events SET appended_at = now() - interval '1 hour' WHERE source = $1",
+            &[&source],
+        )
+        .await
+        .unwrap();
+    let pruned = waltap::store::retention::prune(
+        &mut store,
+        &source,
+        Some(std::time::Duration::from_secs(1800)),
+        None,
+    )
+    .await
+    .unwrap();
+    Json(json!({"events": pruned.events}))
+}
+
+async fn expired_token(Json(body): Json<Value>) -> String {
+    let keys = Keys::from_toml(KEYS, None).unwrap();
+    let claims = Claims {
+        key: keys.find(ORDERS).unwrap().id(),
+        table: body["table"]
+            .as_str()
+            .map(waltap::event::TableName::parse),
+        filter: None,
+        stream: body["stream"].as_str().map(str::to_owned),
+        position: None,
+        exp: now_secs() - 60,
+    };
+    keys.sign(&claims)
+}
+
+/// Starts Postgres, the server, the proxy and the control endpoint, then runs `cmd` (in
+/// `dir`) with their addresses in the environment; fails with the suite's output.
+async fn run_suite(mut cmd: tokio::process::Command, dir: &Path) {
+    let db = TestDb::new().await;
+    db.client().await.batch_execute(EXTRA_DDL).await.unwrap();
+    // A small queue, so that the suites can make a subscriber lag.
+    let s: Server = start(&db, |c| c.subscriber_queue = 16).await;
+    let proxy = Proxy::start(s.url.trim_start_matches("http://").to_owned()).await;
+    let proxy_url = proxy.url.clone();
+    let control_url = control(Control {
+        db_url: db.url(),
+        server_url: s.url.clone(),
+        proxy,
+    })
+    .await;
+    cmd.current_dir(dir)
+        .env("WALTAP_URL", &proxy_url)
+        .env("WALTAP_ADMIN_KEY", ADMIN)
+        .env("WALTAP_ORDERS_KEY", ORDERS)
+        .env("WALTAP_CONTROL", &control_url)
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(SUITE_TIMEOUT, cmd.output())
+        .await
+        .expect("the client suite finished in time")
+        .expect("the client suite runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "client suite failed ({:?})\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status
+    );
+    eprintln!("{stdout}{stderr}");
+    s.stop().await;
+    db.teardown().await;
+}
+
+#[tokio::test]
+async fn typescript_client_against_a_real_server() {
+    if !installed("node") {
+        eprintln!("skipped: node is not installed (Node 18+ runs clients/typescript's tests)");
+        return;
+    }
+    let dir = repo().join("clients/typescript");
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.args(["--test", "test/"]);
+    run_suite(cmd, &dir).await;
+}
+
+#[tokio::test]
+async fn typescript_declarations_type_check() {
+    let dir = repo().join("clients/typescript");
+    let tsc = dir.join("node_modules/.bin/tsc");
+    if !installed("node") || !tsc.exists() {
+        eprintln!(
+            "skipped: the TypeScript compiler is not installed (cd clients/typescript && npm ci)"
+        );
+        return;
+    }
+    let out = tokio::process::Command::new(tsc)
+        .args(["-p", "tsconfig.json"])
+        .current_dir(&dir)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn python_client_against_a_real_server() {
+    if !installed("python3") {
+        eprintln!("skipped: python3 is not installed (Python 3.8+ runs clients/python's tests)");
+        return;
+    }
+    let dir = repo().join("clients/python");
+    let mut cmd = tokio::process::Command::new("python3");
+    cmd.args(["-m", "unittest", "discover", "-v", "-s", "tests", "-t", "."])
+        .env("PYTHONPATH", &dir)
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    run_suite(cmd, &dir).await;
+}
