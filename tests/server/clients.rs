@@ -253,3 +253,70 @@ async fn python_client_against_a_real_server() {
         .env("PYTHONDONTWRITEBYTECODE", "1");
     run_suite(cmd, &dir).await;
 }
+
+/// `waltap types` reads the catalog: enums as unions, arrays, nullability, `int8` per the
+/// option; the TypeScript compiles (when tsc is installed) and the Python runs.
+#[tokio::test]
+async fn waltap_types_from_the_catalog() {
+    let db = TestDb::new().await;
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+             CREATE DOMAIN big_id AS int8;
+             CREATE TABLE typed (id big_id PRIMARY KEY, mood mood, moods mood[] NOT NULL,
+                 tags text[][], doc jsonb, amount numeric NOT NULL, at timestamptz,
+                 \"Weird Col\" int, ratio float8 NOT NULL, class text);",
+        )
+        .await
+        .unwrap();
+    let types = |lang: &str, int8: &str| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_waltap"));
+        cmd.args(["types", "--lang", lang, "--int8", int8, "--table", "typed"])
+            .env("DATABASE_URL", db.url());
+        crate::support::run_ok(cmd)
+    };
+    let ts = types("typescript", "string").await;
+    for line in [
+        "export interface Typed {",
+        "  id: string;",
+        "  mood: \"sad\" | \"ok\" | \"happy\" | null;",
+        "  moods: Array<\"sad\" | \"ok\" | \"happy\" | null>;",
+        "  tags: Array<Array<string | null> | null> | null;",
+        "  doc: unknown | null;",
+        "  amount: string;",
+        "  \"Weird Col\": number | null;",
+        "  ratio: number | \"NaN\" | \"Infinity\" | \"-Infinity\";",
+        "  \"public.typed\": Typed;",
+    ] {
+        assert!(ts.contains(line), "{line:?} missing from:\n{ts}");
+    }
+    assert!(types("typescript", "number").await.contains("  id: number;"));
+
+    let dir = std::env::temp_dir().join(db.unique_name("types"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tsc = repo().join("clients/typescript/node_modules/.bin/tsc");
+    if tsc.exists() {
+        std::fs::write(
+            dir.join("typed.ts"),
+            format!("{ts}\nconst row: Typed = {{ id: \"1\", mood: \"ok\", moods: [], tags: null, doc: {{}}, amount: \"1.50\", at: null, \"Weird Col\": 3, ratio: \"NaN\", class: null }};\nvoid row;\n"),
+        )
+        .unwrap();
+        let mut cmd = tokio::process::Command::new(&tsc);
+        cmd.args(["--strict", "--noEmit"]).arg(dir.join("typed.ts"));
+        crate::support::run_ok(cmd).await;
+    } else {
+        eprintln!("tsc not installed (cd clients/typescript && npm ci): generated TypeScript not compiled");
+    }
+    let py = types("python", "number").await;
+    assert!(py.contains("\"mood\": Optional[Literal[\"sad\", \"ok\", \"happy\"]],"), "{py}");
+    if installed("python3") {
+        let mut cmd = tokio::process::Command::new("python3");
+        cmd.arg("-c").arg(format!("{py}\nprint(Typed.__annotations__['id'])"));
+        assert!(crate::support::run_ok(cmd).await.contains("int"));
+    }
+    let rs = types("rust", "number").await;
+    assert!(rs.contains("    pub id: i64,"), "{rs}");
+    let _ = std::fs::remove_dir_all(&dir);
+    db.teardown().await;
+}
