@@ -142,7 +142,9 @@ pub fn render(lang: Lang, int8: Int8Form, tables: &[(TableName, Vec<Column>)]) -
         }
     }
     if lang == Lang::Typescript {
-        out.push_str("\n/** Every table's row type, by `schema.table`. */\nexport interface Tables {\n");
+        out.push_str(
+            "\n/** Every table's row type, by `schema.table`. */\nexport interface Tables {\n",
+        );
         for (table, _) in tables {
             let _ = writeln!(
                 out,
@@ -252,10 +254,10 @@ fn typescript(out: &mut String, int8: Int8Form, table: &TableName, cols: &[Colum
 }
 
 const PYTHON_KEYWORDS: &[&str] = &[
-    "False", "None", "True", "and", "as", "assert", "async", "await", "break", "class",
-    "continue", "def", "del", "elif", "else", "except", "finally", "for", "from", "global",
-    "if", "import", "in", "is", "lambda", "nonlocal", "not", "or", "pass", "raise", "return",
-    "try", "while", "with", "yield",
+    "False", "None", "True", "and", "as", "assert", "async", "await", "break", "class", "continue",
+    "def", "del", "elif", "else", "except", "finally", "for", "from", "global", "if", "import",
+    "in", "is", "lambda", "nonlocal", "not", "or", "pass", "raise", "return", "try", "while",
+    "with", "yield",
 ];
 
 fn python(out: &mut String, int8: Int8Form, table: &TableName, cols: &[Column]) {
@@ -307,11 +309,11 @@ fn python(out: &mut String, int8: Int8Form, table: &TableName, cols: &[Column]) 
 }
 
 const RUST_KEYWORDS: &[&str] = &[
-    "as", "async", "await", "break", "const", "continue", "crate", "dyn", "else", "enum",
-    "extern", "false", "fn", "for", "if", "impl", "in", "let", "loop", "match", "mod", "move",
-    "mut", "pub", "ref", "return", "self", "Self", "static", "struct", "super", "trait", "true",
-    "type", "unsafe", "use", "where", "while", "abstract", "become", "box", "do", "final",
-    "macro", "override", "priv", "typeof", "unsized", "virtual", "yield", "try", "gen",
+    "as", "async", "await", "break", "const", "continue", "crate", "dyn", "else", "enum", "extern",
+    "false", "fn", "for", "if", "impl", "in", "let", "loop", "match", "mod", "move", "mut", "pub",
+    "ref", "return", "self", "Self", "static", "struct", "super", "trait", "true", "type",
+    "unsafe", "use", "where", "while", "abstract", "become", "box", "do", "final", "macro",
+    "override", "priv", "typeof", "unsized", "virtual", "yield", "try", "gen",
 ];
 
 fn rust(out: &mut String, int8: Int8Form, table: &TableName, cols: &[Column]) {
@@ -343,7 +345,13 @@ fn rust(out: &mut String, int8: Int8Form, table: &TableName, cols: &[Column]) {
         let ident: String = col
             .name
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
             .collect();
         let ident = match ident {
             i if !i.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') => format!("_{i}"),
@@ -398,7 +406,10 @@ mod tests {
         assert!(ts.contains("  tags: Array<string | null> | null;"), "{ts}");
         assert!(ts.contains("  meta: unknown | null;"), "{ts}");
         assert!(ts.contains("  \"Weird Name\": string;"), "{ts}");
-        assert!(ts.contains("  \"shop.order_lines\": ShopOrderLines;"), "{ts}");
+        assert!(
+            ts.contains("  \"shop.order_lines\": ShopOrderLines;"),
+            "{ts}"
+        );
         let exact = render(Lang::Typescript, Int8Form::String, &sample());
         assert!(exact.contains("  id: string;"), "{exact}");
     }
@@ -406,13 +417,25 @@ mod tests {
     #[test]
     fn python_and_rust_name_awkward_columns_safely() {
         let py = render(Lang::Python, Int8Form::Number, &sample());
-        assert!(py.contains("ShopOrderLines = TypedDict(\"ShopOrderLines\", {"), "{py}");
-        assert!(py.contains("\"status\": Optional[Literal[\"new\", \"paid\"]],"), "{py}");
-        assert!(py.contains("\"tags\": Optional[List[Optional[str]]],"), "{py}");
+        assert!(
+            py.contains("ShopOrderLines = TypedDict(\"ShopOrderLines\", {"),
+            "{py}"
+        );
+        assert!(
+            py.contains("\"status\": Optional[Literal[\"new\", \"paid\"]],"),
+            "{py}"
+        );
+        assert!(
+            py.contains("\"tags\": Optional[List[Optional[str]]],"),
+            "{py}"
+        );
         let rs = render(Lang::Rust, Int8Form::Number, &sample());
         assert!(rs.contains("pub struct ShopOrderLines {"), "{rs}");
         assert!(rs.contains("    pub id: i64,"), "{rs}");
-        assert!(rs.contains("    #[serde(rename = \"Weird Name\")]\n    pub weird_name: String,"), "{rs}");
+        assert!(
+            rs.contains("    #[serde(rename = \"Weird Name\")]\n    pub weird_name: String,"),
+            "{rs}"
+        );
         assert!(rs.contains("    pub r#type: i32,"), "{rs}");
     }
 }

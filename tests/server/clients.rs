@@ -156,9 +156,7 @@ async fn expired_token(Json(body): Json<Value>) -> String {
     let keys = Keys::from_toml(KEYS, None).unwrap();
     let claims = Claims {
         key: keys.find(ORDERS).unwrap().id(),
-        table: body["table"]
-            .as_str()
-            .map(waltap::event::TableName::parse),
+        table: body["table"].as_str().map(waltap::event::TableName::parse),
         filter: None,
         stream: body["stream"].as_str().map(str::to_owned),
         position: None,
@@ -291,7 +289,9 @@ async fn waltap_types_from_the_catalog() {
     ] {
         assert!(ts.contains(line), "{line:?} missing from:\n{ts}");
     }
-    assert!(types("typescript", "number").await.contains("  id: number;"));
+    assert!(types("typescript", "number")
+        .await
+        .contains("  id: number;"));
 
     let dir = std::env::temp_dir().join(db.unique_name("types"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -309,10 +309,14 @@ async fn waltap_types_from_the_catalog() {
         eprintln!("tsc not installed (cd clients/typescript && npm ci): generated TypeScript not compiled");
     }
     let py = types("python", "number").await;
-    assert!(py.contains("\"mood\": Optional[Literal[\"sad\", \"ok\", \"happy\"]],"), "{py}");
+    assert!(
+        py.contains("\"mood\": Optional[Literal[\"sad\", \"ok\", \"happy\"]],"),
+        "{py}"
+    );
     if installed("python3") {
         let mut cmd = tokio::process::Command::new("python3");
-        cmd.arg("-c").arg(format!("{py}\nprint(Typed.__annotations__['id'])"));
+        cmd.arg("-c")
+            .arg(format!("{py}\nprint(Typed.__annotations__['id'])"));
         assert!(crate::support::run_ok(cmd).await.contains("int"));
     }
     let rs = types("rust", "number").await;
