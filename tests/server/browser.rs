@@ -20,6 +20,15 @@ struct Origin {
     url: String,
 }
 
+/// A test database and a page origin, or `None` (with a message) when Chromium is absent.
+async fn setup() -> Option<(TestDb, Origin)> {
+    if !Path::new(CHROMIUM).exists() {
+        eprintln!("skipped: {CHROMIUM} is not installed (apt-get install chromium)");
+        return None;
+    }
+    Some((TestDb::new().await, origin().await))
+}
+
 async fn origin() -> Origin {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -147,12 +156,9 @@ function show(text) {{ const li = document.createElement("li"); li.textContent =
 
 #[tokio::test]
 async fn chromium_follows_a_token_with_eventsource() {
-    if !Path::new(CHROMIUM).exists() {
-        eprintln!("skipped: {CHROMIUM} is not installed (apt-get install chromium)");
+    let Some((db, origin)) = setup().await else {
         return;
-    }
-    let db = TestDb::new().await;
-    let origin = origin().await;
+    };
     let s = start(&db, |c| c.cors_origins = vec![origin.url.clone()]).await;
     let token = s.token(ORDERS, json!({"table": "orders"})).await;
     insert_orders(&db, 100..101).await; // before the page: must not be shown
@@ -188,12 +194,9 @@ source.onerror = () => show("error");"#,
 
 #[tokio::test]
 async fn chromium_consumes_a_stream_with_the_typescript_client() {
-    if !Path::new(CHROMIUM).exists() {
-        eprintln!("skipped: {CHROMIUM} is not installed (apt-get install chromium)");
+    let Some((db, origin)) = setup().await else {
         return;
-    }
-    let db = TestDb::new().await;
-    let origin = origin().await;
+    };
     let s: Server = start(&db, |c| c.cors_origins = vec![origin.url.clone()]).await;
     s.create_stream("browser", "orders", None).await;
     let token = s.token(ORDERS, json!({"stream": "browser"})).await;

@@ -80,12 +80,11 @@ impl Proxy {
 
 struct Control {
     db_url: String,
-    server_url: String,
     proxy: Proxy,
 }
 
 /// The control endpoint: `POST /sql` (the body is run as a batch), `/cut`, `/prune`
-/// (`{"stream"}`: every event of the stream's source is aged and deleted), `/expired-token`
+/// (every event of the log is aged and deleted), `/expired-token`
 /// (`{"stream"}` or `{"table"}`: a token of the orders key that expired a minute ago).
 async fn control(state: Control) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -120,36 +119,21 @@ async fn cut(State(c): State<Arc<Control>>) {
     c.proxy.cut();
 }
 
-async fn prune(State(c): State<Arc<Control>>, Json(body): Json<Value>) -> Json<Value> {
-    let name = body["stream"].as_str().unwrap();
-    let info: Value = reqwest::Client::new()
-        .get(format!("{}/v1/streams/{name}", c.server_url))
-        .bearer_auth(ADMIN)
-        .header("accept", "application/json")
-        .send()
+async fn prune(State(c): State<Arc<Control>>) -> Json<Value> {
+    // Every source in the log: the server's pipeline slot is the only one.
+    let mut store = connect(&c.db_url).await;
+    let sources: Vec<String> = store
+        .query("SELECT DISTINCT source FROM waltap.events", &[])
         .await
         .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let source = info["source"].as_str().unwrap().to_owned();
-    let mut store = connect(&c.db_url).await;
-    store
-        .execute(
-            "UPDATE waltap.events SET appended_at = now() - interval '1 hour' WHERE source = $1",
-            &[&source],
-        )
-        .await
-        .unwrap();
-    let pruned = waltap::store::retention::prune(
-        &mut store,
-        &source,
-        Some(std::time::Duration::from_secs(1800)),
-        None,
-    )
-    .await
-    .unwrap();
-    Json(json!({"events": pruned.events}))
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut events = 0;
+    for source in sources {
+        events += super::expire_log(&mut store, &source).await;
+    }
+    Json(json!({"events": events}))
 }
 
 async fn expired_token(Json(body): Json<Value>) -> String {
@@ -176,7 +160,6 @@ async fn run_suite(mut cmd: tokio::process::Command, dir: &Path) {
     let proxy_url = proxy.url.clone();
     let control_url = control(Control {
         db_url: db.url(),
-        server_url: s.url.clone(),
         proxy,
     })
     .await;
