@@ -143,7 +143,7 @@ export interface Completed extends ItemBase {
 
 /** What a subscription or a stream yields. */
 export type Item<R = Row> = ChangeEvent<R> | SnapshotRow<R> | Initialized | SnapshotComplete | Completed;
-/** @deprecated-free alias: `Event<Order>` reads well in handlers. */
+/** Another name for `Item`: `Event<Order>` reads well in handlers. */
 export type Event<R = Row> = Item<R>;
 
 export interface SubscribeOptions {

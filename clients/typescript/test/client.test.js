@@ -223,6 +223,7 @@ test("int8=string: bigint values arrive exactly, also in arrays", async () => {
   const sub = exact.subscribe({ table: "big" })[Symbol.asyncIterator]();
   await take(sub, 1);
   await admin.streams.create({ name: "ts_big", table: "big" });
+  await admin.streams.create({ name: "ts_big_feed", table: "big" });
   await sql("INSERT INTO big VALUES (9007199254740993, -9223372036854775808, '{1,NULL,9223372036854775807}', 'x')");
   const [change] = await take(sub, 1);
   assert.deepEqual(change.created, {
@@ -238,6 +239,11 @@ test("int8=string: bigint values arrive exactly, also in arrays", async () => {
     await ev.ack();
     break;
   }
+  // The pull feed takes the option too.
+  const page = await fetch(`${url}/v1/streams/ts_big_feed/events?int8=string&wait=30`, {
+    headers: { Authorization: `Bearer ${process.env.WALTAP_ADMIN_KEY}` },
+  }).then((r) => r.json());
+  assert.equal(page.events[0].created.n, "-9223372036854775808");
 });
 
 test("a subscriber that cannot keep up gets LaggedError", async () => {
