@@ -19,8 +19,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use waltap::server::auth::{now_secs, Claims, Keys};
 
-use super::{start, Server, ADMIN, KEYS, ORDERS};
-use crate::support::TestDb;
+use super::{start, Server, ADMIN, KEYS, ORDERS, TIMEOUT};
+use crate::support::{wait_for, TestDb};
 
 /// Tables the suites use beside `orders` and `users`.
 const EXTRA_DDL: &str = "CREATE TABLE big (id int8 PRIMARY KEY, n int8, ns int8[], note text);";
@@ -84,7 +84,8 @@ struct Control {
 }
 
 /// The control endpoint: `POST /sql` (the body is run as a batch), `/cut`, `/prune`
-/// (every event of the log is aged and deleted), `/expired-token`
+/// (`{"contains"}`: once an event containing that JSON is in the log, every event of the
+/// log is aged and deleted), `/expired-token`
 /// (`{"stream"}` or `{"table"}`: a token of the orders key that expired a minute ago).
 async fn control(state: Control) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -119,9 +120,22 @@ async fn cut(State(c): State<Arc<Control>>) {
     c.proxy.cut();
 }
 
-async fn prune(State(c): State<Arc<Control>>) -> Json<Value> {
-    // Every source in the log: the server's pipeline slot is the only one.
+async fn prune(State(c): State<Arc<Control>>, Json(body): Json<Value>) -> Json<Value> {
     let mut store = connect(&c.db_url).await;
+    // The pipeline appends a committed change a moment later: wait for the last one.
+    let contains = body["contains"].to_string();
+    wait_for("the change to be in the log", TIMEOUT, || async {
+        store
+            .query_opt(
+                "SELECT 1 FROM waltap.events WHERE event::jsonb @> $1::text::jsonb",
+                &[&contains],
+            )
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    // Every source in the log: the server's pipeline slot is the only one.
     let sources: Vec<String> = store
         .query("SELECT DISTINCT source FROM waltap.events", &[])
         .await
@@ -169,20 +183,47 @@ async fn run_suite(mut cmd: tokio::process::Command, dir: &Path) {
         .env("WALTAP_ORDERS_KEY", ORDERS)
         .env("WALTAP_CONTROL", &control_url)
         .kill_on_drop(true);
-    let out = tokio::time::timeout(SUITE_TIMEOUT, cmd.output())
-        .await
-        .expect("the client suite finished in time")
-        .expect("the client suite runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (status, stdout, stderr) = output_within(cmd, SUITE_TIMEOUT).await;
     assert!(
-        out.status.success(),
-        "client suite failed ({:?})\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        out.status
+        status.is_some_and(|s| s.success()),
+        "client suite failed ({status:?}; None: killed after {SUITE_TIMEOUT:?})\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
     );
     eprintln!("{stdout}{stderr}");
     s.stop().await;
     db.teardown().await;
+}
+
+/// Runs `cmd` for at most `limit` (then kills it); its exit status (None when killed) and
+/// what it wrote until then.
+async fn output_within(
+    mut cmd: tokio::process::Command,
+    limit: std::time::Duration,
+) -> (Option<std::process::ExitStatus>, String, String) {
+    use tokio::io::AsyncReadExt;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the client suite runs");
+    let read = |pipe: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>| {
+        tokio::spawn(async move {
+            let mut text = String::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_string(&mut text).await;
+            }
+            text
+        })
+    };
+    let stdout = read(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = read(child.stderr.take().map(|p| Box::new(p) as _));
+    let status = match tokio::time::timeout(limit, child.wait()).await {
+        Ok(status) => Some(status.unwrap()),
+        Err(_) => {
+            let _ = child.kill().await;
+            None
+        }
+    };
+    (status, stdout.await.unwrap(), stderr.await.unwrap())
 }
 
 #[tokio::test]

@@ -96,7 +96,7 @@ class ClientTest(unittest.IsolatedAsyncioTestCase):
     async def test_stale_cursor_then_reset(self):
         await self.admin.create_stream("py_stale", "orders", filter={"create": {"status": "stale"}})
         await sql("INSERT INTO orders VALUES (2001, 'stale', NULL)")
-        await call("/prune", {"stream": "py_stale"})
+        await call("/prune", {"contains": {"created": {"id": 2001}}})
         with self.assertRaises(waltap.StaleCursorError) as caught:
             await drain(self.admin.stream("py_stale"))
         self.assertEqual(caught.exception.stream, "py_stale")
