@@ -1,6 +1,6 @@
 //! `waltap types --lang typescript|python|rust [--table T]`: row types for the published
 //! tables, read from the catalog, following the JSON form waltap gives each Postgres type
-//! (README, "Values"): nullable columns, enums as unions of their labels, arrays nested,
+//! (README, the list of value types under the event format): nullable columns, enums as unions of their labels, arrays nested,
 //! `json`/`jsonb` as untyped JSON, `numeric` and most other types as strings, `int8` as a
 //! number, or as a string with `--int8 string` (the `int8=string` request option).
 
@@ -130,8 +130,7 @@ pub fn render(lang: Lang, int8: Int8Form, tables: &[(TableName, Vec<Column>)]) -
         Lang::Python => {
             out.push_str("from typing import Any, List, Literal, Optional, TypedDict, Union\n")
         }
-        Lang::Rust => out.push_str("#![allow(dead_code)]\n"),
-        Lang::Typescript => {}
+        Lang::Rust | Lang::Typescript => {}
     }
     for (table, cols) in tables {
         out.push('\n');
