@@ -63,7 +63,7 @@ const server = http.createServer((req, res) => {
   const row = orders.get(id);
   res.writeHead(row ? 200 : 404, { "Content-Type": "application/json" }).end(JSON.stringify(row ?? null));
 });
-server.listen(Number(process.env.PORT ?? 8080));
+server.listen(Number(process.env.PORT ?? 8080), () => console.log(`listening on ${server.address().port}`));
 sync(stop.signal)
   .catch((e) => {
     console.error(e);

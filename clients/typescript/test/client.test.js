@@ -2,6 +2,9 @@
 // which sets WALTAP_URL (through a proxy it can cut), the keys, and WALTAP_CONTROL.
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { once } from "node:events";
+import { setTimeout as delay } from "node:timers/promises";
 
 import {
   Waltap,
@@ -246,6 +249,36 @@ test("int8=string: bigint values arrive exactly, also in arrays", async () => {
     headers: { Authorization: `Bearer ${process.env.WALTAP_ADMIN_KEY}` },
   }).then((r) => r.json());
   assert.equal(page.events[0].created.n, "-9223372036854775808");
+});
+
+/** Polls `check` until it holds (the test's own timeout bounds it). */
+async function waitFor(check) {
+  while (!(await check().catch(() => false))) await delay(50);
+}
+
+test("the example service keeps a cache of orders in sync", { timeout: 120_000 }, async () => {
+  const child = spawn(process.execPath, ["examples/cache-sync.mjs"], {
+    env: { ...process.env, WALTAP_KEY: process.env.WALTAP_ADMIN_KEY, PORT: "0" },
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  try {
+    const port = await new Promise((resolve, reject) => {
+      child.stdout.on("data", (d) => {
+        const m = /listening on (\d+)/.exec(String(d));
+        if (m) resolve(Number(m[1]));
+      });
+      child.on("exit", (code) => reject(new Error(`the example exited with ${code}`)));
+    });
+    const order = (id) => fetch(`http://127.0.0.1:${port}/orders/${id}`);
+    await waitFor(async () => (await order(1)).status === 200);
+    await sql("UPDATE orders SET status = 'cached' WHERE id = 1");
+    await waitFor(async () => (await (await order(1)).json()).status === "cached");
+    await sql("DELETE FROM orders WHERE id = 2");
+    await waitFor(async () => (await order(2)).status === 404);
+  } finally {
+    child.kill("SIGTERM");
+    await once(child, "exit");
+  }
 });
 
 test("a subscriber that cannot keep up gets LaggedError", async () => {
