@@ -201,14 +201,25 @@ async fn open(
     Ok((consumer, slot, info))
 }
 
-/// The `int8` columns of a stream's tables, when the request asked for them as strings.
-async fn int8_strings(
+/// [`open`] for delivery, with the `int8` columns of the stream's tables when the request
+/// asked for them as strings (when they cannot be read, the consumer is closed again).
+async fn open_delivery(
     state: &AppState,
+    caller: &Caller,
+    name: &str,
+    resume: Option<Cursor>,
+    page_size: Option<usize>,
     form: Int8Form,
-    info: &StreamInfo,
-) -> Result<Int8Strings, ApiError> {
+) -> Result<(StreamConsumer, ConnectionSlot, Int8Strings), ApiError> {
+    let (consumer, slot, info) = open(state, caller, name, resume, page_size).await?;
     let tables: Vec<TableName> = info.tables.iter().map(|t| TableName::parse(t)).collect();
-    state.int8_strings(form, &tables).await
+    match state.int8_strings(form, &tables).await {
+        Ok(int8) => Ok((consumer, slot, int8)),
+        Err(e) => {
+            consumer.close().await;
+            Err(e)
+        }
+    }
 }
 
 /// Query parameters of a delivery connection (besides `token`).
@@ -249,8 +260,8 @@ pub(super) async fn consume(
     }
     let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
     let resume = resume_position(&caller, last_event_id.filter(|s| !s.is_empty()))?;
-    let (consumer, slot, info) = open(&state, &caller, &name, resume, None).await?;
-    let int8 = int8_strings(&state, params.int8, &info).await?;
+    let (consumer, slot, int8) =
+        open_delivery(&state, &caller, &name, resume, None, params.int8).await?;
     let (acks, inbound) = mpsc::channel(16);
     let session = state.next_session.fetch_add(1, Ordering::Relaxed);
     state
@@ -386,14 +397,8 @@ pub(super) async fn feed(
         )));
     }
     let resume = resume_position(&caller, params.cursor.as_deref())?;
-    let (mut consumer, _slot, info) = open(&state, &caller, &name, resume, Some(limit)).await?;
-    let int8 = match int8_strings(&state, params.int8, &info).await {
-        Ok(int8) => int8,
-        Err(e) => {
-            consumer.close().await;
-            return Err(e);
-        }
-    };
+    let (mut consumer, _slot, int8) =
+        open_delivery(&state, &caller, &name, resume, Some(limit), params.int8).await?;
     let _gauge = SubscriberGauge::new(&state.metrics);
     let result = read_page(&state, &mut consumer, limit, Duration::from_secs_f64(wait)).await;
     let cursor = resume.unwrap_or_else(|| consumer.acknowledged());
