@@ -6,6 +6,7 @@
 pub mod demo;
 mod export;
 mod stream;
+mod types;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -55,6 +56,9 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Try waltap in one command: a throwaway local Postgres, sample writes, their events.
     Demo(DemoArgs),
+    /// Print row types for the published tables (TypeScript, Python or Rust), following
+    /// the JSON form of each column's type.
+    Types(types::TypesArgs),
     /// Print the directory of the PostgreSQL server binaries `demo` and the tests use;
     /// with WALTAP_PG=14..18 that version is fetched first (npm) when not cached.
     PgBindir,
@@ -265,6 +269,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stream(cmd) => stream::run(cmd).await,
         Command::Export(args) => export::run(args).await,
         Command::Demo(args) => crate::cli::demo::run(args.orders).await,
+        Command::Types(args) => types::run(args).await,
         Command::PgBindir => {
             let dir = tokio::task::spawn_blocking(crate::dev::localpg::find_bindir).await??;
             println!("{}", dir.display());

@@ -15,6 +15,7 @@
 
 mod accept;
 mod auth;
+pub(crate) mod columns;
 mod error;
 mod metrics;
 mod session;
@@ -42,7 +43,7 @@ use crate::hub::{Hub, HubConfig};
 use crate::log::append::{self, AppendError, AppenderConfig};
 use crate::log::StoreError;
 use crate::pg::config::SourceConfig;
-pub use auth::{ApiKey, Keys, KeysError};
+pub use auth::{ApiKey, Claims, Keys, KeysError};
 use auth::{Caller, ConnectionCap};
 use error::ApiError;
 use metrics::{Metrics, Replication};
@@ -238,6 +239,21 @@ impl AppState {
         crate::filter::CompiledFilter::new(filter, &schema)
             .map(drop)
             .map_err(|e| ApiError::BadFilter(e.to_string()))
+    }
+
+    /// The `int8` columns of `tables`, when the request asked for them as strings.
+    async fn int8_strings(
+        &self,
+        form: columns::Int8Form,
+        tables: &[TableName],
+    ) -> Result<columns::Int8Strings, ApiError> {
+        if form == columns::Int8Form::Number {
+            return Ok(columns::Int8Strings::default());
+        }
+        let catalog = self.catalog_db().get().await?;
+        columns::Int8Strings::load(&catalog, form, tables)
+            .await
+            .map_err(|e| StoreError::sql("read a table's columns")(e).into())
     }
 
     /// Parses a filter within the configured bounds.

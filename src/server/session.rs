@@ -62,6 +62,21 @@ impl Frame {
         }
     }
 
+    /// [`Frame::item`], with the `int8` values of its rows as strings when asked for.
+    pub fn item_with<R: Serialize>(
+        item: &SubscriptionItem<R>,
+        int8: &super::columns::Int8Strings,
+    ) -> Frame {
+        let mut frame = Frame::item(item);
+        if !int8.is_empty() && frame.kind != "error" {
+            if let Ok(mut value) = serde_json::from_str::<serde_json::Value>(&frame.data) {
+                int8.apply(&mut value);
+                frame.data = value.to_string();
+            }
+        }
+        frame
+    }
+
     /// An `error` item: `{"type": "error", "error": {"code", "message"}}`.
     pub fn error(code: &str, message: &str) -> Frame {
         let data = serde_json::json!({"type": "error", "error": error_body(code, message)});

@@ -29,6 +29,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
 use super::auth::{Caller, ConnectionSlot};
+use super::columns::{Int8Form, Int8Strings};
 use super::error::{self, ApiError};
 use super::metrics::SubscriberGauge;
 use super::session::{self, Frame, Inbound, Out};
@@ -186,8 +187,8 @@ async fn open(
     name: &str,
     resume: Option<Cursor>,
     page_size: Option<usize>,
-) -> Result<(StreamConsumer, ConnectionSlot), ApiError> {
-    authorize_delivery(state, caller, name).await?;
+) -> Result<(StreamConsumer, ConnectionSlot, StreamInfo), ApiError> {
+    let info = authorize_delivery(state, caller, name).await?;
     let slot = state.cap.acquire(&caller.key)?;
     let options = OpenOptions {
         catalog: state.catalog.as_ref().map(|db| db.config.clone()),
@@ -197,7 +198,35 @@ async fn open(
     };
     let consumer =
         streams::open_pooled(&state.consumer_pool, &state.store.config, name, options).await?;
-    Ok((consumer, slot))
+    Ok((consumer, slot, info))
+}
+
+/// [`open`] for delivery, with the `int8` columns of the stream's tables when the request
+/// asked for them as strings (when they cannot be read, the consumer is closed again).
+async fn open_delivery(
+    state: &AppState,
+    caller: &Caller,
+    name: &str,
+    resume: Option<Cursor>,
+    page_size: Option<usize>,
+    form: Int8Form,
+) -> Result<(StreamConsumer, ConnectionSlot, Int8Strings), ApiError> {
+    let (consumer, slot, info) = open(state, caller, name, resume, page_size).await?;
+    let tables: Vec<TableName> = info.tables.iter().map(|t| TableName::parse(t)).collect();
+    match state.int8_strings(form, &tables).await {
+        Ok(int8) => Ok((consumer, slot, int8)),
+        Err(e) => {
+            consumer.close().await;
+            Err(e)
+        }
+    }
+}
+
+/// Query parameters of a delivery connection (besides `token`).
+#[derive(Deserialize)]
+pub(super) struct DeliveryParams {
+    #[serde(default)]
+    int8: Int8Form,
 }
 
 /// `resume` from a header value or a token.
@@ -219,6 +248,7 @@ pub(super) async fn consume(
     caller: Caller,
     Path(name): Path<String>,
     headers: HeaderMap,
+    Query(params): Query<DeliveryParams>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let accept = headers
@@ -230,7 +260,8 @@ pub(super) async fn consume(
     }
     let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
     let resume = resume_position(&caller, last_event_id.filter(|s| !s.is_empty()))?;
-    let (consumer, slot) = open(&state, &caller, &name, resume, None).await?;
+    let (consumer, slot, int8) =
+        open_delivery(&state, &caller, &name, resume, None, params.int8).await?;
     let (acks, inbound) = mpsc::channel(16);
     let session = state.next_session.fetch_add(1, Ordering::Relaxed);
     state
@@ -244,6 +275,7 @@ pub(super) async fn consume(
         session,
         consumer,
         inbound,
+        int8,
         _slot: slot,
     };
     // SSE clients acknowledge through `POST .../ack`, which holds its own sender.
@@ -266,6 +298,7 @@ struct Job {
     session: u64,
     consumer: StreamConsumer,
     inbound: mpsc::Receiver<Inbound>,
+    int8: Int8Strings,
     _slot: ConnectionSlot,
 }
 
@@ -310,7 +343,7 @@ impl Job {
             };
             let frame = match item {
                 None => break,
-                Some(Ok(item)) => Frame::item(&item),
+                Some(Ok(item)) => Frame::item_with(&item, &self.int8),
                 Some(Err(e)) => {
                     out.fail(&e.into(), &state.metrics).await;
                     break;
@@ -340,6 +373,8 @@ pub(super) struct FeedParams {
     cursor: Option<String>,
     limit: Option<usize>,
     wait: Option<f64>,
+    #[serde(default)]
+    int8: Int8Form,
 }
 
 /// `GET /v1/streams/{name}/events`: the next events after `cursor` (which it
@@ -362,7 +397,8 @@ pub(super) async fn feed(
         )));
     }
     let resume = resume_position(&caller, params.cursor.as_deref())?;
-    let (mut consumer, _slot) = open(&state, &caller, &name, resume, Some(limit)).await?;
+    let (mut consumer, _slot, int8) =
+        open_delivery(&state, &caller, &name, resume, Some(limit), params.int8).await?;
     let _gauge = SubscriberGauge::new(&state.metrics);
     let result = read_page(&state, &mut consumer, limit, Duration::from_secs_f64(wait)).await;
     let cursor = resume.unwrap_or_else(|| consumer.acknowledged());
@@ -377,7 +413,11 @@ pub(super) async fn feed(
         .metrics
         .events_out
         .fetch_add(changes as u64, Ordering::Relaxed);
-    Ok(Json(json!({"events": items, "cursor": cursor})).into_response())
+    let mut events = serde_json::to_value(&items).unwrap_or_default();
+    if let serde_json::Value::Array(events) = &mut events {
+        events.iter_mut().for_each(|e| int8.apply(e));
+    }
+    Ok(Json(json!({"events": events, "cursor": cursor})).into_response())
 }
 
 /// After the deadline, how often to look whether the reader has gone idle (it is then
@@ -495,7 +535,7 @@ pub(super) async fn ack(
             }
         }
     }
-    let (consumer, _slot) = open(&state, &caller, &name, Some(req.position), Some(1)).await?;
+    let (consumer, _slot, _) = open(&state, &caller, &name, Some(req.position), Some(1)).await?;
     consumer.close().await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

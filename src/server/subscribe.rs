@@ -29,6 +29,8 @@ pub(super) struct Params {
     filter: Option<String>,
     #[serde(default)]
     initial_state: bool,
+    #[serde(default)]
+    int8: super::columns::Int8Form,
 }
 
 pub(super) async fn subscribe(
@@ -59,6 +61,9 @@ pub(super) async fn subscribe(
         }
     };
     caller.check_table(&table)?;
+    let int8 = state
+        .int8_strings(params.int8, std::slice::from_ref(&table))
+        .await?;
     let slot = state.cap.acquire(&caller.key)?;
     let options = crate::hub::SubscribeOptions {
         initial_state: params.initial_state,
@@ -76,13 +81,19 @@ pub(super) async fn subscribe(
         keepalive,
         ws,
         None,
-        move |out| run(state, subscription, out, slot),
+        move |out| run(state, subscription, out, slot, int8),
     ))
 }
 
 /// Writes the subscription's items to the client until it ends, the client leaves or
 /// the server stops.
-async fn run(state: Shared, mut sub: Subscription, mut out: Out, _slot: ConnectionSlot) {
+async fn run(
+    state: Shared,
+    mut sub: Subscription,
+    mut out: Out,
+    _slot: ConnectionSlot,
+    int8: super::columns::Int8Strings,
+) {
     let _gauge = SubscriberGauge::new(&state.metrics);
     loop {
         let item = tokio::select! {
@@ -92,7 +103,7 @@ async fn run(state: Shared, mut sub: Subscription, mut out: Out, _slot: Connecti
         };
         let frame = match item {
             None => break,
-            Some(Ok(item)) => Frame::item(&item),
+            Some(Ok(item)) => Frame::item_with(&item, &int8),
             Some(Err(e)) => {
                 out.fail(&e.into(), &state.metrics).await;
                 break;

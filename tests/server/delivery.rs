@@ -345,23 +345,8 @@ async fn stale_cursor_is_gone_with_advice_and_stream_tokens_open_one_stream() {
         .as_str()
         .unwrap()
         .to_owned();
-    let mut store = db.client().await;
-    store
-        .execute(
-            "UPDATE waltap.events SET appended_at = now() - interval '1 hour' WHERE source = $1",
-            &[&source],
-        )
-        .await
-        .unwrap();
-    let pruned = waltap::log::retention::prune(
-        &mut store,
-        &source,
-        Some(std::time::Duration::from_secs(1800)),
-        None,
-    )
-    .await
-    .unwrap();
-    assert_eq!(pruned.events, 3);
+    let pruned = super::expire_log(&mut db.client().await, &source).await;
+    assert_eq!(pruned, 3);
     s.lease_free("old").await;
     let r = s
         .get("/v1/streams/old/events", ORDERS)

@@ -4,6 +4,7 @@
 mod api;
 mod bounds;
 mod browser;
+mod clients;
 mod complete;
 mod delivery;
 mod example;
@@ -265,4 +266,20 @@ pub fn ids(frames: &[Frame]) -> Vec<i64> {
         .iter()
         .map(|f| f.data["created"]["id"].as_i64().unwrap())
         .collect()
+}
+
+/// Retention as if every event of `source` were an hour old: deletes them all, so that
+/// streams that had not acknowledged them get `stale_cursor`. Returns how many it deleted.
+pub async fn expire_log(store: &mut tokio_postgres::Client, source: &str) -> u64 {
+    store
+        .execute(
+            "UPDATE waltap.events SET appended_at = now() - interval '1 hour' WHERE source = $1",
+            &[&source],
+        )
+        .await
+        .unwrap();
+    waltap::log::retention::prune(store, source, Some(Duration::from_secs(1800)), None)
+        .await
+        .unwrap()
+        .events
 }
