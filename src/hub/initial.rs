@@ -15,7 +15,7 @@ use super::{Command, CompletionReason, Direct, Fed, SubscriptionError, Subscript
 use crate::event::Position;
 use crate::filter::{CompiledFilter, TableSchema};
 use crate::initial::{self, CommittedTx, Session, SnapshotError};
-use crate::lsn::Watermark;
+use crate::lsn::{Lsn, Watermark};
 use crate::pg::config::SourceConfig;
 
 /// How long the hub may take to pass a snapshot's watermark.
@@ -186,47 +186,10 @@ impl Run {
     /// Takes snapshots until one matches a position of the change stream; returns it open
     /// with that position.
     async fn settle(&mut self, joined: Position) -> Result<(Session, Position), Stop> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let session = Session::begin(&self.job.source).await?;
-            let outcome = match self.before_join(&session, joined).await? {
-                Err(e) => Err(e),
-                Ok(()) => {
-                    self.wait_for_watermark(session.watermark).await?;
-                    let txs = committed(&self.held, session.watermark);
-                    initial::settle(&session.xids, Some(joined), &txs)
-                }
-            };
-            match outcome {
-                Ok(after) => return Ok((session, after.unwrap_or(joined))),
-                Err(e @ SnapshotError::Unsettled { .. }) if attempt < initial::MAX_ATTEMPTS => {
-                    tracing::debug!(error = %e, attempt, "snapshot does not match the stream; taking another");
-                    session.finish().await?;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-
-    /// Whether a transaction the snapshot misses committed at or before the join.
-    async fn before_join(
-        &self,
-        session: &Session,
-        joined: Position,
-    ) -> Result<Result<(), SnapshotError>, Stop> {
-        let (reply, answer) = oneshot::channel();
-        self.job
-            .commands
-            .send(Command::Recent(reply))
-            .await
-            .map_err(|_| SubscriptionError::HubStopped)?;
-        let recent = answer.await.map_err(|_| SubscriptionError::HubStopped)?;
-        let before: Vec<_> = recent
-            .into_iter()
-            .filter(|(_, lsn)| *lsn <= joined.commit_lsn)
-            .collect();
-        Ok(initial::check_joined(&session.xids, &before))
+        let source = self.job.source.clone();
+        let mut feed = HubFeed { run: self, joined };
+        let (session, after) = initial::place(&source, &mut feed).await?;
+        Ok((session, after.unwrap_or(joined)))
     }
 
     async fn wait_for_watermark(&mut self, watermark: Watermark) -> Result<(), Stop> {
@@ -287,6 +250,50 @@ impl Run {
             .ended()
             .unwrap_or(SubscriptionError::HubStopped)
             .into()
+    }
+}
+
+/// The hub's live feed as the change feed a snapshot is placed in: it joined at the
+/// subscription's `initialized` position and holds what arrives after it.
+struct HubFeed<'a> {
+    run: &'a mut Run,
+    joined: Position,
+}
+
+impl initial::ChangeFeed for HubFeed<'_> {
+    type Error = Stop;
+
+    async fn join_point(&mut self) -> Result<Option<Position>, Stop> {
+        Ok(Some(self.joined))
+    }
+
+    /// The hub remembers the most recent commits it decoded.
+    async fn commits_through(&mut self, joined: Option<Position>) -> Result<Vec<(u32, Lsn)>, Stop> {
+        let (reply, answer) = oneshot::channel();
+        self.run
+            .job
+            .commands
+            .send(Command::Recent(reply))
+            .await
+            .map_err(|_| SubscriptionError::HubStopped)?;
+        let recent = answer.await.map_err(|_| SubscriptionError::HubStopped)?;
+        let through = joined.map_or(Lsn(0), |p| p.commit_lsn);
+        Ok(recent
+            .into_iter()
+            .filter(|(_, lsn)| *lsn <= through)
+            .collect())
+    }
+
+    async fn pass(&mut self, watermark: Watermark) -> Result<(), Stop> {
+        self.run.wait_for_watermark(watermark).await
+    }
+
+    async fn commits_between(
+        &mut self,
+        _joined: Option<Position>,
+        watermark: Watermark,
+    ) -> Result<Vec<CommittedTx>, Stop> {
+        Ok(committed(&self.run.held, watermark))
     }
 }
 

@@ -22,6 +22,7 @@
 //! database side (steps 2 and 4) and the pure matching (step 3, [`visibility`]); the hub
 //! and the stream reader own joining and buffering.
 
+mod place;
 mod visibility;
 
 use std::sync::Arc;
@@ -38,6 +39,7 @@ use crate::pg::config::SourceConfig;
 use crate::pg::quote_ident;
 use crate::value::decode_text;
 
+pub(crate) use place::{place, ChangeFeed};
 pub use visibility::{check_joined, settle, CommittedTx, XidSnapshot};
 
 /// Prefix of the transactional message that flushes a watermark to disk; ignored by

@@ -42,79 +42,105 @@ pub async fn settle(
     watched: &SourceConfig,
     tables: &[TableName],
 ) -> Result<(Session, Option<Position>), StoreError> {
-    let (log, mut notifications) = store.connect_sql_listening().await?;
+    let (log, notifications) = store.connect_sql_listening().await?;
     super::migrate(&log).await?;
     log.batch_execute(&format!("LISTEN {}", quote_ident(NOTIFY_CHANNEL)))
         .await
         .map_err(StoreError::sql("listen for appends"))?;
-    let (schemas, names): (Vec<String>, Vec<String>) = tables
+    let (schemas, names) = tables
         .iter()
         .map(|t| (t.schema.clone(), t.table.clone()))
         .unzip();
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
+    let mut feed = LogFeed {
+        log,
+        notifications,
+        source,
+        schemas,
+        names,
+    };
+    initial::place(watched, &mut feed).await
+}
+
+/// The log of one source as the change feed a snapshot is placed in.
+struct LogFeed<'a> {
+    log: Client,
+    notifications: tokio::sync::mpsc::Receiver<tokio_postgres::Notification>,
+    source: &'a str,
+    schemas: Vec<String>,
+    names: Vec<String>,
+}
+
+/// The LSN a join point stands at, for SQL (0: before everything).
+fn join_lsn(joined: Option<Position>) -> i64 {
+    joined.map_or(0, |p| p.commit_lsn.0 as i64)
+}
+
+impl initial::ChangeFeed for LogFeed<'_> {
+    type Error = StoreError;
+
+    async fn join_point(&mut self) -> Result<Option<Position>, StoreError> {
         // No progress yet: the pipeline has appended nothing so far, and waiting for the
-        // watermark below tells whether it runs at all.
-        let joined = progress(&log, source).await?.unwrap_or(LogMark::NONE);
-        let session = Session::begin(watched).await?;
-        let before: Vec<(u32, Lsn)> = log
+        // watermark tells whether it runs at all.
+        let mark = progress(&self.log, self.source).await?;
+        Ok(mark
+            .filter(|m| *m > LogMark::NONE)
+            .map(|m| Position::new(m.lsn(), TX_END)))
+    }
+
+    async fn commits_through(
+        &mut self,
+        joined: Option<Position>,
+    ) -> Result<Vec<(u32, Lsn)>, StoreError> {
+        Ok(self
+            .log
             .query(
                 "SELECT (event->'tx'->>'id')::int8, commit_lsn FROM waltap.events
                  WHERE source = $1 AND tx_last AND commit_lsn <= $2
                  ORDER BY commit_lsn DESC LIMIT $3",
-                &[&source, &(joined.lsn().0 as i64), &JOIN_LOOKBACK],
+                &[&self.source, &join_lsn(joined), &JOIN_LOOKBACK],
             )
             .await
             .map_err(StoreError::sql("read the commits before the snapshot"))?
             .iter()
             .map(|r| (r.get::<_, i64>(0) as u32, Lsn(r.get::<_, i64>(1) as u64)))
-            .collect();
-        let joined_at = (joined > LogMark::NONE).then(|| Position::new(joined.lsn(), TX_END));
-        let outcome = match initial::check_joined(&session.xids, &before) {
-            Err(e) => Err(e),
-            Ok(()) => {
-                wait_for_progress(&log, &mut notifications, source, session.watermark).await?;
-                // The transactions after the join point that decoding put before the
-                // watermark: commit LSN strictly below it (one at it comes after).
-                let txs: Vec<CommittedTx> = log
-                    .query(
-                        "SELECT commit_lsn, max(ordinal), min((event->'tx'->>'id')::int8)
-                         FROM waltap.events
-                         WHERE source = $1 AND commit_lsn > $2 AND commit_lsn < $3
-                           AND (schema_name, table_name) IN
-                               (SELECT * FROM unnest($4::text[], $5::text[]))
-                         GROUP BY commit_lsn ORDER BY commit_lsn",
-                        &[
-                            &source,
-                            &(joined.lsn().0 as i64),
-                            &(session.watermark.lsn().0 as i64),
-                            &schemas,
-                            &names,
-                        ],
-                    )
-                    .await
-                    .map_err(StoreError::sql("read the commits around the snapshot"))?
-                    .iter()
-                    .map(|r| CommittedTx {
-                        last: Position::new(
-                            Lsn(r.get::<_, i64>(0) as u64),
-                            r.get::<_, i32>(1) as u32,
-                        ),
-                        xid: r.get::<_, i64>(2) as u32,
-                    })
-                    .collect();
-                initial::settle(&session.xids, joined_at, &txs)
-            }
-        };
-        match outcome {
-            Ok(at) => return Ok((session, at)),
-            Err(e @ SnapshotError::Unsettled { .. }) if attempt < initial::MAX_ATTEMPTS => {
-                tracing::debug!(error = %e, attempt, "snapshot does not match the log; taking another");
-                session.finish().await?;
-            }
-            Err(e) => return Err(e.into()),
-        }
+            .collect())
+    }
+
+    async fn pass(&mut self, watermark: Watermark) -> Result<(), StoreError> {
+        wait_for_progress(&self.log, &mut self.notifications, self.source, watermark).await
+    }
+
+    async fn commits_between(
+        &mut self,
+        joined: Option<Position>,
+        watermark: Watermark,
+    ) -> Result<Vec<CommittedTx>, StoreError> {
+        // Commit LSN strictly below the watermark: one at it comes after.
+        Ok(self
+            .log
+            .query(
+                "SELECT commit_lsn, max(ordinal), min((event->'tx'->>'id')::int8)
+                 FROM waltap.events
+                 WHERE source = $1 AND commit_lsn > $2 AND commit_lsn < $3
+                   AND (schema_name, table_name) IN
+                       (SELECT * FROM unnest($4::text[], $5::text[]))
+                 GROUP BY commit_lsn ORDER BY commit_lsn",
+                &[
+                    &self.source,
+                    &join_lsn(joined),
+                    &(watermark.lsn().0 as i64),
+                    &self.schemas,
+                    &self.names,
+                ],
+            )
+            .await
+            .map_err(StoreError::sql("read the commits around the snapshot"))?
+            .iter()
+            .map(|r| CommittedTx {
+                last: Position::new(Lsn(r.get::<_, i64>(0) as u64), r.get::<_, i32>(1) as u32),
+                xid: r.get::<_, i64>(2) as u32,
+            })
+            .collect())
     }
 }
 
