@@ -201,7 +201,7 @@ impl Run {
             match outcome {
                 Ok(after) => return Ok((session, after.unwrap_or(joined))),
                 Err(e @ SnapshotError::Unsettled { .. }) if attempt < initial::MAX_ATTEMPTS => {
-                    tracing::debug!(error = %e, attempt, "snapshot does not match the stream; taking another");
+                    tracing::debug!(error = %crate::error::report(&e), attempt, "snapshot does not match the stream; taking another");
                     session.finish().await?;
                 }
                 Err(e) => return Err(e.into()),

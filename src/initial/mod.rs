@@ -55,7 +55,7 @@ pub const MAX_ATTEMPTS: u32 = 20;
 pub enum SnapshotError {
     #[error(transparent)]
     Connect(#[from] crate::pg::config::SqlConnectError),
-    #[error("{operation}: {}", crate::pg::config::pg_error_text(.source))]
+    #[error("cannot {operation}")]
     Sql {
         operation: &'static str,
         #[source]
@@ -63,7 +63,7 @@ pub enum SnapshotError {
     },
     #[error("table {0} does not exist")]
     NoSuchTable(String),
-    #[error("{table}.{column}: {source}")]
+    #[error("{table}.{column}")]
     Value {
         table: String,
         column: String,
@@ -86,11 +86,12 @@ impl SnapshotError {
     }
 
     /// A stable code for APIs (`snapshot_failed` unless more specific).
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> crate::error::ErrorCode {
+        use crate::error::ErrorCode;
         match self {
-            SnapshotError::NoSuchTable(_) => "no_such_table",
-            SnapshotError::WatermarkTimeout { .. } => "snapshot_timeout",
-            _ => "snapshot_failed",
+            SnapshotError::NoSuchTable(_) => ErrorCode::NoSuchTable,
+            SnapshotError::WatermarkTimeout { .. } => ErrorCode::SnapshotTimeout,
+            _ => ErrorCode::SnapshotFailed,
         }
     }
 }

@@ -110,7 +110,7 @@ pub async fn settle(
         match outcome {
             Ok(at) => return Ok((session, at)),
             Err(e @ SnapshotError::Unsettled { .. }) if attempt < initial::MAX_ATTEMPTS => {
-                tracing::debug!(error = %e, attempt, "snapshot does not match the log; taking another");
+                tracing::debug!(error = %crate::error::report(&e), attempt, "snapshot does not match the log; taking another");
                 session.finish().await?;
             }
             Err(e) => return Err(e.into()),
