@@ -33,7 +33,7 @@ pub struct SetupOptions {
 pub enum SetupError {
     #[error("wal_level is {actual:?}, but logical replication needs 'logical': run ALTER SYSTEM SET wal_level = logical; and restart Postgres")]
     WalLevel { actual: String },
-    #[error("PostgreSQL {version} is not supported: waltap needs PostgreSQL 14 or later (pgoutput protocol 2: streaming of large transactions, logical messages)")]
+    #[error("PostgreSQL {version} is too old: waltap needs PostgreSQL 14 or later (pgoutput protocol 2: streaming of large transactions, logical messages)")]
     UnsupportedServer { version: String },
     #[error(
         "role {role:?} may not replicate: run ALTER ROLE {role} REPLICATION; (as a superuser)"
