@@ -8,9 +8,11 @@ use crate::source::setup::SetupError;
 
 mod code;
 mod report;
+mod table;
 
 pub use code::ErrorCode;
 pub use report::report;
+pub use table::TableError;
 
 /// Anything that stops a listener.
 #[derive(Debug, thiserror::Error)]

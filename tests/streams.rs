@@ -249,7 +249,7 @@ async fn create_list_delete() {
     assert_eq!(e.code().as_str(), "conflict");
     let e = fail(streams::create(&client, &client, &def("x", &["nope"], None)).await);
     assert!(
-        matches!(e, StoreError::NoSuchTable(ref t) if t == "public.nope"),
+        matches!(e, StoreError::Table(waltap::TableError::Missing(ref t)) if t == "public.nope"),
         "{e}"
     );
     let e = fail(streams::create(&client, &client, &def("bad name", &["t"], None)).await);

@@ -68,7 +68,7 @@ mod initial;
 
 use std::collections::VecDeque;
 
-use crate::error::{Error, ErrorCode};
+use crate::error::{Error, ErrorCode, TableError};
 use crate::event::{Event, Position, Row, TableName};
 use crate::filter::{CompiledFilter, Decision, Filter, FilterError, PinnedRow};
 use crate::initial::{SnapshotError, SnapshotRow};
@@ -158,10 +158,8 @@ pub enum SubscriptionError {
     Lagged { queue: usize },
     #[error("bad filter")]
     BadFilter(#[from] FilterError),
-    #[error("table {0} is not published: add it to the publication (ALTER PUBLICATION ... ADD TABLE) to subscribe to it")]
-    NotPublished(String),
-    #[error("table {0} does not exist")]
-    NoSuchTable(String),
+    #[error(transparent)]
+    Table(#[from] TableError),
     /// The hub's replication connection broke (the cause is logged): changes may have
     /// been missed, and the hub reconnects.
     #[error("the subscription hub lost its replication connection, so changes may have been missed; it is reconnecting: subscribe again")]
@@ -182,9 +180,7 @@ impl SubscriptionError {
         match self {
             SubscriptionError::Lagged { .. } => ErrorCode::Lagged,
             SubscriptionError::BadFilter(_) => ErrorCode::BadFilter,
-            SubscriptionError::NotPublished(_) | SubscriptionError::NoSuchTable(_) => {
-                ErrorCode::UnknownTable
-            }
+            SubscriptionError::Table(_) => ErrorCode::UnknownTable,
             SubscriptionError::Source(_) => ErrorCode::SourceInterrupted,
             SubscriptionError::Unavailable => ErrorCode::SourceUnavailable,
             SubscriptionError::HubStopped => ErrorCode::SourceStopped,
@@ -461,7 +457,7 @@ impl Hub {
         let schema = catalog::table_schema(client, &table)
             .await
             .map_err(Error::from)?
-            .ok_or_else(|| SubscriptionError::NoSuchTable(table.to_string()))?;
+            .ok_or_else(|| TableError::Missing(table.to_string()))?;
         let published = catalog::is_published(client, &self.publication, &table)
             .await
             .map_err(Error::from)?;
@@ -471,7 +467,7 @@ impl Hub {
         };
         drop(guard);
         if !published {
-            return Err(SubscriptionError::NotPublished(table.to_string()));
+            return Err(TableError::NotPublished(table.to_string()).into());
         }
         let filter = CompiledFilter::new(filter.as_ref(), &schema)?;
         let warnings = filter.warnings().to_vec();

@@ -61,8 +61,8 @@ pub enum SnapshotError {
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("table {0} does not exist")]
-    NoSuchTable(String),
+    #[error(transparent)]
+    Table(#[from] crate::error::TableError),
     #[error("{table}.{column}")]
     Value {
         table: String,
@@ -89,7 +89,8 @@ impl SnapshotError {
     pub fn code(&self) -> crate::error::ErrorCode {
         use crate::error::ErrorCode;
         match self {
-            SnapshotError::NoSuchTable(_) => ErrorCode::NoSuchTable,
+            SnapshotError::Table(crate::error::TableError::Missing(_)) => ErrorCode::NoSuchTable,
+            SnapshotError::Table(_) => ErrorCode::UnknownTable,
             SnapshotError::WatermarkTimeout { .. } => ErrorCode::SnapshotTimeout,
             _ => ErrorCode::SnapshotFailed,
         }
@@ -423,5 +424,5 @@ pub async fn table_schema(
     crate::pg::catalog::table_schema(client, table)
         .await
         .map_err(SnapshotError::sql("read the table's columns"))?
-        .ok_or_else(|| SnapshotError::NoSuchTable(table.to_string()))
+        .ok_or_else(|| crate::error::TableError::Missing(table.to_string()).into())
 }

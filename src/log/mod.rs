@@ -27,7 +27,7 @@ pub use postgres::{migrate, PgLog};
 
 use std::future::Future;
 
-use crate::error::ErrorCode;
+use crate::error::{ErrorCode, TableError};
 use crate::event::{Event, Position};
 use crate::lsn::LogMark;
 
@@ -88,10 +88,8 @@ pub enum StoreError {
     BeyondLog(String, String),
     #[error("bad stream filter")]
     BadFilter(#[from] crate::filter::FilterError),
-    #[error("table {0} does not exist")]
-    NoSuchTable(String),
-    #[error("table {0} is not one of the source's published tables, so it is neither delivered nor exported")]
-    NotPublished(String),
+    #[error(transparent)]
+    Table(#[from] TableError),
     #[error("a stream needs at least one table")]
     NoTables,
     #[error("stream {name:?} was taken over by another consumer after this one's lease expired (it neither read nor acknowledged within the lease): reopen it (stream_busy)")]
@@ -119,10 +117,10 @@ impl StoreError {
             StoreError::InvalidStreamName(_)
             | StoreError::AheadOfDelivery { .. }
             | StoreError::BeyondLog(..)
-            | StoreError::NoSuchTable(_)
+            | StoreError::Table(TableError::Missing(_))
             | StoreError::NoTables => ErrorCode::BadRequest,
             StoreError::BadFilter(_) => ErrorCode::BadFilter,
-            StoreError::NotPublished(_) => ErrorCode::UnknownTable,
+            StoreError::Table(_) => ErrorCode::UnknownTable,
             StoreError::Snapshot(e) => e.code(),
             _ => ErrorCode::Internal,
         }

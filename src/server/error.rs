@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::error::{report, ErrorCode};
+use crate::error::{report, ErrorCode, TableError};
 use crate::hub::SubscriptionError;
 use crate::log::StoreError;
 
@@ -48,6 +48,12 @@ pub enum ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         ApiError::Store(Box::new(e))
+    }
+}
+
+impl From<TableError> for ApiError {
+    fn from(e: TableError) -> Self {
+        StoreError::Table(e).into()
     }
 }
 

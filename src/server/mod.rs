@@ -37,7 +37,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::error::ErrorCode;
+use crate::error::{ErrorCode, TableError};
 use crate::event::TableName;
 use crate::filter::Filter;
 use crate::hub::{Hub, HubConfig};
@@ -230,7 +230,7 @@ impl AppState {
         if published {
             Ok(())
         } else {
-            Err(StoreError::NotPublished(table.to_string()).into())
+            Err(TableError::NotPublished(table.to_string()).into())
         }
     }
 
@@ -245,7 +245,7 @@ impl AppState {
         let schema = crate::pg::catalog::table_schema(&catalog, table)
             .await
             .map_err(StoreError::sql("read a table's columns"))?
-            .ok_or_else(|| StoreError::NotPublished(table.to_string()))?;
+            .ok_or_else(|| TableError::NotPublished(table.to_string()))?;
         crate::filter::CompiledFilter::new(filter, &schema)
             .map(drop)
             .map_err(|e| ApiError::BadFilter(e.to_string()))

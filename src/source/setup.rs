@@ -46,8 +46,8 @@ pub enum SetupError {
         publication: String,
         message: String,
     },
-    #[error("table {table} does not exist")]
-    TableMissing { table: String },
+    #[error(transparent)]
+    Table(#[from] crate::error::TableError),
     #[error("table {table} is not in publication {publication:?}: run ALTER PUBLICATION {publication} ADD TABLE {table};")]
     TableNotPublished { table: String, publication: String },
     #[error("role {role:?} lacks SELECT on published tables {tables}: run GRANT SELECT ON {tables} TO {role};")]
@@ -292,9 +292,7 @@ async fn table_exists(client: &Client, t: &TableName) -> Result<(), SetupError> 
         .await?;
     match found {
         Some(_) => Ok(()),
-        None => Err(SetupError::TableMissing {
-            table: t.to_string(),
-        }),
+        None => Err(crate::error::TableError::Missing(t.to_string()).into()),
     }
 }
 
