@@ -6,6 +6,14 @@ use crate::pgoutput::DecodeError;
 use crate::replication::{pg_error_is_transient, ReplicationError};
 use crate::source::setup::SetupError;
 
+mod code;
+mod report;
+mod table;
+
+pub use code::ErrorCode;
+pub use report::report;
+pub use table::TableError;
+
 /// Anything that stops a listener.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -15,7 +23,7 @@ pub enum Error {
     Setup(#[from] SetupError),
     #[error(transparent)]
     Replication(#[from] ReplicationError),
-    #[error("malformed pgoutput message at {lsn}: {source}")]
+    #[error("malformed pgoutput message at {lsn}")]
     Decode {
         lsn: crate::lsn::Lsn,
         #[source]
@@ -23,20 +31,14 @@ pub enum Error {
     },
     #[error(transparent)]
     Event(#[from] EventError),
-    #[error("streamed transaction: {0}")]
+    #[error("streamed transaction")]
     Spill(#[from] crate::source::spill::SpillError),
-    #[error("PostgreSQL {version} is too old: waltap needs PostgreSQL 14 or later (pgoutput protocol 2: streaming of large transactions, logical messages)")]
-    UnsupportedServer { version: String },
     #[error(transparent)]
     SqlConnect(#[from] SqlConnectError),
-    #[error("SQL: {}", crate::pg::config::pg_error_text(.0))]
+    #[error("SQL")]
     Sql(#[from] tokio_postgres::Error),
     #[error("replication slot {slot:?} no longer exists (dropped while waltap used it); the changes since its last confirmed position are gone: create it again with `waltap setup` and re-read the current rows")]
     SlotDropped { slot: String },
-    #[error("replication slot {slot:?} was invalidated (its WAL was removed, e.g. max_slot_wal_keep_size): changes are lost; drop and recreate it (`waltap setup --recreate-slot`) and re-read the current rows")]
-    SlotLost { slot: String },
-    #[error("publication {publication:?} does not exist: create it with `waltap setup` or CREATE PUBLICATION")]
-    PublicationMissing { publication: String },
     #[error("the listener has stopped")]
     Stopped,
 }

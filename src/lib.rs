@@ -67,7 +67,7 @@ mod source;
 mod value;
 
 pub use cli::main as run_cli;
-pub use error::Error;
+pub use error::{report, Error, ErrorCode, TableError};
 pub use event::{
     Action, Event, Identity, ParsePositionError, Position, Row, TableName, Transition, TxInfo,
 };

@@ -238,7 +238,10 @@ async fn missing_publication_is_a_clear_error() {
     .unwrap();
     let err = expect_error(&mut l).await;
     assert!(
-        matches!(err, waltap::Error::PublicationMissing { .. }),
+        matches!(
+            err,
+            waltap::Error::Setup(waltap::setup::SetupError::PublicationMissing { .. })
+        ),
         "unexpected error: {err}"
     );
     db.teardown().await;

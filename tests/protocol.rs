@@ -67,7 +67,8 @@ async fn wrong_password_is_a_clear_definite_error() {
         Ok(_) => panic!("listener started with a wrong password"),
         Err(e) => e,
     };
-    assert!(format!("{err:#}").contains("password"), "{err:#}");
+    let told = waltap::report(&err);
+    assert!(told.contains("password"), "{told}");
     db.teardown().await;
 }
 

@@ -246,16 +246,16 @@ async fn create_list_delete() {
 
     let fail = |r: Result<streams::StreamInfo, StoreError>| r.expect_err("must be rejected");
     let e = fail(streams::create(&client, &client, &def("paying", &["t"], None)).await);
-    assert_eq!(e.code(), "conflict");
+    assert_eq!(e.code().as_str(), "conflict");
     let e = fail(streams::create(&client, &client, &def("x", &["nope"], None)).await);
     assert!(
-        matches!(e, StoreError::NoSuchTable(ref t) if t == "public.nope"),
+        matches!(e, StoreError::Table(waltap::TableError::Missing(ref t)) if t == "public.nope"),
         "{e}"
     );
     let e = fail(streams::create(&client, &client, &def("bad name", &["t"], None)).await);
-    assert_eq!(e.code(), "bad_request");
+    assert_eq!(e.code().as_str(), "bad_request");
     let e = fail(streams::create(&client, &client, &def("x", &[], None)).await);
-    assert_eq!(e.code(), "bad_request");
+    assert_eq!(e.code().as_str(), "bad_request");
     // Checked against every table: `n` exists only in app.u.
     let e = fail(
         streams::create(
@@ -269,9 +269,9 @@ async fn create_list_delete() {
         )
         .await,
     );
-    assert_eq!(e.code(), "bad_filter");
+    assert_eq!(e.code().as_str(), "bad_filter");
     assert!(
-        e.to_string().contains("public.t has no column \"n\""),
+        waltap::report(&e).contains("public.t has no column \"n\""),
         "{e}"
     );
 
@@ -292,7 +292,7 @@ async fn create_list_delete() {
 
     streams::delete(&client, "paying").await.unwrap();
     let e = streams::delete(&client, "paying").await.expect_err("gone");
-    assert_eq!(e.code(), "not_found");
+    assert_eq!(e.code().as_str(), "not_found");
     assert_eq!(streams::list(&client, None).await.unwrap().len(), 1);
     p.stop().await;
     db.teardown().await;
@@ -505,7 +505,7 @@ async fn one_consumer_at_a_time() {
     p.create("s", &["t"], None).await;
     let first = p.open("s").await;
     let e = open_err(&p.store, "s", OpenOptions::default()).await;
-    assert_eq!(e.code(), "stream_busy");
+    assert_eq!(e.code().as_str(), "stream_busy");
     assert!(e.to_string().contains("stream_busy"), "{e}");
     first.close().await;
 
@@ -528,7 +528,7 @@ async fn one_consumer_at_a_time() {
         .await
         .expect_err("the lease is gone");
     assert!(matches!(e, StoreError::LeaseLost { .. }), "{e}");
-    assert_eq!(e.code(), "stream_busy");
+    assert_eq!(e.code().as_str(), "stream_busy");
     let e = next_error(&mut stalled).await;
     assert!(matches!(e, StoreError::LeaseLost { .. }), "{e}");
     drop(stalled); // must not release the taker's lease
@@ -541,7 +541,7 @@ async fn one_consumer_at_a_time() {
     // Row 0 was never acknowledged: the taker gets it again.
     assert_eq!(ids(&take(&mut taker, 2).await), vec![0, 1]);
     let e = open_err(&p.store, "s", OpenOptions::default()).await;
-    assert_eq!(e.code(), "stream_busy");
+    assert_eq!(e.code().as_str(), "stream_busy");
     taker.close().await;
     p.stop().await;
     db.teardown().await;
@@ -615,7 +615,7 @@ async fn retention_by_age_and_stale_cursors() {
 
     // Reading past the pruned mark fails, at open and at a read; never a silent skip.
     let e = open_err(&p.store, "early", OpenOptions::default()).await;
-    assert_eq!(e.code(), "stale_cursor");
+    assert_eq!(e.code().as_str(), "stale_cursor");
     assert!(
         e.to_string().contains("start again from the current rows"),
         "{e}"
@@ -626,7 +626,7 @@ async fn retention_by_age_and_stale_cursors() {
         "a stale open leaves no lease behind"
     );
     let e = next_error(&mut reader).await;
-    assert_eq!(e.code(), "stale_cursor");
+    assert_eq!(e.code().as_str(), "stale_cursor");
     assert!(
         reader.next().await.is_none(),
         "the consumer ends with the error"

@@ -10,7 +10,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail};
+use anyhow::{anyhow, bail, Context};
 use futures::StreamExt;
 
 use crate::dev::localpg::{LocalPg, LocalPgOptions};
@@ -60,7 +60,7 @@ pub async fn run(orders: u32) -> anyhow::Result<()> {
     eprintln!("waltap demo: starting a throwaway PostgreSQL (initdb in a temp directory)...");
     let pg = tokio::task::spawn_blocking(|| LocalPg::start(&LocalPgOptions::default()))
         .await?
-        .map_err(|e| anyhow!("cannot start a local PostgreSQL for the demo: {e}"))?;
+        .context("cannot start a local PostgreSQL for the demo")?;
 
     // On Ctrl-C or SIGTERM the demo future is dropped, which stops the listener; the
     // cluster is then removed below like on any other outcome.
@@ -99,7 +99,7 @@ async fn demo(pg: &LocalPg, orders: u32) -> anyhow::Result<Counts> {
     let mut sql = source
         .connect_sql()
         .await
-        .map_err(|e| anyhow!("connecting to the demo PostgreSQL at {url}: {e}"))?;
+        .with_context(|| format!("connecting to the demo PostgreSQL at {url}"))?;
     let version: String = sql.query_one("SHOW server_version", &[]).await?.get(0);
     eprintln!(
         "waltap demo: PostgreSQL {version} running at {url} (data in {})",
@@ -107,7 +107,7 @@ async fn demo(pg: &LocalPg, orders: u32) -> anyhow::Result<Counts> {
     );
     sql.batch_execute(CREATE_TABLE)
         .await
-        .map_err(|e| anyhow!("creating the sample table: {e}"))?;
+        .context("creating the sample table")?;
 
     let mut config = ListenerConfig::new(source);
     config.tables = vec![TableName::parse("public.orders")];
@@ -153,7 +153,7 @@ async fn write_changes(sql: &mut tokio_postgres::Client, orders: u32) -> anyhow:
         expected += sql
             .execute(&insert, &[&customer, &amount, &items, &tags])
             .await
-            .map_err(|e| anyhow!("inserting order {}: {e}", i + 1))?;
+            .with_context(|| format!("inserting order {}", i + 1))?;
     }
 
     // The message is transactional, so it becomes `tx.annotations` on every event of
@@ -164,14 +164,14 @@ async fn write_changes(sql: &mut tokio_postgres::Client, orders: u32) -> anyhow:
         &[&r#"{"user":"demo","reason":"payment received"}"#],
     )
     .await
-    .map_err(|e| anyhow!("annotating the payment transaction: {e}"))?;
+    .context("annotating the payment transaction")?;
     expected += tx
         .execute(
             "UPDATE orders SET status = 'paid' WHERE status = 'new'",
             &[],
         )
         .await
-        .map_err(|e| anyhow!("paying the orders: {e}"))?;
+        .context("paying the orders")?;
     tx.commit().await?;
 
     expected += sql
@@ -180,7 +180,7 @@ async fn write_changes(sql: &mut tokio_postgres::Client, orders: u32) -> anyhow:
             &[],
         )
         .await
-        .map_err(|e| anyhow!("deleting an order: {e}"))?;
+        .context("deleting an order")?;
     Ok(expected)
 }
 
@@ -200,7 +200,10 @@ async fn print_events(listener: &mut Listener, expected: u64) -> anyhow::Result<
             })?;
         let event = match next {
             Some(Ok(event)) => event,
-            Some(Err(e)) => bail!("the listener failed after {got} of {expected} events: {e}"),
+            Some(Err(e)) => {
+                let failed = format!("the listener failed after {got} of {expected} events");
+                return Err(anyhow::Error::new(e).context(failed));
+            }
             None => bail!("the listener stopped after {got} of {expected} events"),
         };
         let mut out = stdout.lock();

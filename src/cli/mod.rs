@@ -252,8 +252,7 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // Our errors already include their causes in their messages.
-            eprintln!("error: {e}");
+            eprintln!("error: {}", crate::error::report(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -44,15 +44,19 @@ pub enum LocalPgError {
     /// A program failed; `detail` has its output and the end of the server log.
     #[error("{what} failed: {detail}")]
     Command { what: String, detail: String },
-    #[error("{what}: {error}")]
-    Io { what: String, error: std::io::Error },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl LocalPgError {
-    fn io(what: impl Into<String>, error: std::io::Error) -> Self {
+    fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         LocalPgError::Io {
             what: what.into(),
-            error,
+            source,
         }
     }
 }

@@ -114,7 +114,7 @@ pub enum EventError {
         expected: usize,
         got: usize,
     },
-    #[error("{table}.{column} (type oid {type_oid}): {source}")]
+    #[error("{table}.{column} (type oid {type_oid})")]
     Value {
         table: String,
         column: String,

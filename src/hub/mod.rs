@@ -68,7 +68,7 @@ mod initial;
 
 use std::collections::VecDeque;
 
-use crate::error::Error;
+use crate::error::{Error, ErrorCode, TableError};
 use crate::event::{Event, Position, Row, TableName};
 use crate::filter::{CompiledFilter, Decision, Filter, FilterError, PinnedRow};
 use crate::initial::{SnapshotError, SnapshotRow};
@@ -156,12 +156,10 @@ pub enum CompletionReason {
 pub enum SubscriptionError {
     #[error("subscriber too slow: its queue of {queue} events was full, so it was cut off (subscribe is at-most-once; use a persisted stream to catch up)")]
     Lagged { queue: usize },
-    #[error("bad filter: {0}")]
+    #[error("bad filter")]
     BadFilter(#[from] FilterError),
-    #[error("table {0} is not published: add it to the publication (ALTER PUBLICATION ... ADD TABLE) to subscribe to it")]
-    NotPublished(String),
-    #[error("table {0} does not exist")]
-    NoSuchTable(String),
+    #[error(transparent)]
+    Table(#[from] TableError),
     /// The hub's replication connection broke (the cause is logged): changes may have
     /// been missed, and the hub reconnects.
     #[error("the subscription hub lost its replication connection, so changes may have been missed; it is reconnecting: subscribe again")]
@@ -172,23 +170,21 @@ pub enum SubscriptionError {
     HubStopped,
     #[error(transparent)]
     Sql(#[from] Error),
-    #[error("initial state: {0}")]
+    #[error("initial state")]
     Snapshot(#[from] SnapshotError),
 }
 
 impl SubscriptionError {
     /// A stable code for the wire (`lagged`, `bad_filter`, ...).
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            SubscriptionError::Lagged { .. } => "lagged",
-            SubscriptionError::BadFilter(_) => "bad_filter",
-            SubscriptionError::NotPublished(_) | SubscriptionError::NoSuchTable(_) => {
-                "unknown_table"
-            }
-            SubscriptionError::Source(_) => "source_interrupted",
-            SubscriptionError::Unavailable => "source_unavailable",
-            SubscriptionError::HubStopped => "source_stopped",
-            SubscriptionError::Sql(_) => "internal",
+            SubscriptionError::Lagged { .. } => ErrorCode::Lagged,
+            SubscriptionError::BadFilter(_) => ErrorCode::BadFilter,
+            SubscriptionError::Table(_) => ErrorCode::UnknownTable,
+            SubscriptionError::Source(_) => ErrorCode::SourceInterrupted,
+            SubscriptionError::Unavailable => ErrorCode::SourceUnavailable,
+            SubscriptionError::HubStopped => ErrorCode::SourceStopped,
+            SubscriptionError::Sql(_) => ErrorCode::Internal,
             SubscriptionError::Snapshot(e) => e.code(),
         }
     }
@@ -461,7 +457,7 @@ impl Hub {
         let schema = catalog::table_schema(client, &table)
             .await
             .map_err(Error::from)?
-            .ok_or_else(|| SubscriptionError::NoSuchTable(table.to_string()))?;
+            .ok_or_else(|| TableError::Missing(table.to_string()))?;
         let published = catalog::is_published(client, &self.publication, &table)
             .await
             .map_err(Error::from)?;
@@ -471,7 +467,7 @@ impl Hub {
         };
         drop(guard);
         if !published {
-            return Err(SubscriptionError::NotPublished(table.to_string()));
+            return Err(TableError::NotPublished(table.to_string()).into());
         }
         let filter = CompiledFilter::new(filter.as_ref(), &schema)?;
         let warnings = filter.warnings().to_vec();
@@ -694,7 +690,7 @@ async fn run(mut f: Fanout, listener: Listener, mut paused: bool) {
                         f.down.store(false, Ordering::Release);
                     }
                     Err(e) => {
-                        tracing::warn!(slot = %f.config.slot, error = %e, retry_in = ?backoff, "subscription hub cannot reconnect yet");
+                        tracing::warn!(slot = %f.config.slot, error = %crate::error::report(&e), retry_in = ?backoff, "subscription hub cannot reconnect yet");
                         retry.as_mut().reset(tokio::time::Instant::now() + backoff);
                         backoff = (backoff * 2).min(f.config.reconnect_max);
                     }
@@ -741,7 +737,7 @@ async fn run(mut f: Fanout, listener: Listener, mut paused: bool) {
                     // since: every subscriber is told and ends; a new listener (a new slot,
                     // from "now") takes the new subscribers.
                     let e = Arc::new(failed.and_then(Result::err).unwrap_or(Error::Stopped));
-                    tracing::warn!(slot = %f.config.slot, error = %e, subscribers = subs.len(), retry_in = ?backoff, "subscription hub lost its replication connection; reconnecting");
+                    tracing::warn!(slot = %f.config.slot, error = %crate::error::report(&e), subscribers = subs.len(), retry_in = ?backoff, "subscription hub lost its replication connection; reconnecting");
                     f.down.store(true, Ordering::Release);
                     for s in subs.drain(..) {
                         let _ = s.tx.try_send(Err(e.clone()));

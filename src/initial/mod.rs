@@ -57,15 +57,15 @@ pub const MAX_ATTEMPTS: u32 = 20;
 pub enum SnapshotError {
     #[error(transparent)]
     Connect(#[from] crate::pg::config::SqlConnectError),
-    #[error("{operation}: {}", crate::pg::config::pg_error_text(.source))]
+    #[error("cannot {operation}")]
     Sql {
         operation: &'static str,
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("table {0} does not exist")]
-    NoSuchTable(String),
-    #[error("{table}.{column}: {source}")]
+    #[error(transparent)]
+    Table(#[from] crate::error::TableError),
+    #[error("{table}.{column}")]
     Value {
         table: String,
         column: String,
@@ -88,11 +88,13 @@ impl SnapshotError {
     }
 
     /// A stable code for APIs (`snapshot_failed` unless more specific).
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> crate::error::ErrorCode {
+        use crate::error::ErrorCode;
         match self {
-            SnapshotError::NoSuchTable(_) => "no_such_table",
-            SnapshotError::WatermarkTimeout { .. } => "snapshot_timeout",
-            _ => "snapshot_failed",
+            SnapshotError::Table(crate::error::TableError::Missing(_)) => ErrorCode::NoSuchTable,
+            SnapshotError::Table(_) => ErrorCode::UnknownTable,
+            SnapshotError::WatermarkTimeout { .. } => ErrorCode::SnapshotTimeout,
+            _ => ErrorCode::SnapshotFailed,
         }
     }
 }
@@ -424,5 +426,5 @@ pub async fn table_schema(
     crate::pg::catalog::table_schema(client, table)
         .await
         .map_err(SnapshotError::sql("read the table's columns"))?
-        .ok_or_else(|| SnapshotError::NoSuchTable(table.to_string()))
+        .ok_or_else(|| crate::error::TableError::Missing(table.to_string()).into())
 }

@@ -63,7 +63,7 @@ pub(crate) async fn place<F: ChangeFeed>(
         match outcome {
             Ok(at) => return Ok((session, at)),
             Err(e @ SnapshotError::Unsettled { .. }) if attempt < MAX_ATTEMPTS => {
-                tracing::debug!(error = %e, attempt, "the snapshot matches no position of the changes; taking another");
+                tracing::debug!(error = %crate::error::report(&e), attempt, "the snapshot matches no position of the changes; taking another");
                 session.finish().await?;
             }
             Err(e) => return Err(e.into()),

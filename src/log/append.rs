@@ -108,7 +108,7 @@ async fn append(config: &AppenderConfig, cancel: &CancellationToken) -> Result<(
         match run_once(config, cancel, &mut backoff).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() => {
-                tracing::warn!(slot = %config.listener.slot, error = %e, retry_in = ?backoff, "pipeline interrupted; restarting");
+                tracing::warn!(slot = %config.listener.slot, error = %crate::error::report(&e), retry_in = ?backoff, "pipeline interrupted; restarting");
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(backoff) => {}

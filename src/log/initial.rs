@@ -223,7 +223,7 @@ pub async fn compile(
             None => !crate::pg::catalog::RESERVED_SCHEMAS.contains(&t.schema.as_str()),
         };
         if !published {
-            return Err(StoreError::NotPublished(t.to_string()));
+            return Err(crate::error::TableError::NotPublished(t.to_string()).into());
         }
         let schema = initial::table_schema(catalog, t).await?;
         let filter = CompiledFilter::new(filter, &schema)?;

@@ -27,6 +27,7 @@ pub use postgres::{migrate, PgLog};
 
 use std::future::Future;
 
+use crate::error::{ErrorCode, TableError};
 use crate::event::{Event, Position};
 use crate::lsn::LogMark;
 
@@ -47,7 +48,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
 /// Failures of the event log.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("event log ({operation}): {}", crate::pg::config::pg_error_text(.source))]
+    #[error("event log: cannot {operation}")]
     Sql {
         operation: &'static str,
         #[source]
@@ -55,7 +56,7 @@ pub enum StoreError {
     },
     #[error(transparent)]
     Connect(#[from] crate::pg::config::SqlConnectError),
-    #[error("cannot serialize event {position}: {source}")]
+    #[error("cannot serialize event {position}")]
     Serialize {
         position: Position,
         #[source]
@@ -85,19 +86,17 @@ pub enum StoreError {
     },
     #[error("position {0} is beyond the event log (which ends at {1})")]
     BeyondLog(String, String),
-    #[error("bad stream filter: {0}")]
+    #[error("bad stream filter")]
     BadFilter(#[from] crate::filter::FilterError),
-    #[error("table {0} does not exist")]
-    NoSuchTable(String),
-    #[error("table {0} is not one of the source's published tables, so it is neither delivered nor exported")]
-    NotPublished(String),
+    #[error(transparent)]
+    Table(#[from] TableError),
     #[error("a stream needs at least one table")]
     NoTables,
     #[error("stream {name:?} was taken over by another consumer after this one's lease expired (it neither read nor acknowledged within the lease): reopen it (stream_busy)")]
     LeaseLost { name: String },
-    #[error("initial state: {0}")]
+    #[error("initial state")]
     Snapshot(#[from] crate::initial::SnapshotError),
-    #[error("writing the initial state: {0}")]
+    #[error("cannot write the initial state")]
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Pool(#[from] crate::pg::PoolError),
@@ -109,21 +108,21 @@ impl StoreError {
     }
 
     /// A stable code for the wire.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            StoreError::StreamBusy { .. } | StoreError::LeaseLost { .. } => "stream_busy",
-            StoreError::StaleCursor { .. } => "stale_cursor",
-            StoreError::NoSuchStream(_) => "not_found",
-            StoreError::StreamExists(_) => "conflict",
+            StoreError::StreamBusy { .. } | StoreError::LeaseLost { .. } => ErrorCode::StreamBusy,
+            StoreError::StaleCursor { .. } => ErrorCode::StaleCursor,
+            StoreError::NoSuchStream(_) => ErrorCode::NotFound,
+            StoreError::StreamExists(_) => ErrorCode::Conflict,
             StoreError::InvalidStreamName(_)
             | StoreError::AheadOfDelivery { .. }
             | StoreError::BeyondLog(..)
-            | StoreError::NoSuchTable(_)
-            | StoreError::NoTables => "bad_request",
-            StoreError::BadFilter(_) => "bad_filter",
-            StoreError::NotPublished(_) => "unknown_table",
+            | StoreError::Table(TableError::Missing(_))
+            | StoreError::NoTables => ErrorCode::BadRequest,
+            StoreError::BadFilter(_) => ErrorCode::BadFilter,
+            StoreError::Table(_) => ErrorCode::UnknownTable,
             StoreError::Snapshot(e) => e.code(),
-            _ => "internal",
+            _ => ErrorCode::Internal,
         }
     }
 

@@ -123,7 +123,7 @@ async fn listen(store: SourceConfig, wake: broadcast::Sender<Wake>, stop: Cancel
                 tracing::warn!("the connection listening for appends closed; reopening");
             }
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "cannot listen for appends yet");
+                tracing::warn!(error = %crate::error::report(&e), retry_in = ?backoff, "cannot listen for appends yet");
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}

@@ -166,7 +166,9 @@ pub async fn run(
         if client.is_none() {
             match store.connect_sql().await {
                 Ok(c) => client = Some(c),
-                Err(e) => tracing::warn!(source, error = %e, "retention cannot connect"),
+                Err(e) => {
+                    tracing::warn!(source, error = %crate::error::report(&e), "retention cannot connect")
+                }
             }
         }
         if let Some(c) = client.as_mut() {
@@ -176,7 +178,7 @@ pub async fn run(
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(source, error = %e, "retention failed; retrying at the next interval");
+                    tracing::warn!(source, error = %crate::error::report(&e), "retention failed; retrying at the next interval");
                     if e.is_transient() {
                         client = None;
                     }

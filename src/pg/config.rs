@@ -35,7 +35,7 @@ pub enum TlsMode {
 /// The configuration was not usable; the message names the setting.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("invalid database URL: {0}")]
+    #[error("invalid database URL")]
     Url(#[source] tokio_postgres::Error),
     #[error(
         "invalid sslmode {0:?}: expected disable, allow, prefer, require, verify-ca or verify-full"
@@ -258,7 +258,7 @@ async fn drive<S, T>(
             }
             Some(Ok(_)) => {}
             Some(Err(e)) => {
-                tracing::debug!(error = %e, "SQL connection closed");
+                tracing::debug!(error = %crate::error::report(&e), "SQL connection closed");
                 return;
             }
             None => return,
@@ -271,7 +271,7 @@ async fn drive<S, T>(
 pub enum SqlConnectError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot connect to {target}: {}", pg_error_text(.source))]
+    #[error("cannot connect to {target}")]
     Postgres {
         target: String,
         #[source]

@@ -18,13 +18,13 @@ use crate::pg::config::TlsMode;
 /// The TLS settings could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read sslrootcert {path}: {source}")]
+    #[error("cannot read sslrootcert {path}")]
     RootCert {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("sslrootcert {path} is not valid PEM: {source}")]
+    #[error("sslrootcert {path} is not valid PEM")]
     RootCertPem {
         path: String,
         #[source]
@@ -32,7 +32,7 @@ pub enum TlsError {
     },
     #[error("sslrootcert {path} holds no usable certificate")]
     NoCertificate { path: String },
-    #[error("TLS setup failed: {0}")]
+    #[error("TLS setup failed")]
     Rustls(#[from] rustls::Error),
 }
 

@@ -71,13 +71,13 @@ pub fn pg_error_is_transient(e: &tokio_postgres::Error) -> bool {
 /// Failures of the replication connection.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
-    #[error("cannot connect to {target}: {source}")]
+    #[error("cannot connect to {target}")]
     Connect {
         target: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("I/O error on the replication connection: {0}")]
+    #[error("I/O error on the replication connection")]
     Io(#[from] std::io::Error),
     #[error("TLS: {0}")]
     Tls(String),

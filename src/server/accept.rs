@@ -54,7 +54,7 @@ pub async fn serve(
             Err(e) => {
                 // Out of file descriptors, or a connection reset before it was accepted:
                 // pause rather than spin, then go on.
-                tracing::warn!(error = %e, "accept failed");
+                tracing::warn!(error = %crate::error::report(&e), "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -131,7 +131,7 @@ fn connection(
             }
         };
         if let Err(e) = result {
-            tracing::debug!(error = %e, "connection ended");
+            tracing::debug!(error = %crate::error::report(&e), "connection ended");
         }
     }
 }

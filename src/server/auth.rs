@@ -29,7 +29,7 @@ use crate::event::{Position, TableName};
 /// The keys file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
-    #[error("cannot read the keys file {path}: {source}")]
+    #[error("cannot read the keys file {path}")]
     Read {
         path: String,
         #[source]

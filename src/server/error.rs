@@ -1,4 +1,5 @@
-//! The API's errors: one enum, each variant with a stable wire code and an HTTP status.
+//! The API's errors: one enum, each variant with a stable wire code ([`ErrorCode`]), which
+//! gives its HTTP status.
 //!
 //! Every failure leaves the server as `{"error": {"code": "...", "message": "..."}}` (or, on
 //! an open event stream, as an `error` item with the same object). Codes are a contract:
@@ -8,6 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::error::{report, ErrorCode, TableError};
 use crate::hub::SubscriptionError;
 use crate::log::StoreError;
 
@@ -28,8 +30,6 @@ pub enum ApiError {
     BadFilter(String),
     #[error("{0}")]
     NotFound(String),
-    #[error("table {0} is not one of the source's published tables")]
-    NotPublished(crate::event::TableName),
     #[error("too many open connections for this key (at most {0}): close some first")]
     TooManyConnections(usize),
     #[error("the request body is too large (at most {0} bytes)")]
@@ -51,6 +51,12 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<TableError> for ApiError {
+    fn from(e: TableError) -> Self {
+        StoreError::Table(e).into()
+    }
+}
+
 impl From<SubscriptionError> for ApiError {
     fn from(e: SubscriptionError) -> Self {
         ApiError::Subscription(Box::new(e))
@@ -59,56 +65,34 @@ impl From<SubscriptionError> for ApiError {
 
 impl ApiError {
     /// The stable code for the wire.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            ApiError::Unauthorized => "unauthorized",
-            ApiError::TokenExpired => "token_expired",
-            ApiError::Forbidden(_) => "forbidden",
-            ApiError::BadRequest(_) => "bad_request",
-            ApiError::BadFilter(_) => "bad_filter",
-            ApiError::NotFound(_) => "not_found",
-            ApiError::NotPublished(_) => "unknown_table",
-            ApiError::TooManyConnections(_) => "too_many_connections",
-            ApiError::TooLarge(_) => "payload_too_large",
-            ApiError::ShuttingDown => "shutting_down",
-            ApiError::Busy(_) => "server_busy",
+            ApiError::Unauthorized => ErrorCode::Unauthorized,
+            ApiError::TokenExpired => ErrorCode::TokenExpired,
+            ApiError::Forbidden(_) => ErrorCode::Forbidden,
+            ApiError::BadRequest(_) => ErrorCode::BadRequest,
+            ApiError::BadFilter(_) => ErrorCode::BadFilter,
+            ApiError::NotFound(_) => ErrorCode::NotFound,
+            ApiError::TooManyConnections(_) => ErrorCode::TooManyConnections,
+            ApiError::TooLarge(_) => ErrorCode::PayloadTooLarge,
+            ApiError::ShuttingDown => ErrorCode::ShuttingDown,
+            ApiError::Busy(_) => ErrorCode::ServerBusy,
             ApiError::Store(e) => e.code(),
             ApiError::Subscription(e) => e.code(),
         }
     }
 
     pub fn status(&self) -> StatusCode {
-        match self.code() {
-            "unauthorized" | "token_expired" => StatusCode::UNAUTHORIZED,
-            "forbidden" => StatusCode::FORBIDDEN,
-            "bad_request" | "bad_filter" | "unknown_table" => StatusCode::BAD_REQUEST,
-            "not_found" => StatusCode::NOT_FOUND,
-            "stream_busy" | "conflict" => StatusCode::CONFLICT,
-            "stale_cursor" => StatusCode::GONE,
-            "too_many_connections" => StatusCode::TOO_MANY_REQUESTS,
-            "payload_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
-            "shutting_down" | "source_stopped" | "source_unavailable" | "server_busy" => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            "source_interrupted" => StatusCode::SERVICE_UNAVAILABLE,
-            "lagged" => StatusCode::CONFLICT,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        }
+        self.code().status()
     }
 
-    /// What the client is told. A failure on the server's side (the database, the
-    /// change source) is told only by its code: its text can name the database's
-    /// `user@host:port/db` or quote SQL, which stay in the server's log.
+    /// What the client is told: the error and its causes, or only the code's text for a
+    /// failure on the server's side (the database, the change source), whose details stay
+    /// in the server's log.
     pub fn public_message(&self) -> String {
-        match self.code() {
-            "internal" => "internal error (details are in the server's log)".into(),
-            "source_stopped" => {
-                "the change source stopped (details are in the server's log)".into()
-            }
-            "snapshot_failed" => {
-                "reading the initial state failed (details are in the server's log)".into()
-            }
-            _ => self.to_string(),
+        match self.code().withheld_message() {
+            Some(text) => text.to_owned(),
+            None => report(self),
         }
     }
 
@@ -131,17 +115,17 @@ pub fn json_body<T>(
 }
 
 /// `{"code": ..., "message": ...}`, the one shape of every error on the wire.
-pub fn error_body(code: &str, message: &str) -> serde_json::Value {
-    json!({"code": code, "message": message})
+pub fn error_body(code: ErrorCode, message: &str) -> serde_json::Value {
+    json!({"code": code.as_str(), "message": message})
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         if status.is_server_error() {
-            tracing::warn!(code = self.code(), error = %self, "request failed");
+            tracing::warn!(code = %self.code(), error = %report(&self), "request failed");
         } else {
-            tracing::debug!(code = self.code(), error = %self, "request refused");
+            tracing::debug!(code = %self.code(), error = %report(&self), "request refused");
         }
         (status, axum::Json(json!({"error": self.body()}))).into_response()
     }
@@ -157,7 +141,7 @@ mod tests {
             position: "postgres@db.internal:5432/app".into(),
             message: "ERROR: relation (SQLSTATE 42P01)".into(),
         });
-        assert_eq!(corrupt.code(), "internal");
+        assert_eq!(corrupt.code(), ErrorCode::Internal);
         let told = corrupt.body().to_string();
         assert!(
             !told.contains("db.internal") && !told.contains("SQLSTATE"),

@@ -37,6 +37,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::error::{ErrorCode, TableError};
 use crate::event::TableName;
 use crate::filter::Filter;
 use crate::hub::{Hub, HubConfig};
@@ -145,15 +146,15 @@ impl ServerConfig {
 /// Why the server stopped or could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot start the subscription hub: {0}")]
+    #[error("cannot start the subscription hub")]
     Hub(#[source] crate::Error),
     #[error(transparent)]
     Pipeline(Box<AppendError>),
-    #[error("HTTP server: {0}")]
+    #[error("HTTP server")]
     Io(#[from] std::io::Error),
     #[error("invalid CORS origin {0:?}")]
     CorsOrigin(String),
-    #[error("cannot make the stream consumers' connection pool: {0}")]
+    #[error("cannot make the stream consumers' connection pool")]
     Pool(#[source] StoreError),
 }
 
@@ -220,7 +221,7 @@ impl AppState {
         if published {
             Ok(())
         } else {
-            Err(ApiError::NotPublished(table.clone()))
+            Err(TableError::NotPublished(table.to_string()).into())
         }
     }
 
@@ -235,7 +236,7 @@ impl AppState {
         let schema = crate::pg::catalog::table_schema(&catalog, table)
             .await
             .map_err(StoreError::sql("read a table's columns"))?
-            .ok_or_else(|| ApiError::NotPublished(table.clone()))?;
+            .ok_or_else(|| TableError::NotPublished(table.to_string()))?;
         crate::filter::CompiledFilter::new(filter, &schema)
             .map(drop)
             .map_err(|e| ApiError::BadFilter(e.to_string()))
@@ -428,7 +429,7 @@ pub async fn serve(
             match done {
                 Ok(Err(e)) => failure = Some(ServerError::Pipeline(Box::new(e))),
                 Ok(Ok(())) => {}
-                Err(e) => tracing::error!(error = %e, "the pipeline task failed"),
+                Err(e) => tracing::error!(error = %crate::error::report(&e), "the pipeline task failed"),
             }
             None
         }
@@ -451,7 +452,9 @@ pub async fn serve(
         match pipeline.await {
             Ok(Err(e)) => failure = Some(ServerError::Pipeline(Box::new(e))),
             Ok(Ok(())) => {}
-            Err(e) => tracing::error!(error = %e, "the pipeline task failed"),
+            Err(e) => {
+                tracing::error!(error = %crate::error::report(&e), "the pipeline task failed")
+            }
         }
     }
     match Arc::try_unwrap(state) {
@@ -561,11 +564,11 @@ async fn error_responses(
     let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
     let text = String::from_utf8_lossy(&text);
     let code = match status {
-        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-        StatusCode::NOT_FOUND => "not_found",
-        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-        s if s.is_server_error() => "internal",
-        _ => "bad_request",
+        StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+        StatusCode::NOT_FOUND => ErrorCode::NotFound,
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+        s if s.is_server_error() => ErrorCode::Internal,
+        _ => ErrorCode::BadRequest,
     };
     let message = match text.trim() {
         "" => status.canonical_reason().unwrap_or("error").to_owned(),

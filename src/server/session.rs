@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use super::error::{error_body, ApiError};
 use super::metrics::Metrics;
+use crate::error::{report, ErrorCode};
 use crate::hub::SubscriptionItem;
 use crate::log::streams::Cursor;
 
@@ -78,7 +79,7 @@ impl Frame {
     }
 
     /// An `error` item: `{"type": "error", "error": {"code", "message"}}`.
-    pub fn error(code: &str, message: &str) -> Frame {
+    pub fn error(code: ErrorCode, message: &str) -> Frame {
         let data = serde_json::json!({"type": "error", "error": error_body(code, message)});
         Frame {
             id: None,
@@ -176,9 +177,9 @@ impl Out {
     pub async fn fail(&mut self, error: &ApiError, metrics: &Metrics) {
         metrics.errors.fetch_add(1, Ordering::Relaxed);
         if error.status().is_server_error() {
-            tracing::warn!(code = error.code(), error = %error, "delivery failed");
+            tracing::warn!(code = %error.code(), error = %report(error), "delivery failed");
         } else {
-            tracing::debug!(code = error.code(), error = %error, "delivery refused");
+            tracing::debug!(code = %error.code(), error = %report(error), "delivery refused");
         }
         let _ = self
             .send(Frame::error(error.code(), &error.public_message()))

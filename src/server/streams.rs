@@ -331,7 +331,7 @@ impl Job {
                             }
                         }
                         Some(Inbound::Bad(message)) => {
-                            if out.send(Frame::error("bad_request", &message)).await.is_err() {
+                            if out.send(Frame::error(crate::error::ErrorCode::BadRequest, &message)).await.is_err() {
                                 break;
                             }
                         }

@@ -46,7 +46,7 @@ use crate::replication::{
     quote_literal, ReplicationConnection, ReplicationError, ReplicationMessage, ReplicationStream,
     StatusUpdate,
 };
-use crate::source::setup::{self, SetupOptions, SetupReport};
+use crate::source::setup::{self, SetupError, SetupOptions, SetupReport};
 use crate::source::spill::{SpillConfig, Spool, KEEP};
 
 /// What a listener reads and how.
@@ -442,16 +442,16 @@ impl Worker {
                 };
             }
             if s.code == "42704" && msg.contains("publication") {
-                return Error::PublicationMissing {
+                return Error::Setup(SetupError::PublicationMissing {
                     publication: self.config.publication.clone(),
-                };
+                });
             }
             if msg.contains("can no longer get changes from replication slot")
                 || msg.contains("has been invalidated")
             {
-                return Error::SlotLost {
+                return Error::Setup(SetupError::SlotLost {
                     slot: self.config.slot.clone(),
-                };
+                });
             }
         }
         Error::Replication(e)
@@ -476,7 +476,7 @@ impl Worker {
                 // A temporary slot dies with its connection: waiting for the server to come
                 // back cannot resume it, so the owner hears of the interruption at once.
                 Err(e) if e.is_transient() && !self.config.temporary_slot => {
-                    tracing::warn!(slot = %self.config.slot, error = %e, retry_in = ?backoff, "replication interrupted; reconnecting");
+                    tracing::warn!(slot = %self.config.slot, error = %crate::error::report(&e), retry_in = ?backoff, "replication interrupted; reconnecting");
                     tokio::select! {
                         _ = self.cancel.cancelled() => return,
                         _ = tokio::time::sleep(backoff) => {}
@@ -484,7 +484,7 @@ impl Worker {
                     backoff = (backoff * 2).min(self.config.reconnect_max);
                 }
                 Err(e) => {
-                    tracing::error!(slot = %self.config.slot, error = %e, "replication stopped");
+                    tracing::error!(slot = %self.config.slot, error = %crate::error::report(&e), "replication stopped");
                     let _ = self.tx.send(Err(e)).await;
                     return;
                 }
@@ -521,7 +521,7 @@ impl Worker {
     ) -> Result<SessionEnd, Error> {
         let status = self.status();
         if let Err(e) = stream.stop(status).await {
-            tracing::debug!(error = %e, "clean stop failed; the slot keeps the last sent position");
+            tracing::debug!(error = %crate::error::report(&e), "clean stop failed; the slot keeps the last sent position");
         } else {
             self.last_sent = status;
             tracing::info!(slot = %self.config.slot, flush = %status.flush, "streaming stopped");
@@ -596,9 +596,9 @@ impl Worker {
             }
             ReplicationMessage::Notice(n) => {
                 if n.message.contains("skipped loading publication") {
-                    return Err(Error::PublicationMissing {
+                    return Err(Error::Setup(SetupError::PublicationMissing {
                         publication: self.config.publication.clone(),
-                    });
+                    }));
                 }
                 tracing::warn!(notice = %n, "server notice");
             }
@@ -826,12 +826,12 @@ fn protocol_version(server_version_num: u32) -> Result<u32, Error> {
     match server_version_num {
         // Unknown: the lowest version waltap supports; a newer server accepts it too.
         0 => Ok(2),
-        v if v < 100_000 => Err(Error::UnsupportedServer {
+        v if v < 100_000 => Err(Error::Setup(SetupError::UnsupportedServer {
             version: format!("{}.{}.{}", v / 10_000, v % 10_000 / 100, v % 100),
-        }),
-        v if v < 140_000 => Err(Error::UnsupportedServer {
+        })),
+        v if v < 140_000 => Err(Error::Setup(SetupError::UnsupportedServer {
             version: format!("{}.{}", v / 10_000, v % 10_000),
-        }),
+        })),
         v if v < 150_000 => Ok(2),
         _ => Ok(3),
     }
@@ -847,7 +847,7 @@ mod tests {
     fn protocol_by_server_version() {
         assert!(matches!(
             protocol_version(130_012),
-            Err(Error::UnsupportedServer { version }) if version == "13.12"
+            Err(Error::Setup(SetupError::UnsupportedServer { version })) if version == "13.12"
         ));
         assert_eq!(protocol_version(140_011).ok(), Some(2));
         assert_eq!(protocol_version(150_008).ok(), Some(3));

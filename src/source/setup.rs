@@ -33,7 +33,7 @@ pub struct SetupOptions {
 pub enum SetupError {
     #[error("wal_level is {actual:?}, but logical replication needs 'logical': run ALTER SYSTEM SET wal_level = logical; and restart Postgres")]
     WalLevel { actual: String },
-    #[error("PostgreSQL {version} is not supported: waltap needs 14 or later")]
+    #[error("PostgreSQL {version} is too old: waltap needs PostgreSQL 14 or later (pgoutput protocol 2: streaming of large transactions, logical messages)")]
     UnsupportedServer { version: String },
     #[error(
         "role {role:?} may not replicate: run ALTER ROLE {role} REPLICATION; (as a superuser)"
@@ -46,8 +46,8 @@ pub enum SetupError {
         publication: String,
         message: String,
     },
-    #[error("table {table} does not exist")]
-    TableMissing { table: String },
+    #[error(transparent)]
+    Table(#[from] crate::error::TableError),
     #[error("table {table} is not in publication {publication:?}: run ALTER PUBLICATION {publication} ADD TABLE {table};")]
     TableNotPublished { table: String, publication: String },
     #[error("role {role:?} lacks SELECT on published tables {tables}: run GRANT SELECT ON {tables} TO {role};")]
@@ -62,7 +62,7 @@ pub enum SetupError {
         database: String,
         expected: String,
     },
-    #[error("replication slot {slot:?} was invalidated (wal_status = lost): the WAL it needed is gone and changes were lost; drop it (SELECT pg_drop_replication_slot('{slot}')), run `waltap setup`, and re-read the current rows")]
+    #[error("replication slot {slot:?} was invalidated (its WAL was removed, e.g. by max_slot_wal_keep_size): the changes since its last confirmed position were lost; drop it (SELECT pg_drop_replication_slot('{slot}')), run `waltap setup`, and re-read the current rows")]
     SlotLost { slot: String },
     #[error(
         "failover slots need PostgreSQL 17 or later, the server runs {version}: drop --failover"
@@ -72,7 +72,7 @@ pub enum SetupError {
     FailoverTemporary,
     #[error("cannot create replication slot {slot:?}: {message}")]
     CannotCreateSlot { slot: String, message: String },
-    #[error("SQL error during setup: {}", crate::pg::config::pg_error_text(.0))]
+    #[error("SQL error during setup")]
     Sql(#[from] tokio_postgres::Error),
 }
 
@@ -292,9 +292,7 @@ async fn table_exists(client: &Client, t: &TableName) -> Result<(), SetupError> 
         .await?;
     match found {
         Some(_) => Ok(()),
-        None => Err(SetupError::TableMissing {
-            table: t.to_string(),
-        }),
+        None => Err(crate::error::TableError::Missing(t.to_string()).into()),
     }
 }
 

@@ -68,7 +68,7 @@ impl Default for SpillConfig {
 /// not what pgoutput sends. All are definite: going on could lose or invent changes.
 #[derive(Debug, thiserror::Error)]
 pub enum SpillError {
-    #[error("spill file {}: {source}", path.display())]
+    #[error("spill file {}", path.display())]
     Io {
         path: PathBuf,
         #[source]

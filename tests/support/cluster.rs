@@ -262,7 +262,8 @@ impl Cluster {
     }
 
     fn start_local(bindir: PathBuf, dedicated: bool) -> Result<Cluster, String> {
-        let server = LocalPg::start(&test_cluster_options(bindir)).map_err(|e| e.to_string())?;
+        let server =
+            LocalPg::start(&test_cluster_options(bindir)).map_err(|e| waltap::report(&e))?;
         if server.ca_cert_path().is_none() {
             eprintln!("waltap tests: `openssl` not found; test cluster runs without TLS");
         }

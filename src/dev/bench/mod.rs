@@ -92,7 +92,7 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
     eprintln!("bench: starting a throwaway PostgreSQL");
     let pg = tokio::task::spawn_blocking(|| LocalPg::start(&LocalPgOptions::default()))
         .await?
-        .map_err(|e| anyhow!("cannot start a local PostgreSQL: {e}"))?;
+        .context("cannot start a local PostgreSQL")?;
     let report = run_on(&pg, config, logs).await;
     // pg_ctl stop blocks: keep it off the async workers.
     tokio::task::spawn_blocking(move || drop(pg)).await?;

@@ -1292,7 +1292,7 @@ fn errors_are_typed() {
         let mut out = run_with(&mut asm, setup).unwrap_or_else(|e| panic!("{name}: setup: {e}"));
         let err = asm.handle(failing, &mut out).expect_err(name);
         assert!(check(&err), "{name}: {err:?}");
-        let text = err.to_string();
+        let text = crate::error::report(&err);
         for w in words {
             assert!(text.contains(w), "{name}: {text:?} lacks {w:?}");
         }

@@ -269,7 +269,7 @@ impl Shared {
         let client = match self.pool.get().await {
             Ok(c) => c,
             Err(e) => {
-                tracing::debug!(stream = %self.name, error = %e, "lease not released; it expires");
+                tracing::debug!(stream = %self.name, error = %crate::error::report(&e), "lease not released; it expires");
                 return;
             }
         };
@@ -281,7 +281,7 @@ impl Shared {
             )
             .await;
         if let Err(e) = result {
-            tracing::debug!(stream = %self.name, error = %e, "lease not released; it expires");
+            tracing::debug!(stream = %self.name, error = %crate::error::report(&e), "lease not released; it expires");
         }
     }
 }

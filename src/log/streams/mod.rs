@@ -232,7 +232,7 @@ pub async fn create(
         .iter()
         .zip(table_schemas(catalog_client, &tables).await?)
     {
-        let schema = schema.ok_or_else(|| StoreError::NoSuchTable(t.to_string()))?;
+        let schema = schema.ok_or_else(|| crate::error::TableError::Missing(t.to_string()))?;
         let compiled = CompiledFilter::new(def.filter.as_ref(), &schema)?;
         for w in compiled.warnings() {
             tracing::warn!(stream = %def.name, table = %t, "{w}");
