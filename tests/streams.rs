@@ -943,3 +943,42 @@ async fn ack_does_not_wait_behind_an_unpolled_page() {
     assert_eq!(ids(&rest), (101..=1200).collect::<Vec<_>>());
     p.stop().await;
 }
+
+/// Applied migrations carry a checksum: one recorded by an older waltap (none) is filled
+/// in, and an applied migration whose SQL changed stops every command with a clear error.
+#[tokio::test]
+async fn an_edited_applied_migration_is_refused() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    waltap::log::migrate(&c).await.unwrap();
+    c.batch_execute("UPDATE waltap.migrations SET checksum = NULL")
+        .await
+        .unwrap();
+    waltap::log::migrate(&c).await.unwrap();
+    let unrecorded: i64 = c
+        .query_one(
+            "SELECT count(*) FROM waltap.migrations WHERE checksum IS NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(unrecorded, 0);
+
+    c.batch_execute("UPDATE waltap.migrations SET checksum = 'edited' WHERE version = 2")
+        .await
+        .unwrap();
+    let err = waltap::log::migrate(&c).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::MigrationChanged { version: 2, .. }),
+        "{err:?}"
+    );
+    let out = output(crate::support::waltap(&db.url(), &["stream", "list"])).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("migration 2 was applied with different SQL"),
+        "{stderr}"
+    );
+    db.teardown().await;
+}

@@ -100,6 +100,12 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Pool(#[from] crate::pg::PoolError),
+    #[error("event log migration {version} was applied with different SQL than this waltap's (checksum {recorded} recorded in waltap.migrations, {current} now): an applied migration was edited; restore its file, or put the change in a new migration")]
+    MigrationChanged {
+        version: i32,
+        recorded: String,
+        current: String,
+    },
 }
 
 impl StoreError {

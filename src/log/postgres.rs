@@ -25,8 +25,19 @@ pub struct PgLog {
     bodies: Vec<String>,
 }
 
+/// The SHA-256 of a migration's SQL, in hex: recorded when it is applied, so that an
+/// applied migration edited afterwards is noticed instead of silently skipped.
+fn migration_checksum(sql: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(sql.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Applies the migrations that are not yet recorded, under an advisory lock so that
-/// concurrent processes do not race.
+/// concurrent processes do not race, and refuses to run on a log whose applied
+/// migrations differ from this waltap's ([`StoreError::MigrationChanged`]).
 pub async fn migrate(client: &Client) -> Result<(), StoreError> {
     // Under the lock too: two processes creating the schema at once would otherwise
     // collide on its name.
@@ -38,6 +49,7 @@ pub async fn migrate(client: &Client) -> Result<(), StoreError> {
              CREATE TABLE IF NOT EXISTS waltap.migrations (
                  version integer PRIMARY KEY,
                  applied_at timestamptz NOT NULL DEFAULT now());
+             ALTER TABLE waltap.migrations ADD COLUMN IF NOT EXISTS checksum text;
              COMMIT;",
         )
         .await;
@@ -49,22 +61,45 @@ pub async fn migrate(client: &Client) -> Result<(), StoreError> {
         });
     }
     for (version, sql) in MIGRATIONS {
-        let done = client
+        let checksum = migration_checksum(sql);
+        let applied = client
             .query_opt(
-                "SELECT 1 FROM waltap.migrations WHERE version = $1",
+                "SELECT checksum FROM waltap.migrations WHERE version = $1",
                 &[version],
             )
             .await
             .map_err(StoreError::sql("read applied migrations"))?;
-        if done.is_some() {
-            continue;
+        match applied.map(|row| row.get::<_, Option<String>>(0)) {
+            Some(Some(recorded)) if recorded == checksum => continue,
+            Some(Some(recorded)) => {
+                return Err(StoreError::MigrationChanged {
+                    version: *version,
+                    recorded,
+                    current: checksum,
+                })
+            }
+            // Applied by a waltap that kept no checksums: this text is taken as what
+            // was applied (the migrations were never edited before checksums existed).
+            Some(None) => {
+                client
+                    .execute(
+                        "UPDATE waltap.migrations SET checksum = $2
+                         WHERE version = $1 AND checksum IS NULL",
+                        &[version, &checksum],
+                    )
+                    .await
+                    .map_err(StoreError::sql("record a migration's checksum"))?;
+                continue;
+            }
+            None => {}
         }
         // Explicit BEGIN/COMMIT: one migration and its record commit together.
         let script = format!(
             "BEGIN;
              SELECT pg_advisory_xact_lock(7272727272);
              {sql}
-             INSERT INTO waltap.migrations (version) VALUES ({version}) ON CONFLICT DO NOTHING;
+             INSERT INTO waltap.migrations (version, checksum) VALUES ({version}, '{checksum}')
+                 ON CONFLICT DO NOTHING;
              COMMIT;"
         );
         if let Err(e) = client.batch_execute(&script).await {
