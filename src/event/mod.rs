@@ -19,6 +19,7 @@ use serde::Serialize;
 
 pub use assemble::{Assembler, AssemblerOptions, EventError, Output, TableName, WATERMARK_PREFIX};
 pub use position::{ParsePositionError, Position};
+pub(crate) use time::days_from_civil;
 pub use time::rfc3339_micros;
 
 use crate::lsn::Lsn;

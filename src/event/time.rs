@@ -89,17 +89,19 @@ pub fn parse_rfc3339_micros(s: &str) -> Option<i64> {
         }
         _ => return None,
     };
-    let days = days_from_civil(y, mo as u32, d as u32) - PG_EPOCH_DAYS;
+    let days = days_from_civil(y, i64::from(mo), i64::from(d)) - PG_EPOCH_DAYS;
     Some(((days * 86_400 + h * 3600 + mi * 60 + sec) * 1_000_000) + micros)
 }
 
-/// Day count since 1970-01-01 of a Gregorian date (inverse of `civil_from_days`).
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
+/// Day count since 1970-01-01 of a proleptic Gregorian date, astronomical year numbering
+/// (inverse of `civil_from_days`; Howard Hinnant's algorithm). The crate's only calendar
+/// arithmetic, with `civil_from_days`: filters, events and the benchmark all use these.
+pub(crate) fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
     let era = y.div_euclid(400);
     let yoe = y.rem_euclid(400);
-    let mp = i64::from((m + 9) % 12);
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let mp = (month + 9).rem_euclid(12);
+    let doy = (153 * mp + 2) / 5 + day - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
 }

@@ -8,6 +8,8 @@
 //! literals come from users; event values were already checked by the server. Fractions
 //! round to microseconds, as Postgres rounds input.
 
+use crate::event::days_from_civil;
+
 const MICROS_PER_SECOND: i64 = 1_000_000;
 const MICROS_PER_DAY: i64 = 86_400 * MICROS_PER_SECOND;
 /// Postgres stops at year 294276; 9 digits keep every intermediate in range.
@@ -73,18 +75,6 @@ fn days_in_month(year: i64, month: i64) -> i64 {
         4 | 6 | 9 | 11 => 30,
         _ => 31,
     }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date, astronomical year numbering
-/// (Howard Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = if month > 2 { month - 3 } else { month + 9 };
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// `[±]YYYY-MM-DD` -> (sign, year digits as written, month, day); the sign and ` BC` are

@@ -6,6 +6,7 @@
 //! `time` prints centiseconds, so one figure is only good to about 10 ms: runs are sized
 //! to take seconds.
 
+use crate::event::days_from_civil;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -268,16 +269,6 @@ impl Cursor<'_> {
         }
         &self.s[start..self.at]
     }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let year_of_era = y - era * 400;
-    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
 }
 
 #[cfg(test)]
