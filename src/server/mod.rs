@@ -40,7 +40,7 @@ use tokio_util::task::TaskTracker;
 use crate::event::TableName;
 use crate::filter::Filter;
 use crate::hub::{Hub, HubConfig};
-use crate::log::append::{self, AppendError, AppenderConfig};
+use crate::log::append::{AppendError, AppenderConfig};
 use crate::log::StoreError;
 use crate::pg::config::SourceConfig;
 pub use auth::{ApiKey, Keys, KeysError};
@@ -125,6 +125,8 @@ pub struct ServerConfig {
     /// At shutdown, how long open requests and connections may take to finish before
     /// they are closed.
     pub shutdown_grace: Duration,
+    /// How this process joins the group of processes on its slot (one leader appends).
+    pub group: crate::log::leader::GroupConfig,
 }
 
 impl ServerConfig {
@@ -138,6 +140,7 @@ impl ServerConfig {
             keepalive: Duration::from_secs(15),
             store_pool_size: crate::log::pool::DEFAULT_POOL_SIZE,
             shutdown_grace: Duration::from_secs(10),
+            group: Default::default(),
         }
     }
 }
@@ -383,8 +386,15 @@ pub async fn serve(
         tracing::warn!("no token secret configured (WALTAP_TOKEN_SECRET or token_secret in the keys file): tokens are signed with a random secret and stop working when the process restarts");
     }
 
-    let pipeline_stop = CancellationToken::new();
-    let mut pipeline = tokio::spawn(append::run(appender_config, pipeline_stop.clone()));
+    // Stopped with the server (not after its sessions drained): a leader that is shutting
+    // down hands over at once, and its open sessions keep reading the log meanwhile.
+    let pipeline_stop = cancel.child_token();
+    let mut pipeline = tokio::spawn(crate::log::leader::run(
+        appender_config,
+        config.group.clone(),
+        metrics.membership.clone(),
+        pipeline_stop.clone(),
+    ));
 
     let app = router(state.clone(), cors);
     let addr = listener.local_addr()?;
@@ -402,20 +412,17 @@ pub async fn serve(
         stop.clone(),
     ));
 
-    let mut failure = None;
+    let mut pipeline_done = None;
     let served = tokio::select! {
         served = &mut server => Some(served),
         done = &mut pipeline => {
             state.pipeline_running.store(false, std::sync::atomic::Ordering::Relaxed);
-            match done {
-                Ok(Err(e)) => failure = Some(ServerError::Pipeline(Box::new(e))),
-                Ok(Ok(())) => {}
-                Err(e) => tracing::error!(error = %e, "the pipeline task failed"),
-            }
+            pipeline_done = Some(done);
             None
         }
     };
-    // Shutdown, in order: no new connections, open sessions end, then the pipeline.
+    // Shutdown, in order: no new connections, open sessions end; the pipeline stopped
+    // with the signal (leadership passes on while the sessions drain).
     stop.cancel();
     let served = match served {
         Some(s) => s,
@@ -429,12 +436,15 @@ pub async fn serve(
         tracing::warn!("delivery sessions still open after the grace period; stopping anyway");
     }
     pipeline_stop.cancel();
-    if failure.is_none() {
-        match pipeline.await {
-            Ok(Err(e)) => failure = Some(ServerError::Pipeline(Box::new(e))),
-            Ok(Ok(())) => {}
-            Err(e) => tracing::error!(error = %e, "the pipeline task failed"),
-        }
+    let done = match pipeline_done {
+        Some(done) => done,
+        None => pipeline.await,
+    };
+    let mut failure = None;
+    match done {
+        Ok(Err(e)) => failure = Some(ServerError::Pipeline(Box::new(e))),
+        Ok(Ok(())) => {}
+        Err(e) => tracing::error!(error = %e, "the pipeline task failed"),
     }
     match Arc::try_unwrap(state) {
         Ok(state) => state.hub.shutdown().await,
@@ -622,7 +632,17 @@ async fn replication(state: &AppState) -> Replication {
 async fn healthz(State(state): State<Shared>) -> Response {
     let r = replication(&state).await;
     let hub = state.hub.is_streaming();
-    let healthy = r.connected && r.lag_bytes.is_some() && hub;
+    // A follower serves from the log while another member appends: it needs the store,
+    // not the slot.
+    let membership = &state.metrics.membership;
+    let pipeline = if membership.is_leader() {
+        r.connected
+    } else {
+        state
+            .pipeline_running
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let healthy = pipeline && r.lag_bytes.is_some() && hub;
     let status = if healthy {
         StatusCode::OK
     } else {
@@ -630,6 +650,8 @@ async fn healthz(State(state): State<Shared>) -> Response {
     };
     let mut body = json!({
         "status": if healthy { "ok" } else { "unavailable" },
+        "role": membership.role(),
+        "term": membership.term(),
         "replication": r,
         "subscriptions": {"streaming": hub},
     });
