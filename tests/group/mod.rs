@@ -71,6 +71,9 @@ impl Group {
             TAKEOVER_TIMEOUT,
             "--shutdown-grace",
             "2",
+            // Room for the bulk transaction: a subscriber further behind is cut off.
+            "--subscriber-queue",
+            "8192",
         ]);
         cmd.env("WALTAP_API_KEYS", KEYS)
             .env("WALTAP_LOG", "info")

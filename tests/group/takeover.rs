@@ -142,6 +142,9 @@ async fn leader_killed_repeatedly_loses_nothing() {
             members[next].url
         );
         takeovers.push(appending);
+        if std::env::var("WALTAP_GROUP_DEBUG").is_ok() {
+            eprintln!("killed at {:?}; the new leader's logs:\n{}", std::time::SystemTime::now() - appending, members[next].log());
+        }
         *leader_url.lock().unwrap() = members[next].url.clone();
         members.push(g.member().await);
         *urls.lock().unwrap() = members.iter().map(|m| m.url.clone()).collect();
@@ -239,6 +242,18 @@ async fn sigterm_hands_over_and_follower_subscriptions_see_everything() {
     )
     .await;
     sse.expect("initialized").await;
+    // Read as it comes: a subscriber that falls behind by its queue is cut off.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let subscription = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Some(frame) = sse.next().await {
+                if frame.event == "change" {
+                    seen.lock().unwrap().push(change_of(&frame.data));
+                }
+            }
+        })
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let writer = spawn_writer(g.url.clone(), 0x7E, stop.clone());
     appended_after(&c, &g.slot, progress(&c, &g.slot).await).await;
@@ -254,6 +269,17 @@ async fn sigterm_hands_over_and_follower_subscriptions_see_everything() {
     let elected = asked.elapsed();
     let appending = appended_after(&c, &g.slot, mark).await + elected;
     eprintln!("SIGTERM handover: led by {elected:?}, appended by {appending:?}");
+    // `waltap status` names the new leader.
+    let report: Json = serde_json::from_str(&support::run_ok(g.waltap(&["status"])).await).unwrap();
+    let pid = members[0].child.id().unwrap();
+    assert_eq!(report["leader"]["active"], true, "{report}");
+    assert!(
+        report["leader"]["member"]
+            .as_str()
+            .is_some_and(|m| m.ends_with(&format!(":{pid}"))),
+        "{report}"
+    );
+    assert!(report["leader"]["since"].is_string(), "{report}");
     let status = tokio::time::timeout(PATIENCE, old.child.wait())
         .await
         .expect("the old leader exits")
@@ -263,14 +289,18 @@ async fn sigterm_hands_over_and_follower_subscriptions_see_everything() {
     stop.store(true, Ordering::Relaxed);
     let committed = writer.await.unwrap();
     assert_log_is(&c, &g.slot, &committed).await;
-    let mut seen = Vec::new();
-    while seen.len() < committed.len() {
-        let frame = sse.next().await.expect("the subscription stays open");
-        if frame.event == "change" {
-            seen.push(change_of(&frame.data));
-        }
-    }
-    assert!(seen == committed, "the follower's subscription missed or repeated changes");
+    support::wait_for("the subscription to see every change", PATIENCE, || async {
+        seen.lock().unwrap().len() >= committed.len() || subscription.is_finished()
+    })
+    .await;
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen == committed,
+        "the follower's subscription got {} changes of {} (or others); its logs:\n{}",
+        seen.len(),
+        committed.len(),
+        members[0].log()
+    );
     for m in members {
         m.sigkill().await;
     }
