@@ -633,13 +633,14 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         Some(url) => Some(SourceConfig::parse(url)?.connect_sql().await?),
         None => None,
     };
-    let leader = crate::log::leader::current_leader(store.as_ref().unwrap_or(&client), &args.source.slot)
-        .await
-        .unwrap_or_else(|e| {
-            // An event log that does not exist yet (or predates groups) has no leader.
-            tracing::debug!(error = %e, "no leader recorded");
-            None
-        });
+    let leader =
+        crate::log::leader::current_leader(store.as_ref().unwrap_or(&client), &args.source.slot)
+            .await
+            .unwrap_or_else(|e| {
+                // An event log that does not exist yet (or predates groups) has no leader.
+                tracing::debug!(error = %e, "no leader recorded");
+                None
+            });
     print_report(&client, &args.source, false, Some(leader)).await
 }
 

@@ -221,7 +221,10 @@ impl Lock {
             ))
             .await
             .map_err(StoreError::sql("set the leadership session's keepalives"))?;
-        let idle_ms = group.takeover_timeout.as_millis().clamp(1, i32::MAX as u128);
+        let idle_ms = group
+            .takeover_timeout
+            .as_millis()
+            .clamp(1, i32::MAX as u128);
         if let Err(e) = client
             .execute(
                 "SELECT set_config('idle_session_timeout', $1, false)",
@@ -261,9 +264,10 @@ impl Lock {
         loop {
             tokio::time::sleep(period).await;
             let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&slot];
-            let beat = self
-                .client
-                .query_opt("SELECT term FROM waltap.progress WHERE source = $1", &params);
+            let beat = self.client.query_opt(
+                "SELECT term FROM waltap.progress WHERE source = $1",
+                &params,
+            );
             match tokio::time::timeout(timeout / 2, beat).await {
                 Err(_) => {
                     return format!(

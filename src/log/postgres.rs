@@ -120,8 +120,15 @@ impl PgLog {
     /// [`StoreError::Fenced`] once another member took over. A store transaction left
     /// open longer than `idle_limit` (its process paused or cut off) is ended by Postgres,
     /// so that it cannot hold up the next leader's rows.
-    pub async fn fence(&mut self, term: i64, idle_limit: std::time::Duration) -> Result<(), StoreError> {
-        let ms = idle_limit.as_millis().clamp(1, i32::MAX as u128).to_string();
+    pub async fn fence(
+        &mut self,
+        term: i64,
+        idle_limit: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        let ms = idle_limit
+            .as_millis()
+            .clamp(1, i32::MAX as u128)
+            .to_string();
         self.client
             .execute(
                 "SELECT set_config('idle_in_transaction_session_timeout', $1, false)",

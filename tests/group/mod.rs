@@ -88,7 +88,10 @@ impl Group {
                 }
                 log.lock().unwrap().push_str(&line);
             }
-            panic!("waltap serve exited before listening: {}", log.lock().unwrap());
+            panic!(
+                "waltap serve exited before listening: {}",
+                log.lock().unwrap()
+            );
         })
         .await
         .expect("waltap serve listens");
@@ -155,7 +158,10 @@ impl Member {
     /// Panics with its logs if the member ended on its own.
     pub fn assert_alive(&mut self) {
         if let Some(status) = self.child.try_wait().unwrap() {
-            panic!("a member exited by itself ({status}); logs:\n{}", self.log());
+            panic!(
+                "a member exited by itself ({status}); logs:\n{}",
+                self.log()
+            );
         }
     }
 
@@ -289,14 +295,18 @@ impl Writer {
 /// Waits until the log holds `expected` changes, then checks it is exactly them.
 pub async fn assert_log_is(c: &Client, slot: &str, expected: &[Change]) {
     let n = expected.len() as i64;
-    support::wait_for("the log to hold every committed change", PATIENCE, || async {
-        c.query_one(
-            "SELECT count(*) FROM waltap.events WHERE source = $1",
-            &[&slot],
-        )
-        .await
-        .is_ok_and(|r| r.get::<_, i64>(0) >= n)
-    })
+    support::wait_for(
+        "the log to hold every committed change",
+        PATIENCE,
+        || async {
+            c.query_one(
+                "SELECT count(*) FROM waltap.events WHERE source = $1",
+                &[&slot],
+            )
+            .await
+            .is_ok_and(|r| r.get::<_, i64>(0) >= n)
+        },
+    )
     .await;
     let log = logged(c, slot).await;
     assert_eq!(log.len(), expected.len(), "changes in the log");

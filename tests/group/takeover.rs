@@ -56,7 +56,11 @@ fn spawn_consumer(
         let mut last_url = String::new();
         let deadline = Instant::now() + Duration::from_secs(600);
         while want.lock().unwrap().is_none_or(|n| got.len() < n) {
-            assert!(Instant::now() < deadline, "the consumer got {} changes", got.len());
+            assert!(
+                Instant::now() < deadline,
+                "the consumer got {} changes",
+                got.len()
+            );
             let url = {
                 let urls = urls.lock().unwrap();
                 let leader = leader.lock().unwrap().clone();
@@ -143,7 +147,11 @@ async fn leader_killed_repeatedly_loses_nothing() {
         );
         takeovers.push(appending);
         if std::env::var("WALTAP_GROUP_DEBUG").is_ok() {
-            eprintln!("killed at {:?}; the new leader's logs:\n{}", std::time::SystemTime::now() - appending, members[next].log());
+            eprintln!(
+                "killed at {:?}; the new leader's logs:\n{}",
+                std::time::SystemTime::now() - appending,
+                members[next].log()
+            );
         }
         *leader_url.lock().unwrap() = members[next].url.clone();
         members.push(g.member().await);
@@ -157,8 +165,15 @@ async fn leader_killed_repeatedly_loses_nothing() {
         .await
         .expect("the stream consumer got every change")
         .unwrap();
-    assert_eq!(streamed.len(), committed.len(), "changes read from the stream");
-    assert!(streamed == committed, "the stream differs from the writer's record");
+    assert_eq!(
+        streamed.len(),
+        committed.len(),
+        "changes read from the stream"
+    );
+    assert!(
+        streamed == committed,
+        "the stream differs from the writer's record"
+    );
     takeovers.sort();
     if let (Some(median), Some(max)) = (takeovers.get(takeovers.len() / 2), takeovers.last()) {
         eprintln!(
@@ -237,8 +252,11 @@ async fn sigterm_hands_over_and_follower_subscriptions_see_everything() {
     let follower = 1 - leader;
     let http = reqwest::Client::new();
     let mut sse = Sse::open(
-        http.get(format!("{}/v1/subscribe?table=items", members[follower].url))
-            .bearer_auth(ADMIN),
+        http.get(format!(
+            "{}/v1/subscribe?table=items",
+            members[follower].url
+        ))
+        .bearer_auth(ADMIN),
     )
     .await;
     sse.expect("initialized").await;
