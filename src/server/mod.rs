@@ -632,16 +632,24 @@ async fn replication(state: &AppState) -> Replication {
 async fn healthz(State(state): State<Shared>) -> Response {
     let r = replication(&state).await;
     let hub = state.hub.is_streaming();
-    // A follower serves from the log while another member appends: it needs the store,
-    // not the slot.
+    // A follower serves from the log while another member appends: it needs the store
+    // and a leader (whose lock it sees), not the slot itself.
     let membership = &state.metrics.membership;
-    let pipeline = if membership.is_leader() {
-        r.connected
-    } else {
-        state
-            .pipeline_running
-            .load(std::sync::atomic::Ordering::Relaxed)
+    let leader = match state.store.get().await {
+        Ok(client) => crate::log::leader::current_leader(&client, &state.slot)
+            .await
+            .ok()
+            .flatten(),
+        Err(_) => None,
     };
+    let pipeline = state
+        .pipeline_running
+        .load(std::sync::atomic::Ordering::Relaxed)
+        && if membership.is_leader() {
+            r.connected
+        } else {
+            leader.as_ref().is_some_and(|l| l.active)
+        };
     let healthy = pipeline && r.lag_bytes.is_some() && hub;
     let status = if healthy {
         StatusCode::OK
@@ -652,6 +660,7 @@ async fn healthz(State(state): State<Shared>) -> Response {
         "status": if healthy { "ok" } else { "unavailable" },
         "role": membership.role(),
         "term": membership.term(),
+        "leader": leader,
         "replication": r,
         "subscriptions": {"streaming": hub},
     });

@@ -21,6 +21,29 @@ fn kills() -> usize {
         .unwrap_or(20)
 }
 
+/// A test database with the group's tables, slot and publication, and `n` members.
+async fn start(n: usize) -> (TestDb, Group, tokio_postgres::Client, Vec<Member>) {
+    let db = TestDb::new().await;
+    let g = Group::setup(&db).await;
+    let c = db.client().await;
+    let mut members = Vec::with_capacity(n);
+    for _ in 0..n {
+        members.push(g.member().await);
+    }
+    (db, g, c, members)
+}
+
+/// Checks that no member exited by itself, then kills them all.
+async fn finish(db: TestDb, mut members: Vec<Member>) {
+    for m in members.iter_mut() {
+        m.assert_alive();
+    }
+    for m in members {
+        m.sigkill().await;
+    }
+    db.teardown().await;
+}
+
 /// Runs the writer until `stop`, with one bulk transaction of 3,000 rows early on.
 fn spawn_writer(
     url: String,
@@ -100,10 +123,7 @@ fn spawn_consumer(
 
 #[tokio::test]
 async fn leader_killed_repeatedly_loses_nothing() {
-    let db = TestDb::new().await;
-    let g = Group::setup(&db).await;
-    let c = db.client().await;
-    let mut members = vec![g.member().await, g.member().await, g.member().await];
+    let (db, g, c, mut members) = start(3).await;
     let first = g.leader(&members).await;
     let http = reqwest::Client::new();
     let r = http
@@ -146,13 +166,6 @@ async fn leader_killed_repeatedly_loses_nothing() {
             members[next].url
         );
         takeovers.push(appending);
-        if std::env::var("WALTAP_GROUP_DEBUG").is_ok() {
-            eprintln!(
-                "killed at {:?}; the new leader's logs:\n{}",
-                std::time::SystemTime::now() - appending,
-                members[next].log()
-            );
-        }
         *leader_url.lock().unwrap() = members[next].url.clone();
         members.push(g.member().await);
         *urls.lock().unwrap() = members.iter().map(|m| m.url.clone()).collect();
@@ -182,18 +195,12 @@ async fn leader_killed_repeatedly_loses_nothing() {
             committed.len()
         );
     }
-    for m in members {
-        m.sigkill().await;
-    }
-    db.teardown().await;
+    finish(db, members).await;
 }
 
 #[tokio::test]
 async fn paused_leader_is_fenced_and_steps_down() {
-    let db = TestDb::new().await;
-    let g = Group::setup(&db).await;
-    let c = db.client().await;
-    let mut members = vec![g.member().await, g.member().await];
+    let (db, g, c, mut members) = start(2).await;
     let paused = g.leader(&members).await;
     let stop = Arc::new(AtomicBool::new(false));
     let writer = spawn_writer(g.url.clone(), 0x57, stop.clone());
@@ -233,21 +240,12 @@ async fn paused_leader_is_fenced_and_steps_down() {
         .get(0);
     assert_eq!(now, term, "the resumed member took leadership back");
     assert_eq!(members[other].role().await.as_deref(), Some("leader"));
-    for m in members.iter_mut() {
-        m.assert_alive();
-    }
-    for m in members {
-        m.sigkill().await;
-    }
-    db.teardown().await;
+    finish(db, members).await;
 }
 
 #[tokio::test]
 async fn sigterm_hands_over_and_follower_subscriptions_see_everything() {
-    let db = TestDb::new().await;
-    let g = Group::setup(&db).await;
-    let c = db.client().await;
-    let mut members = vec![g.member().await, g.member().await];
+    let (db, g, c, mut members) = start(2).await;
     let leader = g.leader(&members).await;
     let follower = 1 - leader;
     let http = reqwest::Client::new();
@@ -319,10 +317,7 @@ async fn sigterm_hands_over_and_follower_subscriptions_see_everything() {
         committed.len(),
         members[0].log()
     );
-    for m in members {
-        m.sigkill().await;
-    }
-    db.teardown().await;
+    finish(db, members).await;
 }
 
 #[tokio::test]
@@ -339,7 +334,7 @@ async fn group_survives_a_postgres_restart() {
     };
     let db = TestDb::new_on(&cluster).await;
     let g = Group::setup(&db).await;
-    let mut members: Vec<Member> = vec![g.member().await, g.member().await];
+    let members: Vec<Member> = vec![g.member().await, g.member().await];
     g.leader(&members).await;
     let mut writer = Writer::new(&g.url, 0xB007).await;
     for _ in 0..30 {
@@ -358,11 +353,5 @@ async fn group_survives_a_postgres_restart() {
     let c = db.client().await;
     assert_log_is(&c, &g.slot, &writer.committed).await;
     g.leader(&members).await;
-    for m in members.iter_mut() {
-        m.assert_alive();
-    }
-    for m in members {
-        m.sigkill().await;
-    }
-    db.teardown().await;
+    finish(db, members).await;
 }
