@@ -2,11 +2,13 @@
 //! in any language, over Server-Sent Events, WebSocket and a long-polling pull feed.
 //!
 //! This module owns the router, the shared state and the process's lifecycle:
-//! [`serve`] runs the pipeline (slot -> event log, as `waltap run`), a [`Hub`] for
+//! [`serve`] joins the group of processes on its slot and runs the pipeline (slot -> event
+//! log, as `waltap run`) while it leads ([`crate::log::leader`]), a [`Hub`] for
 //! ephemeral subscriptions on a temporary slot of its own, and the API on the listener it
 //! is given, until the cancellation token fires. Shutdown is ordered: stop accepting, end
-//! every open delivery connection cleanly (a stream consumer releases its lease), then
-//! stop the pipeline, which confirms the slot up to what the log holds.
+//! every open delivery connection cleanly (a stream consumer releases its lease); the
+//! pipeline stops at once, confirming the slot up to what the log holds and handing
+//! leadership over.
 //!
 //! The API contract is the README's "HTTP API" section and `docs/openapi.json` (served at
 //! `/v1/openapi.json`). Submodules: [`auth`] (keys, tokens, connection cap), [`error`]
