@@ -33,6 +33,17 @@ async fn start(n: usize) -> (TestDb, Group, tokio_postgres::Client, Vec<Member>)
     (db, g, c, members)
 }
 
+/// The source's current leadership term.
+async fn term(c: &tokio_postgres::Client, slot: &str) -> i64 {
+    c.query_one(
+        "SELECT term FROM waltap.progress WHERE source = $1",
+        &[&slot],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
 /// Checks that no member exited by itself, then kills them all.
 async fn finish(db: TestDb, mut members: Vec<Member>) {
     for m in members.iter_mut() {
@@ -200,7 +211,7 @@ async fn leader_killed_repeatedly_loses_nothing() {
 
 #[tokio::test]
 async fn paused_leader_is_fenced_and_steps_down() {
-    let (db, g, c, mut members) = start(2).await;
+    let (db, g, c, members) = start(2).await;
     let paused = g.leader(&members).await;
     let stop = Arc::new(AtomicBool::new(false));
     let writer = spawn_writer(g.url.clone(), 0x57, stop.clone());
@@ -212,14 +223,7 @@ async fn paused_leader_is_fenced_and_steps_down() {
         members[other].role().await.as_deref() == Some("leader")
     })
     .await;
-    let term: i64 = c
-        .query_one(
-            "SELECT term FROM waltap.progress WHERE source = $1",
-            &[&g.slot],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let taken = term(&c, &g.slot).await;
     appended_after(&c, &g.slot, progress(&c, &g.slot).await).await;
     support::signal(&members[paused].child, "CONT");
     support::wait_for("the paused member to step down", PATIENCE, || async {
@@ -230,15 +234,8 @@ async fn paused_leader_is_fenced_and_steps_down() {
     stop.store(true, Ordering::Relaxed);
     let committed = writer.await.unwrap();
     assert_log_is(&c, &g.slot, &committed).await;
-    let now: i64 = c
-        .query_one(
-            "SELECT term FROM waltap.progress WHERE source = $1",
-            &[&g.slot],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(now, term, "the resumed member took leadership back");
+    let now = term(&c, &g.slot).await;
+    assert_eq!(now, taken, "the resumed member took leadership back");
     assert_eq!(members[other].role().await.as_deref(), Some("leader"));
     finish(db, members).await;
 }
