@@ -4,6 +4,7 @@
 //! (and a stream read over HTTP from whichever member is up) holds every committed change
 //! once, in commit order.
 
+mod fence;
 mod takeover;
 
 use std::sync::{Arc, Mutex};

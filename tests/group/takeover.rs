@@ -231,6 +231,11 @@ async fn paused_leader_is_fenced_and_steps_down() {
             && members[paused].role().await.as_deref() == Some("follower")
     })
     .await;
+    for line in members[paused].log().lines() {
+        if line.contains("stepping down") {
+            eprintln!("the paused member: {line}");
+        }
+    }
     stop.store(true, Ordering::Relaxed);
     let committed = writer.await.unwrap();
     assert_log_is(&c, &g.slot, &committed).await;
