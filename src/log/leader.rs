@@ -17,9 +17,11 @@
 //!   `waltap.progress`; every append transaction updates that row only where the term is
 //!   still its own ([`crate::log::PgLog::fence`]), so a former leader that wakes up can
 //!   never append after the takeover: its commit fails with
-//!   [`crate::log::StoreError::Fenced`] and it steps down. Its store transactions idle for
-//!   longer than the takeover timeout are ended by Postgres, so they cannot hold up the
-//!   new leader's rows.
+//!   [`crate::log::StoreError::Fenced`] and it steps down. Before that bump the new leader
+//!   ends the former leader's appending sessions (`application_name`
+//!   `waltap appender <key in hex>`), whose open transaction would hold up the
+//!   progress row; Postgres ends any left idle in a transaction for
+//!   [`IDLE_TRANSACTION_LIMIT`] anyway.
 //! - **The slot.** Before reading the slot the new leader ends a walsender still holding
 //!   it (the former leader's) with `pg_terminate_backend`.
 //!
@@ -38,6 +40,11 @@ use crate::pg::config::SourceConfig;
 
 /// The first number of every leadership lock (`wtap` in ASCII).
 pub const LOCK_CLASS: i32 = 0x7774_6170;
+
+/// How long a leader's store transaction may stay idle before Postgres ends it: the last
+/// resort when the next leader cannot end a paused one's session itself. Long enough for
+/// the pauses between the chunks of a huge source transaction.
+pub const IDLE_TRANSACTION_LIMIT: Duration = Duration::from_secs(60);
 
 /// The default of `--takeover-timeout`.
 pub const DEFAULT_TAKEOVER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -159,7 +166,7 @@ pub async fn run(
         let mut config = appender.clone();
         config.leader = Some(Term {
             term: lock.term,
-            idle_limit: group.takeover_timeout,
+            idle_limit: IDLE_TRANSACTION_LIMIT.max(group.takeover_timeout),
         });
         let stop = cancel.child_token();
         let mut task = std::pin::pin!(append::run(config, stop.clone()));
@@ -241,6 +248,24 @@ impl Lock {
             _ = cancel.cancelled() => return Ok(None),
             locked = client.execute("SELECT pg_advisory_lock($1, $2)", &params) => {
                 locked.map_err(StoreError::sql("take the leadership lock"))?;
+            }
+        }
+        // A former leader paused or cut off with a store transaction open would hold up
+        // the progress row (and the rows it inserted) until Postgres ends it.
+        let former = client
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE application_name = $1 AND datname = current_database()",
+                &[&crate::log::postgres::appender_name(slot)],
+            )
+            .await;
+        match former {
+            Ok(rows) if !rows.is_empty() => {
+                tracing::info!(slot = %slot, sessions = rows.len(), "ended the former leader's appending sessions");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(slot = %slot, error = %crate::pg::config::pg_error_text(&e), "cannot end the former leader's appending sessions; an open one holds up this takeover until Postgres ends it (idle_in_transaction_session_timeout)");
             }
         }
         let term: i64 = client

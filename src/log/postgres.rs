@@ -10,6 +10,13 @@ use crate::pg::config::SourceConfig;
 /// The channel on which appends are announced; the payload is the source name.
 pub const NOTIFY_CHANNEL: &str = "waltap_events";
 
+/// The `application_name` of a group leader's appending session for `source`: short
+/// enough for Postgres' 63 bytes whatever the slot's name.
+pub fn appender_name(source: &str) -> String {
+    let (_, key) = super::leader::lock_key(source);
+    format!("waltap appender {:08x}", key as u32)
+}
+
 /// An event log in a Postgres database (the watched one by default).
 pub struct PgLog {
     client: Client,
@@ -117,9 +124,10 @@ impl PgLog {
 
     /// Appends only while `term` is the source's current leadership term: each commit
     /// checks it on the progress row, inside its transaction, and fails with
-    /// [`StoreError::Fenced`] once another member took over. A store transaction left
-    /// open longer than `idle_limit` (its process paused or cut off) is ended by Postgres,
-    /// so that it cannot hold up the next leader's rows.
+    /// [`StoreError::Fenced`] once another member took over. The session is named
+    /// [`appender_name`] of the source, so that the next leader can end it should this
+    /// process be paused or cut off with a transaction open; as a last resort, Postgres
+    /// ends a store transaction left idle longer than `idle_limit`.
     pub async fn fence(
         &mut self,
         term: i64,
@@ -131,8 +139,9 @@ impl PgLog {
             .to_string();
         self.client
             .execute(
-                "SELECT set_config('idle_in_transaction_session_timeout', $1, false)",
-                &[&ms],
+                "SELECT set_config('idle_in_transaction_session_timeout', $1, false),
+                        set_config('application_name', $2, false)",
+                &[&ms, &appender_name(&self.source)],
             )
             .await
             .map_err(StoreError::sql("limit idle transactions"))?;
