@@ -336,10 +336,15 @@ pub async fn free_slot(source: &SourceConfig, slot: &str) -> Result<(), StoreErr
             .and_then(|r| r.get(0));
         let Some(pid) = active else { return Ok(()) };
         tracing::info!(slot = %slot, pid, "ending the walsender that still holds the slot");
-        client
+        if let Err(e) = client
             .execute("SELECT pg_terminate_backend($1)", &[&pid])
             .await
-            .map_err(StoreError::sql("end the slot's walsender"))?;
+        {
+            // Not allowed (another role): the replication start retries while the slot
+            // is in use, until its holder lets go.
+            tracing::warn!(slot = %slot, pid, error = %crate::pg::config::pg_error_text(&e), "cannot end the walsender holding the slot");
+            return Ok(());
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
