@@ -217,14 +217,18 @@ async fn paused_leader_is_fenced_and_steps_down() {
     let writer = spawn_writer(g.url.clone(), 0x57, stop.clone());
     appended_after(&c, &g.slot, progress(&c, &g.slot).await).await;
 
+    let mark = progress(&c, &g.slot).await;
+    let stopped = Instant::now();
     support::signal(&members[paused].child, "STOP");
     let other = 1 - paused;
     support::wait_for("the other member to take over", PATIENCE, || async {
         members[other].role().await.as_deref() == Some("leader")
     })
     .await;
+    let elected = stopped.elapsed();
+    let appending = appended_after(&c, &g.slot, mark).await + elected;
+    eprintln!("SIGSTOP takeover: led by {elected:?}, appended by {appending:?}");
     let taken = term(&c, &g.slot).await;
-    appended_after(&c, &g.slot, progress(&c, &g.slot).await).await;
     support::signal(&members[paused].child, "CONT");
     support::wait_for("the paused member to step down", PATIENCE, || async {
         members[paused].log().contains("stepping down")
