@@ -22,7 +22,8 @@
 //!    │           subscriptions, streams and export
 //!    ├── hub     ephemeral fan-out: one Listener, many filtered Subscriptions
 //!    └── log     the event log in Postgres: append (exactly once), retention, named
-//!    │           streams (leases, cursors, the page reader)
+//!    │           streams (leases, cursors, the page reader), leadership of a group
+//!    │           of processes (advisory lock, fenced terms)
 //!  server        HTTP: SSE, WebSocket, feed, acks, keys and tokens, metrics
 //!  cli           the `waltap` program: wires pipeline + hub + log + server per command
 //! ```

@@ -7,6 +7,7 @@ mod bench_smoke;
 mod cli;
 mod crash;
 mod events;
+mod group;
 mod harness_smoke;
 mod initial_state;
 mod listener;

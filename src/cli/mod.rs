@@ -42,8 +42,9 @@ pub enum Command {
     Tail(TailArgs),
     /// Create the publication and slot when missing and check every precondition.
     Setup(SetupArgs),
-    /// Show the slot's health and lag and what each published table sends.
-    Status(SourceArgs),
+    /// Show the slot's health and lag, what each published table sends, and which
+    /// process of the group leads.
+    Status(StatusArgs),
     /// The pipeline alone: keep the event log filled from the slot, exactly once.
     Run(RunArgs),
     /// The pipeline plus the HTTP delivery server (subscribe and streams over SSE,
@@ -83,6 +84,20 @@ pub struct RunArgs {
     /// How often retention runs.
     #[arg(long, default_value = "1m", value_parser = crate::pg::config::parse_duration)]
     pub retention_interval: std::time::Duration,
+    /// Processes on the same slot and store form a group with one leader (README.md,
+    /// "High availability"): how long a leader that stopped answering (paused, cut off,
+    /// its host gone) keeps leadership. One that exits or is killed hands over at once.
+    #[arg(long, env = "WALTAP_TAKEOVER_TIMEOUT", default_value = "5s", value_parser = crate::pg::config::parse_duration)]
+    pub takeover_timeout: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Where the event log lives (default: the watched database).
+    #[arg(long, env = "WALTAP_STORE_URL", hide_env_values = true)]
+    pub store_url: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -312,6 +327,14 @@ impl RunArgs {
         }
         Ok(config)
     }
+
+    /// How this process joins the group of its slot.
+    fn group(&self) -> crate::log::leader::GroupConfig {
+        crate::log::leader::GroupConfig {
+            takeover_timeout: self.takeover_timeout.max(std::time::Duration::from_secs(1)),
+            ..Default::default()
+        }
+    }
 }
 
 /// A token cancelled by Ctrl-C or SIGTERM.
@@ -327,7 +350,8 @@ fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
 
 async fn run_pipeline(args: RunArgs) -> anyhow::Result<()> {
     let config = args.appender()?;
-    crate::log::append::run(config, cancel_on_signal()).await?;
+    let membership = std::sync::Arc::default();
+    crate::log::leader::run(config, args.group(), membership, cancel_on_signal()).await?;
     Ok(())
 }
 
@@ -342,6 +366,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     let mut config = crate::server::ServerConfig::new(args.run.appender()?, keys);
+    config.group = args.run.group();
     config.cors_origins = args.cors_origins;
     config.limits.connections_per_key = args.max_connections_per_key;
     config.subscriber_queue = args.subscriber_queue;
@@ -603,20 +628,33 @@ async fn setup_cmd(args: SetupArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    print_report(&client, &args.source, true).await
+    print_report(&client, &args.source, true, None).await
 }
 
-async fn status(args: SourceArgs) -> anyhow::Result<()> {
-    let client = args.source()?.connect_sql().await?;
-    print_report(&client, &args, false).await
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let client = args.source.source()?.connect_sql().await?;
+    let store = match &args.store_url {
+        Some(url) => Some(SourceConfig::parse(url)?.connect_sql().await?),
+        None => None,
+    };
+    let leader =
+        crate::log::leader::current_leader(store.as_ref().unwrap_or(&client), &args.source.slot)
+            .await
+            .unwrap_or_else(|e| {
+                // An event log that does not exist yet (or predates groups) has no leader.
+                tracing::debug!(error = %e, "no leader recorded");
+                None
+            });
+    print_report(&client, &args.source, false, Some(leader)).await
 }
 
 /// Runs the checks (creating what is missing when `create`) and prints the JSON report,
-/// with warnings on stderr.
+/// with warnings on stderr; `leader`, when given, is added as the report's `leader`.
 async fn print_report(
     client: &tokio_postgres::Client,
     args: &SourceArgs,
     create: bool,
+    leader: Option<Option<crate::log::leader::LeaderInfo>>,
 ) -> anyhow::Result<()> {
     let report = setup::prepare(
         client,
@@ -633,6 +671,10 @@ async fn print_report(
     .await?;
     for w in &report.warnings {
         eprintln!("warning: {w}");
+    }
+    let mut report = serde_json::to_value(&report)?;
+    if let Some(leader) = leader {
+        report["leader"] = serde_json::to_value(leader)?;
     }
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

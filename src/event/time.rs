@@ -89,7 +89,7 @@ pub fn parse_rfc3339_micros(s: &str) -> Option<i64> {
         }
         _ => return None,
     };
-    let days = days_from_civil(y, i64::from(mo), i64::from(d)) - PG_EPOCH_DAYS;
+    let days = days_from_civil(y, mo, d) - PG_EPOCH_DAYS;
     Some(((days * 86_400 + h * 3600 + mi * 60 + sec) * 1_000_000) + micros)
 }
 

@@ -46,6 +46,9 @@ pub struct AppenderConfig {
     pub retention: Option<Retention>,
     /// Counts the events appended (committed to the log), for whoever reports metrics.
     pub appended: Option<Arc<AtomicU64>>,
+    /// Set by a group's leader ([`crate::log::leader`]): append only under this term, and
+    /// end the previous leader's walsender before reading the slot.
+    pub leader: Option<crate::log::leader::Term>,
 }
 
 impl AppenderConfig {
@@ -58,6 +61,7 @@ impl AppenderConfig {
             chunk_events: 2_000,
             retention: None,
             appended: None,
+            leader: None,
         }
     }
 }
@@ -149,6 +153,11 @@ async fn run_once(
 ) -> Result<(), AppendError> {
     let mut log = PgLog::open(&config.store, &config.listener.slot).await?;
     log.record_publication(&config.listener.publication).await?;
+    if let Some(lead) = &config.leader {
+        log.fence(lead.term, lead.idle_limit).await?;
+        crate::log::leader::free_slot(&config.listener.source, &config.listener.slot).await?;
+    }
+    // Read after the term was taken: everything a previous leader committed is in it.
     let mut stored = log.progress().await?.unwrap_or(LogMark::NONE);
     let mut listener = Listener::start(config.listener.clone()).await?;
     tracing::info!(slot = %config.listener.slot, progress = %stored, "appending to the event log");

@@ -17,6 +17,7 @@
 
 pub mod append;
 pub(crate) mod initial;
+pub mod leader;
 pub(crate) mod pool;
 mod postgres;
 pub mod retention;
@@ -43,6 +44,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
         4,
         include_str!("../../migrations/0004_stream_delivered.sql"),
     ),
+    (5, include_str!("../../migrations/0005_leader_term.sql")),
 ];
 
 /// Failures of the event log.
@@ -106,6 +108,8 @@ pub enum StoreError {
         recorded: String,
         current: String,
     },
+    #[error("leadership term {term} of source {source_name:?} is over: another member of the group took over, so this one may no longer append")]
+    Fenced { source_name: String, term: i64 },
 }
 
 impl StoreError {

@@ -10,11 +10,20 @@ use crate::pg::config::SourceConfig;
 /// The channel on which appends are announced; the payload is the source name.
 pub const NOTIFY_CHANNEL: &str = "waltap_events";
 
+/// The `application_name` of a group leader's appending session for `source`: short
+/// enough for Postgres' 63 bytes whatever the slot's name.
+pub fn appender_name(source: &str) -> String {
+    let (_, key) = super::leader::lock_key(source);
+    format!("waltap appender {:08x}", key as u32)
+}
+
 /// An event log in a Postgres database (the watched one by default).
 pub struct PgLog {
     client: Client,
     source: String,
     in_batch: bool,
+    /// The leadership term this log appends under (see [`PgLog::fence`]).
+    term: Option<i64>,
     // Column buffers reused between writes, so a batch costs no allocation per event
     // beyond its JSON text.
     lsns: Vec<i64>,
@@ -123,6 +132,7 @@ impl PgLog {
             client,
             source: source.to_owned(),
             in_batch: false,
+            term: None,
             lsns: Vec::new(),
             ordinals: Vec::new(),
             schemas: Vec::new(),
@@ -144,6 +154,33 @@ impl PgLog {
             )
             .await
             .map_err(StoreError::sql("record the source's publication"))?;
+        Ok(())
+    }
+
+    /// Appends only while `term` is the source's current leadership term: each commit
+    /// checks it on the progress row, inside its transaction, and fails with
+    /// [`StoreError::Fenced`] once another member took over. The session is named
+    /// [`appender_name`] of the source, so that the next leader can end it should this
+    /// process be paused or cut off with a transaction open; as a last resort, Postgres
+    /// ends a store transaction left idle longer than `idle_limit`.
+    pub async fn fence(
+        &mut self,
+        term: i64,
+        idle_limit: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        let ms = idle_limit
+            .as_millis()
+            .clamp(1, i32::MAX as u128)
+            .to_string();
+        self.client
+            .execute(
+                "SELECT set_config('idle_in_transaction_session_timeout', $1, false),
+                        set_config('application_name', $2, false)",
+                &[&ms, &appender_name(&self.source)],
+            )
+            .await
+            .map_err(StoreError::sql("limit idle transactions"))?;
+        self.term = Some(term);
         Ok(())
     }
 
@@ -223,31 +260,61 @@ impl LogWriter for PgLog {
     async fn commit(&mut self, through: LogMark) -> Result<(), StoreError> {
         self.begin().await?;
         let lsn = through.lsn().0 as i64;
+        let term = self.term;
         let result = async {
-            self.client
-                .execute(
-                    "INSERT INTO waltap.progress (source, commit_lsn) VALUES ($1, $2)
-                     ON CONFLICT (source) DO UPDATE
-                     SET commit_lsn = greatest(waltap.progress.commit_lsn, excluded.commit_lsn),
-                         updated_at = now()",
-                    &[&self.source, &lsn],
-                )
-                .await?;
+            // Under a term, the row lock this UPDATE takes orders it against the next
+            // leader's bump of the term: either this batch commits first (and the next
+            // leader reads its mark), or this UPDATE sees the new term and matches nothing.
+            let updated = match term {
+                Some(term) => {
+                    self.client
+                        .execute(
+                            "UPDATE waltap.progress
+                             SET commit_lsn = greatest(commit_lsn, $2), updated_at = now()
+                             WHERE source = $1 AND term = $3",
+                            &[&self.source, &lsn, &term],
+                        )
+                        .await?
+                }
+                None => {
+                    self.client
+                        .execute(
+                            "INSERT INTO waltap.progress (source, commit_lsn) VALUES ($1, $2)
+                             ON CONFLICT (source) DO UPDATE
+                             SET commit_lsn = greatest(waltap.progress.commit_lsn, excluded.commit_lsn),
+                                 updated_at = now()",
+                            &[&self.source, &lsn],
+                        )
+                        .await?
+                }
+            };
+            if updated == 0 {
+                return Ok(false);
+            }
             self.client
                 .execute("SELECT pg_notify($1, $2)", &[&NOTIFY_CHANNEL, &self.source])
                 .await?;
-            self.client.batch_execute("COMMIT").await
+            self.client.batch_execute("COMMIT").await.map(|()| true)
         }
         .await;
         self.in_batch = false;
-        if let Err(e) = result {
-            let _ = self.client.batch_execute("ROLLBACK").await;
-            return Err(StoreError::Sql {
-                operation: "commit a batch",
-                source: e,
-            });
+        match result {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                let _ = self.client.batch_execute("ROLLBACK").await;
+                Err(StoreError::Fenced {
+                    source_name: self.source.clone(),
+                    term: term.unwrap_or_default(),
+                })
+            }
+            Err(e) => {
+                let _ = self.client.batch_execute("ROLLBACK").await;
+                Err(StoreError::Sql {
+                    operation: "commit a batch",
+                    source: e,
+                })
+            }
         }
-        Ok(())
     }
 }
 

@@ -109,6 +109,20 @@ impl SourceConfig {
         })
     }
 
+    /// This configuration with TCP keepalives that give up on a silent peer after about
+    /// `idle + interval * retries`, so that a connection to a vanished host errors out
+    /// instead of waiting on the operating system's defaults (hours).
+    pub fn with_keepalives(&self, idle: Duration, interval: Duration, retries: u32) -> Self {
+        let mut config = self.clone();
+        config
+            .pg
+            .keepalives(true)
+            .keepalives_idle(idle)
+            .keepalives_interval(interval)
+            .keepalives_retries(retries);
+        config
+    }
+
     /// The tokio-postgres view of this configuration (for ordinary SQL).
     pub fn pg(&self) -> &tokio_postgres::Config {
         &self.pg

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub subscribers: AtomicI64,
     /// Error responses and error items sent.
     pub errors: AtomicU64,
+    /// This process's role in its group (shared with the group member task).
+    pub membership: Arc<crate::log::leader::Membership>,
 }
 
 /// One open delivery connection, counted while it lives.
@@ -117,6 +119,25 @@ impl Metrics {
         ] {
             series(name, "gauge", help, Some(value.to_string()));
         }
+        let group = &self.membership;
+        series(
+            "waltap_leader",
+            "gauge",
+            "1 while this process leads its group (reads the slot and appends), else 0",
+            Some(u8::from(group.is_leader()).to_string()),
+        );
+        series(
+            "waltap_leader_term",
+            "gauge",
+            "the leadership term this process holds or last held (0: never led)",
+            Some(group.term().to_string()),
+        );
+        series(
+            "waltap_takeovers_total",
+            "counter",
+            "times this process became the leader of its group",
+            Some(group.takeovers().to_string()),
+        );
         out
     }
 }
@@ -149,6 +170,6 @@ mod tests {
         assert!(text.contains("\nwaltap_events_out_total 3\n"), "{text}");
         assert!(text.contains("\nwaltap_replication_lag_bytes 10\n"));
         assert!(!text.contains("\nwaltap_replication_lag_seconds "));
-        assert_eq!(text.matches("# TYPE").count(), 12);
+        assert_eq!(text.matches("# TYPE").count(), 15);
     }
 }

@@ -2,11 +2,13 @@
 //! in any language, over Server-Sent Events, WebSocket and a long-polling pull feed.
 //!
 //! This module owns the router, the shared state and the process's lifecycle:
-//! [`serve`] runs the pipeline (slot -> event log, as `waltap run`), a [`Hub`] for
+//! [`serve`] joins the group of processes on its slot and runs the pipeline (slot -> event
+//! log, as `waltap run`) while it leads ([`crate::log::leader`]), a [`Hub`] for
 //! ephemeral subscriptions on a temporary slot of its own, and the API on the listener it
 //! is given, until the cancellation token fires. Shutdown is ordered: stop accepting, end
-//! every open delivery connection cleanly (a stream consumer releases its lease), then
-//! stop the pipeline, which confirms the slot up to what the log holds.
+//! every open delivery connection cleanly (a stream consumer releases its lease); the
+//! pipeline stops at once, confirming the slot up to what the log holds and handing
+//! leadership over.
 //!
 //! The API contract is the README's "HTTP API" section and `docs/openapi.json` (served at
 //! `/v1/openapi.json`). Submodules: [`auth`] (keys, tokens, connection cap), [`error`]
@@ -41,7 +43,7 @@ use crate::error::{ErrorCode, TableError};
 use crate::event::TableName;
 use crate::filter::Filter;
 use crate::hub::{Hub, HubConfig};
-use crate::log::append::{self, AppendError, AppenderConfig};
+use crate::log::append::{AppendError, AppenderConfig};
 use crate::log::StoreError;
 use crate::pg::config::SourceConfig;
 pub use auth::{ApiKey, Claims, Keys, KeysError};
@@ -126,6 +128,8 @@ pub struct ServerConfig {
     /// At shutdown, how long open requests and connections may take to finish before
     /// they are closed.
     pub shutdown_grace: Duration,
+    /// How this process joins the group of processes on its slot (one leader appends).
+    pub group: crate::log::leader::GroupConfig,
 }
 
 impl ServerConfig {
@@ -139,6 +143,7 @@ impl ServerConfig {
             keepalive: Duration::from_secs(15),
             store_pool_size: crate::log::pool::DEFAULT_POOL_SIZE,
             shutdown_grace: Duration::from_secs(10),
+            group: Default::default(),
         }
     }
 }
@@ -402,8 +407,15 @@ pub async fn serve(
         tracing::warn!("no token secret configured (WALTAP_TOKEN_SECRET or token_secret in the keys file): tokens are signed with a random secret and stop working when the process restarts");
     }
 
-    let pipeline_stop = CancellationToken::new();
-    let mut pipeline = tokio::spawn(append::run(appender_config, pipeline_stop.clone()));
+    // Stopped with the server (not after its sessions drained): a leader that is shutting
+    // down hands over at once, and its open sessions keep reading the log meanwhile.
+    let pipeline_stop = cancel.child_token();
+    let mut pipeline = tokio::spawn(crate::log::leader::run(
+        appender_config,
+        config.group.clone(),
+        metrics.membership.clone(),
+        pipeline_stop.clone(),
+    ));
 
     let app = router(state.clone(), cors);
     let addr = listener.local_addr()?;
@@ -421,20 +433,17 @@ pub async fn serve(
         stop.clone(),
     ));
 
-    let mut failure = None;
+    let mut pipeline_done = None;
     let served = tokio::select! {
         served = &mut server => Some(served),
         done = &mut pipeline => {
             state.pipeline_running.store(false, std::sync::atomic::Ordering::Relaxed);
-            match done {
-                Ok(Err(e)) => failure = Some(ServerError::Pipeline(Box::new(e))),
-                Ok(Ok(())) => {}
-                Err(e) => tracing::error!(error = %crate::error::report(&e), "the pipeline task failed"),
-            }
+            pipeline_done = Some(done);
             None
         }
     };
-    // Shutdown, in order: no new connections, open sessions end, then the pipeline.
+    // Shutdown, in order: no new connections, open sessions end; the pipeline stopped
+    // with the signal (leadership passes on while the sessions drain).
     stop.cancel();
     let served = match served {
         Some(s) => s,
@@ -448,14 +457,15 @@ pub async fn serve(
         tracing::warn!("delivery sessions still open after the grace period; stopping anyway");
     }
     pipeline_stop.cancel();
-    if failure.is_none() {
-        match pipeline.await {
-            Ok(Err(e)) => failure = Some(ServerError::Pipeline(Box::new(e))),
-            Ok(Ok(())) => {}
-            Err(e) => {
-                tracing::error!(error = %crate::error::report(&e), "the pipeline task failed")
-            }
-        }
+    let done = match pipeline_done {
+        Some(done) => done,
+        None => pipeline.await,
+    };
+    let mut failure = None;
+    match done {
+        Ok(Err(e)) => failure = Some(ServerError::Pipeline(Box::new(e))),
+        Ok(Ok(())) => {}
+        Err(e) => tracing::error!(error = %crate::error::report(&e), "the pipeline task failed"),
     }
     match Arc::try_unwrap(state) {
         Ok(state) => state.hub.shutdown().await,
@@ -643,7 +653,25 @@ async fn replication(state: &AppState) -> Replication {
 async fn healthz(State(state): State<Shared>) -> Response {
     let r = replication(&state).await;
     let hub = state.hub.is_streaming();
-    let healthy = r.connected && r.lag_bytes.is_some() && hub;
+    // A follower serves from the log while another member appends: it needs the store
+    // and a leader (whose lock it sees), not the slot itself.
+    let membership = &state.metrics.membership;
+    let leader = match state.store.get().await {
+        Ok(client) => crate::log::leader::current_leader(&client, &state.slot)
+            .await
+            .ok()
+            .flatten(),
+        Err(_) => None,
+    };
+    let pipeline = state
+        .pipeline_running
+        .load(std::sync::atomic::Ordering::Relaxed)
+        && if membership.is_leader() {
+            r.connected
+        } else {
+            leader.as_ref().is_some_and(|l| l.active)
+        };
+    let healthy = pipeline && r.lag_bytes.is_some() && hub;
     let status = if healthy {
         StatusCode::OK
     } else {
@@ -651,6 +679,9 @@ async fn healthz(State(state): State<Shared>) -> Response {
     };
     let mut body = json!({
         "status": if healthy { "ok" } else { "unavailable" },
+        "role": membership.role(),
+        "term": membership.term(),
+        "leader": leader,
         "replication": r,
         "subscriptions": {"streaming": hub},
     });
