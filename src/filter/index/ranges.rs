@@ -1,6 +1,8 @@
 //! Range predicates of one column: which intervals hold a point. A centered interval tree
-//! over index keys, built when first queried after a change: a query costs O(log n + k)
-//! for `k` hits, and memory is O(n) whatever the overlap.
+//! over index keys: a query costs O(log n + k) for `k` hits, and memory is O(n) whatever
+//! the overlap. Intervals added since the tree was built wait in a short list that every
+//! query scans, and the tree is rebuilt (O(n log n)) once that list outgrows n/8: a
+//! subscriber joining a hub of thousands costs O(log n) amortized, not a rebuild.
 
 use std::cmp::Ordering;
 
@@ -97,12 +99,18 @@ pub(super) struct Interval {
     pub(super) member: usize,
 }
 
-/// The intervals of one column, and the tree over them once built.
+/// The intervals of one column: those in the tree, and those added since.
 #[derive(Debug, Default)]
 pub(super) struct Ranges {
+    /// Everything the tree was built from.
     items: Vec<Interval>,
     tree: Option<Box<Node>>,
-    built: bool,
+    recent: Vec<Interval>,
+}
+
+/// Intervals that may wait outside the tree, for a tree of `n`.
+fn recent_limit(n: usize) -> usize {
+    16 + n / 8
 }
 
 #[derive(Debug)]
@@ -119,25 +127,26 @@ struct Node {
 
 impl Ranges {
     pub(super) fn is_empty(&self) -> bool {
-        self.items.is_empty()
+        self.items.is_empty() && self.recent.is_empty()
     }
 
     pub(super) fn insert(&mut self, interval: Interval) {
-        self.items.push(interval);
-        self.built = false;
+        if is_empty(&interval.lower, &interval.upper) {
+            return;
+        }
+        self.recent.push(interval);
+        if self.recent.len() > recent_limit(self.items.len()) {
+            self.items.append(&mut self.recent);
+            self.tree = build(self.items.clone());
+        }
     }
 
     /// Every member whose interval holds `v`.
-    pub(super) fn stab(&mut self, v: &[u8], emit: &mut impl FnMut(usize)) {
-        if !self.built {
-            let live = self
-                .items
-                .iter()
-                .filter(|i| !is_empty(&i.lower, &i.upper))
-                .cloned()
-                .collect();
-            self.tree = build(live);
-            self.built = true;
+    pub(super) fn stab(&self, v: &[u8], emit: &mut impl FnMut(usize)) {
+        for i in &self.recent {
+            if above(&i.lower, v) && below(&i.upper, v) {
+                emit(i.member);
+            }
         }
         let mut node = self.tree.as_deref();
         while let Some(n) = node {
