@@ -19,11 +19,11 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio_postgres::Client;
 
+use super::fanout::{FanoutWindow, Filters};
 use super::measure::{
     cpu_ticks, descendants, find_timestamp, now_unix_micros, peak_rss_kib, percentile,
     read_gnu_time, reset_peak_rss, LastSeen, Proc, GNU_TIME_FORMAT,
 };
-use super::fanout::{FanoutWindow, Filters};
 use super::workload;
 use crate::config::SourceConfig;
 use crate::pipeline::{Listener, ListenerConfig};
@@ -583,7 +583,9 @@ async fn fanout_catch_up(
     events: u64,
     timeout: Duration,
 ) -> anyhow::Result<Measurement> {
-    let (n, filters) = c.fanout().ok_or_else(|| anyhow!("{} is no fan-out", c.key()))?;
+    let (n, filters) = c
+        .fanout()
+        .ok_or_else(|| anyhow!("{} is no fan-out", c.key()))?;
     let window = Mutex::new(FanoutWindow::default());
     let work = super::fanout::run(slot, events, n, filters, &window);
     let mut m = in_process(tools, slot, events, timeout, work).await?;

@@ -177,10 +177,16 @@ mod tests {
     #[test]
     fn the_last_delete_batch_ends_the_workload() {
         // 50,000 inserts, 20,000 deletes of ids 30,001..=50,000 in 100-row transactions.
-        assert_eq!(last_delete_batch(Shape::new(100_000)).ok(), Some((49_901, 100)));
+        assert_eq!(
+            last_delete_batch(Shape::new(100_000)).ok(),
+            Some((49_901, 100))
+        );
         // 1,000 inserts, 400 deletes of ids 601..=1,000.
         assert_eq!(last_delete_batch(Shape::new(2000)).ok(), Some((901, 100)));
         // 875 inserts, 350 deletes of ids 526..=875: the last transaction deletes 50.
-        assert_eq!(last_delete_batch(Shape::new(1750)).map(|b| b.1).ok(), Some(50));
+        assert_eq!(
+            last_delete_batch(Shape::new(1750)).map(|b| b.1).ok(),
+            Some(50)
+        );
     }
 }

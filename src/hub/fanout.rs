@@ -88,7 +88,10 @@ impl Subscribers {
             }
             if let Some(position) = completed {
                 let reason = CompletionReason::Deleted;
-                offer(sub, Fed::Item(SubscriptionItem::Completed { reason, position }));
+                offer(
+                    sub,
+                    Fed::Item(SubscriptionItem::Completed { reason, position }),
+                );
                 // One reading an initial state drops this completion when its
                 // snapshot already misses the row, and goes on.
                 sub.done |= !sub.watermarks;

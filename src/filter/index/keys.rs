@@ -144,7 +144,15 @@ mod tests {
         for w in ints.windows(2) {
             assert!(int(w[0]) < int(w[1]), "{w:?}");
         }
-        let floats = [f64::NEG_INFINITY, -2.5, -0.0, 1e-300, 3.0, f64::INFINITY, f64::NAN];
+        let floats = [
+            f64::NEG_INFINITY,
+            -2.5,
+            -0.0,
+            1e-300,
+            3.0,
+            f64::INFINITY,
+            f64::NAN,
+        ];
         for w in floats.windows(2) {
             assert!(float(w[0]) < float(w[1]) || w[0] == w[1], "{w:?}");
         }

@@ -94,7 +94,12 @@ impl FilterIndex {
 
     /// Removes `member` and all its filters. Its number may be reused at once.
     pub fn remove(&mut self, member: usize) {
-        if self.members.get_mut(member).and_then(Option::take).is_none() {
+        if self
+            .members
+            .get_mut(member)
+            .and_then(Option::take)
+            .is_none()
+        {
             return;
         }
         self.live -= 1;
@@ -384,7 +389,10 @@ impl Plan {
                 delete: Target::Always,
             },
             Mode::Actions(a) => Plan {
-                create: a.create.as_ref().map_or(Target::Never, |e| after(on(Some(e)))),
+                create: a
+                    .create
+                    .as_ref()
+                    .map_or(Target::Never, |e| after(on(Some(e)))),
                 // Both sides must admit: one is enough to narrow by, the better one.
                 update: a.update.as_ref().map_or(Target::Never, |u| {
                     let (a, b) = (on(u.after.as_ref()), on(u.before.as_ref()));
@@ -398,7 +406,10 @@ impl Plan {
                         (a, _) => after(a),
                     }
                 }),
-                delete: a.delete.as_ref().map_or(Target::Never, |e| before(on(Some(e)))),
+                delete: a
+                    .delete
+                    .as_ref()
+                    .map_or(Target::Never, |e| before(on(Some(e)))),
             },
             Mode::Where(e) => Plan {
                 create: after(access(f, e)),
@@ -486,7 +497,12 @@ fn access(f: &CompiledFilter, expr: &Expr) -> Access {
             }
             choices
                 .into_iter()
-                .min_by_key(|p| (p.len(), p.iter().any(|p| matches!(p.test, ProbeTest::Range(..)))))
+                .min_by_key(|p| {
+                    (
+                        p.len(),
+                        p.iter().any(|p| matches!(p.test, ProbeTest::Range(..))),
+                    )
+                })
                 .map_or(Access::Always, Access::Any)
         }
     }
@@ -506,10 +522,12 @@ fn merge_range(choices: &mut Vec<Vec<Probe>>, probes: Vec<Probe>) {
         let same = choices
             .iter_mut()
             .find(|c| single_range(c).is_some_and(|(other, ..)| other == column));
-        if let Some([Probe {
-            test: ProbeTest::Range(l, u),
-            ..
-        }]) = same.map(Vec::as_mut_slice)
+        if let Some(
+            [Probe {
+                test: ProbeTest::Range(l, u),
+                ..
+            }],
+        ) = same.map(Vec::as_mut_slice)
         {
             *l = ranges::max_lower(std::mem::replace(l, Bound::Unbounded), lower);
             *u = ranges::min_upper(std::mem::replace(u, Bound::Unbounded), upper);
@@ -521,10 +539,12 @@ fn merge_range(choices: &mut Vec<Vec<Probe>>, probes: Vec<Probe>) {
 
 fn test_access(column: Column, test: &Test) -> Access {
     let family = &column.family;
-    let probe = |test| Access::Any(vec![Probe {
-        column: column.clone(),
-        test,
-    }]);
+    let probe = |test| {
+        Access::Any(vec![Probe {
+            column: column.clone(),
+            test,
+        }])
+    };
     match test {
         Test::IsNull(true) => probe(ProbeTest::Null),
         Test::Cmp(Cmp::Eq, lit) => match keys::lit_key(family, lit) {

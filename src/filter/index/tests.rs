@@ -11,9 +11,8 @@ use proptest::prelude::*;
 use serde_json::{json, Value as Json};
 
 use super::FilterIndex;
-use crate::event::{Action, Event, Identity, Position, Row, TxInfo};
+use crate::event::{Action, Event, Identity, Row};
 use crate::filter::{ColumnSchema, CompiledFilter, Decision, Filter, TableSchema};
-use crate::lsn::Lsn;
 use crate::value::{Text, TypeKind, Value};
 
 /// (column, type name, kind) of `public.t`; `id` is the primary key.
@@ -63,7 +62,13 @@ fn literals(column: usize) -> Vec<Json> {
             json!("2026-01-01T01:00:00+01:00"),
             json!("2026-01-02T00:00:00Z"),
         ],
-        "f8" => vec![json!(-0.0), json!(0), json!(1.5), json!("NaN"), json!("Infinity")],
+        "f8" => vec![
+            json!(-0.0),
+            json!(0),
+            json!(1.5),
+            json!("NaN"),
+            json!("Infinity"),
+        ],
         "active" => vec![json!(true), json!(false)],
         "amount" => vec![json!("1.0"), json!(1), json!("2.5")],
         _ => vec![json!("2026-01-01"), json!("2026-01-02")],
@@ -314,13 +319,17 @@ fn narrow_filters_give_few_candidates() {
     let table = schema(Identity::Full);
     let mut index = FilterIndex::new();
     for k in 0..1000i64 {
-        let span: Filter = serde_json::from_value(
-            json!({"where": {"id": {"gte": k * 10, "lt": (k + 1) * 10}}}),
-        )
-        .unwrap();
+        let span: Filter =
+            serde_json::from_value(json!({"where": {"id": {"gte": k * 10, "lt": (k + 1) * 10}}}))
+                .unwrap();
         index.insert(k as usize, "public", "t", &span.compile(&table).unwrap());
         let tenant: Filter = serde_json::from_value(json!({"create": {"n": k}})).unwrap();
-        index.insert(1000 + k as usize, "public", "t", &tenant.compile(&table).unwrap());
+        index.insert(
+            1000 + k as usize,
+            "public",
+            "t",
+            &tenant.compile(&table).unwrap(),
+        );
     }
     let mut values: Vec<Option<Value>> = vec![None; COLUMNS.len()];
     values[0] = Some(Value::Int(4321));
@@ -337,26 +346,5 @@ fn narrow_filters_give_few_candidates() {
 }
 
 fn event_template() -> Event {
-    Event {
-        id: ulid::Ulid::nil(),
-        position: Position::new(Lsn(1), 0),
-        action: Action::Truncate,
-        schema: "public".into(),
-        table: "t".into(),
-        identity: Identity::Full,
-        new: None,
-        old: None,
-        changed: None,
-        unchanged: Vec::new(),
-        transition: None,
-        tx: TxInfo {
-            xid: 1,
-            commit_lsn: Lsn(1),
-            committed_at: 0,
-            index: 0,
-            total: None,
-            last: true,
-            annotations: None,
-        },
-    }
+    crate::filter::tests::event(Action::Truncate, Identity::Full, None, None)
 }
