@@ -1,8 +1,9 @@
 //! Range predicates of one column: which intervals hold a point. A centered interval tree
 //! over index keys: a query costs O(log n + k) for `k` hits, and memory is O(n) whatever
-//! the overlap. Intervals added since the tree was built wait in a short list that every
-//! query scans, and the tree is rebuilt (O(n log n)) once that list outgrows n/8: a
-//! subscriber joining a hub of thousands costs O(log n) amortized, not a rebuild.
+//! the overlap. Intervals added since the tree was built wait in a list that queries scan,
+//! and the first query that finds more than [`RECENT`] of them rebuilds the tree
+//! (O(n log n)): subscribers join in batches between transactions, so a rebuild serves at
+//! least that many joins, and a query never scans more than that many extra intervals.
 
 use std::cmp::Ordering;
 
@@ -108,10 +109,8 @@ pub(super) struct Ranges {
     recent: Vec<Interval>,
 }
 
-/// Intervals that may wait outside the tree, for a tree of `n`.
-fn recent_limit(n: usize) -> usize {
-    16 + n / 8
-}
+/// Intervals that may wait outside the tree.
+const RECENT: usize = 32;
 
 #[derive(Debug)]
 struct Node {
@@ -135,14 +134,14 @@ impl Ranges {
             return;
         }
         self.recent.push(interval);
-        if self.recent.len() > recent_limit(self.items.len()) {
-            self.items.append(&mut self.recent);
-            self.tree = build(self.items.clone());
-        }
     }
 
     /// Every member whose interval holds `v`.
-    pub(super) fn stab(&self, v: &[u8], emit: &mut impl FnMut(usize)) {
+    pub(super) fn stab(&mut self, v: &[u8], emit: &mut impl FnMut(usize)) {
+        if self.recent.len() > RECENT {
+            self.items.append(&mut self.recent);
+            self.tree = build(self.items.clone());
+        }
         for i in &self.recent {
             if above(&i.lower, v) && below(&i.upper, v) {
                 emit(i.member);

@@ -348,3 +348,65 @@ fn narrow_filters_give_few_candidates() {
 fn event_template() -> Event {
     crate::filter::tests::event(Action::Truncate, Identity::Full, None, None)
 }
+
+/// Matching cost per event against N narrow filters, index plus exact evaluation of the
+/// candidates, next to evaluating every filter (prints; asserts nothing about time):
+/// `cargo test --release --lib filter::index::tests::bench -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn bench_matching() {
+    use std::hint::black_box;
+    use std::time::Instant;
+    const EVENTS: i64 = 200_000;
+    let table = schema(Identity::Full);
+    for n in [1i64, 100, 1000, 10_000] {
+        let span = 50_000 / n + 1;
+        let filters: Vec<CompiledFilter> = (0..n)
+            .map(|k| {
+                let f = json!({"where": {"id": {"gte": k * span, "lt": (k + 1) * span}}});
+                Filter::from_json(&f).unwrap().compile(&table).unwrap()
+            })
+            .collect();
+        let mut index = FilterIndex::new();
+        for (m, f) in filters.iter().enumerate() {
+            index.insert(m, "public", "t", f);
+        }
+        let events: Vec<Event> = (0..1000)
+            .map(|i| {
+                let mut values: Vec<Option<Value>> = vec![Some(Value::Null); COLUMNS.len()];
+                values[0] = Some(Value::Int(i * 50));
+                Event {
+                    action: Action::Create,
+                    new: Some(make_row(values)),
+                    ..event_template()
+                }
+            })
+            .collect();
+        let mut out = Vec::new();
+        let start = Instant::now();
+        let mut delivered = 0;
+        for i in 0..EVENTS {
+            let ev = &events[(i % 1000) as usize];
+            index.candidates(ev, &mut out);
+            delivered += out
+                .iter()
+                .filter(|&&m| filters[m].evaluate(ev).is_deliver())
+                .count();
+        }
+        let indexed = start.elapsed().as_nanos() as f64 / EVENTS as f64;
+        let brute_events = (EVENTS / n).max(100);
+        let start = Instant::now();
+        for i in 0..brute_events {
+            let ev = &events[(i % 1000) as usize];
+            delivered += filters
+                .iter()
+                .filter(|f| f.evaluate(ev).is_deliver())
+                .count();
+        }
+        let brute = start.elapsed().as_nanos() as f64 / brute_events as f64;
+        black_box(delivered);
+        println!(
+            "{n:6} filters: indexed {indexed:8.1} ns/event, every filter {brute:10.1} ns/event"
+        );
+    }
+}
