@@ -47,7 +47,7 @@ pub struct FanoutWindow {
     pub delivered: u64,
     pub setup_secs: f64,
     /// Resident memory added by making the subscriptions (each with its drain task), per
-    /// subscriber.
+    /// subscriber: a lower bound, since the process reuses memory earlier runs freed.
     pub kib_per_idle_subscriber: Option<f64>,
     #[serde(skip)]
     pub(super) wall_secs: f64,

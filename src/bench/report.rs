@@ -353,8 +353,9 @@ impl Report {
             "\n## Fan-out, REPLICA IDENTITY {}\n\n\
              Catch-up window only (from `resume` to the last event), medians; × = ratio to \
              one subscriber with the same kind of filter. Set-up (making the subscriptions) \
-             and the memory it added are apart.\n\n\
-             | contender | events/s | × 1 subscriber | client CPU µs/event | delivered | set-up s | KiB per idle subscriber |\n\
+             is apart; the RSS it added is a lower bound, as memory freed by earlier runs \
+             is reused.\n\n\
+             | contender | events/s | × 1 subscriber | client CPU µs/event | delivered | set-up s | RSS growth KiB per subscriber (lower bound) |\n\
              |---|---:|---:|---:|---:|---:|---:|",
             identity_name(identity).to_uppercase(),
         );
