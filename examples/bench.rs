@@ -33,7 +33,8 @@ struct Args {
     #[arg(long)]
     waltap_bin: Option<PathBuf>,
     /// Only these contenders (comma-separated): recvlogical-pgoutput,
-    /// recvlogical-test-decoding, waltap-tail, waltap-listener.
+    /// recvlogical-test-decoding, waltap-tail, waltap-listener, waltap-persisted,
+    /// waltap-fanout-{1,100,1000,10000}, waltap-tenants-{1,1000,10000}.
     #[arg(long, value_delimiter = ',', value_parser = parse_contender)]
     only: Vec<Contender>,
     /// Measure child CPU by polling /proc even when GNU time is installed.

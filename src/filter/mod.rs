@@ -122,6 +122,7 @@
 mod compile;
 mod decimal;
 mod eval;
+mod index;
 mod parse;
 mod temporal;
 mod typed;
@@ -135,6 +136,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub use crate::event::Transition;
+pub use index::FilterIndex;
 
 use crate::event::Identity;
 use crate::value::TypeKind;

@@ -135,7 +135,13 @@ fn arr(items: Vec<Value>) -> Value {
     Value::Array(items)
 }
 
-fn event(action: Action, identity: Identity, new: Option<Row>, old: Option<Row>) -> Event {
+/// Also the index's tests' fixture.
+pub(super) fn event(
+    action: Action,
+    identity: Identity,
+    new: Option<Row>,
+    old: Option<Row>,
+) -> Event {
     Event {
         id: ulid::Ulid::nil(),
         position: Position::new(Lsn(1), 0),

@@ -64,6 +64,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+mod fanout;
 mod initial;
 
 use std::collections::VecDeque;
@@ -636,11 +637,10 @@ async fn run(mut f: Fanout, listener: Listener, mut paused: bool) {
     // Before the first event: where the slot started streaming.
     let mut last_position = Position::before_lsn(listener.start_lsn());
     let mut listener = Some(listener);
-    let mut subs: Vec<Subscriber> = Vec::new();
+    let mut subs = fanout::Subscribers::default();
     let mut waiting: Vec<(Box<Subscriber>, oneshot::Sender<()>)> = Vec::new();
     let mut in_tx = false;
     let mut recent: VecDeque<(u32, Lsn)> = VecDeque::with_capacity(RECENT_COMMITS);
-    let mut out = Vec::new();
     let mut backoff = f.config.reconnect_min;
     let retry = tokio::time::sleep(std::time::Duration::ZERO);
     tokio::pin!(retry);
@@ -652,7 +652,7 @@ async fn run(mut f: Fanout, listener: Listener, mut paused: bool) {
                     position: Some(last_position),
                 };
                 if sub.tx.try_send(Ok(Fed::Item(marker))).is_ok() {
-                    subs.push(*sub);
+                    subs.join(*sub);
                 }
                 let _ = joined.send(());
             }
@@ -670,7 +670,7 @@ async fn run(mut f: Fanout, listener: Listener, mut paused: bool) {
                     let _ = reply.send(recent.iter().copied().collect());
                 }
                 Some(Command::Gone(id)) => {
-                    subs.retain(|s| s.id != id);
+                    subs.remove(id);
                     waiting.retain(|(s, _)| s.id != id);
                 }
                 None => break,
@@ -698,10 +698,7 @@ async fn run(mut f: Fanout, listener: Listener, mut paused: bool) {
             }
             item = next_delivery(&mut listener), if connected && !paused => match item {
                 Some(Ok(Delivery::Watermark(lsn))) => {
-                    for sub in subs.iter_mut().filter(|s| s.watermarks) {
-                        offer(sub, Fed::Watermark(lsn));
-                    }
-                    subs.retain(|s| !s.done);
+                    subs.watermark(lsn);
                 }
                 Some(Ok(Delivery::Event(ev))) => {
                     let position = ev.position;
@@ -713,20 +710,7 @@ async fn run(mut f: Fanout, listener: Listener, mut paused: bool) {
                         }
                         recent.push_back((ev.tx.xid, ev.tx.commit_lsn));
                     }
-                    for sub in subs.iter_mut() {
-                        let completed = sub.view.push(&ev, &mut out);
-                        for e in out.drain(..) {
-                            offer(sub, Fed::Item(SubscriptionItem::Event(e)));
-                        }
-                        if let Some(position) = completed {
-                            let reason = CompletionReason::Deleted;
-                            offer(sub, Fed::Item(SubscriptionItem::Completed { reason, position }));
-                            // One reading an initial state drops this completion when its
-                            // snapshot already misses the row, and goes on.
-                            sub.done |= !sub.watermarks;
-                        }
-                    }
-                    subs.retain(|s| !s.done);
+                    subs.event(&ev);
                     // At-most-once: offered is handled, so the slot never waits for anyone.
                     if let Some(l) = &listener {
                         l.ack(position);
@@ -739,9 +723,7 @@ async fn run(mut f: Fanout, listener: Listener, mut paused: bool) {
                     let e = Arc::new(failed.and_then(Result::err).unwrap_or(Error::Stopped));
                     tracing::warn!(slot = %f.config.slot, error = %crate::error::report(&e), subscribers = subs.len(), retry_in = ?backoff, "subscription hub lost its replication connection; reconnecting");
                     f.down.store(true, Ordering::Release);
-                    for s in subs.drain(..) {
-                        let _ = s.tx.try_send(Err(e.clone()));
-                    }
+                    subs.fail(&e);
                     // Callers still waiting to join are refused; they subscribe again.
                     waiting.clear();
                     in_tx = false;

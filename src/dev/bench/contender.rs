@@ -19,6 +19,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio_postgres::Client;
 
+use super::fanout::{FanoutWindow, Filters};
 use super::measure::{
     cpu_ticks, descendants, find_timestamp, now_unix_micros, peak_rss_kib, percentile,
     read_gnu_time, reset_peak_rss, LastSeen, Proc, GNU_TIME_FORMAT,
@@ -48,15 +49,21 @@ pub enum Contender {
     WaltapListener,
     /// The persisted path in this process: `waltap run`'s appender filling the event log.
     WaltapPersisted,
-    /// A [`Hub`] in this process with 1, 100 or 1000 subscribers whose filters split the
-    /// key space, so every event reaches exactly one of them.
+    /// A [`Hub`] in this process with 1, 100, 1000 or 10000 subscribers whose filters split
+    /// the key space, so every event reaches exactly one of them.
     WaltapFanout1,
     WaltapFanout100,
     WaltapFanout1000,
+    WaltapFanout10000,
+    /// A [`Hub`] with 1, 1000 or 10000 subscribers with an equality filter each
+    /// ([`super::fanout`]).
+    WaltapTenants1,
+    WaltapTenants1000,
+    WaltapTenants10000,
 }
 
 impl Contender {
-    pub const ALL: [Contender; 8] = [
+    pub const ALL: [Contender; 12] = [
         Contender::RecvlogicalPgoutput,
         Contender::RecvlogicalTestDecoding,
         Contender::WaltapTail,
@@ -65,24 +72,27 @@ impl Contender {
         Contender::WaltapFanout1,
         Contender::WaltapFanout100,
         Contender::WaltapFanout1000,
+        Contender::WaltapFanout10000,
+        Contender::WaltapTenants1,
+        Contender::WaltapTenants1000,
+        Contender::WaltapTenants10000,
     ];
 
     /// Whether the latency phase measures it (the catch-up-only paths are skipped there).
     pub fn measures_latency(self) -> bool {
-        !matches!(
-            self,
-            Contender::WaltapPersisted
-                | Contender::WaltapFanout1
-                | Contender::WaltapFanout100
-                | Contender::WaltapFanout1000
-        )
+        !matches!(self, Contender::WaltapPersisted) && self.fanout().is_none()
     }
 
-    fn subscribers(self) -> Option<u64> {
+    /// For a fan-out contender: its subscribers and their filters.
+    pub fn fanout(self) -> Option<(u64, Filters)> {
         match self {
-            Contender::WaltapFanout1 => Some(1),
-            Contender::WaltapFanout100 => Some(100),
-            Contender::WaltapFanout1000 => Some(1000),
+            Contender::WaltapFanout1 => Some((1, Filters::KeyRanges)),
+            Contender::WaltapFanout100 => Some((100, Filters::KeyRanges)),
+            Contender::WaltapFanout1000 => Some((1000, Filters::KeyRanges)),
+            Contender::WaltapFanout10000 => Some((10_000, Filters::KeyRanges)),
+            Contender::WaltapTenants1 => Some((1, Filters::Tenants)),
+            Contender::WaltapTenants1000 => Some((1000, Filters::Tenants)),
+            Contender::WaltapTenants10000 => Some((10_000, Filters::Tenants)),
             _ => None,
         }
     }
@@ -98,6 +108,10 @@ impl Contender {
             Contender::WaltapFanout1 => "waltap-fanout-1",
             Contender::WaltapFanout100 => "waltap-fanout-100",
             Contender::WaltapFanout1000 => "waltap-fanout-1000",
+            Contender::WaltapFanout10000 => "waltap-fanout-10000",
+            Contender::WaltapTenants1 => "waltap-tenants-1",
+            Contender::WaltapTenants1000 => "waltap-tenants-1000",
+            Contender::WaltapTenants10000 => "waltap-tenants-10000",
         }
     }
 
@@ -116,6 +130,10 @@ impl Contender {
             Contender::WaltapFanout1 => "waltap subscribe, 1 filtered subscriber",
             Contender::WaltapFanout100 => "waltap subscribe, 100 filtered subscribers",
             Contender::WaltapFanout1000 => "waltap subscribe, 1000 filtered subscribers",
+            Contender::WaltapFanout10000 => "waltap subscribe, 10000 filtered subscribers",
+            Contender::WaltapTenants1 => "waltap subscribe, 1 tenant (equality) subscriber",
+            Contender::WaltapTenants1000 => "waltap subscribe, 1000 tenant subscribers",
+            Contender::WaltapTenants10000 => "waltap subscribe, 10000 tenant subscribers",
         }
     }
 
@@ -187,6 +205,9 @@ pub struct Measurement {
     /// User + system CPU of the walsender serving it, over its whole life.
     pub walsender_cpu_secs: Option<f64>,
     pub peak_rss_kib: Option<u64>,
+    /// Fan-out contenders: the catch-up window (`wall_secs` and the client CPU are its own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fanout: Option<FanoutWindow>,
 }
 
 impl Measurement {
@@ -217,10 +238,7 @@ pub async fn catch_up(
         Contender::WaltapPersisted => {
             return in_process(tools, slot, events, timeout, persisted_run(slot, events)).await
         }
-        Contender::WaltapFanout1 | Contender::WaltapFanout100 | Contender::WaltapFanout1000 => {
-            let n = c.subscribers().unwrap_or(1);
-            return in_process(tools, slot, events, timeout, fanout_run(slot, events, n)).await;
-        }
+        _ if c.fanout().is_some() => return fanout_catch_up(tools, c, slot, events, timeout).await,
         Contender::WaltapTail => tail_args(slot, Some(events)),
         _ => recvlogical_args(c, slot, Some(endpos)),
     };
@@ -383,6 +401,7 @@ async fn child_catch_up(
         client_cpu_secs,
         walsender_cpu_secs: tools.cpu_secs(watch.walsender.cpu_ticks),
         peak_rss_kib,
+        fanout: None,
     })
 }
 
@@ -445,7 +464,7 @@ impl Drop for KillTree {
     }
 }
 
-fn listener_config(slot: &Slot<'_>) -> anyhow::Result<ListenerConfig> {
+pub(super) fn listener_config(slot: &Slot<'_>) -> anyhow::Result<ListenerConfig> {
     let mut config = ListenerConfig::new(SourceConfig::parse(slot.url)?);
     config.slot = slot.name.clone();
     config.publication = slot.publication.to_string();
@@ -521,6 +540,7 @@ async fn in_process(
         client_cpu_secs: tools.cpu_secs(client_ticks),
         walsender_cpu_secs: tools.cpu_secs(walsender_ticks),
         peak_rss_kib: peak_rss_kib(Proc::This).filter(|_| own_peak),
+        fanout: None,
     })
 }
 
@@ -555,44 +575,25 @@ async fn persisted_run(slot: &Slot<'_>, events: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A hub with `n` subscribers whose `where` filters split the id range, each drained by
-/// its own task, until all `events` were delivered.
-async fn fanout_run(slot: &Slot<'_>, events: u64, n: u64) -> anyhow::Result<()> {
-    let mut config = crate::hub::HubConfig::new(listener_config(slot)?);
-    config.subscriber_queue = 100_000;
-    // The backlog is already in the slot: it must wait for every subscriber.
-    config.start_paused = true;
-    let hub = crate::hub::Hub::start(config).await?;
-    let span = (workload::Shape::new(events).inserts / n).max(1) + 1;
-    let delivered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let done = std::sync::Arc::new(tokio::sync::Notify::new());
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        let filter: crate::filter::Filter = serde_json::from_value(serde_json::json!({
-            "where": {"id": {"gte": i * span, "lt": (i + 1) * span}}
-        }))?;
-        let mut sub = hub.subscribe(workload::TABLE, Some(filter)).await?;
-        let delivered = delivered.clone();
-        let done = done.clone();
-        tasks.push(tokio::spawn(async move {
-            while let Some(item) = sub.next().await {
-                if let Ok(crate::hub::SubscriptionItem::Event(_)) = item {
-                    if delivered.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 >= events {
-                        done.notify_one();
-                    }
-                }
-            }
-        }));
-    }
-    hub.resume().await?;
-    while delivered.load(std::sync::atomic::Ordering::Relaxed) < events {
-        done.notified().await;
-    }
-    hub.shutdown().await;
-    for t in tasks {
-        let _ = t.await;
-    }
-    Ok(())
+/// A fan-out run, measured over its catch-up window (see [`super::fanout`]).
+async fn fanout_catch_up(
+    tools: &Tools,
+    c: Contender,
+    slot: &Slot<'_>,
+    events: u64,
+    timeout: Duration,
+) -> anyhow::Result<Measurement> {
+    let (n, filters) = c
+        .fanout()
+        .ok_or_else(|| anyhow!("{} is no fan-out", c.key()))?;
+    let window = Mutex::new(FanoutWindow::default());
+    let work = super::fanout::run(slot, events, n, filters, &window);
+    let mut m = in_process(tools, slot, events, timeout, work).await?;
+    let window = window.into_inner().unwrap_or_else(|e| e.into_inner());
+    m.wall_secs = window.wall_secs;
+    m.client_cpu_secs = tools.cpu_secs(window.cpu_ticks);
+    m.fanout = Some(window);
+    Ok(m)
 }
 
 /// Writes paced single-row commits, then waits for the consumer to have seen them all.

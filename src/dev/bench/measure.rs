@@ -73,8 +73,17 @@ pub fn descendants(pid: u32) -> Vec<u32> {
 
 /// Peak resident set size (`VmHWM`) in KiB; `None` once the process has exited.
 pub fn peak_rss_kib(p: Proc) -> Option<u64> {
+    status_kib(p, "VmHWM:")
+}
+
+/// Resident memory now, in KiB.
+pub fn rss_kib(p: Proc) -> Option<u64> {
+    status_kib(p, "VmRSS:")
+}
+
+fn status_kib(p: Proc, field: &str) -> Option<u64> {
     let status = fs::read_to_string(p.file("status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 

@@ -18,6 +18,7 @@
 //! [`measure`] (`/proc`, GNU time, statistics), [`report`] (report and Markdown).
 
 pub mod contender;
+pub mod fanout;
 pub mod measure;
 pub mod report;
 pub mod workload;

@@ -11,6 +11,7 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use super::contender::{Contender, Latency, Measurement};
+use super::fanout::{FanoutWindow, Filters};
 use super::measure::Spread;
 use super::workload::{Shape, DELETES_PER_TX, INSERTS_PER_TX, UPDATES_PER_TX};
 use crate::Identity;
@@ -269,6 +270,9 @@ impl Report {
         for identity in [Identity::Default, Identity::Full] {
             self.catch_up_table(&mut md, identity);
         }
+        for identity in [Identity::Default, Identity::Full] {
+            self.fanout_table(&mut md, identity);
+        }
         self.latency_table(&mut md);
         if !self.not_available.is_empty() {
             let _ = writeln!(md, "\n## Not available\n");
@@ -326,6 +330,58 @@ impl Report {
                     floor_of(|f| &f.walsender_cpu_us_per_event)
                 ),
                 num(median(&c.peak_rss_mib), 1),
+            );
+        }
+    }
+
+    /// The fan-out contenders against one subscriber with the same kind of filter.
+    fn fanout_table(&self, md: &mut String, identity: Identity) {
+        let rows: Vec<(&CatchUp, u64, Filters)> = self
+            .catch_up
+            .iter()
+            .filter(|c| c.identity == identity)
+            .filter_map(|c| c.contender.fanout().map(|(n, f)| (c, n, f)))
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        let median_of = |c: &CatchUp, f: fn(&FanoutWindow) -> Option<f64>| {
+            Spread::of(c.runs.iter().filter_map(|m| f(m.fanout.as_ref()?))).map(|s| s.median)
+        };
+        let _ = writeln!(
+            md,
+            "\n## Fan-out, REPLICA IDENTITY {}\n\n\
+             Catch-up window only (from `resume` to the last event), medians; × = ratio to \
+             one subscriber with the same kind of filter. Set-up (making the subscriptions) \
+             is apart; the RSS it added is a lower bound, as memory freed by earlier runs \
+             is reused.\n\n\
+             | contender | events/s | × 1 subscriber | client CPU µs/event | delivered | set-up s | RSS growth KiB per subscriber (lower bound) |\n\
+             |---|---:|---:|---:|---:|---:|---:|",
+            identity_name(identity).to_uppercase(),
+        );
+        for &(c, n, filters) in &rows {
+            let base = rows
+                .iter()
+                .find(|(_, bn, bf)| *bn == 1 && *bf == filters)
+                .and_then(|(b, ..)| b.events_per_sec.map(|s| s.median));
+            let eps = c.events_per_sec.map(|s| s.median);
+            let ratio = match (eps, base) {
+                (Some(x), Some(b)) if b > 0.0 => format!("{:.2}×", x / b),
+                _ => "–".into(),
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                c.contender.label(),
+                num(eps, 0),
+                ratio,
+                num(c.client_cpu_us_per_event.map(|s| s.median), 2),
+                num(median_of(c, |w| Some(w.delivered as f64)), 0),
+                num(median_of(c, |w| Some(w.setup_secs)), 2),
+                match n {
+                    1 => "–".into(),
+                    _ => num(median_of(c, |w| w.kib_per_idle_subscriber), 1),
+                },
             );
         }
     }
