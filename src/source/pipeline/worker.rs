@@ -1,282 +1,28 @@
-//! The task that owns the replication slot, and the [`Listener`] handle that consumes it.
-//!
-//! One task per listener holds the replication connection. It decodes each XLogData
-//! payload, assembles events, hands them to the consumer through a bounded channel, and
-//! reports progress to the server. Invariants:
-//!
-//! - The flush position sent to Postgres never passes what the consumer acknowledged: a
-//!   transaction's `end_lsn` is confirmed only once every event of it, and of every earlier
-//!   transaction, is acknowledged. Acknowledging in the middle of a transaction confirms
-//!   nothing of it, so after a restart that transaction is delivered again in full.
-//! - While nothing is open or unacknowledged, the flush position follows the server's
-//!   send position (keepalive `walEnd`), so an idle slot does not pin WAL.
-//! - Reported positions never go backwards and never pass what was received.
-//! - Keepalives asking for a reply are answered at once, and a status update goes out at
-//!   least every `status_interval` (kept under a third of `wal_sender_timeout`), also while
-//!   the consumer is slow and the channel is full.
-//! - Transactions the server streams before their commit (`streaming 'on'`) are held by
-//!   [`crate::source::spill`] and become events only at Stream Commit, through the same assembler
-//!   as any other transaction (same positions and ids); while one is open the flush
-//!   position does not follow the server's send position.
-//! - Transient failures (connection lost, server restarting) reconnect with backoff; the
-//!   server resends from the confirmed position and events already handed out in this
-//!   process are skipped by position, so the consumer sees each change once per process.
-//!   A temporary slot cannot be resumed: its listener ends with the first failure.
-//!   Definite failures (slot dropped or invalidated, publication missing, malformed data)
-//!   end the stream with a typed error.
+//! The task behind a [`Listener`](super::Listener): owns the replication connection,
+//! decodes and assembles, hands events to the channel, and confirms the slot only up to
+//! acknowledged whole transactions (the invariants are listed in the parent module).
 
 use std::collections::VecDeque;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::Stream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
-use crate::event::{Assembler, AssemblerOptions, Event, Output, Position, TableName};
-use crate::lsn::{Lsn, Watermark};
+use crate::event::{Assembler, AssemblerOptions, Output, Position};
+use crate::lsn::Lsn;
 use crate::pg::catalog::resolve_type;
-use crate::pg::config::SourceConfig;
 use crate::pg::quote_ident;
 use crate::pgoutput::{Begin, Commit, Decoder, LogicalMessage, StreamCommit};
 use crate::replication::{
     quote_literal, ReplicationConnection, ReplicationError, ReplicationMessage, ReplicationStream,
     StatusUpdate,
 };
-use crate::source::setup::{self, SetupError, SetupOptions, SetupReport};
-use crate::source::spill::{SpillConfig, Spool, KEEP};
+use crate::source::setup::SetupError;
+use crate::source::spill::{Spool, KEEP};
 
-/// What a listener reads and how.
-#[derive(Debug, Clone)]
-pub struct ListenerConfig {
-    pub source: SourceConfig,
-    pub slot: String,
-    pub publication: String,
-    /// Only these tables produce events; empty = every published table.
-    pub tables: Vec<TableName>,
-    /// Create the publication when missing.
-    pub create_publication: bool,
-    /// Create the slot when missing.
-    pub create_slot: bool,
-    /// Use a temporary slot that starts at "now" and vanishes when the listener stops.
-    pub temporary_slot: bool,
-    /// Events buffered between the replication task and the consumer.
-    pub channel_capacity: usize,
-    /// Events of one transaction held to count `tx.total`.
-    pub max_buffered_events: usize,
-    /// Longest time between two status updates (shortened to fit `wal_sender_timeout`).
-    pub status_interval: Duration,
-    /// Backoff between reconnect attempts: starts at `min`, doubles up to `max`.
-    pub reconnect_min: Duration,
-    pub reconnect_max: Duration,
-    /// Where transactions streamed while in progress are kept until they commit, and how
-    /// much of them may stay in memory.
-    pub spill: SpillConfig,
-    /// Ask for large transactions while they are in progress (`streaming 'on'`), rather
-    /// than have the server hold them until commit (its own spill files, then one burst).
-    pub stream_in_progress: bool,
-    /// Create the slot as a failover slot (PostgreSQL 17+), synchronized to standbys.
-    pub failover_slot: bool,
-    /// While catching up (changes committed more than [`CATCH_UP_LAG_MICROS`] before the
-    /// server sent them), pause this long before a read that follows a short one, so the
-    /// server sends in bulk: less CPU on both sides per event. It blocks the thread (so
-    /// that arriving data does not wake it), and never applies to live changes, so it
-    /// costs latency only to changes that are late anyway. Zero turns it off.
-    pub catch_up_pause: Duration,
-}
-
-impl ListenerConfig {
-    /// Defaults for everything but the source: slot and publication `waltap`.
-    pub fn new(source: SourceConfig) -> Self {
-        ListenerConfig {
-            source,
-            slot: "waltap".into(),
-            publication: "waltap".into(),
-            tables: Vec::new(),
-            create_publication: true,
-            create_slot: true,
-            temporary_slot: false,
-            channel_capacity: 4096,
-            max_buffered_events: 10_000,
-            status_interval: Duration::from_secs(10),
-            reconnect_min: Duration::from_millis(200),
-            reconnect_max: Duration::from_secs(30),
-            spill: SpillConfig::default(),
-            stream_in_progress: true,
-            failover_slot: false,
-            catch_up_pause: Duration::from_micros(300),
-        }
-    }
-
-    fn setup_options(&self) -> SetupOptions {
-        SetupOptions {
-            slot: self.slot.clone(),
-            publication: self.publication.clone(),
-            tables: self.tables.clone(),
-            create_publication: self.create_publication,
-            create_slot: self.create_slot,
-            temporary_slot: self.temporary_slot,
-            failover_slot: self.failover_slot,
-        }
-    }
-}
-
-/// How old (server clock, commit time to send time) a change must be for reads to be
-/// paced ([`ListenerConfig::catch_up_pause`]).
-pub const CATCH_UP_LAG_MICROS: i64 = 100_000;
-
-/// Acknowledges events so the slot may advance; cheap to clone and send across tasks.
-#[derive(Debug, Clone)]
-pub struct Acker(watch::Sender<Option<Position>>);
-
-impl Acker {
-    /// Marks every event up to and including `position` as handled. Positions only move
-    /// forward: an older position is ignored.
-    pub fn ack(&self, position: Position) {
-        self.0.send_if_modified(|cur| {
-            if cur.is_none_or(|c| c < position) {
-                *cur = Some(position);
-                true
-            } else {
-                false
-            }
-        });
-    }
-}
-
-/// A running listener: a [`Stream`] of events from the slot.
-///
-/// Events arrive in commit order. Call [`Listener::ack`] (or an [`Acker`]) once an event is
-/// handled; the slot is confirmed up to whole acknowledged transactions. Dropping the
-/// listener stops the task; [`Listener::shutdown`] stops it and waits for the final
-/// status update.
-pub struct Listener {
-    rx: mpsc::Receiver<Result<Delivery, Error>>,
-    acker: Acker,
-    cancel: CancellationToken,
-    task: Option<tokio::task::JoinHandle<()>>,
-    report: SetupReport,
-    start_lsn: Lsn,
-}
-
-impl Listener {
-    /// Checks the source (creating publication and slot as configured), starts streaming,
-    /// and returns once the server streams: every change committed after this returns is
-    /// delivered.
-    pub async fn start(config: ListenerConfig) -> Result<Listener, Error> {
-        let client = config.source.connect_sql().await?;
-        let report = setup::prepare(&client, &config.setup_options()).await?;
-        for w in &report.warnings {
-            tracing::warn!(slot = %config.slot, "{w}");
-        }
-        let (ack_tx, ack_rx) = watch::channel(None);
-        let (tx, rx) = mpsc::channel(config.channel_capacity.max(1));
-        let cancel = CancellationToken::new();
-        let mut worker = Worker::new(config, client, ack_rx, tx, cancel.clone());
-        let stream = worker.connect(true).await?;
-        // A temporary slot starts at its consistent point, a slot of its own at its
-        // confirmed point, which nobody moves while this connection holds the slot.
-        let confirmed = report
-            .slot
-            .as_ref()
-            .and_then(|s| s.confirmed_flush_lsn.as_deref())
-            .and_then(|l| l.parse::<Lsn>().ok())
-            .unwrap_or(Lsn::ZERO);
-        let start_lsn = worker.received.max(confirmed);
-        let task = tokio::spawn(async move { worker.run(stream).await });
-        Ok(Listener {
-            rx,
-            acker: Acker(ack_tx),
-            cancel,
-            task: Some(task),
-            report,
-            start_lsn,
-        })
-    }
-
-    /// Acknowledges every event up to and including `position`.
-    pub fn ack(&self, position: Position) {
-        self.acker.ack(position);
-    }
-
-    /// A handle to acknowledge from elsewhere.
-    pub fn acker(&self) -> Acker {
-        self.acker.clone()
-    }
-
-    /// What the start-up checks found (tables, identities, warnings, slot).
-    pub fn setup_report(&self) -> &SetupReport {
-        &self.report
-    }
-
-    /// The WAL position streaming started from: every transaction delivered commits at
-    /// or after it.
-    pub fn start_lsn(&self) -> Lsn {
-        self.start_lsn
-    }
-
-    /// Stops streaming: confirms what was acknowledged, ends copy mode, closes.
-    pub async fn shutdown(mut self) {
-        self.cancel.cancel();
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        self.cancel.cancel();
-    }
-}
-
-/// What a listener hands its owner: the changes (all that [`Listener`]'s `Stream` yields),
-/// and the watermarks of initial-state snapshots, which the hub and the event log need to
-/// match a snapshot with the changes ([`crate::initial`]).
-// Nearly every item is an event; boxing it would cost an allocation per event.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-pub enum Delivery {
-    Event(Event),
-    /// A snapshot's watermark: every transaction whose commit LSN is below it has been
-    /// delivered, and none at or above it (see [`Watermark`]).
-    Watermark(Watermark),
-}
-
-impl Listener {
-    /// The next change or watermark.
-    pub async fn next_delivery(&mut self) -> Option<Result<Delivery, Error>> {
-        self.rx.recv().await
-    }
-
-    /// The next change or watermark if one is ready now.
-    pub fn try_next_delivery(&mut self) -> Option<Option<Result<Delivery, Error>>> {
-        match self.rx.try_recv() {
-            Ok(item) => Some(Some(item)),
-            Err(mpsc::error::TryRecvError::Empty) => None,
-            Err(mpsc::error::TryRecvError::Disconnected) => Some(None),
-        }
-    }
-}
-
-impl Stream for Listener {
-    type Item = Result<Event, Error>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        loop {
-            return match self.rx.poll_recv(cx) {
-                Poll::Ready(Some(Ok(Delivery::Watermark(_)))) => continue,
-                Poll::Ready(Some(Ok(Delivery::Event(ev)))) => Poll::Ready(Some(Ok(ev))),
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            };
-        }
-    }
-}
+use super::{Delivery, ListenerConfig, CATCH_UP_LAG_MICROS};
 
 /// A committed transaction whose `end_lsn` may be confirmed once the consumer has
 /// acknowledged `through` (the last event handed out when it completed).
@@ -285,7 +31,7 @@ struct PendingCommit {
     end_lsn: Lsn,
 }
 
-struct Worker {
+pub(super) struct Worker {
     config: ListenerConfig,
     sql: tokio_postgres::Client,
     acks: watch::Receiver<Option<Position>>,
@@ -296,7 +42,7 @@ struct Worker {
     /// Streamed transactions not yet committed or aborted.
     spool: Spool,
     /// Highest LSN seen from the server (XLogData headers and keepalives).
-    received: Lsn,
+    pub(super) received: Lsn,
     /// Highest end_lsn whose transaction is fully acknowledged.
     durable: Lsn,
     last_sent: StatusUpdate,
@@ -316,7 +62,7 @@ enum SessionEnd {
 }
 
 impl Worker {
-    fn new(
+    pub(super) fn new(
         config: ListenerConfig,
         sql: tokio_postgres::Client,
         acks: watch::Receiver<Option<Position>>,
@@ -353,7 +99,7 @@ impl Worker {
     }
 
     /// Opens the replication connection and starts streaming from the slot.
-    async fn connect(&mut self, first: bool) -> Result<ReplicationStream, Error> {
+    pub(super) async fn connect(&mut self, first: bool) -> Result<ReplicationStream, Error> {
         if self.sql.is_closed() {
             self.sql = self.config.source.connect_sql().await?;
         }
@@ -457,7 +203,7 @@ impl Worker {
         Error::Replication(e)
     }
 
-    async fn run(mut self, stream: ReplicationStream) {
+    pub(super) async fn run(mut self, stream: ReplicationStream) {
         let mut stream = Some(stream);
         let mut backoff = self.config.reconnect_min;
         loop {
