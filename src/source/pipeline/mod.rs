@@ -45,8 +45,11 @@ use crate::source::spill::SpillConfig;
 /// What a listener reads and how.
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {
+    /// The database to read (a connection with `replication=database` is made to it).
     pub source: SourceConfig,
+    /// The logical replication slot (pgoutput) to read from.
     pub slot: String,
+    /// The publication whose tables the slot sends.
     pub publication: String,
     /// Only these tables produce events; empty = every published table.
     pub tables: Vec<TableName>,
@@ -62,8 +65,10 @@ pub struct ListenerConfig {
     pub max_buffered_events: usize,
     /// Longest time between two status updates (shortened to fit `wal_sender_timeout`).
     pub status_interval: Duration,
-    /// Backoff between reconnect attempts: starts at `min`, doubles up to `max`.
+    /// Backoff between reconnect attempts: starts at `reconnect_min`, doubles up to
+    /// `reconnect_max`.
     pub reconnect_min: Duration,
+    /// The longest backoff between reconnect attempts.
     pub reconnect_max: Duration,
     /// Where transactions streamed while in progress are kept until they commit, and how
     /// much of them may stay in memory.
@@ -233,6 +238,7 @@ impl Drop for Listener {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Delivery {
+    /// A change, in commit order.
     Event(Event),
     /// A snapshot's watermark: every transaction whose commit LSN is below it has been
     /// delivered, and none at or above it (see [`Watermark`]).
