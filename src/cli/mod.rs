@@ -18,7 +18,7 @@ use futures::{FutureExt, StreamExt};
 
 use crate::event::TableName;
 use crate::filter::Filter;
-use crate::hub::FilteredView;
+use crate::filter::FilteredView;
 use crate::pg::config::SourceConfig;
 use crate::source::pipeline::{Listener, ListenerConfig};
 use crate::source::setup::{self, SetupOptions};

@@ -2,7 +2,7 @@
 
 use std::error::Error as StdError;
 
-use crate::pg::config::pg_error_text;
+use crate::pg::error::pg_error_text;
 
 /// An error and its chain of causes (`source()`), joined with ": ", as shown on the
 /// command line, in HTTP error messages and in logs.

@@ -126,6 +126,7 @@ mod index;
 mod parse;
 mod temporal;
 mod typed;
+mod view;
 
 #[cfg(test)]
 mod tests;
@@ -137,6 +138,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub use crate::event::Transition;
 pub use index::FilterIndex;
+pub use view::FilteredView;
 
 use crate::event::Identity;
 use crate::value::TypeKind;

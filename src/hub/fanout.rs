@@ -42,7 +42,7 @@ impl Subscribers {
             self.slots.push(None);
             self.in_open.push(false);
         }
-        for (table, filter) in &sub.view.tables {
+        for (table, filter) in sub.view.tables() {
             self.index
                 .insert(member, &table.schema, &table.table, filter);
         }
@@ -96,7 +96,7 @@ impl Subscribers {
                 // snapshot already misses the row, and goes on.
                 sub.done |= !sub.watermarks;
             }
-            if !ev.tx.last && !self.in_open[m] && (sub.view.holds_events() || sub.view.row_gone) {
+            if !ev.tx.last && !self.in_open[m] && (sub.view.holds_events() || sub.view.row_gone()) {
                 self.in_open[m] = true;
                 self.open.push(m);
             }

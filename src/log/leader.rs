@@ -239,7 +239,7 @@ impl Lock {
             )
             .await
         {
-            tracing::warn!(error = %crate::pg::config::pg_error_text(&e), "the store cannot end silent sessions (idle_session_timeout needs PostgreSQL 14): a paused leader keeps leadership until it resumes or its host is gone");
+            tracing::warn!(error = %crate::pg::error::pg_error_text(&e), "the store cannot end silent sessions (idle_session_timeout needs PostgreSQL 14): a paused leader keeps leadership until it resumes or its host is gone");
         }
         let (class, key) = lock_key(slot);
         tracing::info!(slot = %slot, member = %group.member, "waiting for leadership");
@@ -265,7 +265,7 @@ impl Lock {
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(slot = %slot, error = %crate::pg::config::pg_error_text(&e), "cannot end the former leader's appending sessions; an open one holds up this takeover until Postgres ends it (idle_in_transaction_session_timeout)");
+                tracing::warn!(slot = %slot, error = %crate::pg::error::pg_error_text(&e), "cannot end the former leader's appending sessions; an open one holds up this takeover until Postgres ends it (idle_in_transaction_session_timeout)");
             }
         }
         let term: i64 = client
@@ -303,7 +303,7 @@ impl Lock {
                 Ok(Err(e)) => {
                     return format!(
                         "the leadership session ended: {}",
-                        crate::pg::config::pg_error_text(&e)
+                        crate::pg::error::pg_error_text(&e)
                     )
                 }
                 Ok(Ok(row)) => {
@@ -342,7 +342,7 @@ pub async fn free_slot(source: &SourceConfig, slot: &str) -> Result<(), StoreErr
         {
             // Not allowed (another role): the replication start retries while the slot
             // is in use, until its holder lets go.
-            tracing::warn!(slot = %slot, pid, error = %crate::pg::config::pg_error_text(&e), "cannot end the walsender holding the slot");
+            tracing::warn!(slot = %slot, pid, error = %crate::pg::error::pg_error_text(&e), "cannot end the walsender holding the slot");
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -14,23 +14,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::config::Host;
 use tokio_postgres::{AsyncMessage, Notification};
 
-use crate::pg::tls::{self, TlsError};
-
-/// How TLS is used, with libpq's meaning of each `sslmode`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsMode {
-    /// `disable`: plain TCP.
-    Disable,
-    /// `allow`/`prefer` (the default): TLS when the server offers it, unverified.
-    Prefer,
-    /// `require`: TLS or fail; the certificate is not verified (libpq does the same unless a
-    /// root certificate is given, in which case it behaves as `verify-ca`).
-    Require,
-    /// `verify-ca`: TLS with a certificate chain that leads to a trusted root.
-    VerifyCa,
-    /// `verify-full`: as `verify-ca`, and the host name must match the certificate.
-    VerifyFull,
-}
+use crate::pg::tls::{self, TlsError, TlsMode};
 
 /// The configuration was not usable; the message names the setting.
 #[derive(Debug, thiserror::Error)]
@@ -293,40 +277,6 @@ pub enum SqlConnectError {
     },
     #[error("cannot connect to {target}: no answer within {timeout:?} (connect_timeout)")]
     Timeout { target: String, timeout: Duration },
-}
-
-/// tokio-postgres displays server errors as just "db error"; this spells out the server's
-/// message, SQLSTATE, detail and hint, or the I/O cause.
-pub fn pg_error_text(e: &tokio_postgres::Error) -> String {
-    if let Some(db) = e.as_db_error() {
-        let mut s = format!(
-            "{}: {} (SQLSTATE {})",
-            db.severity(),
-            db.message(),
-            db.code().code()
-        );
-        if let Some(d) = db.detail() {
-            s.push_str("; detail: ");
-            s.push_str(d);
-        }
-        if let Some(h) = db.hint() {
-            s.push_str("; hint: ");
-            s.push_str(h);
-        }
-        return s;
-    }
-    // tokio-postgres already prints its immediate cause; add only what it left out.
-    let mut s = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        source = cause.source();
-    }
-    s
 }
 
 /// Removes `sslmode` and `sslrootcert` from a URL or key=value string, since tokio-postgres

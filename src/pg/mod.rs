@@ -9,11 +9,13 @@
 
 pub mod catalog;
 pub mod config;
+pub mod error;
 pub mod pool;
 pub mod tls;
 
-pub use config::{SourceConfig, TlsMode};
+pub use config::SourceConfig;
 pub use pool::{PoolError, PoolStatus, PooledClient, SqlPool};
+pub use tls::TlsMode;
 
 /// Quotes an SQL identifier (`"a""b"`). Every name that reaches SQL text (schemas, tables,
 /// publications) goes through this; nothing is formatted raw.

@@ -13,7 +13,21 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
-use crate::pg::config::TlsMode;
+/// How TLS is used, with libpq's meaning of each `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// `disable`: plain TCP.
+    Disable,
+    /// `allow`/`prefer` (the default): TLS when the server offers it, unverified.
+    Prefer,
+    /// `require`: TLS or fail; the certificate is not verified (libpq does the same unless a
+    /// root certificate is given, in which case it behaves as `verify-ca`).
+    Require,
+    /// `verify-ca`: TLS with a certificate chain that leads to a trusted root.
+    VerifyCa,
+    /// `verify-full`: as `verify-ca`, and the host name must match the certificate.
+    VerifyFull,
+}
 
 /// The TLS settings could not be built.
 #[derive(Debug, thiserror::Error)]

@@ -11,8 +11,9 @@ use tokio_postgres::config::Host;
 use super::copy_both::ReplicationStream;
 use super::{validate_slot_name, ReplicationError, ServerError, MAX_FRAME};
 use crate::lsn::Lsn;
-use crate::pg::config::{SourceConfig, TlsMode};
+use crate::pg::config::SourceConfig;
 use crate::pg::quote_ident;
+use crate::pg::tls::TlsMode;
 
 /// Anything we can speak the protocol over: TCP, a Unix socket, or TLS on TCP.
 pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}

@@ -11,8 +11,8 @@ use tokio::sync::broadcast;
 use tokio_postgres::Client;
 
 use crate::event::{Event, Row, TableName};
+use crate::filter::FilteredView;
 use crate::filter::{CompiledFilter, Decision, Filter};
-use crate::hub::FilteredView;
 use crate::initial::SnapshotRow;
 use crate::log::pool::Wake;
 use crate::log::StoreError;
