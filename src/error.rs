@@ -16,29 +16,45 @@ pub use table::TableError;
 
 /// Anything that stops a listener.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
+    /// The connection settings are invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A precondition of logical replication does not hold.
     #[error(transparent)]
     Setup(#[from] SetupError),
+    /// The replication connection failed.
     #[error(transparent)]
     Replication(#[from] ReplicationError),
+    /// The server sent a pgoutput message waltap cannot decode.
     #[error("malformed pgoutput message at {lsn}")]
     Decode {
+        /// The WAL position of the message.
         lsn: crate::lsn::Lsn,
+        /// What is wrong with it.
         #[source]
         source: DecodeError,
     },
+    /// The decoded messages do not make a valid sequence of events.
     #[error(transparent)]
     Event(#[from] EventError),
+    /// Spilling a large streamed transaction to disk failed.
     #[error("streamed transaction")]
     Spill(#[from] crate::source::spill::SpillError),
+    /// The SQL connection to the source could not be made.
     #[error(transparent)]
     SqlConnect(#[from] SqlConnectError),
+    /// A query on the SQL connection failed.
     #[error("SQL")]
     Sql(#[from] tokio_postgres::Error),
+    /// The slot was dropped while waltap streamed from it: changes were lost.
     #[error("replication slot {slot:?} no longer exists (dropped while waltap used it); the changes since its last confirmed position are gone: create it again with `waltap setup` and re-read the current rows")]
-    SlotDropped { slot: String },
+    SlotDropped {
+        /// The slot's name.
+        slot: String,
+    },
+    /// The listener was stopped (or its pipeline task ended) before this call.
     #[error("the listener has stopped")]
     Stopped,
 }

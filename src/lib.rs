@@ -47,6 +47,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 mod cli;
 #[cfg(feature = "dev")]
 pub mod dev;

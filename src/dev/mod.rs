@@ -5,6 +5,9 @@
 //! Public only with the `dev` feature (the crate's tests and examples turn it on); nothing
 //! here is part of waltap's stable API.
 #![cfg_attr(not(feature = "dev"), allow(dead_code, unused_imports))]
+// Harness code for the crate's own tests and benchmarks, not user API: its items are
+// not held to the public API's missing_docs rule.
+#![allow(missing_docs)]
 
 #[cfg(feature = "dev")]
 pub mod bench;

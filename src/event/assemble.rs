@@ -13,7 +13,9 @@ use crate::value::{decode_text, TypeKind, Value, ValueError};
 /// `schema.table`, as users name tables on the command line.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TableName {
+    /// The schema (`public` when the user gave none).
     pub schema: String,
+    /// The table's name within the schema.
     pub table: String,
 }
 

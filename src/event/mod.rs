@@ -29,9 +29,13 @@ use crate::value::Value;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
+    /// A row was inserted.
     Create,
+    /// A row was updated.
     Update,
+    /// A row was deleted.
     Delete,
+    /// The table was truncated (the event carries no row).
     Truncate,
 }
 
@@ -90,7 +94,9 @@ impl Identity {
 /// old row, or an unchanged TOASTed value without a before image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
+    /// Column names, in the table's order; shared by every row of the relation.
     pub names: Arc<[Arc<str>]>,
+    /// One entry per name: the value, `None` when Postgres did not send it.
     pub values: Vec<Option<Value>>,
 }
 
@@ -152,7 +158,9 @@ impl Serialize for LsnText {
 /// The transaction an event belongs to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TxInfo {
+    /// The transaction id (`xid`) on the source.
     pub xid: u32,
+    /// Where the transaction's commit record ends in the WAL.
     pub commit_lsn: Lsn,
     /// Commit time, µs since 2000-01-01 UTC.
     pub committed_at: i64,
@@ -160,6 +168,7 @@ pub struct TxInfo {
     pub index: u32,
     /// Their number; absent when the transaction was too large to hold in memory.
     pub total: Option<u32>,
+    /// Whether this is the transaction's last event this consumer receives.
     pub last: bool,
     /// JSON from `pg_logical_emit_message(true, 'waltap', ...)` in the transaction.
     pub annotations: Option<Arc<serde_json::Value>>,
@@ -195,10 +204,15 @@ impl Serialize for TxInfo {
 pub struct Event<R = Row> {
     /// ULID, the same for the same change on every delivery.
     pub id: ulid::Ulid,
+    /// Where the change is in the source's history; what consumers acknowledge.
     pub position: Position,
+    /// What happened to the row.
     pub action: Action,
+    /// The table's schema.
     pub schema: Arc<str>,
+    /// The table's name.
     pub table: Arc<str>,
+    /// The table's replica identity: how much of the old row was sent.
     pub identity: Identity,
     /// `create`: the new row. `update`: the new row (`after`).
     pub new: Option<R>,
@@ -210,6 +224,7 @@ pub struct Event<R = Row> {
     pub unchanged: Vec<Arc<str>>,
     /// Set by a subscription in transitions mode.
     pub transition: Option<Transition>,
+    /// The transaction the change belongs to.
     pub tx: TxInfo,
 }
 

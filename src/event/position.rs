@@ -14,11 +14,15 @@ use crate::lsn::Lsn;
 /// 10 decimal digits), so comparing two positions as strings gives their order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Position {
+    /// Where the change's transaction commit record ends in the WAL.
     pub commit_lsn: Lsn,
+    /// The change's place among all row changes of its transaction, from 0 (counted
+    /// before any filter, so it is the same for every consumer).
     pub ordinal: u32,
 }
 
 impl Position {
+    /// The position of change `ordinal` of the transaction committed at `commit_lsn`.
     pub fn new(commit_lsn: Lsn, ordinal: u32) -> Self {
         Position {
             commit_lsn,

@@ -151,12 +151,20 @@ use crate::event::Event;
 /// or serde; check it against a table with [`Filter::compile`].
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Filter {
+    /// `create`: the inserts delivered, by their new row.
     pub create: Option<Predicate>,
+    /// `update`: the updates delivered, by their row after and before.
     pub update: Option<UpdateFilter>,
+    /// `delete`: the deletes delivered, by the deleted row (or its key).
     pub delete: Option<Predicate>,
+    /// `where`: one predicate for every action; not combinable with the per-action keys.
     pub r#where: Option<Predicate>,
+    /// `transitions`: set-membership mode on `where` (rows entering, leaving and
+    /// changing inside the set).
     pub transitions: bool,
+    /// `fields`: an update is delivered only when one of these columns changed.
     pub fields: Option<Vec<String>>,
+    /// `truncate`: also deliver truncate events.
     pub truncate: bool,
 }
 
@@ -349,20 +357,33 @@ impl TableSchema {
 /// Why a filter was rejected. `path` locates the problem in the JSON form
 /// (`update.after.plan.in[1]`); an empty path is the filter itself.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum FilterError {
+    /// The JSON is not a filter: wrong shape, unknown key, empty operator object.
     #[error("{}: {message}", at(.path))]
-    Malformed { path: String, message: String },
+    Malformed {
+        /// Where in the filter.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A predicate names a column the table does not have.
     #[error(
         "{}: table {table} has no column {column:?} (its columns: {})",
         at(.path),
         .available.join(", ")
     )]
     UnknownColumn {
+        /// The table, schema-qualified.
         table: String,
+        /// The column named.
         column: String,
+        /// Where in the filter.
         path: String,
+        /// The table's columns.
         available: Vec<String>,
     },
+    /// An operator does not apply to the column's type (e.g. `contains` on an integer).
     #[error(
         "{}: operator `{operator}` does not apply to column {column:?} of type {type_name} \
          ({type_name} supports: {})",
@@ -370,16 +391,25 @@ pub enum FilterError {
         .supported.join(", ")
     )]
     OperatorType {
+        /// Where in the filter.
         path: String,
+        /// The operator used.
         operator: String,
+        /// The column.
         column: String,
+        /// The column's Postgres type.
         type_name: String,
+        /// The operators that type supports.
         supported: Vec<&'static str>,
     },
+    /// A literal does not fit the column's type.
     #[error("{}: expected {expected}, got {got}", at(.path))]
     BadLiteral {
+        /// Where in the filter.
         path: String,
+        /// What the column's type accepts.
         expected: String,
+        /// The literal given.
         got: String,
     },
 }

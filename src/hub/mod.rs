@@ -83,7 +83,9 @@ const RECENT_COMMITS: usize = 4096;
 
 /// Settings of a hub.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct HubConfig {
+    /// The source the hub's one listener streams from.
     pub listener: ListenerConfig,
     /// Events queued per subscriber before it counts as lagging.
     pub subscriber_queue: usize,
@@ -93,6 +95,7 @@ pub struct HubConfig {
 }
 
 impl HubConfig {
+    /// Settings with a queue of 1024 events per subscriber, not paused.
     pub fn new(listener: ListenerConfig) -> Self {
         HubConfig {
             listener,
@@ -118,18 +121,26 @@ pub enum SubscriptionItem<R = Row> {
     /// lie (the last one the hub had seen, or where its slot started streaming); for a
     /// stream, the cursor it resumes after (`0000000000000000-0000000000` when the log
     /// held nothing for its source when it was made or reset). Always set.
-    Initialized { position: Option<Position> },
+    Initialized {
+        /// The position described above; always `Some`.
+        position: Option<Position>,
+    },
     /// The initial state is complete: the changes that follow are exactly those after
     /// `position` (always set for a subscription; a stream always gives one too, the
     /// cursor that acknowledges the marker).
-    SnapshotComplete { position: Option<Position> },
+    SnapshotComplete {
+        /// The position described above.
+        position: Option<Position>,
+    },
     /// The last item of a subscription whose filter pins one row by its whole primary key
     /// ([`crate::filter::CompiledFilter::single_row_key`]): the row is gone, or was not
     /// there. `position`: the last position that accounts for it (the end of the
     /// deleting transaction, or the initial state's position). Persisted streams never
     /// complete.
     Completed {
+        /// Whether the row was deleted or never found.
         reason: CompletionReason,
+        /// The position described above.
         position: Position,
     },
     /// A row of the initial state, when it was asked for (serialized with
@@ -154,23 +165,34 @@ pub enum CompletionReason {
 
 /// Why a subscription ended or could not start.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SubscriptionError {
+    /// The subscriber did not keep up and was cut off.
     #[error("subscriber too slow: its queue of {queue} events was full, so it was cut off (subscribe is at-most-once; use a persisted stream to catch up)")]
-    Lagged { queue: usize },
+    Lagged {
+        /// The size of its queue, in events ([`HubConfig::subscriber_queue`]).
+        queue: usize,
+    },
+    /// The filter does not compile against the table.
     #[error("bad filter")]
     BadFilter(#[from] FilterError),
+    /// The table is unknown or ambiguous.
     #[error(transparent)]
     Table(#[from] TableError),
     /// The hub's replication connection broke (the cause is logged): changes may have
     /// been missed, and the hub reconnects.
     #[error("the subscription hub lost its replication connection, so changes may have been missed; it is reconnecting: subscribe again")]
     Source(Arc<Error>),
+    /// The hub is between replication connections; no subscription can start now.
     #[error("the subscription hub is reconnecting to Postgres: subscribe again shortly")]
     Unavailable,
+    /// The hub was shut down.
     #[error("the hub has stopped")]
     HubStopped,
+    /// Looking up the table or a query for the subscription failed.
     #[error(transparent)]
     Sql(#[from] Error),
+    /// Reading the initial state failed.
     #[error("initial state")]
     Snapshot(#[from] SnapshotError),
 }

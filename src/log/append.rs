@@ -34,11 +34,15 @@ use crate::source::pipeline::{Delivery, Listener, ListenerConfig};
 
 /// Settings of the persisted pipeline.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct AppenderConfig {
+    /// The source, slot and publication to read.
     pub listener: ListenerConfig,
     /// Where the log lives (the watched database by default).
     pub store: SourceConfig,
+    /// A batch is committed to the log once it holds this many events.
     pub max_batch_events: usize,
+    /// A batch is committed to the log at the latest this long after its first event.
     pub max_batch_delay: Duration,
     /// Events per INSERT inside a batch.
     pub chunk_events: usize,
@@ -52,6 +56,8 @@ pub struct AppenderConfig {
 }
 
 impl AppenderConfig {
+    /// Settings that keep the log in the watched database, with default batching and no
+    /// retention.
     pub fn new(listener: ListenerConfig) -> Self {
         AppenderConfig {
             store: listener.source.clone(),
@@ -68,14 +74,18 @@ impl AppenderConfig {
 
 /// What went wrong in the persisted pipeline.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AppendError {
+    /// Reading the source failed.
     #[error(transparent)]
     Source(#[from] Error),
+    /// Writing the log failed.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
 impl AppendError {
+    /// Whether restarting the pipeline with backoff can help.
     pub fn is_transient(&self) -> bool {
         match self {
             AppendError::Source(e) => e.is_transient(),

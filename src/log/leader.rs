@@ -52,6 +52,7 @@ pub const DEFAULT_TAKEOVER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The term a leader appends under ([`AppenderConfig::leader`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Term {
+    /// The term's number; each takeover of the source's leadership takes the next one.
     pub term: i64,
     /// How long the leader's store transactions may stay idle before Postgres ends them.
     pub idle_limit: Duration,
@@ -85,6 +86,7 @@ pub struct Membership {
 }
 
 impl Membership {
+    /// Whether this member leads its group now.
     pub fn is_leader(&self) -> bool {
         self.leader.load(Ordering::Relaxed)
     }
@@ -99,6 +101,7 @@ impl Membership {
         self.takeovers.load(Ordering::Relaxed)
     }
 
+    /// `leader` or `follower`.
     pub fn role(&self) -> &'static str {
         if self.is_leader() {
             "leader"
@@ -356,6 +359,7 @@ pub async fn free_slot(source: &SourceConfig, slot: &str) -> Result<(), StoreErr
 pub struct LeaderInfo {
     /// `host:pid` of the member that took the current term.
     pub member: Option<String>,
+    /// The current term (from 1; a source no member has led has no `LeaderInfo`).
     pub term: i64,
     /// When it took the term (RFC 3339, UTC).
     pub since: Option<String>,

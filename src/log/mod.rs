@@ -49,67 +49,119 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
 
 /// Failures of the event log.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
+    /// A query against the log failed.
     #[error("event log: cannot {operation}")]
     Sql {
+        /// What the query was for, e.g. "read a stream's lease".
         operation: &'static str,
+        /// The driver's error.
         #[source]
         source: tokio_postgres::Error,
     },
+    /// Connecting to the log's database failed.
     #[error(transparent)]
     Connect(#[from] crate::pg::config::SqlConnectError),
+    /// An event could not be turned into JSON for storage.
     #[error("cannot serialize event {position}")]
     Serialize {
+        /// The event's position.
         position: Position,
+        /// The serializer's error.
         #[source]
         source: serde_json::Error,
     },
+    /// A stored row (an event, or a stream's filter) does not parse.
     #[error("stored event at {position} is not a valid event: {message}")]
-    Corrupt { position: String, message: String },
+    Corrupt {
+        /// Where: the event's position, or `stream NAME` for a stream's stored filter.
+        position: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// No stream has this name.
     #[error("stream {0:?} does not exist")]
     NoSuchStream(String),
+    /// A stream with this name exists already.
     #[error("stream {0:?} already exists")]
     StreamExists(String),
+    /// The name is not a valid stream name.
     #[error("invalid stream name {0:?}: use 1 to 128 characters of A-Z, a-z, 0-9, _, . and - (but not . or ..)")]
     InvalidStreamName(String),
+    /// Another consumer holds the stream's lease.
     #[error("stream {name:?} is busy: another consumer holds it until {until} (stream_busy)")]
-    StreamBusy { name: String, until: String },
+    StreamBusy {
+        /// The stream's name.
+        name: String,
+        /// When the other consumer's lease expires (a timestamp as Postgres prints it).
+        until: String,
+    },
+    /// Retention deleted events the stream's cursor has not reached.
     #[error("the cursor of stream {name:?} ({cursor}) points before the oldest retained event (retention deleted through {pruned}): start again from the current rows, e.g. waltap stream reset NAME --initial-state (stale_cursor)")]
     StaleCursor {
+        /// The stream's name.
         name: String,
+        /// The stream's cursor.
         cursor: String,
+        /// The last position retention deleted.
         pruned: String,
     },
+    /// An acknowledgement names a position the stream has not delivered yet.
     #[error("cannot acknowledge {cursor} on stream {name:?}: it has delivered only up to {delivered}; acknowledge what was received")]
     AheadOfDelivery {
+        /// The stream's name.
         name: String,
+        /// The position acknowledged.
         cursor: String,
+        /// The last position the stream delivered.
         delivered: String,
     },
+    /// A position past the end of the log: (the position, where the log ends).
     #[error("position {0} is beyond the event log (which ends at {1})")]
     BeyondLog(String, String),
+    /// The stream's filter does not compile.
     #[error("bad stream filter")]
     BadFilter(#[from] crate::filter::FilterError),
+    /// A table named by the stream is unknown or ambiguous.
     #[error(transparent)]
     Table(#[from] TableError),
+    /// A stream was created without tables.
     #[error("a stream needs at least one table")]
     NoTables,
+    /// This consumer's lease expired and another consumer took the stream.
     #[error("stream {name:?} was taken over by another consumer after this one's lease expired (it neither read nor acknowledged within the lease): reopen it (stream_busy)")]
-    LeaseLost { name: String },
+    LeaseLost {
+        /// The stream's name.
+        name: String,
+    },
+    /// Reading the initial state failed.
     #[error("initial state")]
     Snapshot(#[from] crate::initial::SnapshotError),
+    /// Writing the initial state out failed.
     #[error("cannot write the initial state")]
     Io(#[from] std::io::Error),
+    /// No connection could be had from the pool.
     #[error(transparent)]
     Pool(#[from] crate::pg::PoolError),
+    /// An applied migration's SQL differs from this build's.
     #[error("event log migration {version} was applied with different SQL than this waltap's (checksum {recorded} recorded in waltap.migrations, {current} now): an applied migration was edited; restore its file, or put the change in a new migration")]
     MigrationChanged {
+        /// The migration's number.
         version: i32,
+        /// The checksum recorded when it was applied.
         recorded: String,
+        /// The checksum of this build's SQL.
         current: String,
     },
+    /// Another member of the group took leadership, so this one's appends are refused.
     #[error("leadership term {term} of source {source_name:?} is over: another member of the group took over, so this one may no longer append")]
-    Fenced { source_name: String, term: i64 },
+    Fenced {
+        /// The source (the group's name in the log).
+        source_name: String,
+        /// The term this member held.
+        term: i64,
+    },
 }
 
 impl StoreError {

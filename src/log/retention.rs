@@ -43,6 +43,7 @@ pub struct Retention {
 /// What one [`prune`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Pruned {
+    /// How many events it deleted.
     pub events: u64,
     /// The new pruned mark, when anything was deleted.
     pub through: Option<Position>,

@@ -112,14 +112,17 @@ impl SourceConfig {
         &self.pg
     }
 
+    /// Whether and how connections use TLS (`sslmode`).
     pub fn tls_mode(&self) -> TlsMode {
         self.tls_mode
     }
 
+    /// The role to connect as; empty when none was given.
     pub fn user(&self) -> &str {
         self.pg.get_user().unwrap_or_default()
     }
 
+    /// The password, if one was given.
     pub fn password(&self) -> Option<&[u8]> {
         self.pg.get_password()
     }
@@ -129,6 +132,7 @@ impl SourceConfig {
         self.pg.get_dbname().unwrap_or_else(|| self.user())
     }
 
+    /// The `application_name` the server shows for the connections (`waltap` by default).
     pub fn application_name(&self) -> &str {
         self.pg.get_application_name().unwrap_or("waltap")
     }

@@ -34,6 +34,7 @@ const PACED_READ: usize = 64 * 1024;
 /// One row of a simple-query result: column names and text values.
 #[derive(Debug, Clone, Default)]
 pub struct SqlRow {
+    /// Each column's name and text value (`None` for NULL), in result order.
     pub columns: Vec<(String, Option<String>)>,
 }
 
@@ -50,17 +51,25 @@ impl SqlRow {
 /// The answer to `IDENTIFY_SYSTEM`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentifySystem {
+    /// The cluster's system identifier (decimal text).
     pub system_id: String,
+    /// The current timeline.
     pub timeline: u64,
+    /// The current WAL flush position.
     pub xlogpos: Lsn,
+    /// The database connected to; `None` for a physical replication connection.
     pub dbname: Option<String>,
 }
 
 /// The answer to `CREATE_REPLICATION_SLOT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotCreated {
+    /// The slot's name.
     pub slot_name: String,
+    /// The position from which the slot's changes are consistent.
     pub consistent_point: Lsn,
+    /// The exported snapshot that sees the data as of `consistent_point`; `None` when no
+    /// snapshot was exported.
     pub snapshot_name: Option<String>,
 }
 

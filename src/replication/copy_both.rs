@@ -15,15 +15,23 @@ pub enum ReplicationMessage {
     /// `w`: one output-plugin message. In logical replication `wal_start == wal_end` is the
     /// plugin's write position, `0/0` for Relation and Type messages.
     XLogData {
+        /// The WAL position the data starts at.
         wal_start: Lsn,
+        /// The server's current end of WAL.
         wal_end: Lsn,
+        /// When the server sent it, µs since 2000-01-01 UTC.
         send_time: i64,
+        /// The output plugin's message (pgoutput bytes).
         data: Bytes,
     },
     /// `k`: the server's send position; answer at once when `reply_requested`.
     Keepalive {
+        /// The server's current end of WAL.
         wal_end: Lsn,
+        /// When the server sent it, µs since 2000-01-01 UTC.
         send_time: i64,
+        /// The server wants a status update now (else it may end the connection at
+        /// `wal_sender_timeout`).
         reply_requested: bool,
     },
     /// A NoticeResponse inside copy mode (e.g. PG18's "skipped loading publication").
@@ -33,8 +41,11 @@ pub enum ReplicationMessage {
 /// The positions of a standby status update. `flush` is what moves a logical slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StatusUpdate {
+    /// Received and written up to here.
     pub write: Lsn,
+    /// Durably processed up to here: the slot may release WAL before it.
     pub flush: Lsn,
+    /// Applied up to here.
     pub apply: Lsn,
 }
 

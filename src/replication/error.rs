@@ -6,10 +6,15 @@ use postgres_protocol::message::backend::ErrorFields;
 /// An `ErrorResponse` or `NoticeResponse` from the server, with its SQLSTATE kept.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ServerError {
+    /// `ERROR`, `FATAL`, `WARNING`, ... (the non-localized field when the server sends it).
     pub severity: String,
+    /// The SQLSTATE, e.g. `42704`.
     pub code: String,
+    /// The primary message.
     pub message: String,
+    /// The `DETAIL` line, if any.
     pub detail: Option<String>,
+    /// The `HINT` line, if any.
     pub hint: Option<String>,
 }
 
@@ -70,37 +75,70 @@ pub fn pg_error_is_transient(e: &tokio_postgres::Error) -> bool {
 
 /// Failures of the replication connection.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ReplicationError {
+    /// The TCP (or Unix socket) connection could not be made.
     #[error("cannot connect to {target}")]
     Connect {
+        /// The host and port (or socket path) tried.
         target: String,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// Reading or writing the established connection failed.
     #[error("I/O error on the replication connection")]
     Io(#[from] std::io::Error),
+    /// The TLS handshake or configuration failed (the TLS library's message).
     #[error("TLS: {0}")]
     Tls(String),
+    /// The server refused TLS and the `sslmode` does not allow plain text.
     #[error("the server does not accept TLS connections, but sslmode requires TLS")]
     TlsRefused,
+    /// The server rejected the credentials.
     #[error("authentication failed for user {user:?}: {message}")]
-    Auth { user: String, message: String },
+    Auth {
+        /// The role that tried to log in.
+        user: String,
+        /// The server's message.
+        message: String,
+    },
+    /// The server wants a password and none was configured.
     #[error("the server asked for a password but none was given (add it to the database URL or set PGPASSWORD)")]
     PasswordRequired,
+    /// The server asks for an authentication method other than trust, cleartext, MD5 or
+    /// SCRAM-SHA-256 (the method's name).
     #[error("the server asks for an authentication method waltap does not support: {0}")]
     UnsupportedAuth(String),
+    /// The server answered with an `ErrorResponse`.
     #[error("server error: {0}")]
     Server(ServerError),
+    /// The server sent a message that does not fit the protocol state.
     #[error("protocol violation: expected {expected}, got message {got:?}")]
-    UnexpectedMessage { expected: &'static str, got: char },
+    UnexpectedMessage {
+        /// What the protocol allows here.
+        expected: &'static str,
+        /// The type byte of the message received.
+        got: char,
+    },
+    /// The server's messages break the protocol in another way (what is wrong).
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// A message is larger than waltap accepts.
     #[error("the server sent a {size}-byte frame, over the {max}-byte limit")]
-    FrameTooLarge { size: usize, max: usize },
+    FrameTooLarge {
+        /// The message's length, in bytes.
+        size: usize,
+        /// The limit, in bytes.
+        max: usize,
+    },
+    /// The server closed the connection.
     #[error("the server closed the replication connection")]
     Closed,
+    /// The slot name is not one Postgres accepts.
     #[error("invalid replication slot name {0:?}: use 1 to 63 characters of a-z, 0-9 and _")]
     InvalidSlotName(String),
+    /// The server did not answer in time: (how long waltap waited, for what).
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(std::time::Duration, &'static str),
 }

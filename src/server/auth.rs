@@ -28,17 +28,27 @@ use crate::event::{Position, TableName};
 
 /// The keys file could not be used.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum KeysError {
+    /// The file could not be read.
     #[error("cannot read the keys file {path}")]
     Read {
+        /// The file's path.
         path: String,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// The file is not valid TOML of the expected shape (the parser's message).
     #[error("invalid keys configuration: {0}")]
     Parse(String),
+    /// A key's secret is empty.
     #[error("invalid keys configuration: key #{index} has an empty secret")]
-    EmptySecret { index: usize },
+    EmptySecret {
+        /// The key's place among the `[[key]]` entries, from 0.
+        index: usize,
+    },
+    /// The file configures no key at all.
     #[error(
         "invalid keys configuration: no [[key]] entries (every endpoint but /healthz needs a key)"
     )]
@@ -70,6 +80,7 @@ struct KeyEntry {
 pub struct Tables(Vec<String>);
 
 impl Tables {
+    /// Whether the key may read `table`.
     pub fn allows(&self, table: &TableName) -> bool {
         self.0
             .iter()
@@ -81,7 +92,9 @@ impl Tables {
 #[derive(Clone)]
 pub struct ApiKey {
     digest: [u8; 32],
+    /// The tables it may subscribe to.
     pub tables: Tables,
+    /// Whether it may manage and consume persisted streams.
     pub streams: bool,
 }
 
@@ -264,6 +277,7 @@ pub struct Claims {
         with = "token_table"
     )]
     pub table: Option<TableName>,
+    /// The subscription's filter, as JSON; `None` for no filter.
     #[serde(rename = "f", default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<serde_json::Value>,
     /// For a persisted stream: its name.

@@ -72,15 +72,21 @@ pub const ROUTES: &[(&str, &str)] = &[
 
 /// Bounds on what one client may ask for.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Limits {
+    /// Largest JSON request body, in bytes.
     pub max_body_bytes: usize,
+    /// Largest filter, in bytes of its JSON text (query parameter or body).
     pub max_filter_bytes: usize,
     /// Nesting of the filter's JSON (objects and arrays).
     pub max_filter_depth: usize,
     /// Open delivery connections per key (SSE, WebSocket, pending feed requests).
     pub connections_per_key: usize,
+    /// Longest lifetime a client may ask for a token (whole seconds).
     pub max_token_ttl: Duration,
+    /// Most events one feed request may return (its `limit` is clamped to this).
     pub max_feed_limit: usize,
+    /// Longest a feed request may wait for events (its `wait` must not exceed it).
     pub max_feed_wait: Duration,
     /// Open HTTP connections, all keys and none together (a few more are kept for
     /// `/healthz`). Keep it under the process's open-file limit (`ulimit -n`).
@@ -111,14 +117,17 @@ impl Default for Limits {
 
 /// Everything [`serve`] needs.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ServerConfig {
     /// The pipeline: its listener's source, slot and publication are the server's.
     pub appender: AppenderConfig,
     /// Events queued per ephemeral subscriber before it is cut off with `lagged`.
     pub subscriber_queue: usize,
+    /// The API keys clients authenticate with, and what each may read.
     pub keys: Keys,
     /// Origins allowed to call the API from a browser (CORS); none = same-origin only.
     pub cors_origins: Vec<String>,
+    /// Bounds on each client's requests.
     pub limits: Limits,
     /// Interval of the SSE comment keepalives.
     pub keepalive: Duration,
@@ -133,6 +142,7 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
+    /// Settings with the defaults for everything but the pipeline and the keys.
     pub fn new(appender: AppenderConfig, keys: Keys) -> Self {
         ServerConfig {
             appender,
@@ -150,15 +160,21 @@ impl ServerConfig {
 
 /// Why the server stopped or could not start.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ServerError {
+    /// The subscription hub could not start.
     #[error("cannot start the subscription hub")]
     Hub(#[source] crate::Error),
+    /// The pipeline that appends to the event log failed.
     #[error(transparent)]
     Pipeline(Box<AppendError>),
+    /// Binding or serving the listening socket failed.
     #[error("HTTP server")]
     Io(#[from] std::io::Error),
+    /// A configured CORS origin is not a valid header value.
     #[error("invalid CORS origin {0:?}")]
     CorsOrigin(String),
+    /// The stream consumers' connection pool could not be made.
     #[error("cannot make the stream consumers' connection pool")]
     Pool(#[source] StoreError),
 }

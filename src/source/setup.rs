@@ -14,12 +14,16 @@ use crate::pg::quote_ident;
 /// What to prepare and check.
 #[derive(Debug, Clone)]
 pub struct SetupOptions {
+    /// Name of the replication slot to check or create.
     pub slot: String,
+    /// Name of the publication to check or create.
     pub publication: String,
     /// Tables the caller cares about; they must be published (and are when waltap creates
     /// the publication). Empty: every table of the publication.
     pub tables: Vec<TableName>,
+    /// Create the publication if it does not exist (else a missing one is an error).
     pub create_publication: bool,
+    /// Create the slot if it does not exist (else a missing one is an error).
     pub create_slot: bool,
     /// The slot is made by the replication connection itself and dies with it.
     pub temporary_slot: bool,
@@ -30,48 +34,111 @@ pub struct SetupOptions {
 
 /// A precondition of logical replication does not hold.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SetupError {
+    /// The server's `wal_level` is not `logical`.
     #[error("wal_level is {actual:?}, but logical replication needs 'logical': run ALTER SYSTEM SET wal_level = logical; and restart Postgres")]
-    WalLevel { actual: String },
+    WalLevel {
+        /// The `wal_level` the server runs with.
+        actual: String,
+    },
+    /// The server is older than PostgreSQL 14.
     #[error("PostgreSQL {version} is too old: waltap needs PostgreSQL 14 or later (pgoutput protocol 2: streaming of large transactions, logical messages)")]
-    UnsupportedServer { version: String },
+    UnsupportedServer {
+        /// The server's `server_version` setting.
+        version: String,
+    },
+    /// The connecting role has neither the REPLICATION attribute nor superuser.
     #[error(
         "role {role:?} may not replicate: run ALTER ROLE {role} REPLICATION; (as a superuser)"
     )]
-    NoReplicationRight { role: String },
+    NoReplicationRight {
+        /// The connecting role.
+        role: String,
+    },
+    /// The publication does not exist and creating it was not asked for.
     #[error("publication {publication:?} does not exist: run `waltap setup` or CREATE PUBLICATION {publication} FOR TABLE ...")]
-    PublicationMissing { publication: String },
+    PublicationMissing {
+        /// The publication's name.
+        publication: String,
+    },
+    /// `CREATE PUBLICATION` failed (typically: the role does not own the tables).
     #[error("cannot create publication {publication:?}: {message} (create it as the table owner or a superuser: CREATE PUBLICATION {publication} FOR TABLE ...)")]
     CannotCreatePublication {
+        /// The publication's name.
         publication: String,
+        /// The server's error message.
         message: String,
     },
+    /// A table named by the caller is unknown or ambiguous.
     #[error(transparent)]
     Table(#[from] crate::error::TableError),
+    /// A table the caller asked for is not in the existing publication.
     #[error("table {table} is not in publication {publication:?}: run ALTER PUBLICATION {publication} ADD TABLE {table};")]
-    TableNotPublished { table: String, publication: String },
+    TableNotPublished {
+        /// The table, schema-qualified.
+        table: String,
+        /// The publication's name.
+        publication: String,
+    },
+    /// The role cannot SELECT some published tables (needed for the initial state).
     #[error("role {role:?} lacks SELECT on published tables {tables}: run GRANT SELECT ON {tables} TO {role};")]
-    NoSelect { role: String, tables: String },
+    NoSelect {
+        /// The connecting role.
+        role: String,
+        /// The tables lacking SELECT, schema-qualified and comma-separated.
+        tables: String,
+    },
+    /// The slot does not exist and creating it was not asked for.
     #[error("replication slot {slot:?} does not exist: run `waltap setup` to create it")]
-    SlotMissing { slot: String },
+    SlotMissing {
+        /// The slot's name.
+        slot: String,
+    },
+    /// The slot exists but was made for another output plugin.
     #[error("replication slot {slot:?} uses plugin {plugin:?}, not pgoutput: drop it or choose another --slot")]
-    SlotWrongPlugin { slot: String, plugin: String },
+    SlotWrongPlugin {
+        /// The slot's name.
+        slot: String,
+        /// The slot's output plugin.
+        plugin: String,
+    },
+    /// The slot exists but belongs to another database.
     #[error("replication slot {slot:?} belongs to database {database:?}, not {expected:?}: choose another --slot")]
     SlotOtherDatabase {
+        /// The slot's name.
         slot: String,
+        /// The database the slot belongs to.
         database: String,
+        /// The database waltap is connected to.
         expected: String,
     },
+    /// The slot was invalidated (`wal_status = 'lost'`): changes were lost.
     #[error("replication slot {slot:?} was invalidated (its WAL was removed, e.g. by max_slot_wal_keep_size): the changes since its last confirmed position were lost; drop it (SELECT pg_drop_replication_slot('{slot}')), run `waltap setup`, and re-read the current rows")]
-    SlotLost { slot: String },
+    SlotLost {
+        /// The slot's name.
+        slot: String,
+    },
+    /// A failover slot was asked for on a server older than PostgreSQL 17.
     #[error(
         "failover slots need PostgreSQL 17 or later, the server runs {version}: drop --failover"
     )]
-    FailoverUnsupported { version: String },
+    FailoverUnsupported {
+        /// The server's `server_version` setting.
+        version: String,
+    },
+    /// Both a temporary and a failover slot were asked for.
     #[error("a temporary slot cannot be a failover slot: drop --failover or --temporary")]
     FailoverTemporary,
+    /// Creating the slot failed.
     #[error("cannot create replication slot {slot:?}: {message}")]
-    CannotCreateSlot { slot: String, message: String },
+    CannotCreateSlot {
+        /// The slot's name.
+        slot: String,
+        /// The server's error message.
+        message: String,
+    },
+    /// A catalog query failed.
     #[error("SQL error during setup")]
     Sql(#[from] tokio_postgres::Error),
 }
@@ -80,10 +147,14 @@ pub enum SetupError {
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PublishedTable {
+    /// The table, schema-qualified.
     pub table: String,
     /// `default`, `full`, `index` or `nothing`.
     pub identity: String,
+    /// Whether the table has a primary key (a `default` identity without one sends no
+    /// key for updates and deletes).
     pub has_primary_key: bool,
+    /// Whether the connecting role may SELECT from it.
     pub can_select: bool,
 }
 
@@ -91,10 +162,16 @@ pub struct PublishedTable {
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SlotState {
+    /// The slot's name.
     pub name: String,
+    /// Process id of the connection streaming from the slot; `None` when it is idle.
     pub active_pid: Option<i32>,
+    /// `reserved`, `extended`, `unreserved` or `lost`; `None` while the slot holds no
+    /// WAL position.
     pub wal_status: Option<String>,
+    /// The last position the consumer confirmed, as `X/X`.
     pub confirmed_flush_lsn: Option<String>,
+    /// The oldest position whose WAL the slot keeps, as `X/X`.
     pub restart_lsn: Option<String>,
     /// Bytes of WAL between the server's current position and `confirmed_flush_lsn`.
     pub lag_bytes: Option<i64>,
@@ -106,14 +183,24 @@ pub struct SlotState {
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SetupReport {
+    /// The server's `server_version_num` (e.g. 170002).
     pub server_version_num: i32,
+    /// The database connected to.
     pub database: String,
+    /// The connecting role.
     pub role: String,
+    /// The publication's name.
     pub publication: String,
+    /// Whether this run created the publication.
     pub publication_created: bool,
+    /// Every table of the publication.
     pub tables: Vec<PublishedTable>,
+    /// The slot's state; `None` for a temporary slot, which exists only while streaming.
     pub slot: Option<SlotState>,
+    /// Whether this run created the slot.
     pub slot_created: bool,
+    /// Problems that do not stop replication (missing replica identity, a slot that is
+    /// not a failover slot, ...), each with how to fix it.
     pub warnings: Vec<String>,
 }
 

@@ -42,6 +42,7 @@ pub enum TypeKind {
     Bytea,
     /// Any array type; multi-dimensional arrays nest.
     Array {
+        /// How each element maps.
         element: Box<TypeKind>,
         /// The element type's `typdelim` (`;` for `box`, `,` for all others).
         delimiter: u8,

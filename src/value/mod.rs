@@ -50,12 +50,17 @@ pub(crate) use write::{write_str, write_u64};
 /// buffer).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
+    /// SQL NULL.
     Null,
+    /// `bool`.
     Bool(bool),
+    /// `int2`, `int4`, `int8`, `oid`, `xid`, `cid`.
     Int(i64),
+    /// `float4`, `float8`, NaN and the infinities included.
     Float(f64),
     /// Exact text, serialized as a JSON string.
     Numeric(Text),
+    /// Every other type (text, date, uuid, enums, ranges, ...): Postgres output text.
     Text(Text),
     /// Validated JSON text, serialized verbatim.
     Json(Text),
@@ -65,6 +70,7 @@ pub enum Value {
     Timestamp(Text),
     /// Decoded bytes; base64 when serialized.
     Bytea(Bytes),
+    /// An array; elements of a multi-dimensional array are arrays themselves.
     Array(Vec<Value>),
 }
 

@@ -20,7 +20,9 @@ use crate::lsn::Lsn;
 /// marker included; a position before `P` (held from before a reset) changes nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cursor {
+    /// A change (or the `snapshotComplete` marker) at this position.
     Position(Position),
+    /// Row `n` of the initial state (`snapshot-<n>`, from 1).
     Snapshot(u64),
 }
 

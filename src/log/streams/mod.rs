@@ -104,6 +104,7 @@ pub struct StreamDef {
     pub source: String,
     /// `table` (schema `public`) or `schema.table`; at least one, each must exist.
     pub tables: Vec<String>,
+    /// Which changes of those tables the stream delivers; `None`: all of them.
     pub filter: Option<Filter>,
     /// Start with the current rows of the tables that match the filter (copied by the
     /// first consumer), then the changes after them.
@@ -117,19 +118,24 @@ pub struct StreamDef {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StreamInfo {
+    /// The stream's name.
     pub name: String,
+    /// The slot whose events it reads.
     pub source: String,
     /// `schema.table`.
     pub tables: Vec<String>,
+    /// Its filter in the JSON form; `None` for none.
     pub filter: Option<Json>,
     /// The last acknowledged position: the stream delivers what comes after it.
     pub cursor: Position,
+    /// When it was made, RFC 3339 in UTC with microseconds.
     pub created_at: String,
     /// The consumer that holds the stream now, if its lease has not expired.
     pub lease: Option<LeaseInfo>,
     /// Events of the stream's tables after the cursor, before the filter, counted up to
     /// [`BACKLOG_COUNT_LIMIT`].
     pub backlog: i64,
+    /// Whether `backlog` stopped at the limit (the real backlog may be larger).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub backlog_capped: bool,
 }
@@ -138,7 +144,9 @@ pub struct StreamInfo {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LeaseInfo {
+    /// The holding consumer's id (a ULID made when it opened the stream).
     pub holder: String,
+    /// When the lease expires unless renewed, RFC 3339 in UTC with microseconds.
     pub expires_at: String,
 }
 
