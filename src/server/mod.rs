@@ -19,10 +19,12 @@ mod accept;
 mod auth;
 pub(crate) mod columns;
 mod error;
+mod health;
 mod metrics;
 mod session;
 mod streams;
 mod subscribe;
+mod tokens;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -524,11 +526,11 @@ fn cors_layer(origins: &[String]) -> Result<Option<tower_http::cors::CorsLayer>,
 fn router(state: Shared, cors: Option<tower_http::cors::CorsLayer>) -> Router {
     let limit = state.limits.max_body_bytes;
     let app = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(health::healthz))
+        .route("/metrics", get(health::metrics_text))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/subscribe", get(subscribe::subscribe))
-        .route("/v1/tokens", post(tokens))
+        .route("/v1/tokens", post(tokens::tokens))
         .route("/v1/streams", get(streams::list).post(streams::create))
         .route(
             "/v1/streams/{name}",
@@ -557,7 +559,7 @@ fn router(state: Shared, cors: Option<tower_http::cors::CorsLayer>) -> Router {
 fn health_router(state: Shared) -> Router {
     let cap = state.limits.max_connections;
     Router::new()
-        .route("/healthz", get(healthz))
+        .route("/healthz", get(health::healthz))
         .fallback(move || async move { ApiError::Busy(cap) })
         .with_state(state)
 }
@@ -609,186 +611,9 @@ async fn error_responses(
     Response::from_parts(parts, axum::body::Body::from(body))
 }
 
-/// Reads the slot's lag and the log's size; `None` fields when Postgres could not say.
-async fn replication(state: &AppState) -> Replication {
-    let mut r = Replication {
-        connected: false,
-        ..Replication::default()
-    };
-    // While the pipeline streams, the walsender's own measure: how long the WAL it sent
-    // waited for the pipeline's confirmation (NULL once caught up and idle). WAL keeps
-    // growing on an idle server (checkpoints, other databases), so the byte lag alone
-    // does not tell that anything is waiting.
-    let mut flush_lag = None;
-    if let Ok(client) = state.catalog_db().get().await {
-        if let Ok(Some(slot)) = crate::source::setup::slot_state(&client, &state.slot).await {
-            r.connected = slot.active_pid.is_some()
-                && state
-                    .pipeline_running
-                    .load(std::sync::atomic::Ordering::Relaxed);
-            r.lag_bytes = slot.lag_bytes;
-            if let (true, Some(pid)) = (r.connected, slot.active_pid) {
-                flush_lag = client
-                    .query_opt(
-                        "SELECT coalesce(extract(epoch FROM flush_lag)::float8, 0)
-                         FROM pg_stat_replication WHERE pid = $1",
-                        &[&pid],
-                    )
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|row| row.get::<_, f64>(0));
-            }
-        }
-    }
-    if let Ok(client) = state.store.get().await {
-        let row = client
-            .query_one(
-                "SELECT pg_total_relation_size('waltap.events'),
-                        (SELECT extract(epoch FROM now() - (event->'tx'->>'committedAt')::timestamptz)::float8
-                         FROM waltap.events WHERE source = $1
-                         ORDER BY commit_lsn DESC, ordinal DESC LIMIT 1)",
-                &[&state.slot],
-            )
-            .await;
-        if let Ok(row) = row {
-            r.log_bytes = row.get(0);
-            let newest_age: Option<f64> = row.get(1);
-            r.lag_seconds = match (r.lag_bytes, flush_lag) {
-                (Some(0), _) => Some(0.0),
-                (Some(_), Some(lag)) => Some(lag.max(0.0)),
-                // Not streaming: how old the log's newest event is.
-                (Some(_), None) => Some(newest_age.unwrap_or(0.0).max(0.0)),
-                (None, _) => None,
-            };
-        }
-    }
-    r
-}
-
-async fn healthz(State(state): State<Shared>) -> Response {
-    let r = replication(&state).await;
-    let hub = state.hub.is_streaming();
-    // A follower serves from the log while another member appends: it needs the store
-    // and a leader (whose lock it sees), not the slot itself.
-    let membership = &state.metrics.membership;
-    let leader = match state.store.get().await {
-        Ok(client) => crate::log::leader::current_leader(&client, &state.slot)
-            .await
-            .ok()
-            .flatten(),
-        Err(_) => None,
-    };
-    let pipeline = state
-        .pipeline_running
-        .load(std::sync::atomic::Ordering::Relaxed)
-        && if membership.is_leader() {
-            r.connected
-        } else {
-            leader.as_ref().is_some_and(|l| l.active)
-        };
-    let healthy = pipeline && r.lag_bytes.is_some() && hub;
-    let status = if healthy {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    let mut body = json!({
-        "status": if healthy { "ok" } else { "unavailable" },
-        "role": membership.role(),
-        "term": membership.term(),
-        "leader": leader,
-        "replication": r,
-        "subscriptions": {"streaming": hub},
-    });
-    if !hub {
-        body["reason"] =
-            "the subscription hub lost its replication connection and is reconnecting".into();
-    }
-    (status, Json(body)).into_response()
-}
-
-async fn metrics_text(State(state): State<Shared>, caller: Caller) -> Result<Response, ApiError> {
-    caller.require_key()?;
-    let r = replication(&state).await;
-    Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(&r, state.store.pool.status()),
-    )
-        .into_response())
-}
-
 async fn openapi(caller: Caller) -> Result<Response, ApiError> {
     caller.require_key()?;
     Ok(([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct TokenRequest {
-    table: Option<String>,
-    filter: Option<serde_json::Value>,
-    stream: Option<String>,
-    position: Option<crate::event::Position>,
-    ttl_seconds: Option<u64>,
-}
-
-/// `POST /v1/tokens`: a signed token for one table and filter, or for one stream.
-async fn tokens(
-    State(state): State<Shared>,
-    caller: Caller,
-    body: Result<Json<TokenRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Response, ApiError> {
-    caller.require_key()?;
-    let req = error::json_body(body, state.limits.max_body_bytes)?;
-    let ttl = req.ttl_seconds.unwrap_or(3600);
-    if ttl == 0 || ttl > state.limits.max_token_ttl.as_secs() {
-        return Err(ApiError::BadRequest(format!(
-            "ttlSeconds must be between 1 and {}",
-            state.limits.max_token_ttl.as_secs()
-        )));
-    }
-    let table = req
-        .table
-        .as_deref()
-        .map(TableName::parse_strict)
-        .transpose()
-        .map_err(ApiError::BadRequest)?;
-    match (&table, &req.stream) {
-        (Some(table), None) => {
-            state.check_published(&caller, table).await?;
-            let filter = state.filter(req.filter.clone())?;
-            state.check_filter_columns(table, filter.as_ref()).await?;
-        }
-        (None, Some(name)) => {
-            if req.filter.is_some() {
-                return Err(ApiError::BadRequest(
-                    "a stream token takes no filter: the stream has its own".into(),
-                ));
-            }
-            streams::authorize_delivery(&state, &caller, name).await?;
-        }
-        _ => {
-            return Err(ApiError::BadRequest(
-                "give either `table` (with an optional `filter`) or `stream`".into(),
-            ))
-        }
-    }
-    let exp = auth::now_secs() + ttl;
-    let claims = auth::Claims {
-        key: caller.key.id(),
-        table,
-        filter: req.filter,
-        stream: req.stream,
-        position: req.position,
-        exp,
-    };
-    tracing::info!(key = %claims.key, ttl, "token issued");
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"token": state.keys.sign(&claims), "expiresAt": exp})),
-    )
-        .into_response())
 }
 
 #[cfg(test)]
