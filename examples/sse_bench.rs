@@ -75,7 +75,7 @@ async fn run(pg: &LocalPg, args: &Args) -> anyhow::Result<()> {
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", tcp.local_addr()?);
     let cancel = CancellationToken::new();
-    let server = tokio::spawn(waltap::server::serve(config, tcp, cancel.clone()));
+    let server = tokio::spawn(waltap::app::serve(config, tcp, cancel.clone()));
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()?;

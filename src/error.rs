@@ -57,6 +57,9 @@ pub enum Error {
     /// The listener was stopped (or its pipeline task ended) before this call.
     #[error("the listener has stopped")]
     Stopped,
+    /// Reading changes from the event log failed (a hub fed from the log).
+    #[error("reading the event log")]
+    Log(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl Error {

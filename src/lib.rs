@@ -25,11 +25,14 @@
 //!    │           streams (leases, cursors, the page reader), leadership of a group
 //!    │           of processes (advisory lock, fenced terms)
 //!  server        HTTP: SSE, WebSocket, feed, acks, keys and tokens, metrics
-//!  cli           the `waltap` program: wires pipeline + hub + log + server per command
+//!  app           one `waltap serve` process: group member (pipeline while leading),
+//!    │           a hub fed from the log's tail, the server; ordered shutdown
+//!  cli           the `waltap` program: parses commands, wires the rest per command
 //! ```
 //!
 //! The public API is what is re-exported here, plus [`log`] (the event log and its
-//! streams), [`server`] (the HTTP server) and [`setup`] (checks and creation of the
+//! streams), [`server`] (the HTTP server's configuration and keys), [`app`] (a whole
+//! `waltap serve` process) and [`setup`] (checks and creation of the
 //! publication and slot). Everything else is private.
 //!
 //! ```no_run
@@ -49,6 +52,7 @@
 
 #![warn(missing_docs)]
 
+pub mod app;
 mod cli;
 #[cfg(feature = "dev")]
 pub mod dev;

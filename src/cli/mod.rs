@@ -379,7 +379,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
     // Printed (not only logged) so that a caller that asked for port 0 learns the port.
     eprintln!("listening on {}", listener.local_addr()?);
-    crate::server::serve(config, listener, cancel_on_signal()).await?;
+    crate::app::serve(config, listener, cancel_on_signal()).await?;
     Ok(())
 }
 

@@ -1,7 +1,10 @@
 //! Ephemeral fan-out: one listener, any number of filtered subscribers (`subscribe`).
 //!
-//! The hub owns one [`Listener`] and one task. Each subscriber has its own compiled filter
-//! and its own bounded queue. Guarantees (README, "Filters and subscriptions"):
+//! The hub owns one upstream and one task. The upstream is a [`Listener`] on a slot of
+//! its own (a hub made with [`Hub::start`] by a library user), or, in `waltap serve`, the
+//! event log's tail (`crate::log::tail`), so that every member of a group serves
+//! subscriptions from the one walsender of its leader. Each subscriber has its own
+//! compiled filter and its own bounded queue. Guarantees (README, "Filters and subscriptions"):
 //!
 //! - at-most-once, from now on: the hub acknowledges every event as soon as it has been
 //!   offered to the subscribers, so the slot never waits for a subscriber;
@@ -18,8 +21,9 @@
 //!   its key away, or truncated the table), or right after the initial state when the
 //!   row does not exist;
 //! - a dropped subscription is removed at once, and its queue is freed with it;
-//! - when the replication connection breaks (walsender terminated, Postgres restarted),
-//!   every open subscription ends with [`SubscriptionError::Source`] (changes may have been
+//! - when the replication connection breaks (walsender terminated, Postgres restarted; a
+//!   hub fed from the log reconnects to it on its own and misses nothing, so this happens
+//!   only when retention deleted events it had not read), every open subscription ends with [`SubscriptionError::Source`] (changes may have been
 //!   missed: subscribe again), and the hub starts a new listener with backoff; meanwhile
 //!   [`Hub::is_streaming`] is false and subscribing fails with
 //!   [`SubscriptionError::Unavailable`].
@@ -66,6 +70,10 @@ use tokio_util::sync::CancellationToken;
 
 mod fanout;
 mod initial;
+mod upstream;
+
+use upstream::Upstream;
+pub(crate) use upstream::{FeedHandle, FeedStarter};
 
 use std::collections::VecDeque;
 
@@ -75,7 +83,9 @@ use crate::filter::{CompiledFilter, Filter, FilterError, FilteredView};
 use crate::initial::{SnapshotError, SnapshotRow};
 use crate::lsn::{Lsn, Watermark};
 use crate::pg::catalog;
-use crate::source::pipeline::{Delivery, Listener, ListenerConfig};
+#[cfg(doc)]
+use crate::source::pipeline::Listener;
+use crate::source::pipeline::{Delivery, ListenerConfig};
 
 /// Commits the hub remembers (xid, commit LSN) so that an initial state can check that
 /// none it misses had committed just before its subscriber joined.
@@ -85,13 +95,17 @@ const RECENT_COMMITS: usize = 4096;
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct HubConfig {
-    /// The source the hub's one listener streams from.
+    /// The source the hub's one listener streams from: its slot, and the database its
+    /// subscriptions look tables up in and read initial states from.
     pub listener: ListenerConfig,
     /// Events queued per subscriber before it counts as lagging.
     pub subscriber_queue: usize,
     /// Hold events back until [`Hub::resume`], so subscribers made meanwhile see a
     /// backlog from its start (catch-up measurements, controlled start-up).
     pub start_paused: bool,
+    /// Changes from a feed instead of a slot of the hub's own (the event log's tail, in
+    /// `waltap serve`); `listener` then only names the source.
+    pub(crate) feed: Option<FeedStarter>,
 }
 
 impl HubConfig {
@@ -101,6 +115,7 @@ impl HubConfig {
             listener,
             subscriber_queue: 1024,
             start_paused: false,
+            feed: None,
         }
     }
 }
@@ -179,9 +194,10 @@ pub enum SubscriptionError {
     /// The table is unknown or ambiguous.
     #[error(transparent)]
     Table(#[from] TableError),
-    /// The hub's replication connection broke (the cause is logged): changes may have
-    /// been missed, and the hub reconnects.
-    #[error("the subscription hub lost its replication connection, so changes may have been missed; it is reconnecting: subscribe again")]
+    /// The hub's upstream broke (its replication connection, or retention deleted log
+    /// events it had not read; the cause is logged): changes may have been missed, and
+    /// the hub starts again.
+    #[error("the subscription hub was interrupted, so changes may have been missed; it is starting again: subscribe again")]
     Source(Arc<Error>),
     /// The hub is between replication connections; no subscription can start now.
     #[error("the subscription hub is reconnecting to Postgres: subscribe again shortly")]
@@ -272,17 +288,18 @@ impl Hub {
     pub async fn start(config: HubConfig) -> Result<Hub, Error> {
         let source = config.listener.source.clone();
         let publication = config.listener.publication.clone();
-        let listener = Listener::start(config.listener.clone()).await?;
+        let down = Arc::new(AtomicBool::new(false));
+        let upstream = Upstream::start(&config.listener, config.feed.as_ref(), &down).await?;
         let (commands, rx) = mpsc::channel(64);
         let cancel = CancellationToken::new();
-        let down = Arc::new(AtomicBool::new(false));
         let fanout = Fanout {
             config: config.listener,
+            feed: config.feed,
             commands: rx,
             cancel: cancel.clone(),
             down: down.clone(),
         };
-        let task = tokio::spawn(run(fanout, listener, config.start_paused));
+        let task = tokio::spawn(run(fanout, upstream, config.start_paused));
         Ok(Hub {
             commands,
             source,
@@ -520,18 +537,19 @@ impl Stream for Subscription {
     }
 }
 
-/// What the fan-out task needs besides its listener: how to start another one.
+/// What the fan-out task needs besides its upstream: how to start another one.
 struct Fanout {
     config: ListenerConfig,
+    feed: Option<FeedStarter>,
     commands: mpsc::Receiver<Command>,
     cancel: CancellationToken,
     down: Arc<AtomicBool>,
 }
 
-async fn run(mut f: Fanout, listener: Listener, mut paused: bool) {
-    // Before the first event: where the slot started streaming.
-    let mut last_position = Position::before_lsn(listener.start_lsn());
-    let mut listener = Some(listener);
+async fn run(mut f: Fanout, upstream: Upstream, mut paused: bool) {
+    // Before the first event: where the slot (or feed) started.
+    let mut last_position = upstream.start_position();
+    let mut listener = Some(upstream);
     let mut subs = fanout::Subscribers::default();
     let mut waiting: Vec<(Box<Subscriber>, oneshot::Sender<()>)> = Vec::new();
     let mut in_tx = false;
@@ -573,13 +591,13 @@ async fn run(mut f: Fanout, listener: Listener, mut paused: bool) {
             _ = &mut retry, if !connected => {
                 let started = tokio::select! {
                     _ = f.cancel.cancelled() => break,
-                    started = Listener::start(f.config.clone()) => started,
+                    started = Upstream::start(&f.config, f.feed.as_ref(), &f.down) => started,
                 };
                 match started {
                     Ok(l) => {
                         tracing::info!(slot = %f.config.slot, "subscription hub reconnected");
                         // A new slot: subscribers from now on join where it starts.
-                        last_position = Position::before_lsn(l.start_lsn());
+                        last_position = l.start_position();
                         listener = Some(l);
                         backoff = f.config.reconnect_min;
                         f.down.store(false, Ordering::Release);
@@ -616,7 +634,7 @@ async fn run(mut f: Fanout, listener: Listener, mut paused: bool) {
                     // since: every subscriber is told and ends; a new listener (a new slot,
                     // from "now") takes the new subscribers.
                     let e = Arc::new(failed.and_then(Result::err).unwrap_or(Error::Stopped));
-                    tracing::warn!(slot = %f.config.slot, error = %crate::error::report(&e), subscribers = subs.len(), retry_in = ?backoff, "subscription hub lost its replication connection; reconnecting");
+                    tracing::warn!(slot = %f.config.slot, error = %crate::error::report(&e), subscribers = subs.len(), retry_in = ?backoff, "the subscription hub lost its upstream; starting again");
                     f.down.store(true, Ordering::Release);
                     subs.fail(&e);
                     // Callers still waiting to join are refused; they subscribe again.
@@ -637,7 +655,7 @@ async fn run(mut f: Fanout, listener: Listener, mut paused: bool) {
     }
 }
 
-async fn next_delivery(listener: &mut Option<Listener>) -> Option<Result<Delivery, Error>> {
+async fn next_delivery(listener: &mut Option<Upstream>) -> Option<Result<Delivery, Error>> {
     match listener {
         Some(l) => l.next_delivery().await,
         None => std::future::pending().await,

@@ -22,6 +22,8 @@ pub(crate) mod pool;
 mod postgres;
 pub mod retention;
 pub mod streams;
+pub(crate) mod tail;
+mod typed;
 
 pub use pool::DEFAULT_POOL_SIZE;
 pub use postgres::{migrate, PgLog};

@@ -97,7 +97,7 @@ pub(super) async fn healthz(State(state): State<Shared>) -> Response {
     });
     if !hub {
         body["reason"] =
-            "the subscription hub lost its replication connection and is reconnecting".into();
+            "the subscription hub cannot read the event log and is reconnecting".into();
     }
     (status, Json(body)).into_response()
 }

@@ -1,14 +1,9 @@
 //! The HTTP delivery server (`waltap serve`): subscribe and persisted streams for services
 //! in any language, over Server-Sent Events, WebSocket and a long-polling pull feed.
 //!
-//! This module owns the router, the shared state and the process's lifecycle:
-//! [`serve`] joins the group of processes on its slot and runs the pipeline (slot -> event
-//! log, as `waltap run`) while it leads ([`crate::log::leader`]), a [`Hub`] for
-//! ephemeral subscriptions on a temporary slot of its own, and the API on the listener it
-//! is given, until the cancellation token fires. Shutdown is ordered: stop accepting, end
-//! every open delivery connection cleanly (a stream consumer releases its lease); the
-//! pipeline stops at once, confirming the slot up to what the log holds and handing
-//! leadership over.
+//! This module owns the router, the shared state every handler reads, the accept loop
+//! and the end of open sessions at shutdown ([`Http`]). The process around it (the group
+//! member, the hub, the order of shutdown) is [`crate::app`]'s.
 //!
 //! The API contract is the README's "HTTP API" section and `docs/openapi.json` (served at
 //! `/v1/openapi.json`). Submodules: [`auth`] (keys, tokens, connection cap), [`error`]
@@ -44,7 +39,7 @@ use tokio_util::task::TaskTracker;
 use crate::error::{ErrorCode, TableError};
 use crate::event::TableName;
 use crate::filter::Filter;
-use crate::hub::{Hub, HubConfig};
+use crate::hub::Hub;
 use crate::log::append::{AppendError, AppenderConfig};
 use crate::log::StoreError;
 use crate::pg::config::SourceConfig;
@@ -117,7 +112,7 @@ impl Default for Limits {
     }
 }
 
-/// Everything [`serve`] needs.
+/// Everything a `waltap serve` process needs ([`crate::app::serve`]).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ServerConfig {
@@ -361,146 +356,121 @@ impl FromRequestParts<Shared> for Caller {
     }
 }
 
-/// Runs the pipeline, the hub and the API on `listener` until `cancel` fires or the
-/// pipeline fails definitively.
-pub async fn serve(
-    config: ServerConfig,
-    listener: tokio::net::TcpListener,
-    cancel: CancellationToken,
-) -> Result<(), ServerError> {
-    let metrics = Arc::new(Metrics::default());
-    let mut appender_config = config.appender.clone();
-    appender_config.appended = Some(metrics.events_in.clone());
-    let slot = appender_config.listener.slot.clone();
-
-    // Subscriptions read live on a temporary slot of their own: nothing to confirm, and
-    // it vanishes with the process.
-    let mut hub_listener = appender_config.listener.clone();
-    hub_listener.slot = hub_slot_name(&slot, std::process::id());
-    hub_listener.temporary_slot = true;
-    hub_listener.create_slot = true;
-    let mut hub_config = HubConfig::new(hub_listener);
-    hub_config.subscriber_queue = config.subscriber_queue;
-    let hub = Hub::start(hub_config).await.map_err(ServerError::Hub)?;
-
-    let cors = cors_layer(&config.cors_origins)?;
-    let consumer_pool =
-        crate::log::pool::ConsumerPool::new(&appender_config.store, config.store_pool_size)
-            .map_err(ServerError::Pool)?;
-    let catalog = if appender_config.store.describe() != appender_config.listener.source.describe()
-    {
-        let source = appender_config.listener.source.clone();
-        let pool = crate::pg::SqlPool::new(&source, CATALOG_POOL_SIZE)
-            .map_err(|e| ServerError::Pool(e.into()))?;
-        Some(Db {
-            config: source,
-            pool,
-        })
-    } else {
-        None
-    };
-    let stop = cancel.child_token();
-    let state = Arc::new(AppState {
-        hub,
-        keys: config.keys.clone(),
-        cap: ConnectionCap::new(config.limits.connections_per_key),
-        metrics: metrics.clone(),
-        limits: config.limits.clone(),
-        keepalive: config.keepalive,
-        store: Db {
-            config: appender_config.store.clone(),
-            pool: consumer_pool.sql().clone(),
-        },
-        consumer_pool,
-        catalog,
-        slot: slot.clone(),
-        publication: appender_config.listener.publication.clone(),
-        stop: stop.clone(),
-        tasks: TaskTracker::new(),
-        consumers: std::sync::Mutex::new(HashMap::new()),
-        next_session: Default::default(),
-        pipeline_running: std::sync::atomic::AtomicBool::new(true),
-    });
-    if !config.keys.token_secret_configured {
-        tracing::warn!("no token secret configured (WALTAP_TOKEN_SECRET or token_secret in the keys file): tokens are signed with a random secret and stop working when the process restarts");
-    }
-
-    // Stopped with the server (not after its sessions drained): a leader that is shutting
-    // down hands over at once, and its open sessions keep reading the log meanwhile.
-    let pipeline_stop = cancel.child_token();
-    let mut pipeline = tokio::spawn(crate::log::leader::run(
-        appender_config,
-        config.group.clone(),
-        metrics.membership.clone(),
-        pipeline_stop.clone(),
-    ));
-
-    let app = router(state.clone(), cors);
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, slot = %slot, "serving");
-    let bounds = accept::Bounds {
-        max_connections: config.limits.max_connections,
-        header_read_timeout: config.limits.header_read_timeout,
-        shutdown_grace: config.shutdown_grace,
-    };
-    let mut server = tokio::spawn(accept::serve(
-        listener,
-        app,
-        health_router(state.clone()),
-        bounds,
-        stop.clone(),
-    ));
-
-    let mut pipeline_done = None;
-    let served = tokio::select! {
-        served = &mut server => Some(served),
-        done = &mut pipeline => {
-            state.pipeline_running.store(false, std::sync::atomic::Ordering::Relaxed);
-            pipeline_done = Some(done);
-            None
-        }
-    };
-    // Shutdown, in order: no new connections, open sessions end; the pipeline stopped
-    // with the signal (leadership passes on while the sessions drain).
-    stop.cancel();
-    let served = match served {
-        Some(s) => s,
-        None => server.await,
-    };
-    state.tasks.close();
-    if tokio::time::timeout(config.shutdown_grace, state.tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("delivery sessions still open after the grace period; stopping anyway");
-    }
-    pipeline_stop.cancel();
-    let done = match pipeline_done {
-        Some(done) => done,
-        None => pipeline.await,
-    };
-    let mut failure = None;
-    match done {
-        Ok(Err(e)) => failure = Some(ServerError::Pipeline(Box::new(e))),
-        Ok(Ok(())) => {}
-        Err(e) => tracing::error!(error = %crate::error::report(&e), "the pipeline task failed"),
-    }
-    match Arc::try_unwrap(state) {
-        Ok(state) => state.hub.shutdown().await,
-        Err(_) => tracing::debug!("hub still referenced at shutdown; dropped with the process"),
-    }
-    tracing::info!("server stopped");
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    served.map_err(|e| ServerError::Io(std::io::Error::other(e)))
+/// The HTTP side of a `waltap serve` process, ready to accept connections: its shared
+/// state (the hub it hands subscriptions from, the pools, keys and metrics) and the
+/// router. What else runs in the process, and the order of shutdown, is
+/// [`crate::app::serve`]'s.
+pub(crate) struct Http {
+    state: Shared,
+    cors: Option<tower_http::cors::CorsLayer>,
 }
 
-/// `<slot>_h<pid>`, the slot part shortened so the name fits Postgres' 63 bytes.
-fn hub_slot_name(slot: &str, pid: u32) -> String {
-    let suffix = format!("_h{pid}");
-    let keep: String = slot.chars().take(63 - suffix.len()).collect();
-    format!("{keep}{suffix}")
+impl Http {
+    /// Builds the state for `config`; subscriptions come from `hub`.
+    pub(crate) fn new(config: &ServerConfig, hub: Hub) -> Result<Http, ServerError> {
+        let metrics = Arc::new(Metrics::default());
+        let appender = &config.appender;
+        let cors = cors_layer(&config.cors_origins)?;
+        let consumer_pool =
+            crate::log::pool::ConsumerPool::new(&appender.store, config.store_pool_size)
+                .map_err(ServerError::Pool)?;
+        let catalog = if appender.store.describe() != appender.listener.source.describe() {
+            let source = appender.listener.source.clone();
+            let pool = crate::pg::SqlPool::new(&source, CATALOG_POOL_SIZE)
+                .map_err(|e| ServerError::Pool(e.into()))?;
+            Some(Db {
+                config: source,
+                pool,
+            })
+        } else {
+            None
+        };
+        let state = Arc::new(AppState {
+            hub,
+            keys: config.keys.clone(),
+            cap: ConnectionCap::new(config.limits.connections_per_key),
+            metrics,
+            limits: config.limits.clone(),
+            keepalive: config.keepalive,
+            store: Db {
+                config: appender.store.clone(),
+                pool: consumer_pool.sql().clone(),
+            },
+            consumer_pool,
+            catalog,
+            slot: appender.listener.slot.clone(),
+            publication: appender.listener.publication.clone(),
+            stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            consumers: std::sync::Mutex::new(HashMap::new()),
+            next_session: Default::default(),
+            pipeline_running: std::sync::atomic::AtomicBool::new(true),
+        });
+        if !config.keys.token_secret_configured {
+            tracing::warn!("no token secret configured (WALTAP_TOKEN_SECRET or token_secret in the keys file): tokens are signed with a random secret and stop working when the process restarts");
+        }
+        Ok(Http { state, cors })
+    }
+
+    /// Where the pipeline counts what it appends.
+    pub(crate) fn appended_counter(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.state.metrics.events_in.clone()
+    }
+
+    /// Where the group member reports its role.
+    pub(crate) fn membership(&self) -> Arc<crate::log::leader::Membership> {
+        self.state.metrics.membership.clone()
+    }
+
+    /// The pipeline ended: `/healthz` reports it.
+    pub(crate) fn pipeline_stopped(&self) {
+        self.state
+            .pipeline_running
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Accepts and serves connections until [`Http::stop`]; connections still open then
+    /// get `config.shutdown_grace` to finish.
+    pub(crate) fn accept(
+        &self,
+        listener: tokio::net::TcpListener,
+        config: &ServerConfig,
+    ) -> tokio::task::JoinHandle<()> {
+        let app = router(self.state.clone(), self.cors.clone());
+        let bounds = accept::Bounds {
+            max_connections: config.limits.max_connections,
+            header_read_timeout: config.limits.header_read_timeout,
+            shutdown_grace: config.shutdown_grace,
+        };
+        tokio::spawn(accept::serve(
+            listener,
+            app,
+            health_router(self.state.clone()),
+            bounds,
+            self.state.stop.clone(),
+        ))
+    }
+
+    /// Stops accepting; every open delivery session ends (a stream consumer releases its
+    /// lease), waiting at most `grace` for them.
+    pub(crate) async fn stop(&self, grace: Duration) {
+        self.state.stop.cancel();
+        self.state.tasks.close();
+        if tokio::time::timeout(grace, self.state.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("delivery sessions still open after the grace period; stopping anyway");
+        }
+    }
+
+    /// Stops the hub, once nothing else holds the state.
+    pub(crate) async fn shutdown(self) {
+        match Arc::try_unwrap(self.state) {
+            Ok(state) => state.hub.shutdown().await,
+            Err(_) => tracing::debug!("hub still referenced at shutdown; dropped with the process"),
+        }
+    }
 }
 
 fn cors_layer(origins: &[String]) -> Result<Option<tower_http::cors::CorsLayer>, ServerError> {
@@ -643,12 +613,6 @@ mod tests {
             ROUTES.len(),
             "docs/openapi.json describes routes the server lacks"
         );
-    }
-
-    #[test]
-    fn hub_slot_names_fit() {
-        assert_eq!(hub_slot_name("waltap", 42), "waltap_h42");
-        assert_eq!(hub_slot_name(&"s".repeat(63), 4_000_000).len(), 63);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! `waltap serve` over real HTTP against a real Postgres: the server runs in-process on an
-//! ephemeral port (`waltap::server::serve`), except in `process`, which runs the binary.
+//! ephemeral port (`waltap::app::serve`), except in `process`, which runs the binary.
 
 mod api;
 mod bounds;
@@ -72,7 +72,7 @@ pub async fn start(db: &TestDb, tweak: impl FnOnce(&mut ServerConfig)) -> Server
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let cancel = CancellationToken::new();
-    let task = tokio::spawn(waltap::server::serve(config, listener, cancel.clone()));
+    let task = tokio::spawn(waltap::app::serve(config, listener, cancel.clone()));
     let server = Server {
         url,
         http: reqwest::Client::new(),

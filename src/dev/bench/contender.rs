@@ -60,10 +60,13 @@ pub enum Contender {
     WaltapTenants1,
     WaltapTenants1000,
     WaltapTenants10000,
+    /// A subscription on a follower of a group: fed from the event log the leader appends
+    /// to ([`super::follower`]); latency only.
+    WaltapFollower,
 }
 
 impl Contender {
-    pub const ALL: [Contender; 12] = [
+    pub const ALL: [Contender; 13] = [
         Contender::RecvlogicalPgoutput,
         Contender::RecvlogicalTestDecoding,
         Contender::WaltapTail,
@@ -76,11 +79,17 @@ impl Contender {
         Contender::WaltapTenants1,
         Contender::WaltapTenants1000,
         Contender::WaltapTenants10000,
+        Contender::WaltapFollower,
     ];
 
     /// Whether the latency phase measures it (the catch-up-only paths are skipped there).
     pub fn measures_latency(self) -> bool {
         !matches!(self, Contender::WaltapPersisted) && self.fanout().is_none()
+    }
+
+    /// Whether the catch-up phase measures it.
+    pub fn measures_catch_up(self) -> bool {
+        !matches!(self, Contender::WaltapFollower)
     }
 
     /// For a fan-out contender: its subscribers and their filters.
@@ -112,6 +121,7 @@ impl Contender {
             Contender::WaltapTenants1 => "waltap-tenants-1",
             Contender::WaltapTenants1000 => "waltap-tenants-1000",
             Contender::WaltapTenants10000 => "waltap-tenants-10000",
+            Contender::WaltapFollower => "waltap-follower",
         }
     }
 
@@ -134,6 +144,7 @@ impl Contender {
             Contender::WaltapTenants1 => "waltap subscribe, 1 tenant (equality) subscriber",
             Contender::WaltapTenants1000 => "waltap subscribe, 1000 tenant subscribers",
             Contender::WaltapTenants10000 => "waltap subscribe, 10000 tenant subscribers",
+            Contender::WaltapFollower => "waltap serve follower: subscription fed from the log",
         }
     }
 
@@ -254,6 +265,7 @@ pub async fn latency(
 ) -> anyhow::Result<Latency> {
     let args = match c {
         Contender::WaltapListener => return listener_latency(slot, pacer).await,
+        Contender::WaltapFollower => return super::follower::latency(slot, pacer).await,
         Contender::WaltapTail => tail_args(slot, None),
         _ => recvlogical_args(c, slot, None),
     };
@@ -604,7 +616,7 @@ pub struct Pacer<'a> {
 }
 
 impl Pacer<'_> {
-    async fn run(&self, arrivals: &Arrivals) -> anyhow::Result<workload::Paced> {
+    pub(super) async fn run(&self, arrivals: &Arrivals) -> anyhow::Result<workload::Paced> {
         let paced = workload::write_paced(self.writer, self.rate, self.duration).await?;
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         while arrivals.count() < paced.rows {
@@ -623,10 +635,10 @@ impl Pacer<'_> {
 
 /// Latencies in ms, recorded by the consumer as rows arrive.
 #[derive(Default)]
-struct Arrivals(Mutex<Vec<f64>>);
+pub(super) struct Arrivals(Mutex<Vec<f64>>);
 
 impl Arrivals {
-    fn record(&self, inserted_at_unix_us: i64) {
+    pub(super) fn record(&self, inserted_at_unix_us: i64) {
         let ms = (now_unix_micros() - inserted_at_unix_us) as f64 / 1000.0;
         self.0.lock().unwrap_or_else(|e| e.into_inner()).push(ms);
     }
@@ -656,7 +668,7 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn new(contender: Contender, paced: workload::Paced, arrivals: Arrivals) -> Latency {
+    pub(super) fn new(contender: Contender, paced: workload::Paced, arrivals: Arrivals) -> Latency {
         let sorted = arrivals.into_sorted();
         Latency {
             contender,

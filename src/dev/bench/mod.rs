@@ -19,6 +19,7 @@
 
 pub mod contender;
 pub mod fanout;
+mod follower;
 pub mod measure;
 pub mod report;
 pub mod workload;
@@ -241,8 +242,13 @@ async fn catch_up_phase(
     )
     .await?;
     let slot_name = |c: Contender, run: usize| c.slot_name(&format!("{id}_{run}"));
+    let contenders: Vec<Contender> = contenders
+        .iter()
+        .copied()
+        .filter(|c| c.measures_catch_up())
+        .collect();
     for run in 0..config.runs {
-        for &c in contenders {
+        for &c in &contenders {
             create_slot(&client, &slot_name(c, run), c.plugin()).await?;
         }
     }

@@ -10,13 +10,13 @@ use serde_json::Value as Json;
 use tokio::sync::broadcast;
 use tokio_postgres::Client;
 
-use crate::event::{Event, Row, TableName};
+use crate::event::{Event, TableName};
 use crate::filter::FilteredView;
 use crate::filter::{CompiledFilter, Decision, Filter};
 use crate::initial::SnapshotRow;
 use crate::log::pool::Wake;
+use crate::log::typed::TableTypes;
 use crate::log::StoreError;
-use crate::value::{TypeKind, Value};
 
 /// The pruned mark of `source`: retention deleted every event at or below it.
 pub(super) async fn pruned_mark(store: &Client, source: &str) -> Result<Mark, StoreError> {
@@ -32,52 +32,6 @@ pub(super) async fn pruned_mark(store: &Client, source: &str) -> Result<Mark, St
         lsn: row.get(0),
         ordinal: row.get(1),
     })
-}
-
-/// The stream's rows with typed values, as its filter needs them: the table's columns,
-/// read once when the consumer opens.
-pub(super) struct TableTypes {
-    pub(super) table: TableName,
-    pub(super) names: Arc<[Arc<str>]>,
-    pub(super) kinds: Vec<TypeKind>,
-}
-
-impl TableTypes {
-    /// A column the event lacks stays absent (unknown to the filter, never NULL), and so
-    /// does one whose JSON does not fit the type read at open (the column changed type
-    /// since): the filter delivers what it cannot decide.
-    pub(super) fn row(&self, json: &Json) -> Row {
-        let values = self
-            .names
-            .iter()
-            .zip(&self.kinds)
-            .map(|(name, kind)| {
-                let v = json.get(&**name)?;
-                Value::from_json(kind, v).ok()
-            })
-            .collect();
-        Row {
-            names: self.names.clone(),
-            values,
-        }
-    }
-
-    pub(super) fn typed(&self, ev: &Event<Json>) -> Event<Row> {
-        Event {
-            id: ev.id,
-            position: ev.position,
-            action: ev.action,
-            schema: ev.schema.clone(),
-            table: ev.table.clone(),
-            identity: ev.identity,
-            new: ev.new.as_ref().map(|r| self.row(r)),
-            old: ev.old.as_ref().map(|r| self.row(r)),
-            changed: ev.changed.clone(),
-            unchanged: ev.unchanged.clone(),
-            transition: None,
-            tx: ev.tx.clone(),
-        }
-    }
 }
 
 /// One page of the log after a mark, with the pruned mark read in the same snapshot.
@@ -530,15 +484,7 @@ pub(super) async fn compile(
             continue;
         };
         view_tables.push((t.clone(), filter.compile(&schema)?));
-        types.push(TableTypes {
-            table: t.clone(),
-            names: schema
-                .columns
-                .iter()
-                .map(|c| Arc::from(c.name.as_str()))
-                .collect(),
-            kinds: schema.columns.into_iter().map(|c| c.kind).collect(),
-        });
+        types.push(TableTypes::new(t.clone(), schema));
     }
     Ok((FilteredView::for_tables(view_tables), types))
 }

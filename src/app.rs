@@ -1,0 +1,86 @@
+//! The application: what runs in one `waltap serve` process, and in what order it stops.
+//!
+//! A process is a member of the group on its slot ([`crate::log::leader`]): while it
+//! leads, its pipeline reads the slot and appends to the event log; either way it serves
+//! the whole HTTP API ([`crate::server`]). Its subscription hub is fed from the event log
+//! ([`crate::log::tail`]), not from a slot of its own, so a group of N members costs the
+//! source database one walsender, the leader's, and a subscription goes on unchanged
+//! when leadership moves.
+//!
+//! Shutdown is ordered: the pipeline stops at once (it confirms the slot up to what the
+//! log holds and hands leadership over, so a follower takes over while this member's
+//! sessions drain); the server stops accepting and ends every open delivery connection
+//! cleanly (a stream consumer releases its lease); then the hub stops.
+
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::{Hub, HubConfig};
+use crate::server::{Http, ServerConfig, ServerError};
+
+/// Runs the group member, the hub and the API on `listener` until `cancel` fires or the
+/// pipeline fails definitively.
+pub async fn serve(
+    config: ServerConfig,
+    listener: tokio::net::TcpListener,
+    cancel: CancellationToken,
+) -> Result<(), ServerError> {
+    let appender = &config.appender;
+    let slot = appender.listener.slot.clone();
+    let mut hub_config = HubConfig::new(appender.listener.clone());
+    hub_config.subscriber_queue = config.subscriber_queue;
+    hub_config.feed = Some(crate::log::tail::feed(
+        appender.store.clone(),
+        slot.clone(),
+        appender.listener.source.clone(),
+    ));
+    let hub = Hub::start(hub_config).await.map_err(ServerError::Hub)?;
+    let http = Http::new(&config, hub)?;
+
+    let mut appender_config = config.appender.clone();
+    appender_config.appended = Some(http.appended_counter());
+    let pipeline_stop = cancel.child_token();
+    let mut pipeline = tokio::spawn(crate::log::leader::run(
+        appender_config,
+        config.group.clone(),
+        http.membership(),
+        pipeline_stop.clone(),
+    ));
+
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, slot = %slot, "serving");
+    let mut server = http.accept(listener, &config);
+
+    let mut pipeline_done = None;
+    let served = tokio::select! {
+        _ = cancel.cancelled() => None,
+        served = &mut server => Some(served),
+        done = &mut pipeline => {
+            http.pipeline_stopped();
+            pipeline_done = Some(done);
+            None
+        }
+    };
+    // The leader hands over first: a follower appends while this member's sessions drain.
+    pipeline_stop.cancel();
+    http.stop(config.shutdown_grace).await;
+    let served = match served {
+        Some(s) => s,
+        None => server.await,
+    };
+    let done = match pipeline_done {
+        Some(done) => done,
+        None => pipeline.await,
+    };
+    let mut failure = None;
+    match done {
+        Ok(Err(e)) => failure = Some(ServerError::Pipeline(Box::new(e))),
+        Ok(Ok(())) => {}
+        Err(e) => tracing::error!(error = %crate::error::report(&e), "the pipeline task failed"),
+    }
+    http.shutdown().await;
+    tracing::info!("server stopped");
+    match failure {
+        Some(e) => Err(e),
+        None => served.map_err(|e| ServerError::Io(std::io::Error::other(e))),
+    }
+}

@@ -1,0 +1,141 @@
+//! Stored events with typed values again: the log keeps each event as JSON, and a filter
+//! (a stream's, or the hub's subscribers' when it is fed from the log) needs the values
+//! typed by their columns. The types come from the watched database's catalog.
+
+use std::sync::Arc;
+
+use serde_json::Value as Json;
+
+use crate::event::{Event, Row, TableName};
+use crate::filter::TableSchema;
+use crate::value::{TypeKind, Value};
+
+/// One table's columns and their types, in the table's order.
+pub(crate) struct TableTypes {
+    pub(crate) table: TableName,
+    names: Arc<[Arc<str>]>,
+    kinds: Vec<TypeKind>,
+}
+
+impl TableTypes {
+    pub(crate) fn new(table: TableName, schema: TableSchema) -> TableTypes {
+        TableTypes {
+            table,
+            names: schema
+                .columns
+                .iter()
+                .map(|c| Arc::from(c.name.as_str()))
+                .collect(),
+            kinds: schema.columns.into_iter().map(|c| c.kind).collect(),
+        }
+    }
+
+    /// A column the event lacks stays absent (unknown to the filter, never NULL), and so
+    /// does one whose JSON does not fit the type read at open (the column changed type
+    /// since): the filter delivers what it cannot decide.
+    pub(crate) fn row(&self, json: &Json) -> Row {
+        let values = self
+            .names
+            .iter()
+            .zip(&self.kinds)
+            .map(|(name, kind)| {
+                let v = json.get(&**name)?;
+                Value::from_json(kind, v).ok()
+            })
+            .collect();
+        Row {
+            names: self.names.clone(),
+            values,
+        }
+    }
+
+    /// The event with typed rows, and no transition yet (a filter decides it).
+    pub(crate) fn typed(&self, ev: &Event<Json>) -> Event<Row> {
+        Event {
+            id: ev.id,
+            position: ev.position,
+            action: ev.action,
+            schema: ev.schema.clone(),
+            table: ev.table.clone(),
+            identity: ev.identity,
+            new: ev.new.as_ref().map(|r| self.row(r)),
+            old: ev.old.as_ref().map(|r| self.row(r)),
+            changed: ev.changed.clone(),
+            unchanged: ev.unchanged.clone(),
+            transition: None,
+            tx: ev.tx.clone(),
+        }
+    }
+
+    /// [`TableTypes::typed`], except that nothing of the stored event is lost: when a
+    /// value does not fit its column's type or a column is unknown (the table changed
+    /// since the types were read), the row holds the stored JSON as it is. For events
+    /// that are delivered, not only filtered.
+    pub(crate) fn typed_exact(&self, ev: &Event<Json>) -> Event<Row> {
+        let mut typed = self.typed(ev);
+        for (row, json) in [(&mut typed.new, &ev.new), (&mut typed.old, &ev.old)] {
+            if let (Some(row), Some(json)) = (row.as_mut(), json) {
+                if !self.fits(row, json) {
+                    *row = as_json(json);
+                }
+            }
+        }
+        typed
+    }
+
+    /// An event of a table whose types are unknown (it was dropped): every value as the
+    /// stored JSON.
+    pub(crate) fn untyped(ev: &Event<Json>) -> Event<Row> {
+        Event {
+            id: ev.id,
+            position: ev.position,
+            action: ev.action,
+            schema: ev.schema.clone(),
+            table: ev.table.clone(),
+            identity: ev.identity,
+            new: ev.new.as_ref().map(as_json),
+            old: ev.old.as_ref().map(as_json),
+            changed: ev.changed.clone(),
+            unchanged: ev.unchanged.clone(),
+            transition: None,
+            tx: ev.tx.clone(),
+        }
+    }
+
+    /// Whether the typed row holds every value of the stored one.
+    fn fits(&self, row: &Row, json: &Json) -> bool {
+        let Json::Object(map) = json else {
+            return false;
+        };
+        map.len() == row.values.iter().filter(|v| v.is_some()).count()
+    }
+
+    /// Whether every column the event's rows hold is one of these (else the table gained
+    /// a column since the types were read).
+    pub(crate) fn covers(&self, ev: &Event<Json>) -> bool {
+        [&ev.new, &ev.old]
+            .into_iter()
+            .flatten()
+            .all(|row| match row {
+                Json::Object(map) => map.keys().all(|k| self.names.iter().any(|n| **n == **k)),
+                _ => true,
+            })
+    }
+}
+
+/// A stored row as it is: each value embedded as JSON, in the stored order.
+fn as_json(json: &Json) -> Row {
+    let Json::Object(map) = json else {
+        return Row {
+            names: Arc::from(Vec::new()),
+            values: Vec::new(),
+        };
+    };
+    Row {
+        names: map.keys().map(|k| Arc::from(k.as_str())).collect(),
+        values: map
+            .values()
+            .map(|v| Value::from_json(&TypeKind::Json, v).ok())
+            .collect(),
+    }
+}
