@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use super::postgres::NOTIFY_CHANNEL;
+use super::postgres::{progress, NOTIFY_CHANNEL};
 use super::StoreError;
 use crate::event::{Position, TableName};
 use crate::filter::{CompiledFilter, Filter};
@@ -142,17 +142,6 @@ impl initial::ChangeFeed for LogFeed<'_> {
             })
             .collect())
     }
-}
-
-async fn progress(log: &Client, source: &str) -> Result<Option<LogMark>, StoreError> {
-    Ok(log
-        .query_opt(
-            "SELECT commit_lsn FROM waltap.progress WHERE source = $1",
-            &[&source],
-        )
-        .await
-        .map_err(StoreError::sql("read progress"))?
-        .map(|r| LogMark::from_stored(Lsn(r.get::<_, i64>(0) as u64))))
 }
 
 /// Until the log's progress mark reaches `watermark` ([`LogMark::reached`]), woken by the appender's

@@ -190,17 +190,21 @@ impl PgLog {
     }
 }
 
+/// The progress mark of `source`'s log (`None`: no member has appended or led yet).
+pub(crate) async fn progress(client: &Client, source: &str) -> Result<Option<LogMark>, StoreError> {
+    let row = client
+        .query_opt(
+            "SELECT commit_lsn FROM waltap.progress WHERE source = $1",
+            &[&source],
+        )
+        .await
+        .map_err(StoreError::sql("read progress"))?;
+    Ok(row.map(|r| LogMark::from_stored(Lsn(r.get::<_, i64>(0) as u64))))
+}
+
 impl LogWriter for PgLog {
     async fn progress(&mut self) -> Result<Option<LogMark>, StoreError> {
-        let row = self
-            .client
-            .query_opt(
-                "SELECT commit_lsn FROM waltap.progress WHERE source = $1",
-                &[&self.source],
-            )
-            .await
-            .map_err(StoreError::sql("read progress"))?;
-        Ok(row.map(|r| LogMark::from_stored(Lsn(r.get::<_, i64>(0) as u64))))
+        progress(&self.client, &self.source).await
     }
 
     async fn write(&mut self, events: &[Event]) -> Result<(), StoreError> {

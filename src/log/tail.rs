@@ -120,14 +120,9 @@ async fn start(
     tail.connect().await?;
     // From the log's end now: a hub delivers what commits from here on.
     let client = tail.client()?;
-    let progress: i64 = client
-        .query_one(
-            "SELECT coalesce(max(commit_lsn), 0) FROM waltap.progress WHERE source = $1",
-            &[&tail.source],
-        )
-        .await
-        .map_err(StoreError::sql("read progress"))?
-        .get(0);
+    let progress = super::postgres::progress(client, &tail.source)
+        .await?
+        .map_or(0, |m| m.lsn().0 as i64);
     let last: Option<(i64, i32)> = client
         .query_opt(
             "SELECT commit_lsn, ordinal FROM waltap.events WHERE source = $1

@@ -51,20 +51,7 @@ impl TableTypes {
 
     /// The event with typed rows, and no transition yet (a filter decides it).
     pub(crate) fn typed(&self, ev: &Event<Json>) -> Event<Row> {
-        Event {
-            id: ev.id,
-            position: ev.position,
-            action: ev.action,
-            schema: ev.schema.clone(),
-            table: ev.table.clone(),
-            identity: ev.identity,
-            new: ev.new.as_ref().map(|r| self.row(r)),
-            old: ev.old.as_ref().map(|r| self.row(r)),
-            changed: ev.changed.clone(),
-            unchanged: ev.unchanged.clone(),
-            transition: None,
-            tx: ev.tx.clone(),
-        }
+        map_rows(ev, |json| self.row(json))
     }
 
     /// [`TableTypes::typed`], except that nothing of the stored event is lost: when a
@@ -86,20 +73,7 @@ impl TableTypes {
     /// An event of a table whose types are unknown (it was dropped): every value as the
     /// stored JSON.
     pub(crate) fn untyped(ev: &Event<Json>) -> Event<Row> {
-        Event {
-            id: ev.id,
-            position: ev.position,
-            action: ev.action,
-            schema: ev.schema.clone(),
-            table: ev.table.clone(),
-            identity: ev.identity,
-            new: ev.new.as_ref().map(as_json),
-            old: ev.old.as_ref().map(as_json),
-            changed: ev.changed.clone(),
-            unchanged: ev.unchanged.clone(),
-            transition: None,
-            tx: ev.tx.clone(),
-        }
+        map_rows(ev, as_json)
     }
 
     /// Whether the typed row holds every value of the stored one.
@@ -137,5 +111,92 @@ fn as_json(json: &Json) -> Row {
             .values()
             .map(|v| Value::from_json(&TypeKind::Json, v).ok())
             .collect(),
+    }
+}
+
+/// The event with each row made by `row`, and no transition.
+fn map_rows(ev: &Event<Json>, row: impl Fn(&Json) -> Row) -> Event<Row> {
+    Event {
+        id: ev.id,
+        position: ev.position,
+        action: ev.action,
+        schema: ev.schema.clone(),
+        table: ev.table.clone(),
+        identity: ev.identity,
+        new: ev.new.as_ref().map(&row),
+        old: ev.old.as_ref().map(&row),
+        changed: ev.changed.clone(),
+        unchanged: ev.unchanged.clone(),
+        transition: None,
+        tx: ev.tx.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::event::Identity;
+    use crate::filter::ColumnSchema;
+
+    fn types() -> TableTypes {
+        let column = |name: &str, kind| ColumnSchema {
+            name: name.into(),
+            type_name: String::new(),
+            kind,
+        };
+        TableTypes::new(
+            TableName::parse("orders"),
+            TableSchema {
+                schema: "public".into(),
+                table: "orders".into(),
+                columns: vec![column("id", TypeKind::Int), column("note", TypeKind::Text)],
+                primary_key: vec!["id".into()],
+                identity: Identity::Default,
+            },
+        )
+    }
+
+    /// A stored event as the log holds it (keys in the stored order).
+    fn stored(row: Json) -> Event<Json> {
+        let mut ev: Event<Json> = serde_json::from_value(serde_json::json!({
+            "id": "01J00000000000000000000000", "position": "0000000001000000-0000000000",
+            "action": "create", "schema": "public", "table": "orders", "identity": "default",
+            "tx": {"id": 7, "commitLsn": "0/16B3748", "committedAt": "2026-01-01T00:00:00.000000Z", "index": 0, "last": true}
+        }))
+        .unwrap();
+        ev.new = Some(row);
+        ev
+    }
+
+    fn json_of(ev: &Event<Row>) -> Json {
+        serde_json::to_value(ev.new.as_ref().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn rows_are_typed_in_the_tables_order() {
+        let ev = stored(serde_json::json!({"note": "hi", "id": 3}));
+        let typed = types().typed_exact(&ev);
+        let row = typed.new.as_ref().unwrap();
+        assert_eq!(&*row.names[0], "id");
+        assert_eq!(row.get("id"), Some(&Value::Int(3)));
+        assert_eq!(json_of(&typed), serde_json::json!({"id": 3, "note": "hi"}));
+    }
+
+    #[test]
+    fn values_that_no_longer_fit_their_types_are_kept_as_stored() {
+        let t = types();
+        // `id` changed type since the types were read; `extra` was added.
+        for row in [
+            serde_json::json!({"id": "not a number", "note": "x"}),
+            serde_json::json!({"id": 1, "note": "x", "extra": [1, 2]}),
+        ] {
+            let ev = stored(row.clone());
+            assert!(!t.covers(&ev) || row["id"].is_string());
+            assert_eq!(json_of(&t.typed_exact(&ev)), row);
+        }
+        let untyped = TableTypes::untyped(&stored(serde_json::json!({"a": null})));
+        assert_eq!(json_of(&untyped), serde_json::json!({"a": null}));
     }
 }

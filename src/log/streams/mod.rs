@@ -82,6 +82,7 @@ use crate::event::{Event, Position, TableName};
 use crate::filter::{CompiledFilter, Filter};
 use crate::log::postgres::migrate;
 use crate::log::StoreError;
+use crate::lsn::LogMark;
 use crate::pg::catalog;
 use crate::pg::config::SourceConfig;
 
@@ -453,17 +454,9 @@ pub async fn reset(
 /// consumer then copies the rows and moves the cursor to their snapshot's position
 /// ([`super::initial::materialize`]); [`create`] and [`reset`] share both steps.
 async fn log_head(store: &Client, source: &str) -> Result<Mark, StoreError> {
-    let head: Option<i64> = store
-        .query_one(
-            "SELECT max(commit_lsn) FROM waltap.progress WHERE source = $1",
-            &[&source],
-        )
-        .await
-        .map_err(StoreError::sql("read the log head"))?
-        .get(0);
-    Ok(match head {
-        Some(lsn) if lsn != 0 => Mark {
-            lsn,
+    Ok(match crate::log::postgres::progress(store, source).await? {
+        Some(mark) if mark > LogMark::NONE => Mark {
+            lsn: mark.lsn().0 as i64,
             ordinal: TX_END,
         },
         _ => Mark { lsn: 0, ordinal: 0 },
