@@ -3,7 +3,7 @@
 //! A process is a member of the group on its slot ([`crate::log::leader`]): while it
 //! leads, its pipeline reads the slot and appends to the event log; either way it serves
 //! the whole HTTP API ([`crate::server`]). Its subscription hub is fed from the event log
-//! ([`crate::log::tail`]), not from a slot of its own, so a group of N members costs the
+//! (the log's tail), not from a slot of its own, so a group of N members costs the
 //! source database one walsender, the leader's, and a subscription goes on unchanged
 //! when leadership moves.
 //!

@@ -83,7 +83,7 @@ pub use hub::{
     CompletionReason, Hub, HubConfig, SubscribeOptions, Subscription, SubscriptionError,
     SubscriptionItem,
 };
-pub use lsn::{Lsn, ParseLsnError};
+pub use lsn::{LogMark, Lsn, ParseLsnError, Watermark};
 pub use pg::{SourceConfig, TlsMode};
 pub use source::pipeline::{Acker, Delivery, Listener, ListenerConfig};
 pub use source::setup;

@@ -147,8 +147,9 @@ use crate::value::TypeKind;
 use crate::event::Event;
 
 /// A subscriber filter in its plain-data form; (de)serializes as the JSON form described
-/// in the [module docs](self). Build one from JSON with [`Filter::from_json`], `str::parse`
-/// or serde; check it against a table with [`Filter::compile`].
+/// in the README's "Filters and subscriptions" section. Build one from JSON with
+/// [`Filter::from_json`], `str::parse` or serde; check it against a table with
+/// [`Filter::compile`].
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Filter {
     /// `create`: the inserts delivered, by their new row.

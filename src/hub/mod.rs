@@ -148,7 +148,7 @@ pub enum SubscriptionItem<R = Row> {
         position: Option<Position>,
     },
     /// The last item of a subscription whose filter pins one row by its whole primary key
-    /// ([`crate::filter::CompiledFilter::single_row_key`]): the row is gone, or was not
+    /// (an equality on every primary key column and nothing else): the row is gone, or was not
     /// there. `position`: the last position that accounts for it (the end of the
     /// deleting transaction, or the initial state's position). Persisted streams never
     /// complete.

@@ -25,7 +25,7 @@ pub mod streams;
 pub(crate) mod tail;
 mod typed;
 
-pub use pool::DEFAULT_POOL_SIZE;
+pub use pool::{ConsumerPool, DEFAULT_POOL_SIZE};
 pub use postgres::{migrate, PgLog};
 
 use std::future::Future;

@@ -143,7 +143,7 @@ impl PgLog {
     }
 
     /// Records the publication the source is read through (see
-    /// [`super::initial::compile`]). A source without progress gets a mark before
+    /// the initial-state copy). A source without progress gets a mark before
     /// everything.
     pub async fn record_publication(&mut self, publication: &str) -> Result<(), StoreError> {
         self.client
@@ -160,7 +160,7 @@ impl PgLog {
     /// Appends only while `term` is the source's current leadership term: each commit
     /// checks it on the progress row, inside its transaction, and fails with
     /// [`StoreError::Fenced`] once another member took over. The session is named
-    /// [`appender_name`] of the source, so that the next leader can end it should this
+    /// `application_name` `waltap appender <key>` of the source, so that the next leader can end it should this
     /// process be paused or cut off with a transaction open; as a last resort, Postgres
     /// ends a store transaction left idle longer than `idle_limit`.
     pub async fn fence(

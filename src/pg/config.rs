@@ -139,7 +139,7 @@ impl SourceConfig {
 
     /// How long one host may take to accept and authenticate a connection:
     /// `connect_timeout` of the URL (seconds, as in libpq), else
-    /// [`DEFAULT_CONNECT_TIMEOUT`]. Unlike libpq, 0 does not mean "wait forever": a host
+    /// 10 s. Unlike libpq, 0 does not mean "wait forever": a host
     /// that accepts TCP and never answers must not hang a command.
     pub fn connect_timeout(&self) -> Duration {
         self.pg

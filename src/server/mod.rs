@@ -2,13 +2,13 @@
 //! in any language, over Server-Sent Events, WebSocket and a long-polling pull feed.
 //!
 //! This module owns the router, the shared state every handler reads, the accept loop
-//! and the end of open sessions at shutdown ([`Http`]). The process around it (the group
+//! and the end of open sessions at shutdown (`Http`). The process around it (the group
 //! member, the hub, the order of shutdown) is [`crate::app`]'s.
 //!
 //! The API contract is the README's "HTTP API" section and `docs/openapi.json` (served at
-//! `/v1/openapi.json`). Submodules: [`auth`] (keys, tokens, connection cap), [`error`]
-//! (codes), [`session`] (SSE and WebSocket framing), [`subscribe`], [`streams`],
-//! [`metrics`]. Nothing else in the crate depends on this module.
+//! `/v1/openapi.json`). Submodules: `auth` (keys, tokens, connection cap), `error`
+//! (codes), `session` (SSE and WebSocket framing), `subscribe`, `streams`, `metrics`,
+//! `health`, `tokens`. Only [`crate::app`] depends on this module.
 
 mod accept;
 mod auth;

@@ -319,7 +319,7 @@ impl StreamConsumer {
     }
 
     /// Acknowledges the rows of the initial state up to and including `seq`
-    /// ([`SnapshotRow::seq`]): a consumer that reopens the stream resumes after it. The
+    /// (the row's `seq`): a consumer that reopens the stream resumes after it. The
     /// `snapshotComplete` marker is acknowledged by its position ([`StreamConsumer::ack`]),
     /// as is everything before a change.
     pub async fn ack_snapshot(&self, seq: u64) -> Result<(), StoreError> {

@@ -17,7 +17,7 @@
 //!   acknowledged, the cursor may also move over events the filter skipped, so a
 //!   selective stream does not fall behind retention while it waits;
 //! - `tx.index` / `tx.total` / `tx.last` count the events this stream delivers of each
-//!   transaction ([`FilteredView`]). They are the same on every delivery: a consumer that
+//!   transaction (the filter's view). They are the same on every delivery: a consumer that
 //!   resumes inside a transaction reads it again from its start and hands out only the
 //!   events after its cursor;
 //! - one consumer per stream at a time: [`open`] takes a lease (a random holder id and an

@@ -78,7 +78,7 @@ pub struct ListenerConfig {
     pub stream_in_progress: bool,
     /// Create the slot as a failover slot (PostgreSQL 17+), synchronized to standbys.
     pub failover_slot: bool,
-    /// While catching up (changes committed more than [`CATCH_UP_LAG_MICROS`] before the
+    /// While catching up (changes committed more than 100 ms before the
     /// server sent them), pause this long before a read that follows a short one, so the
     /// server sends in bulk: less CPU on both sides per event. It blocks the thread (so
     /// that arriving data does not wake it), and never applies to live changes, so it
@@ -233,7 +233,7 @@ impl Drop for Listener {
 
 /// What a listener hands its owner: the changes (all that [`Listener`]'s `Stream` yields),
 /// and the watermarks of initial-state snapshots, which the hub and the event log need to
-/// match a snapshot with the changes ([`crate::initial`]).
+/// match a snapshot with the changes (how initial states are placed).
 // Nearly every item is an event; boxing it would cost an allocation per event.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
