@@ -1,7 +1,16 @@
 //! What an operator polls: `/healthz` (role, replication state) and `/metrics`, both read
 //! from Postgres at request time.
 
-use super::*;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use super::auth::Caller;
+use super::error::ApiError;
+use super::metrics::Replication;
+use super::{AppState, Shared};
 
 /// Reads the slot's lag and the log's size; `None` fields when Postgres could not say.
 pub(super) async fn replication(state: &AppState) -> Replication {

@@ -30,7 +30,7 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
 use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -46,7 +46,7 @@ use crate::pg::config::SourceConfig;
 pub use auth::{ApiKey, Claims, Keys, KeysError};
 use auth::{Caller, ConnectionCap};
 use error::ApiError;
-use metrics::{Metrics, Replication};
+use metrics::Metrics;
 
 /// The OpenAPI document of this API, checked in beside the code.
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");

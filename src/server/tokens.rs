@@ -1,7 +1,17 @@
 //! `POST /v1/tokens`: short-lived signed tokens that open delivery for one table and
 //! filter, or one stream, without handing out a key.
 
-use super::*;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::auth::Caller;
+use super::error::ApiError;
+use super::{auth, error, streams, Shared};
+use crate::event::TableName;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -1,8 +1,11 @@
 //! Opening a stream for reading: the lease, the resume point, the copy of an initial
 //! state on first open, and the [`StreamConsumer`] handed to the caller.
 
-use super::*;
-use super::{cursor::*, lease::*, reader::*};
+use super::cursor::{Cursor, Mark};
+use super::lease::{busy_or_missing, Progress, Shared};
+use super::reader::{Reader, SnapshotPhase};
+use super::OpenOptions;
+
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};

@@ -1,7 +1,7 @@
 //! Cursors: where a consumer of a stream stands, in the text form clients hold and in
 //! the `(commit_lsn, ordinal)` form the store compares.
 
-use super::*;
+use super::TX_END;
 
 use serde::Serialize;
 

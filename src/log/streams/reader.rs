@@ -1,8 +1,11 @@
 //! Reading the log for a consumer: pages after its cursor, checked against the pruned
 //! mark in the same snapshot, passed through the stream's filter and view.
 
-use super::*;
-use super::{consumer::*, cursor::*, lease::*};
+use super::consumer::StreamItem;
+use super::cursor::Mark;
+use super::lease::Shared;
+use super::{split_tables, table_schemas, OpenOptions, TX_END};
+
 use std::collections::VecDeque;
 use std::sync::Arc;
 
