@@ -40,6 +40,40 @@ fn installed(program: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// The TypeScript compiler of clients/typescript, installed with `npm ci` the first time a
+/// test needs it (so `cargo test` on a fresh machine checks the declarations too);
+/// `None` when Node or npm is missing or the registry cannot be reached.
+async fn tsc() -> Option<PathBuf> {
+    static TSC: tokio::sync::OnceCell<Option<PathBuf>> = tokio::sync::OnceCell::const_new();
+    TSC.get_or_init(|| async {
+        let dir = repo().join("clients/typescript");
+        let tsc = dir.join("node_modules/.bin/tsc");
+        if !installed("node") {
+            return None;
+        }
+        if !tsc.exists() {
+            if !installed("npm") {
+                return None;
+            }
+            let out = tokio::process::Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund"])
+                .current_dir(&dir)
+                .output()
+                .await
+                .ok()?;
+            if !out.status.success() {
+                eprintln!(
+                    "npm ci in clients/typescript failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        tsc.exists().then_some(tsc)
+    })
+    .await
+    .clone()
+}
+
 /// A TCP proxy to the server whose connections can all be cut at once.
 struct Proxy {
     url: String,
@@ -245,13 +279,10 @@ async fn typescript_client_against_a_real_server() {
 #[tokio::test]
 async fn typescript_declarations_type_check() {
     let dir = repo().join("clients/typescript");
-    let tsc = dir.join("node_modules/.bin/tsc");
-    if !installed("node") || !tsc.exists() {
-        eprintln!(
-            "skipped: the TypeScript compiler is not installed (cd clients/typescript && npm ci)"
-        );
+    let Some(tsc) = tsc().await else {
+        eprintln!("skipped: node and npm are needed to install the TypeScript compiler");
         return;
-    }
+    };
     let out = tokio::process::Command::new(tsc)
         .args(["-p", "tsconfig.json"])
         .current_dir(&dir)
@@ -323,8 +354,7 @@ async fn waltap_types_from_the_catalog() {
 
     let dir = std::env::temp_dir().join(db.unique_name("types"));
     std::fs::create_dir_all(&dir).unwrap();
-    let tsc = repo().join("clients/typescript/node_modules/.bin/tsc");
-    if tsc.exists() {
+    if let Some(tsc) = tsc().await {
         std::fs::write(
             dir.join("typed.ts"),
             format!("{ts}\nconst row: Typed = {{ id: \"1\", mood: \"ok\", moods: [], tags: null, doc: {{}}, amount: \"1.50\", at: null, \"Weird Col\": 3, ratio: \"NaN\", class: null }};\nvoid row;\n"),
@@ -334,7 +364,7 @@ async fn waltap_types_from_the_catalog() {
         cmd.args(["--strict", "--noEmit"]).arg(dir.join("typed.ts"));
         crate::support::run_ok(cmd).await;
     } else {
-        eprintln!("tsc not installed (cd clients/typescript && npm ci): generated TypeScript not compiled");
+        eprintln!("node and npm are needed to install the TypeScript compiler: generated TypeScript not compiled");
     }
     let py = types("python", "number").await;
     assert!(
