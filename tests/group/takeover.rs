@@ -280,6 +280,18 @@ async fn sigterm_hands_over_and_follower_subscriptions_see_everything() {
     let writer = spawn_writer(g.url.clone(), 0x7E, stop.clone());
     appended_after(&c, &g.slot, progress(&c, &g.slot).await).await;
     let mark = progress(&c, &g.slot).await;
+    // Two members, each with a subscription hub, one holding a subscription: the source
+    // serves one walsender, the leader's.
+    let walsenders: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE backend_type = 'walsender' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(walsenders, 1, "one walsender per group");
 
     let mut old = members.remove(leader);
     let asked = Instant::now();
