@@ -324,11 +324,12 @@ impl Lock {
 }
 
 /// Ends the walsender that still holds `slot` (a former leader's, which may be paused or
-/// cut off) and waits briefly for the slot to be free. Starting the replication retries
-/// anyway while the slot is still in use.
+/// cut off) and waits up to 5 s for the slot to be free, looking every 20 ms because a
+/// takeover waits on it. Starting the replication retries anyway while the slot is
+/// still in use.
 pub async fn free_slot(source: &SourceConfig, slot: &str) -> Result<(), StoreError> {
     let client = source.connect_sql().await?;
-    for _ in 0..50 {
+    for _ in 0..250 {
         let active: Option<i32> = client
             .query_opt(
                 "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
@@ -348,7 +349,7 @@ pub async fn free_slot(source: &SourceConfig, slot: &str) -> Result<(), StoreErr
             tracing::warn!(slot = %slot, pid, error = %crate::pg::error::pg_error_text(&e), "cannot end the walsender holding the slot");
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
 }
