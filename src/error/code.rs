@@ -95,7 +95,8 @@ impl ErrorCode {
             ErrorCode::BadRequest | ErrorCode::BadFilter | ErrorCode::UnknownTable => {
                 StatusCode::BAD_REQUEST
             }
-            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            // A table dropped while its initial state was read.
+            ErrorCode::NotFound | ErrorCode::NoSuchTable => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::Conflict | ErrorCode::StreamBusy | ErrorCode::Lagged => StatusCode::CONFLICT,
             ErrorCode::StaleCursor => StatusCode::GONE,
@@ -105,10 +106,11 @@ impl ErrorCode {
             | ErrorCode::ServerBusy
             | ErrorCode::SourceStopped
             | ErrorCode::SourceUnavailable
-            | ErrorCode::SourceInterrupted => StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::NoSuchTable
-            | ErrorCode::SnapshotTimeout
-            | ErrorCode::SnapshotFailed
+            | ErrorCode::SourceInterrupted
+            // The pipeline did not pass the snapshot's watermark in time (no member
+            // leads, or it is far behind): worth retrying.
+            | ErrorCode::SnapshotTimeout => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::SnapshotFailed
             | ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
