@@ -49,10 +49,12 @@ fn migration_checksum(sql: &str) -> String {
 /// migrations differ from this waltap's ([`StoreError::MigrationChanged`]).
 pub async fn migrate(client: &Client) -> Result<(), StoreError> {
     // Under the lock too: two processes creating the schema at once would otherwise
-    // collide on its name.
+    // collide on its name. Quiet: every member runs this at each start and takeover, and
+    // "already exists, skipping" notices would fill its log.
     let created = client
         .batch_execute(
             "BEGIN;
+             SET LOCAL client_min_messages = warning;
              SELECT pg_advisory_xact_lock(7272727272);
              CREATE SCHEMA IF NOT EXISTS waltap;
              CREATE TABLE IF NOT EXISTS waltap.migrations (
