@@ -373,3 +373,83 @@ async fn group_survives_a_postgres_restart() {
     g.leader(&members).await;
     finish(db, members).await;
 }
+
+/// An initial-state subscription on a follower, made while the writer runs and kept
+/// across a SIGTERM handover: its rows plus the changes after its `snapshotComplete`
+/// rebuild the table exactly (the follower's hub reads the log, so the snapshot is placed
+/// by the log's progress mark, written by whichever member leads).
+#[tokio::test]
+async fn follower_initial_state_subscription_rebuilds_the_table_across_a_handover() {
+    let (db, g, c, mut members) = start(2).await;
+    let leader = g.leader(&members).await;
+    let follower = 1 - leader;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = spawn_writer(g.url.clone(), 0x1D, stop.clone());
+    appended_after(&c, &g.slot, progress(&c, &g.slot).await).await;
+
+    let http = reqwest::Client::new();
+    let mut sse = Sse::open(
+        http.get(format!("{}/v1/subscribe", members[follower].url))
+            .query(&[("table", "items"), ("initialState", "true")])
+            .bearer_auth(ADMIN),
+    )
+    .await;
+    sse.expect("initialized").await;
+    let ids = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
+    let subscription = {
+        let ids = ids.clone();
+        tokio::spawn(async move {
+            let mut live = false;
+            while let Some(f) = sse.next().await {
+                let id = |v: &Json| v["id"].as_i64().unwrap() as i32;
+                let mut ids = ids.lock().unwrap();
+                match f.event.as_str() {
+                    "snapshot" => assert!(!live && ids.insert(id(&f.data["row"])), "{f:?}"),
+                    "snapshotComplete" => live = true,
+                    "change" => {
+                        let (action, changed) = change_of(&f.data);
+                        let fits = match action.as_str() {
+                            "create" => ids.insert(changed),
+                            "delete" => ids.remove(&changed),
+                            _ => ids.contains(&changed),
+                        };
+                        assert!(live && fits, "{action} {changed} does not fit: {f:?}");
+                    }
+                    other => panic!("unexpected {other}: {f:?}"),
+                }
+            }
+        })
+    };
+
+    let mut old = members.remove(leader);
+    support::sigterm(&old.child);
+    support::wait_for("the follower to take over", PATIENCE, || async {
+        members[0].role().await.as_deref() == Some("leader")
+    })
+    .await;
+    assert!(tokio::time::timeout(PATIENCE, old.child.wait())
+        .await
+        .expect("the old leader exits")
+        .unwrap()
+        .success());
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    let table = || async {
+        c.query("SELECT id FROM items ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, i32>(0))
+            .collect::<std::collections::BTreeSet<i32>>()
+    };
+    let want = table().await;
+    support::wait_for(
+        "the subscription to rebuild the table",
+        PATIENCE,
+        || async { *ids.lock().unwrap() == want || subscription.is_finished() },
+    )
+    .await;
+    assert!(!subscription.is_finished(), "the subscription ended early");
+    assert_eq!(*ids.lock().unwrap(), want);
+    finish(db, members).await;
+}
