@@ -59,7 +59,13 @@ pub enum Error {
     Stopped,
     /// Reading changes from the event log failed (a hub fed from the log).
     #[error("reading the event log")]
-    Log(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Log {
+        /// Whether trying again can help (the store is restarting or unreachable).
+        transient: bool,
+        /// What failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl Error {
@@ -73,6 +79,7 @@ impl Error {
                 pg_error_is_transient(source)
             }
             Error::SqlConnect(SqlConnectError::Timeout { .. }) => true,
+            Error::Log { transient, .. } => *transient,
             _ => false,
         }
     }

@@ -85,6 +85,15 @@ pub enum TailError {
     Store(#[from] StoreError),
 }
 
+impl TailError {
+    fn into_error(self) -> Error {
+        Error::Log {
+            transient: matches!(&self, TailError::Store(e) if e.is_transient()),
+            source: Box::new(self),
+        }
+    }
+}
+
 /// A hub feed that tails the log of `source` in `store`, typing rows with the catalog of
 /// `watched`.
 pub(crate) fn feed(store: SourceConfig, source: String, watched: SourceConfig) -> FeedStarter {
@@ -93,7 +102,7 @@ pub(crate) fn feed(store: SourceConfig, source: String, watched: SourceConfig) -
         Box::pin(async move {
             start(store, source, watched, down)
                 .await
-                .map_err(|e| Error::Log(Box::new(e)))
+                .map_err(TailError::into_error)
         })
     })
 }
@@ -212,7 +221,7 @@ impl Tail {
                     continue;
                 }
                 Err(e) => {
-                    let _ = tx.send(Err(Error::Log(Box::new(e)))).await;
+                    let _ = tx.send(Err(e.into_error())).await;
                     return;
                 }
             }
