@@ -38,7 +38,7 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
         initial::settle(&store, &args.store.slot, &watched, &tables).await?;
     let stdout = std::io::stdout();
     let out = std::cell::RefCell::new(std::io::BufWriter::with_capacity(64 * 1024, stdout.lock()));
-    let written = initial::read_rows(&mut session, &compiled, |chunk| {
+    let written = initial::read_rows(&mut session, &compiled, &|_| {}, |chunk| {
         let mut out = out.borrow_mut();
         let result = chunk.iter().try_for_each(|row| {
             serde_json::to_writer(&mut *out, row)

@@ -6,6 +6,7 @@ mod bounds;
 mod browser;
 mod clients;
 mod complete;
+mod console;
 mod delivery;
 mod example;
 mod hardening;
@@ -54,6 +55,8 @@ pub const DDL: &str = "CREATE TABLE orders (id int PRIMARY KEY, status text, not
 /// A server for one test database.
 pub struct Server {
     pub url: String,
+    /// Its slot and publication.
+    pub source: waltap::ListenerConfig,
     pub http: reqwest::Client,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), ServerError>>,
@@ -63,18 +66,30 @@ pub struct Server {
 /// log), then starts the server and waits until it is healthy.
 pub async fn start(db: &TestDb, tweak: impl FnOnce(&mut ServerConfig)) -> Server {
     db.client().await.batch_execute(DDL).await.unwrap();
-    let mut appender = AppenderConfig::new(listen::config(db, &[]));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve_on(db, listener, listen::config(db, &[]), tweak).await
+}
+
+/// As [`start`], on `listener` with `source` (the `source` of a server stopped before:
+/// a restart).
+pub async fn serve_on(
+    db: &TestDb,
+    listener: tokio::net::TcpListener,
+    source: waltap::ListenerConfig,
+    tweak: impl FnOnce(&mut ServerConfig),
+) -> Server {
+    let mut appender = AppenderConfig::new(source.clone());
     appender.max_batch_delay = Duration::from_millis(20);
     listen::prepare_slot(db, &appender.listener).await;
     let keys = Keys::from_toml(KEYS, None).unwrap();
     let mut config = ServerConfig::new(appender, keys);
     tweak(&mut config);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let cancel = CancellationToken::new();
     let task = tokio::spawn(waltap::server::serve(config, listener, cancel.clone()));
     let server = Server {
         url,
+        source,
         http: reqwest::Client::new(),
 
         cancel,

@@ -138,6 +138,26 @@ pub struct StreamInfo {
     /// Whether `backlog` stopped at the limit (the real backlog may be larger).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub backlog_capped: bool,
+    /// The initial state, while it is not yet all delivered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initial_state: Option<InitialStateInfo>,
+}
+
+/// Where a stream's initial state is: waiting for its copy, being copied, or copied and
+/// being delivered.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InitialStateInfo {
+    /// `pending` (the first consumer copies it), `copying` (a consumer of the process
+    /// answering is copying it now: see `copy`) or `ready` (copied, being delivered).
+    pub state: &'static str,
+    /// Rows copied (0 until `ready`).
+    pub rows: i64,
+    /// Rows the consumer acknowledged.
+    pub acknowledged: i64,
+    /// How far the copy under way is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy: Option<crate::log::copies::CopyProgress>,
 }
 
 /// Who reads a stream, and until when at least.
@@ -284,7 +304,8 @@ const INFO_COLUMNS: &str = "name, source, tables, filter::text, cursor_lsn, curs
      to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
      CASE WHEN lease_expires_at > now() THEN lease_holder END,
      CASE WHEN lease_expires_at > now()
-          THEN to_char(lease_expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') END";
+          THEN to_char(lease_expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') END,
+     snapshot_state, snapshot_total, snapshot_acked";
 
 /// The streams of every source, or of one, by name.
 pub async fn list(store: &Client, source: Option<&str>) -> Result<Vec<StreamInfo>, StoreError> {
@@ -340,6 +361,19 @@ async fn info(store: &Client, row: &tokio_postgres::Row) -> Result<StreamInfo, S
         (Some(holder), Some(expires_at)) => Some(LeaseInfo { holder, expires_at }),
         _ => None,
     };
+    let initial_state = row.get::<_, Option<String>>(9).map(|state| {
+        let copy = crate::log::copies::copy_progress(&name);
+        InitialStateInfo {
+            state: match (state.as_str(), &copy) {
+                ("ready", _) => "ready",
+                (_, Some(_)) => "copying",
+                _ => "pending",
+            },
+            rows: row.get(10),
+            acknowledged: row.get(11),
+            copy,
+        }
+    });
     let (schemas, names) = split_tables(&tables);
     let backlog: i64 = store
         .query_one(
@@ -370,6 +404,7 @@ async fn info(store: &Client, row: &tokio_postgres::Row) -> Result<StreamInfo, S
         lease,
         backlog: backlog.min(BACKLOG_COUNT_LIMIT),
         backlog_capped: backlog > BACKLOG_COUNT_LIMIT,
+        initial_state,
     })
 }
 
