@@ -292,7 +292,8 @@ async fn sigterm_hands_over_and_follower_subscriptions_see_everything() {
     let appending = appended_after(&c, &g.slot, mark).await + elected;
     eprintln!("SIGTERM handover: led by {elected:?}, appended by {appending:?}");
     // `waltap status` names the new leader.
-    let report: Json = serde_json::from_str(&support::run_ok(g.waltap(&["status"])).await).unwrap();
+    let report: Json =
+        serde_json::from_str(&support::run_ok(g.waltap(&["status", "--json"])).await).unwrap();
     let pid = members[0].child.id().unwrap();
     assert_eq!(report["leader"]["active"], true, "{report}");
     assert!(
