@@ -93,3 +93,21 @@ pub async fn estimate_rows(catalog: &Client, tables: &[TableName]) -> Option<u64
         (row.get(0), row.get(1), row.get(2));
     (found == tables.len() as i64 && analyzed == Some(true)).then(|| sum.unwrap_or(0).max(0) as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_is_listed_while_it_runs() {
+        let name = "copies-unit-test";
+        assert_eq!(copy_progress(name), None);
+        let copying = Copying::start(name, Some(10));
+        copying.add(3);
+        copying.add(4);
+        let p = copy_progress(name).expect("listed");
+        assert_eq!((p.rows, p.estimated_rows), (7, Some(10)));
+        drop(copying);
+        assert_eq!(copy_progress(name), None);
+    }
+}

@@ -22,7 +22,7 @@ fn kills() -> usize {
 }
 
 /// A test database with the group's tables, slot and publication, and `n` members.
-async fn start(n: usize) -> (TestDb, Group, tokio_postgres::Client, Vec<Member>) {
+pub(super) async fn start(n: usize) -> (TestDb, Group, tokio_postgres::Client, Vec<Member>) {
     let db = TestDb::new().await;
     let g = Group::setup(&db).await;
     let c = db.client().await;
@@ -45,7 +45,7 @@ async fn term(c: &tokio_postgres::Client, slot: &str) -> i64 {
 }
 
 /// Checks that no member exited by itself, then kills them all.
-async fn finish(db: TestDb, mut members: Vec<Member>) {
+pub(super) async fn finish(db: TestDb, mut members: Vec<Member>) {
     for m in members.iter_mut() {
         m.assert_alive();
     }

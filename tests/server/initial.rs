@@ -557,3 +557,64 @@ async fn sse_resuming_after_reset_with_initial_state_under_writers_gets_everythi
     s.stop().await;
     db.teardown().await;
 }
+
+#[tokio::test]
+async fn a_streams_info_says_where_its_initial_state_is() {
+    let db = TestDb::new().await;
+    let s = start(&db, |_| {}).await;
+    insert_orders(&db, 1..6).await;
+    logged(&db, 5).await;
+    with_initial_state(&s, "progress", false).await;
+    let info = s.stream_info("progress").await;
+    assert_eq!(
+        info["initialState"],
+        json!({"state": "pending", "rows": 0, "acknowledged": 0}),
+        "{info}"
+    );
+
+    // The first page copies the rows and hands them out with the marker.
+    let page: Json = s
+        .get("/v1/streams/progress/events?limit=3&wait=0", ORDERS)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["events"].as_array().unwrap().len(), 3, "{page}");
+    s.lease_free("progress").await;
+    let cursor = page["cursor"].as_str().unwrap();
+    let r = s
+        .get(
+            &format!("/v1/streams/progress/events?limit=10&wait=0&cursor={cursor}"),
+            ORDERS,
+        )
+        .send()
+        .await
+        .unwrap();
+    let rest: Json = r.json().await.unwrap();
+    s.lease_free("progress").await;
+    let info = s.stream_info("progress").await;
+    assert_eq!(
+        info["initialState"],
+        json!({"state": "ready", "rows": 5, "acknowledged": 3}),
+        "{info}"
+    );
+
+    // Acknowledged through the marker: the initial state is done and no longer shown.
+    let cursor = rest["cursor"].as_str().unwrap();
+    let r = s
+        .get(
+            &format!("/v1/streams/progress/events?limit=1&wait=0&cursor={cursor}"),
+            ORDERS,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    s.lease_free("progress").await;
+    let info = s.stream_info("progress").await;
+    assert!(info.get("initialState").is_none(), "{info}");
+    s.stop().await;
+    db.teardown().await;
+}
