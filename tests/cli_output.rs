@@ -131,20 +131,22 @@ async fn stream_list_prints_a_table() {
     db.teardown().await;
 }
 
-/// Runs `command` (a shell command line) under a pseudo-terminal: what it writes to the
-/// terminal (stderr, here) is returned.
+/// `command` (a shell command line) run under a pseudo-terminal by `script`, whose stdout
+/// is what the command wrote to the terminal (stderr, here).
+fn under_terminal(db: &TestDb, command: &str) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(SCRIPT);
+    cmd.args(["-qefc", command, "/dev/null"])
+        .env("DATABASE_URL", db.url())
+        .env("WALTAP_LOG", "warn")
+        .env_remove("WALTAP_STORE_URL")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Runs `command` under a pseudo-terminal; returns what it wrote to the terminal.
 async fn on_terminal(db: &TestDb, command: &str) -> String {
-    let out = output({
-        let mut cmd = tokio::process::Command::new(SCRIPT);
-        cmd.args(["-qefc", command, "/dev/null"])
-            .env("DATABASE_URL", db.url())
-            .env("WALTAP_LOG", "warn")
-            .env_remove("WALTAP_STORE_URL")
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true);
-        cmd
-    })
-    .await;
+    let out = output(under_terminal(db, command)).await;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{command}: {text}");
     text
@@ -216,18 +218,7 @@ async fn export_shows_progress_on_a_terminal_only() {
         tailed.display()
     );
     let terminal = {
-        let running = tokio::spawn({
-            let url = db.url();
-            async move {
-                let mut cmd = tokio::process::Command::new(SCRIPT);
-                cmd.args(["-qefc", &tail, "/dev/null"])
-                    .env("DATABASE_URL", url)
-                    .env("WALTAP_LOG", "warn")
-                    .stdin(std::process::Stdio::null())
-                    .kill_on_drop(true);
-                output(cmd).await
-            }
-        });
+        let running = tokio::spawn(output(under_terminal(&db, &tail)));
         wait_for("the initial state to be printed", TIMEOUT, || async {
             std::fs::read_to_string(&tailed).is_ok_and(|t| t.contains("snapshotComplete"))
         })

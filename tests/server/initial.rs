@@ -572,48 +572,29 @@ async fn a_streams_info_says_where_its_initial_state_is() {
         "{info}"
     );
 
-    // The first page copies the rows and hands them out with the marker.
-    let page: Json = s
-        .get("/v1/streams/progress/events?limit=3&wait=0", ORDERS)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(page["events"].as_array().unwrap().len(), 3, "{page}");
-    s.lease_free("progress").await;
-    let cursor = page["cursor"].as_str().unwrap();
-    let r = s
-        .get(
-            &format!("/v1/streams/progress/events?limit=10&wait=0&cursor={cursor}"),
-            ORDERS,
-        )
-        .send()
-        .await
-        .unwrap();
-    let rest: Json = r.json().await.unwrap();
-    s.lease_free("progress").await;
-    let info = s.stream_info("progress").await;
+    // A page of the feed (`cursor` acknowledges what came before), then the stream's info.
+    let page = |cursor: Option<String>, limit: usize| {
+        let s = &s;
+        async move {
+            let after = cursor.map(|c| format!("&cursor={c}")).unwrap_or_default();
+            let path = format!("/v1/streams/progress/events?limit={limit}&wait=0{after}");
+            let page = s.get_json(&path, ORDERS).await;
+            s.lease_free("progress").await;
+            let info = s.stream_info("progress").await;
+            (page["cursor"].as_str().map(str::to_owned), page, info)
+        }
+    };
+    // The first page copies the rows; the next acknowledges 3 and gets the rest and the
+    // marker; acknowledging through the marker ends the initial state.
+    let (cursor, first, _) = page(None, 3).await;
+    assert_eq!(first["events"].as_array().unwrap().len(), 3, "{first}");
+    let (cursor, _, info) = page(cursor, 10).await;
     assert_eq!(
         info["initialState"],
         json!({"state": "ready", "rows": 5, "acknowledged": 3}),
         "{info}"
     );
-
-    // Acknowledged through the marker: the initial state is done and no longer shown.
-    let cursor = rest["cursor"].as_str().unwrap();
-    let r = s
-        .get(
-            &format!("/v1/streams/progress/events?limit=1&wait=0&cursor={cursor}"),
-            ORDERS,
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    s.lease_free("progress").await;
-    let info = s.stream_info("progress").await;
+    let (_, _, info) = page(cursor, 1).await;
     assert!(info.get("initialState").is_none(), "{info}");
     s.stop().await;
     db.teardown().await;

@@ -122,9 +122,9 @@ impl Server {
             .json(&body)
     }
 
-    /// A stream's description, as the admin sees it.
-    pub async fn stream_info(&self, name: &str) -> Json {
-        self.get(&format!("/v1/streams/{name}"), ADMIN)
+    /// The JSON answer to `GET path` with `key`, whatever its status.
+    pub async fn get_json(&self, path: &str, key: &str) -> Json {
+        self.get(path, key)
             .header("accept", "application/json")
             .send()
             .await
@@ -132,6 +132,11 @@ impl Server {
             .json()
             .await
             .unwrap()
+    }
+
+    /// A stream's description, as the admin sees it.
+    pub async fn stream_info(&self, name: &str) -> Json {
+        self.get_json(&format!("/v1/streams/{name}"), ADMIN).await
     }
 
     /// Waits until no consumer holds stream `name` (a closed connection releases its lease
