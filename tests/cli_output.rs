@@ -210,6 +210,34 @@ async fn export_shows_progress_on_a_terminal_only() {
     let quiet = on_terminal(&db, &format!("{command} --quiet")).await;
     assert!(!quiet.contains("rows"), "{quiet:?}");
 
+    // The same for the copy of a stream's initial state by its first consumer.
+    let stream = format!(
+        "'{bin}' stream tail warm --limit 0 --slot '{}' > /dev/null",
+        log.slot
+    );
+    run_ok(crate::support::waltap(
+        &db.url(),
+        &[
+            "stream",
+            "create",
+            "warm",
+            "-t",
+            "t",
+            "--initial-state",
+            "--slot",
+            &log.slot,
+        ],
+    ))
+    .await;
+    let terminal = on_terminal(&db, &stream).await;
+    assert!(
+        terminal.contains("initial state of stream warm: 5,000 rows in "),
+        "{terminal:?}"
+    );
+    // Copied once: the next consumer has nothing to copy, and says nothing.
+    let again = on_terminal(&db, &stream).await;
+    assert!(!again.contains("rows"), "{again:?}");
+
     // The same line for tail --initial-state (with a change after the rows to end it).
     let tailed = dir.join("tail.jsonl");
     let tail = format!(

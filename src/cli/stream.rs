@@ -188,10 +188,22 @@ async fn tail(args: TailArgs) -> anyhow::Result<()> {
         ..OpenOptions::default()
     };
     let progress = super::progress::Progress::new(
-        format!("copying the initial state of stream {}", args.name),
+        format!("initial state of stream {}", args.name),
         None,
         args.quiet,
     );
+    // While the stream's initial state waits for its copy, this consumer makes it: the
+    // final count is then shown however fast the copy was.
+    let pending = match progress.shown() {
+        true => match store.connect_sql().await {
+            Ok(client) => streams::get(&client, &args.name)
+                .await
+                .is_ok_and(|info| info.initial_state.is_some_and(|i| i.state != "ready"))
+                .then_some(client),
+            Err(_) => None,
+        },
+        false => None,
+    };
     let opening = streams::open(&store, &args.name, options);
     let mut consumer = if progress.shown() {
         // The first consumer of a stream made with an initial state copies it while
@@ -211,6 +223,14 @@ async fn tail(args: TailArgs) -> anyhow::Result<()> {
     } else {
         opening.await
     }?;
+    if let Some(client) = pending {
+        if let Ok(Some(copied)) = streams::get(&client, &args.name)
+            .await
+            .map(|info| info.initial_state)
+        {
+            progress.set(copied.rows.max(0) as u64, None);
+        }
+    }
     progress.finish();
     let result = print_stream(&mut consumer, args.limit).await;
     consumer.close().await;
