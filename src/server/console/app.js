@@ -40,16 +40,19 @@
   function cell(tr, label, value, cls, sub) {
     const td = document.createElement("td");
     td.dataset.label = label;
+    const box = document.createElement("div");
+    box.className = "value";
     const main = document.createElement("span");
     main.textContent = value;
     if (cls) main.className = cls;
-    td.appendChild(main);
+    box.appendChild(main);
     if (sub) {
       const s = document.createElement("span");
       s.className = "sub";
       s.textContent = sub;
-      td.appendChild(s);
+      box.appendChild(s);
     }
+    td.appendChild(box);
     tr.appendChild(td);
     return td;
   }
