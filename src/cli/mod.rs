@@ -1,6 +1,9 @@
 //! The `waltap` command line: flags, environment fallbacks, and one function per command.
 //!
-//! Data goes to stdout (JSON lines), logs to stderr. Defaults work against the Postgres of
+//! Data goes to stdout (JSON lines), logs to stderr. What is meant for people (the
+//! summaries of `setup` and `status`, the table of `stream list`) is in [`report`], with
+//! `--json` for programs; progress lines of long copies ([`progress`]) go to stderr, on a
+//! terminal only. Defaults work against the Postgres of
 //! `docker compose up` (`postgres://postgres:postgres@localhost:5432/postgres`).
 
 pub mod demo;

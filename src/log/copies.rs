@@ -1,9 +1,9 @@
 //! Copies of streams' initial states under way in this process, and how far each is, for
 //! whoever wants to show it (a stream's info, the console, the command line's progress
-//! line). The copy itself is one store transaction ([`super::initial::materialize`]):
+//! line). The copy itself is one store transaction (made by the stream's first consumer):
 //! until it commits no other session can count its rows, so the copier reports here.
 //!
-//! Invariant: an entry exists exactly while [`Copying`] (held by the copy) lives; it is
+//! Invariant: an entry exists exactly while the copy's `Copying` guard lives; it is
 //! keyed by stream name, so two stores with a stream of the same name in one process
 //! would share an entry (a display matter only: nothing reads it to decide anything).
 

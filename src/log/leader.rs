@@ -25,7 +25,9 @@
 //! - **The slot.** Before reading the slot the new leader ends a walsender still holding
 //!   it (the former leader's) with `pg_terminate_backend`.
 //!
-//! Followers wait on the lock; they serve HTTP meanwhile (streams read the log).
+//! Followers wait on the lock; they serve HTTP meanwhile (streams read the log). Each
+//! member names its leadership session (`application_name` [`MEMBER_APPLICATION_PREFIX`]
+//! followed by `host:pid`), so that [`members`] lists the group from any session.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -13,7 +13,8 @@
 //! The API contract is the README's "HTTP API" section and `docs/openapi.json` (served at
 //! `/v1/openapi.json`). Submodules: [`auth`] (keys, tokens, connection cap), [`error`]
 //! (codes), [`session`] (SSE and WebSocket framing), [`subscribe`], [`streams`],
-//! [`metrics`], [`console`] (the operator's page). Nothing else in the crate depends on this module.
+//! [`metrics`], `console` (the operator's page at `/`). Nothing else in the crate depends
+//! on this module.
 
 mod accept;
 mod auth;
