@@ -10,11 +10,13 @@
 //! `unavailable`, so the page stays up and shows what it can. The one thing kept between
 //! requests is the rate history ([`Live`]): the counters sampled when the console is
 //! polled, at most once a second, for the last [`HISTORY`]; it starts empty with the
-//! process, which the page recognises by `server.startedAt`.
+//! process, which the page recognises by `server.startedAt`. The streams' figures cost a
+//! count of each backlog (up to [`BACKLOG_LIMIT`]), so they are read at most once every
+//! [`STREAMS_TTL`], however many consoles are open.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{LazyLock, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use serde::Serialize;
@@ -27,6 +29,12 @@ use std::sync::atomic::Ordering;
 
 /// How much rate history the console keeps.
 pub const HISTORY: Duration = Duration::from_secs(300);
+
+/// How long the streams' figures are reused: reading them counts each backlog.
+pub const STREAMS_TTL: Duration = Duration::from_secs(5);
+
+/// Each stream's backlog is counted up to this many events (shown as `1,000+` beyond; the age of the oldest pending event says more).
+pub const BACKLOG_LIMIT: i64 = 1_000;
 
 const PAGE: &str = include_str!("console/index.html");
 const STYLE: &str = include_str!("console/style.css");
@@ -57,7 +65,11 @@ pub struct Live {
     tables: Mutex<BTreeMap<String, i64>>,
     samples: Mutex<VecDeque<Sample>>,
     started: SystemTime,
+    streams: StreamsCache,
 }
+
+/// The streams' figures and when they were read.
+type StreamsCache = tokio::sync::Mutex<Option<(Instant, Arc<Vec<StreamPart>>)>>;
 
 impl Default for Live {
     fn default() -> Self {
@@ -65,6 +77,7 @@ impl Default for Live {
             tables: Mutex::default(),
             samples: Mutex::default(),
             started: SystemTime::now(),
+            streams: StreamsCache::default(),
         }
     }
 }
@@ -222,7 +235,7 @@ struct Totals {
     errors: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct StreamPart {
     #[serde(flatten)]
@@ -308,11 +321,12 @@ pub(super) async fn status(
     if members.is_none() {
         unavailable.push("group");
     }
-    let visible = match (&store, caller.check_streams()) {
-        (Some(client), Ok(())) => match stream_parts(&state, client).await {
+    let visible = match caller.check_streams() {
+        Ok(()) => match streams_cached(&state).await {
             Ok(all) => Some(
-                all.into_iter()
+                all.iter()
                     .filter(|s| streams_readable(&caller, &s.info))
+                    .cloned()
                     .collect::<Vec<_>>(),
             ),
             Err(e) => {
@@ -321,11 +335,7 @@ pub(super) async fn status(
                 None
             }
         },
-        (None, Ok(())) => {
-            unavailable.push("streams");
-            None
-        }
-        (_, Err(_)) => None,
+        Err(_) => None,
     };
     let subscribers = table_subscribers(&state, &caller, visible.as_deref());
     let membership = &metrics.membership;
@@ -362,12 +372,27 @@ fn streams_readable(caller: &Caller, info: &StreamInfo) -> bool {
         .all(|t| caller.key.tables.allows(&TableName::parse(t)))
 }
 
+/// The source's streams as [`stream_parts`] read them, at most [`STREAMS_TTL`] ago: one
+/// reading at a time, shared by every viewer, so that open consoles do not add up.
+async fn streams_cached(state: &AppState) -> Result<Arc<Vec<StreamPart>>, StoreError> {
+    let mut cache = state.metrics.console.streams.lock().await;
+    if let Some((at, parts)) = &*cache {
+        if at.elapsed() < STREAMS_TTL {
+            return Ok(parts.clone());
+        }
+    }
+    let client = state.store.get().await?;
+    let parts = Arc::new(stream_parts(state, &client).await?);
+    *cache = Some((Instant::now(), parts.clone()));
+    Ok(parts)
+}
+
 /// The source's streams with what the console adds: last acknowledgement and risk.
 async fn stream_parts(
     state: &AppState,
     client: &tokio_postgres::Client,
 ) -> Result<Vec<StreamPart>, StoreError> {
-    let infos = streams::list(client, Some(&state.slot)).await?;
+    let infos = streams::list_counting(client, Some(&state.slot), BACKLOG_LIMIT).await?;
     let rows = client
         .query(
             "SELECT s.name,

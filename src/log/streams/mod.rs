@@ -133,7 +133,7 @@ pub struct StreamInfo {
     /// The consumer that holds the stream now, if its lease has not expired.
     pub lease: Option<LeaseInfo>,
     /// Events of the stream's tables after the cursor, before the filter, counted up to
-    /// [`BACKLOG_COUNT_LIMIT`].
+    /// [`BACKLOG_COUNT_LIMIT`] (the console: [`list_counting`]'s limit).
     pub backlog: i64,
     /// Whether `backlog` stopped at the limit (the real backlog may be larger).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -309,6 +309,16 @@ const INFO_COLUMNS: &str = "name, source, tables, filter::text, cursor_lsn, curs
 
 /// The streams of every source, or of one, by name.
 pub async fn list(store: &Client, source: Option<&str>) -> Result<Vec<StreamInfo>, StoreError> {
+    list_counting(store, source, BACKLOG_COUNT_LIMIT).await
+}
+
+/// As [`list`], counting each backlog up to `limit` only: counting reads the log, so a
+/// frequent reader (the console) asks for less.
+pub async fn list_counting(
+    store: &Client,
+    source: Option<&str>,
+    limit: i64,
+) -> Result<Vec<StreamInfo>, StoreError> {
     migrate(store).await?;
     let rows = store
         .query(
@@ -322,7 +332,7 @@ pub async fn list(store: &Client, source: Option<&str>) -> Result<Vec<StreamInfo
         .map_err(StoreError::sql("list streams"))?;
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
-        out.push(info(store, &row).await?);
+        out.push(info(store, &row, limit).await?);
     }
     Ok(out)
 }
@@ -337,10 +347,14 @@ pub async fn get(store: &Client, name: &str) -> Result<StreamInfo, StoreError> {
         .await
         .map_err(StoreError::sql("read a stream"))?
         .ok_or_else(|| StoreError::NoSuchStream(name.to_owned()))?;
-    info(store, &row).await
+    info(store, &row, BACKLOG_COUNT_LIMIT).await
 }
 
-async fn info(store: &Client, row: &tokio_postgres::Row) -> Result<StreamInfo, StoreError> {
+async fn info(
+    store: &Client,
+    row: &tokio_postgres::Row,
+    limit: i64,
+) -> Result<StreamInfo, StoreError> {
     let name: String = row.get(0);
     let source: String = row.get(1);
     let tables: Vec<String> = row.get(2);
@@ -388,7 +402,7 @@ async fn info(store: &Client, row: &tokio_postgres::Row) -> Result<StreamInfo, S
                 &cursor.ordinal,
                 &schemas,
                 &names,
-                &(BACKLOG_COUNT_LIMIT + 1),
+                &(limit + 1),
             ],
         )
         .await
@@ -402,8 +416,8 @@ async fn info(store: &Client, row: &tokio_postgres::Row) -> Result<StreamInfo, S
         cursor: cursor.position(),
         created_at: row.get(6),
         lease,
-        backlog: backlog.min(BACKLOG_COUNT_LIMIT),
-        backlog_capped: backlog > BACKLOG_COUNT_LIMIT,
+        backlog: backlog.min(limit),
+        backlog_capped: backlog > limit,
         initial_state,
     })
 }
