@@ -60,7 +60,8 @@ async fn setup(db: &TestDb, n: &Names) {
         .await
         .unwrap();
     let report: Json =
-        serde_json::from_str(&run_ok(waltap(db, n, &["setup", "--table", "t"])).await).unwrap();
+        serde_json::from_str(&run_ok(waltap(db, n, &["setup", "--table", "t", "--json"])).await)
+            .unwrap();
     assert_eq!(report["publicationCreated"], true);
     assert_eq!(report["slotCreated"], true);
     assert_eq!(report["tables"][0]["table"], "public.t");
@@ -88,7 +89,8 @@ async fn tail_limit_confirms_and_the_next_run_continues() {
     let out = run_ok(waltap(&db, &n, &["tail", "--table", "t", "--limit", "2"])).await;
     assert_eq!(ids_of(&out), vec![4, 5]);
 
-    let status: Json = serde_json::from_str(&run_ok(waltap(&db, &n, &["status"])).await).unwrap();
+    let status: Json =
+        serde_json::from_str(&run_ok(waltap(&db, &n, &["status", "--json"])).await).unwrap();
     assert_eq!(status["slot"]["name"], n.slot.as_str());
     assert_eq!(
         status["slot"]["lagBytes"].as_i64().map(|b| b >= 0),

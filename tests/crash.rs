@@ -78,7 +78,7 @@ async fn create_schema_and_setup(db: &TestDb, names: &Names) {
         .unwrap();
     let out = tokio::time::timeout(
         Duration::from_secs(60),
-        waltap(&db.url(), names, &["setup", "--table", "items"])
+        waltap(&db.url(), names, &["setup", "--table", "items", "--json"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .output(),

@@ -693,7 +693,7 @@ async fn cli_reset_with_initial_state_then_tail_delivers_rows_and_marker_once() 
     assert_eq!(change["created"]["id"], 6, "{change}");
     let exit = tokio::time::timeout(TIMEOUT, child.wait()).await.unwrap();
     assert!(exit.unwrap().success());
-    let listed = crate::support::run_ok(stream(&["list"])).await;
+    let listed = crate::support::run_ok(stream(&["list", "--json"])).await;
     let listed: Json = serde_json::from_str(&listed).unwrap();
     assert_eq!(listed[0]["cursor"], change["position"], "acknowledged");
     log.stop().await;

@@ -5,6 +5,7 @@
 
 mod bench_smoke;
 mod cli;
+mod cli_output;
 mod crash;
 mod events;
 mod group;

@@ -873,7 +873,8 @@ async fn cli_create_list_tail_delete() {
         .unwrap();
     assert!(exit.success(), "clean exit: {exit:?}");
 
-    let listed: Json = serde_json::from_str(&run_ok(waltap(&db, &p, &["list"])).await).unwrap();
+    let listed: Json =
+        serde_json::from_str(&run_ok(waltap(&db, &p, &["list", "--json"])).await).unwrap();
     assert_eq!(listed[0]["name"], "pro");
     assert_eq!(listed[0]["cursor"], followed["position"]);
     assert_eq!(listed[0]["filter"], json!({"create": {"plan": "pro"}}));
@@ -894,7 +895,8 @@ async fn cli_create_list_tail_delete() {
     holder.close().await;
 
     run_ok(waltap(&db, &p, &["delete", "pro"])).await;
-    let listed: Json = serde_json::from_str(&run_ok(waltap(&db, &p, &["list"])).await).unwrap();
+    let listed: Json =
+        serde_json::from_str(&run_ok(waltap(&db, &p, &["list", "--json"])).await).unwrap();
     assert_eq!(listed, json!([]));
     p.stop().await;
     db.teardown().await;

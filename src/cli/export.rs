@@ -23,6 +23,9 @@ pub struct ExportArgs {
     /// Filter as JSON (README, "Filters and subscriptions"): the rows a `create` of them would deliver.
     #[arg(long)]
     pub filter: Option<String>,
+    /// No progress line on stderr (shown only when stderr is a terminal anyway).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
 }
 
 pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
@@ -34,11 +37,16 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     let log = store.connect_sql().await?;
     let compiled =
         initial::compile(&log, &args.store.slot, &catalog, &tables, filter.as_ref()).await?;
+    let progress = super::progress::Progress::new(
+        format!("export {}", tables[0]),
+        crate::log::copies::estimate_rows(&catalog, &tables).await,
+        args.quiet,
+    );
     let (mut session, position) =
         initial::settle(&store, &args.store.slot, &watched, &tables).await?;
     let stdout = std::io::stdout();
     let out = std::cell::RefCell::new(std::io::BufWriter::with_capacity(64 * 1024, stdout.lock()));
-    let written = initial::read_rows(&mut session, &compiled, |chunk| {
+    let written = initial::read_rows(&mut session, &compiled, &|n| progress.add(n), |chunk| {
         let mut out = out.borrow_mut();
         let result = chunk.iter().try_for_each(|row| {
             serde_json::to_writer(&mut *out, row)
@@ -54,6 +62,7 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
         return stdout_closed(e);
     }
     written?;
+    progress.finish();
     let done: SubscriptionItem = SubscriptionItem::SnapshotComplete { position };
     serde_json::to_writer(&mut out, &done)?;
     out.write_all(b"\n")

@@ -1,10 +1,15 @@
 //! The `waltap` command line: flags, environment fallbacks, and one function per command.
 //!
-//! Data goes to stdout (JSON lines), logs to stderr. Defaults work against the Postgres of
+//! Data goes to stdout (JSON lines), logs to stderr. What is meant for people (the
+//! summaries of `setup` and `status`, the table of `stream list`) is in [`report`], with
+//! `--json` for programs; progress lines of long copies ([`progress`]) go to stderr, on a
+//! terminal only. Defaults work against the Postgres of
 //! `docker compose up` (`postgres://postgres:postgres@localhost:5432/postgres`).
 
 pub mod demo;
 mod export;
+mod progress;
+mod report;
 mod stream;
 mod types;
 
@@ -98,6 +103,9 @@ pub struct StatusArgs {
     /// Where the event log lives (default: the watched database).
     #[arg(long, env = "WALTAP_STORE_URL", hide_env_values = true)]
     pub store_url: Option<String>,
+    /// Print the report as JSON instead of the summary.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -201,6 +209,10 @@ pub struct TailArgs {
     /// read, and a restart starts over with the current rows.
     #[arg(long)]
     pub initial_state: bool,
+    /// No progress line on stderr while the current rows are printed (shown only when
+    /// stderr is a terminal anyway).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Args)]
@@ -210,6 +222,9 @@ pub struct SetupArgs {
     /// Drop the slot and the publication instead (the slot's unread changes are lost).
     #[arg(long)]
     pub drop: bool,
+    /// Print the report as JSON instead of the summary.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -396,13 +411,21 @@ async fn tail(args: TailArgs) -> anyhow::Result<()> {
         let [table] = config.tables.as_slice() else {
             anyhow::bail!("--initial-state needs exactly one --table");
         };
+        let estimate = match config.source.connect_sql().await {
+            Ok(client) => {
+                crate::log::copies::estimate_rows(&client, std::slice::from_ref(table)).await
+            }
+            Err(_) => None,
+        };
+        let progress =
+            progress::Progress::new(format!("initial state of {table}"), estimate, args.quiet);
         let table = table.to_string();
         let hub = crate::Hub::start(crate::HubConfig::new(config)).await?;
         let options = crate::hub::SubscribeOptions {
             initial_state: true,
         };
         let sub = hub.subscribe_with(&table, filter, options).await?;
-        let result = print_items(sub, args.limit).await;
+        let result = print_items(sub, args.limit, &progress).await;
         hub.shutdown().await;
         return result;
     }
@@ -524,7 +547,11 @@ pub async fn print_events(
 
 /// Prints a subscription's items as JSON lines until `limit` change events (control items
 /// and snapshot rows do not count), a signal, a closed stdout, an error, or `completed`.
-async fn print_items(mut sub: crate::Subscription, limit: Option<u64>) -> anyhow::Result<()> {
+async fn print_items(
+    mut sub: crate::Subscription,
+    limit: Option<u64>,
+    progress: &progress::Progress,
+) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
     let mut printed = 0u64;
@@ -542,6 +569,11 @@ async fn print_items(mut sub: crate::Subscription, limit: Option<u64>) -> anyhow
             };
             if let Err(e) = write_line(&mut out, &item) {
                 return stdout_closed(e);
+            }
+            match item {
+                crate::SubscriptionItem::Snapshot(_) => progress.add(1),
+                crate::SubscriptionItem::SnapshotComplete { .. } => progress.finish(),
+                _ => {}
             }
             if let crate::SubscriptionItem::Completed { .. } = item {
                 return out.flush().or_else(stdout_closed);
@@ -628,7 +660,7 @@ async fn setup_cmd(args: SetupArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    print_report(&client, &args.source, true, None).await
+    print_report(&client, &args.source, true, None, args.json).await
 }
 
 async fn status(args: StatusArgs) -> anyhow::Result<()> {
@@ -645,16 +677,18 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
                 tracing::debug!(error = %e, "no leader recorded");
                 None
             });
-    print_report(&client, &args.source, false, Some(leader)).await
+    print_report(&client, &args.source, false, Some(leader), args.json).await
 }
 
-/// Runs the checks (creating what is missing when `create`) and prints the JSON report,
-/// with warnings on stderr; `leader`, when given, is added as the report's `leader`.
+/// Runs the checks (creating what is missing when `create`) and prints the summary, or
+/// with `json` the JSON report (warnings on stderr); `leader`, when given, is the group's
+/// (the report's `leader`).
 async fn print_report(
     client: &tokio_postgres::Client,
     args: &SourceArgs,
     create: bool,
     leader: Option<Option<crate::log::leader::LeaderInfo>>,
+    json: bool,
 ) -> anyhow::Result<()> {
     let report = setup::prepare(
         client,
@@ -669,6 +703,10 @@ async fn print_report(
         },
     )
     .await?;
+    if !json {
+        print!("{}", report::summary(&report, leader.as_ref()));
+        return Ok(());
+    }
     for w in &report.warnings {
         eprintln!("warning: {w}");
     }

@@ -1,6 +1,6 @@
 //! `waltap stream create|list|delete|reset|tail`: persisted streams from the command line.
 //!
-//! Management output is JSON on stdout; `tail` prints the `initialized` marker, then events,
+//! Management output is JSON on stdout (`list`: a table, or JSON with `--json`); `tail` prints the `initialized` marker, then events,
 //! as JSON lines and acknowledges the events once stdout has taken them (at-least-once: a
 //! rerun continues after the last acknowledged event).
 
@@ -18,7 +18,8 @@ use crate::pg::config::SourceConfig;
 pub enum StreamCommand {
     /// Make a stream that delivers the changes appended from now on.
     Create(CreateArgs),
-    /// Print the streams as JSON: tables, filter, cursor, lease, backlog.
+    /// Print the streams as a table (`--json`: as JSON, with their filters): tables,
+    /// cursor, backlog, lease, initial state.
     List(ListArgs),
     /// Delete a stream.
     Delete(NameArgs),
@@ -97,6 +98,9 @@ pub struct ListArgs {
     /// Only the streams of this source (default: all).
     #[arg(long, env = "WALTAP_SLOT")]
     pub slot: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -119,6 +123,10 @@ pub struct TailArgs {
     /// consumer that dies without closing blocks others (stream_busy) for this long.
     #[arg(long, default_value = "30s", value_parser = crate::pg::config::parse_duration)]
     pub lease: std::time::Duration,
+    /// No progress line on stderr while the stream's initial state is copied (shown only
+    /// when stderr is a terminal anyway).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
 }
 
 pub async fn run(cmd: StreamCommand) -> anyhow::Result<()> {
@@ -128,7 +136,11 @@ pub async fn run(cmd: StreamCommand) -> anyhow::Result<()> {
             let url = args.store_url.as_deref().unwrap_or(&args.database_url);
             let store = SourceConfig::parse(url)?.connect_sql().await?;
             let all = streams::list(&store, args.slot.as_deref()).await?;
-            println!("{}", serde_json::to_string_pretty(&all)?);
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                print!("{}", super::report::stream_table(&all));
+            }
             Ok(())
         }
         StreamCommand::Delete(args) => {
@@ -175,7 +187,51 @@ async fn tail(args: TailArgs) -> anyhow::Result<()> {
         lease: args.lease,
         ..OpenOptions::default()
     };
-    let mut consumer = streams::open(&store, &args.name, options).await?;
+    let progress = super::progress::Progress::new(
+        format!("initial state of stream {}", args.name),
+        None,
+        args.quiet,
+    );
+    // While the stream's initial state waits for its copy, this consumer makes it: the
+    // final count is then shown however fast the copy was.
+    let pending = match progress.shown() {
+        true => match store.connect_sql().await {
+            Ok(client) => streams::get(&client, &args.name)
+                .await
+                .is_ok_and(|info| info.initial_state.is_some_and(|i| i.state != "ready"))
+                .then_some(client),
+            Err(_) => None,
+        },
+        false => None,
+    };
+    let opening = streams::open(&store, &args.name, options);
+    let mut consumer = if progress.shown() {
+        // The first consumer of a stream made with an initial state copies it while
+        // opening; the copy reports how far it is.
+        let mut opening = std::pin::pin!(opening);
+        let mut tick = tokio::time::interval(super::progress::REDRAW);
+        loop {
+            tokio::select! {
+                opened = &mut opening => break opened,
+                _ = tick.tick() => {
+                    if let Some(copy) = crate::log::copies::copy_progress(&args.name) {
+                        progress.set(copy.rows, copy.estimated_rows);
+                    }
+                }
+            }
+        }
+    } else {
+        opening.await
+    }?;
+    if let Some(client) = pending {
+        if let Ok(Some(copied)) = streams::get(&client, &args.name)
+            .await
+            .map(|info| info.initial_state)
+        {
+            progress.set(copied.rows.max(0) as u64, None);
+        }
+    }
+    progress.finish();
     let result = print_stream(&mut consumer, args.limit).await;
     consumer.close().await;
     result

@@ -230,10 +230,12 @@ pub async fn compile(
 }
 
 /// Reads every table of the snapshot through its filter, handing each admitted row (with
-/// JSON values) to `sink`, a chunk at a time.
+/// JSON values) to `sink`, a chunk at a time; `read` is told how many rows each chunk
+/// had before the filter (progress).
 pub async fn read_rows<F, Fut>(
     session: &mut Session,
     tables: &[SnapshotTable],
+    read: &(dyn Fn(u64) + Sync),
     mut sink: F,
 ) -> Result<(), StoreError>
 where
@@ -250,6 +252,7 @@ where
             .table(schema, published, initial::DEFAULT_CHUNK_ROWS)
             .await?;
         while let Some(chunk) = rows.next_chunk().await? {
+            read(chunk.len() as u64);
             let mut admitted = Vec::with_capacity(chunk.len());
             for row in chunk {
                 if row.admitted_by(filter, schema.identity) {
@@ -294,6 +297,8 @@ pub async fn materialize(
         filter,
     } = *stream;
     let compiled = compile(store, source, catalog, tables, filter).await?;
+    let copying =
+        super::copies::Copying::start(name, super::copies::estimate_rows(catalog, tables).await);
     let (mut session, at) = settle(store_config, source, watched, tables).await?;
     store
         .batch_execute("BEGIN")
@@ -315,7 +320,7 @@ pub async fn materialize(
             .await
             .map_err(StoreError::sql("prepare the copy of an initial state"))?;
         let mut total: i64 = 0;
-        read_rows(&mut session, &compiled, |chunk| {
+        read_rows(&mut session, &compiled, &|n| copying.add(n), |chunk| {
             let bodies: Result<Vec<String>, StoreError> = chunk
                 .iter()
                 .map(|r| {

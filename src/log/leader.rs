@@ -25,7 +25,9 @@
 //! - **The slot.** Before reading the slot the new leader ends a walsender still holding
 //!   it (the former leader's) with `pg_terminate_backend`.
 //!
-//! Followers wait on the lock; they serve HTTP meanwhile (streams read the log).
+//! Followers wait on the lock; they serve HTTP meanwhile (streams read the log). Each
+//! member names its leadership session (`application_name` [`MEMBER_APPLICATION_PREFIX`]
+//! followed by `host:pid`), so that [`members`] lists the group from any session.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -45,6 +47,10 @@ pub const LOCK_CLASS: i32 = 0x7774_6170;
 /// resort when the next leader cannot end a paused one's session itself. Long enough for
 /// the pauses between the chunks of a huge source transaction.
 pub const IDLE_TRANSACTION_LIMIT: Duration = Duration::from_secs(60);
+
+/// The `application_name` of a member's leadership session starts with this, followed by
+/// the member's name.
+pub const MEMBER_APPLICATION_PREFIX: &str = "waltap member ";
 
 /// The default of `--takeover-timeout`.
 pub const DEFAULT_TAKEOVER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -222,6 +228,15 @@ impl Lock {
             .connect_sql()
             .await?;
         crate::log::migrate(&client).await?;
+        // Named so that anyone can list the group's members: the sessions holding or
+        // waiting for the lock ([`members`]).
+        let name = format!("{MEMBER_APPLICATION_PREFIX}{}", group.member);
+        if let Err(e) = client
+            .execute("SELECT set_config('application_name', $1, false)", &[&name])
+            .await
+        {
+            tracing::debug!(error = %crate::pg::error::pg_error_text(&e), "cannot name the leadership session");
+        }
         // The server's side of the same bound: it notices a vanished member by its
         // keepalives, and a silent one (paused) by the idle timeout.
         client
@@ -392,6 +407,48 @@ pub async fn current_leader(client: &Client, slot: &str) -> Result<Option<Leader
         since: r.get(2),
         active: r.get(3),
     }))
+}
+
+/// A process of the group, as the store sees its leadership session.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberInfo {
+    /// `host:pid` (cut to what `application_name` holds), or the session's client
+    /// address for a member too old to name itself.
+    pub member: String,
+    /// Whether it holds the lock (leads) rather than waits for it.
+    pub leader: bool,
+    /// When its leadership session started (RFC 3339, UTC).
+    pub since: Option<String>,
+}
+
+/// The members of `slot`'s group now: the store sessions holding or waiting for its
+/// lock, the leader first. Seeing other roles' sessions needs `pg_read_all_stats`.
+pub async fn members(client: &Client, slot: &str) -> Result<Vec<MemberInfo>, StoreError> {
+    let (class, key) = lock_key(slot);
+    let rows = client
+        .query(
+            "SELECT coalesce(substr(a.application_name, length($3) + 1), a.client_addr::text, 'pid ' || l.pid),
+                    l.granted,
+                    to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+             FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+                  AND starts_with(a.application_name, $3)
+             WHERE l.locktype = 'advisory' AND l.objsubid = 2
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+               AND l.classid = $1::int4::oid AND l.objid = ($2::int4::int8 & 4294967295)::oid
+             ORDER BY l.granted DESC, a.backend_start",
+            &[&class, &key, &MEMBER_APPLICATION_PREFIX],
+        )
+        .await
+        .map_err(StoreError::sql("read the group's members"))?;
+    Ok(rows
+        .iter()
+        .map(|r| MemberInfo {
+            member: r.get(0),
+            leader: r.get(1),
+            since: r.get(2),
+        })
+        .collect())
 }
 
 #[cfg(test)]

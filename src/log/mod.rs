@@ -16,6 +16,7 @@
 //! Postgres table; [`PgLog`] is the Postgres implementation.
 
 pub mod append;
+pub mod copies;
 pub(crate) mod initial;
 pub mod leader;
 pub(crate) mod pool;
@@ -47,6 +48,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
         include_str!("../../migrations/0004_stream_delivered.sql"),
     ),
     (5, include_str!("../../migrations/0005_leader_term.sql")),
+    (6, include_str!("../../migrations/0006_stream_acked_at.sql")),
 ];
 
 /// Failures of the event log.

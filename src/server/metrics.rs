@@ -21,6 +21,8 @@ pub struct Metrics {
     pub errors: AtomicU64,
     /// This process's role in its group (shared with the group member task).
     pub membership: Arc<crate::log::leader::Membership>,
+    /// Open subscriptions by table, and the counters' recent history (the console).
+    pub console: super::console::Live,
 }
 
 /// One open delivery connection, counted while it lives.
@@ -36,6 +38,31 @@ impl SubscriberGauge {
 impl Drop for SubscriberGauge {
     fn drop(&mut self) {
         self.0.subscribers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One open subscription to a table, counted by table while it lives (and as a
+/// subscriber).
+pub struct TableGauge {
+    _all: SubscriberGauge,
+    metrics: Arc<Metrics>,
+    table: String,
+}
+
+impl TableGauge {
+    pub fn new(metrics: &Arc<Metrics>, table: String) -> Self {
+        metrics.console.table_opened(&table);
+        TableGauge {
+            _all: SubscriberGauge::new(metrics),
+            metrics: metrics.clone(),
+            table,
+        }
+    }
+}
+
+impl Drop for TableGauge {
+    fn drop(&mut self) {
+        self.metrics.console.table_closed(&self.table);
     }
 }
 

@@ -8,11 +8,13 @@
 //! The API contract is the README's "HTTP API" section and `docs/openapi.json` (served at
 //! `/v1/openapi.json`). Submodules: `auth` (keys, tokens, connection cap), `error`
 //! (codes), `session` (SSE and WebSocket framing), `subscribe`, `streams`, `metrics`,
-//! `health`, `tokens`. Only [`crate::app`] depends on this module.
+//! `health`, `tokens`, `console` (the operator's page at `/`). Only [`crate::app`]
+//! depends on this module.
 
 mod accept;
 mod auth;
 pub(crate) mod columns;
+mod console;
 mod error;
 mod health;
 mod metrics;
@@ -53,6 +55,8 @@ pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
 
 /// Every route as (method, path), in the router's syntax (which is OpenAPI's).
 pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/"),
+    ("get", "/v1/console"),
     ("get", "/healthz"),
     ("get", "/metrics"),
     ("get", "/v1/openapi.json"),
@@ -218,6 +222,8 @@ struct AppState {
         std::sync::Mutex<HashMap<String, (u64, tokio::sync::mpsc::Sender<session::Inbound>)>>,
     next_session: std::sync::atomic::AtomicU64,
     pipeline_running: std::sync::atomic::AtomicBool,
+    /// The pipeline's retention, which makes a stream's cursor stale when it lags.
+    retention: Option<crate::log::retention::Retention>,
 }
 
 type Shared = Arc<AppState>;
@@ -405,6 +411,7 @@ impl Http {
             consumers: std::sync::Mutex::new(HashMap::new()),
             next_session: Default::default(),
             pipeline_running: std::sync::atomic::AtomicBool::new(true),
+            retention: appender.retention,
         });
         if !config.keys.token_secret_configured {
             tracing::warn!("no token secret configured (WALTAP_TOKEN_SECRET or token_secret in the keys file): tokens are signed with a random secret and stop working when the process restarts");
@@ -496,6 +503,8 @@ fn cors_layer(origins: &[String]) -> Result<Option<tower_http::cors::CorsLayer>,
 fn router(state: Shared, cors: Option<tower_http::cors::CorsLayer>) -> Router {
     let limit = state.limits.max_body_bytes;
     let app = Router::new()
+        .route("/", get(console::page))
+        .route("/v1/console", get(console::status))
         .route("/healthz", get(health::healthz))
         .route("/metrics", get(health::metrics_text))
         .route("/v1/openapi.json", get(openapi))

@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use super::auth::{Caller, ConnectionSlot};
 use super::error::ApiError;
-use super::metrics::SubscriberGauge;
+use super::metrics::TableGauge;
 use super::session::{self, Frame, Out};
 use super::Shared;
 use crate::event::TableName;
@@ -81,7 +81,7 @@ pub(super) async fn subscribe(
         keepalive,
         ws,
         None,
-        move |out| run(state, subscription, out, slot, int8),
+        move |out| run(state, subscription, out, (slot, table.to_string()), int8),
     ))
 }
 
@@ -91,10 +91,10 @@ async fn run(
     state: Shared,
     mut sub: Subscription,
     mut out: Out,
-    _slot: ConnectionSlot,
+    (_slot, table): (ConnectionSlot, String),
     int8: super::columns::Int8Strings,
 ) {
-    let _gauge = SubscriberGauge::new(&state.metrics);
+    let _gauge = TableGauge::new(&state.metrics, table);
     loop {
         let item = tokio::select! {
             biased;

@@ -4,6 +4,7 @@
 //! (and a stream read over HTTP from whichever member is up) holds every committed change
 //! once, in commit order.
 
+mod console;
 mod fence;
 mod takeover;
 

@@ -22,7 +22,7 @@ fn kills() -> usize {
 }
 
 /// A test database with the group's tables, slot and publication, and `n` members.
-async fn start(n: usize) -> (TestDb, Group, tokio_postgres::Client, Vec<Member>) {
+pub(super) async fn start(n: usize) -> (TestDb, Group, tokio_postgres::Client, Vec<Member>) {
     let db = TestDb::new().await;
     let g = Group::setup(&db).await;
     let c = db.client().await;
@@ -45,7 +45,7 @@ async fn term(c: &tokio_postgres::Client, slot: &str) -> i64 {
 }
 
 /// Checks that no member exited by itself, then kills them all.
-async fn finish(db: TestDb, mut members: Vec<Member>) {
+pub(super) async fn finish(db: TestDb, mut members: Vec<Member>) {
     for m in members.iter_mut() {
         m.assert_alive();
     }
@@ -304,7 +304,8 @@ async fn sigterm_hands_over_and_follower_subscriptions_see_everything() {
     let appending = appended_after(&c, &g.slot, mark).await + elected;
     eprintln!("SIGTERM handover: led by {elected:?}, appended by {appending:?}");
     // `waltap status` names the new leader.
-    let report: Json = serde_json::from_str(&support::run_ok(g.waltap(&["status"])).await).unwrap();
+    let report: Json =
+        serde_json::from_str(&support::run_ok(g.waltap(&["status", "--json"])).await).unwrap();
     let pid = members[0].child.id().unwrap();
     assert_eq!(report["leader"]["active"], true, "{report}");
     assert!(

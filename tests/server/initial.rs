@@ -557,3 +557,45 @@ async fn sse_resuming_after_reset_with_initial_state_under_writers_gets_everythi
     s.stop().await;
     db.teardown().await;
 }
+
+#[tokio::test]
+async fn a_streams_info_says_where_its_initial_state_is() {
+    let db = TestDb::new().await;
+    let s = start(&db, |_| {}).await;
+    insert_orders(&db, 1..6).await;
+    logged(&db, 5).await;
+    with_initial_state(&s, "progress", false).await;
+    let info = s.stream_info("progress").await;
+    assert_eq!(
+        info["initialState"],
+        json!({"state": "pending", "rows": 0, "acknowledged": 0}),
+        "{info}"
+    );
+
+    // A page of the feed (`cursor` acknowledges what came before), then the stream's info.
+    let page = |cursor: Option<String>, limit: usize| {
+        let s = &s;
+        async move {
+            let after = cursor.map(|c| format!("&cursor={c}")).unwrap_or_default();
+            let path = format!("/v1/streams/progress/events?limit={limit}&wait=0{after}");
+            let page = s.get_json(&path, ORDERS).await;
+            s.lease_free("progress").await;
+            let info = s.stream_info("progress").await;
+            (page["cursor"].as_str().map(str::to_owned), page, info)
+        }
+    };
+    // The first page copies the rows; the next acknowledges 3 and gets the rest and the
+    // marker; acknowledging through the marker ends the initial state.
+    let (cursor, first, _) = page(None, 3).await;
+    assert_eq!(first["events"].as_array().unwrap().len(), 3, "{first}");
+    let (cursor, _, info) = page(cursor, 10).await;
+    assert_eq!(
+        info["initialState"],
+        json!({"state": "ready", "rows": 5, "acknowledged": 3}),
+        "{info}"
+    );
+    let (_, _, info) = page(cursor, 1).await;
+    assert!(info.get("initialState").is_none(), "{info}");
+    s.stop().await;
+    db.teardown().await;
+}

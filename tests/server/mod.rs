@@ -6,6 +6,7 @@ mod bounds;
 mod browser;
 mod clients;
 mod complete;
+mod console;
 mod delivery;
 mod example;
 mod hardening;
@@ -54,6 +55,8 @@ pub const DDL: &str = "CREATE TABLE orders (id int PRIMARY KEY, status text, not
 /// A server for one test database.
 pub struct Server {
     pub url: String,
+    /// Its slot and publication.
+    pub source: waltap::ListenerConfig,
     pub http: reqwest::Client,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), ServerError>>,
@@ -63,18 +66,30 @@ pub struct Server {
 /// log), then starts the server and waits until it is healthy.
 pub async fn start(db: &TestDb, tweak: impl FnOnce(&mut ServerConfig)) -> Server {
     db.client().await.batch_execute(DDL).await.unwrap();
-    let mut appender = AppenderConfig::new(listen::config(db, &[]));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve_on(db, listener, listen::config(db, &[]), tweak).await
+}
+
+/// As [`start`], on `listener` with `source` (the `source` of a server stopped before:
+/// a restart).
+pub async fn serve_on(
+    db: &TestDb,
+    listener: tokio::net::TcpListener,
+    source: waltap::ListenerConfig,
+    tweak: impl FnOnce(&mut ServerConfig),
+) -> Server {
+    let mut appender = AppenderConfig::new(source.clone());
     appender.max_batch_delay = Duration::from_millis(20);
     listen::prepare_slot(db, &appender.listener).await;
     let keys = Keys::from_toml(KEYS, None).unwrap();
     let mut config = ServerConfig::new(appender, keys);
     tweak(&mut config);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let cancel = CancellationToken::new();
     let task = tokio::spawn(waltap::app::serve(config, listener, cancel.clone()));
     let server = Server {
         url,
+        source,
         http: reqwest::Client::new(),
 
         cancel,
@@ -107,9 +122,9 @@ impl Server {
             .json(&body)
     }
 
-    /// A stream's description, as the admin sees it.
-    pub async fn stream_info(&self, name: &str) -> Json {
-        self.get(&format!("/v1/streams/{name}"), ADMIN)
+    /// The JSON answer to `GET path` with `key`, whatever its status.
+    pub async fn get_json(&self, path: &str, key: &str) -> Json {
+        self.get(path, key)
             .header("accept", "application/json")
             .send()
             .await
@@ -117,6 +132,11 @@ impl Server {
             .json()
             .await
             .unwrap()
+    }
+
+    /// A stream's description, as the admin sees it.
+    pub async fn stream_info(&self, name: &str) -> Json {
+        self.get_json(&format!("/v1/streams/{name}"), ADMIN).await
     }
 
     /// Waits until no consumer holds stream `name` (a closed connection releases its lease

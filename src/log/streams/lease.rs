@@ -119,6 +119,7 @@ impl Shared {
                                        THEN $3 ELSE cursor_lsn END,
                      cursor_ordinal = CASE WHEN ($3::int8, $4::int4) > (cursor_lsn, cursor_ordinal)
                                            THEN $4 ELSE cursor_ordinal END,
+                     acked_at = now(),
                      lease_expires_at = now() + make_interval(secs => $5)
                  WHERE name = $1 AND lease_holder = $2
                  RETURNING cursor_lsn, cursor_ordinal",
@@ -238,6 +239,7 @@ impl Shared {
                 "UPDATE waltap.streams SET
                      snapshot_acked = greatest(snapshot_acked, least(coalesce($3, snapshot_total), snapshot_total)),
                      snapshot_state = CASE WHEN $3 IS NULL THEN NULL ELSE snapshot_state END,
+                     acked_at = now(),
                      lease_expires_at = now() + make_interval(secs => $4)
                  WHERE name = $1 AND lease_holder = $2
                  RETURNING snapshot_state, snapshot_acked",

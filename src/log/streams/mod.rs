@@ -134,11 +134,31 @@ pub struct StreamInfo {
     /// The consumer that holds the stream now, if its lease has not expired.
     pub lease: Option<LeaseInfo>,
     /// Events of the stream's tables after the cursor, before the filter, counted up to
-    /// [`BACKLOG_COUNT_LIMIT`].
+    /// [`BACKLOG_COUNT_LIMIT`] (the console: [`list_counting`]'s limit).
     pub backlog: i64,
     /// Whether `backlog` stopped at the limit (the real backlog may be larger).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub backlog_capped: bool,
+    /// The initial state, while it is not yet all delivered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initial_state: Option<InitialStateInfo>,
+}
+
+/// Where a stream's initial state is: waiting for its copy, being copied, or copied and
+/// being delivered.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InitialStateInfo {
+    /// `pending` (the first consumer copies it), `copying` (a consumer of the process
+    /// answering is copying it now: see `copy`) or `ready` (copied, being delivered).
+    pub state: &'static str,
+    /// Rows copied (0 until `ready`).
+    pub rows: i64,
+    /// Rows the consumer acknowledged.
+    pub acknowledged: i64,
+    /// How far the copy under way is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy: Option<crate::log::copies::CopyProgress>,
 }
 
 /// Who reads a stream, and until when at least.
@@ -285,10 +305,21 @@ const INFO_COLUMNS: &str = "name, source, tables, filter::text, cursor_lsn, curs
      to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
      CASE WHEN lease_expires_at > now() THEN lease_holder END,
      CASE WHEN lease_expires_at > now()
-          THEN to_char(lease_expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') END";
+          THEN to_char(lease_expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') END,
+     snapshot_state, snapshot_total, snapshot_acked";
 
 /// The streams of every source, or of one, by name.
 pub async fn list(store: &Client, source: Option<&str>) -> Result<Vec<StreamInfo>, StoreError> {
+    list_counting(store, source, BACKLOG_COUNT_LIMIT).await
+}
+
+/// As [`list`], counting each backlog up to `limit` only: counting reads the log, so a
+/// frequent reader (the console) asks for less.
+pub async fn list_counting(
+    store: &Client,
+    source: Option<&str>,
+    limit: i64,
+) -> Result<Vec<StreamInfo>, StoreError> {
     migrate(store).await?;
     let rows = store
         .query(
@@ -302,7 +333,7 @@ pub async fn list(store: &Client, source: Option<&str>) -> Result<Vec<StreamInfo
         .map_err(StoreError::sql("list streams"))?;
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
-        out.push(info(store, &row).await?);
+        out.push(info(store, &row, limit).await?);
     }
     Ok(out)
 }
@@ -317,10 +348,14 @@ pub async fn get(store: &Client, name: &str) -> Result<StreamInfo, StoreError> {
         .await
         .map_err(StoreError::sql("read a stream"))?
         .ok_or_else(|| StoreError::NoSuchStream(name.to_owned()))?;
-    info(store, &row).await
+    info(store, &row, BACKLOG_COUNT_LIMIT).await
 }
 
-async fn info(store: &Client, row: &tokio_postgres::Row) -> Result<StreamInfo, StoreError> {
+async fn info(
+    store: &Client,
+    row: &tokio_postgres::Row,
+    limit: i64,
+) -> Result<StreamInfo, StoreError> {
     let name: String = row.get(0);
     let source: String = row.get(1);
     let tables: Vec<String> = row.get(2);
@@ -341,6 +376,19 @@ async fn info(store: &Client, row: &tokio_postgres::Row) -> Result<StreamInfo, S
         (Some(holder), Some(expires_at)) => Some(LeaseInfo { holder, expires_at }),
         _ => None,
     };
+    let initial_state = row.get::<_, Option<String>>(9).map(|state| {
+        let copy = crate::log::copies::copy_progress(&name);
+        InitialStateInfo {
+            state: match (state.as_str(), &copy) {
+                ("ready", _) => "ready",
+                (_, Some(_)) => "copying",
+                _ => "pending",
+            },
+            rows: row.get(10),
+            acknowledged: row.get(11),
+            copy,
+        }
+    });
     let (schemas, names) = split_tables(&tables);
     let backlog: i64 = store
         .query_one(
@@ -355,7 +403,7 @@ async fn info(store: &Client, row: &tokio_postgres::Row) -> Result<StreamInfo, S
                 &cursor.ordinal,
                 &schemas,
                 &names,
-                &(BACKLOG_COUNT_LIMIT + 1),
+                &(limit + 1),
             ],
         )
         .await
@@ -369,8 +417,9 @@ async fn info(store: &Client, row: &tokio_postgres::Row) -> Result<StreamInfo, S
         cursor: cursor.position(),
         created_at: row.get(6),
         lease,
-        backlog: backlog.min(BACKLOG_COUNT_LIMIT),
-        backlog_capped: backlog > BACKLOG_COUNT_LIMIT,
+        backlog: backlog.min(limit),
+        backlog_capped: backlog > limit,
+        initial_state,
     })
 }
 
