@@ -6,6 +6,7 @@
 mod bench_smoke;
 mod cli;
 mod crash;
+mod edge_values;
 mod events;
 mod group;
 mod harness_smoke;

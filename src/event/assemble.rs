@@ -614,23 +614,11 @@ fn changed_columns(rel: &RelationInfo, before: Option<&Row>, after: &Row) -> Vec
         .iter()
         .zip(before.values.iter().zip(&after.values))
         .filter(|(_, (b, a))| match (b, a) {
-            (Some(b), Some(a)) => !same_value(b, a),
+            (Some(b), Some(a)) => !b.same(a),
             (b, a) => b != a,
         })
         .map(|(n, _)| n.clone())
         .collect()
-}
-
-/// Value equality for `changed`: `==`, except that float NaN equals NaN (as in Postgres,
-/// and both sides serialize to the same `"NaN"`), also inside arrays.
-fn same_value(b: &Value, a: &Value) -> bool {
-    match (b, a) {
-        (Value::Float(x), Value::Float(y)) => x == y || (x.is_nan() && y.is_nan()),
-        (Value::Array(xs), Value::Array(ys)) => {
-            xs.len() == ys.len() && xs.iter().zip(ys).all(|(x, y)| same_value(x, y))
-        }
-        _ => b == a,
-    }
 }
 
 /// Several annotation messages in one transaction: objects merge (later keys win), any
