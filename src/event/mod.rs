@@ -9,6 +9,7 @@
 
 mod assemble;
 mod position;
+mod shape;
 mod time;
 mod write;
 
@@ -19,6 +20,7 @@ use serde::Serialize;
 
 pub use assemble::{Assembler, AssemblerOptions, EventError, Output, TableName, WATERMARK_PREFIX};
 pub use position::{ParsePositionError, Position};
+pub use shape::{ColumnShape, SchemaChange, SchemaConflict};
 pub(crate) use time::days_from_civil;
 pub use time::rfc3339_micros;
 
@@ -226,6 +228,9 @@ pub struct Event<R = Row> {
     pub transition: Option<Transition>,
     /// The transaction the change belongs to.
     pub tx: TxInfo,
+    /// Set on the first event of a table after its columns changed (not serialized: the
+    /// hub turns it into a `schemaChange` item for the table's subscribers).
+    pub schema_change: Option<Arc<SchemaChange>>,
 }
 
 impl Event<Row> {
@@ -257,6 +262,7 @@ impl Event<Row> {
             unchanged: self.unchanged,
             transition: self.transition,
             tx: self.tx,
+            schema_change: self.schema_change,
         })
     }
 }
@@ -392,6 +398,7 @@ impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Event<T> {
                 last: w.tx.last,
                 annotations: w.tx.annotations.map(Arc::new),
             },
+            schema_change: None,
         })
     }
 }

@@ -164,6 +164,7 @@ pub(super) fn event(
             last: true,
             annotations: None,
         },
+        schema_change: None,
     }
 }
 

@@ -66,6 +66,7 @@ use tokio_util::sync::CancellationToken;
 
 mod fanout;
 mod initial;
+mod schema;
 
 use std::collections::VecDeque;
 
@@ -143,6 +144,19 @@ pub enum SubscriptionItem<R = Row> {
         /// The position described above.
         position: Position,
     },
+    /// The table's columns changed (added, dropped, renamed or retyped): the events that
+    /// follow have these columns. Sent to each subscriber of the table before the first
+    /// event with the new shape (`{"type": "schemaChange", "schema", "table", "columns":
+    /// [{"name", "typeOid", "key"}]}`); a subscriber whose filter no longer fits ends with
+    /// [`SubscriptionError::SchemaChanged`] instead.
+    SchemaChange {
+        /// The table's schema.
+        schema: String,
+        /// The table's name.
+        table: String,
+        /// Its columns from now on, in order.
+        columns: Vec<crate::event::ColumnShape>,
+    },
     /// A row of the initial state, when it was asked for (serialized with
     /// `"action": "snapshot"` and no `type` field).
     #[serde(untagged)]
@@ -195,6 +209,9 @@ pub enum SubscriptionError {
     /// Reading the initial state failed.
     #[error("initial state")]
     Snapshot(#[from] SnapshotError),
+    /// The table's columns changed so that the filter no longer means what it did.
+    #[error(transparent)]
+    SchemaChanged(crate::event::SchemaConflict),
 }
 
 impl SubscriptionError {
@@ -209,6 +226,7 @@ impl SubscriptionError {
             SubscriptionError::HubStopped => ErrorCode::SourceStopped,
             SubscriptionError::Sql(_) => ErrorCode::Internal,
             SubscriptionError::Snapshot(e) => e.code(),
+            SubscriptionError::SchemaChanged(_) => ErrorCode::SchemaChanged,
         }
     }
 }
@@ -220,6 +238,8 @@ enum Fed {
     Item(SubscriptionItem),
     /// Passed on only to subscribers reading an initial state.
     Watermark(Watermark),
+    /// The subscription ends: its filter does not fit the table's new columns.
+    Ended(crate::event::SchemaConflict),
 }
 
 type Queue = mpsc::Receiver<Result<Fed, Arc<Error>>>;
@@ -478,6 +498,9 @@ impl Direct {
             return match self.rx.poll_recv(cx) {
                 Poll::Ready(Some(Ok(Fed::Watermark(_)))) => continue,
                 Poll::Ready(Some(Ok(Fed::Item(item)))) => Poll::Ready(Some(Ok(item))),
+                Poll::Ready(Some(Ok(Fed::Ended(conflict)))) => {
+                    Poll::Ready(Some(Err(SubscriptionError::SchemaChanged(conflict))))
+                }
                 Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(SubscriptionError::Source(e)))),
                 Poll::Ready(None) => Poll::Ready(self.ended().map(Err)),
                 Poll::Pending => Poll::Pending,

@@ -169,6 +169,7 @@ impl SnapshotRow<Row> {
                 last: true,
                 annotations: None,
             },
+            schema_change: None,
         };
         filter.evaluate(&probe).is_deliver()
     }

@@ -496,6 +496,7 @@ pub fn typed<T: serde::de::DeserializeOwned>(
         unchanged: ev.unchanged,
         transition: ev.transition,
         tx: ev.tx,
+        schema_change: ev.schema_change,
     })
 }
 

@@ -76,6 +76,7 @@ impl TableTypes {
             unchanged: ev.unchanged.clone(),
             transition: None,
             tx: ev.tx.clone(),
+            schema_change: ev.schema_change.clone(),
         }
     }
 }
