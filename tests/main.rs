@@ -13,6 +13,7 @@ mod harness_smoke;
 mod initial_state;
 mod listener;
 mod protocol;
+mod publications;
 mod schema_changes;
 mod server;
 mod streaming;

@@ -377,14 +377,15 @@ impl Hub {
         let published = catalog::is_published(client, &self.publication, &table)
             .await
             .map_err(Error::from)?;
+        if !published {
+            let why = catalog::not_published(client, &self.publication, &table).await;
+            return Err(why.map_err(Error::from)?.into());
+        }
         let restriction = match options.initial_state {
             true => crate::initial::Published::lookup(client, &self.publication, &table).await?,
             false => crate::initial::Published::default(),
         };
         drop(guard);
-        if !published {
-            return Err(TableError::NotPublished(table.to_string()).into());
-        }
         let filter = CompiledFilter::new(filter.as_ref(), &schema)?;
         let warnings = filter.warnings().to_vec();
         for w in &warnings {
