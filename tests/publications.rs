@@ -118,25 +118,40 @@ async fn partitions_via_the_root_arrive_under_the_root() {
 
     // ATTACH PARTITION: the attached table's rows become the root's without an event;
     // DETACH PARTITION: they leave it without one. Changes after each follow the root.
-    c.batch_execute(
-        "CREATE TABLE m_asia (id int NOT NULL, region text NOT NULL);
-         INSERT INTO m_asia VALUES (6, 'asia');
-         ALTER TABLE m ATTACH PARTITION m_asia FOR VALUES IN ('asia');
-         INSERT INTO m VALUES (7, 'asia');
-         ALTER TABLE m DETACH PARTITION m_us;
-         INSERT INTO m_us VALUES (8, 'us');
-         INSERT INTO m VALUES (9, 'eu');",
-    )
-    .await
-    .unwrap();
-    let ev = change(&mut sub).await;
-    assert_eq!(ev["created"], json!({"id": 7, "region": "asia"}), "{ev}");
-    let ev = change(&mut sub).await;
-    assert_eq!(
-        ev["created"],
-        json!({"id": 9, "region": "eu"}),
-        "the detached table's insert is not the root's: {ev}"
-    );
+    // Each statement its own transaction, as they usually are.
+    for sql in [
+        "CREATE TABLE m_asia (id int NOT NULL, region text NOT NULL)",
+        "INSERT INTO m_asia VALUES (6, 'asia')",
+        "ALTER TABLE m ATTACH PARTITION m_asia FOR VALUES IN ('asia')",
+        "INSERT INTO m VALUES (7, 'asia')",
+        "ALTER TABLE m DETACH PARTITION m_us",
+        "INSERT INTO m_us VALUES (8, 'us')",
+        "INSERT INTO m VALUES (9, 'eu')",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    let created = [change(&mut sub).await, change(&mut sub).await].map(|ev| ev["created"].clone());
+    if crate::support::cluster().server_version_num() >= 150000 {
+        assert_eq!(
+            created,
+            [
+                json!({"id": 7, "region": "asia"}),
+                json!({"id": 9, "region": "eu"})
+            ],
+            "the attached partition's insert is the root's, the detached table's is not"
+        );
+    } else {
+        // PostgreSQL 14's walsender keeps deciding by what it cached before: the attached
+        // partition's insert is missing and the detached table's arrives under the root
+        // (README: re-read after ATTACH/DETACH, and on 14 restart the connection first).
+        assert_eq!(
+            created,
+            [
+                json!({"id": 8, "region": "us"}),
+                json!({"id": 9, "region": "eu"})
+            ]
+        );
+    }
 
     // A new initial state reads the root as it is now.
     let options = SubscribeOptions {
