@@ -148,3 +148,125 @@ async fn subscribers_hear_of_new_columns_and_filters_on_dropped_or_retyped_ones_
     hub.shutdown().await;
     db.teardown().await;
 }
+
+/// The same through the event log: persisted streams get the item before the first event
+/// of the new shape, and a stream whose filter no longer fits ends with `schema_changed`.
+#[tokio::test]
+async fn persisted_streams_hear_of_schema_changes_from_the_log() {
+    use waltap::log::streams::{self, OpenOptions, StreamDef, StreamItem};
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, plan text, n int)")
+        .await
+        .unwrap();
+    let log = crate::support::log::Log::start(&db).await;
+    let store = log.store.connect_sql().await.unwrap();
+    for (name, filter) in [
+        ("all", None),
+        ("on_n", Some(json!({"where": {"n": {"gt": 1}}}))),
+        (
+            "on_plan",
+            Some(json!({"where": {"plan": {"startsWith": "p"}}})),
+        ),
+    ] {
+        let def = StreamDef {
+            name: name.into(),
+            source: log.slot.clone(),
+            tables: vec!["t".into()],
+            filter: filter.map(|f| serde_json::from_value(f).unwrap()),
+            initial_state: false,
+            from: None,
+        };
+        streams::create(&store, &store, &def).await.unwrap();
+    }
+    // Consumers open (and compile their filters) before the table changes.
+    let mut consumers = Vec::new();
+    for name in ["all", "on_n", "on_plan"] {
+        let mut c = streams::open(&log.store, name, OpenOptions::default())
+            .await
+            .unwrap();
+        match tokio::time::timeout(TIMEOUT, c.next()).await {
+            Ok(Some(Ok(StreamItem::Initialized { .. }))) => {}
+            other => panic!("{name}: unexpected {other:?}"),
+        }
+        consumers.push(c);
+    }
+    for sql in [
+        "INSERT INTO t VALUES (1, 'pro', 5)",
+        "ALTER TABLE t ADD COLUMN extra text",
+        "INSERT INTO t VALUES (2, 'pro', 5, 'x')",
+        "ALTER TABLE t DROP COLUMN n",
+        "INSERT INTO t VALUES (3, 'pro', 'y')",
+        // A new JSON form for plan: text -> int.
+        "ALTER TABLE t ALTER COLUMN plan TYPE int USING length(plan)",
+        "INSERT INTO t VALUES (4, 7, 'z')",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    /// What a consumer reads: `created` ids, column lists of `schemaChange` items, and
+    /// the error code that ended it, if one did.
+    async fn read(c: &mut streams::StreamConsumer, until: usize) -> Vec<Json> {
+        let mut seen = Vec::new();
+        while seen.len() < until {
+            match tokio::time::timeout(TIMEOUT, c.next()).await {
+                Ok(Some(Ok(StreamItem::Event(ev)))) => seen.push(ev.new.unwrap()["id"].clone()),
+                Ok(Some(Ok(item @ StreamItem::SchemaChange { .. }))) => {
+                    seen.push(json!(names(&serde_json::to_value(&item).unwrap())))
+                }
+                Ok(Some(Err(e))) => {
+                    seen.push(json!(e.code().as_str()));
+                    break;
+                }
+                other => panic!("unexpected {other:?} after {seen:?}"),
+            }
+        }
+        seen
+    }
+    let mut consumers = consumers.into_iter();
+    let (mut all, mut on_n, mut on_plan) = (
+        consumers.next().unwrap(),
+        consumers.next().unwrap(),
+        consumers.next().unwrap(),
+    );
+    let shapes = [
+        json!(["id", "plan", "n", "extra"]),
+        json!(["id", "plan", "extra"]),
+    ];
+    assert_eq!(
+        read(&mut all, 7).await,
+        [
+            json!(1),
+            shapes[0].clone(),
+            json!(2),
+            shapes[1].clone(),
+            json!(3),
+            shapes[1].clone(),
+            json!(4)
+        ]
+    );
+    assert_eq!(
+        read(&mut on_n, 4).await,
+        [
+            json!(1),
+            shapes[0].clone(),
+            json!(2),
+            json!("schema_changed")
+        ]
+    );
+    assert_eq!(
+        read(&mut on_plan, 6).await,
+        [
+            json!(1),
+            shapes[0].clone(),
+            json!(2),
+            shapes[1].clone(),
+            json!(3),
+            json!("schema_changed")
+        ]
+    );
+    for c in [all, on_n, on_plan] {
+        c.close().await;
+    }
+    log.stop().await;
+    db.teardown().await;
+}

@@ -348,6 +348,9 @@ struct WireEvent<T> {
     unchanged: Vec<String>,
     transition: Option<Transition>,
     tx: WireTx,
+    /// Only in the event log's stored form.
+    #[serde(default)]
+    schema_change: Option<shape::StoredChange>,
 }
 
 #[derive(serde::Deserialize)]
@@ -377,12 +380,15 @@ impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Event<T> {
             Action::Truncate => (None, None),
         };
         let names = |v: Vec<String>| -> Vec<Arc<str>> { v.into_iter().map(Arc::from).collect() };
+        let schema = Arc::from(w.schema);
+        let table = Arc::from(w.table);
+        let schema_change = w.schema_change.map(|c| c.into_change(&schema, &table));
         Ok(Event {
             id,
             position: w.position,
             action: w.action,
-            schema: Arc::from(w.schema),
-            table: Arc::from(w.table),
+            schema,
+            table,
             identity: w.identity,
             new,
             old,
@@ -398,7 +404,7 @@ impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Event<T> {
                 last: w.tx.last,
                 annotations: w.tx.annotations.map(Arc::new),
             },
-            schema_change: None,
+            schema_change,
         })
     }
 }

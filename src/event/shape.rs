@@ -138,6 +138,71 @@ impl SchemaChange {
     }
 }
 
+/// Key under which the event log keeps an event's [`SchemaChange`] in the stored JSON,
+/// for persisted streams reading it back. Delivered events never carry it: the `Event`
+/// serializer writes no such key.
+pub(crate) const STORED_KEY: &str = "schemaChange";
+
+/// A change as the event log stores it (the table is the event's).
+#[derive(serde::Deserialize)]
+pub(crate) struct StoredChange {
+    columns: Vec<StoredColumn>,
+    previous: Vec<StoredColumn>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredColumn {
+    name: String,
+    type_oid: u32,
+    key: bool,
+}
+
+impl StoredChange {
+    pub(crate) fn into_change(self, schema: &Arc<str>, table: &Arc<str>) -> Arc<SchemaChange> {
+        let shapes = |cols: Vec<StoredColumn>| -> Vec<ColumnShape> {
+            cols.into_iter()
+                .map(|c| ColumnShape {
+                    name: Arc::from(c.name),
+                    type_oid: c.type_oid,
+                    key: c.key,
+                })
+                .collect()
+        };
+        Arc::new(SchemaChange {
+            schema: schema.clone(),
+            table: table.clone(),
+            columns: shapes(self.columns),
+            previous: shapes(self.previous),
+        })
+    }
+}
+
+impl SchemaChange {
+    /// Appends the change to an event's JSON object text (`{...}` -> `{..., "schemaChange":
+    /// {"columns": [...], "previous": [...]}}`), as the event log stores it.
+    pub(crate) fn append_to_stored(&self, body: &mut String) -> Result<(), serde_json::Error> {
+        #[derive(Serialize)]
+        struct Stored<'a> {
+            columns: &'a [ColumnShape],
+            previous: &'a [ColumnShape],
+        }
+        let change = serde_json::to_string(&Stored {
+            columns: &self.columns,
+            previous: &self.previous,
+        })?;
+        if body.ends_with('}') {
+            body.pop();
+            body.push_str(",\"");
+            body.push_str(STORED_KEY);
+            body.push_str("\":");
+            body.push_str(&change);
+            body.push('}');
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -182,6 +247,12 @@ mod tests {
                 to: 20
             })
         );
+        // The event log's form reads back as the same change.
+        let mut body = r#"{"id":"x"}"#.to_owned();
+        retyped.append_to_stored(&mut body).unwrap();
+        let stored: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let back: StoredChange = serde_json::from_value(stored[STORED_KEY].clone()).unwrap();
+        assert_eq!(*back.into_change(&retyped.schema, &retyped.table), *retyped);
         assert_eq!(
             retyped.conflict(["id"].into_iter()).unwrap().to_string(),
             "column \"id\" of public.t, which the filter names, changed its type (type oid 23 to 20): subscribe again to have the filter checked against the new type"

@@ -66,6 +66,7 @@ mod consumer;
 mod cursor;
 mod lease;
 mod reader;
+mod reshape;
 
 pub use consumer::{open, open_pooled, StreamAcker, StreamConsumer, StreamItem};
 pub use cursor::Cursor;
