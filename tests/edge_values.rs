@@ -11,7 +11,7 @@ use waltap::log::streams::{self, OpenOptions, StreamDef, StreamItem};
 use waltap::{Filter, Hub, HubConfig, SubscribeOptions, SubscriptionItem};
 
 use crate::support::log::Log;
-use crate::support::{listen, wait_for, TestDb};
+use crate::support::{listen, TestDb};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -204,33 +204,8 @@ async fn edge_values_in_export_and_stream_filters() {
     db.client().await.batch_execute(TABLE).await.unwrap();
     insert(&db, 0).await;
     let log = Log::start(&db).await;
+    let rows = log.export_rows(&db, "edge").await;
     let store = log.store.connect_sql().await.unwrap();
-    wait_for(
-        "the pipeline to record its publication",
-        TIMEOUT,
-        || async {
-            store
-                .query_opt(
-                    "SELECT 1 FROM waltap.progress WHERE source = $1 AND publication IS NOT NULL",
-                    &[&log.slot],
-                )
-                .await
-                .is_ok_and(|r| r.is_some())
-        },
-    )
-    .await;
-    let out = crate::support::run_ok({
-        let mut cmd = crate::support::waltap(&db.url(), &["export", "edge"]);
-        cmd.args(["--slot", &log.slot]);
-        cmd
-    })
-    .await;
-    let rows: Vec<Json> = out
-        .lines()
-        .map(|l| serde_json::from_str::<Json>(l).unwrap())
-        .filter(|l| l["action"] == "snapshot")
-        .map(|l| l["row"].clone())
-        .collect();
     assert_eq!(rows, expected(0), "exported rows");
 
     let def = StreamDef {
