@@ -261,3 +261,53 @@ async fn generated_columns_follow_the_publication_in_events_and_initial_state() 
         db.teardown().await;
     }
 }
+
+/// `waltap setup --table ROOT` publishes the partitions through the root; a publication
+/// made without the option is refused for the root with the reason.
+#[tokio::test]
+async fn setup_publishes_a_partitioned_table_through_its_root() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute(PARTITIONED).await.unwrap();
+    let setup = |publication: String| waltap::setup::SetupOptions {
+        slot: db.unique_name("slot"),
+        publication,
+        tables: vec![waltap::TableName::parse("m")],
+        create_publication: true,
+        create_slot: true,
+        temporary_slot: false,
+        failover_slot: false,
+    };
+    let made = db.unique_name("pub");
+    waltap::setup::prepare(&c, &setup(made.clone()))
+        .await
+        .unwrap();
+    let via_root: bool = c
+        .query_one(
+            "SELECT pubviaroot FROM pg_publication WHERE pubname = $1",
+            &[&made],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        via_root,
+        "the publication waltap made sends changes under the root"
+    );
+
+    let theirs = db.unique_name("pub");
+    c.batch_execute(&format!(
+        "CREATE PUBLICATION {} FOR TABLE m",
+        quote_ident(&theirs)
+    ))
+    .await
+    .unwrap();
+    match waltap::setup::prepare(&c, &setup(theirs)).await {
+        Err(e) => assert!(
+            e.to_string().contains("publish_via_partition_root is off"),
+            "{e}"
+        ),
+        Ok(_) => panic!("setup accepted a root its publication does not send"),
+    }
+    db.teardown().await;
+}
