@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
 use serde_json::{json, Value as Json};
 use waltap::log::streams::{self, OpenOptions, StreamDef, StreamItem};
 use waltap::{Filter, Hub, HubConfig, SubscribeOptions, SubscriptionItem};
@@ -113,10 +112,7 @@ where
     T: std::fmt::Debug,
     E: std::fmt::Debug,
 {
-    match tokio::time::timeout(TIMEOUT, items.next()).await {
-        Ok(Some(Ok(item))) => item,
-        other => panic!("expected an item, got {other:?}"),
-    }
+    crate::support::next_item(items, TIMEOUT).await
 }
 
 #[tokio::test]

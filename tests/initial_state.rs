@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use serde_json::{json, Value as Json};
 use waltap::log::streams::{self, OpenOptions, StreamConsumer, StreamDef, StreamItem};
 use waltap::Filter;
@@ -170,10 +169,7 @@ where
     T: std::fmt::Debug,
     E: std::fmt::Debug,
 {
-    match tokio::time::timeout(TIMEOUT, items.next()).await {
-        Ok(Some(Ok(item))) => item,
-        other => panic!("expected an item, got {other:?}"),
-    }
+    crate::support::next_item(items, TIMEOUT).await
 }
 
 /// Reads the subscription while the writers run, stops them, then reads until the
