@@ -76,7 +76,8 @@ mod value;
 pub use cli::main as run_cli;
 pub use error::{report, Error, ErrorCode, TableError};
 pub use event::{
-    Action, Event, Identity, ParsePositionError, Position, Row, TableName, Transition, TxInfo,
+    Action, ColumnShape, Event, Identity, ParsePositionError, Position, Row, SchemaChange,
+    SchemaConflict, TableName, Transition, TxInfo,
 };
 pub use filter::{Filter, FilterError};
 pub use hub::{

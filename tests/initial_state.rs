@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use serde_json::{json, Value as Json};
 use waltap::log::streams::{self, OpenOptions, StreamConsumer, StreamDef, StreamItem};
 use waltap::Filter;
@@ -170,10 +169,7 @@ where
     T: std::fmt::Debug,
     E: std::fmt::Debug,
 {
-    match tokio::time::timeout(TIMEOUT, items.next()).await {
-        Ok(Some(Ok(item))) => item,
-        other => panic!("expected an item, got {other:?}"),
-    }
+    crate::support::next_item(items, TIMEOUT).await
 }
 
 /// Reads the subscription while the writers run, stops them, then reads until the
@@ -606,33 +602,7 @@ async fn export_rows_follow_the_publication_of_the_logs_source() {
         .unwrap();
     // `waltap run` records which publication its source reads through.
     let log = Log::start_with(&db, listener).await;
-    let store = log.store.connect_sql().await.unwrap();
-    wait_for(
-        "the pipeline to record its publication",
-        TIMEOUT,
-        || async {
-            store
-                .query_opt(
-                    "SELECT 1 FROM waltap.progress WHERE source = $1 AND publication IS NOT NULL",
-                    &[&log.slot],
-                )
-                .await
-                .is_ok_and(|r| r.is_some())
-        },
-    )
-    .await;
-    let out = crate::support::run_ok({
-        let mut cmd = crate::support::waltap(&db.url(), &["export", "pt"]);
-        cmd.args(["--slot", &log.slot]);
-        cmd
-    })
-    .await;
-    let rows: Vec<Json> = out
-        .lines()
-        .map(|l| serde_json::from_str::<Json>(l).unwrap())
-        .filter(|l| l["action"] == "snapshot")
-        .map(|l| l["row"].clone())
-        .collect();
+    let rows = log.export_rows(&db, "pt").await;
     let want: Vec<Json> = (16..=20)
         .map(|i| json!({"id": i, "shown": format!("s{i}")}))
         .collect();

@@ -33,6 +33,8 @@ pub enum ErrorCode {
     StaleCursor,
     /// A live subscriber fell behind and was cut off.
     Lagged,
+    /// The table's columns changed so that the subscription's filter no longer fits.
+    SchemaChanged,
     /// The key has as many open connections as it may.
     TooManyConnections,
     /// The request body is over the limit.
@@ -73,6 +75,7 @@ impl ErrorCode {
             ErrorCode::StreamBusy => "stream_busy",
             ErrorCode::StaleCursor => "stale_cursor",
             ErrorCode::Lagged => "lagged",
+            ErrorCode::SchemaChanged => "schema_changed",
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::ShuttingDown => "shutting_down",
@@ -98,7 +101,10 @@ impl ErrorCode {
             // A table dropped while its initial state was read.
             ErrorCode::NotFound | ErrorCode::NoSuchTable => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ErrorCode::Conflict | ErrorCode::StreamBusy | ErrorCode::Lagged => StatusCode::CONFLICT,
+            ErrorCode::Conflict
+            | ErrorCode::StreamBusy
+            | ErrorCode::Lagged
+            | ErrorCode::SchemaChanged => StatusCode::CONFLICT,
             ErrorCode::StaleCursor => StatusCode::GONE,
             ErrorCode::TooManyConnections => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,

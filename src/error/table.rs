@@ -11,4 +11,8 @@ pub enum TableError {
     /// The table exists but is not in the source's publication.
     #[error("table {0} is not one of the source's published tables, so it is neither delivered nor exported: add it to the publication (ALTER PUBLICATION ... ADD TABLE)")]
     NotPublished(String),
+    /// A partitioned table whose partitions the publication sends each under its own name
+    /// (`publish_via_partition_root` is off): no change ever arrives under the root.
+    #[error("table {0} is partitioned and the publication sends its changes under each partition's own name (publish_via_partition_root is off), so none arrives under {0}: use the partitions' names, or ALTER PUBLICATION ... SET (publish_via_partition_root = true)")]
+    PartitionRoot(String),
 }

@@ -210,6 +210,8 @@ struct OpenTx {
 pub struct Assembler {
     options: AssemblerOptions,
     relations: HashMap<u32, Arc<RelationInfo>>,
+    /// Relations whose columns changed, until their next event carries the change.
+    reshaped: HashMap<u32, Arc<super::SchemaChange>>,
     types: HashMap<u32, TypeKind>,
     tx: Option<OpenTx>,
 }
@@ -219,6 +221,7 @@ impl Assembler {
         Assembler {
             options,
             relations: HashMap::new(),
+            reshaped: HashMap::new(),
             types: HashMap::new(),
             tx: None,
         }
@@ -228,6 +231,7 @@ impl Assembler {
     /// reconnect. Resolved types are kept (a type OID never changes meaning).
     pub fn reset(&mut self) {
         self.relations.clear();
+        self.reshaped.clear();
         self.tx = None;
     }
 
@@ -308,6 +312,22 @@ impl Assembler {
             }
             LogicalMessage::Relation(r) => {
                 let info = self.relation_info(&r)?;
+                let change = self
+                    .relations
+                    .get(&r.id)
+                    .and_then(|old| super::SchemaChange::between(old, &info));
+                if let Some(change) = change {
+                    // A change not yet announced is replaced: the columns of the next event
+                    // are what counts, and `previous` stays the shape consumers last saw.
+                    let change = match self.reshaped.remove(&r.id) {
+                        Some(pending) => Arc::new(super::SchemaChange {
+                            previous: pending.previous.clone(),
+                            ..(*change).clone()
+                        }),
+                        None => change,
+                    };
+                    self.reshaped.insert(r.id, change);
+                }
                 self.relations.insert(r.id, Arc::new(info));
             }
             LogicalMessage::Insert(i) => {
@@ -316,7 +336,7 @@ impl Assembler {
                     let (new, _) = build_row(&rel, &i.new, None)?;
                     Ok(new_event(tx, &rel, pos, Action::Create, Some(new), None))
                 };
-                self.push_change(&rel, ev, out)?;
+                self.push_change(i.relation_id, &rel, ev, out)?;
             }
             LogicalMessage::Update(u) => {
                 let rel = self.rel(u.relation_id)?;
@@ -335,7 +355,7 @@ impl Assembler {
                     ev.unchanged = unchanged;
                     Ok(ev)
                 };
-                self.push_change(&rel, ev, out)?;
+                self.push_change(u.relation_id, &rel, ev, out)?;
             }
             LogicalMessage::Delete(d) => {
                 let rel = self.rel(d.relation_id)?;
@@ -346,7 +366,7 @@ impl Assembler {
                     };
                     Ok(new_event(tx, &rel, pos, Action::Delete, None, Some(old)))
                 };
-                self.push_change(&rel, ev, out)?;
+                self.push_change(d.relation_id, &rel, ev, out)?;
             }
             LogicalMessage::Truncate(t) => {
                 for id in t.relation_ids {
@@ -354,7 +374,7 @@ impl Assembler {
                     let ev = |tx: &OpenTx, pos| -> Result<Event, EventError> {
                         Ok(new_event(tx, &rel, pos, Action::Truncate, None, None))
                     };
-                    self.push_change(&rel, ev, out)?;
+                    self.push_change(id, &rel, ev, out)?;
                 }
             }
             LogicalMessage::Message(m) => {
@@ -457,6 +477,7 @@ impl Assembler {
     /// on the table filter), builds it if wanted, and buffers or hands it out.
     fn push_change(
         &mut self,
+        relation_id: u32,
         rel: &RelationInfo,
         build: impl FnOnce(&OpenTx, Position) -> Result<Event, EventError>,
         out: &mut Vec<Output>,
@@ -472,7 +493,8 @@ impl Assembler {
         if !wanted {
             return Ok(());
         }
-        let ev = build(tx, Position::new(tx.commit_lsn, ordinal))?;
+        let mut ev = build(tx, Position::new(tx.commit_lsn, ordinal))?;
+        ev.schema_change = self.reshaped.remove(&relation_id);
         tx.next_index += 1;
         tx.buffer.push(ev);
         if tx.buffer.len() > max {
@@ -518,6 +540,7 @@ fn new_event(
             last: false,
             annotations: None,
         },
+        schema_change: None,
     }
 }
 
@@ -614,23 +637,11 @@ fn changed_columns(rel: &RelationInfo, before: Option<&Row>, after: &Row) -> Vec
         .iter()
         .zip(before.values.iter().zip(&after.values))
         .filter(|(_, (b, a))| match (b, a) {
-            (Some(b), Some(a)) => !same_value(b, a),
+            (Some(b), Some(a)) => !b.same(a),
             (b, a) => b != a,
         })
         .map(|(n, _)| n.clone())
         .collect()
-}
-
-/// Value equality for `changed`: `==`, except that float NaN equals NaN (as in Postgres,
-/// and both sides serialize to the same `"NaN"`), also inside arrays.
-fn same_value(b: &Value, a: &Value) -> bool {
-    match (b, a) {
-        (Value::Float(x), Value::Float(y)) => x == y || (x.is_nan() && y.is_nan()),
-        (Value::Array(xs), Value::Array(ys)) => {
-            xs.len() == ys.len() && xs.iter().zip(ys).all(|(x, y)| same_value(x, y))
-        }
-        _ => b == a,
-    }
 }
 
 /// Several annotation messages in one transaction: objects merge (later keys win), any

@@ -9,6 +9,7 @@
 
 mod assemble;
 mod position;
+mod shape;
 mod time;
 mod write;
 
@@ -19,6 +20,7 @@ use serde::Serialize;
 
 pub use assemble::{Assembler, AssemblerOptions, EventError, Output, TableName, WATERMARK_PREFIX};
 pub use position::{ParsePositionError, Position};
+pub use shape::{ColumnShape, SchemaChange, SchemaConflict};
 pub(crate) use time::days_from_civil;
 pub use time::rfc3339_micros;
 
@@ -226,6 +228,9 @@ pub struct Event<R = Row> {
     pub transition: Option<Transition>,
     /// The transaction the change belongs to.
     pub tx: TxInfo,
+    /// Set on the first event of a table after its columns changed (not serialized: the
+    /// hub turns it into a `schemaChange` item for the table's subscribers).
+    pub schema_change: Option<Arc<SchemaChange>>,
 }
 
 impl Event<Row> {
@@ -257,6 +262,7 @@ impl Event<Row> {
             unchanged: self.unchanged,
             transition: self.transition,
             tx: self.tx,
+            schema_change: self.schema_change,
         })
     }
 }
@@ -342,6 +348,9 @@ struct WireEvent<T> {
     unchanged: Vec<String>,
     transition: Option<Transition>,
     tx: WireTx,
+    /// Only in the event log's stored form.
+    #[serde(default)]
+    schema_change: Option<shape::StoredChange>,
 }
 
 #[derive(serde::Deserialize)]
@@ -371,12 +380,15 @@ impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Event<T> {
             Action::Truncate => (None, None),
         };
         let names = |v: Vec<String>| -> Vec<Arc<str>> { v.into_iter().map(Arc::from).collect() };
+        let schema = Arc::from(w.schema);
+        let table = Arc::from(w.table);
+        let schema_change = w.schema_change.map(|c| c.into_change(&schema, &table));
         Ok(Event {
             id,
             position: w.position,
             action: w.action,
-            schema: Arc::from(w.schema),
-            table: Arc::from(w.table),
+            schema,
+            table,
             identity: w.identity,
             new,
             old,
@@ -392,6 +404,7 @@ impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Event<T> {
                 last: w.tx.last,
                 annotations: w.tx.annotations.map(Arc::new),
             },
+            schema_change,
         })
     }
 }

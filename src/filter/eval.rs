@@ -404,7 +404,7 @@ impl CompiledFilter {
                     return false;
                 }
                 match (before.get(slot), after.get(slot)) {
-                    (Some(b), Some(a)) => !same_value(b, a),
+                    (Some(b), Some(a)) => !b.same(a),
                     _ => true,
                 }
             })
@@ -472,20 +472,12 @@ fn check(slot: &Slot, test: &Test, value: Option<&Value>) -> Truth {
         }
         Test::EndsWith(s) => typed::text_bytes(family, value).map(|t| t.ends_with(s.as_bytes())),
         Test::Has(lit) => match (family, value) {
-            (Family::Array(elem), Value::Array(items)) => typed::array_has(elem, items, lit),
+            (Family::Array(elem), Value::Array(items))
+            | (Family::Array(elem), Value::BoundedArray { values: items, .. }) => {
+                typed::array_has(elem, items, lit)
+            }
             _ => None,
         },
     };
     result.map_or(Truth::ANY, Truth::of)
-}
-
-/// Value equality for `fields`, as the assembler computes `changed`: NaN equals NaN.
-fn same_value(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Float(x), Value::Float(y)) => x == y || (x.is_nan() && y.is_nan()),
-        (Value::Array(xs), Value::Array(ys)) => {
-            xs.len() == ys.len() && xs.iter().zip(ys).all(|(x, y)| same_value(x, y))
-        }
-        _ => a == b,
-    }
 }

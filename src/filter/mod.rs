@@ -502,6 +502,11 @@ impl CompiledFilter {
         self.single_row_key
     }
 
+    /// The columns the filter reads, each once.
+    pub fn columns(&self) -> impl Iterator<Item = &str> {
+        self.slots.iter().map(|s| &*s.name)
+    }
+
     /// True in set-membership mode, where delivered row events carry a [`Transition`].
     pub fn transitions(&self) -> bool {
         matches!(self.mode, eval::Mode::Transitions(_))

@@ -165,6 +165,7 @@ impl Family {
             TypeKind::Json => Family::Json,
             TypeKind::Timestamptz => Family::Timestamptz,
             TypeKind::Timestamp => Family::Timestamp,
+            TypeKind::Date => Family::Date,
             TypeKind::Bytea => Family::Bytea,
             TypeKind::Array { element, .. } => {
                 Family::Array(Box::new(Family::of(element, &element_name(type_name))))
@@ -405,7 +406,9 @@ pub(super) fn order(family: &Family, v: &Value, lit: &Lit) -> Option<Ordering> {
         (Family::Timestamp, Value::Timestamp(t), Lit::Micros(m)) => {
             temporal::timestamp(t.as_bytes(), Zone::Forbidden)?.cmp(m)
         }
-        (Family::Date, Value::Text(t), Lit::Days(d)) => temporal::date(t.as_bytes())?.cmp(d),
+        (Family::Date, Value::Text(t) | Value::Date(t), Lit::Days(d)) => {
+            temporal::date(t.as_bytes())?.cmp(d)
+        }
         (Family::Time, Value::Text(t), Lit::TimeOfDay(m)) => temporal::time(t.as_bytes())?.cmp(m),
         (Family::TimeTz, Value::Text(t), Lit::TimeTz(utc, west)) => {
             temporal::time_tz(t.as_bytes())?.cmp(&(*utc, *west))
@@ -427,6 +430,8 @@ pub(super) fn equal(family: &Family, v: &Value, lit: &Lit) -> Option<bool> {
             Some(json_eq(&doc, l))
         }
         (Family::Array(elem), Value::Array(items), Lit::Array(lits)) => array_eq(elem, items, lits),
+        // Postgres arrays equal only with equal lower bounds, and a literal's are all 1.
+        (Family::Array(_), Value::BoundedArray { .. }, Lit::Array(_)) => Some(false),
         _ => order(family, v, lit).map(Ordering::is_eq),
     }
 }

@@ -68,6 +68,12 @@ impl Subscribers {
 
     /// Offers `ev` to every subscriber it concerns.
     pub(super) fn event(&mut self, ev: &Event) {
+        if let Some(change) = &ev.schema_change {
+            for sub in self.slots.iter_mut().flatten() {
+                super::schema::announce(sub, change);
+            }
+            self.remove_done(0..self.slots.len());
+        }
         self.index.candidates(ev, &mut self.candidates);
         if ev.tx.last {
             for m in self.open.drain(..) {

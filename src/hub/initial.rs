@@ -205,6 +205,9 @@ impl Run {
                 Fed::Watermark(w) if w >= watermark => return Ok(()),
                 Fed::Watermark(_) => {}
                 Fed::Item(item) => self.hold(item)?,
+                Fed::Ended(conflict) => {
+                    return Err(SubscriptionError::SchemaChanged(conflict).into())
+                }
             }
         }
     }
@@ -236,6 +239,9 @@ impl Run {
                 fed = self.job.hub.rx.recv() => match fed {
                     Some(Ok(Fed::Item(change))) => hold(&mut self.held, self.job.buffer_limit, change)?,
                     Some(Ok(Fed::Watermark(_))) => {}
+                    Some(Ok(Fed::Ended(conflict))) => {
+                        return Err(SubscriptionError::SchemaChanged(conflict).into())
+                    }
                     Some(Err(e)) => return Err(SubscriptionError::Source(e).into()),
                     None => return Err(self.ended()),
                 },

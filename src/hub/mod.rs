@@ -70,6 +70,7 @@ use tokio_util::sync::CancellationToken;
 
 mod fanout;
 mod initial;
+mod schema;
 mod upstream;
 
 use upstream::Upstream;
@@ -158,6 +159,19 @@ pub enum SubscriptionItem<R = Row> {
         /// The position described above.
         position: Position,
     },
+    /// The table's columns changed (added, dropped, renamed or retyped): the events that
+    /// follow have these columns. Sent to each subscriber of the table before the first
+    /// event with the new shape (`{"type": "schemaChange", "schema", "table", "columns":
+    /// [{"name", "typeOid", "key"}]}`); a subscriber whose filter no longer fits ends with
+    /// [`SubscriptionError::SchemaChanged`] instead.
+    SchemaChange {
+        /// The table's schema.
+        schema: String,
+        /// The table's name.
+        table: String,
+        /// Its columns from now on, in order.
+        columns: Vec<crate::event::ColumnShape>,
+    },
     /// A row of the initial state, when it was asked for (serialized with
     /// `"action": "snapshot"` and no `type` field).
     #[serde(untagged)]
@@ -211,6 +225,9 @@ pub enum SubscriptionError {
     /// Reading the initial state failed.
     #[error("initial state")]
     Snapshot(#[from] SnapshotError),
+    /// The table's columns changed so that the filter no longer means what it did.
+    #[error(transparent)]
+    SchemaChanged(crate::event::SchemaConflict),
 }
 
 impl SubscriptionError {
@@ -225,6 +242,7 @@ impl SubscriptionError {
             SubscriptionError::HubStopped => ErrorCode::SourceStopped,
             SubscriptionError::Sql(_) => ErrorCode::Internal,
             SubscriptionError::Snapshot(e) => e.code(),
+            SubscriptionError::SchemaChanged(_) => ErrorCode::SchemaChanged,
         }
     }
 }
@@ -236,6 +254,8 @@ enum Fed {
     Item(SubscriptionItem),
     /// Passed on only to subscribers reading an initial state.
     Watermark(Watermark),
+    /// The subscription ends: its filter does not fit the table's new columns.
+    Ended(crate::event::SchemaConflict),
 }
 
 type Queue = mpsc::Receiver<Result<Fed, Arc<Error>>>;
@@ -374,14 +394,15 @@ impl Hub {
         let published = catalog::is_published(client, &self.publication, &table)
             .await
             .map_err(Error::from)?;
+        if !published {
+            let why = catalog::not_published(client, &self.publication, &table).await;
+            return Err(why.map_err(Error::from)?.into());
+        }
         let restriction = match options.initial_state {
             true => crate::initial::Published::lookup(client, &self.publication, &table).await?,
             false => crate::initial::Published::default(),
         };
         drop(guard);
-        if !published {
-            return Err(TableError::NotPublished(table.to_string()).into());
-        }
         let filter = CompiledFilter::new(filter.as_ref(), &schema)?;
         let warnings = filter.warnings().to_vec();
         for w in &warnings {
@@ -495,6 +516,9 @@ impl Direct {
             return match self.rx.poll_recv(cx) {
                 Poll::Ready(Some(Ok(Fed::Watermark(_)))) => continue,
                 Poll::Ready(Some(Ok(Fed::Item(item)))) => Poll::Ready(Some(Ok(item))),
+                Poll::Ready(Some(Ok(Fed::Ended(conflict)))) => {
+                    Poll::Ready(Some(Err(SubscriptionError::SchemaChanged(conflict))))
+                }
                 Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(SubscriptionError::Source(e)))),
                 Poll::Ready(None) => Poll::Ready(self.ended().map(Err)),
                 Poll::Pending => Poll::Pending,

@@ -169,6 +169,7 @@ impl SnapshotRow<Row> {
                 last: true,
                 annotations: None,
             },
+            schema_change: None,
         };
         filter.evaluate(&probe).is_deliver()
     }
@@ -261,6 +262,25 @@ impl Session {
         let cursor = format!("waltap_snapshot_{}", self.cursors);
         let mut table = table.clone();
         if let Some(listed) = &publication.columns {
+            if publication.generated_listed
+                && listed
+                    .iter()
+                    .any(|name| !table.columns.iter().any(|c| c.name == *name))
+            {
+                // A listed column the schema lacks is a stored generated one that the
+                // publication sends (PostgreSQL 18): read the columns again with those.
+                let name = TableName {
+                    schema: table.schema.clone(),
+                    table: table.table.clone(),
+                };
+                if let Some(with_generated) =
+                    crate::pg::catalog::table_schema_with(&self.client, &name, true)
+                        .await
+                        .map_err(SnapshotError::sql("read the table's generated columns"))?
+                {
+                    table.columns = with_generated.columns;
+                }
+            }
             table.columns.retain(|c| listed.contains(&c.name));
         }
         let table = &table;
@@ -384,6 +404,9 @@ impl TableRows<'_> {
 pub struct Published {
     pub columns: Option<Vec<String>>,
     pub row_filter: Option<String>,
+    /// `columns` is exact about stored generated columns (PostgreSQL 18 publishes them
+    /// when asked to). Before 18 the list names them too, but pgoutput never sends them.
+    pub generated_listed: bool,
 }
 
 impl Published {
@@ -414,6 +437,7 @@ impl Published {
         Ok(row.map_or_else(Published::default, |r| Published {
             columns: r.get(0),
             row_filter: r.get(1),
+            generated_listed: version >= 180000,
         }))
     }
 }

@@ -211,6 +211,12 @@ pub async fn compile(
                 .map_err(StoreError::sql("read the publication's tables"))?,
             None => !crate::pg::catalog::RESERVED_SCHEMAS.contains(&t.schema.as_str()),
         };
+        if let (false, Some(p)) = (published, &publication) {
+            let why = crate::pg::catalog::not_published(catalog, p, t)
+                .await
+                .map_err(StoreError::sql("read the publication's tables"))?;
+            return Err(why.into());
+        }
         if !published {
             return Err(crate::error::TableError::NotPublished(t.to_string()).into());
         }

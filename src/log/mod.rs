@@ -166,6 +166,9 @@ pub enum StoreError {
         /// The term this member held.
         term: i64,
     },
+    /// A table's columns changed so that the stream's filter no longer fits them.
+    #[error(transparent)]
+    SchemaChanged(crate::event::SchemaConflict),
 }
 
 impl StoreError {
@@ -188,6 +191,7 @@ impl StoreError {
             StoreError::BadFilter(_) => ErrorCode::BadFilter,
             StoreError::Table(_) => ErrorCode::UnknownTable,
             StoreError::Snapshot(e) => e.code(),
+            StoreError::SchemaChanged(_) => ErrorCode::SchemaChanged,
             _ => ErrorCode::Internal,
         }
     }

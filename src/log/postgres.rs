@@ -226,13 +226,18 @@ impl LogWriter for PgLog {
             self.schemas.push(ev.schema.to_string());
             self.tables.push(ev.table.to_string());
             self.lasts.push(ev.tx.last);
-            self.bodies
-                .push(
-                    serde_json::to_string(ev).map_err(|source| StoreError::Serialize {
-                        position: ev.position,
-                        source,
-                    })?,
-                );
+            let serialize_error = |source| StoreError::Serialize {
+                position: ev.position,
+                source,
+            };
+            let mut body = serde_json::to_string(ev).map_err(serialize_error)?;
+            if let Some(change) = &ev.schema_change {
+                // Kept with the event for persisted streams (never delivered as part of it).
+                change
+                    .append_to_stored(&mut body)
+                    .map_err(serialize_error)?;
+            }
+            self.bodies.push(body);
         }
         let result = self
             .client

@@ -357,8 +357,10 @@ impl Tail {
             message: e.to_string(),
         })?;
         let key = (ev.schema.to_string(), ev.table.to_string());
+        // The first event after a change of the table's columns carries it.
         let stale = match self.types.get(&key) {
             None => true,
+            Some(_) if ev.schema_change.is_some() => true,
             Some(t) => {
                 let covered = t.table.as_ref().is_some_and(|t| t.covers(&ev));
                 !covered && t.read_at.elapsed() >= TYPES_RETRY

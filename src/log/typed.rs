@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde_json::Value as Json;
 
-use crate::event::{Event, Row, TableName};
+use crate::event::{Event, Row, SchemaChange, SchemaConflict, TableName};
 use crate::filter::TableSchema;
 use crate::value::{TypeKind, Value};
 
@@ -97,6 +97,55 @@ impl TableTypes {
     }
 }
 
+/// Following a stream's tables through schema changes (`streams::reshape`).
+impl TableTypes {
+    /// Whether the filter reading `columns` still fits the table after `change`.
+    pub(crate) fn conflict<'a>(
+        &self,
+        change: &SchemaChange,
+        mut columns: impl Iterator<Item = &'a str>,
+    ) -> Option<SchemaConflict> {
+        columns.find_map(|column| {
+            let Some(now) = change.columns.iter().find(|c| &*c.name == column) else {
+                return Some(SchemaConflict::ColumnDropped {
+                    table: change.qualified(),
+                    column: column.to_owned(),
+                });
+            };
+            let had = self.kind_of(column)?;
+            let before = change.previous.iter().find(|c| &*c.name == column)?;
+            // A type that is not built in keeps the form the consumer read it with.
+            let form = TypeKind::builtin(now.type_oid)?;
+            (form != *had).then(|| SchemaConflict::TypeChanged {
+                table: change.qualified(),
+                column: column.to_owned(),
+                from: before.type_oid,
+                to: now.type_oid,
+            })
+        })
+    }
+
+    fn kind_of(&self, column: &str) -> Option<&TypeKind> {
+        let i = self.names.iter().position(|n| &**n == column)?;
+        self.kinds.get(i)
+    }
+
+    /// Reads rows with the table's new columns from now on.
+    pub(crate) fn follow(&mut self, change: &SchemaChange) {
+        let kinds = change
+            .columns
+            .iter()
+            .map(|c| {
+                TypeKind::builtin(c.type_oid)
+                    .or_else(|| self.kind_of(&c.name).cloned())
+                    .unwrap_or(TypeKind::Text)
+            })
+            .collect();
+        self.names = change.columns.iter().map(|c| c.name.clone()).collect();
+        self.kinds = kinds;
+    }
+}
+
 /// A stored row as it is: each value embedded as JSON, in the stored order.
 fn as_json(json: &Json) -> Row {
     let Json::Object(map) = json else {
@@ -129,6 +178,7 @@ fn map_rows(ev: &Event<Json>, row: impl Fn(&Json) -> Row) -> Event<Row> {
         unchanged: ev.unchanged.clone(),
         transition: None,
         tx: ev.tx.clone(),
+        schema_change: ev.schema_change.clone(),
     }
 }
 

@@ -59,11 +59,22 @@ fn wrap(mut kind: TypeKind, delimiters: Vec<u8>) -> TypeKind {
     kind
 }
 
-/// A table's columns (in order, without dropped and system columns), their types, its
-/// primary key and replica identity; None when the table does not exist.
+/// A table's columns (in order, without dropped, system and generated columns), their
+/// types, its primary key and replica identity; None when the table does not exist.
 pub async fn table_schema(
     client: &Client,
     table: &crate::event::TableName,
+) -> Result<Option<crate::filter::TableSchema>, tokio_postgres::Error> {
+    table_schema_with(client, table, false).await
+}
+
+/// [`table_schema`], with the stored generated columns too when `generated`: those a
+/// publication sends on PostgreSQL 18 (`publish_generated_columns = stored`, or a column
+/// list naming them).
+pub async fn table_schema_with(
+    client: &Client,
+    table: &crate::event::TableName,
+    generated: bool,
 ) -> Result<Option<crate::filter::TableSchema>, tokio_postgres::Error> {
     let Some(rel) = client
         .query_opt(
@@ -90,11 +101,11 @@ pub async fn table_schema(
              FROM pg_attribute a
              LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
-               -- pgoutput leaves generated columns out (by default, up to 18): so do
-               -- filters and initial-state rows.
-               AND a.attgenerated = ''
+               -- pgoutput leaves generated columns out unless the publication sends the
+               -- stored ones (18+): the caller says which.
+               AND (a.attgenerated = '' OR ($2 AND a.attgenerated = 's'))
              ORDER BY a.attnum",
-            &[&oid],
+            &[&oid, &generated],
         )
         .await?;
     let mut columns = Vec::with_capacity(rows.len());
@@ -123,6 +134,36 @@ pub async fn table_schema(
 /// Schemas whose tables are never delivered, published or not: the system catalogs and
 /// waltap's own tables (the event log, streams, and their cursors).
 pub const RESERVED_SCHEMAS: &[&str] = &["pg_catalog", "information_schema", "pg_toast", "waltap"];
+
+/// Why `table` is not delivered, once [`is_published`] said so: a partitioned table whose
+/// partitions are published without `publish_via_partition_root` gets its own error, as
+/// a subscription to it would otherwise wait for changes that only arrive under the
+/// partitions' names.
+pub async fn not_published(
+    client: &Client,
+    publication: &str,
+    table: &crate::event::TableName,
+) -> Result<crate::error::TableError, tokio_postgres::Error> {
+    let partitions_published = client
+        .query_opt(
+            "SELECT 1 FROM pg_class c
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             JOIN pg_publication_tables pt ON pt.pubname = $1
+             JOIN pg_namespace pn ON pn.nspname = pt.schemaname
+             JOIN pg_class p ON p.relnamespace = pn.oid AND p.relname = pt.tablename
+             WHERE n.nspname = $2 AND c.relname = $3 AND c.relkind = 'p'
+               AND p.relispartition AND pg_partition_root(p.oid) = c.oid
+             LIMIT 1",
+            &[&publication, &table.schema, &table.table],
+        )
+        .await?
+        .is_some();
+    Ok(if partitions_published {
+        crate::error::TableError::PartitionRoot(table.to_string())
+    } else {
+        crate::error::TableError::NotPublished(table.to_string())
+    })
+}
 
 /// Whether `table` is one of `publication`'s tables (matched by schema and name, never by
 /// a joined `schema.table` text, which is ambiguous when a name holds a dot) and outside

@@ -181,11 +181,13 @@ impl Int8Strings {
     }
 }
 
-/// Numbers (also inside arrays) become their decimal text; `null` stays.
+/// Numbers (also inside arrays, and the elements of an array with lower bounds, not its
+/// bounds) become their decimal text; `null` stays.
 fn stringify(value: &mut Json) {
     match value {
         Json::Number(n) => *value = Json::String(n.to_string()),
         Json::Array(items) => items.iter_mut().for_each(stringify),
+        Json::Object(bounded) => bounded.get_mut("values").into_iter().for_each(stringify),
         _ => {}
     }
 }
@@ -215,6 +217,15 @@ mod tests {
         assert_eq!(
             item["after"],
             json!({"big": null, "bigs": [["1", "2"], ["3", null]], "id": 1})
+        );
+        let mut bounded = json!({
+            "schema": "public", "table": "orders", "action": "create",
+            "created": {"bigs": {"lowerBounds": [0], "values": [5, null]}},
+        });
+        exact.apply(&mut bounded);
+        assert_eq!(
+            bounded["created"]["bigs"],
+            json!({"lowerBounds": [0], "values": ["5", null]})
         );
         let mut other = json!({"schema": "public", "table": "users", "row": {"big": 1}});
         exact.apply(&mut other);

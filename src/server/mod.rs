@@ -243,10 +243,12 @@ impl AppState {
             .await
             .map_err(StoreError::sql("read the publication's tables"))?;
         if published {
-            Ok(())
-        } else {
-            Err(TableError::NotPublished(table.to_string()).into())
+            return Ok(());
         }
+        let why = crate::pg::catalog::not_published(&catalog, &self.publication, table)
+            .await
+            .map_err(StoreError::sql("read the publication's tables"))?;
+        Err(why.into())
     }
 
     /// Checks a filter against the table's columns and types now, as a subscription

@@ -50,6 +50,7 @@ impl Frame {
             SubscriptionItem::Initialized { .. } => ("initialized", false),
             SubscriptionItem::SnapshotComplete { .. } => ("snapshotComplete", false),
             SubscriptionItem::Completed { .. } => ("completed", false),
+            SubscriptionItem::SchemaChange { .. } => ("schemaChange", false),
             SubscriptionItem::Snapshot(_) => ("snapshot", false),
             SubscriptionItem::Event(_) => ("change", true),
         };

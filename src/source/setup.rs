@@ -255,6 +255,10 @@ pub async fn prepare(client: &Client, opts: &SetupOptions) -> Result<SetupReport
     for t in &opts.tables {
         let name = t.to_string();
         if !tables.iter().any(|p| p.table == name) {
+            let why = crate::pg::catalog::not_published(client, &opts.publication, t).await?;
+            if let crate::error::TableError::PartitionRoot(_) = why {
+                return Err(why.into());
+            }
             return Err(SetupError::TableNotPublished {
                 table: name,
                 publication: opts.publication.clone(),
@@ -403,7 +407,28 @@ async fn create_publication(
             .iter()
             .map(|t| format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.table)))
             .collect();
-        format!("FOR TABLE {}", list.join(", "))
+        // A partitioned table asked for by name is wanted under its name: its partitions'
+        // changes are published as the root's (without the option they would arrive
+        // under each partition's name, and nothing under the name asked for).
+        let partitioned = client
+            .query_one(
+                "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 JOIN unnest($1::text[], $2::text[]) AS t(s, r) ON n.nspname = t.s AND c.relname = t.r
+                 WHERE c.relkind = 'p'",
+                &[
+                    &tables.iter().map(|t| t.schema.as_str()).collect::<Vec<_>>(),
+                    &tables.iter().map(|t| t.table.as_str()).collect::<Vec<_>>(),
+                ],
+            )
+            .await?
+            .get::<_, i64>(0)
+            > 0;
+        let options = if partitioned {
+            " WITH (publish_via_partition_root = true)"
+        } else {
+            ""
+        };
+        format!("FOR TABLE {}{options}", list.join(", "))
     } else if version_num >= 150_000 {
         let rows = client
             .query(

@@ -1,7 +1,8 @@
 //! Parser for Postgres array text output (`array_out`).
 //!
-//! Grammar handled: optional bounds decoration (`[0:1][1:2]=`, ignored),
-//! then nested braces. Elements are separated by the element type's
+//! Grammar handled: optional bounds decoration (`[0:1][1:2]=`, which
+//! `array_out` writes only when some lower bound is not 1, and which then
+//! makes a [`Value::BoundedArray`]), then nested braces. Elements are separated by the element type's
 //! delimiter; an element is unquoted (surrounding whitespace trimmed, bare
 //! `NULL` in any case meaning SQL NULL) or double-quoted with backslash
 //! escapes. Like `array_in`, quoted and unquoted runs may be mixed inside one
@@ -28,8 +29,9 @@ pub(crate) fn decode(element: &TypeKind, delimiter: u8, raw: &Bytes) -> Result<V
         delimiter,
     };
     p.skip_ws();
+    let mut lower_bounds = Vec::new();
     if p.peek() == Some(b'[') {
-        p.skip_bounds()?;
+        lower_bounds = p.bounds()?;
         p.skip_ws();
     }
     let value = p.level(1)?;
@@ -37,7 +39,13 @@ pub(crate) fn decode(element: &TypeKind, delimiter: u8, raw: &Bytes) -> Result<V
     if p.pos != p.b.len() {
         return Err(p.err("junk after closing '}'"));
     }
-    Ok(value)
+    match value {
+        Value::Array(values) if lower_bounds.iter().any(|&b| b != 1) => Ok(Value::BoundedArray {
+            lower_bounds,
+            values,
+        }),
+        value => Ok(value),
+    }
 }
 
 struct Parser<'a> {
@@ -71,11 +79,15 @@ impl Parser<'_> {
         }
     }
 
-    /// `[lo:hi]` groups up to and including `=`; the values are irrelevant
-    /// to JSON, so only their shape is checked.
-    fn skip_bounds(&mut self) -> Result<(), ValueError> {
+    /// `[lo:hi]` groups up to and including `=` -> the lower bounds (`[hi]`
+    /// alone means a lower bound of 1, as in `array_in`).
+    fn bounds(&mut self) -> Result<Vec<i32>, ValueError> {
         const BAD: &str = "malformed dimension bounds";
+        let mut lower = Vec::new();
         while self.peek() == Some(b'[') {
+            if lower.len() == MAX_DEPTH {
+                return Err(self.err("too many dimensions"));
+            }
             let close = self.b[self.pos..]
                 .iter()
                 .position(|&c| c == b']')
@@ -88,6 +100,16 @@ impl Parser<'_> {
             if !well_formed {
                 return Err(self.err(BAD));
             }
+            let first = inner.split(|&c| c == b':').next().unwrap_or_default();
+            let bound = if inner.contains(&b':') {
+                std::str::from_utf8(first)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| self.err(BAD))?
+            } else {
+                1
+            };
+            lower.push(bound);
             self.pos += close + 1;
         }
         self.skip_ws();
@@ -95,7 +117,7 @@ impl Parser<'_> {
             return Err(self.err(BAD));
         }
         self.pos += 1;
-        Ok(())
+        Ok(lower)
     }
 
     /// At `{`; returns after the matching `}`.

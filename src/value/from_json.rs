@@ -72,28 +72,70 @@ impl Value {
                     Value::Timestamp(t)
                 })
             }
+            TypeKind::Date => json
+                .as_str()
+                .ok_or_else(|| unexpected("a date string"))
+                .and_then(text)
+                .map(Value::Date),
             TypeKind::Bytea => json
                 .as_str()
                 .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
                 .map(|b| Value::Bytea(Bytes::from(b)))
                 .ok_or_else(|| unexpected("a base64 string")),
             TypeKind::Array { element, .. } => {
+                if let Json::Object(bounded) = json {
+                    return bounded_array(kind, bounded).ok_or_else(|| {
+                        unexpected("an array, or {\"lowerBounds\": [...], \"values\": [...]}")
+                    })?;
+                }
                 let items = json.as_array().ok_or_else(|| unexpected("an array"))?;
-                items
-                    .iter()
-                    .map(|item| match item {
-                        // A nested array is a further dimension, unless the elements are
-                        // json, which may be arrays themselves.
-                        Json::Array(_) if **element != TypeKind::Json => {
-                            Value::from_json(kind, item)
-                        }
-                        _ => Value::from_json(element, item),
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-                    .map(Value::Array)
+                array_items(kind, element, items).map(Value::Array)
             }
         }
     }
+}
+
+fn array_items(
+    kind: &TypeKind,
+    element: &TypeKind,
+    items: &[Json],
+) -> Result<Vec<Value>, ValueError> {
+    items
+        .iter()
+        .map(|item| match item {
+            // A nested array is a further dimension, unless the elements are json, which
+            // may be arrays themselves.
+            Json::Array(_) if *element != TypeKind::Json => Value::from_json(kind, item),
+            _ => Value::from_json(element, item),
+        })
+        .collect()
+}
+
+/// `{"lowerBounds": [...], "values": [...]}` -> [`Value::BoundedArray`]; `None` when the
+/// object is not of that shape.
+fn bounded_array(
+    kind: &TypeKind,
+    object: &serde_json::Map<String, Json>,
+) -> Option<Result<Value, ValueError>> {
+    let TypeKind::Array { element, .. } = kind else {
+        return None;
+    };
+    if object.len() != 2 {
+        return None;
+    }
+    let lower_bounds = object
+        .get(super::LOWER_BOUNDS_KEY)?
+        .as_array()?
+        .iter()
+        .map(|b| b.as_i64().and_then(|b| i32::try_from(b).ok()))
+        .collect::<Option<Vec<i32>>>()?;
+    let items = object.get(super::VALUES_KEY)?.as_array()?;
+    Some(
+        array_items(kind, element, items).map(|values| Value::BoundedArray {
+            lower_bounds,
+            values,
+        }),
+    )
 }
 
 #[cfg(test)]
@@ -117,7 +159,7 @@ mod tests {
         let respelled = |k: &TypeKind| {
             matches!(
                 k,
-                TypeKind::Timestamptz | TypeKind::Timestamp | TypeKind::Json
+                TypeKind::Timestamptz | TypeKind::Timestamp | TypeKind::Date | TypeKind::Json
             )
         };
         let exact = match kind {
@@ -147,7 +189,20 @@ mod tests {
             (TypeKind::Bytea, "\\x00ff10"),
             (int_array.clone(), "{{1,NULL},{3,4}}"),
             (json_array, r#"{"[1,2]","{\"k\": 3}",NULL}"#),
-            (TypeKind::array_of(int_array), "{}"),
+            (TypeKind::array_of(int_array.clone()), "{}"),
+            // Edge values: expanded years, infinities, lower bounds.
+            (TypeKind::Date, "0097-02-16 BC"),
+            (TypeKind::Date, "5874897-12-31"),
+            (TypeKind::Date, "-infinity"),
+            (TypeKind::Timestamptz, "294276-12-31 23:59:59.999999+00"),
+            (TypeKind::Timestamp, "0001-01-01 00:00:00 BC"),
+            (TypeKind::Timestamp, "infinity"),
+            (int_array.clone(), "[0:1]={1,2}"),
+            (int_array, "[-3:-2][1:1]={{1},{NULL}}"),
+            (
+                TypeKind::array_of(TypeKind::Date),
+                "[5:5]={\"0097-02-16 BC\"}",
+            ),
         ] {
             round_trip(&kind, text);
         }

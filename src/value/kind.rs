@@ -38,6 +38,8 @@ pub enum TypeKind {
     Timestamptz,
     /// `timestamp` -> ISO 8601 string with 6 fraction digits, no zone.
     Timestamp,
+    /// `date` -> ISO 8601 `YYYY-MM-DD`, expanded years outside 1 to 9999 AD.
+    Date,
     /// `bytea` -> standard base64 string.
     Bytea,
     /// Any array type; multi-dimensional arrays nest.
@@ -84,6 +86,7 @@ fn scalar(oid: u32) -> Option<TypeKind> {
         114 | 3802 => TypeKind::Json,
         1184 => TypeKind::Timestamptz,
         1114 => TypeKind::Timestamp,
+        1082 => TypeKind::Date,
         17 => TypeKind::Bytea,
         _ => {
             SCALARS.binary_search(&oid).ok()?;

@@ -17,8 +17,10 @@
 //! | json, jsonb | nested JSON, verbatim |
 //! | timestamptz | `"2026-11-27T10:00:00.123000Z"` (BC years, offsets: see `time.rs`) |
 //! | timestamp | `"2026-11-27T10:00:00.500000"` |
+//! | date | `"2026-11-27"` (years outside 1-9999 AD expanded: `"+010000-01-01"`) |
+//! | `infinity` of the three | `"infinity"`, `"-infinity"` |
 //! | bytea | standard base64 with padding |
-//! | arrays | JSON arrays of the element mapping, nested per dimension |
+//! | arrays | JSON arrays of the element mapping, nested per dimension; with lower bounds other than 1, `{"lowerBounds": [...], "values": [...]}` |
 //! | everything else | string, exact text |
 //!
 //! Hot-path rules: scalar values keep a slice of the received buffer
@@ -41,7 +43,7 @@ use std::fmt;
 use base64::display::Base64Display;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
-use serde::ser::{Serialize, SerializeSeq, Serializer};
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 
 pub use kind::TypeKind;
 pub(crate) use write::{write_str, write_u64};
@@ -68,10 +70,45 @@ pub enum Value {
     Timestamptz(Text),
     /// Postgres output text; rewritten to ISO 8601 when serialized.
     Timestamp(Text),
+    /// Postgres output text; years outside 1 to 9999 AD rewritten when serialized.
+    Date(Text),
     /// Decoded bytes; base64 when serialized.
     Bytea(Bytes),
     /// An array; elements of a multi-dimensional array are arrays themselves.
     Array(Vec<Value>),
+    /// An array whose lower bounds are not all 1 (`'[0:1]={1,2}'`): one bound per
+    /// dimension, and the elements as in [`Value::Array`].
+    BoundedArray {
+        /// Lower bound of each dimension, outermost first.
+        lower_bounds: Vec<i32>,
+        /// The elements, nested per dimension.
+        values: Vec<Value>,
+    },
+}
+
+impl Value {
+    /// Equality as Postgres sees "the same value" for change detection: `==`, except that
+    /// float NaN equals NaN (both serialize to `"NaN"`), also inside arrays.
+    pub fn same(&self, other: &Value) -> bool {
+        fn all_same(xs: &[Value], ys: &[Value]) -> bool {
+            xs.len() == ys.len() && xs.iter().zip(ys).all(|(x, y)| x.same(y))
+        }
+        match (self, other) {
+            (Value::Float(x), Value::Float(y)) => x == y || (x.is_nan() && y.is_nan()),
+            (Value::Array(xs), Value::Array(ys)) => all_same(xs, ys),
+            (
+                Value::BoundedArray {
+                    lower_bounds: bx,
+                    values: xs,
+                },
+                Value::BoundedArray {
+                    lower_bounds: by,
+                    values: ys,
+                },
+            ) => bx == by && all_same(xs, ys),
+            _ => self == other,
+        }
+    }
 }
 
 /// UTF-8 validated [`Bytes`].
@@ -134,6 +171,8 @@ pub enum ValueError {
     InvalidJson(String),
     #[error("invalid timestamp {0:?}")]
     InvalidTimestamp(String),
+    #[error("invalid date {0:?}")]
+    InvalidDate(String),
     #[error("invalid array {text:?}: {reason}")]
     InvalidArray { text: String, reason: &'static str },
     /// A JSON form that does not fit the column type ([`Value::from_json`]).
@@ -195,6 +234,12 @@ pub fn decode_text(kind: &TypeKind, raw: Bytes) -> Result<Value, ValueError> {
             } else {
                 Value::Timestamp(text)
             })
+        }
+        TypeKind::Date => {
+            if !time::is_valid_date(&raw) {
+                return Err(ValueError::InvalidDate(snippet(&raw)));
+            }
+            Text::new(raw).map(Value::Date)
         }
         TypeKind::Bytea => decode_bytea(raw).map(Value::Bytea),
         TypeKind::Array { element, delimiter } => array::decode(element, *delimiter, &raw),
@@ -266,15 +311,47 @@ impl Serialize for Value {
             Value::Json(t) => json::serialize_raw(t.as_str(), serializer),
             Value::Timestamptz(t) => serialize_timestamp(t, true, serializer),
             Value::Timestamp(t) => serialize_timestamp(t, false, serializer),
+            Value::Date(t) => with_date_text(t, |s| serializer.serialize_str(s)),
             Value::Bytea(b) => serializer.collect_str(&Base64Display::new(b, &STANDARD)),
-            Value::Array(items) => {
-                let mut seq = serializer.serialize_seq(Some(items.len()))?;
-                for item in items {
-                    seq.serialize_element(item)?;
-                }
-                seq.end()
+            Value::Array(items) => serialize_items(items, serializer),
+            Value::BoundedArray {
+                lower_bounds,
+                values,
+            } => {
+                let mut map = serializer.serialize_map(Some(2))?;
+                map.serialize_entry(LOWER_BOUNDS_KEY, lower_bounds)?;
+                map.serialize_entry(VALUES_KEY, &Items(values))?;
+                map.end()
             }
         }
+    }
+}
+
+/// Keys of a [`Value::BoundedArray`]'s JSON object.
+pub(crate) const LOWER_BOUNDS_KEY: &str = "lowerBounds";
+pub(crate) const VALUES_KEY: &str = "values";
+
+struct Items<'a>(&'a [Value]);
+
+impl Serialize for Items<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serialize_items(self.0, serializer)
+    }
+}
+
+fn serialize_items<S: Serializer>(items: &[Value], serializer: S) -> Result<S::Ok, S::Error> {
+    let mut seq = serializer.serialize_seq(Some(items.len()))?;
+    for item in items {
+        seq.serialize_element(item)?;
+    }
+    seq.end()
+}
+
+/// Calls `f` with the ISO 8601 form of a date value.
+fn with_date_text<R>(t: &Text, f: impl FnOnce(&str) -> R) -> R {
+    match time::render_date(t.as_bytes()) {
+        Some(time::Rendered::Iso(buf)) => f(buf.as_str()),
+        Some(time::Rendered::AsIs) | None => f(t.as_str()),
     }
 }
 

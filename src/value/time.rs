@@ -1,16 +1,19 @@
-//! Rewriting Postgres `timestamp`/`timestamptz` output (DateStyle=ISO) into
-//! ISO 8601 / RFC 3339.
+//! Rewriting Postgres `timestamp`/`timestamptz`/`date` output (DateStyle=ISO)
+//! into ISO 8601 / RFC 3339 (docs/event-format.md, "Dates and times").
 //!
 //! Input shape: `Y{4,}-MM-DD HH:MM:SS[.F{1,6}][±HH[:MM[:SS]]][ BC]`, the zone
-//! present exactly for `timestamptz`. Output shape:
-//! `YYYY-MM-DDTHH:MM:SS.ffffff` plus `Z` or `±HH:MM` for `timestamptz`.
+//! present exactly for `timestamptz`; `Y{4,}-MM-DD[ BC]` for `date`. Output
+//! shape: `YYYY-MM-DDTHH:MM:SS.ffffff` plus `Z` or `±HH:MM` for `timestamptz`;
+//! `YYYY-MM-DD` for `date`.
 //!
 //! Decisions:
-//! - BC years use astronomical numbering, as ISO 8601 does: 1 BC is year
-//!   `0000`, 44 BC is `-0043` (sign plus at least four digits).
-//! - AD years above 9999 keep their digits without a leading `+`
-//!   (`12345-01-01T...`); RFC 3339 cannot express them at all, and a sign
-//!   would only be needed to disambiguate from a 4-digit-year profile.
+//! - Years 1 to 9999 AD are written as RFC 3339 writes them: four digits.
+//! - Every other year uses ISO 8601's expanded form: a sign and at least six
+//!   digits, in astronomical numbering (1 BC is `+000000`, 97 BC is
+//!   `-000096`, the last timestamp is `+294276-12-31T...`). This is the
+//!   profile ECMAScript's `Date` reads exactly, and an RFC 3339 parser (four
+//!   digits, no sign) rejects it instead of misreading it as a year it can
+//!   express.
 //! - A zone offset with a seconds part (`+00:09:21`, only from pre-1900
 //!   local-mean-time zones, never under TimeZone=UTC) has no RFC 3339 form:
 //!   such values, and `infinity`/`-infinity`, are emitted as received.
@@ -52,7 +55,10 @@ impl IsoBuf {
     }
 }
 
-/// What the serializer should emit for a timestamp text.
+/// Digits of an expanded (signed) year: the ECMAScript profile of ISO 8601.
+const EXPANDED_YEAR_DIGITS: usize = 6;
+
+/// What the serializer should emit for a timestamp or date text.
 pub(crate) enum Rendered {
     Iso(IsoBuf),
     /// Emit the original text unchanged (infinities, seconds offsets).
@@ -89,16 +95,7 @@ pub(crate) fn render(s: &[u8], with_zone: bool) -> Option<Rendered> {
         return Some(Rendered::AsIs);
     }
     let mut out = IsoBuf::new();
-    if p.bc {
-        let year = digits_value(p.year)?;
-        let astronomical = year.checked_sub(1)?;
-        if astronomical > 0 {
-            out.push(b"-")?;
-        }
-        push_padded(&mut out, astronomical)?;
-    } else {
-        out.push(p.year)?;
-    }
+    push_year(&mut out, p.year, p.bc)?;
     out.push(&p.date_time[..6])?; // -MM-DD
     out.push(b"T")?;
     out.push(&p.date_time[7..])?; // HH:MM:SS
@@ -120,11 +117,43 @@ pub(crate) fn render(s: &[u8], with_zone: bool) -> Option<Rendered> {
     Some(Rendered::Iso(out))
 }
 
-fn parse(s: &[u8], with_zone: bool) -> Option<Parsed<'_>> {
-    let (s, bc) = match s.strip_suffix(b" BC") {
+/// Decode-time check for `date` text: `infinity`, `-infinity` or `Y{4,}-MM-DD[ BC]`.
+pub(crate) fn is_valid_date(s: &[u8]) -> bool {
+    is_infinity(s) || parse_date(s).is_some()
+}
+
+/// Rewrite a `date` text; `None` when it is not one. Dates of years 1 to 9999 AD,
+/// already in their ISO 8601 form, are left as they are.
+pub(crate) fn render_date(s: &[u8]) -> Option<Rendered> {
+    if is_infinity(s) {
+        return Some(Rendered::AsIs);
+    }
+    let (year, rest, bc) = parse_date(s)?;
+    if !bc && year.len() == 4 && year != b"0000" {
+        return Some(Rendered::AsIs);
+    }
+    let mut out = IsoBuf::new();
+    push_year(&mut out, year, bc)?;
+    out.push(rest)?;
+    Some(Rendered::Iso(out))
+}
+
+/// `(year digits, "-MM-DD", bc)` of a whole `date` text.
+fn parse_date(s: &[u8]) -> Option<(&[u8], &[u8], bool)> {
+    let (s, bc) = strip_bc(s);
+    let (year, rest) = split_year(s, bc)?;
+    matches_shape(rest, b"-00-00").then_some((year, rest, bc))
+}
+
+fn strip_bc(s: &[u8]) -> (&[u8], bool) {
+    match s.strip_suffix(b" BC") {
         Some(rest) => (rest, true),
         None => (s, false),
-    };
+    }
+}
+
+/// The year digits (4 to [`MAX_YEAR_DIGITS`]) and what follows; there is no year 0 BC.
+fn split_year(s: &[u8], bc: bool) -> Option<(&[u8], &[u8])> {
     let year_len = s.iter().take_while(|b| b.is_ascii_digit()).count();
     if !(4..=MAX_YEAR_DIGITS).contains(&year_len) {
         return None;
@@ -133,6 +162,29 @@ fn parse(s: &[u8], with_zone: bool) -> Option<Parsed<'_>> {
     if bc && year.iter().all(|&c| c == b'0') {
         return None;
     }
+    Some((year, rest))
+}
+
+/// The year as written out: four digits for 1 to 9999 AD, else signed and expanded.
+fn push_year(out: &mut IsoBuf, year: &[u8], bc: bool) -> Option<()> {
+    let value = digits_value(year)?;
+    if !bc && (1..=9999).contains(&value) {
+        return push_padded(out, value, 4);
+    }
+    if bc && value > 1 {
+        out.push(b"-")?;
+        push_padded(out, value - 1, EXPANDED_YEAR_DIGITS)
+    } else {
+        // 1 BC is astronomical year 0, which ISO 8601 signs positive; year 0 AD does not
+        // come from Postgres, but would mean the same.
+        out.push(b"+")?;
+        push_padded(out, if bc { 0 } else { value }, EXPANDED_YEAR_DIGITS)
+    }
+}
+
+fn parse(s: &[u8], with_zone: bool) -> Option<Parsed<'_>> {
+    let (s, bc) = strip_bc(s);
+    let (year, rest) = split_year(s, bc)?;
     let date_time = rest.get(..15)?;
     if !matches_shape(date_time, b"-00-00 00:00:00") {
         return None;
@@ -183,11 +235,11 @@ fn digits_value(d: &[u8]) -> Option<u32> {
     })
 }
 
-/// At least four digits, zero-padded, as ISO 8601 years are written.
-fn push_padded(out: &mut IsoBuf, mut n: u32) -> Option<()> {
+/// At least `min_digits` digits (at most 10), zero-padded, as ISO 8601 years are written.
+fn push_padded(out: &mut IsoBuf, mut n: u32, min_digits: usize) -> Option<()> {
     let mut digits = [b'0'; 10];
     let mut i = digits.len();
-    while n > 0 || i > digits.len() - 4 {
+    while n > 0 || i > digits.len() - min_digits {
         i -= 1;
         digits[i] = b'0' + (n % 10) as u8;
         n /= 10;

@@ -9,7 +9,7 @@
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 
-use super::{with_timestamp_text, Value};
+use super::{with_date_text, with_timestamp_text, Value, LOWER_BOUNDS_KEY, VALUES_KEY};
 
 /// The short escapes JSON has; every other control byte becomes `\u00XX`.
 fn short_escape(b: u8) -> Option<&'static [u8]> {
@@ -117,21 +117,43 @@ impl Value {
                 let with_zone = matches!(self, Value::Timestamptz(_));
                 with_timestamp_text(t, with_zone, |s| write_str(out, s));
             }
+            Value::Date(t) => with_date_text(t, |s| write_str(out, s)),
             Value::Bytea(b) => {
                 out.push(b'"');
                 out.extend_from_slice(STANDARD.encode(b).as_bytes());
                 out.push(b'"');
             }
-            Value::Array(items) => {
-                out.push(b'[');
-                for (i, item) in items.iter().enumerate() {
+            Value::Array(items) => write_items(out, items),
+            Value::BoundedArray {
+                lower_bounds,
+                values,
+            } => {
+                out.push(b'{');
+                write_str(out, LOWER_BOUNDS_KEY);
+                out.extend_from_slice(b":[");
+                for (i, bound) in lower_bounds.iter().enumerate() {
                     if i > 0 {
                         out.push(b',');
                     }
-                    item.write_json(out);
+                    out.extend_from_slice(itoa::Buffer::new().format(*bound).as_bytes());
                 }
-                out.push(b']');
+                out.extend_from_slice(b"],");
+                write_str(out, VALUES_KEY);
+                out.push(b':');
+                write_items(out, values);
+                out.push(b'}');
             }
         }
     }
+}
+
+fn write_items(out: &mut Vec<u8>, items: &[Value]) {
+    out.push(b'[');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        item.write_json(out);
+    }
+    out.push(b']');
 }

@@ -31,6 +31,37 @@ impl Log {
         }
     }
 
+    /// `waltap export TABLE` (the binary) from this log's source, once the pipeline has
+    /// recorded the publication it reads through: the rows it prints.
+    pub async fn export_rows(&self, db: &TestDb, table: &str) -> Vec<serde_json::Value> {
+        let store = self.store.connect_sql().await.unwrap();
+        super::wait_for(
+            "the pipeline to record its publication",
+            Duration::from_secs(60),
+            || async {
+                store
+                    .query_opt(
+                        "SELECT 1 FROM waltap.progress WHERE source = $1 AND publication IS NOT NULL",
+                        &[&self.slot],
+                    )
+                    .await
+                    .is_ok_and(|r| r.is_some())
+            },
+        )
+        .await;
+        let out = super::run_ok({
+            let mut cmd = super::waltap(&db.url(), &["export", table]);
+            cmd.args(["--slot", &self.slot]);
+            cmd
+        })
+        .await;
+        out.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|l| l["action"] == "snapshot")
+            .map(|l| l["row"].clone())
+            .collect()
+    }
+
     pub async fn stop(self) {
         self.cancel.cancel();
         self.task.await.unwrap().unwrap();

@@ -77,6 +77,21 @@ pub fn quote_literal(value: &str) -> String {
 ///
 /// Panics naming `what` when `timeout` passes first, including when one call
 /// of `f` itself hangs past the deadline.
+/// The next item of a subscription or a stream consumer, which must come within `timeout`
+/// and not be an error.
+pub async fn next_item<S, T, E>(items: &mut S, timeout: Duration) -> T
+where
+    S: futures::Stream<Item = Result<T, E>> + Unpin,
+    T: std::fmt::Debug,
+    E: std::fmt::Debug,
+{
+    use futures::StreamExt;
+    match tokio::time::timeout(timeout, items.next()).await {
+        Ok(Some(Ok(item))) => item,
+        other => panic!("expected an item, got {other:?}"),
+    }
+}
+
 pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut f: F)
 where
     F: FnMut() -> Fut,

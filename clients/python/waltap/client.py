@@ -17,8 +17,9 @@ TokenSource = Union[str, Callable[[], Union[str, Awaitable[str]]]]
 
 class Item(dict):
     """One delivered item: the wire's JSON object (a dict), plus ``type`` (``change``,
-    ``snapshot``, ``initialized``, ``snapshotComplete``, ``completed``), ``cursor`` (the
-    position or ``snapshot-<seq>`` after it; None for markers) and ``await ack()``."""
+    ``snapshot``, ``initialized``, ``snapshotComplete``, ``completed``, ``schemaChange``),
+    ``cursor`` (the position or ``snapshot-<seq>`` after it; None for markers) and
+    ``await ack()``."""
 
     type: str
     cursor: Optional[str]

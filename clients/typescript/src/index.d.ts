@@ -141,8 +141,18 @@ export interface Completed extends ItemBase {
   position: string;
 }
 
+/** The table's columns changed: the changes that follow have these columns. A
+ * subscription whose filter names a dropped or retyped column ends with the error
+ * `schema_changed` instead (docs/event-format.md, "Schema changes"). */
+export interface SchemaChange extends ItemBase {
+  type: "schemaChange";
+  schema: string;
+  table: string;
+  columns: Array<{ name: string; typeOid: number; key: boolean }>;
+}
+
 /** What a subscription or a stream yields. */
-export type Item<R = Row> = ChangeEvent<R> | SnapshotRow<R> | Initialized | SnapshotComplete | Completed;
+export type Item<R = Row> = ChangeEvent<R> | SnapshotRow<R> | Initialized | SnapshotComplete | Completed | SchemaChange;
 /** Another name for `Item`: `Event<Order>` reads well in handlers. */
 export type Event<R = Row> = Item<R>;
 

@@ -1468,3 +1468,44 @@ fn table_names_display_as_text_that_reads_back() {
         assert!(TableName::parse_strict(ambiguous).is_err(), "{ambiguous:?}");
     }
 }
+
+/// A Relation message with other columns marks the table's next event, once, even when
+/// it arrives in the middle of a transaction; one that repeats the shape marks nothing.
+#[test]
+fn changed_columns_mark_the_next_event_of_the_table() {
+    let reshaped = relation(
+        USERS,
+        "users",
+        ReplicaIdentity::Default,
+        vec![
+            col("id", 23, true),
+            col("email", 25, false),
+            col("age", 23, false),
+        ],
+    );
+    let out = run([
+        users(ReplicaIdentity::Default),
+        orders(),
+        begin(700, LSN1),
+        insert(USERS, txt(&["1", "a@x", "free"])),
+        users(ReplicaIdentity::Default),
+        insert(USERS, txt(&["2", "b@x", "pro"])),
+        reshaped,
+        insert(ORDERS, txt(&["9", "1.00"])),
+        insert(USERS, txt(&["3", "c@x", "30"])),
+        insert(USERS, txt(&["4", "d@x", "40"])),
+        commit(LSN1),
+    ]);
+    let evs = events(&out);
+    let marks: Vec<bool> = evs.iter().map(|e| e.schema_change.is_some()).collect();
+    assert_eq!(marks, [false, false, false, true, false]);
+    let change = evs[3].schema_change.as_ref().unwrap();
+    assert_eq!(change.qualified(), "public.users");
+    let names = |cols: &[crate::event::ColumnShape]| -> Vec<String> {
+        cols.iter().map(|c| c.name.to_string()).collect()
+    };
+    assert_eq!(names(&change.columns), ["id", "email", "age"]);
+    assert_eq!(names(&change.previous), ["id", "email", "plan"]);
+    // Never part of the event's JSON.
+    assert!(to_json(evs[3]).get("schemaChange").is_none());
+}

@@ -123,7 +123,9 @@ pub(super) fn value_key<'v>(family: &Family, v: &'v Value) -> Option<KeyRef<'v>>
         (Family::Timestamp, Value::Timestamp(t)) => {
             inline(&wide(temporal::timestamp(t.as_bytes(), Zone::Forbidden)?))
         }
-        (Family::Date, Value::Text(t)) => inline(&int(temporal::date(t.as_bytes())?)),
+        (Family::Date, Value::Text(t) | Value::Date(t)) => {
+            inline(&int(temporal::date(t.as_bytes())?))
+        }
         (Family::Time, Value::Text(t)) => inline(&int(temporal::time(t.as_bytes())?)),
         (Family::TimeTz, Value::Text(t)) => {
             let (utc, west) = temporal::time_tz(t.as_bytes())?;

@@ -76,7 +76,7 @@ impl Cursor {
             SubscriptionItem::Snapshot(row) => row.seq.map(Cursor::Snapshot),
             SubscriptionItem::SnapshotComplete { position } => position.map(Cursor::Position),
             SubscriptionItem::Completed { position, .. } => Some(Cursor::Position(*position)),
-            SubscriptionItem::Initialized { .. } => None,
+            SubscriptionItem::Initialized { .. } | SubscriptionItem::SchemaChange { .. } => None,
         }
     }
 }

@@ -66,6 +66,7 @@ mod consumer;
 mod cursor;
 mod lease;
 mod reader;
+mod reshape;
 
 pub use consumer::{open, open_pooled, StreamAcker, StreamConsumer, StreamItem};
 pub use cursor::Cursor;
@@ -538,6 +539,7 @@ pub fn typed<T: serde::de::DeserializeOwned>(
         unchanged: ev.unchanged,
         transition: ev.transition,
         tx: ev.tx,
+        schema_change: ev.schema_change,
     })
 }
 

@@ -13,7 +13,7 @@ use serde_json::Value as Json;
 use tokio::sync::broadcast;
 use tokio_postgres::Client;
 
-use crate::event::{Event, TableName};
+use crate::event::{Event, SchemaConflict, TableName};
 use crate::filter::FilteredView;
 use crate::filter::{CompiledFilter, Decision, Filter};
 use crate::initial::SnapshotRow;
@@ -89,6 +89,9 @@ pub(super) struct Reader {
     pub(super) counted_tx_open: bool,
     pub(super) decided: Vec<Event<Json>>,
     pub(super) out: VecDeque<Event<Json>>,
+    /// `schemaChange` items, each to hand out before the first event at or after its mark,
+    /// or the end of the consumer after the events before its mark.
+    pub(super) reshapes: VecDeque<(Mark, Result<StreamItem, SchemaConflict>)>,
     pub(super) failed: bool,
     /// The initial state still to hand out, before the changes.
     pub(super) snapshot: Option<SnapshotPhase>,
@@ -168,6 +171,7 @@ impl Reader {
             counted_tx_open: false,
             decided: Vec::new(),
             out: VecDeque::new(),
+            reshapes: VecDeque::new(),
             failed: false,
             snapshot: None,
         })
@@ -179,6 +183,9 @@ impl Reader {
             return None;
         }
         if self.snapshot.is_none() {
+            if let Some(item) = self.next_reshape().await {
+                return Some(item);
+            }
             return self.next_item().await.map(|r| r.map(StreamItem::Event));
         }
         match self.next_snapshot_row().await {
@@ -261,7 +268,7 @@ impl Reader {
 
     /// Reads until there is something to hand out, waiting for appends when caught up.
     pub(super) async fn fill(&mut self) -> Result<(), StoreError> {
-        while self.out.is_empty() {
+        while self.out.is_empty() && !self.ending() {
             if self.shared.renewal_due() {
                 let client = self.shared.pool.get().await?;
                 self.shared.renew(&client).await?;
@@ -365,8 +372,9 @@ impl Reader {
         self.read_after = stored.at;
         self.needed_after = self.needed_after.max(stored.at);
         let mine = match &stored.body {
-            None => None,
-            Some(text) => self.decide(text, stored.at)?,
+            // Nothing after a schema change that ends the consumer is handed out.
+            Some(text) if !self.ending() => self.decide(text, stored.at)?,
+            _ => None,
         };
         if let Some(ev) = &mine {
             self.counted_tx_open = ev.tx.total.is_some();
@@ -380,11 +388,18 @@ impl Reader {
     }
 
     /// The event as this stream delivers it, or `None` when its filter skips it.
-    pub(super) fn decide(&self, text: &str, at: Mark) -> Result<Option<Event<Json>>, StoreError> {
+    pub(super) fn decide(
+        &mut self,
+        text: &str,
+        at: Mark,
+    ) -> Result<Option<Event<Json>>, StoreError> {
         let mut ev: Event<Json> = serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
             position: at.position().to_string(),
             message: e.to_string(),
         })?;
+        if let Some(change) = ev.schema_change.take() {
+            self.reshape(&change, at)?;
+        }
         let Some(filter) = self.view.filter_for(&ev.schema, &ev.table) else {
             return Ok(None);
         };
