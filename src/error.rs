@@ -45,6 +45,9 @@ pub enum Error {
     /// The SQL connection to the source could not be made.
     #[error(transparent)]
     SqlConnect(#[from] SqlConnectError),
+    /// A pool of SQL connections could not be made or used.
+    #[error(transparent)]
+    Pool(#[from] crate::pg::PoolError),
     /// A query on the SQL connection failed.
     #[error("SQL")]
     Sql(#[from] tokio_postgres::Error),

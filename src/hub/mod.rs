@@ -88,6 +88,9 @@ use crate::pg::catalog;
 use crate::source::pipeline::Listener;
 use crate::source::pipeline::{Delivery, ListenerConfig};
 
+/// Connections a hub opens for looking up the tables of new subscriptions.
+const CATALOG_CONNECTIONS: usize = 4;
+
 /// Commits the hub remembers (xid, commit LSN) so that an initial state can check that
 /// none it misses had committed just before its subscriber joined.
 const RECENT_COMMITS: usize = 4096;
@@ -222,6 +225,10 @@ pub enum SubscriptionError {
     /// Looking up the table or a query for the subscription failed.
     #[error(transparent)]
     Sql(#[from] Error),
+    /// No connection for looking up the table could be had (the database is unreachable,
+    /// or every connection stayed busy).
+    #[error("cannot look up the table")]
+    Catalog(#[from] crate::pg::PoolError),
     /// Reading the initial state failed.
     #[error("initial state")]
     Snapshot(#[from] SnapshotError),
@@ -241,6 +248,10 @@ impl SubscriptionError {
             SubscriptionError::Unavailable => ErrorCode::SourceUnavailable,
             SubscriptionError::HubStopped => ErrorCode::SourceStopped,
             SubscriptionError::Sql(_) => ErrorCode::Internal,
+            SubscriptionError::Catalog(
+                crate::pg::PoolError::Connect(_) | crate::pg::PoolError::Exhausted { .. },
+            ) => ErrorCode::SourceUnavailable,
+            SubscriptionError::Catalog(_) => ErrorCode::Internal,
             SubscriptionError::Snapshot(e) => e.code(),
             SubscriptionError::SchemaChanged(_) => ErrorCode::SchemaChanged,
         }
@@ -292,8 +303,9 @@ enum Command {
 pub struct Hub {
     commands: mpsc::Sender<Command>,
     source: crate::pg::config::SourceConfig,
-    /// One catalog connection for all subscribe calls, reopened when it breaks.
-    catalog: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    /// Connections for the table lookups of new subscriptions: a burst of subscribers, or
+    /// one slow lookup, does not queue every other behind one connection.
+    catalog: crate::pg::SqlPool,
     publication: String,
     queue: usize,
     cancel: CancellationToken,
@@ -308,6 +320,7 @@ impl Hub {
     pub async fn start(config: HubConfig) -> Result<Hub, Error> {
         let source = config.listener.source.clone();
         let publication = config.listener.publication.clone();
+        let catalog = crate::pg::SqlPool::new(&source, CATALOG_CONNECTIONS)?;
         let down = Arc::new(AtomicBool::new(false));
         let upstream = Upstream::start(&config.listener, config.feed.as_ref(), &down).await?;
         let (commands, rx) = mpsc::channel(64);
@@ -323,7 +336,7 @@ impl Hub {
         Ok(Hub {
             commands,
             source,
-            catalog: tokio::sync::Mutex::new(None),
+            catalog,
             publication,
             queue: config.subscriber_queue.max(1),
             cancel,
@@ -380,13 +393,8 @@ impl Hub {
         if !self.is_streaming() {
             return Err(SubscriptionError::Unavailable);
         }
-        let mut guard = self.catalog.lock().await;
-        if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            *guard = Some(self.source.connect_sql().await.map_err(Error::from)?);
-        }
-        let Some(client) = guard.as_ref() else {
-            return Err(SubscriptionError::HubStopped);
-        };
+        let client = self.catalog.get().await?;
+        let client = &**client;
         let schema = catalog::table_schema(client, &table)
             .await
             .map_err(Error::from)?
@@ -402,7 +410,6 @@ impl Hub {
             true => crate::initial::Published::lookup(client, &self.publication, &table).await?,
             false => crate::initial::Published::default(),
         };
-        drop(guard);
         let filter = CompiledFilter::new(filter.as_ref(), &schema)?;
         let warnings = filter.warnings().to_vec();
         for w in &warnings {
