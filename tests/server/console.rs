@@ -1,6 +1,7 @@
 //! The console page in headless Chromium, driven over the DevTools protocol: a key is
 //! typed into the page, the figures change while a writer runs (asserted on the DOM), a
-//! screenshot is saved as `docs/console.png` (the README shows it), the layout fits a
+//! screenshot is saved as `target/console.png` (and as `docs/console.png`, the README's,
+//! with `WALTAP_UPDATE_SCREENSHOT=1`), the layout fits a
 //! phone, and the page recovers by itself when the server restarts. Skipped when
 //! Chromium is absent.
 
@@ -324,11 +325,17 @@ async fn the_console_shows_live_figures_and_survives_a_restart() {
         .decode(shot["data"].as_str().unwrap())
         .unwrap();
     assert!(png.starts_with(b"\x89PNG"));
-    std::fs::write(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/docs/console.png"),
-        &png,
-    )
-    .unwrap();
+    // Into target/ on every run (the tree stays clean); into docs/ for the README when
+    // asked: WALTAP_UPDATE_SCREENSHOT=1 cargo test --test main -- server::console
+    let target = concat!(env!("CARGO_MANIFEST_DIR"), "/target/console.png");
+    std::fs::write(target, &png).unwrap();
+    if std::env::var_os("WALTAP_UPDATE_SCREENSHOT").is_some() {
+        std::fs::write(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/docs/console.png"),
+            &png,
+        )
+        .unwrap();
+    }
 
     // On a phone nothing is wider than the screen: tables become cards.
     b.call(
