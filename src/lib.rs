@@ -20,10 +20,12 @@
 //!    │
 //!  initial       initial state: snapshot + watermark + settle, one algorithm for
 //!    │           subscriptions, streams and export
-//!    ├── hub     ephemeral fan-out: one Listener, many filtered Subscriptions
+//!    ├── hub     ephemeral fan-out: one upstream (a Listener, or the log's tail),
+//!    │           many filtered Subscriptions
 //!    └── log     the event log in Postgres: append (exactly once), retention, named
 //!    │           streams (leases, cursors, the page reader), leadership of a group
-//!    │           of processes (advisory lock, fenced terms)
+//!    │           of processes (advisory lock, fenced terms), the tail that feeds
+//!    │           hubs; uses the hub's item types, never the other way round
 //!  server        HTTP: SSE, WebSocket, feed, acks, keys and tokens, metrics
 //!  app           one `waltap serve` process: group member (pipeline while leading),
 //!    │           a hub fed from the log's tail, the server; ordered shutdown
