@@ -28,6 +28,8 @@ pub async fn serve(
     let slot = appender.listener.slot.clone();
     let mut hub_config = HubConfig::new(appender.listener.clone());
     hub_config.subscriber_queue = config.subscriber_queue;
+    // A server started while Postgres restarts comes up and connects when it can.
+    hub_config.start_offline = true;
     hub_config.feed = Some(crate::log::tail::feed(
         appender.store.clone(),
         slot.clone(),

@@ -107,6 +107,10 @@ pub struct HubConfig {
     /// Hold events back until [`Hub::resume`], so subscribers made meanwhile see a
     /// backlog from its start (catch-up measurements, controlled start-up).
     pub start_paused: bool,
+    /// When the first connection fails in a way that retrying can fix (Postgres
+    /// restarting or unreachable), start anyway, not streaming, and connect as after a
+    /// lost connection: for a long-running server. Other errors still fail.
+    pub start_offline: bool,
     /// Changes from a feed instead of a slot of the hub's own (the event log's tail, in
     /// `waltap serve`); `listener` then only names the source.
     pub(crate) feed: Option<FeedStarter>,
@@ -119,6 +123,7 @@ impl HubConfig {
             listener,
             subscriber_queue: 1024,
             start_paused: false,
+            start_offline: false,
             feed: None,
         }
     }
@@ -322,7 +327,15 @@ impl Hub {
         let publication = config.listener.publication.clone();
         let catalog = crate::pg::SqlPool::new(&source, CATALOG_CONNECTIONS)?;
         let down = Arc::new(AtomicBool::new(false));
-        let upstream = Upstream::start(&config.listener, config.feed.as_ref(), &down).await?;
+        let upstream = match Upstream::start(&config.listener, config.feed.as_ref(), &down).await {
+            Ok(upstream) => Some(upstream),
+            Err(e) if config.start_offline && e.is_transient() => {
+                tracing::warn!(slot = %config.listener.slot, error = %crate::error::report(&e), "subscription hub cannot connect yet; retrying");
+                down.store(true, Ordering::Release);
+                None
+            }
+            Err(e) => return Err(e),
+        };
         let (commands, rx) = mpsc::channel(64);
         let cancel = CancellationToken::new();
         let fanout = Fanout {
@@ -577,16 +590,21 @@ struct Fanout {
     down: Arc<AtomicBool>,
 }
 
-async fn run(mut f: Fanout, upstream: Upstream, mut paused: bool) {
-    // Before the first event: where the slot (or feed) started.
-    let mut last_position = upstream.start_position();
-    let mut listener = Some(upstream);
+/// `listener`: `None` when the hub started offline; it connects as after a lost one.
+async fn run(mut f: Fanout, mut listener: Option<Upstream>, mut paused: bool) {
+    // Before the first event: where the slot (or feed) started; set again on connecting.
+    let mut last_position = listener
+        .as_ref()
+        .map_or(Position::before_lsn(Lsn::ZERO), Upstream::start_position);
     let mut subs = fanout::Subscribers::default();
     let mut waiting: Vec<(Box<Subscriber>, oneshot::Sender<()>)> = Vec::new();
     let mut in_tx = false;
     let mut recent: VecDeque<(u32, Lsn)> = VecDeque::with_capacity(RECENT_COMMITS);
     let mut backoff = f.config.reconnect_min;
-    let retry = tokio::time::sleep(std::time::Duration::ZERO);
+    let retry = tokio::time::sleep(match listener {
+        Some(_) => std::time::Duration::ZERO,
+        None => backoff,
+    });
     tokio::pin!(retry);
     loop {
         if !in_tx && listener.is_some() {
