@@ -15,11 +15,18 @@
 //! and (with rows to start from) that it rebuilt the table. A divergence fails the test
 //! with the seed and the part of the schedule that explains it.
 //!
+//! Postgres itself crashes too (`pg_ctl restart -m immediate` of a cluster of the run's
+//! own): writers learn from `chaos_txlog` whether a commit cut off made it, and every
+//! consumer must still see each committed change once; errors of consumers and commands
+//! are forgiven only in the minute after a crash. The schedule also truncates the table
+//! (alone: writers wait) and adds columns with defaults, which the model fills in for rows
+//! that lack them.
+//!
 //! `WALTAP_CHAOS_SEED=N` replays schedule N (as far as timing allows);
 //! `WALTAP_CHAOS_SECONDS` bounds the run (default 90; `0` runs until a failure);
 //! `WALTAP_CHAOS_SCHEDULE_SECONDS` is the length of one schedule (default 20);
 //! `WALTAP_CHAOS_WITHOUT=op,op` leaves operations out: `kill`, `sigstop`, `disconnect`,
-//! `watermarks`,
+//! `watermarks`, `restart`, `truncate`, `ddl`,
 //! `reset` (the schedule's own resets; stale cursors still reset), consumers `cli`, `feed`,
 //! `api`, and streams `from-now`, `initial-state`, `export`.
 
@@ -38,15 +45,16 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::prng::Prng;
-use crate::support::{self, TestDb};
+use crate::support::{self, Cluster, TestDb};
 use consumers::{Control, Ctx, SharedReplica, Via};
 use procs::{Env, Kind, Pipeline};
 use replica::{Base, Replica};
 use trace::Trace;
-use writer::{Record, Writer};
+use writer::{Record, SharedRecord, SharedTable, Writer};
 
 const WRITERS: i32 = 3;
 const MAX_STREAMS: usize = 10;
+const MAX_ADDED_COLUMNS: usize = 3;
 /// How long consumers may take to catch up once the writers stop.
 const CATCH_UP: Duration = Duration::from_secs(180);
 
@@ -67,13 +75,25 @@ async fn chaos() {
             % 1_000_000_000
     });
     let started = Instant::now();
+    // A cluster of the run's own, which the schedules may crash; without server binaries
+    // (only DATABASE_URL), the shared one, never restarted.
+    let own = match tokio::task::spawn_blocking(Cluster::start_dedicated)
+        .await
+        .unwrap()
+    {
+        Ok(c) => Some(Arc::new(c)),
+        Err(why) => {
+            eprintln!("chaos: no cluster of its own, so no Postgres restarts: {why}");
+            None
+        }
+    };
     for n in 0.. {
         let seed = first + n;
         eprintln!(
             "chaos: schedule {n}, WALTAP_CHAOS_SEED={seed} ({:.0}s into the run)",
             started.elapsed().as_secs_f64()
         );
-        if let Err(report) = schedule(seed, length).await {
+        if let Err(report) = schedule(seed, length, own.clone()).await {
             panic!(
                 "chaos: schedule {n} diverged after {:.0}s of chaos ({n} schedules passed before it)\n\
                  replay: WALTAP_CHAOS_SEED={seed} cargo test --test chaos\n{report}",
@@ -96,15 +116,21 @@ struct Consumer {
     control: mpsc::UnboundedSender<Control>,
 }
 
-/// One schedule from `seed`, `length` long; `Err` is the report of a divergence.
-async fn schedule(seed: u64, length: Duration) -> Result<(), String> {
+/// One schedule from `seed`, `length` long, on `own` (which it may crash) or the shared
+/// cluster; `Err` is the report of a divergence.
+async fn schedule(seed: u64, length: Duration, own: Option<Arc<Cluster>>) -> Result<(), String> {
     let mut rng = Prng::new(seed);
-    let db = TestDb::new().await;
+    let db = match &own {
+        Some(c) => TestDb::new_on(c).await,
+        None => TestDb::new().await,
+    };
     db.client()
         .await
         .batch_execute(
             "CREATE TABLE items (id int PRIMARY KEY, w int NOT NULL, v int NOT NULL, note text);
-             ALTER TABLE items REPLICA IDENTITY FULL;",
+             ALTER TABLE items REPLICA IDENTITY FULL;
+             CREATE TABLE chaos_txlog (w int, seq bigint, xid bigint NOT NULL DEFAULT txid_current(),
+                                       PRIMARY KEY (w, seq));",
         )
         .await
         .unwrap();
@@ -133,12 +159,15 @@ async fn schedule(seed: u64, length: Duration) -> Result<(), String> {
     trace.log(format!("pipeline: retention {}s", env.retention_secs));
     let http = Arc::new(Mutex::new(None));
     let mut pipeline = Pipeline::start(&env, Kind::Serve, http.clone()).await;
+    let table = SharedTable::default();
     let ctx = Ctx {
         env: env.clone(),
         http: http.clone(),
         trace: trace.clone(),
         stop: CancellationToken::new(),
         quiet: CancellationToken::new(),
+        table: table.clone(),
+        crashed: Arc::default(),
         without: std::env::var("WALTAP_CHAOS_WITHOUT")
             .unwrap_or_default()
             .split(',')
@@ -151,6 +180,7 @@ async fn schedule(seed: u64, length: Duration) -> Result<(), String> {
         None,
         Base::Empty,
         Duration::ZERO,
+        table.clone(),
     )));
     let mut tasks = vec![tokio::spawn(consumers::log_poller(
         ctx.clone(),
@@ -161,17 +191,27 @@ async fn schedule(seed: u64, length: Duration) -> Result<(), String> {
     let mut records = Vec::new();
     let mut writers = Vec::new();
     for w in 0..WRITERS {
-        let writer = Writer::new(w, env.url.clone(), rng.next(), started);
+        let writer = Writer::new(w, env.url.clone(), rng.next(), started, table.clone());
         records.push(writer.record());
         writers.push(tokio::spawn(writer.run(stop_writers.clone())));
     }
+    // The schedule's own truncates: the last record.
+    records.push(SharedRecord::default());
 
-    let mut streams: Vec<Consumer> = Vec::new();
+    let mut s = Schedule {
+        streams: Vec::new(),
+        made: 0,
+        own,
+        truncates: records.last().unwrap().clone(),
+        added: 0,
+        truncated: 0,
+    };
     while started.elapsed() < length && !trace.failed() {
         pipeline.assert_alive();
-        operate(&mut rng, &ctx, &mut pipeline, &mut streams, &mut tasks).await;
+        operate(&mut rng, &ctx, &mut pipeline, &mut s, &mut tasks).await;
         tokio::time::sleep(Duration::from_millis(rng.range(20, 300))).await;
     }
+    let streams = s.streams;
 
     stop_writers.cancel();
     ctx.quiet.cancel();
@@ -191,8 +231,10 @@ async fn schedule(seed: u64, length: Duration) -> Result<(), String> {
         .map(|r| std::mem::take(&mut *r.lock().unwrap()))
         .collect();
     trace.log(format!(
-        "writers: stopped, {} transactions committed",
-        records.iter().map(|r| r.committed.len()).sum::<usize>()
+        "writers: stopped, {} transactions committed; cut off by a crash: {} committed, {} not",
+        records.iter().map(|r| r.committed.len()).sum::<usize>(),
+        records.iter().map(|r| r.interrupted[1]).sum::<usize>(),
+        records.iter().map(|r| r.interrupted[0]).sum::<usize>(),
     ));
     let all: Vec<SharedReplica> = std::iter::once(log.clone())
         .chain(streams.iter().map(|s| s.replica.clone()))
@@ -297,34 +339,87 @@ fn check_writers(records: &[Record], live: &[Vec<i32>], table: &BTreeMap<i64, Js
     );
 }
 
+/// The table as JSON rows by id, with every column (those DDL added too).
 async fn table_rows(db: &TestDb) -> BTreeMap<i64, Json> {
     db.client()
         .await
-        .query("SELECT id, w, v, note FROM items", &[])
+        .query("SELECT row_to_json(i)::text FROM items i", &[])
         .await
         .unwrap()
         .iter()
         .map(|r| {
-            let id: i32 = r.get(0);
-            let (w, v, note): (i32, i32, Option<String>) = (r.get(1), r.get(2), r.get(3));
-            (id as i64, json!({"id": id, "w": w, "v": v, "note": note}))
+            let row: Json = serde_json::from_str(r.get(0)).unwrap();
+            (row["id"].as_i64().unwrap(), row)
         })
         .collect()
 }
 
-/// One random operation on waltap.
+/// What the schedule made and may crash.
+struct Schedule {
+    streams: Vec<Consumer>,
+    /// Streams made (or tried): names are never reused, even of a create a crash cut off.
+    made: usize,
+    own: Option<Arc<Cluster>>,
+    /// The record of the schedule's truncates.
+    truncates: SharedRecord,
+    /// Columns added (or tried).
+    added: usize,
+    /// Truncates tried: their numbers in `chaos_txlog`.
+    truncated: i64,
+}
+
+/// One random operation on waltap, Postgres or the table.
 async fn operate(
     rng: &mut Prng,
     ctx: &Ctx,
     pipeline: &mut Pipeline,
-    streams: &mut Vec<Consumer>,
+    s: &mut Schedule,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) {
     let trace = &ctx.trace;
     let on = |op: &str| ctx.allows(op);
+    let streams = &mut s.streams;
+    match rng.range(0, 999) {
+        0..=19 if on("restart") && s.own.is_some() => {
+            let cluster = s.own.clone().unwrap();
+            trace.log("postgres: restart -m immediate".into());
+            *ctx.crashed.lock().unwrap() = Some(Instant::now());
+            tokio::task::spawn_blocking(move || cluster.restart_immediate())
+                .await
+                .unwrap();
+            // Forgiveness counts from when it is back.
+            *ctx.crashed.lock().unwrap() = Some(Instant::now());
+            trace.log("postgres: back after the restart".into());
+            return;
+        }
+        20..=39 if on("truncate") => {
+            let (ctx, record) = (ctx.clone(), s.truncates.clone());
+            s.truncated += 1;
+            let seq = s.truncated;
+            tasks.push(tokio::spawn(async move {
+                ctx.trace.log("table: TRUNCATE items".into());
+                let started = ctx.trace.started();
+                let what = writer::truncate(&ctx.env.url, &ctx.table, &record, seq, started).await;
+                ctx.trace.log(format!("table: TRUNCATE items {what}"));
+            }));
+            return;
+        }
+        40..=54 if on("ddl") && s.added < MAX_ADDED_COLUMNS => {
+            let (ctx, n) = (ctx.clone(), s.added);
+            s.added += 1;
+            tasks.push(tokio::spawn(async move {
+                let what = writer::add_column(&ctx.env.url, &ctx.table, n).await;
+                ctx.trace.log(format!("table: {what}"));
+            }));
+            return;
+        }
+        _ => {}
+    }
     match rng.percent() {
         0..=29 if streams.len() < MAX_STREAMS => {
-            if let Some(c) = create_stream(rng, ctx, streams.len(), tasks).await {
+            let n = s.made;
+            s.made += 1;
+            if let Some(c) = create_stream(rng, ctx, n, tasks).await {
                 streams.push(c);
             }
         }
@@ -418,7 +513,8 @@ async fn create_stream(
 ) -> Option<Consumer> {
     let name = format!("s{n}");
     let filter_w = (rng.percent() < 30).then(|| rng.range(0, WRITERS as u64 - 1) as i32);
-    let filter = filter_w.map(|w| json!({"where": {"w": w}}).to_string());
+    // Truncates too: they empty the consumer's copy of the table, filtered or not.
+    let filter = filter_w.map(|w| json!({"where": {"w": w}, "truncate": true}).to_string());
     let vias: Vec<Via> = [("cli", Via::Cli), ("feed", Via::Feed), ("api", Via::Api)]
         .into_iter()
         .filter(|(op, _)| ctx.allows(op))
@@ -488,7 +584,8 @@ async fn create_stream(
     );
     let created_at = ctx.trace.elapsed();
     if let Err(e) = procs::run(&ctx.env, &args).await {
-        ctx.trace.fail(&name, format!("stream create failed: {e}"));
+        // After a crash the stream may exist half made: its name is not used again.
+        ctx.forgive(&name, format!("stream create failed: {e}"));
         return None;
     }
     ctx.trace.log(format!(
@@ -499,7 +596,7 @@ async fn create_stream(
             format!(" (export of {} rows, position {from})", exported.len() - 1)
         }
     ));
-    let mut replica = Replica::new(name.clone(), filter_w, base, created_at);
+    let mut replica = Replica::new(name.clone(), filter_w, base, created_at, ctx.table.clone());
     for line in &exported {
         if let Err(what) = replica.apply(line) {
             ctx.trace.fail(&name, format!("export: {what}"));
