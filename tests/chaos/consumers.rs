@@ -43,6 +43,17 @@ pub enum Via {
     Cli,
     Feed,
     Api,
+    /// Server-Sent Events, resuming with `Last-Event-ID`.
+    Sse,
+    /// WebSocket, acknowledging explicitly.
+    Ws,
+}
+
+impl Via {
+    /// Consumed through `waltap serve`'s HTTP API.
+    pub fn needs_http(self) -> bool {
+        matches!(self, Via::Feed | Via::Sse | Via::Ws)
+    }
 }
 
 /// What every consumer task shares.
@@ -155,11 +166,14 @@ pub async fn consume(
     via: Via,
     replica: SharedReplica,
     control: mpsc::UnboundedReceiver<Control>,
+    seed: u64,
 ) {
     match via {
         Via::Cli => cli(ctx, name, replica, control).await,
         Via::Feed => feed(ctx, name, replica, control).await,
         Via::Api => api(ctx, name, replica, control).await,
+        Via::Sse => super::http::sse(ctx, name, replica, control).await,
+        Via::Ws => super::http::websocket(ctx, name, replica, control, seed).await,
     }
 }
 

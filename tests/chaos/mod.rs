@@ -6,7 +6,8 @@
 //! large enough to be streamed, rollbacks, transactions held open across a moment); the
 //! pipeline (`waltap run` or `waltap serve`, switching) fills the event log under SIGKILL
 //! and SIGSTOP; streams are made from now on, with an initial state, or after an export's
-//! position, with and without a filter, and consumed by `waltap stream tail`, the HTTP
+//! position, with and without a filter, and consumed by `waltap stream tail`, SSE resuming
+//! with `Last-Event-ID`, WebSocket acknowledging explicitly, the HTTP
 //! feed and the Rust API, which disconnect, resume, go stale under a short retention and
 //! start over with `reset` and an initial state. The event log itself is read too.
 //!
@@ -25,18 +26,21 @@
 //! `WALTAP_CHAOS_SEED=N` replays schedule N (as far as timing allows);
 //! `WALTAP_CHAOS_SECONDS` bounds the run (default 90; `0` runs until a failure);
 //! `WALTAP_CHAOS_SCHEDULE_SECONDS` is the length of one schedule (default 20);
+//! `WALTAP_CHAOS_TRACE=1` prints the whole trace of passing schedules too;
 //! `WALTAP_CHAOS_WITHOUT=op,op` leaves operations out: `kill`, `sigstop`, `disconnect`,
 //! `watermarks`, `restart`, `truncate`, `ddl`,
 //! `reset` (the schedule's own resets; stale cursors still reset), consumers `cli`, `feed`,
-//! `api`, and streams `from-now`, `initial-state`, `export`.
+//! `api`, `sse`, `ws`, ephemeral subscribers `subscribe`, and streams `from-now`, `initial-state`, `export`.
 
 mod consumers;
+mod http;
 mod procs;
 mod replica;
+mod subscribers;
 mod trace;
 mod writer;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -49,12 +53,14 @@ use crate::support::{self, Cluster, TestDb};
 use consumers::{Control, Ctx, SharedReplica, Via};
 use procs::{Env, Kind, Pipeline};
 use replica::{Base, Replica};
+use subscribers::{SharedSubscriber, Subscriber};
 use trace::Trace;
 use writer::{Record, SharedRecord, SharedTable, Writer};
 
 const WRITERS: i32 = 3;
 const MAX_STREAMS: usize = 10;
 const MAX_ADDED_COLUMNS: usize = 3;
+const MAX_SUBSCRIBERS: usize = 4;
 /// How long consumers may take to catch up once the writers stop.
 const CATCH_UP: Duration = Duration::from_secs(180);
 
@@ -205,13 +211,14 @@ async fn schedule(seed: u64, length: Duration, own: Option<Arc<Cluster>>) -> Res
         truncates: records.last().unwrap().clone(),
         added: 0,
         truncated: 0,
+        subscribers: Vec::new(),
     };
     while started.elapsed() < length && !trace.failed() {
         pipeline.assert_alive();
         operate(&mut rng, &ctx, &mut pipeline, &mut s, &mut tasks).await;
         tokio::time::sleep(Duration::from_millis(rng.range(20, 300))).await;
     }
-    let streams = s.streams;
+    let (streams, subscribers) = (s.streams, s.subscribers);
 
     stop_writers.cancel();
     ctx.quiet.cancel();
@@ -221,8 +228,8 @@ async fn schedule(seed: u64, length: Duration, own: Option<Arc<Cluster>>) -> Res
         live.push(w.await.expect("writer"));
     }
     pipeline.resume();
-    if pipeline.kind == Kind::Run && !streams.iter().all(|s| !matches!(s.via, Via::Feed)) {
-        // Feed consumers need the HTTP server to catch up.
+    if pipeline.kind == Kind::Run && streams.iter().any(|s| s.via.needs_http()) {
+        // HTTP consumers need the server to catch up.
         pipeline.kill_and_restart(Kind::Serve, Duration::ZERO).await;
         trace.log("pipeline: serve, for the feeds to catch up".into());
     }
@@ -240,15 +247,35 @@ async fn schedule(seed: u64, length: Duration, own: Option<Arc<Cluster>>) -> Res
         .chain(streams.iter().map(|s| s.replica.clone()))
         .collect();
     let table = table_rows(&db).await;
+    let writer_of: HashMap<u32, usize> = records
+        .iter()
+        .enumerate()
+        .flat_map(|(w, r)| r.committed.iter().map(move |t| (t.xid, w)))
+        .collect();
+    // The subscribers' truth: the event log's transactions in commit order, with positions.
+    let check_subscribers = |complete: bool| -> Vec<(String, String)> {
+        let txs = log.lock().unwrap().transactions();
+        subscribers
+            .iter()
+            .map(|s| s.lock().unwrap())
+            .filter_map(|s| {
+                let r = s.check(&txs, &writer_of, records.len(), complete);
+                r.err().map(|why| (s.name.clone(), why))
+            })
+            .collect()
+    };
     let deadline = Instant::now() + CATCH_UP;
     while !trace.failed() {
         pipeline.assert_alive();
-        let behind: Vec<(String, String)> = all
+        let mut behind: Vec<(String, String)> = all
             .iter()
             .map(|r| r.lock().unwrap())
             .filter(|r| !r.caught_up(&records, &table))
             .map(|r| (r.name.clone(), r.status(&table)))
             .collect();
+        if behind.is_empty() {
+            behind = check_subscribers(true);
+        }
         if behind.is_empty() {
             break;
         }
@@ -277,6 +304,9 @@ async fn schedule(seed: u64, length: Duration, own: Option<Arc<Cluster>>) -> Res
         }
     } else {
         check_writers(&records, &live, &table);
+        for (name, what) in check_subscribers(true).into_iter().take(1) {
+            trace.fail(&name, what);
+        }
         for r in &all {
             let r = r.lock().unwrap();
             if let Err(what) = r.verify(&records, &table) {
@@ -296,6 +326,19 @@ async fn schedule(seed: u64, length: Duration, own: Option<Arc<Cluster>>) -> Res
                 all.len()
             );
             eprintln!("chaos: {}", trace.counts());
+            if std::env::var_os("WALTAP_CHAOS_TRACE").is_some() {
+                eprintln!("{}", trace.relevant("", Duration::MAX));
+            }
+            for sub in &subscribers {
+                let sub = sub.lock().unwrap();
+                eprintln!(
+                    "chaos: {} (filter w = {:?}): {} items, sessions: {}",
+                    sub.name,
+                    sub.filter_w,
+                    sub.items,
+                    sub.endings()
+                );
+            }
             for line in trace.anomalies() {
                 eprintln!("chaos: {line}");
             }
@@ -366,6 +409,7 @@ struct Schedule {
     added: usize,
     /// Truncates tried: their numbers in `chaos_txlog`.
     truncated: i64,
+    subscribers: Vec<SharedSubscriber>,
 }
 
 /// One random operation on waltap, Postgres or the table.
@@ -380,7 +424,7 @@ async fn operate(
     let on = |op: &str| ctx.allows(op);
     let streams = &mut s.streams;
     match rng.range(0, 999) {
-        0..=19 if on("restart") && s.own.is_some() => {
+        0..=39 if on("restart") && s.own.is_some() => {
             let cluster = s.own.clone().unwrap();
             trace.log("postgres: restart -m immediate".into());
             *ctx.crashed.lock().unwrap() = Some(Instant::now());
@@ -392,7 +436,7 @@ async fn operate(
             trace.log("postgres: back after the restart".into());
             return;
         }
-        20..=39 if on("truncate") => {
+        40..=79 if on("truncate") => {
             let (ctx, record) = (ctx.clone(), s.truncates.clone());
             s.truncated += 1;
             let seq = s.truncated;
@@ -404,13 +448,33 @@ async fn operate(
             }));
             return;
         }
-        40..=54 if on("ddl") && s.added < MAX_ADDED_COLUMNS => {
+        80..=109 if on("ddl") && s.added < MAX_ADDED_COLUMNS => {
             let (ctx, n) = (ctx.clone(), s.added);
             s.added += 1;
             tasks.push(tokio::spawn(async move {
                 let what = writer::add_column(&ctx.env.url, &ctx.table, n).await;
                 ctx.trace.log(format!("table: {what}"));
             }));
+            return;
+        }
+        110..=169 if on("subscribe") && s.subscribers.len() < MAX_SUBSCRIBERS => {
+            let filter_w = (rng.percent() < 50).then(|| rng.range(0, WRITERS as u64 - 1) as i32);
+            let sub = Arc::new(Mutex::new(Subscriber {
+                name: format!("sub{}", s.subscribers.len()),
+                filter_w,
+                sessions: Vec::new(),
+                items: 0,
+            }));
+            trace.log(format!(
+                "sub{}: GET /v1/subscribe over SSE, filter w = {filter_w:?}",
+                s.subscribers.len()
+            ));
+            s.subscribers.push(sub.clone());
+            tasks.push(tokio::spawn(subscribers::subscribe(
+                ctx.clone(),
+                sub,
+                rng.next(),
+            )));
             return;
         }
         _ => {}
@@ -424,7 +488,8 @@ async fn operate(
             }
         }
         30..=39 if on("kill") => {
-            let kind = if rng.percent() < 50 {
+            // Mostly `serve`: the HTTP consumers and subscribers need it.
+            let kind = if rng.percent() < 30 {
                 Kind::Run
             } else {
                 Kind::Serve
@@ -515,11 +580,17 @@ async fn create_stream(
     let filter_w = (rng.percent() < 30).then(|| rng.range(0, WRITERS as u64 - 1) as i32);
     // Truncates too: they empty the consumer's copy of the table, filtered or not.
     let filter = filter_w.map(|w| json!({"where": {"w": w}, "truncate": true}).to_string());
-    let vias: Vec<Via> = [("cli", Via::Cli), ("feed", Via::Feed), ("api", Via::Api)]
-        .into_iter()
-        .filter(|(op, _)| ctx.allows(op))
-        .map(|(_, via)| via)
-        .collect();
+    let vias: Vec<Via> = [
+        ("cli", Via::Cli),
+        ("feed", Via::Feed),
+        ("api", Via::Api),
+        ("sse", Via::Sse),
+        ("ws", Via::Ws),
+    ]
+    .into_iter()
+    .filter(|(op, _)| ctx.allows(op))
+    .map(|(_, via)| via)
+    .collect();
     let hows: Vec<u64> = ["from-now", "initial-state", "export"]
         .iter()
         .enumerate()
@@ -611,6 +682,7 @@ async fn create_stream(
         via,
         replica.clone(),
         rx,
+        rng.next(),
     )));
     Some(Consumer {
         name,

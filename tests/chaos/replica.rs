@@ -43,6 +43,8 @@ pub struct Replica {
     resumed: bool,
     /// Transactions in the order seen: xid and changes.
     pub txs: Vec<(u32, Vec<Change>)>,
+    /// The position of each of `txs`' first change.
+    positions: Vec<String>,
     /// Index into `txs` where the current base began (changes before a reset do not count).
     txs_from: usize,
     pub items: u64,
@@ -76,12 +78,22 @@ impl Replica {
             last_position: None,
             resumed: false,
             txs: Vec::new(),
+            positions: Vec::new(),
             txs_from: 0,
             items: 0,
             note: String::new(),
             created_at,
             table,
         }
+    }
+
+    /// The transactions seen since the start or the last reset, with their positions.
+    pub fn transactions(&self) -> Vec<super::subscribers::LogTx> {
+        self.txs[self.txs_from..]
+            .iter()
+            .zip(&self.positions[self.txs_from..])
+            .map(|((xid, changes), p)| (*xid, p.clone(), changes.clone()))
+            .collect()
     }
 
     /// The stream starts over from the current rows (`reset` with initial state).
@@ -145,7 +157,7 @@ impl Replica {
             ));
         }
         self.resumed = false;
-        self.last_position = Some(position);
+        self.last_position = Some(position.clone());
         let xid = item["tx"]["id"]
             .as_u64()
             .ok_or_else(|| format!("change without tx.id: {item}"))? as u32;
@@ -153,7 +165,10 @@ impl Replica {
         let since_reset = self.txs.len() > self.txs_from;
         match self.txs.last_mut() {
             Some((last, changes)) if *last == xid && since_reset => changes.push(change),
-            _ => self.txs.push((xid, vec![change])),
+            _ => {
+                self.txs.push((xid, vec![change]));
+                self.positions.push(position);
+            }
         }
         Ok(())
     }
