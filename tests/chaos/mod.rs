@@ -253,16 +253,19 @@ async fn schedule(seed: u64, length: Duration, own: Option<Arc<Cluster>>) -> Res
         .flat_map(|(w, r)| r.committed.iter().map(move |t| (t.xid, w)))
         .collect();
     // The subscribers' truth: the event log's transactions in commit order, with positions.
+    // A divergence (not mere lag) fails at once.
     let check_subscribers = |complete: bool| -> Vec<(String, String)> {
         let txs = log.lock().unwrap().transactions();
-        subscribers
-            .iter()
-            .map(|s| s.lock().unwrap())
-            .filter_map(|s| {
-                let r = s.check(&txs, &writer_of, records.len(), complete);
-                r.err().map(|why| (s.name.clone(), why))
-            })
-            .collect()
+        let mut behind = Vec::new();
+        for s in &subscribers {
+            let s = s.lock().unwrap();
+            match s.check(&txs, &writer_of, records.len(), complete) {
+                Ok(()) => {}
+                Err((true, why)) => behind.push((s.name.clone(), why)),
+                Err((false, why)) => trace.fail(&s.name, why),
+            }
+        }
+        behind
     };
     let deadline = Instant::now() + CATCH_UP;
     while !trace.failed() {
