@@ -92,6 +92,10 @@ pub struct HubConfig {
     /// Hold events back until [`Hub::resume`], so subscribers made meanwhile see a
     /// backlog from its start (catch-up measurements, controlled start-up).
     pub start_paused: bool,
+    /// When the first replication connection fails in a way that retrying can fix
+    /// (Postgres restarting or unreachable), start anyway, not streaming, and reconnect as
+    /// after a lost connection: for a long-running server. Other errors still fail.
+    pub start_offline: bool,
 }
 
 impl HubConfig {
@@ -101,6 +105,7 @@ impl HubConfig {
             listener,
             subscriber_queue: 1024,
             start_paused: false,
+            start_offline: false,
         }
     }
 }
@@ -272,10 +277,17 @@ impl Hub {
     pub async fn start(config: HubConfig) -> Result<Hub, Error> {
         let source = config.listener.source.clone();
         let publication = config.listener.publication.clone();
-        let listener = Listener::start(config.listener.clone()).await?;
+        let listener = match Listener::start(config.listener.clone()).await {
+            Ok(l) => Some(l),
+            Err(e) if config.start_offline && e.is_transient() => {
+                tracing::warn!(slot = %config.listener.slot, error = %crate::error::report(&e), "subscription hub cannot connect yet; reconnecting");
+                None
+            }
+            Err(e) => return Err(e),
+        };
         let (commands, rx) = mpsc::channel(64);
         let cancel = CancellationToken::new();
-        let down = Arc::new(AtomicBool::new(false));
+        let down = Arc::new(AtomicBool::new(listener.is_none()));
         let fanout = Fanout {
             config: config.listener,
             commands: rx,
@@ -528,16 +540,21 @@ struct Fanout {
     down: Arc<AtomicBool>,
 }
 
-async fn run(mut f: Fanout, listener: Listener, mut paused: bool) {
-    // Before the first event: where the slot started streaming.
-    let mut last_position = Position::before_lsn(listener.start_lsn());
-    let mut listener = Some(listener);
+/// `listener`: `None` when the hub started offline; it connects like after a lost
+/// connection.
+async fn run(mut f: Fanout, mut listener: Option<Listener>, mut paused: bool) {
+    // Before the first event: where the slot started streaming (set on connecting).
+    let mut last_position =
+        Position::before_lsn(listener.as_ref().map_or(Lsn::ZERO, |l| l.start_lsn()));
     let mut subs = fanout::Subscribers::default();
     let mut waiting: Vec<(Box<Subscriber>, oneshot::Sender<()>)> = Vec::new();
     let mut in_tx = false;
     let mut recent: VecDeque<(u32, Lsn)> = VecDeque::with_capacity(RECENT_COMMITS);
     let mut backoff = f.config.reconnect_min;
-    let retry = tokio::time::sleep(std::time::Duration::ZERO);
+    let retry = tokio::time::sleep(match listener {
+        Some(_) => std::time::Duration::ZERO,
+        None => backoff,
+    });
     tokio::pin!(retry);
     loop {
         if !in_tx && listener.is_some() {

@@ -381,6 +381,7 @@ pub async fn serve(
     hub_listener.create_slot = true;
     let mut hub_config = HubConfig::new(hub_listener);
     hub_config.subscriber_queue = config.subscriber_queue;
+    hub_config.start_offline = true;
     let hub = Hub::start(hub_config).await.map_err(ServerError::Hub)?;
 
     let cors = cors_layer(&config.cors_origins)?;

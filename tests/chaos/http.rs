@@ -312,7 +312,8 @@ async fn ws_session(
 ) -> Verdict {
     // Acknowledged every `every` items (a new random count each time).
     let (mut every, mut since_ack) = (rng.range(1, 60), 0);
-    let mut pending: Option<String> = None;
+    let (mut pending, mut acked): (Option<String>, Option<String>) = (None, None);
+    let mut items = 0u64;
     loop {
         let msg = tokio::select! {
             m = ws.next() => m,
@@ -320,12 +321,14 @@ async fn ws_session(
                 let ack_first = rng.percent() < 50;
                 if let (true, Some(cursor)) = (ack_first, pending.take()) {
                     let _ = ws.send(Message::text(json!({"ack": cursor}).to_string())).await;
+                    acked = Some(cursor);
                 }
                 let _ = ws.close(None).await;
                 return match c {
                     Some(Control::Disconnect(down)) => {
                         ctx.trace.log(format!(
-                            "{name}: WebSocket closed (acknowledged first: {ack_first}), back in {down:?}"
+                            "{name}: WebSocket closed after {items} items (acknowledged first: \
+                             {ack_first}; last acknowledged {acked:?}), back in {down:?}"
                         ));
                         tokio::time::sleep(down).await;
                         Verdict::Retry
@@ -338,9 +341,15 @@ async fn ws_session(
         };
         let text = match msg {
             Some(Ok(Message::Text(t))) => t,
-            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return Verdict::Retry,
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                ctx.trace.log(format!(
+                    "{name}: WebSocket broke after {items} items, last acknowledged {acked:?}"
+                ));
+                return Verdict::Retry;
+            }
             Some(Ok(_)) => continue,
         };
+        items += 1;
         let item: Json = match serde_json::from_str(&text) {
             Ok(item) => item,
             Err(e) => {
@@ -371,6 +380,7 @@ async fn ws_session(
                 {
                     return Verdict::Retry;
                 }
+                acked = Some(cursor);
             }
             (every, since_ack) = (rng.range(1, 60), 0);
         }

@@ -29,10 +29,12 @@
 //! `WALTAP_CHAOS_TRACE=1` prints the whole trace of passing schedules too;
 //! `WALTAP_CHAOS_WITHOUT=op,op` leaves operations out: `kill`, `sigstop`, `disconnect`,
 //! `watermarks`, `restart`, `truncate`, `ddl`,
+//! `group` (schedules with more `serve` members, whose leader is killed or stopped),
 //! `reset` (the schedule's own resets; stale cursors still reset), consumers `cli`, `feed`,
 //! `api`, `sse`, `ws`, ephemeral subscribers `subscribe`, and streams `from-now`, `initial-state`, `export`.
 
 mod consumers;
+mod group;
 mod http;
 mod procs;
 mod replica;
@@ -51,6 +53,7 @@ use tokio_util::sync::CancellationToken;
 use crate::support::prng::Prng;
 use crate::support::{self, Cluster, TestDb};
 use consumers::{Control, Ctx, SharedReplica, Via};
+use group::Members;
 use procs::{Env, Kind, Pipeline};
 use replica::{Base, Replica};
 use subscribers::{SharedSubscriber, Subscriber};
@@ -140,11 +143,18 @@ async fn schedule(seed: u64, length: Duration, own: Option<Arc<Cluster>>) -> Res
         )
         .await
         .unwrap();
+    let without: Vec<String> = std::env::var("WALTAP_CHAOS_WITHOUT")
+        .unwrap_or_default()
+        .split(',')
+        .map(|op| op.trim().to_owned())
+        .filter(|op| !op.is_empty())
+        .collect();
     let env = Env {
         url: db.url(),
         slot: db.unique_name("chaos_slot"),
         publication: db.unique_name("chaos_pub"),
         retention_secs: rng.range(4, 15),
+        group: rng.percent() < 30 && !without.iter().any(|op| op == "group"),
     };
     // Slot first: every commit from here on reaches the log.
     // Small enough that the writers' large transactions are streamed before their commit.
@@ -165,6 +175,14 @@ async fn schedule(seed: u64, length: Duration, own: Option<Arc<Cluster>>) -> Res
     trace.log(format!("pipeline: retention {}s", env.retention_secs));
     let http = Arc::new(Mutex::new(None));
     let mut pipeline = Pipeline::start(&env, Kind::Serve, http.clone()).await;
+    let members = match env.group {
+        true => {
+            let n = rng.range(1, 2) as usize;
+            trace.log(format!("group: {n} more serve members"));
+            Some(Members::start(&env, n).await)
+        }
+        false => None,
+    };
     let table = SharedTable::default();
     let ctx = Ctx {
         env: env.clone(),
@@ -174,12 +192,7 @@ async fn schedule(seed: u64, length: Duration, own: Option<Arc<Cluster>>) -> Res
         quiet: CancellationToken::new(),
         table: table.clone(),
         crashed: Arc::default(),
-        without: std::env::var("WALTAP_CHAOS_WITHOUT")
-            .unwrap_or_default()
-            .split(',')
-            .map(|op| op.trim().to_owned())
-            .filter(|op| !op.is_empty())
-            .collect(),
+        without,
     };
     let log = Arc::new(Mutex::new(Replica::new(
         "event-log".into(),
@@ -212,13 +225,17 @@ async fn schedule(seed: u64, length: Duration, own: Option<Arc<Cluster>>) -> Res
         added: 0,
         truncated: 0,
         subscribers: Vec::new(),
+        members,
     };
     while started.elapsed() < length && !trace.failed() {
-        pipeline.assert_alive();
+        if let Some(why) = exited(&mut pipeline, &mut s.members) {
+            trace.fail("pipeline", why);
+            break;
+        }
         operate(&mut rng, &ctx, &mut pipeline, &mut s, &mut tasks).await;
         tokio::time::sleep(Duration::from_millis(rng.range(20, 300))).await;
     }
-    let (streams, subscribers) = (s.streams, s.subscribers);
+    let (streams, subscribers, mut members) = (s.streams, s.subscribers, s.members);
 
     stop_writers.cancel();
     ctx.quiet.cancel();
@@ -267,9 +284,13 @@ async fn schedule(seed: u64, length: Duration, own: Option<Arc<Cluster>>) -> Res
         }
         behind
     };
-    let deadline = Instant::now() + CATCH_UP;
+    let (catching_up, mut last_behind) = (Instant::now(), Vec::new());
+    let deadline = catching_up + CATCH_UP;
     while !trace.failed() {
-        pipeline.assert_alive();
+        if let Some(why) = exited(&mut pipeline, &mut members) {
+            trace.fail("pipeline", why);
+            break;
+        }
         let mut behind: Vec<(String, String)> = all
             .iter()
             .map(|r| r.lock().unwrap())
@@ -280,8 +301,13 @@ async fn schedule(seed: u64, length: Duration, own: Option<Arc<Cluster>>) -> Res
             behind = check_subscribers(true);
         }
         if behind.is_empty() {
+            trace.log(format!(
+                "catch-up: {:.1}s, the last behind: {last_behind:?}",
+                catching_up.elapsed().as_secs_f64()
+            ));
             break;
         }
+        last_behind = behind.iter().map(|(name, _)| name.clone()).collect();
         if Instant::now() > deadline {
             for (name, status) in &behind {
                 trace.fail(
@@ -305,6 +331,10 @@ async fn schedule(seed: u64, length: Duration, own: Option<Arc<Cluster>>) -> Res
         {
             trace.log(format!("{subject}: against the writers' record: {why}"));
         }
+        if let Some(r) = failed {
+            let status = r.lock().unwrap().status(&table);
+            trace.log(format!("{subject}: where it was: {status}"));
+        }
     } else {
         check_writers(&records, &live, &table);
         for (name, what) in check_subscribers(true).into_iter().take(1) {
@@ -319,6 +349,9 @@ async fn schedule(seed: u64, length: Duration, own: Option<Arc<Cluster>>) -> Res
         }
     }
     pipeline.shutdown().await;
+    if let Some(m) = members {
+        m.shutdown().await;
+    }
     db.teardown().await;
     match trace.failure() {
         None => {
@@ -354,6 +387,13 @@ async fn schedule(seed: u64, length: Duration, own: Option<Arc<Cluster>>) -> Res
             trace.relevant(&subject, at)
         )),
     }
+}
+
+/// Why the pipeline or a group member ended by itself, if one did: a divergence.
+fn exited(pipeline: &mut Pipeline, members: &mut Option<Members>) -> Option<String> {
+    pipeline
+        .exited()
+        .or_else(|| members.as_mut().and_then(Members::exited))
 }
 
 /// Copies every event appended to the log into `chaos_log`, which retention does not
@@ -413,6 +453,8 @@ struct Schedule {
     /// Truncates tried: their numbers in `chaos_txlog`.
     truncated: i64,
     subscribers: Vec<SharedSubscriber>,
+    /// Group mode: the members besides the pipeline.
+    members: Option<Members>,
 }
 
 /// One random operation on waltap, Postgres or the table.
@@ -489,6 +531,9 @@ async fn operate(
             if let Some(c) = create_stream(rng, ctx, n, tasks).await {
                 streams.push(c);
             }
+        }
+        30..=49 if s.members.is_some() && rng.percent() < 70 => {
+            group_op(rng, trace, pipeline, s.members.as_mut().unwrap()).await;
         }
         30..=39 if on("kill") => {
             // Mostly `serve`: the HTTP consumers and subscribers need it.
@@ -568,6 +613,46 @@ async fn operate(
             }));
         }
         _ => {}
+    }
+}
+
+/// SIGKILL (and a new member) or SIGSTOP (now and then past the takeover timeout) of
+/// whichever member leads; the pipeline's when none of the others does.
+async fn group_op(rng: &mut Prng, trace: &Trace, pipeline: &mut Pipeline, members: &mut Members) {
+    let kill = rng.percent() < 50;
+    let (down, frozen) = (
+        Duration::from_millis(rng.range(0, 1500)),
+        Duration::from_millis(rng.range(500, 6000)),
+    );
+    match members.leader().await {
+        Some(i) if kill => {
+            trace.log(format!(
+                "group: SIGKILL the leader, member {i}; a new one after {down:?}"
+            ));
+            members.kill(i, down).await;
+        }
+        Some(i) => {
+            trace.log(format!(
+                "group: SIGSTOP the leader, member {i}, for {frozen:?}"
+            ));
+            members.pause(i, frozen).await;
+        }
+        None if kill => {
+            trace.log(format!(
+                "group: SIGKILL the pipeline ({:?}), which leads; serve starts after {down:?}",
+                pipeline.kind
+            ));
+            pipeline.kill_and_restart(Kind::Serve, down).await;
+        }
+        None => {
+            trace.log(format!(
+                "group: SIGSTOP the pipeline ({:?}), which leads, for {frozen:?}",
+                pipeline.kind
+            ));
+            pipeline.pause();
+            tokio::time::sleep(frozen).await;
+            pipeline.resume();
+        }
     }
 }
 

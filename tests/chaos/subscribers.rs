@@ -152,13 +152,16 @@ impl Subscriber {
                 }
             }
             if complete && s.ended.is_none() && k + s.txs.len() != selected.len() {
-                return Err((true, format!(
+                return Err((
+                    true,
+                    format!(
                     "session {n} (from {}), still open, has {} of the {} selected transactions \
                      after its marker",
                     s.from,
                     s.txs.len(),
                     selected.len() - k
-                )));
+                ),
+                ));
             }
         }
         Ok(())
