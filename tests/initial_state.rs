@@ -717,15 +717,16 @@ async fn a_truncate_waits_for_the_initial_state_it_would_empty() {
     };
     let mut sub = subscribe(&hub, None).await;
     let c = db.client().await;
+    let count = |sql: &'static str| {
+        let c = &c;
+        async move { c.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
     wait_for("the initial state's snapshot", TIMEOUT, || async {
-        c.query_one(
+        count(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
                AND state = 'idle in transaction' AND query LIKE '%pg_current_snapshot()%'",
-            &[],
         )
         .await
-        .unwrap()
-        .get::<_, i64>(0)
             == 1
     })
     .await;
@@ -736,13 +737,8 @@ async fn a_truncate_waits_for_the_initial_state_it_would_empty() {
         TIMEOUT,
         || async {
             truncate.is_finished()
-            || c.query_one(
-                "SELECT count(*) FROM pg_locks WHERE relation = 'acc'::regclass AND NOT granted",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
+            || count("SELECT count(*) FROM pg_locks WHERE relation = 'acc'::regclass AND NOT granted")
+                .await
                 == 1
         },
     )

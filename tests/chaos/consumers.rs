@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use serde_json::{json, Value as Json};
+use serde_json::Value as Json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -79,6 +79,20 @@ pub type SharedReplica = Arc<Mutex<Replica>>;
 impl Ctx {
     pub fn allows(&self, op: &str) -> bool {
         !self.without.iter().any(|w| w == op)
+    }
+
+    /// The HTTP base URL of the serving process, once there is one; `None` once the
+    /// schedule ends.
+    pub async fn server(&self) -> Option<String> {
+        loop {
+            if let Some(base) = self.http.lock().unwrap().clone() {
+                return Some(base);
+            }
+            if self.stop.is_cancelled() {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// True in the minute after a Postgres crash: errors then are the crash's doing.
@@ -305,35 +319,15 @@ async fn feed(
             Ok(Control::ResetWithRows) => reset = true,
             Ok(Control::Reopen) | Err(_) => {}
         }
-        let Some(base) = ctx.http.lock().unwrap().clone() else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
+        let Some(base) = ctx.server().await else {
+            return;
         };
         if reset {
-            let r = http
-                .post(format!("{base}/v1/streams/{name}/reset"))
-                .bearer_auth(KEY)
-                .json(&json!({"initialState": true}))
-                .send()
-                .await;
-            match r {
-                Ok(r) if r.status().is_success() => {
-                    ctx.log(&replica, "POST reset {\"initialState\": true}");
-                    replica.lock().unwrap().restart_with_rows();
-                    cursor = None;
-                    reset = false;
-                }
-                Ok(r) if r.status() == 409 => {}
-                Ok(r) => {
-                    let status = r.status();
-                    let body = r.text().await.unwrap_or_default();
-                    if !ctx.forgive(&name, format!("reset answered {status}: {body}")) {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            if !super::http::post_reset(&ctx, &http, &name, &replica, "feed").await {
+                return;
             }
+            cursor = None;
+            reset = false;
             continue;
         }
         let mut req = http

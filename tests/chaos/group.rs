@@ -6,7 +6,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::Value as Json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Child;
 
@@ -26,18 +25,6 @@ struct Member {
 pub struct Members {
     env: Env,
     members: Vec<Member>,
-}
-
-/// The role `/healthz` at `base` reports; `None` when it does not answer.
-pub async fn role(base: &str) -> Option<String> {
-    let r = reqwest::Client::new()
-        .get(format!("{base}/healthz"))
-        .timeout(Duration::from_secs(2))
-        .send()
-        .await
-        .ok()?;
-    let body: Json = r.json().await.ok()?;
-    body["role"].as_str().map(str::to_owned)
 }
 
 impl Members {
@@ -66,7 +53,7 @@ impl Members {
     /// The member that leads, if one of them says so.
     pub async fn leader(&self) -> Option<usize> {
         for (i, m) in self.members.iter().enumerate() {
-            if role(&m.url).await.as_deref() == Some("leader") {
+            if support::healthz_role(&m.url).await.as_deref() == Some("leader") {
                 return Some(i);
             }
         }

@@ -27,6 +27,21 @@ pub struct SseReader {
     buf: String,
 }
 
+/// A client for event streams: no overall timeout, they last.
+pub fn sse_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+/// `GET url` as an event stream, with the schedule's key.
+pub fn sse_get(http: &reqwest::Client, url: String) -> reqwest::RequestBuilder {
+    http.get(url)
+        .bearer_auth(KEY)
+        .header("accept", "text/event-stream")
+}
+
 impl SseReader {
     pub fn new(r: reqwest::Response) -> SseReader {
         SseReader {
@@ -109,9 +124,8 @@ pub async fn post_reset(
     why: &str,
 ) -> bool {
     while !ctx.stop.is_cancelled() {
-        let Some(base) = ctx.http.lock().unwrap().clone() else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
+        let Some(base) = ctx.server().await else {
+            return false;
         };
         let r = http
             .post(format!("{base}/v1/streams/{name}/reset"))
@@ -149,20 +163,13 @@ pub async fn sse(
     replica: SharedReplica,
     mut control: mpsc::UnboundedReceiver<Control>,
 ) {
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
+    let http = sse_client();
     let mut last_id: Option<String> = None;
     while !ctx.stop.is_cancelled() && !ctx.trace.failed() {
-        let Some(base) = ctx.http.lock().unwrap().clone() else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
+        let Some(base) = ctx.server().await else {
+            return;
         };
-        let mut req = http
-            .get(format!("{base}/v1/streams/{name}"))
-            .bearer_auth(KEY)
-            .header("accept", "text/event-stream");
+        let mut req = sse_get(&http, format!("{base}/v1/streams/{name}"));
         if let Some(id) = &last_id {
             req = req.header("last-event-id", id);
         }
@@ -259,9 +266,8 @@ pub async fn websocket(
     let mut rng = Prng::new(seed);
     let http = reqwest::Client::new();
     while !ctx.stop.is_cancelled() && !ctx.trace.failed() {
-        let Some(base) = ctx.http.lock().unwrap().clone() else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
+        let Some(base) = ctx.server().await else {
+            return;
         };
         let mut req = format!("{}/v1/streams/{name}", base.replace("http://", "ws://"))
             .into_client_request()

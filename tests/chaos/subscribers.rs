@@ -11,8 +11,7 @@ use std::time::Duration;
 use serde_json::{json, Value as Json};
 
 use super::consumers::Ctx;
-use super::http::SseReader;
-use super::procs::KEY;
+use super::http::{sse_client, sse_get, SseReader};
 use super::writer::Change;
 use crate::support::prng::Prng;
 
@@ -185,25 +184,17 @@ impl Subscriber {
 /// while by the subscriber itself (or by the server, with an error item).
 pub async fn subscribe(ctx: Ctx, sub: SharedSubscriber, seed: u64) {
     let mut rng = Prng::new(seed);
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
+    let http = sse_client();
     let (name, filter_w) = {
         let s = sub.lock().unwrap();
         (s.name.clone(), s.filter_w)
     };
     let filter = filter_w.map(|w| json!({"where": {"w": w}, "truncate": true}).to_string());
     while !ctx.stop.is_cancelled() && !ctx.trace.failed() {
-        let Some(base) = ctx.http.lock().unwrap().clone() else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
+        let Some(base) = ctx.server().await else {
+            return;
         };
-        let mut req = http
-            .get(format!("{base}/v1/subscribe"))
-            .bearer_auth(KEY)
-            .header("accept", "text/event-stream")
-            .query(&[("table", "items")]);
+        let mut req = sse_get(&http, format!("{base}/v1/subscribe")).query(&[("table", "items")]);
         if let Some(f) = &filter {
             req = req.query(&[("filter", f)]);
         }
