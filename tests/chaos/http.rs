@@ -21,6 +21,20 @@ pub struct SseEvent {
     pub data: String,
 }
 
+impl SseEvent {
+    /// The data as JSON; `None` (a divergence, recorded) when it is not.
+    pub fn json(&self, ctx: &Ctx, name: &str) -> Option<Json> {
+        match serde_json::from_str(&self.data) {
+            Ok(item) => Some(item),
+            Err(e) => {
+                ctx.trace
+                    .fail(name, format!("SSE data {:?}: {e}", self.data));
+                None
+            }
+        }
+    }
+}
+
 /// Reads events from an SSE response body.
 pub struct SseReader {
     body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
@@ -190,12 +204,8 @@ pub async fn sse(
                                 break Err(judge(&ctx, &name, &code, format!("error item {body}")));
                             }
                             Some(ev) => {
-                                let item: Json = match serde_json::from_str(&ev.data) {
-                                    Ok(item) => item,
-                                    Err(e) => {
-                                        ctx.trace.fail(&name, format!("SSE data {:?}: {e}", ev.data));
-                                        return;
-                                    }
+                                let Some(item) = ev.json(&ctx, &name) else {
+                                    return;
                                 };
                                 let mut r = replica.lock().unwrap();
                                 if let Err(what) = r.apply(&item) {

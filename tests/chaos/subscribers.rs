@@ -223,12 +223,8 @@ pub async fn subscribe(ctx: Ctx, sub: SharedSubscriber, seed: u64) {
             tokio::select! {
                 ev = events.next() => match ev {
                     Some(ev) => {
-                        let item: Json = match serde_json::from_str(&ev.data) {
-                            Ok(item) => item,
-                            Err(e) => {
-                                ctx.trace.fail(&name, format!("SSE data {:?}: {e}", ev.data));
-                                return;
-                            }
+                        let Some(item) = ev.json(&ctx, &name) else {
+                            return;
                         };
                         if item["type"] == "error" {
                             break item["error"]["code"].as_str().unwrap_or("untyped error").to_owned();
