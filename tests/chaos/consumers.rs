@@ -449,7 +449,11 @@ async fn api(
             }
             if let Some(seq) = item["seq"].as_u64() {
                 pending = Some(Cursor::Snapshot(seq));
-            } else if let (Some(p), None) = (item["position"].as_str(), item["type"].as_str()) {
+            } else if let (Some(p), None | Some("snapshotComplete")) =
+                (item["position"].as_str(), item["type"].as_str())
+            {
+                // A change, or the marker (its position acknowledges it: unacknowledged, it
+                // would come again after a reconnect).
                 pending = Some(Cursor::Position(p.parse::<Position>().unwrap()));
             }
         };

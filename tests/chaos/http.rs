@@ -383,7 +383,11 @@ async fn ws_session(
         }
         if let Some(seq) = item["seq"].as_u64() {
             pending = Some(format!("snapshot-{seq}"));
-        } else if let (Some(p), None) = (item["position"].as_str(), item["type"].as_str()) {
+        } else if let (Some(p), None | Some("snapshotComplete")) =
+            (item["position"].as_str(), item["type"].as_str())
+        {
+            // A change, or the marker (its position acknowledges it: unacknowledged, it
+            // would come again after a reconnect).
             pending = Some(p.to_owned());
         }
         since_ack += 1;
