@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use serde_json::{json, Value as Json};
 use waltap::log::streams::{self, OpenOptions, StreamConsumer, StreamDef, StreamItem};
 use waltap::Filter;
@@ -667,4 +668,80 @@ async fn cli_reset_with_initial_state_then_tail_delivers_rows_and_marker_once() 
     let listed: Json = serde_json::from_str(&listed).unwrap();
     assert_eq!(listed[0]["cursor"], change["position"], "acknowledged");
     log.stop().await;
+}
+
+/// TRUNCATE is not MVCC-safe: one committed between an initial state's snapshot and its
+/// first read of the table left the subscriber an empty table, then changes of rows it
+/// never got (found by the chaos harness). The snapshot locks the table before it is
+/// taken, so the TRUNCATE waits until the rows are read and comes after them as a change.
+#[tokio::test]
+async fn a_truncate_waits_for_the_initial_state_it_would_empty() {
+    let db = TestDb::new().await;
+    table(&db, false).await;
+    let mut cfg = HubConfig::new(listen::config(&db, &[]));
+    // Paused, the hub holds the snapshot's watermark back: the snapshot stays open, its
+    // rows unread, while the TRUNCATE comes.
+    cfg.start_paused = true;
+    let hub = match Hub::start(cfg).await {
+        Ok(h) => h,
+        Err(e) => panic!("hub did not start: {e}"),
+    };
+    let mut sub = subscribe(&hub, None).await;
+    let c = db.client().await;
+    let count = |sql: &'static str| {
+        let c = &c;
+        async move { c.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    wait_for("the initial state's snapshot", TIMEOUT, || async {
+        count(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+               AND state = 'idle in transaction' AND query LIKE '%pg_current_snapshot()%'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    let truncator = db.client().await;
+    let truncate = tokio::spawn(async move { truncator.batch_execute("TRUNCATE acc").await });
+    wait_for(
+        "the TRUNCATE to wait for a lock (or to be done)",
+        TIMEOUT,
+        || async {
+            truncate.is_finished()
+            || count("SELECT count(*) FROM pg_locks WHERE relation = 'acc'::regclass AND NOT granted")
+                .await
+                == 1
+        },
+    )
+    .await;
+    hub.resume().await.unwrap();
+    let mut rows = 0;
+    loop {
+        let item = tokio::time::timeout(TIMEOUT, sub.next())
+            .await
+            .expect("an item in time")
+            .expect("the subscription goes on")
+            .expect("no error");
+        match item {
+            SubscriptionItem::Snapshot(_) => rows += 1,
+            SubscriptionItem::SnapshotComplete { .. } => break,
+            _ => {}
+        }
+    }
+    assert_eq!(
+        rows, ROWS,
+        "every row the snapshot saw, not an emptied table"
+    );
+    truncate
+        .await
+        .unwrap()
+        .expect("the TRUNCATE went through after the read");
+    let next = tokio::time::timeout(TIMEOUT, sub.next()).await.unwrap();
+    match next {
+        Some(Ok(SubscriptionItem::Event(ev))) => assert_eq!(ev.action, waltap::Action::Truncate),
+        other => panic!("expected the truncate, got {other:?}"),
+    }
+    drop(sub);
+    hub.shutdown().await;
+    db.teardown().await;
 }

@@ -540,3 +540,70 @@ async fn typed_rows_through_serde() {
     h.shutdown().await;
     db.teardown().await;
 }
+
+/// `waltap serve` started while Postgres restarted exited ("cannot start the subscription
+/// hub"), though a running hub rides out a restart (found by the chaos harness). With
+/// `start_offline`, a hub started while Postgres is down comes up not streaming, refuses
+/// subscribers with `source_unavailable`, and streams once Postgres is back; without it,
+/// the start fails as before.
+#[tokio::test]
+async fn a_hub_started_while_postgres_is_down_streams_once_it_is_back() {
+    let cluster = match tokio::task::spawn_blocking(crate::support::Cluster::start_dedicated)
+        .await
+        .unwrap()
+    {
+        Ok(c) => std::sync::Arc::new(c),
+        Err(why) => {
+            eprintln!(
+                "skipped a_hub_started_while_postgres_is_down_streams_once_it_is_back: {why}"
+            );
+            return;
+        }
+    };
+    let db = TestDb::new_on(&cluster).await;
+    db.client()
+        .await
+        .batch_execute("CREATE TABLE l (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let listener = listen::config(&db, &[]);
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.stop_immediate())
+        .await
+        .unwrap();
+    assert!(
+        Hub::start(HubConfig::new(listener.clone())).await.is_err(),
+        "without start_offline, a hub that cannot connect does not start"
+    );
+    let mut cfg = HubConfig::new(listener);
+    cfg.start_offline = true;
+    let h = match Hub::start(cfg).await {
+        Ok(h) => h,
+        Err(e) => panic!("start_offline: the hub did not start: {e}"),
+    };
+    assert!(!h.is_streaming());
+    match h.subscribe("l", None).await {
+        Err(e) => assert_eq!(e.code().as_str(), "source_unavailable", "{e}"),
+        Ok(_) => panic!("a hub that never connected took a subscriber"),
+    }
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.start())
+        .await
+        .unwrap();
+    let hub = &h;
+    crate::support::wait_for("the hub to connect", TIMEOUT, || async move {
+        hub.is_streaming()
+    })
+    .await;
+    let mut s = subscribe(&h, "l", None).await;
+    db.client()
+        .await
+        .batch_execute("INSERT INTO l VALUES (1)")
+        .await
+        .unwrap();
+    let evs = events(&mut s, 1).await;
+    assert_eq!(evs[0]["created"]["id"], 1);
+    drop(s);
+    h.shutdown().await;
+    db.teardown().await;
+}

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Command, CompletionReason, Direct, Fed, SubscriptionError, SubscriptionItem};
-use crate::event::Position;
+use crate::event::{Position, TableName};
 use crate::filter::{CompiledFilter, TableSchema};
 use crate::initial::{self, CommittedTx, Session, SnapshotError};
 use crate::lsn::{Lsn, Watermark};
@@ -187,8 +187,12 @@ impl Run {
     /// with that position.
     async fn settle(&mut self, joined: Position) -> Result<(Session, Position), Stop> {
         let source = self.job.source.clone();
+        let table = TableName {
+            schema: self.job.table.schema.clone(),
+            table: self.job.table.table.clone(),
+        };
         let mut feed = HubFeed { run: self, joined };
-        let (session, after) = initial::place(&source, &mut feed).await?;
+        let (session, after) = initial::place(&source, &[table], &mut feed).await?;
         Ok((session, after.unwrap_or(joined)))
     }
 

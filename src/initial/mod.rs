@@ -6,9 +6,10 @@
 //!
 //! 1. The consumer first joins the change stream (a hub subscription, or the event log)
 //!    at position `J`: it holds every change after `J`.
-//! 2. A `REPEATABLE READ` transaction takes its snapshot `S` and, in the same statement,
-//!    writes a non-transactional logical message, the *watermark*, at LSN `W`. Every
-//!    transaction `S` sees committed before `W`.
+//! 2. A `REPEATABLE READ` transaction locks the tables (`ACCESS SHARE`, so that no
+//!    TRUNCATE empties them under the snapshot), takes its snapshot `S` and, in the same
+//!    statement, writes a non-transactional logical message, the *watermark*, at LSN `W`.
+//!    Every transaction `S` sees committed before `W`.
 //! 3. Once the change stream has passed `W`, the transactions between `J` and `W` are
 //!    known; with their xids, [`visibility::settle`] finds the position `P` such that `S`
 //!    sees every transaction up to `P` and none after it. (At the instant `S` is taken,
@@ -197,8 +198,18 @@ pub struct Session {
 }
 
 impl Session {
-    /// Opens the transaction, takes the snapshot and writes the watermark.
-    pub async fn begin(source: &SourceConfig) -> Result<Session, SnapshotError> {
+    /// Opens the transaction, locks `tables` (`ACCESS SHARE`), takes the snapshot and
+    /// writes the watermark.
+    ///
+    /// The lock comes before the snapshot: TRUNCATE (like other rewrites) is not MVCC-safe,
+    /// and one committed between the snapshot and the first read of the table would leave
+    /// the snapshot an empty table while the changes after its position still refer to
+    /// its rows. Holding the lock from before the snapshot makes such a rewrite wait until
+    /// the rows are read (`LOCK` takes no snapshot itself).
+    pub async fn begin(
+        source: &SourceConfig,
+        tables: &[TableName],
+    ) -> Result<Session, SnapshotError> {
         let client = source.connect_sql().await?;
         // The values come out as the walsender prints them (README, the event format), so a
         // snapshot row and a change of the same row look the same.
@@ -210,6 +221,19 @@ impl Session {
             )
             .await
             .map_err(SnapshotError::sql("open the snapshot transaction"))?;
+        if !tables.is_empty() {
+            let names: Vec<String> = tables
+                .iter()
+                .map(|t| format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.table)))
+                .collect();
+            client
+                .batch_execute(&format!(
+                    "LOCK TABLE {} IN ACCESS SHARE MODE",
+                    names.join(", ")
+                ))
+                .await
+                .map_err(SnapshotError::sql("lock the tables of the snapshot"))?;
+        }
         // One statement: the snapshot is taken when it starts, the watermark written after.
         let row = client
             .query_one(

@@ -10,7 +10,7 @@
 //! most [`MAX_ATTEMPTS`] times.
 
 use super::{check_joined, settle, CommittedTx, Session, SnapshotError, MAX_ATTEMPTS};
-use crate::event::Position;
+use crate::event::{Position, TableName};
 use crate::lsn::{Lsn, Watermark};
 use crate::pg::config::SourceConfig;
 
@@ -41,17 +41,19 @@ pub(crate) trait ChangeFeed {
     ) -> Result<Vec<CommittedTx>, Self::Error>;
 }
 
-/// Takes snapshots of `source` until one matches a position of `feed`; returns it open,
-/// with that position (`None`: before every change of the feed).
+/// Takes snapshots of `source` (locking `tables`, which it will read) until one matches a
+/// position of `feed`; returns it open, with that position (`None`: before every change of
+/// the feed).
 pub(crate) async fn place<F: ChangeFeed>(
     source: &SourceConfig,
+    tables: &[TableName],
     feed: &mut F,
 ) -> Result<(Session, Option<Position>), F::Error> {
     let mut attempt = 0;
     loop {
         attempt += 1;
         let joined = feed.join_point().await?;
-        let session = Session::begin(source).await?;
+        let session = Session::begin(source, tables).await?;
         let outcome = match check_joined(&session.xids, &feed.commits_through(joined).await?) {
             Err(e) => Err(e),
             Ok(()) => {

@@ -58,7 +58,7 @@ pub async fn settle(
         schemas,
         names,
     };
-    initial::place(watched, &mut feed).await
+    initial::place(watched, tables, &mut feed).await
 }
 
 /// The log of one source as the change feed a snapshot is placed in.

@@ -187,7 +187,7 @@ impl ReplicationConnection {
         let stream = tokio_rustls::TlsConnector::from(tls)
             .connect(name, tcp)
             .await
-            .map_err(|e| ReplicationError::Tls(e.to_string()))?;
+            .map_err(handshake_error)?;
         Ok(Box::new(stream))
     }
 
@@ -593,6 +593,19 @@ fn parse_server_version(v: &str) -> u32 {
     }
 }
 
+/// A failed TLS handshake: the connection breaking under it (a server restarting) is an
+/// I/O error, which retrying can fix; anything else (a certificate refused, no common
+/// protocol) is a TLS error, which it cannot.
+fn handshake_error(e: std::io::Error) -> ReplicationError {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof | TimedOut => {
+            ReplicationError::Io(e)
+        }
+        _ => ReplicationError::Tls(e.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -605,5 +618,24 @@ mod tests {
         );
         assert_eq!(parse_server_version("18beta1"), 180000);
         assert_eq!(parse_server_version("9.6.3"), 90603);
+    }
+
+    /// `waltap serve` started while Postgres restarted exited on "TLS: Connection reset by
+    /// peer", taken for a TLS problem (found by the chaos harness).
+    #[test]
+    fn a_connection_broken_during_the_handshake_is_transient() {
+        for kind in [
+            std::io::ErrorKind::ConnectionReset,
+            std::io::ErrorKind::UnexpectedEof,
+        ] {
+            let e = handshake_error(std::io::Error::new(kind, "gone"));
+            assert!(e.is_transient(), "{kind:?}: {e}");
+        }
+        let refused = handshake_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "invalid peer certificate: UnknownIssuer",
+        ));
+        assert!(matches!(refused, ReplicationError::Tls(_)), "{refused}");
+        assert!(!refused.is_transient());
     }
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use serde_json::{json, Value as Json};
+use serde_json::Value as Json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -18,7 +18,12 @@ use waltap::SourceConfig;
 use super::procs::{self, Env, KEY};
 use super::replica::Replica;
 use super::trace::Trace;
+use super::writer::SharedTable;
 use crate::support;
+
+/// How long after Postgres is back from a crash a consumer's or command's error is
+/// forgiven (taken as the crash's doing, and retried).
+const FORGIVEN: Duration = Duration::from_secs(60);
 
 /// What the schedule asks a consumer to do.
 #[derive(Debug)]
@@ -28,6 +33,9 @@ pub enum Control {
     Disconnect(Duration),
     /// `reset` with initial state, then go on.
     ResetWithRows,
+    /// Not the schedule's: the consumer lost its connection (a Postgres crash) and opens
+    /// the stream again.
+    Reopen,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -35,6 +43,17 @@ pub enum Via {
     Cli,
     Feed,
     Api,
+    /// Server-Sent Events, resuming with `Last-Event-ID`.
+    Sse,
+    /// WebSocket, acknowledging explicitly.
+    Ws,
+}
+
+impl Via {
+    /// Consumed through `waltap serve`'s HTTP API.
+    pub fn needs_http(self) -> bool {
+        matches!(self, Via::Feed | Via::Sse | Via::Ws)
+    }
 }
 
 /// What every consumer task shares.
@@ -49,6 +68,10 @@ pub struct Ctx {
     pub quiet: CancellationToken,
     /// Operations left out (`WALTAP_CHAOS_WITHOUT`).
     pub without: Vec<String>,
+    /// Columns the schedule added.
+    pub table: SharedTable,
+    /// When Postgres last crashed (or came back from it).
+    pub crashed: Arc<Mutex<Option<std::time::Instant>>>,
 }
 
 pub type SharedReplica = Arc<Mutex<Replica>>;
@@ -56,6 +79,40 @@ pub type SharedReplica = Arc<Mutex<Replica>>;
 impl Ctx {
     pub fn allows(&self, op: &str) -> bool {
         !self.without.iter().any(|w| w == op)
+    }
+
+    /// The HTTP base URL of the serving process, once there is one; `None` once the
+    /// schedule ends.
+    pub async fn server(&self) -> Option<String> {
+        loop {
+            if let Some(base) = self.http.lock().unwrap().clone() {
+                return Some(base);
+            }
+            if self.stop.is_cancelled() {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// True in the minute after a Postgres crash: errors then are the crash's doing.
+    pub fn forgiven(&self) -> bool {
+        self.crashed
+            .lock()
+            .unwrap()
+            .is_some_and(|at| at.elapsed() < FORGIVEN)
+    }
+
+    /// Records `what` as a divergence, unless a crash explains it: then logs it and
+    /// returns true (the caller retries).
+    pub fn forgive(&self, subject: &str, what: String) -> bool {
+        if self.forgiven() {
+            self.trace
+                .log(format!("{subject}: after the Postgres crash: {what}"));
+            return true;
+        }
+        self.trace.fail(subject, what);
+        false
     }
 
     /// Applies items to `replica`; false (after recording the divergence) on the first bad one.
@@ -95,7 +152,8 @@ pub async fn log_poller(ctx: Ctx, replica: SharedReplica) {
             )
             .await;
         let Ok(rows) = rows else {
-            // The log's tables appear with the first pipeline.
+            // The log's tables appear with the first pipeline; a crash ends the connection.
+            client = None;
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
@@ -122,11 +180,14 @@ pub async fn consume(
     via: Via,
     replica: SharedReplica,
     control: mpsc::UnboundedReceiver<Control>,
+    seed: u64,
 ) {
     match via {
         Via::Cli => cli(ctx, name, replica, control).await,
         Via::Feed => feed(ctx, name, replica, control).await,
         Via::Api => api(ctx, name, replica, control).await,
+        Via::Sse => super::http::sse(ctx, name, replica, control).await,
+        Via::Ws => super::http::websocket(ctx, name, replica, control, seed).await,
     }
 }
 
@@ -180,6 +241,7 @@ async fn cli(
                 replica.lock().unwrap().resume();
             }
             Some(Control::ResetWithRows) => cli_reset(&ctx, &name, &replica, "asked").await,
+            Some(Control::Reopen) => replica.lock().unwrap().resume(),
             None => {
                 let status = child.wait().await.unwrap();
                 let mut why = String::new();
@@ -191,9 +253,11 @@ async fn cli(
                     tokio::time::sleep(Duration::from_millis(300)).await;
                     replica.lock().unwrap().resume();
                 } else if !ctx.stop.is_cancelled() {
-                    ctx.trace
-                        .fail(&name, format!("stream tail exited ({status}): {why}"));
-                    return;
+                    if !ctx.forgive(&name, format!("stream tail exited ({status}): {why}")) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    replica.lock().unwrap().resume();
                 }
             }
         }
@@ -221,7 +285,12 @@ async fn cli_reset(ctx: &Ctx, name: &str, replica: &SharedReplica, why: &str) {
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(e) => return ctx.trace.fail(name, format!("stream reset failed: {e}")),
+            Err(e) => {
+                if !ctx.forgive(name, format!("stream reset failed: {e}")) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
         }
     }
 }
@@ -248,36 +317,17 @@ async fn feed(
                 tokio::time::sleep(down).await;
             }
             Ok(Control::ResetWithRows) => reset = true,
-            Err(_) => {}
+            Ok(Control::Reopen) | Err(_) => {}
         }
-        let Some(base) = ctx.http.lock().unwrap().clone() else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
+        let Some(base) = ctx.server().await else {
+            return;
         };
         if reset {
-            let r = http
-                .post(format!("{base}/v1/streams/{name}/reset"))
-                .bearer_auth(KEY)
-                .json(&json!({"initialState": true}))
-                .send()
-                .await;
-            match r {
-                Ok(r) if r.status().is_success() => {
-                    ctx.log(&replica, "POST reset {\"initialState\": true}");
-                    replica.lock().unwrap().restart_with_rows();
-                    cursor = None;
-                    reset = false;
-                }
-                Ok(r) if r.status() == 409 => {}
-                Ok(r) => {
-                    let status = r.status();
-                    let body = r.text().await.unwrap_or_default();
-                    ctx.trace
-                        .fail(&name, format!("reset answered {status}: {body}"));
-                    return;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            if !super::http::post_reset(&ctx, &http, &name, &replica, "feed").await {
+                return;
             }
+            cursor = None;
+            reset = false;
             continue;
         }
         let mut req = http
@@ -311,9 +361,11 @@ async fn feed(
                 continue;
             }
             _ => {
-                ctx.trace
-                    .fail(&name, format!("feed answered {status}: {body}"));
-                return;
+                if !ctx.forgive(&name, format!("feed answered {status}: {body}")) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                continue;
             }
         }
         let items = body["events"].as_array().cloned().unwrap_or_default();
@@ -353,8 +405,11 @@ async fn api(
                 continue;
             }
             Err(e) => {
-                ctx.trace.fail(&name, format!("open: {e}"));
-                return;
+                if !ctx.forgive(&name, format!("open: {e}")) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                continue;
             }
         };
         // What was applied and not yet acknowledged: acknowledged whenever the consumer
@@ -365,8 +420,10 @@ async fn api(
                 Some(next) => next,
                 None => {
                     if let Err(e) = ack(consumer.acker(), pending.take()).await {
-                        ctx.trace.fail(&name, format!("ack: {e}"));
-                        return;
+                        if !ctx.forgive(&name, format!("ack: {e}")) {
+                            return;
+                        }
+                        break Some(Control::Reopen);
                     }
                     note("waiting for the next item");
                     tokio::select! {
@@ -380,8 +437,10 @@ async fn api(
                 Some(Ok(item)) => serde_json::to_value(&item).unwrap(),
                 Some(Err(StoreError::StaleCursor { .. })) => break Some(Control::ResetWithRows),
                 Some(Err(e)) => {
-                    ctx.trace.fail(&name, format!("stream error: {e}"));
-                    return;
+                    if !ctx.forgive(&name, format!("stream error: {e}")) {
+                        return;
+                    }
+                    break Some(Control::Reopen);
                 }
                 None => break None,
             };
@@ -390,13 +449,18 @@ async fn api(
             }
             if let Some(seq) = item["seq"].as_u64() {
                 pending = Some(Cursor::Snapshot(seq));
-            } else if let (Some(p), None) = (item["position"].as_str(), item["type"].as_str()) {
+            } else if let (Some(p), None | Some("snapshotComplete")) =
+                (item["position"].as_str(), item["type"].as_str())
+            {
+                // A change, or the marker (its position acknowledges it: unacknowledged, it
+                // would come again after a reconnect).
                 pending = Some(Cursor::Position(p.parse::<Position>().unwrap()));
             }
         };
         if let Err(e) = ack(consumer.acker(), pending.take()).await {
-            ctx.trace.fail(&name, format!("ack: {e}"));
-            return;
+            if !ctx.forgive(&name, format!("ack: {e}")) {
+                return;
+            }
         }
         consumer.close().await;
         match asked {
@@ -405,6 +469,11 @@ async fn api(
                 tokio::time::sleep(down).await;
             }
             Some(Control::ResetWithRows) => api_reset(&ctx, &store, &name, &replica, "asked").await,
+            Some(Control::Reopen) => {
+                // What was not acknowledged comes again.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                replica.lock().unwrap().resume();
+            }
             None => {}
         }
     }
@@ -426,12 +495,23 @@ async fn api_reset(
     replica: &SharedReplica,
     why: &str,
 ) {
-    let client = store.connect_sql().await.unwrap();
-    match streams::reset(&client, name, true).await {
-        Ok(_) => {
-            ctx.log(replica, &format!("streams::reset(initial_state) ({why})"));
-            replica.lock().unwrap().restart_with_rows();
+    loop {
+        let result = match store.connect_sql().await {
+            Ok(client) => streams::reset(&client, name, true).await,
+            Err(e) => Err(e.into()),
+        };
+        match result {
+            Ok(_) => {
+                ctx.log(replica, &format!("streams::reset(initial_state) ({why})"));
+                replica.lock().unwrap().restart_with_rows();
+                return;
+            }
+            Err(e) => {
+                if !ctx.forgive(name, format!("reset: {e}")) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
         }
-        Err(e) => ctx.trace.fail(name, format!("reset: {e}")),
     }
 }

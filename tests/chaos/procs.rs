@@ -22,6 +22,8 @@ pub struct Env {
     pub publication: String,
     /// `--retention-age`, in seconds: short, so that paused consumers go stale.
     pub retention_secs: u64,
+    /// Group mode: more `serve` members besides the pipeline, with a short takeover timeout.
+    pub group: bool,
 }
 
 impl Env {
@@ -32,6 +34,35 @@ impl Env {
             .env("WALTAP_PUBLICATION", &self.publication)
             .env("WALTAP_API_KEYS", KEYS)
             .env_remove("WALTAP_KEYS_FILE");
+        if self.group {
+            cmd.env("WALTAP_TAKEOVER_TIMEOUT", super::group::TAKEOVER_TIMEOUT);
+        }
+        cmd
+    }
+
+    /// `waltap run` or `waltap serve` (on a port of its own) filling the log, with the
+    /// schedule's retention.
+    pub fn pipeline(&self, kind: Kind) -> Command {
+        let retention = format!("{}s", self.retention_secs);
+        let mut args = vec![
+            "--table",
+            "items",
+            "--retention-age",
+            &retention,
+            "--retention-interval",
+            "1s",
+        ];
+        let sub = match kind {
+            Kind::Run => "run",
+            Kind::Serve => {
+                args.extend(["--listen", "127.0.0.1:0"]);
+                "serve"
+            }
+        };
+        let mut all = vec![sub];
+        all.extend(args);
+        let mut cmd = self.waltap(&all);
+        cmd.stdout(std::process::Stdio::null());
         cmd
     }
 }
@@ -55,29 +86,7 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub async fn start(env: &Env, kind: Kind, http: Arc<Mutex<Option<String>>>) -> Pipeline {
-        let retention = format!("{}s", env.retention_secs);
-        let mut args = vec![
-            "--table",
-            "items",
-            "--retention-age",
-            &retention,
-            "--retention-interval",
-            "1s",
-        ];
-        let sub = match kind {
-            Kind::Run => "run",
-            Kind::Serve => {
-                args.extend(["--listen", "127.0.0.1:0"]);
-                "serve"
-            }
-        };
-        let mut all = vec![sub];
-        all.extend(args);
-        let mut child = env
-            .waltap(&all)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = env.pipeline(kind).spawn().unwrap();
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let (sink, http_slot) = (stderr.clone(), http.clone());
@@ -99,20 +108,18 @@ impl Pipeline {
         }
     }
 
-    /// Panics with its stderr if it ended by itself.
-    pub fn assert_alive(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!(
-                "waltap {:?} exited by itself ({status}); stderr:\n{}",
-                self.kind,
-                self.stderr.lock().unwrap().join("\n")
-            );
-        }
+    /// Why it ended by itself (with its stderr), if it did.
+    pub fn exited(&mut self) -> Option<String> {
+        let status = self.child.try_wait().unwrap()?;
+        Some(format!(
+            "waltap {:?} exited by itself ({status}); stderr:\n{}",
+            self.kind,
+            self.stderr.lock().unwrap().join("\n")
+        ))
     }
 
     /// SIGKILL, then a new process of `kind`.
     pub async fn kill_and_restart(&mut self, kind: Kind, down: Duration) {
-        self.assert_alive();
         *self.http.lock().unwrap() = None;
         let _ = self.child.start_kill();
         self.child.wait().await.unwrap();
@@ -122,13 +129,14 @@ impl Pipeline {
 
     /// SIGSTOP: the process freezes with its connections open.
     pub fn pause(&mut self) {
-        self.assert_alive();
-        support::signal(&self.child, "STOP");
-        self.stopped = true;
+        if self.exited().is_none() {
+            support::signal(&self.child, "STOP");
+            self.stopped = true;
+        }
     }
 
     pub fn resume(&mut self) {
-        if self.stopped {
+        if self.stopped && self.child.id().is_some() {
             support::signal(&self.child, "CONT");
             self.stopped = false;
         }
@@ -136,7 +144,9 @@ impl Pipeline {
 
     pub async fn shutdown(mut self) {
         self.resume();
-        self.assert_alive();
+        if self.exited().is_some() {
+            return;
+        }
         support::sigterm(&self.child);
         let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value as Json;
 
-use super::writer::{Change, Record};
+use super::writer::{Change, Record, SharedTable};
 
 /// Where a consumer's view of the table starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,17 +43,27 @@ pub struct Replica {
     resumed: bool,
     /// Transactions in the order seen: xid and changes.
     pub txs: Vec<(u32, Vec<Change>)>,
+    /// The position of each of `txs`' first change.
+    positions: Vec<String>,
     /// Index into `txs` where the current base began (changes before a reset do not count).
     txs_from: usize,
     pub items: u64,
     /// What the consumer last did, for reports (e.g. the cursor it passed).
     pub note: String,
     created_at: Duration,
+    /// The columns DDL added: a row that lacks one reads its default.
+    table: SharedTable,
 }
 
 impl Replica {
     /// `created_at`: when the stream was made, on the schedule's clock.
-    pub fn new(name: String, filter_w: Option<i32>, base: Base, created_at: Duration) -> Replica {
+    pub fn new(
+        name: String,
+        filter_w: Option<i32>,
+        base: Base,
+        created_at: Duration,
+        table: SharedTable,
+    ) -> Replica {
         Replica {
             name,
             filter_w,
@@ -68,11 +78,22 @@ impl Replica {
             last_position: None,
             resumed: false,
             txs: Vec::new(),
+            positions: Vec::new(),
             txs_from: 0,
             items: 0,
             note: String::new(),
             created_at,
+            table,
         }
+    }
+
+    /// The transactions seen since the start or the last reset, with their positions.
+    pub fn transactions(&self) -> Vec<super::subscribers::LogTx> {
+        self.txs[self.txs_from..]
+            .iter()
+            .zip(&self.positions[self.txs_from..])
+            .map(|((xid, changes), p)| (*xid, p.clone(), changes.clone()))
+            .collect()
     }
 
     /// The stream starts over from the current rows (`reset` with initial state).
@@ -136,7 +157,7 @@ impl Replica {
             ));
         }
         self.resumed = false;
-        self.last_position = Some(position);
+        self.last_position = Some(position.clone());
         let xid = item["tx"]["id"]
             .as_u64()
             .ok_or_else(|| format!("change without tx.id: {item}"))? as u32;
@@ -144,7 +165,10 @@ impl Replica {
         let since_reset = self.txs.len() > self.txs_from;
         match self.txs.last_mut() {
             Some((last, changes)) if *last == xid && since_reset => changes.push(change),
-            _ => self.txs.push((xid, vec![change])),
+            _ => {
+                self.txs.push((xid, vec![change]));
+                self.positions.push(position);
+            }
         }
         Ok(())
     }
@@ -206,6 +230,10 @@ impl Replica {
                 }
                 Ok(("update", new as i32))
             }
+            Some("truncate") => {
+                self.rows.clear();
+                Ok(("truncate", 0))
+            }
             Some("delete") => {
                 let row = &item["deleted"];
                 self.check_filter(row, item)?;
@@ -221,7 +249,7 @@ impl Replica {
     /// The old row an update or delete names must be the one the consumer has.
     fn matches(&self, id: i64, old: &Json, strict: bool, item: &Json) -> Result<(), String> {
         match self.rows.get(&id) {
-            Some(have) if have == old => Ok(()),
+            Some(have) if self.filled(have) == self.filled(old) => Ok(()),
             Some(have) => Err(format!(
                 "the old row differs from the consumer's copy {have} (a change lost or doubled): {item}"
             )),
@@ -230,6 +258,18 @@ impl Replica {
             )),
             None => Ok(()),
         }
+    }
+
+    /// `row` with every column DDL added that it lacks, at its default: a row the consumer
+    /// got before an `ADD COLUMN` reads the default afterwards.
+    fn filled(&self, row: &Json) -> Json {
+        let mut row = row.clone();
+        if let Some(map) = row.as_object_mut() {
+            for (name, default) in self.table.added.lock().unwrap().iter() {
+                map.entry(name.clone()).or_insert_with(|| default.clone());
+            }
+        }
+        row
     }
 
     fn check_filter(&self, row: &Json, item: &Json) -> Result<(), String> {
@@ -272,15 +312,17 @@ impl Replica {
             .map(|(x, _)| (*x, ()))
             .collect();
         records.iter().enumerate().all(|(w, r)| {
-            !self.selects(w as i32)
+            !self.selects(w, records.len())
                 || r.committed
                     .last()
                     .is_none_or(|last| seen.contains_key(&last.xid) || last.at < self.created_at)
         })
     }
 
-    fn selects(&self, w: i32) -> bool {
-        self.filter_w.is_none_or(|f| f == w)
+    /// Whether the consumer gets record `w`'s transactions: the last record is the
+    /// schedule's truncates, which every filter selects (`"truncate": true`).
+    fn selects(&self, w: usize, records: usize) -> bool {
+        w + 1 == records || self.filter_w.is_none_or(|f| f as usize == w)
     }
 
     /// The final check: every selected transaction after the start, once, in each writer's
@@ -317,7 +359,7 @@ impl Replica {
                 };
                 return Err(format!("transaction {xid} is {what}, yet delivered"));
             };
-            if !self.selects(w as i32) {
+            if !self.selects(w, records.len()) {
                 return Err(format!("transaction {xid} of writer {w} passed the filter"));
             }
             let t = &records[w].committed[i];
@@ -356,7 +398,7 @@ impl Replica {
             }
         }
         for (w, r) in records.iter().enumerate() {
-            if let (Some(n), true) = (next[w], complete && self.selects(w as i32)) {
+            if let (Some(n), true) = (next[w], complete && self.selects(w, records.len())) {
                 if n != r.committed.len() {
                     return Err(format!(
                         "writer {w}: the consumer stopped at #{n} of {}",
@@ -373,15 +415,19 @@ impl Replica {
         if self.base == Base::Now {
             return Ok(());
         }
-        let want: BTreeMap<i64, &Json> = table
+        let want: BTreeMap<i64, Json> = table
             .iter()
             .filter(|(_, row)| {
                 self.filter_w
                     .is_none_or(|w| row["w"].as_i64() == Some(w as i64))
             })
-            .map(|(id, row)| (*id, row))
+            .map(|(id, row)| (*id, self.filled(row)))
             .collect();
-        let have: BTreeMap<i64, &Json> = self.rows.iter().map(|(id, row)| (*id, row)).collect();
+        let have: BTreeMap<i64, Json> = self
+            .rows
+            .iter()
+            .map(|(id, row)| (*id, self.filled(row)))
+            .collect();
         if want != have {
             let missing: Vec<_> = want
                 .keys()

@@ -20,6 +20,10 @@ impl Trace {
         }
     }
 
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
     }
@@ -58,13 +62,29 @@ impl Trace {
         let lines = self.lines.lock().unwrap();
         let count = |what: &str| lines.iter().filter(|(_, l)| l.contains(what)).count();
         format!(
-            "{} exports, {} streams, {} SIGKILLs and {} SIGSTOPs of the pipeline, {} disconnects, {} resets",
+            "{} exports, {} streams, {} SIGKILLs and {} SIGSTOPs of the pipeline, {} SIGKILLs and {} \
+             SIGSTOPs of a group's leader, {} disconnects, {} resets, \
+             {} Postgres restarts ({} errors after them forgiven), {} truncates, {} columns added; {}",
             count("waltap export items"),
             count(": created "),
             count("pipeline: SIGKILL"),
             count("pipeline: SIGSTOP"),
+            count("group: SIGKILL"),
+            count("group: SIGSTOP"),
             count(": disconnect ("),
             count("reset"),
+            count("postgres: restart"),
+            count("after the Postgres crash"),
+            count("TRUNCATE items committed"),
+            count("ADD COLUMN"),
+            ["writers: stopped", "catch-up: "]
+                .map(|what| lines
+                    .iter()
+                    .rev()
+                    .find(|(_, l)| l.starts_with(what))
+                    .map(|(_, l)| l.as_str())
+                    .unwrap_or_default())
+                .join("; "),
         )
     }
 

@@ -147,14 +147,7 @@ impl Member {
 
     /// The role `/healthz` reports; `None` when the member does not answer.
     pub async fn role(&self) -> Option<String> {
-        let r = reqwest::Client::new()
-            .get(format!("{}/healthz", self.url))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            .ok()?;
-        let body: Json = r.json().await.ok()?;
-        body["role"].as_str().map(str::to_owned)
+        support::healthz_role(&self.url).await
     }
 
     /// Panics with its logs if the member ended on its own.

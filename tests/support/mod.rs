@@ -229,6 +229,19 @@ pub fn waltap(url: &str, args: &[&str]) -> tokio::process::Command {
     cmd
 }
 
+/// The role (`leader`, `follower`...) the `/healthz` of the server at `base` reports;
+/// `None` when it does not answer.
+pub async fn healthz_role(base: &str) -> Option<String> {
+    let r = reqwest::Client::new()
+        .get(format!("{base}/healthz"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    let body: serde_json::Value = r.json().await.ok()?;
+    body["role"].as_str().map(str::to_owned)
+}
+
 /// The next line of a child's output, which must be JSON, within 60 s.
 pub async fn json_line<R: tokio::io::AsyncBufRead + Unpin>(
     out: &mut tokio::io::Lines<R>,
