@@ -745,3 +745,57 @@ async fn a_truncate_waits_for_the_initial_state_it_would_empty() {
     hub.shutdown().await;
     db.teardown().await;
 }
+
+/// Consumers sharing one small pool (as a server's do) all make and read their initial
+/// states at once: none holds a pooled connection while it waits for another, so none waits
+/// for the others (each used to hold one and wait for a second, all of them, until the
+/// pool's wait ran out).
+#[tokio::test]
+async fn consumers_sharing_a_small_pool_copy_and_read_initial_states_at_once() {
+    let db = TestDb::new().await;
+    table(&db, false).await;
+    let log = Log::start(&db).await;
+    let store = log.store.connect_sql().await.unwrap();
+    let names: Vec<String> = (0..4).map(|i| format!("shared{i}")).collect();
+    for name in &names {
+        let def = StreamDef {
+            name: name.clone(),
+            source: log.slot.clone(),
+            tables: vec!["acc".into()],
+            filter: None,
+            initial_state: true,
+            from: None,
+        };
+        streams::create(&store, &store, &def).await.unwrap();
+    }
+    let pool = waltap::log::ConsumerPool::new(&log.store, 2).unwrap();
+    let readers = names.iter().map(|name| {
+        let (pool, store) = (pool.clone(), log.store.clone());
+        let name = name.clone();
+        async move {
+            let options = OpenOptions {
+                page_size: 50,
+                ..OpenOptions::default()
+            };
+            let mut c = streams::open_pooled(&pool, &store, &name, options)
+                .await
+                .unwrap();
+            let mut rows = 0;
+            loop {
+                match next(&mut c).await {
+                    StreamItem::Snapshot(_) => rows += 1,
+                    StreamItem::SnapshotComplete { .. } => break,
+                    _ => {}
+                }
+            }
+            c.close().await;
+            rows
+        }
+    });
+    let rows = tokio::time::timeout(Duration::from_secs(25), futures::future::join_all(readers))
+        .await
+        .expect("every consumer reads its initial state well within the pool's 30 s wait");
+    assert!(rows.iter().all(|&n| n == ROWS as usize), "{rows:?}");
+    log.stop().await;
+    db.teardown().await;
+}

@@ -97,8 +97,10 @@ pub async fn open_pooled(
     };
     if row.get::<_, Option<String>>(5).as_deref() == Some("pending") {
         // From here on, a failure releases the lease only when it expires; the copy is
-        // one store transaction, so nothing half-made stays behind.
-        let renewer = pool.get().await?;
+        // one store transaction, so nothing half-made stays behind. The lease is renewed
+        // meanwhile on a connection of its own, not a second one from the pool: consumers
+        // copying at once would otherwise each hold one and wait for another.
+        let renewer = store.connect_sql().await?;
         row = copy_initial_state(&client, &renewer, store, &options, name, &holder, &row).await?;
     }
     let acked = Mark {

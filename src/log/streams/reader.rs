@@ -225,6 +225,9 @@ impl Reader {
                 )
                 .await
                 .map_err(StoreError::sql("read an initial state"))?;
+            // Back to the pool before recording below takes one: consumers that share a
+            // pool would otherwise each hold one and wait for another, all of them.
+            drop(client);
             for r in rows {
                 let seq: i64 = r.get(0);
                 let mut row: SnapshotRow<Json> =
