@@ -51,8 +51,9 @@ pub enum Error {
     /// A query on the SQL connection failed.
     #[error("SQL")]
     Sql(#[from] tokio_postgres::Error),
-    /// The slot was dropped while waltap streamed from it: changes were lost.
-    #[error("replication slot {slot:?} no longer exists (dropped while waltap used it); the changes since its last confirmed position are gone: create it again with `waltap setup` and re-read the current rows")]
+    /// The slot vanished while waltap streamed from it (dropped, or a failover to a
+    /// standby without a copy): changes were lost.
+    #[error("replication slot {slot:?} no longer exists: it was dropped, or the server failed over to a standby that had no copy of it (only failover slots have one: --failover, PostgreSQL 17+); the changes since its last confirmed position are lost and waltap creates no new slot on its own: re-read the current rows (initial state), and for waltap run pass --accept-slot-gap to go on from now")]
     SlotDropped {
         /// The slot's name.
         slot: String,

@@ -9,6 +9,7 @@ mod cli_output;
 mod crash;
 mod edge_values;
 mod events;
+mod failover;
 mod group;
 mod harness_smoke;
 mod initial_state;

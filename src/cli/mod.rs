@@ -94,6 +94,11 @@ pub struct RunArgs {
     /// its host gone) keeps leadership. One that exits or is killed hands over at once.
     #[arg(long, env = "WALTAP_TAKEOVER_TIMEOUT", default_value = "5s", value_parser = crate::pg::config::parse_duration)]
     pub takeover_timeout: std::time::Duration,
+    /// Create the slot when it is missing although the event log holds changes read from
+    /// it (e.g. after a failover to a standby that had no copy of it), accepting that the
+    /// changes committed in between are not in the log. Without it, waltap stops.
+    #[arg(long)]
+    pub accept_slot_gap: bool,
 }
 
 #[derive(Debug, Args)]
@@ -330,6 +335,7 @@ impl RunArgs {
         listener.create_slot = !self.no_create;
         listener.create_publication = !self.no_create;
         let mut config = crate::log::append::AppenderConfig::new(listener);
+        config.accept_slot_gap = self.accept_slot_gap;
         if let Some(url) = &self.store_url {
             config.store = SourceConfig::parse(url)?;
         }

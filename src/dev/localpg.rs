@@ -245,32 +245,12 @@ impl LocalPg {
             Some(dir) => dir.clone(),
             None => find_bindir()?,
         };
-        let seq = LOCAL_SEQ.fetch_add(1, Ordering::Relaxed);
-        let base = std::env::temp_dir().join(format!("waltap-pg-{}-{seq}", std::process::id()));
-        // Only possible after a SIGKILLed run with our pid whose watchdog was killed too.
-        if base.exists() {
-            fs::remove_dir_all(&base)
-                .map_err(|e| LocalPgError::io(format!("removing stale {}", base.display()), e))?;
-        }
-        fs::create_dir(&base)
-            .map_err(|e| LocalPgError::io(format!("creating {}", base.display()), e))?;
+        let base = new_base()?;
         // The owner of a directory we just made is our effective uid; this avoids
         // libc::geteuid, which would need `unsafe` (forbidden by our lints).
         let is_root = fs::metadata(&base).map(|m| m.uid() == 0).unwrap_or(false);
 
-        let mut pg = LocalPg {
-            data: base.join("data"),
-            base,
-            bindir,
-            run_as: is_root.then(unprivileged_user),
-            port: 0,
-            ca: None,
-            watchdog: None,
-        };
-        // From here on, any early return drops `pg`, which stops and removes it. The
-        // watchdog goes first so that even a kill during initdb leaves nothing.
-        pg.watchdog = Some(pg.spawn_watchdog()?);
-        pg.chown(&pg.base)?;
+        let mut pg = LocalPg::at(base, bindir, is_root.then(unprivileged_user))?;
         pg.initdb()?;
         if opts.tls_certificate && on_path("openssl") {
             pg.ca = Some(pg.make_certificate()?);
@@ -278,6 +258,80 @@ impl LocalPg {
         pg.write_config(opts)?;
         pg.first_start()?;
         Ok(pg)
+    }
+
+    /// A cluster (not yet created) under `base`, with its clean-up watchdog running: any
+    /// early return from here on drops it, which stops and removes it, even when a kill
+    /// comes in the middle of creating it.
+    fn at(
+        base: PathBuf,
+        bindir: PathBuf,
+        run_as: Option<(u32, u32)>,
+    ) -> Result<LocalPg, LocalPgError> {
+        let mut pg = LocalPg {
+            data: base.join("data"),
+            base,
+            bindir,
+            run_as,
+            port: 0,
+            ca: None,
+            watchdog: None,
+        };
+        pg.watchdog = Some(pg.spawn_watchdog()?);
+        pg.chown(&pg.base)?;
+        Ok(pg)
+    }
+
+    /// Starts a streaming hot standby of this cluster, on a port of its own, following
+    /// the physical slot `primary_slot` (which must exist here). The copy is a cold one:
+    /// this cluster is stopped (fast, with a checkpoint) while its files are copied, and
+    /// started again before this returns. Its pg_hba.conf must accept the `replication`
+    /// pseudo-database from 127.0.0.1. `extra_conf` is appended to the standby's settings
+    /// (e.g. `sync_replication_slots = on`).
+    pub fn start_standby(
+        &self,
+        primary_slot: &str,
+        extra_conf: &[String],
+    ) -> Result<LocalPg, LocalPgError> {
+        let mut standby = LocalPg::at(new_base()?, self.bindir.clone(), self.run_as)?;
+        self.pg_ctl(&["stop", "-m", "fast"], None)?;
+        let mut copy = Command::new("cp");
+        copy.arg("-a").arg(&self.data).arg(&standby.data);
+        let copied = self.run(copy, "copying the data directory");
+        self.start_again()?;
+        copied?;
+        // The copy must not think it is the primary's running server, nor hold its slots.
+        let _ = fs::remove_file(standby.data.join("postmaster.pid"));
+        let slots = standby.data.join("pg_replslot");
+        for entry in fs::read_dir(&slots)
+            .map_err(|e| LocalPgError::io(format!("reading {}", slots.display()), e))?
+            .flatten()
+        {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+        let signal = standby.data.join("standby.signal");
+        fs::write(&signal, "")
+            .map_err(|e| LocalPgError::io(format!("writing {}", signal.display()), e))?;
+        standby.chown(&signal)?;
+        let mut conf = vec![
+            "\n# waltap localpg standby".to_string(),
+            format!("unix_socket_directories = {}", conf_str(&standby.data)),
+            format!(
+                "primary_conninfo = 'host={LOCAL_HOST} port={} user=postgres dbname=postgres application_name=standby'",
+                self.port
+            ),
+            format!("primary_slot_name = '{}'", primary_slot.replace('\'', "''")),
+            "hot_standby = on".into(),
+        ];
+        conf.extend(extra_conf.iter().cloned());
+        standby.append_conf(&conf.join("\n"))?;
+        standby.first_start()?;
+        Ok(standby)
+    }
+
+    /// `pg_ctl promote`: a standby becomes a primary; returns once it accepts writes.
+    pub fn promote(&self) -> Result<(), LocalPgError> {
+        self.pg_ctl(&["promote"], None)
     }
 
     /// The TCP port, on [`LocalPg::host`].
@@ -552,6 +606,20 @@ impl Drop for LocalPg {
         }
         let _ = fs::remove_dir_all(&self.base);
     }
+}
+
+/// A new, empty directory for one cluster.
+fn new_base() -> Result<PathBuf, LocalPgError> {
+    let seq = LOCAL_SEQ.fetch_add(1, Ordering::Relaxed);
+    let base = std::env::temp_dir().join(format!("waltap-pg-{}-{seq}", std::process::id()));
+    // Only possible after a SIGKILLed run with our pid whose watchdog was killed too.
+    if base.exists() {
+        fs::remove_dir_all(&base)
+            .map_err(|e| LocalPgError::io(format!("removing stale {}", base.display()), e))?;
+    }
+    fs::create_dir(&base)
+        .map_err(|e| LocalPgError::io(format!("creating {}", base.display()), e))?;
+    Ok(base)
 }
 
 /// Percent-encodes a URL component (user, password, database), as [`LocalPg::url`] does.

@@ -11,6 +11,9 @@
 //! - a snapshot's watermark moves the mark to just below the watermark, never onto it: a
 //!   transaction can commit exactly where the watermark's message record ends, and it
 //!   comes after the watermark;
+//! - with failover standbys (`synchronized_standby_slots` on the store's server), the
+//!   acknowledgement also waits until they flushed the commit ([`crate::log::standby`]),
+//!   and a slot gone under a log with history is an error, never silently re-created;
 //! - batches close when the listener has nothing more ready, at `max_batch_events`, or
 //!   after `max_batch_delay`, whichever comes first: no timer on an idle pipeline, large
 //!   batches under load;
@@ -27,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::Error;
 use crate::event::{Event, Position};
 use crate::log::retention::{self, Retention};
+use crate::log::standby::{self, StandbyWait};
 use crate::log::{LogWriter, PgLog, StoreError};
 use crate::lsn::{LogMark, Lsn};
 use crate::pg::config::SourceConfig;
@@ -53,6 +57,9 @@ pub struct AppenderConfig {
     /// Set by a group's leader ([`crate::log::leader`]): append only under this term, and
     /// end the previous leader's walsender before reading the slot.
     pub leader: Option<crate::log::leader::Term>,
+    /// Create the slot even though the log holds changes from an earlier one (accepting
+    /// that changes committed in between are missing from the log).
+    pub accept_slot_gap: bool,
 }
 
 impl AppenderConfig {
@@ -68,6 +75,7 @@ impl AppenderConfig {
             retention: None,
             appended: None,
             leader: None,
+            accept_slot_gap: false,
         }
     }
 }
@@ -79,6 +87,15 @@ pub enum AppendError {
     /// Reading the source failed.
     #[error(transparent)]
     Source(#[from] Error),
+    /// The slot is missing although the log holds changes read from it: a new slot would
+    /// start at the server's current position and skip what was committed in between.
+    #[error("replication slot {slot:?} does not exist on the source, but the event log holds its changes up to {progress}: a new slot would begin at the server's current position and skip every change committed since then (after a failover, the new primary has the slot only if it was a failover slot, --failover, synchronized to this standby). Nothing was created; to accept the gap and go on from now, run again with --accept-slot-gap")]
+    SlotGone {
+        /// The slot's name.
+        slot: String,
+        /// Where the log ends.
+        progress: LogMark,
+    },
     /// Writing the log failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -90,6 +107,7 @@ impl AppendError {
         match self {
             AppendError::Source(e) => e.is_transient(),
             AppendError::Store(e) => e.is_transient(),
+            AppendError::SlotGone { .. } => false,
         }
     }
 }
@@ -169,6 +187,27 @@ async fn run_once(
     }
     // Read after the term was taken: everything a previous leader committed is in it.
     let mut stored = log.progress().await?.unwrap_or(LogMark::NONE);
+    if stored != LogMark::NONE {
+        let source = config
+            .listener
+            .source
+            .connect_sql()
+            .await
+            .map_err(StoreError::from)?;
+        if !standby::slot_exists(&source, &config.listener.slot).await? {
+            if !config.accept_slot_gap {
+                return Err(AppendError::SlotGone {
+                    slot: config.listener.slot.clone(),
+                    progress: stored,
+                });
+            }
+            tracing::warn!(slot = %config.listener.slot, progress = %stored, "the slot is gone: creating a new one, so changes committed since the log's progress are missing (--accept-slot-gap)");
+        }
+    }
+    let standbys = StandbyWait::read(log.client()).await?;
+    if !standbys.is_empty() {
+        tracing::info!(slot = %config.listener.slot, "the source slot is confirmed once the failover standbys flushed each append");
+    }
     let mut listener = Listener::start(config.listener.clone()).await?;
     tracing::info!(slot = %config.listener.slot, progress = %stored, "appending to the event log");
     let mut batch = Batch {
@@ -251,6 +290,17 @@ async fn run_once(
                     counter.fetch_add(events, Ordering::Relaxed);
                 }
                 stored = appended.mark;
+                if appended.ack.is_some() {
+                    tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => break Ok(()),
+                        flushed = standbys.until_flushed(log.client()) => {
+                            if let Err(e) = flushed {
+                                break Err(e.into());
+                            }
+                        }
+                    }
+                }
                 if let Some(position) = appended.ack {
                     listener.ack(position);
                     *backoff = config.listener.reconnect_min;

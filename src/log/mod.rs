@@ -22,6 +22,7 @@ pub mod leader;
 pub(crate) mod pool;
 mod postgres;
 pub mod retention;
+mod standby;
 pub mod streams;
 pub(crate) mod tail;
 mod typed;

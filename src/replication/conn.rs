@@ -80,6 +80,8 @@ pub struct ReplicationConnection {
     pub(crate) write_buf: BytesMut,
     server_version_num: u32,
     backend_pid: i32,
+    /// The server said `in_hot_standby = on` at start-up (PostgreSQL 14+ reports it).
+    hot_standby: bool,
     /// Pause before a read while catching up; zero: never.
     pub(crate) catch_up_pause: std::time::Duration,
     /// Set by the consumer of the stream: the server is sending old changes.
@@ -91,10 +93,21 @@ impl ReplicationConnection {
     /// Connects, authenticates and waits for the server to be ready for commands.
     pub async fn connect(config: &SourceConfig) -> Result<Self, ReplicationError> {
         let timeout = config.connect_timeout();
+        let read_write = matches!(
+            config.pg().get_target_session_attrs(),
+            tokio_postgres::config::TargetSessionAttrs::ReadWrite
+        );
         let mut last_err = None;
         for (host, port) in config.targets() {
             let attempt = tokio::time::timeout(timeout, Self::connect_one(config, &host, port));
             match attempt.await {
+                Ok(Ok(conn)) if conn.hot_standby && read_write => {
+                    // As libpq: the next host may be the primary (after a failover, the
+                    // promoted standby).
+                    last_err = Some(ReplicationError::NotReadWrite {
+                        target: describe_target(&host, port),
+                    });
+                }
                 Ok(Ok(conn)) => return Ok(conn),
                 Ok(Err(e)) => {
                     // Authentication and server errors are answers, not unreachable hosts.
@@ -114,10 +127,7 @@ impl ReplicationConnection {
         host: &Host,
         port: u16,
     ) -> Result<Self, ReplicationError> {
-        let target = match host {
-            Host::Tcp(h) => format!("{h}:{port}"),
-            Host::Unix(p) => format!("{}/.s.PGSQL.{port}", p.display()),
-        };
+        let target = describe_target(host, port);
         let io: Box<dyn Transport> = match host {
             Host::Unix(dir) => {
                 let path = dir.join(format!(".s.PGSQL.{port}"));
@@ -148,6 +158,7 @@ impl ReplicationConnection {
             write_buf: BytesMut::with_capacity(1024),
             server_version_num: 0,
             backend_pid: 0,
+            hot_standby: false,
             catch_up_pause: std::time::Duration::ZERO,
             catching_up: false,
             last_read: 0,
@@ -209,13 +220,13 @@ impl ReplicationConnection {
         self.authenticate(config).await?;
         loop {
             match self.read_message().await? {
-                Message::ParameterStatus(p) => {
-                    if p.name().ok() == Some("server_version") {
-                        if let Ok(v) = p.value() {
-                            self.server_version_num = parse_server_version(v);
-                        }
+                Message::ParameterStatus(p) => match (p.name(), p.value()) {
+                    (Ok("server_version"), Ok(v)) => {
+                        self.server_version_num = parse_server_version(v)
                     }
-                }
+                    (Ok("in_hot_standby"), Ok(v)) => self.hot_standby = v == "on",
+                    _ => {}
+                },
                 Message::BackendKeyData(k) => self.backend_pid = k.process_id(),
                 Message::NoticeResponse(n) => {
                     let notice = ServerError::from_fields(n.fields());
@@ -324,6 +335,11 @@ impl ReplicationConnection {
                 other => return Err(unexpected("authentication", &other)),
             }
         }
+    }
+
+    /// Whether the server is a hot standby (it said so at start-up).
+    pub fn is_hot_standby(&self) -> bool {
+        self.hot_standby
     }
 
     /// `server_version_num` as reported at start-up (e.g. 150008).
@@ -603,6 +619,13 @@ fn handshake_error(e: std::io::Error) -> ReplicationError {
             ReplicationError::Io(e)
         }
         _ => ReplicationError::Tls(e.to_string()),
+    }
+}
+
+fn describe_target(host: &Host, port: u16) -> String {
+    match host {
+        Host::Tcp(h) => format!("{h}:{port}"),
+        Host::Unix(p) => format!("{}/.s.PGSQL.{port}", p.display()),
     }
 }
 

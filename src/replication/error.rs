@@ -141,6 +141,13 @@ pub enum ReplicationError {
     /// The server did not answer in time: (how long waltap waited, for what).
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(std::time::Duration, &'static str),
+    /// `target_session_attrs=read-write` and the server is a hot standby (during a failover,
+    /// until one of the hosts is promoted).
+    #[error("{target} is a hot standby, and the URL asks for a read-write server (target_session_attrs=read-write)")]
+    NotReadWrite {
+        /// The host and port tried.
+        target: String,
+    },
 }
 
 impl ReplicationError {
@@ -159,6 +166,7 @@ impl ReplicationError {
             ReplicationError::Connect { .. }
             | ReplicationError::Io(_)
             | ReplicationError::Closed
+            | ReplicationError::NotReadWrite { .. }
             | ReplicationError::Timeout(..) => true,
             ReplicationError::Server(e) => sqlstate_is_transient(&e.code),
             _ => false,

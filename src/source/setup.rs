@@ -354,6 +354,10 @@ pub async fn prepare(client: &Client, opts: &SetupOptions) -> Result<SetupReport
         slot = slot_state(client, &opts.slot).await?;
     }
 
+    if !opts.temporary_slot {
+        warnings.extend(failover_warnings(client, opts, version_num).await?);
+    }
+
     Ok(SetupReport {
         server_version_num: version_num,
         database,
@@ -365,6 +369,52 @@ pub async fn prepare(client: &Client, opts: &SetupOptions) -> Result<SetupReport
         slot_created,
         warnings,
     })
+}
+
+/// What a failover of this server would do to the slot, when it has physical standbys.
+async fn failover_warnings(
+    client: &Client,
+    opts: &SetupOptions,
+    version_num: i32,
+) -> Result<Vec<String>, SetupError> {
+    // Physical standbys: streaming now, or holding a physical slot.
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_stat_replication r
+                     WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots s
+                                       WHERE s.active_pid = r.pid AND s.slot_type = 'logical'))
+                  + (SELECT count(*) FROM pg_replication_slots
+                     WHERE slot_type = 'physical' AND NOT active),
+                    coalesce(current_setting('synchronized_standby_slots', true), '')",
+            &[],
+        )
+        .await?;
+    let standbys: i64 = row.get(0);
+    let standby_slots: String = row.get(1);
+    if standbys == 0 {
+        return Ok(Vec::new());
+    }
+    let mut warnings = Vec::new();
+    if version_num < 170_000 {
+        warnings.push(format!(
+            "this server has physical standbys, but before PostgreSQL 17 they keep no copy of replication slot {:?}: after a failover the slot is gone and waltap run stops with an error naming the gap (upgrade to 17+ and use --failover to continue across failovers)",
+            opts.slot
+        ));
+        return Ok(warnings);
+    }
+    let failover = slot_is_failover(client, &opts.slot).await?;
+    if !failover && !opts.failover_slot {
+        warnings.push(format!(
+            "this server has physical standbys, but replication slot {:?} is not a failover slot: a promoted standby will not have it, and waltap run stops after a failover (create it with --failover and set sync_replication_slots = on on the standbys)",
+            opts.slot
+        ));
+    }
+    if failover && standby_slots.trim().is_empty() {
+        warnings.push(
+            "synchronized_standby_slots is empty: waltap may receive changes a standby has not received yet, and a standby promoted then would lack them or have the slot behind; set it to the standbys' physical slot names".to_owned(),
+        );
+    }
+    Ok(warnings)
 }
 
 fn db_message(e: &tokio_postgres::Error) -> String {

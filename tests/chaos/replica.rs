@@ -130,6 +130,16 @@ impl Replica {
                 self.last_position = item["position"].as_str().map(str::to_owned);
                 return Ok(());
             }
+            // A column was added (the schedule's DDL): the control item comes before the
+            // first event of the new shape and must describe the harness's table.
+            Some("schemaChange") => {
+                if item["table"] != "items" || !item["columns"].is_array() {
+                    return Err(format!(
+                        "schemaChange for another table or without columns: {item}"
+                    ));
+                }
+                return Ok(());
+            }
             Some(other) => return Err(format!("unexpected item type {other:?}: {item}")),
             None => {}
         }

@@ -1,0 +1,366 @@
+//! A primary and a streaming standby of real local clusters, the primary killed
+//! (`stop -m immediate`) under `waltap run` and the standby promoted.
+//!
+//! - With a failover slot (PostgreSQL 17+: `--failover`, `sync_replication_slots` on the
+//!   standby, `synchronized_standby_slots` on the primary), waltap finds the promoted
+//!   standby through a two-host URL with `target_session_attrs=read-write` and goes on
+//!   from the synchronized slot: the log (which fails over with the database) holds every
+//!   change the new primary has, each once, in commit order, and nothing else.
+//! - Without one, `waltap status` warned beforehand, and after the failover `waltap run`
+//!   stops with an error naming the gap instead of creating a new slot.
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+use waltap::dev::localpg::{LocalPg, LocalPgOptions, LOCAL_HOST};
+
+use crate::support::{self, connect, wait_for, waltap};
+
+const HBA: &str = "local all all trust\nlocal replication all trust\n\
+                   host all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n";
+
+struct Pair {
+    primary: LocalPg,
+    standby: LocalPg,
+    version: u32,
+}
+
+impl Pair {
+    /// A primary with database `app` (table `t`) and a standby following slot `sb`; with
+    /// `sync`, the standby keeps copies of failover slots and the primary waits for it.
+    async fn start(sync: bool) -> Option<Pair> {
+        let bindir = match support::find_bindir() {
+            Ok(dir) => dir,
+            Err(why) => {
+                eprintln!("skipped: {why}");
+                return None;
+            }
+        };
+        let extra_conf = vec!["wal_sender_timeout = 5s".to_string()];
+        let primary = LocalPg::start(&LocalPgOptions {
+            bindir: Some(bindir),
+            extra_conf,
+            hba: Some(HBA.into()),
+            tls_certificate: false,
+        })
+        .unwrap_or_else(|e| panic!("{}", waltap::report(&e)));
+        let admin = connect(&primary.url("postgres")).await.unwrap();
+        let version: u32 = admin
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0) as u32;
+        if sync && version < 170_000 {
+            eprintln!("skipped: failover slots need PostgreSQL 17+, this is {version}");
+            return None;
+        }
+        admin
+            .batch_execute("SELECT pg_create_physical_replication_slot('sb')")
+            .await
+            .unwrap();
+        admin.batch_execute("CREATE DATABASE app").await.unwrap();
+        let app = connect(&primary.url("app")).await.unwrap();
+        app.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+            .await
+            .unwrap();
+        drop(app);
+        let mut standby_conf = vec!["hot_standby_feedback = on".to_string()];
+        if version >= 170_000 {
+            standby_conf.push("sync_replication_slots = on".into());
+        }
+        let standby = primary
+            .start_standby("sb", &standby_conf)
+            .unwrap_or_else(|e| panic!("{}", waltap::report(&e)));
+        if sync {
+            // Set on the primary only once the standby is copied: a promoted standby
+            // that inherited it would wait for a slot it does not have.
+            admin
+                .batch_execute(
+                    "ALTER SYSTEM SET synchronized_standby_slots = 'sb'; SELECT pg_reload_conf()",
+                )
+                .await
+                .unwrap();
+        }
+        Some(Pair {
+            primary,
+            standby,
+            version,
+        })
+    }
+
+    /// Both hosts, the read-write one wanted: what a user gives waltap.
+    fn url(&self) -> String {
+        format!(
+            "postgres://postgres@{LOCAL_HOST}:{},{LOCAL_HOST}:{}/app?target_session_attrs=read-write",
+            self.primary.port(),
+            self.standby.port()
+        )
+    }
+}
+
+async fn insert(client: &Client, ids: std::ops::RangeInclusive<i32>) {
+    for id in ids {
+        client
+            .execute("INSERT INTO t VALUES ($1, 'x')", &[&id])
+            .await
+            .unwrap();
+    }
+}
+
+/// Waits until waltap streams from its slot (changes before that are not its to see).
+async fn streaming(url: &str) {
+    wait_for(
+        "waltap streams from its slot",
+        Duration::from_secs(60),
+        || async {
+            let Ok(c) = connect(url).await else {
+                return false;
+            };
+            c.query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'waltap' AND active",
+                &[],
+            )
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        },
+    )
+    .await;
+}
+
+/// The ids of the insert events in the log, in log order.
+async fn logged_ids(url: &str) -> Vec<i32> {
+    let Ok(client) = connect(url).await else {
+        return Vec::new();
+    };
+    let Ok(rows) = client
+        .query(
+            "SELECT (event->'created'->>'id')::int FROM waltap.events
+             WHERE source = 'waltap' ORDER BY commit_lsn, ordinal",
+            &[],
+        )
+        .await
+    else {
+        return Vec::new();
+    };
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_slot_carries_the_log_across_a_promotion_exactly_once() {
+    let Some(pair) = Pair::start(true).await else {
+        return;
+    };
+    // Its warnings (the interruption, the reconnects) go to the test's output.
+    let mut run = waltap(&pair.url(), &["run", "--failover"])
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    streaming(&pair.primary.url("app")).await;
+    let primary = connect(&pair.primary.url("app")).await.unwrap();
+    insert(&primary, 1..=200).await;
+    let primary_url = pair.primary.url("app");
+    wait_for(
+        "the log holds the first rows",
+        Duration::from_secs(60),
+        || {
+            let url = primary_url.clone();
+            async move { logged_ids(&url).await.len() >= 200 }
+        },
+    )
+    .await;
+    // The standby's copy of the slot follows the primary's: wait until it covers the
+    // rows, so that the failover below starts from a synchronized slot.
+    let standby_url = pair.standby.url("app");
+    wait_for(
+        "the standby's copy of the slot",
+        Duration::from_secs(90),
+        || {
+            let url = standby_url.clone();
+            async move {
+                let Ok(c) = connect(&url).await else {
+                    return false;
+                };
+                c.query_opt(
+                    "SELECT 1 FROM pg_replication_slots
+                 WHERE slot_name = 'waltap' AND synced AND confirmed_flush_lsn IS NOT NULL",
+                    &[],
+                )
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+            }
+        },
+    )
+    .await;
+
+    // Commits keep coming while the primary dies: some reach the standby, the last
+    // ones may not (asynchronous replication); the truth is what the standby has.
+    let writer = tokio::spawn(async move {
+        let mut id = 201;
+        while primary
+            .execute("INSERT INTO t VALUES ($1, 'x')", &[&id])
+            .await
+            .is_ok()
+        {
+            id += 1;
+        }
+    });
+    let primary_url = pair.primary.url("app");
+    wait_for("writes under way", Duration::from_secs(30), || {
+        let url = primary_url.clone();
+        async move {
+            let Ok(c) = connect(&url).await else {
+                return false;
+            };
+            let n: i64 = c
+                .query_one("SELECT count(*) FROM t", &[])
+                .await
+                .unwrap()
+                .get(0);
+            n >= 400
+        }
+    })
+    .await;
+    pair.primary.stop_immediate().unwrap();
+    writer.await.unwrap();
+    pair.standby.promote().unwrap();
+
+    let new_primary = connect(&pair.standby.url("app")).await.unwrap();
+    insert(&new_primary, 100_001..=100_200).await;
+    let standby_url = pair.standby.url("app");
+    wait_for(
+        "the log on the new primary holds the rows written after the promotion",
+        Duration::from_secs(120),
+        || {
+            let url = standby_url.clone();
+            async move { logged_ids(&url).await.contains(&100_200) }
+        },
+    )
+    .await;
+    let logged = logged_ids(&pair.standby.url("app")).await;
+    let mut table: Vec<i32> = new_primary
+        .query("SELECT id FROM t ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    table.sort_unstable();
+    // One writer, one row per transaction: commit order is id order.
+    assert_eq!(
+        logged, table,
+        "the log must hold every row the promoted standby has, once, in commit order"
+    );
+    let _ = run.start_kill();
+    let _ = run.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_failover_slot_the_run_stops_naming_the_gap() {
+    let Some(pair) = Pair::start(false).await else {
+        return;
+    };
+    let run = waltap(&pair.url(), &["run"]).spawn().unwrap();
+    streaming(&pair.primary.url("app")).await;
+    let primary = connect(&pair.primary.url("app")).await.unwrap();
+    insert(&primary, 1..=50).await;
+    let primary_url = pair.primary.url("app");
+    wait_for("the log holds the rows", Duration::from_secs(60), || {
+        let url = primary_url.clone();
+        async move { logged_ids(&url).await.len() >= 50 }
+    })
+    .await;
+
+    // Told beforehand: the standby keeps no copy of the slot.
+    let status = support::output(waltap(&pair.primary.url("app"), &["status"])).await;
+    let said = String::from_utf8_lossy(&status.stdout).to_string();
+    let expected = if pair.version >= 170_000 {
+        "is not a failover slot"
+    } else {
+        "before PostgreSQL 17"
+    };
+    assert!(said.contains(expected), "waltap status:\n{said}");
+
+    // The standby must have the log's rows before the primary goes, so that the log
+    // there has progress to lose.
+    let standby_url = pair.standby.url("app");
+    wait_for(
+        "the standby replays the log",
+        Duration::from_secs(60),
+        || {
+            let url = standby_url.clone();
+            async move { logged_ids(&url).await.len() >= 50 }
+        },
+    )
+    .await;
+    pair.primary.stop_immediate().unwrap();
+    pair.standby.promote().unwrap();
+    let new_primary = connect(&pair.standby.url("app")).await.unwrap();
+    insert(&new_primary, 1_001..=1_010).await;
+
+    // It stops, whether it notices while streaming or when it starts again.
+    let stopped = stop_output(run).await;
+    assert!(
+        stopped.contains("replication slot \"waltap\" no longer exists") || stopped.contains(GAP),
+        "{stopped}"
+    );
+    let again = stop_output(waltap(&pair.url(), &["run"]).spawn().unwrap()).await;
+    assert!(again.contains(GAP), "{again}");
+    // Nothing was created behind the user's back.
+    let slots: i64 = new_primary
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'waltap'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0);
+
+    // Accepting the gap goes on from now.
+    let mut run = waltap(&pair.url(), &["run", "--accept-slot-gap"])
+        .spawn()
+        .unwrap();
+    streaming(&pair.standby.url("app")).await;
+    insert(&new_primary, 2_001..=2_001).await;
+    let standby_url = pair.standby.url("app");
+    wait_for(
+        "the log goes on after the gap",
+        Duration::from_secs(60),
+        || {
+            let url = standby_url.clone();
+            async move { logged_ids(&url).await.contains(&2_001) }
+        },
+    )
+    .await;
+    let logged = logged_ids(&pair.standby.url("app")).await;
+    assert!(
+        !logged.contains(&1_001),
+        "the gap's rows cannot be in the log"
+    );
+    let _ = run.start_kill();
+    let _ = run.wait().await;
+}
+
+const GAP: &str = "does not exist on the source, but the event log holds its changes up to";
+
+/// Waits for a `waltap run` that must fail, and returns its stderr.
+async fn stop_output(mut run: tokio::process::Child) -> String {
+    use tokio::io::AsyncReadExt;
+    let status = tokio::time::timeout(Duration::from_secs(120), run.wait())
+        .await
+        .expect("waltap run stops")
+        .unwrap();
+    assert!(!status.success());
+    let mut stderr = String::new();
+    run.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .await
+        .unwrap();
+    stderr
+}
