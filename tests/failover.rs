@@ -63,7 +63,7 @@ impl Pair {
         app.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
             .await
             .unwrap();
-        drop(app);
+        drop((admin, app));
         let mut standby_conf = vec!["hot_standby_feedback = on".to_string()];
         if version >= 170_000 {
             standby_conf.push("sync_replication_slots = on".into());
@@ -73,13 +73,15 @@ impl Pair {
             .unwrap_or_else(|e| panic!("{}", waltap::report(&e)));
         if sync {
             // Set on the primary only once the standby is copied: a promoted standby
-            // that inherited it would wait for a slot it does not have.
-            admin
-                .batch_execute(
-                    "ALTER SYSTEM SET synchronized_standby_slots = 'sb'; SELECT pg_reload_conf()",
-                )
-                .await
-                .unwrap();
+            // that inherited it would wait for a slot it does not have. (The copy restarted
+            // the primary: a new connection.)
+            let admin = connect(&primary.url("postgres")).await.unwrap();
+            for sql in [
+                "ALTER SYSTEM SET synchronized_standby_slots = 'sb'",
+                "SELECT pg_reload_conf()",
+            ] {
+                admin.batch_execute(sql).await.unwrap();
+            }
         }
         Some(Pair {
             primary,

@@ -166,14 +166,18 @@ impl SourceConfig {
             .collect()
     }
 
-    /// `user@host:port/db`, for logs and error messages (never the password).
+    /// `user@host:port/db` (`host1:port1,host2:port2` for several hosts), for logs and
+    /// error messages (never the password).
     pub fn describe(&self) -> String {
-        let (host, port) = match self.targets().into_iter().next() {
-            Some((Host::Tcp(h), p)) => (h, p),
-            Some((Host::Unix(p), port)) => (p.display().to_string(), port),
-            None => (String::new(), 0),
-        };
-        format!("{}@{}:{}/{}", self.user(), host, port, self.dbname())
+        let hosts: Vec<String> = self
+            .targets()
+            .into_iter()
+            .map(|(host, port)| match host {
+                Host::Tcp(h) => format!("{h}:{port}"),
+                Host::Unix(p) => format!("{}:{port}", p.display()),
+            })
+            .collect();
+        format!("{}@{}/{}", self.user(), hosts.join(","), self.dbname())
     }
 
     /// The rustls client configuration for this TLS mode (None when TLS is disabled).
