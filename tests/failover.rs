@@ -366,3 +366,140 @@ async fn stop_output(mut run: tokio::process::Child) -> String {
         .unwrap();
     stderr
 }
+
+/// Reading from a hot standby (PostgreSQL 16+): the slot lives on the standby, the
+/// initial state's snapshot is taken there and its watermark written through the primary
+/// (`--primary-url`), while a writer changes the table on the primary. The rows plus the
+/// changes after them must rebuild the primary's table exactly. Before 16, a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_serves_changes_and_initial_state_with_writers_on_the_primary() {
+    use std::collections::BTreeMap;
+    use tokio::io::AsyncBufReadExt;
+
+    let Some(pair) = Pair::start(false).await else {
+        return;
+    };
+    let primary = connect(&pair.primary.url("app")).await.unwrap();
+    primary
+        .batch_execute("CREATE PUBLICATION waltap FOR TABLE t")
+        .await
+        .unwrap();
+    insert(&primary, 1..=300).await;
+    let standby_url = pair.standby.url("app");
+    if pair.version < 160_000 {
+        let out = support::output(waltap(&standby_url, &["tail", "--table", "t"])).await;
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(said.contains("needs PostgreSQL 16 or later"), "{said}");
+        return;
+    }
+
+    let mut tail = waltap(&standby_url, &["tail", "--table", "t", "--initial-state"])
+        .env("WALTAP_PRIMARY_URL", pair.primary.url("app"))
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(tail.stdout.take().unwrap()).lines();
+    // Writes from before the slot exists until well after the snapshot.
+    let rows_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let url = pair.primary.url("app");
+        let rows_done = rows_done.clone();
+        tokio::spawn(async move {
+            let c = connect(&url).await.unwrap();
+            let mut prng = support::prng::Prng::new(18);
+            let mut next = 1_000;
+            let mut after = 0;
+            // Until 300 commits after the consumer has all the initial rows.
+            while after < 300 {
+                if rows_done.load(std::sync::atomic::Ordering::Relaxed) {
+                    after += 1;
+                }
+                let id = prng.range(1, 300) as i32;
+                match prng.percent() {
+                    0..=39 => {
+                        next += 1;
+                        c.execute("INSERT INTO t VALUES ($1, 'new')", &[&next])
+                            .await
+                            .unwrap();
+                    }
+                    40..=79 => {
+                        c.execute("UPDATE t SET v = v || '+' WHERE id = $1", &[&id])
+                            .await
+                            .unwrap();
+                    }
+                    _ => {
+                        c.execute("DELETE FROM t WHERE id = $1", &[&id])
+                            .await
+                            .unwrap();
+                    }
+                }
+            }
+        })
+    };
+
+    let mut rows: BTreeMap<i64, String> = BTreeMap::new();
+    let mut complete = false;
+    let mut writer = Some(writer);
+    let mut expected: Option<BTreeMap<i64, String>> = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        if writer.as_ref().is_some_and(|w| w.is_finished()) {
+            writer.take().unwrap().await.unwrap();
+            let table = primary
+                .query("SELECT id, v FROM t", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (i64::from(r.get::<_, i32>(0)), r.get::<_, String>(1)))
+                .collect();
+            expected = Some(table);
+        }
+        if complete && expected.as_ref() == Some(&rows) {
+            break;
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let line = match tokio::time::timeout(left.min(Duration::from_millis(500)), lines.next_line()).await {
+            Ok(line) => line.unwrap().expect("waltap tail ended"),
+            Err(_) if left.is_zero() => panic!(
+                "the copy never matched the table: {} rows against {:?}, snapshotComplete seen: {complete}",
+                rows.len(),
+                expected.as_ref().map(BTreeMap::len)
+            ),
+            Err(_) => continue,
+        };
+        let item: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let mut put = |row: &serde_json::Value| {
+            rows.insert(
+                row["id"].as_i64().unwrap(),
+                row["v"].as_str().unwrap().to_owned(),
+            );
+        };
+        match (item["type"].as_str(), item["action"].as_str()) {
+            (Some("snapshotComplete"), _) => {
+                complete = true;
+                rows_done.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            (Some(_), _) => {}
+            (None, Some("snapshot")) => put(&item["row"]),
+            (None, Some("create")) => put(&item["created"]),
+            (None, Some("update")) => put(&item["after"]),
+            (None, Some("delete")) => {
+                rows.remove(&item["deleted"]["id"].as_i64().unwrap());
+            }
+            other => panic!("unexpected line {other:?}: {line}"),
+        }
+    }
+    let _ = tail.start_kill();
+    let _ = tail.wait().await;
+
+    // Without the primary, the watermark cannot be written: said, not guessed around.
+    let out = support::output(waltap(
+        &standby_url,
+        &["tail", "--table", "t", "--initial-state"],
+    ))
+    .await;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(said.contains("--primary-url"), "{said}");
+}

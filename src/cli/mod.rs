@@ -157,6 +157,10 @@ pub struct SourceArgs {
     /// Postgres connection URL (libpq style; sslmode and sslrootcert are honoured).
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
     pub database_url: String,
+    /// When the database URL is a hot standby (PostgreSQL 16+): its primary, where the
+    /// watermarks of initial states are written (README.md, "Reading from a standby").
+    #[arg(long, env = "WALTAP_PRIMARY_URL", hide_env_values = true)]
+    pub primary_url: Option<String>,
     /// Replication slot name ([a-z0-9_]).
     #[arg(long, env = "WALTAP_SLOT", default_value = "waltap")]
     pub slot: String,
@@ -179,13 +183,24 @@ pub struct SourceArgs {
     pub spill_memory_limit: u64,
 }
 
+/// `source` with its primary (`--primary-url`), when one was given.
+fn with_primary(source: SourceConfig, primary: Option<&str>) -> anyhow::Result<SourceConfig> {
+    Ok(match primary {
+        Some(url) => source.with_primary(SourceConfig::parse(url)?),
+        None => source,
+    })
+}
+
 impl SourceArgs {
     fn tables(&self) -> Vec<TableName> {
         self.tables.iter().map(|t| TableName::parse(t)).collect()
     }
 
     fn source(&self) -> anyhow::Result<SourceConfig> {
-        Ok(SourceConfig::parse(&self.database_url)?)
+        with_primary(
+            SourceConfig::parse(&self.database_url)?,
+            self.primary_url.as_deref(),
+        )
     }
 }
 

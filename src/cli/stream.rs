@@ -37,6 +37,10 @@ pub struct StoreArgs {
     /// The watched database (libpq-style URL); also the store unless --store-url is given.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
     pub database_url: String,
+    /// When the watched database is a hot standby (PostgreSQL 16+): its primary, where the
+    /// watermarks of initial states are written.
+    #[arg(long, env = "WALTAP_PRIMARY_URL", hide_env_values = true)]
+    pub primary_url: Option<String>,
     /// Where the event log lives (default: the watched database).
     #[arg(long, env = "WALTAP_STORE_URL", hide_env_values = true)]
     pub store_url: Option<String>,
@@ -48,7 +52,10 @@ pub struct StoreArgs {
 impl StoreArgs {
     /// The store, and the watched database when it is another one.
     pub(super) fn configs(&self) -> anyhow::Result<(SourceConfig, Option<SourceConfig>)> {
-        let watched = SourceConfig::parse(&self.database_url)?;
+        let watched = super::with_primary(
+            SourceConfig::parse(&self.database_url)?,
+            self.primary_url.as_deref(),
+        )?;
         Ok(match &self.store_url {
             Some(url) if *url != self.database_url => (SourceConfig::parse(url)?, Some(watched)),
             _ => (watched, None),

@@ -75,6 +75,9 @@ pub enum SnapshotError {
     },
     #[error("unexpected answer from the database: {0}")]
     Protocol(String),
+    /// The source is a hot standby and no primary was given to write the watermark.
+    #[error("the database is a hot standby, where an initial state's watermark cannot be written: give its primary with --primary-url (WALTAP_PRIMARY_URL), or read the initial state from the primary")]
+    StandbyWithoutPrimary,
     /// Transaction `xid` committed at the instant the snapshot was taken, so the snapshot
     /// and the change stream do not meet at one position; a new snapshot is taken.
     #[error("transaction {xid} committed while the snapshot was taken; no single position matches it (retried {MAX_ATTEMPTS} times under a heavy commit load)")]
@@ -197,6 +200,22 @@ pub struct Session {
     cursors: u32,
 }
 
+/// The watermark message is in WAL but not necessarily flushed, and logical decoding
+/// reads only flushed WAL: on a quiet database it could wait for the next flush for many
+/// seconds. Committing a transaction that wrote WAL flushes everything before it.
+async fn flush_watermark(server: &SourceConfig) -> Result<(), SnapshotError> {
+    server
+        .connect_sql()
+        .await?
+        .execute(
+            "SELECT pg_logical_emit_message(true, $1, '')",
+            &[&FLUSH_PREFIX],
+        )
+        .await
+        .map_err(SnapshotError::sql("flush the watermark"))?;
+    Ok(())
+}
+
 impl Session {
     /// Opens the transaction, locks `tables` (`ACCESS SHARE`), takes the snapshot and
     /// writes the watermark.
@@ -211,6 +230,17 @@ impl Session {
         tables: &[TableName],
     ) -> Result<Session, SnapshotError> {
         let client = source.connect_sql().await?;
+        // A hot standby cannot write the watermark: its primary does, after the snapshot.
+        let in_recovery: bool = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(SnapshotError::sql("ask whether the database is a standby"))?
+            .get(0);
+        let primary = match (in_recovery, source.primary()) {
+            (false, _) => None,
+            (true, Some(primary)) => Some(primary),
+            (true, None) => return Err(SnapshotError::StandbyWithoutPrimary),
+        };
         // The values come out as the walsender prints them (README, the event format), so a
         // snapshot row and a change of the same row look the same.
         client
@@ -234,38 +264,55 @@ impl Session {
                 .await
                 .map_err(SnapshotError::sql("lock the tables of the snapshot"))?;
         }
-        // One statement: the snapshot is taken when it starts, the watermark written after.
-        let row = client
-            .query_one(
-                "SELECT pg_current_snapshot()::text,
-                        pg_logical_emit_message(false, $1, gen_random_uuid()::text)::text",
-                &[&WATERMARK_PREFIX],
-            )
-            .await
-            .map_err(SnapshotError::sql(
-                "take the snapshot and write its watermark",
-            ))?;
-        // The message is in WAL but not necessarily flushed, and logical decoding reads only
-        // flushed WAL: on a quiet database it could wait for the next flush for many
-        // seconds. Committing a transaction that wrote WAL flushes everything before it.
-        source
-            .connect_sql()
-            .await?
-            .execute(
-                "SELECT pg_logical_emit_message(true, $1, '')",
-                &[&FLUSH_PREFIX],
-            )
-            .await
-            .map_err(SnapshotError::sql("flush the watermark"))?;
-        let xids = XidSnapshot::parse(row.get(0))?;
-        let watermark: String = row.get(1);
+        let (snapshot, watermark) = match primary {
+            None => {
+                // One statement: the snapshot is taken when it starts, the watermark
+                // written after.
+                let row = client
+                    .query_one(
+                        "SELECT pg_current_snapshot()::text,
+                                pg_logical_emit_message(false, $1, gen_random_uuid()::text)::text",
+                        &[&WATERMARK_PREFIX],
+                    )
+                    .await
+                    .map_err(SnapshotError::sql(
+                        "take the snapshot and write its watermark",
+                    ))?;
+                flush_watermark(source).await?;
+                (row.get::<_, String>(0), row.get::<_, String>(1))
+            }
+            Some(primary) => {
+                // The standby's snapshot sees the transactions whose commit it replayed,
+                // all of which the primary wrote before the watermark it writes now; and
+                // the standby replays in commit order, so visibility and commit order
+                // agree.
+                let snapshot: String = client
+                    .query_one("SELECT pg_current_snapshot()::text", &[])
+                    .await
+                    .map_err(SnapshotError::sql("take the snapshot on the standby"))?
+                    .get(0);
+                let watermark: String = primary
+                    .connect_sql()
+                    .await?
+                    .query_one(
+                        "SELECT pg_logical_emit_message(false, $1, gen_random_uuid()::text)::text",
+                        &[&WATERMARK_PREFIX],
+                    )
+                    .await
+                    .map_err(SnapshotError::sql("write the watermark on the primary"))?
+                    .get(0);
+                flush_watermark(primary).await?;
+                (snapshot, watermark)
+            }
+        };
+        let xids = XidSnapshot::parse(&snapshot)?;
         // pg_logical_emit_message returns the end of the message's record, which is what
         // decoding reports for it: the two compare as the same kind.
         let watermark = watermark
             .parse::<Lsn>()
             .map(Watermark::at)
             .map_err(|_| SnapshotError::Protocol(format!("watermark LSN {watermark:?}")))?;
-        tracing::debug!(snapshot = %row.get::<_, String>(0), %watermark, "snapshot taken");
+        tracing::debug!(%snapshot, %watermark, standby = in_recovery, "snapshot taken");
         Ok(Session {
             client,
             xids,

@@ -39,6 +39,9 @@ pub struct SourceConfig {
     pg: tokio_postgres::Config,
     tls_mode: TlsMode,
     root_cert: Option<PathBuf>,
+    /// When this is a hot standby: its primary, where what cannot be written on a standby
+    /// (initial-state watermarks) is written.
+    primary: Option<Arc<SourceConfig>>,
 }
 
 impl std::fmt::Debug for SourceConfig {
@@ -90,7 +93,21 @@ impl SourceConfig {
             pg,
             tls_mode,
             root_cert,
+            primary: None,
         })
+    }
+
+    /// This configuration with `primary` as its primary server: for a hot standby
+    /// (PostgreSQL 16+), initial-state and export watermarks are written there, since a
+    /// standby cannot write WAL. Ignored while this server is not in recovery.
+    pub fn with_primary(mut self, primary: SourceConfig) -> Self {
+        self.primary = Some(Arc::new(primary));
+        self
+    }
+
+    /// The primary given with [`SourceConfig::with_primary`].
+    pub fn primary(&self) -> Option<&SourceConfig> {
+        self.primary.as_deref()
     }
 
     /// This configuration with TCP keepalives that give up on a silent peer after about

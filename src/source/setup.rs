@@ -56,6 +56,18 @@ pub enum SetupError {
         /// The connecting role.
         role: String,
     },
+    /// The server is a hot standby of a version that cannot decode there.
+    #[error("the database is a hot standby running PostgreSQL {version}: logical decoding on a standby needs PostgreSQL 16 or later; point waltap at the primary")]
+    StandbyTooOld {
+        /// The server's version.
+        version: String,
+    },
+    /// The publication is missing on a hot standby, where it cannot be created.
+    #[error("publication {publication:?} does not exist, and the database is a hot standby where it cannot be created: create it on the primary (waltap setup against the primary, or CREATE PUBLICATION {publication} FOR TABLE ...); it reaches the standby by replication")]
+    PublicationOnStandby {
+        /// The publication's name.
+        publication: String,
+    },
     /// The publication does not exist and creating it was not asked for.
     #[error("publication {publication:?} does not exist: run `waltap setup` or CREATE PUBLICATION {publication} FOR TABLE ...")]
     PublicationMissing {
@@ -210,7 +222,7 @@ pub async fn prepare(client: &Client, opts: &SetupOptions) -> Result<SetupReport
         .query_one(
             "SELECT current_setting('server_version_num')::int, current_setting('server_version'),
                     current_setting('wal_level'), current_database(), current_user,
-                    r.rolreplication OR r.rolsuper
+                    r.rolreplication OR r.rolsuper, pg_is_in_recovery()
              FROM pg_roles r WHERE r.rolname = current_user",
             &[],
         )
@@ -221,8 +233,12 @@ pub async fn prepare(client: &Client, opts: &SetupOptions) -> Result<SetupReport
     let database: String = row.get(3);
     let role: String = row.get(4);
     let can_replicate: bool = row.get(5);
+    let standby: bool = row.get(6);
     if version_num < 140_000 {
         return Err(SetupError::UnsupportedServer { version });
+    }
+    if standby && version_num < 160_000 {
+        return Err(SetupError::StandbyTooOld { version });
     }
     if wal_level != "logical" {
         return Err(SetupError::WalLevel { actual: wal_level });
@@ -242,6 +258,11 @@ pub async fn prepare(client: &Client, opts: &SetupOptions) -> Result<SetupReport
 
     let mut publication_created = false;
     if !publication_exists(client, &opts.publication).await? {
+        if standby {
+            return Err(SetupError::PublicationOnStandby {
+                publication: opts.publication.clone(),
+            });
+        }
         if !opts.create_publication {
             return Err(SetupError::PublicationMissing {
                 publication: opts.publication.clone(),
@@ -544,9 +565,12 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
     let row = client
         .query_opt(
             "SELECT active_pid, wal_status, confirmed_flush_lsn::text, restart_lsn::text,
-                    (pg_current_wal_lsn() - confirmed_flush_lsn)::int8,
-                    (pg_current_wal_lsn() - restart_lsn)::int8
-             FROM pg_replication_slots WHERE slot_name = $1",
+                    (w.lsn - confirmed_flush_lsn)::int8, (w.lsn - restart_lsn)::int8
+             FROM pg_replication_slots,
+                  -- A standby has no WAL of its own: its position is what it replayed.
+                  LATERAL (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+                                       ELSE pg_current_wal_lsn() END AS lsn) w
+             WHERE slot_name = $1",
             &[&slot],
         )
         .await?;

@@ -160,11 +160,44 @@ pub struct Listener {
     start_lsn: Lsn,
 }
 
+/// Creating a slot on a hot standby waits for the primary's next record of the running
+/// transactions, which it writes every 15 s, and never while idle: asking the primary for
+/// one every half second makes creation take about that long. Stops at the first refusal
+/// (`pg_log_standby_snapshot` needs PostgreSQL 16 and a superuser or a grant).
+async fn log_standby_snapshots(primary: SourceConfig) {
+    let Ok(client) = primary.connect_sql().await else {
+        return;
+    };
+    loop {
+        if let Err(e) = client
+            .execute("SELECT pg_log_standby_snapshot()", &[])
+            .await
+        {
+            tracing::debug!(error = %crate::error::report(&e), "not asking the primary for standby snapshots");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Stops [`log_standby_snapshots`] when the start is over, however it ends.
+struct NudgePrimary(tokio::task::JoinHandle<()>);
+
+impl Drop for NudgePrimary {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl Listener {
     /// Checks the source (creating publication and slot as configured), starts streaming,
     /// and returns once the server streams: every change committed after this returns is
     /// delivered.
     pub async fn start(config: ListenerConfig) -> Result<Listener, Error> {
+        let nudge = config
+            .source
+            .primary()
+            .map(|primary| NudgePrimary(tokio::spawn(log_standby_snapshots(primary.clone()))));
         let client = config.source.connect_sql().await?;
         let report = setup::prepare(&client, &config.setup_options()).await?;
         for w in &report.warnings {
@@ -184,6 +217,7 @@ impl Listener {
             .and_then(|l| l.parse::<Lsn>().ok())
             .unwrap_or(Lsn::ZERO);
         let start_lsn = worker.received.max(confirmed);
+        drop(nudge);
         let task = tokio::spawn(async move { worker.run(stream).await });
         Ok(Listener {
             rx,
