@@ -109,8 +109,14 @@ async fn insert(client: &Client, ids: std::ops::RangeInclusive<i32>) {
     }
 }
 
-/// Waits until waltap streams from its slot (changes before that are not its to see).
+/// Waits until waltap streams from slot `waltap` (changes before that are not its to see).
 async fn streaming(url: &str) {
+    streaming_from(url, "waltap").await
+}
+
+/// Waits until a walsender streams from `slot`: while the slot is being created, it is
+/// active too, held by the creating backend, and changes then are not decoded.
+async fn streaming_from(url: &str, slot: &str) {
     wait_for(
         "waltap streams from its slot",
         Duration::from_secs(60),
@@ -119,28 +125,34 @@ async fn streaming(url: &str) {
                 return false;
             };
             c.query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'waltap' AND active",
-                &[],
-            )
-            .await
-            .ok()
-            .flatten()
-            .is_some()
+            "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_activity a ON a.pid = s.active_pid
+             WHERE s.slot_name = $1 AND a.backend_type = 'walsender'",
+            &[&slot],
+        )
+        .await
+        .ok()
+        .flatten()
+        .is_some()
         },
     )
     .await;
 }
 
-/// The ids of the insert events in the log, in log order.
+/// The ids of the insert events in the log of slot `waltap`, in log order.
 async fn logged_ids(url: &str) -> Vec<i32> {
+    logged_ids_of(url, "waltap").await
+}
+
+/// The ids of the insert events in the log of `slot`, in log order.
+async fn logged_ids_of(url: &str, slot: &str) -> Vec<i32> {
     let Ok(client) = connect(url).await else {
         return Vec::new();
     };
     let Ok(rows) = client
         .query(
             "SELECT (event->'created'->>'id')::int FROM waltap.events
-             WHERE source = 'waltap' ORDER BY commit_lsn, ordinal",
-            &[],
+             WHERE source = $1 AND event->>'action' = 'create' ORDER BY commit_lsn, ordinal",
+            &[&slot],
         )
         .await
     else {
@@ -492,6 +504,40 @@ async fn a_standby_serves_changes_and_initial_state_with_writers_on_the_primary(
     }
     let _ = tail.start_kill();
     let _ = tail.wait().await;
+
+    // The persisted pipeline reads the standby's slot and appends to a log on the primary.
+    let mut run = waltap(
+        &standby_url,
+        &[
+            "run",
+            "--slot",
+            "from_standby",
+            "--store-url",
+            &pair.primary.url("app"),
+            // Also makes creating the slot on the standby quick (see README).
+            "--primary-url",
+            &pair.primary.url("app"),
+        ],
+    )
+    .stderr(std::process::Stdio::inherit())
+    .spawn()
+    .unwrap();
+    streaming_from(&standby_url, "from_standby").await;
+    insert(&primary, 5_001..=5_100).await;
+    let primary_url = pair.primary.url("app");
+    wait_for(
+        "the log on the primary holds the rows",
+        Duration::from_secs(60),
+        || {
+            let url = primary_url.clone();
+            async move { logged_ids_of(&url, "from_standby").await.contains(&5_100) }
+        },
+    )
+    .await;
+    let logged = logged_ids_of(&pair.primary.url("app"), "from_standby").await;
+    assert_eq!(logged, (5_001..=5_100).collect::<Vec<_>>());
+    let _ = run.start_kill();
+    let _ = run.wait().await;
 
     // Without the primary, the watermark cannot be written: said, not guessed around.
     let out = support::output(waltap(
