@@ -12,7 +12,7 @@
 //!   transaction can commit exactly where the watermark's message record ends, and it
 //!   comes after the watermark;
 //! - with failover standbys (`synchronized_standby_slots` on the store's server), the
-//!   acknowledgement also waits until they flushed the commit ([`crate::log::standby`]),
+//!   acknowledgement also waits until they flushed the commit (module `log::standby`),
 //!   and a slot gone under a log with history is an error, never silently re-created;
 //! - batches close when the listener has nothing more ready, at `max_batch_events`, or
 //!   after `max_batch_delay`, whichever comes first: no timer on an idle pipeline, large
