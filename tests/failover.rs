@@ -138,6 +138,14 @@ async fn streaming_from(url: &str, slot: &str) {
     .await;
 }
 
+/// Waits until the log of `slot` holds the insert of row `id`.
+async fn wait_logged(url: &str, slot: &str, id: i32, what: &str) {
+    wait_for(what, Duration::from_secs(120), || async move {
+        logged_ids_of(url, slot).await.contains(&id)
+    })
+    .await;
+}
+
 /// The ids of the insert events in the log of slot `waltap`, in log order.
 async fn logged_ids(url: &str) -> Vec<i32> {
     logged_ids_of(url, "waltap").await
@@ -174,16 +182,7 @@ async fn a_failover_slot_carries_the_log_across_a_promotion_exactly_once() {
     streaming(&pair.primary.url("app")).await;
     let primary = connect(&pair.primary.url("app")).await.unwrap();
     insert(&primary, 1..=200).await;
-    let primary_url = pair.primary.url("app");
-    wait_for(
-        "the log holds the first rows",
-        Duration::from_secs(60),
-        || {
-            let url = primary_url.clone();
-            async move { logged_ids(&url).await.len() >= 200 }
-        },
-    )
-    .await;
+    wait_logged(&pair.primary.url("app"), "waltap", 200, "the first rows").await;
     // The standby's copy of the slot follows the primary's: wait until it covers the
     // rows, so that the failover below starts from a synchronized slot.
     let standby_url = pair.standby.url("app");
@@ -244,14 +243,11 @@ async fn a_failover_slot_carries_the_log_across_a_promotion_exactly_once() {
 
     let new_primary = connect(&pair.standby.url("app")).await.unwrap();
     insert(&new_primary, 100_001..=100_200).await;
-    let standby_url = pair.standby.url("app");
-    wait_for(
+    wait_logged(
+        &pair.standby.url("app"),
+        "waltap",
+        100_200,
         "the log on the new primary holds the rows written after the promotion",
-        Duration::from_secs(120),
-        || {
-            let url = standby_url.clone();
-            async move { logged_ids(&url).await.contains(&100_200) }
-        },
     )
     .await;
     let logged = logged_ids(&pair.standby.url("app")).await;
@@ -300,14 +296,11 @@ async fn without_a_failover_slot_the_run_stops_naming_the_gap() {
 
     // The standby must have the log's rows before the primary goes, so that the log
     // there has progress to lose.
-    let standby_url = pair.standby.url("app");
-    wait_for(
+    wait_logged(
+        &pair.standby.url("app"),
+        "waltap",
+        50,
         "the standby replays the log",
-        Duration::from_secs(60),
-        || {
-            let url = standby_url.clone();
-            async move { logged_ids(&url).await.len() >= 50 }
-        },
     )
     .await;
     pair.primary.stop_immediate().unwrap();
@@ -340,14 +333,11 @@ async fn without_a_failover_slot_the_run_stops_naming_the_gap() {
         .unwrap();
     streaming(&pair.standby.url("app")).await;
     insert(&new_primary, 2_001..=2_001).await;
-    let standby_url = pair.standby.url("app");
-    wait_for(
+    wait_logged(
+        &pair.standby.url("app"),
+        "waltap",
+        2_001,
         "the log goes on after the gap",
-        Duration::from_secs(60),
-        || {
-            let url = standby_url.clone();
-            async move { logged_ids(&url).await.contains(&2_001) }
-        },
     )
     .await;
     let logged = logged_ids(&pair.standby.url("app")).await;
@@ -524,14 +514,11 @@ async fn a_standby_serves_changes_and_initial_state_with_writers_on_the_primary(
     .unwrap();
     streaming_from(&standby_url, "from_standby").await;
     insert(&primary, 5_001..=5_100).await;
-    let primary_url = pair.primary.url("app");
-    wait_for(
+    wait_logged(
+        &pair.primary.url("app"),
+        "from_standby",
+        5_100,
         "the log on the primary holds the rows",
-        Duration::from_secs(60),
-        || {
-            let url = primary_url.clone();
-            async move { logged_ids_of(&url, "from_standby").await.contains(&5_100) }
-        },
     )
     .await;
     let logged = logged_ids_of(&pair.primary.url("app"), "from_standby").await;

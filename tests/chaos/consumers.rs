@@ -61,6 +61,10 @@ impl Via {
 pub struct Ctx {
     pub env: Env,
     pub http: Arc<Mutex<Option<String>>>,
+    /// The other group members' HTTP base URLs (group mode): consumers connect to any.
+    pub members: Arc<Mutex<Vec<String>>>,
+    /// Turns over at each connection, so that consumers spread over the members.
+    pub turn: Arc<std::sync::atomic::AtomicUsize>,
     pub trace: Trace,
     /// Ends every consumer at the end of the schedule.
     pub stop: CancellationToken,
@@ -81,18 +85,29 @@ impl Ctx {
         !self.without.iter().any(|w| w == op)
     }
 
-    /// The HTTP base URL of the serving process, once there is one; `None` once the
-    /// schedule ends.
+    /// The HTTP base URL of a serving process, once there is one: the pipeline's or, in
+    /// group mode, any member's (in turn, so that consumers move between members as they
+    /// reconnect); `None` once the schedule ends.
     pub async fn server(&self) -> Option<String> {
         loop {
-            if let Some(base) = self.http.lock().unwrap().clone() {
-                return Some(base);
+            let mut up: Vec<String> = self.http.lock().unwrap().iter().cloned().collect();
+            up.extend(self.members.lock().unwrap().iter().cloned());
+            if !up.is_empty() {
+                let turn = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Some(up.swap_remove(turn % up.len()));
             }
             if self.stop.is_cancelled() {
                 return None;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Whether the process at `base` should still be up (a SIGKILL takes its URL away
+    /// before it strikes).
+    pub fn is_up(&self, base: &str) -> bool {
+        self.http.lock().unwrap().as_deref() == Some(base)
+            || self.members.lock().unwrap().iter().any(|m| m == base)
     }
 
     /// True in the minute after a Postgres crash: errors then are the crash's doing.

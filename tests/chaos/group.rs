@@ -25,17 +25,22 @@ struct Member {
 pub struct Members {
     env: Env,
     members: Vec<Member>,
+    /// The members' URLs for consumers: a member's leaves before it is killed.
+    urls: Arc<Mutex<Vec<String>>>,
 }
 
 impl Members {
-    pub async fn start(env: &Env, n: usize) -> Members {
+    pub async fn start(env: &Env, n: usize, urls: Arc<Mutex<Vec<String>>>) -> Members {
         let mut members = Vec::new();
         for _ in 0..n {
-            members.push(spawn(env).await);
+            let m = spawn(env).await;
+            urls.lock().unwrap().push(m.url.clone());
+            members.push(m);
         }
         Members {
             env: env.clone(),
             members,
+            urls,
         }
     }
 
@@ -63,10 +68,12 @@ impl Members {
     /// SIGKILL member `i`, and a new member after `down`.
     pub async fn kill(&mut self, i: usize, down: Duration) {
         let m = &mut self.members[i];
+        self.urls.lock().unwrap().retain(|u| *u != m.url);
         let _ = m.child.start_kill();
         m.child.wait().await.unwrap();
         tokio::time::sleep(down).await;
         self.members[i] = spawn(&self.env).await;
+        self.urls.lock().unwrap().push(self.members[i].url.clone());
     }
 
     /// SIGSTOP member `i` for `frozen`.

@@ -27,6 +27,8 @@
 //! `WALTAP_CHAOS_SECONDS` bounds the run (default 90; `0` runs until a failure);
 //! `WALTAP_CHAOS_SCHEDULE_SECONDS` is the length of one schedule (default 20);
 //! `WALTAP_CHAOS_TRACE=1` prints the whole trace of passing schedules too;
+//! `WALTAP_CHAOS_GROUP=1` makes every schedule a group's (HTTP consumers and subscribers
+//! then connect to any member, moving between them as they reconnect);
 //! `WALTAP_CHAOS_WITHOUT=op,op` leaves operations out: `kill`, `sigstop`, `disconnect`,
 //! `watermarks`, `restart`, `truncate`, `ddl`,
 //! `group` (schedules with more `serve` members, whose leader is killed or stopped),
@@ -159,7 +161,8 @@ async fn schedule(seed: u64, length: Duration, own: Option<Arc<Cluster>>) -> Res
         slot: db.unique_name("chaos_slot"),
         publication: db.unique_name("chaos_pub"),
         retention_secs: rng.range(4, 15),
-        group: rng.percent() < 30 && !without.iter().any(|op| op == "group"),
+        group: (rng.percent() < 30 || std::env::var_os("WALTAP_CHAOS_GROUP").is_some())
+            && !without.iter().any(|op| op == "group"),
     };
     // Slot first: every commit from here on reaches the log.
     // Small enough that the writers' large transactions are streamed before their commit.
@@ -180,11 +183,12 @@ async fn schedule(seed: u64, length: Duration, own: Option<Arc<Cluster>>) -> Res
     trace.log(format!("pipeline: retention {}s", env.retention_secs));
     let http = Arc::new(Mutex::new(None));
     let mut pipeline = Pipeline::start(&env, Kind::Serve, http.clone()).await;
+    let member_urls = Arc::new(Mutex::new(Vec::new()));
     let members = match env.group {
         true => {
             let n = rng.range(1, 2) as usize;
             trace.log(format!("group: {n} more serve members"));
-            Some(Members::start(&env, n).await)
+            Some(Members::start(&env, n, member_urls.clone()).await)
         }
         false => None,
     };
@@ -192,6 +196,8 @@ async fn schedule(seed: u64, length: Duration, own: Option<Arc<Cluster>>) -> Res
     let ctx = Ctx {
         env: env.clone(),
         http: http.clone(),
+        members: member_urls,
+        turn: Arc::default(),
         trace: trace.clone(),
         stop: CancellationToken::new(),
         quiet: CancellationToken::new(),
@@ -285,6 +291,9 @@ async fn schedule(seed: u64, length: Duration, own: Option<Arc<Cluster>>) -> Res
                 Ok(()) => {}
                 Err((true, why)) => behind.push((s.name.clone(), why)),
                 Err((false, why)) => trace.fail(&s.name, why),
+            }
+            if let Some(why) = complete.then(|| s.rows_behind(&records, &table)).flatten() {
+                behind.push((s.name.clone(), why));
             }
         }
         behind
@@ -521,14 +530,17 @@ async fn operate(
         }
         110..=169 if on("subscribe") && s.subscribers.len() < MAX_SUBSCRIBERS => {
             let filter_w = (rng.percent() < 50).then(|| rng.range(0, WRITERS as u64 - 1) as i32);
+            let initial_state = rng.percent() < 50;
             let sub = Arc::new(Mutex::new(Subscriber {
                 name: format!("sub{}", s.subscribers.len()),
                 filter_w,
+                initial_state,
+                table: ctx.table.clone(),
                 sessions: Vec::new(),
                 items: 0,
             }));
             trace.log(format!(
-                "sub{}: GET /v1/subscribe over SSE, filter w = {filter_w:?}",
+                "sub{}: GET /v1/subscribe over SSE, filter w = {filter_w:?}, initialState {initial_state}",
                 s.subscribers.len()
             ));
             s.subscribers.push(sub.clone());

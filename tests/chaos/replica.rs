@@ -107,6 +107,12 @@ impl Replica {
         self.txs_from = self.txs.len();
     }
 
+    /// Whether the initial state's rows are all in (`snapshotComplete` seen), or there
+    /// were none to wait for.
+    pub fn has_rows_phase_ended(&self) -> bool {
+        self.phase == Phase::Changes
+    }
+
     /// The consumer reconnects after items it may not have acknowledged.
     pub fn resume(&mut self) {
         self.resumed = true;

@@ -12,14 +12,18 @@ use serde_json::{json, Value as Json};
 
 use super::consumers::Ctx;
 use super::http::{sse_client, sse_get, SseReader};
-use super::writer::Change;
+use super::replica::{Base, Replica};
+use super::writer::{Change, SharedTable};
 use crate::support::prng::Prng;
 
 /// One subscription, from `initialized` to its end.
 #[derive(Default)]
 pub struct Session {
-    /// The `initialized` marker's position.
+    /// The `initialized` marker's position; with an initial state, `snapshotComplete`'s.
     pub from: String,
+    /// With an initial state: the table rebuilt from its rows and the changes after them
+    /// (each update's and delete's old row must be the copy's, each create new to it).
+    pub rows: Option<Replica>,
     /// Transactions in the order seen: xid, first position, changes.
     pub txs: Vec<(u32, String, Vec<Change>)>,
     /// How it ended: an error item's code, or the connection; `None` while open.
@@ -29,6 +33,10 @@ pub struct Session {
 pub struct Subscriber {
     pub name: String,
     pub filter_w: Option<i32>,
+    /// Sessions ask for the current rows first (`initialState=true`).
+    pub initial_state: bool,
+    /// The columns DDL added, for the sessions' copies.
+    pub table: SharedTable,
     pub sessions: Vec<Session>,
     pub items: u64,
 }
@@ -55,6 +63,21 @@ impl Subscriber {
         }
         if session.from.is_empty() {
             return Err(format!("an item before initialized: {item}"));
+        }
+        if let Some(rows) = &mut session.rows {
+            rows.apply(item)?;
+            if item["type"] == "snapshotComplete" {
+                session.from = item["position"]
+                    .as_str()
+                    .ok_or_else(|| format!("snapshotComplete without a position: {item}"))?
+                    .to_owned();
+            }
+            if !rows.has_rows_phase_ended() {
+                return Ok(());
+            }
+            if item["type"] == "snapshotComplete" {
+                return Ok(());
+            }
         }
         // A column was added (the schedule's DDL): announced before the first event of
         // the new shape.
@@ -171,6 +194,25 @@ impl Subscriber {
         Ok(())
     }
 
+    /// At the end: an open session with an initial state whose copy is not yet the
+    /// table (`table`, which no longer changes), and where it is.
+    pub fn rows_behind(
+        &self,
+        records: &[super::writer::Record],
+        table: &std::collections::BTreeMap<i64, Json>,
+    ) -> Option<String> {
+        let s = self.sessions.last()?;
+        let rows = s.rows.as_ref()?;
+        if s.ended.is_some() || rows.caught_up(records, table) {
+            return None;
+        }
+        Some(format!(
+            "session {} (initial state): {}",
+            self.sessions.len() - 1,
+            rows.status(table)
+        ))
+    }
+
     /// How the sessions ended, for the report.
     pub fn endings(&self) -> String {
         let mut ends: HashMap<&str, usize> = HashMap::new();
@@ -190,9 +232,9 @@ impl Subscriber {
 pub async fn subscribe(ctx: Ctx, sub: SharedSubscriber, seed: u64) {
     let mut rng = Prng::new(seed);
     let http = sse_client();
-    let (name, filter_w) = {
+    let (name, filter_w, initial_state) = {
         let s = sub.lock().unwrap();
-        (s.name.clone(), s.filter_w)
+        (s.name.clone(), s.filter_w, s.initial_state)
     };
     let filter = filter_w.map(|w| json!({"where": {"w": w}, "truncate": true}).to_string());
     while !ctx.stop.is_cancelled() && !ctx.trace.failed() {
@@ -200,6 +242,9 @@ pub async fn subscribe(ctx: Ctx, sub: SharedSubscriber, seed: u64) {
             return;
         };
         let mut req = sse_get(&http, format!("{base}/v1/subscribe")).query(&[("table", "items")]);
+        if initial_state {
+            req = req.query(&[("initialState", "true")]);
+        }
         if let Some(f) = &filter {
             req = req.query(&[("filter", f)]);
         }
@@ -220,7 +265,22 @@ pub async fn subscribe(ctx: Ctx, sub: SharedSubscriber, seed: u64) {
                 continue;
             }
         };
-        sub.lock().unwrap().sessions.push(Session::default());
+        {
+            let mut s = sub.lock().unwrap();
+            let rows = s.initial_state.then(|| {
+                Replica::new(
+                    name.clone(),
+                    filter_w,
+                    Base::Rows,
+                    Duration::ZERO,
+                    s.table.clone(),
+                )
+            });
+            s.sessions.push(Session {
+                rows,
+                ..Session::default()
+            });
+        }
         let mut events = SseReader::new(r);
         let life = tokio::time::sleep(Duration::from_millis(rng.range(500, 15_000)));
         tokio::pin!(life);
@@ -242,9 +302,9 @@ pub async fn subscribe(ctx: Ctx, sub: SharedSubscriber, seed: u64) {
                     }
                     None => {
                         // Only a server that is gone may end a subscription without saying
-                        // why (a SIGKILL empties `ctx.http` before it strikes).
+                        // why (a SIGKILL takes its URL away before it strikes).
                         tokio::time::sleep(Duration::from_secs(1)).await;
-                        if ctx.http.lock().unwrap().as_deref() == Some(base.as_str()) {
+                        if ctx.is_up(&base) {
                             ctx.trace.fail(&name, "the subscription ended without an error item, \
                                 the server still up".into());
                             return;
