@@ -536,3 +536,88 @@ async fn a_standby_serves_changes_and_initial_state_with_writers_on_the_primary(
     assert!(!out.status.success());
     assert!(said.contains("--primary-url"), "{said}");
 }
+
+/// The event log's commit must reach the failover standbys before the slot is confirmed
+/// past the changes it holds: with the standby down, `waltap run` commits its batch but
+/// does not confirm it (nor go on), and says why after a while; once the standby is back,
+/// it confirms and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slot_is_confirmed_only_once_the_standbys_have_the_log() {
+    use tokio::io::AsyncBufReadExt;
+
+    let Some(pair) = Pair::start(true).await else {
+        return;
+    };
+    // Not a failover slot: its walsender does not wait for the standby itself, so
+    // waltap receives the changes and only its own wait holds the confirmation.
+    let mut run = waltap(&pair.url(), &["run"])
+        .env("WALTAP_LOG", "info")
+        .spawn()
+        .unwrap();
+    // Its log, echoed for a failure's report, and watched for the wait's warning.
+    let (said_tx, mut said) = tokio::sync::mpsc::unbounded_channel();
+    let mut stderr = tokio::io::BufReader::new(run.stderr.take().unwrap()).lines();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            eprintln!("waltap run: {line}");
+            let _ = said_tx.send(line);
+        }
+    });
+    streaming(&pair.primary.url("app")).await;
+    let primary = connect(&pair.primary.url("app")).await.unwrap();
+    insert(&primary, 1..=10).await;
+    wait_logged(&pair.primary.url("app"), "waltap", 10, "the first rows").await;
+
+    pair.standby.stop_immediate().unwrap();
+    insert(&primary, 11..=20).await;
+    let after: String = primary
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // The appender stops at its first commit that the standby cannot flush.
+    let said = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = said.recv().await {
+            if line.contains("waiting for the standbys in synchronized_standby_slots") {
+                return line;
+            }
+        }
+        panic!("waltap run ended");
+    })
+    .await
+    .expect("waltap says what it waits for");
+    assert!(said.contains("sb"), "{said}");
+    assert!(
+        confirmed_before(&primary, &after).await,
+        "the slot was confirmed past changes whose log commit the standby does not have"
+    );
+
+    pair.standby.start_again().unwrap();
+    wait_logged(
+        &pair.primary.url("app"),
+        "waltap",
+        20,
+        "the rows written meanwhile",
+    )
+    .await;
+    wait_for(
+        "the slot confirmed once the standby is back",
+        Duration::from_secs(60),
+        || async { !confirmed_before(&primary, &after).await },
+    )
+    .await;
+    let _ = run.start_kill();
+    let _ = run.wait().await;
+}
+
+/// Whether slot `waltap` is confirmed only below `lsn`.
+async fn confirmed_before(c: &Client, lsn: &str) -> bool {
+    c.query_one(
+        "SELECT confirmed_flush_lsn < $1::text::pg_lsn FROM pg_replication_slots
+         WHERE slot_name = 'waltap'",
+        &[&lsn],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
