@@ -599,3 +599,46 @@ async fn a_streams_info_says_where_its_initial_state_is() {
     s.stop().await;
     db.teardown().await;
 }
+
+/// A feed client that gives up while the stream's initial state is still being copied
+/// (here: the table locked by another transaction) must not make the copy start over
+/// with every request: it completes without the client, and frees the stream.
+#[tokio::test]
+async fn an_initial_state_copy_completes_after_the_feed_client_gave_up() {
+    let db = TestDb::new().await;
+    let s = start(&db, |_| {}).await;
+    insert_orders(&db, 0..5).await;
+    logged(&db, 4).await;
+    with_initial_state(&s, "patient", false).await;
+    let mut blocker = db.client().await;
+    let lock = blocker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    // The copy waits for the lock; the client does not.
+    let gave_up = s
+        .get("/v1/streams/patient/events", ORDERS)
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the request should have timed out");
+    lock.commit().await.unwrap();
+    let client = db.client().await;
+    wait_for("the copy completes without its client", TIMEOUT, || async {
+        client
+            .query_one(
+                "SELECT snapshot_state = 'ready' AND lease_holder IS NULL
+                 FROM waltap.streams WHERE name = 'patient'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    })
+    .await;
+    let mut feed = Feed::new(&s, "patient");
+    feed.until(10, |seen| !seen.markers.is_empty()).await;
+    assert_eq!(feed.seen.rows, [0, 1, 2, 3, 4]);
+    s.stop().await;
+    db.teardown().await;
+}

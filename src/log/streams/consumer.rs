@@ -24,6 +24,7 @@ use crate::log::pool::ConsumerPool;
 use crate::log::postgres::migrate;
 use crate::log::StoreError;
 use crate::pg::config::SourceConfig;
+use crate::pg::pool::PooledClient;
 
 /// What a [`StreamConsumer`] yields: first [`StreamItem::Initialized`] with the cursor the
 /// consumer resumes after (the position before every event when the log held nothing for
@@ -92,17 +93,14 @@ pub async fn open_pooled(
         )
         .await
         .map_err(StoreError::sql("take a stream's lease"))?;
-    let Some(mut row) = row else {
+    let Some(row) = row else {
         return Err(busy_or_missing(&client, name).await);
     };
-    if row.get::<_, Option<String>>(5).as_deref() == Some("pending") {
-        // From here on, a failure releases the lease only when it expires; the copy is
-        // one store transaction, so nothing half-made stays behind. The lease is renewed
-        // meanwhile on a connection of its own, not a second one from the pool: consumers
-        // copying at once would otherwise each hold one and wait for another.
-        let renewer = store.connect_sql().await?;
-        row = copy_initial_state(&client, &renewer, store, &options, name, &holder, &row).await?;
-    }
+    let (client, row) = if row.get::<_, Option<String>>(5).as_deref() == Some("pending") {
+        copy_detached(client, store, &options, name, &holder, row).await?
+    } else {
+        (client, row)
+    };
     let acked = Mark {
         lsn: row.get(3),
         ordinal: row.get(4),
@@ -212,6 +210,55 @@ pub(super) async fn resume_after(
         }
     }
     Ok(())
+}
+
+/// Makes the copy of a stream's initial state on a task of its own, so that it completes
+/// even when the caller stops waiting (an HTTP client that timed out, a consumer that
+/// went away): otherwise a copy longer than the client's patience would be started again
+/// and again and never finish. The lease is released when nobody waits for the result.
+///
+/// A failure releases the lease only when it expires; the copy is one store transaction,
+/// so nothing half-made stays behind. The lease is renewed meanwhile on a connection of
+/// its own, not a second one from the pool: consumers copying at once would otherwise
+/// each hold one and wait for another.
+async fn copy_detached(
+    client: PooledClient,
+    store: &SourceConfig,
+    options: &OpenOptions,
+    name: &str,
+    holder: &str,
+    row: tokio_postgres::Row,
+) -> Result<(PooledClient, tokio_postgres::Row), StoreError> {
+    let (store, options) = (store.clone(), options.clone());
+    let (name, holder) = (name.to_owned(), holder.to_owned());
+    let (done, waiting) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let copied = async {
+            let renewer = store.connect_sql().await?;
+            copy_initial_state(&client, &renewer, &store, &options, &name, &holder, &row).await
+        }
+        .await;
+        if let Err(Ok(row)) = done.send(copied.map(|row| (client, row))) {
+            let (client, _) = row;
+            tracing::info!(stream = %name, "initial state copied for a consumer that left; lease released");
+            let released = client
+                .execute(
+                    "UPDATE waltap.streams SET lease_holder = NULL, lease_expires_at = NULL
+                     WHERE name = $1 AND lease_holder = $2",
+                    &[&name, &holder],
+                )
+                .await;
+            if let Err(e) = released {
+                tracing::debug!(stream = %name, error = %crate::error::report(&e), "lease not released; it expires");
+            }
+        }
+    });
+    waiting.await.unwrap_or_else(|_| {
+        // The task panicked: no result, and the lease expires.
+        Err(StoreError::LeaseLost {
+            name: "(initial-state copy)".to_owned(),
+        })
+    })
 }
 
 /// Makes the copy of a stream's initial state ([`crate::log::initial::materialize`]) while
