@@ -9,7 +9,8 @@
 //! position, with and without a filter, and consumed by `waltap stream tail`, SSE resuming
 //! with `Last-Event-ID`, WebSocket acknowledging explicitly, the HTTP
 //! feed and the Rust API, which disconnect, resume, go stale under a short retention and
-//! start over with `reset` and an initial state. The event log itself is read too.
+//! start over with `reset` and an initial state. Ephemeral subscribers (filters, initial
+//! states, transitions) come and go beside them. The event log itself is read too.
 //!
 //! Each consumer's [`replica::Replica`] checks every item as it arrives, and at the end
 //! that it saw each selected transaction once, in commit order, with exactly its changes,
@@ -394,9 +395,11 @@ async fn schedule(seed: u64, length: Duration, own: Option<Arc<Cluster>>) -> Res
             for sub in &subscribers {
                 let sub = sub.lock().unwrap();
                 eprintln!(
-                    "chaos: {} (filter w = {:?}): {} items, sessions: {}",
+                    "chaos: {} (filter w = {:?}, transitions on v = {:?}, initial state {}): {} items, sessions: {}",
                     sub.name,
                     sub.filter_w,
+                    sub.transitions,
+                    sub.initial_state || sub.transitions.is_some(),
                     sub.items,
                     sub.endings()
                 );
@@ -529,18 +532,24 @@ async fn operate(
             return;
         }
         110..=169 if on("subscribe") && s.subscribers.len() < MAX_SUBSCRIBERS => {
-            let filter_w = (rng.percent() < 50).then(|| rng.range(0, WRITERS as u64 - 1) as i32);
+            // A third filter on `w`, a third on `v` with transitions, a third none.
+            let (filter_w, transitions) = match rng.percent() {
+                0..=32 => (Some(rng.range(0, WRITERS as u64 - 1) as i32), None),
+                33..=65 => (None, Some((rng.percent() < 50, rng.range(1, 2) as i64))),
+                _ => (None, None),
+            };
             let initial_state = rng.percent() < 50;
             let sub = Arc::new(Mutex::new(Subscriber {
                 name: format!("sub{}", s.subscribers.len()),
                 filter_w,
                 initial_state,
+                transitions,
                 table: ctx.table.clone(),
                 sessions: Vec::new(),
                 items: 0,
             }));
             trace.log(format!(
-                "sub{}: GET /v1/subscribe over SSE, filter w = {filter_w:?}, initialState {initial_state}",
+                "sub{}: GET /v1/subscribe over SSE, filter w = {filter_w:?}, transitions on v (>=, bound) = {transitions:?}, initialState {initial_state}",
                 s.subscribers.len()
             ));
             s.subscribers.push(sub.clone());

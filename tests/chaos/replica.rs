@@ -279,13 +279,7 @@ impl Replica {
     /// `row` with every column DDL added that it lacks, at its default: a row the consumer
     /// got before an `ADD COLUMN` reads the default afterwards.
     fn filled(&self, row: &Json) -> Json {
-        let mut row = row.clone();
-        if let Some(map) = row.as_object_mut() {
-            for (name, default) in self.table.added.lock().unwrap().iter() {
-                map.entry(name.clone()).or_insert_with(|| default.clone());
-            }
-        }
-        row
+        filled(&self.table, row)
     }
 
     fn check_filter(&self, row: &Json, item: &Json) -> Result<(), String> {
@@ -493,4 +487,15 @@ fn summary(changes: &[Change]) -> String {
         changes.first(),
         changes.last()
     )
+}
+
+/// `row` with every column DDL added to `table` that it lacks, at its default.
+pub fn filled(table: &SharedTable, row: &Json) -> Json {
+    let mut row = row.clone();
+    if let Some(map) = row.as_object_mut() {
+        for (name, default) in table.added.lock().unwrap().iter() {
+            map.entry(name.clone()).or_insert_with(|| default.clone());
+        }
+    }
+    row
 }

@@ -2,9 +2,13 @@
 //! disconnect at random and subscribe again. At most once, from now on: each session must
 //! see, after its `initialized` marker, every selected transaction the event log holds
 //! after the marker's position, in commit order, with no gap, until it ends, and it may end
-//! only with a typed error item (or with the server it talked to gone).
+//! only with a typed error item (or with the server it talked to gone). Half of them ask
+//! for an initial state: such a session also rebuilds the table ([`Replica`]). A third
+//! filter on `v` with `"transitions": true` (and an initial state): such a session
+//! rebuilds the filtered set from the `appear` / `update` / `disappear` labels
+//! ([`TransitionSet`]), each label checked against the old and new rows.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +16,7 @@ use serde_json::{json, Value as Json};
 
 use super::consumers::Ctx;
 use super::http::{sse_client, sse_get, SseReader};
-use super::replica::{Base, Replica};
+use super::replica::{filled, Base, Replica};
 use super::writer::{Change, SharedTable};
 use crate::support::prng::Prng;
 
@@ -24,6 +28,8 @@ pub struct Session {
     /// With an initial state: the table rebuilt from its rows and the changes after them
     /// (each update's and delete's old row must be the copy's, each create new to it).
     pub rows: Option<Replica>,
+    /// With transitions: the filtered set rebuilt from the labels.
+    pub set: Option<TransitionSet>,
     /// Transactions in the order seen: xid, first position, changes.
     pub txs: Vec<(u32, String, Vec<Change>)>,
     /// How it ended: an error item's code, or the connection; `None` while open.
@@ -35,6 +41,9 @@ pub struct Subscriber {
     pub filter_w: Option<i32>,
     /// Sessions ask for the current rows first (`initialState=true`).
     pub initial_state: bool,
+    /// A filter on `v` with transitions instead of one on `w`: (`gte`, else `lt`; the
+    /// bound). Such sessions always start with the current rows.
+    pub transitions: Option<(bool, i64)>,
     /// The columns DDL added, for the sessions' copies.
     pub table: SharedTable,
     pub sessions: Vec<Session>,
@@ -63,6 +72,9 @@ impl Subscriber {
         }
         if session.from.is_empty() {
             return Err(format!("an item before initialized: {item}"));
+        }
+        if let Some(set) = &mut session.set {
+            return set.apply(item);
         }
         if let Some(rows) = &mut session.rows {
             rows.apply(item)?;
@@ -139,7 +151,9 @@ impl Subscriber {
             })
             .collect();
         for (n, s) in self.sessions.iter().enumerate() {
-            if s.from.is_empty() {
+            // A transitions session is checked by its set (which log transactions touch
+            // its rows depends on their values, not on the writer).
+            if s.from.is_empty() || s.set.is_some() {
                 continue;
             }
             let k = selected.partition_point(|t| t.1 <= s.from);
@@ -202,6 +216,15 @@ impl Subscriber {
         table: &std::collections::BTreeMap<i64, Json>,
     ) -> Option<String> {
         let s = self.sessions.last()?;
+        if let Some(set) = &s.set {
+            return (s.ended.is_none() && !set.caught_up(table)).then(|| {
+                format!(
+                    "session {} (transitions): {}",
+                    self.sessions.len() - 1,
+                    set.status(table)
+                )
+            });
+        }
         let rows = s.rows.as_ref()?;
         if s.ended.is_some() || rows.caught_up(records, table) {
             return None;
@@ -232,11 +255,19 @@ impl Subscriber {
 pub async fn subscribe(ctx: Ctx, sub: SharedSubscriber, seed: u64) {
     let mut rng = Prng::new(seed);
     let http = sse_client();
-    let (name, filter_w, initial_state) = {
+    let (name, filter_w, transitions) = {
         let s = sub.lock().unwrap();
-        (s.name.clone(), s.filter_w, s.initial_state)
+        (s.name.clone(), s.filter_w, s.transitions)
     };
-    let filter = filter_w.map(|w| json!({"where": {"w": w}, "truncate": true}).to_string());
+    let initial_state = sub.lock().unwrap().initial_state || transitions.is_some();
+    let filter = match transitions {
+        Some((gte, bound)) => Some(
+            json!({"where": {"v": {if gte { "gte" } else { "lt" }: bound}},
+                   "transitions": true, "truncate": true})
+            .to_string(),
+        ),
+        None => filter_w.map(|w| json!({"where": {"w": w}, "truncate": true}).to_string()),
+    };
     while !ctx.stop.is_cancelled() && !ctx.trace.failed() {
         let Some(base) = ctx.server().await else {
             return;
@@ -267,7 +298,8 @@ pub async fn subscribe(ctx: Ctx, sub: SharedSubscriber, seed: u64) {
         };
         {
             let mut s = sub.lock().unwrap();
-            let rows = s.initial_state.then(|| {
+            let set = transitions.map(|bound| TransitionSet::new(bound, s.table.clone()));
+            let rows = (s.initial_state && set.is_none()).then(|| {
                 Replica::new(
                     name.clone(),
                     filter_w,
@@ -278,6 +310,7 @@ pub async fn subscribe(ctx: Ctx, sub: SharedSubscriber, seed: u64) {
             });
             s.sessions.push(Session {
                 rows,
+                set,
                 ..Session::default()
             });
         }
@@ -329,5 +362,142 @@ pub async fn subscribe(ctx: Ctx, sub: SharedSubscriber, seed: u64) {
             session.ended = Some(ended);
         }
         tokio::time::sleep(Duration::from_millis(rng.range(0, 2000))).await;
+    }
+}
+
+/// A subscription with `"transitions": true` on `v >= bound` (or `v < bound`): the set of
+/// rows the filter selects, rebuilt from the initial state and the labels. Each label must
+/// agree with the old and new rows (an `appear` comes from outside the set, ...), each old
+/// row must be the copy's, and at the end the set must be the table's selected rows.
+pub struct TransitionSet {
+    gte: bool,
+    bound: i64,
+    rows: BTreeMap<i64, Json>,
+    complete: bool,
+    table: SharedTable,
+}
+
+impl TransitionSet {
+    fn new((gte, bound): (bool, i64), table: SharedTable) -> TransitionSet {
+        TransitionSet {
+            gte,
+            bound,
+            rows: BTreeMap::new(),
+            complete: false,
+            table,
+        }
+    }
+
+    fn selects(&self, row: &Json) -> Result<bool, String> {
+        let v = row["v"]
+            .as_i64()
+            .ok_or_else(|| format!("a row without v: {row}"))?;
+        Ok(if self.gte {
+            v >= self.bound
+        } else {
+            v < self.bound
+        })
+    }
+
+    fn id(row: &Json) -> Result<i64, String> {
+        row["id"]
+            .as_i64()
+            .ok_or_else(|| format!("a row without id: {row}"))
+    }
+
+    /// `row` must be in the set as the copy has it.
+    fn take(&mut self, row: &Json, item: &Json) -> Result<(), String> {
+        let id = Self::id(row)?;
+        match self.rows.remove(&id) {
+            Some(have) if filled(&self.table, &have) == filled(&self.table, row) => Ok(()),
+            Some(have) => Err(format!("the old row differs from the copy {have}: {item}")),
+            None => Err(format!("row {id} is not in the set: {item}")),
+        }
+    }
+
+    fn put(&mut self, row: &Json, item: &Json) -> Result<(), String> {
+        if !self.selects(row)? {
+            return Err(format!("a row outside the filter enters the set: {item}"));
+        }
+        if self.rows.insert(Self::id(row)?, row.clone()).is_some() {
+            return Err(format!("a row the set has already enters it: {item}"));
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, item: &Json) -> Result<(), String> {
+        match item["type"].as_str() {
+            Some("initialized") | Some("schemaChange") => return Ok(()),
+            Some("snapshotComplete") if !self.complete => {
+                self.complete = true;
+                return Ok(());
+            }
+            Some(_) => return Err(format!("unexpected item: {item}")),
+            None => {}
+        }
+        let action = item["action"].as_str().unwrap_or_default();
+        if action == "snapshot" {
+            if self.complete {
+                return Err(format!("a row after snapshotComplete: {item}"));
+            }
+            return self.put(&item["row"], item);
+        }
+        if !self.complete {
+            return Err(format!("a change before snapshotComplete: {item}"));
+        }
+        let (before, after) = (&item["before"], &item["after"]);
+        match (action, item["transition"].as_str()) {
+            ("truncate", _) => self.rows.clear(),
+            ("create", Some("appear")) => self.put(&item["created"], item)?,
+            ("update", Some("appear")) if !self.selects(before)? => self.put(after, item)?,
+            ("update", Some("update")) if self.selects(before)? => {
+                self.take(before, item)?;
+                self.put(after, item)?;
+            }
+            ("update", Some("disappear")) if !self.selects(after)? => self.take(before, item)?,
+            ("delete", Some("disappear")) => self.take(&item["deleted"], item)?,
+            _ => return Err(format!("a label that does not fit the rows: {item}")),
+        }
+        Ok(())
+    }
+
+    fn expected(&self, table: &BTreeMap<i64, Json>) -> BTreeMap<i64, Json> {
+        table
+            .iter()
+            .filter(|(_, row)| self.selects(row).unwrap_or(false))
+            .map(|(id, row)| (*id, filled(&self.table, row)))
+            .collect()
+    }
+
+    fn got(&self) -> BTreeMap<i64, Json> {
+        self.rows
+            .iter()
+            .map(|(id, row)| (*id, filled(&self.table, row)))
+            .collect()
+    }
+
+    fn caught_up(&self, table: &BTreeMap<i64, Json>) -> bool {
+        self.complete && self.got() == self.expected(table)
+    }
+
+    fn status(&self, table: &BTreeMap<i64, Json>) -> String {
+        let (got, want) = (self.got(), self.expected(table));
+        let missing: Vec<&i64> = want
+            .keys()
+            .filter(|id| !got.contains_key(id))
+            .take(5)
+            .collect();
+        let extra: Vec<&i64> = got
+            .keys()
+            .filter(|id| !want.contains_key(id))
+            .take(5)
+            .collect();
+        format!(
+            "filter v {} {}: {} rows against {} in the table; missing {missing:?}, extra {extra:?}",
+            if self.gte { ">=" } else { "<" },
+            self.bound,
+            got.len(),
+            want.len()
+        )
     }
 }
