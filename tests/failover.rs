@@ -90,10 +90,16 @@ impl Pair {
         })
     }
 
-    /// Both hosts, the read-write one wanted: what a user gives waltap.
+    /// Both hosts, the primary wanted (libpq's `primary`, as `read-write`): what a user
+    /// gives waltap.
     fn url(&self) -> String {
+        self.url_for("primary")
+    }
+
+    /// Both hosts, with `target_session_attrs=attrs`.
+    fn url_for(&self, attrs: &str) -> String {
         format!(
-            "postgres://postgres@{LOCAL_HOST}:{},{LOCAL_HOST}:{}/app?target_session_attrs=read-write",
+            "postgres://postgres@{LOCAL_HOST}:{},{LOCAL_HOST}:{}/app?target_session_attrs={attrs}",
             self.primary.port(),
             self.standby.port()
         )
@@ -396,11 +402,15 @@ async fn a_standby_serves_changes_and_initial_state_with_writers_on_the_primary(
         return;
     }
 
-    let mut tail = waltap(&standby_url, &["tail", "--table", "t", "--initial-state"])
-        .env("WALTAP_PRIMARY_URL", pair.primary.url("app"))
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .unwrap();
+    // Both hosts given, the standby wanted: the primary, first in the list, is passed over.
+    let mut tail = waltap(
+        &pair.url_for("standby"),
+        &["tail", "--table", "t", "--initial-state"],
+    )
+    .env("WALTAP_PRIMARY_URL", pair.primary.url("app"))
+    .stderr(std::process::Stdio::inherit())
+    .spawn()
+    .unwrap();
     let mut lines = tokio::io::BufReader::new(tail.stdout.take().unwrap()).lines();
     // Writes from before the slot exists until well after the snapshot.
     let rows_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -494,6 +504,21 @@ async fn a_standby_serves_changes_and_initial_state_with_writers_on_the_primary(
     }
     let _ = tail.start_kill();
     let _ = tail.wait().await;
+    // It read the standby: the slot is there, not on the primary.
+    let slot_on = |url: String| async move {
+        connect(&url)
+            .await
+            .unwrap()
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'waltap'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    assert_eq!(slot_on(pair.standby.url("app")).await, 1);
+    assert_eq!(slot_on(pair.primary.url("app")).await, 0);
 
     // The persisted pipeline reads the standby's slot and appends to a log on the primary.
     let mut run = waltap(

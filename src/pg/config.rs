@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
-use tokio_postgres::config::Host;
+use tokio_postgres::config::{Host, TargetSessionAttrs};
 use tokio_postgres::{AsyncMessage, Notification};
 
 use crate::pg::tls::{self, TlsError, TlsMode};
@@ -25,6 +25,10 @@ pub enum ConfigError {
         "invalid sslmode {0:?}: expected disable, allow, prefer, require, verify-ca or verify-full"
     )]
     SslMode(String),
+    #[error(
+        "invalid target_session_attrs {0:?}: expected any, read-write, primary, read-only, standby or prefer-standby"
+    )]
+    SessionAttrs(String),
     #[error("the database URL names no user (add user=... or postgres://USER@host/db)")]
     NoUser,
     #[error("the database URL names no host")]
@@ -60,8 +64,12 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 impl SourceConfig {
     /// Parses a `postgres://` URL or a `key=value` string.
     pub fn parse(s: &str) -> Result<Self, ConfigError> {
-        let (rest, tls_mode, root_cert) = take_tls_options(s)?;
+        let (rest, own) = take_own_options(s)?;
+        let (tls_mode, root_cert) = (own.tls_mode, own.root_cert);
         let mut pg: tokio_postgres::Config = rest.parse().map_err(ConfigError::Url)?;
+        if let Some(attrs) = own.session_attrs {
+            pg.target_session_attrs(attrs);
+        }
         if pg.get_user().is_none() {
             let user = std::env::var("PGUSER").or_else(|_| std::env::var("USER"));
             match user {
@@ -304,13 +312,34 @@ pub enum SqlConnectError {
     Timeout { target: String, timeout: Duration },
 }
 
-/// Removes `sslmode` and `sslrootcert` from a URL or key=value string, since tokio-postgres
-/// rejects the verify modes and does not know `sslrootcert`.
-fn take_tls_options(s: &str) -> Result<(String, TlsMode, Option<PathBuf>), ConfigError> {
+/// The options waltap reads itself, taken out of the URL.
+struct OwnOptions {
+    tls_mode: TlsMode,
+    root_cert: Option<PathBuf>,
+    session_attrs: Option<TargetSessionAttrs>,
+}
+
+/// Removes `sslmode`, `sslrootcert` and `target_session_attrs` from a URL or key=value
+/// string, since tokio-postgres rejects the verify modes, does not know `sslrootcert`, and
+/// knows only some of libpq's session attributes.
+fn take_own_options(s: &str) -> Result<(String, OwnOptions), ConfigError> {
     let mut mode = None;
     let mut root = None;
+    let mut session_attrs = None;
     let mut take = |key: &str, value: &str| -> Result<bool, ConfigError> {
         match key {
+            // libpq's names; `primary` and `standby` go by whether the server is in hot
+            // standby, which is what `read-write` and `read-only` check here for the
+            // replication connection (and `prefer-standby` takes any server).
+            "target_session_attrs" => {
+                session_attrs = Some(match value {
+                    "any" | "prefer-standby" => TargetSessionAttrs::Any,
+                    "read-write" | "primary" => TargetSessionAttrs::ReadWrite,
+                    "read-only" | "standby" => TargetSessionAttrs::ReadOnly,
+                    other => return Err(ConfigError::SessionAttrs(other.to_owned())),
+                });
+                Ok(true)
+            }
             "sslmode" => {
                 mode = Some(match value {
                     "disable" => TlsMode::Disable,
@@ -357,7 +386,14 @@ fn take_tls_options(s: &str) -> Result<(String, TlsMode, Option<PathBuf>), Confi
         }
         kept.join(" ")
     };
-    Ok((rest, mode.unwrap_or(TlsMode::Prefer), root))
+    Ok((
+        rest,
+        OwnOptions {
+            tls_mode: mode.unwrap_or(TlsMode::Prefer),
+            root_cert: root,
+            session_attrs,
+        },
+    ))
 }
 
 fn percent_decode(s: &str) -> String {
@@ -447,6 +483,34 @@ fn split_quantity<'a>(s: &'a str, what: &str, example: &str) -> Result<(f64, &'a
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn target_session_attrs_take_libpq_names() {
+        use tokio_postgres::config::TargetSessionAttrs as T;
+        for (given, wanted) in [
+            ("read-write", T::ReadWrite),
+            ("primary", T::ReadWrite),
+            ("read-only", T::ReadOnly),
+            ("standby", T::ReadOnly),
+            ("prefer-standby", T::Any),
+            ("any", T::Any),
+        ] {
+            let url =
+                format!("postgres://u@a:1,b:2/d?sslmode=disable&target_session_attrs={given}");
+            let c = SourceConfig::parse(&url).unwrap();
+            assert_eq!(c.pg().get_target_session_attrs(), wanted, "{given}");
+            assert_eq!(c.describe(), "u@a:1,b:2/d");
+            let kv = SourceConfig::parse(&format!(
+                "host=a,b port=1,2 user=u dbname=d target_session_attrs={given}"
+            ))
+            .unwrap();
+            assert_eq!(kv.pg().get_target_session_attrs(), wanted, "{given}");
+        }
+        assert!(matches!(
+            SourceConfig::parse("postgres://u@h/d?target_session_attrs=leader"),
+            Err(ConfigError::SessionAttrs(v)) if v == "leader"
+        ));
+    }
 
     #[test]
     fn durations_and_sizes_parse() {

@@ -6,7 +6,7 @@ use postgres_protocol::authentication::sasl::{self, ScramSha256};
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_postgres::config::Host;
+use tokio_postgres::config::{Host, TargetSessionAttrs};
 
 use super::copy_both::ReplicationStream;
 use super::{validate_slot_name, ReplicationError, ServerError, MAX_FRAME};
@@ -93,19 +93,21 @@ impl ReplicationConnection {
     /// Connects, authenticates and waits for the server to be ready for commands.
     pub async fn connect(config: &SourceConfig) -> Result<Self, ReplicationError> {
         let timeout = config.connect_timeout();
-        let read_write = matches!(
-            config.pg().get_target_session_attrs(),
-            tokio_postgres::config::TargetSessionAttrs::ReadWrite
-        );
+        // As libpq: a host of the wrong kind is passed over, since the next one may be
+        // right (after a failover, the promoted standby).
+        let wanted = match config.pg().get_target_session_attrs() {
+            TargetSessionAttrs::ReadWrite => Some(false),
+            TargetSessionAttrs::ReadOnly => Some(true),
+            _ => None,
+        };
         let mut last_err = None;
         for (host, port) in config.targets() {
             let attempt = tokio::time::timeout(timeout, Self::connect_one(config, &host, port));
             match attempt.await {
-                Ok(Ok(conn)) if conn.hot_standby && read_write => {
-                    // As libpq: the next host may be the primary (after a failover, the
-                    // promoted standby).
-                    last_err = Some(ReplicationError::NotReadWrite {
+                Ok(Ok(conn)) if wanted.is_some_and(|standby| standby != conn.hot_standby) => {
+                    last_err = Some(ReplicationError::WrongServerKind {
                         target: describe_target(&host, port),
+                        standby: conn.hot_standby,
                     });
                 }
                 Ok(Ok(conn)) => return Ok(conn),

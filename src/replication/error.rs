@@ -141,12 +141,14 @@ pub enum ReplicationError {
     /// The server did not answer in time: (how long waltap waited, for what).
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(std::time::Duration, &'static str),
-    /// `target_session_attrs=read-write` and the server is a hot standby (during a failover,
-    /// until one of the hosts is promoted).
-    #[error("{target} is a hot standby, and the URL asks for a read-write server (target_session_attrs=read-write)")]
-    NotReadWrite {
+    /// `target_session_attrs` asks for a primary and the server is a hot standby (during a
+    /// failover, until one of the hosts is promoted), or for a standby and it is not.
+    #[error("{target} is {}, and the URL's target_session_attrs asks for {}", if *standby { "a hot standby" } else { "not a standby" }, if *standby { "a primary" } else { "a standby" })]
+    WrongServerKind {
         /// The host and port tried.
         target: String,
+        /// Whether it is a hot standby.
+        standby: bool,
     },
 }
 
@@ -166,7 +168,7 @@ impl ReplicationError {
             ReplicationError::Connect { .. }
             | ReplicationError::Io(_)
             | ReplicationError::Closed
-            | ReplicationError::NotReadWrite { .. }
+            | ReplicationError::WrongServerKind { .. }
             | ReplicationError::Timeout(..) => true,
             ReplicationError::Server(e) => sqlstate_is_transient(&e.code),
             _ => false,
