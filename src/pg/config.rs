@@ -497,7 +497,7 @@ mod tests {
         ] {
             let url =
                 format!("postgres://u@a:1,b:2/d?sslmode=disable&target_session_attrs={given}");
-            let c = SourceConfig::parse(&url).unwrap();
+            let c = SourceConfig::parse(&url).expect("a valid URL");
             assert_eq!(c.pg().get_target_session_attrs(), wanted, "{given}");
             assert_eq!(c.describe(), "u@a:1,b:2/d");
             let kv = SourceConfig::parse(&format!(
