@@ -503,7 +503,7 @@ mod tests {
             let kv = SourceConfig::parse(&format!(
                 "host=a,b port=1,2 user=u dbname=d target_session_attrs={given}"
             ))
-            .unwrap();
+            .expect("valid key=value options");
             assert_eq!(kv.pg().get_target_session_attrs(), wanted, "{given}");
         }
         assert!(matches!(
