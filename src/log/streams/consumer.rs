@@ -2,7 +2,7 @@
 //! state on first open, and the [`StreamConsumer`] handed to the caller.
 
 use super::cursor::{Cursor, Mark};
-use super::lease::{busy_or_missing, Progress, Shared};
+use super::lease::{busy_or_missing, release_lease, Progress, Shared};
 use super::reader::{Reader, SnapshotPhase};
 use super::OpenOptions;
 
@@ -230,33 +230,24 @@ async fn copy_detached(
     row: tokio_postgres::Row,
 ) -> Result<(PooledClient, tokio_postgres::Row), StoreError> {
     let (store, options) = (store.clone(), options.clone());
-    let (name, holder) = (name.to_owned(), holder.to_owned());
+    let (task_name, holder) = (name.to_owned(), holder.to_owned());
     let (done, waiting) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
+        let name = task_name;
         let copied = async {
             let renewer = store.connect_sql().await?;
             copy_initial_state(&client, &renewer, &store, &options, &name, &holder, &row).await
         }
         .await;
-        if let Err(Ok(row)) = done.send(copied.map(|row| (client, row))) {
-            let (client, _) = row;
-            tracing::info!(stream = %name, "initial state copied for a consumer that left; lease released");
-            let released = client
-                .execute(
-                    "UPDATE waltap.streams SET lease_holder = NULL, lease_expires_at = NULL
-                     WHERE name = $1 AND lease_holder = $2",
-                    &[&name, &holder],
-                )
-                .await;
-            if let Err(e) = released {
-                tracing::debug!(stream = %name, error = %crate::error::report(&e), "lease not released; it expires");
-            }
+        if let Err(Ok((client, _))) = done.send(copied.map(|row| (client, row))) {
+            tracing::info!(stream = %name, "initial state copied for a consumer that left; releasing the lease");
+            release_lease(&client, &name, &holder).await;
         }
     });
     waiting.await.unwrap_or_else(|_| {
         // The task panicked: no result, and the lease expires.
         Err(StoreError::LeaseLost {
-            name: "(initial-state copy)".to_owned(),
+            name: name.to_owned(),
         })
     })
 }

@@ -268,22 +268,26 @@ impl Shared {
     }
 
     pub(super) async fn release(&self) {
-        let client = match self.pool.get().await {
-            Ok(c) => c,
+        match self.pool.get().await {
+            Ok(client) => release_lease(&client, &self.name, &self.holder).await,
             Err(e) => {
                 tracing::debug!(stream = %self.name, error = %crate::error::report(&e), "lease not released; it expires");
-                return;
             }
-        };
-        let result = client
-            .execute(
-                "UPDATE waltap.streams SET lease_holder = NULL, lease_expires_at = NULL
-                 WHERE name = $1 AND lease_holder = $2",
-                &[&self.name, &self.holder],
-            )
-            .await;
-        if let Err(e) = result {
-            tracing::debug!(stream = %self.name, error = %crate::error::report(&e), "lease not released; it expires");
         }
+    }
+}
+
+/// Gives up `holder`'s lease on stream `name` (if it still holds it); when that fails, the
+/// lease expires on its own.
+pub(super) async fn release_lease(client: &Client, name: &str, holder: &str) {
+    let result = client
+        .execute(
+            "UPDATE waltap.streams SET lease_holder = NULL, lease_expires_at = NULL
+             WHERE name = $1 AND lease_holder = $2",
+            &[&name, &holder],
+        )
+        .await;
+    if let Err(e) = result {
+        tracing::debug!(stream = %name, error = %crate::error::report(&e), "lease not released; it expires");
     }
 }
