@@ -202,11 +202,10 @@ pub struct Session {
 
 /// The watermark message is in WAL but not necessarily flushed, and logical decoding
 /// reads only flushed WAL: on a quiet database it could wait for the next flush for many
-/// seconds. Committing a transaction that wrote WAL flushes everything before it.
-async fn flush_watermark(server: &SourceConfig) -> Result<(), SnapshotError> {
+/// seconds. Committing a transaction that wrote WAL flushes everything before it, so this
+/// runs outside the snapshot's transaction, on `server`, where the watermark was written.
+async fn flush_watermark(server: &Client) -> Result<(), SnapshotError> {
     server
-        .connect_sql()
-        .await?
         .execute(
             "SELECT pg_logical_emit_message(true, $1, '')",
             &[&FLUSH_PREFIX],
@@ -230,17 +229,6 @@ impl Session {
         tables: &[TableName],
     ) -> Result<Session, SnapshotError> {
         let client = source.connect_sql().await?;
-        // A hot standby cannot write the watermark: its primary does, after the snapshot.
-        let in_recovery: bool = client
-            .query_one("SELECT pg_is_in_recovery()", &[])
-            .await
-            .map_err(SnapshotError::sql("ask whether the database is a standby"))?
-            .get(0);
-        let primary = match (in_recovery, source.primary()) {
-            (false, _) => None,
-            (true, Some(primary)) => Some(primary),
-            (true, None) => return Err(SnapshotError::StandbyWithoutPrimary),
-        };
         // The values come out as the walsender prints them (README, the event format), so a
         // snapshot row and a change of the same row look the same.
         client
@@ -264,36 +252,39 @@ impl Session {
                 .await
                 .map_err(SnapshotError::sql("lock the tables of the snapshot"))?;
         }
-        let (snapshot, watermark) = match primary {
-            None => {
-                // One statement: the snapshot is taken when it starts, the watermark
-                // written after.
-                let row = client
-                    .query_one(
-                        "SELECT pg_current_snapshot()::text,
-                                pg_logical_emit_message(false, $1, gen_random_uuid()::text)::text",
-                        &[&WATERMARK_PREFIX],
-                    )
-                    .await
-                    .map_err(SnapshotError::sql(
-                        "take the snapshot and write its watermark",
-                    ))?;
-                flush_watermark(source).await?;
-                (row.get::<_, String>(0), row.get::<_, String>(1))
+        // One statement: the snapshot is taken when it starts, the watermark written after;
+        // on a hot standby, which cannot write it, the primary writes it after the statement.
+        let row = client
+            .query_one(
+                "SELECT pg_current_snapshot()::text,
+                        CASE WHEN NOT pg_is_in_recovery() THEN
+                            pg_logical_emit_message(false, $1, gen_random_uuid()::text)::text
+                        END",
+                &[&WATERMARK_PREFIX],
+            )
+            .await
+            .map_err(SnapshotError::sql(
+                "take the snapshot and write its watermark",
+            ))?;
+        let snapshot: String = row.get(0);
+        let written: Option<String> = row.get(1);
+        let on_standby = written.is_none();
+        let watermark = match written {
+            Some(watermark) => {
+                flush_watermark(&source.connect_sql().await?).await?;
+                watermark
             }
-            Some(primary) => {
+            None => {
                 // The standby's snapshot sees the transactions whose commit it replayed,
                 // all of which the primary wrote before the watermark it writes now; and
                 // the standby replays in commit order, so visibility and commit order
                 // agree.
-                let snapshot: String = client
-                    .query_one("SELECT pg_current_snapshot()::text", &[])
-                    .await
-                    .map_err(SnapshotError::sql("take the snapshot on the standby"))?
-                    .get(0);
-                let watermark: String = primary
+                let primary = source
+                    .primary()
+                    .ok_or(SnapshotError::StandbyWithoutPrimary)?
                     .connect_sql()
-                    .await?
+                    .await?;
+                let watermark: String = primary
                     .query_one(
                         "SELECT pg_logical_emit_message(false, $1, gen_random_uuid()::text)::text",
                         &[&WATERMARK_PREFIX],
@@ -301,8 +292,8 @@ impl Session {
                     .await
                     .map_err(SnapshotError::sql("write the watermark on the primary"))?
                     .get(0);
-                flush_watermark(primary).await?;
-                (snapshot, watermark)
+                flush_watermark(&primary).await?;
+                watermark
             }
         };
         let xids = XidSnapshot::parse(&snapshot)?;
@@ -312,7 +303,7 @@ impl Session {
             .parse::<Lsn>()
             .map(Watermark::at)
             .map_err(|_| SnapshotError::Protocol(format!("watermark LSN {watermark:?}")))?;
-        tracing::debug!(%snapshot, %watermark, standby = in_recovery, "snapshot taken");
+        tracing::debug!(%snapshot, %watermark, standby = on_standby, "snapshot taken");
         Ok(Session {
             client,
             xids,
