@@ -290,7 +290,7 @@ async fn run_once(
                     counter.fetch_add(events, Ordering::Relaxed);
                 }
                 stored = appended.mark;
-                if appended.ack.is_some() {
+                if let Some(position) = appended.ack {
                     tokio::select! {
                         biased;
                         _ = cancel.cancelled() => break Ok(()),
@@ -300,8 +300,6 @@ async fn run_once(
                             }
                         }
                     }
-                }
-                if let Some(position) = appended.ack {
                     listener.ack(position);
                     *backoff = config.listener.reconnect_min;
                 }

@@ -339,11 +339,6 @@ impl ReplicationConnection {
         }
     }
 
-    /// Whether the server is a hot standby (it said so at start-up).
-    pub fn is_hot_standby(&self) -> bool {
-        self.hot_standby
-    }
-
     /// `server_version_num` as reported at start-up (e.g. 150008).
     pub fn server_version_num(&self) -> u32 {
         self.server_version_num
