@@ -277,6 +277,7 @@ async fn setup_publishes_a_partitioned_table_through_its_root() {
         create_slot: true,
         temporary_slot: false,
         failover_slot: false,
+        consumed_through: None,
     };
     let made = db.unique_name("pub");
     waltap::setup::prepare(&c, &setup(made.clone()))

@@ -721,6 +721,7 @@ async fn print_report(
             create_slot: create,
             temporary_slot: false,
             failover_slot: args.failover,
+            consumed_through: None,
         },
     )
     .await?;

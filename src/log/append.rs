@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::Error;
 use crate::event::{Event, Position};
 use crate::log::retention::{self, Retention};
-use crate::log::standby::{self, StandbyWait};
+use crate::log::standby::StandbyWait;
 use crate::log::{LogWriter, PgLog, StoreError};
 use crate::lsn::{LogMark, Lsn};
 use crate::pg::config::SourceConfig;
@@ -84,18 +84,10 @@ impl AppenderConfig {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AppendError {
-    /// Reading the source failed.
+    /// Reading the source failed (a slot gone under a log with history among others:
+    /// [`crate::setup::SetupError::SlotGone`]).
     #[error(transparent)]
     Source(#[from] Error),
-    /// The slot is missing although the log holds changes read from it: a new slot would
-    /// start at the server's current position and skip what was committed in between.
-    #[error("replication slot {slot:?} does not exist on the source, but the event log holds its changes up to {progress}: a new slot would begin at the server's current position and skip every change committed since then (after a failover, the new primary has the slot only if it was a failover slot, --failover, synchronized to this standby). Nothing was created; to accept the gap and go on from now, run again with --accept-slot-gap")]
-    SlotGone {
-        /// The slot's name.
-        slot: String,
-        /// Where the log ends.
-        progress: LogMark,
-    },
     /// Writing the log failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -107,7 +99,6 @@ impl AppendError {
         match self {
             AppendError::Source(e) => e.is_transient(),
             AppendError::Store(e) => e.is_transient(),
-            AppendError::SlotGone { .. } => false,
         }
     }
 }
@@ -187,28 +178,18 @@ async fn run_once(
     }
     // Read after the term was taken: everything a previous leader committed is in it.
     let mut stored = log.progress().await?.unwrap_or(LogMark::NONE);
-    if stored != LogMark::NONE {
-        let source = config
-            .listener
-            .source
-            .connect_sql()
-            .await
-            .map_err(StoreError::from)?;
-        if !standby::slot_exists(&source, &config.listener.slot).await? {
-            if !config.accept_slot_gap {
-                return Err(AppendError::SlotGone {
-                    slot: config.listener.slot.clone(),
-                    progress: stored,
-                });
-            }
-            tracing::warn!(slot = %config.listener.slot, progress = %stored, "the slot is gone: creating a new one, so changes committed since the log's progress are missing (--accept-slot-gap)");
-        }
+    let mut listener_config = config.listener.clone();
+    if stored != LogMark::NONE && !config.accept_slot_gap {
+        listener_config.consumed_through = Some(stored.lsn());
     }
     let standbys = StandbyWait::read(log.client()).await?;
     if !standbys.is_empty() {
         tracing::info!(slot = %config.listener.slot, "the source slot is confirmed once the failover standbys flushed each append");
     }
-    let mut listener = Listener::start(config.listener.clone()).await?;
+    let mut listener = Listener::start(listener_config).await?;
+    if stored != LogMark::NONE && listener.setup_report().slot_created {
+        tracing::warn!(slot = %config.listener.slot, progress = %stored, "the slot was gone: created a new one, so changes committed since the log's progress are missing (--accept-slot-gap)");
+    }
     tracing::info!(slot = %config.listener.slot, progress = %stored, "appending to the event log");
     let mut batch = Batch {
         chunk: Vec::with_capacity(config.chunk_events),

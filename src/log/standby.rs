@@ -1,6 +1,6 @@
 //! Failover safety of the appender: the source slot is confirmed only after the event
-//! log's commit reached the store's failover standbys, and a slot that vanished under a
-//! log with history stops the pipeline instead of being re-created silently.
+//! log's commit reached the store's failover standbys. (A slot that vanished under a log
+//! with history is refused where slots are made: `setup::SetupOptions::consumed_through`.)
 //!
 //! Why the wait is needed: with `synchronized_standby_slots` the primary sends a change to
 //! waltap only once the standbys have it, and a standby syncs the slot's confirmed
@@ -99,18 +99,6 @@ fn parse_slot_list(setting: &str) -> Vec<String> {
         .map(|s| s.trim().trim_matches('"').to_owned())
         .filter(|s| !s.is_empty())
         .collect()
-}
-
-/// Whether the slot exists on the source (a read that also works on a standby).
-pub(crate) async fn slot_exists(source: &Client, slot: &str) -> Result<bool, StoreError> {
-    Ok(source
-        .query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .map_err(StoreError::sql("look up the replication slot"))?
-        .is_some())
 }
 
 #[cfg(test)]

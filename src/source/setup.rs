@@ -30,6 +30,10 @@ pub struct SetupOptions {
     /// Create the slot as a failover slot (PostgreSQL 17+): standbys with
     /// `sync_replication_slots` keep a copy, so streaming can go on after a failover.
     pub failover_slot: bool,
+    /// The slot's changes were consumed up to here (the event log's progress): a missing
+    /// slot is then [`SetupError::SlotGone`], never created anew, since a new slot starts
+    /// at the server's current position and would skip what was committed in between.
+    pub consumed_through: Option<crate::lsn::Lsn>,
 }
 
 /// A precondition of logical replication does not hold.
@@ -100,6 +104,15 @@ pub enum SetupError {
         role: String,
         /// The tables lacking SELECT, schema-qualified and comma-separated.
         tables: String,
+    },
+    /// The slot is missing although its changes were consumed before (see
+    /// [`SetupOptions::consumed_through`]).
+    #[error("replication slot {slot:?} does not exist on the source, but the event log holds its changes up to {consumed_through}: a new slot would begin at the server's current position and skip every change committed since then (after a failover, the new primary has the slot only if it was a failover slot, --failover, synchronized to this standby). Nothing was created; to accept the gap and go on from now, run again with --accept-slot-gap")]
+    SlotGone {
+        /// The slot's name.
+        slot: String,
+        /// Where its consumer got to.
+        consumed_through: crate::lsn::Lsn,
     },
     /// The slot does not exist and creating it was not asked for.
     #[error("replication slot {slot:?} does not exist: run `waltap setup` to create it")]
@@ -352,6 +365,12 @@ pub async fn prepare(client: &Client, opts: &SetupOptions) -> Result<SetupReport
             });
         }
     } else if !opts.temporary_slot {
+        if let Some(consumed_through) = opts.consumed_through {
+            return Err(SetupError::SlotGone {
+                slot: opts.slot.clone(),
+                consumed_through,
+            });
+        }
         if !opts.create_slot {
             return Err(SetupError::SlotMissing {
                 slot: opts.slot.clone(),

@@ -41,6 +41,7 @@ pub async fn prepare_slot(db: &TestDb, config: &ListenerConfig) {
         create_slot: true,
         temporary_slot: false,
         failover_slot: false,
+        consumed_through: None,
     };
     if let Err(e) = waltap::setup::prepare(&db.client().await, &setup).await {
         panic!("setting up the slot: {e}");

@@ -78,6 +78,10 @@ pub struct ListenerConfig {
     pub stream_in_progress: bool,
     /// Create the slot as a failover slot (PostgreSQL 17+), synchronized to standbys.
     pub failover_slot: bool,
+    /// The slot's changes were consumed up to here before (the event log's progress): a
+    /// missing slot is then an error, never created anew (see
+    /// [`crate::setup::SetupOptions::consumed_through`]).
+    pub consumed_through: Option<Lsn>,
     /// While catching up (changes committed more than 100 ms before the
     /// server sent them), pause this long before a read that follows a short one, so the
     /// server sends in bulk: less CPU on both sides per event. It blocks the thread (so
@@ -105,6 +109,7 @@ impl ListenerConfig {
             spill: SpillConfig::default(),
             stream_in_progress: true,
             failover_slot: false,
+            consumed_through: None,
             catch_up_pause: Duration::from_micros(300),
         }
     }
@@ -118,6 +123,7 @@ impl ListenerConfig {
             create_slot: self.create_slot,
             temporary_slot: self.temporary_slot,
             failover_slot: self.failover_slot,
+            consumed_through: self.consumed_through,
         }
     }
 }
