@@ -120,6 +120,11 @@ impl LogMark {
         self.0
     }
 
+    /// The position after every event of the transactions the mark covers.
+    pub fn last_position(self) -> crate::event::Position {
+        crate::event::Position::before_lsn(Lsn(self.0 .0.saturating_add(1)))
+    }
+
     /// Whether the transaction that committed at `commit_lsn` is already in the log.
     pub fn holds(self, commit_lsn: Lsn) -> bool {
         commit_lsn <= self.0

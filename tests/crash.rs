@@ -32,7 +32,7 @@ use crate::support::{self, Cluster, TestDb};
 /// How long the final run may take to catch up, and other generous bounds.
 const CATCH_UP: Duration = Duration::from_secs(90);
 
-fn seed() -> u64 {
+pub(crate) fn seed() -> u64 {
     let seed = std::env::var("WALTAP_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -44,13 +44,13 @@ fn seed() -> u64 {
 // ---------------------------------------------------------------------------------------
 // The source database and the waltap processes.
 
-struct Names {
-    slot: String,
-    publication: String,
+pub(crate) struct Names {
+    pub(crate) slot: String,
+    pub(crate) publication: String,
 }
 
 impl Names {
-    fn new(db: &TestDb) -> Names {
+    pub(crate) fn new(db: &TestDb) -> Names {
         Names {
             slot: db.unique_name("crash_slot"),
             publication: db.unique_name("crash_pub"),
@@ -66,7 +66,7 @@ fn waltap(url: &str, names: &Names, args: &[&str]) -> Command {
 
 /// `items` is published (REPLICA IDENTITY FULL); `txlog` is not: each writer transaction
 /// inserts its sequence number there, so its outcome can be looked up after a crash.
-async fn create_schema_and_setup(db: &TestDb, names: &Names) {
+pub(crate) async fn create_schema_and_setup(db: &TestDb, names: &Names) {
     db.client()
         .await
         .batch_execute(
@@ -98,15 +98,27 @@ async fn create_schema_and_setup(db: &TestDb, names: &Names) {
 }
 
 /// One `waltap run` process; its stderr is collected as it comes.
-struct Run {
+pub(crate) struct Run {
     child: Mutex<Child>,
     stderr: Arc<Mutex<String>>,
     started: Instant,
 }
 
 impl Run {
-    fn spawn(url: &str, names: &Names) -> Run {
-        let mut child = waltap(url, names, &["run", "--table", "items"])
+    pub(crate) fn spawn(url: &str, names: &Names) -> Run {
+        Run::spawn_with(url, names, &[])
+    }
+
+    /// `waltap run` with more arguments.
+    pub(crate) fn spawn_with(url: &str, names: &Names, extra: &[&str]) -> Run {
+        let mut args = vec!["run", "--table", "items"];
+        args.extend_from_slice(extra);
+        Run::spawn_command(waltap(url, names, &args))
+    }
+
+    /// Any waltap command, its stderr collected.
+    pub(crate) fn spawn_command(mut cmd: Command) -> Run {
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -129,12 +141,12 @@ impl Run {
         }
     }
 
-    fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
 
     /// Panics with its stderr if the process ended on its own.
-    fn assert_alive(&self, context: &str) {
+    pub(crate) fn assert_alive(&self, context: &str) {
         let exited = self.child.lock().unwrap().try_wait().expect("try_wait");
         if let Some(status) = exited {
             panic!(
@@ -146,7 +158,7 @@ impl Run {
     }
 
     /// SIGKILL; panics if the process had already ended on its own. Returns its stderr.
-    async fn sigkill(self, context: &str) -> String {
+    pub(crate) async fn sigkill(self, context: &str) -> String {
         let mut child = self.child.into_inner().unwrap();
         let _ = child.start_kill();
         let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
@@ -167,24 +179,24 @@ impl Run {
 // The writer: a known workload, and a record of what committed.
 
 /// (action, id) of one row change, as the event log should show it.
-type Change = (&'static str, i32);
+pub(crate) type Change = (&'static str, i32);
 
 #[derive(Debug)]
-struct Committed {
+pub(crate) struct Committed {
     seq: i32,
-    xid: u32,
+    pub(crate) xid: u32,
     changes: Vec<Change>,
 }
 
 #[derive(Debug, Default)]
-struct Record {
+pub(crate) struct Record {
     /// In commit order (one writer connection, one transaction at a time).
-    committed: Vec<Committed>,
+    pub(crate) committed: Vec<Committed>,
     /// Xids of transactions that ended in ROLLBACK.
-    rolled_back: Vec<u32>,
+    pub(crate) rolled_back: Vec<u32>,
     /// Transactions whose COMMIT never answered (connection lost): looked up afterwards.
-    unknown_committed: usize,
-    unknown_not_committed: usize,
+    pub(crate) unknown_committed: usize,
+    pub(crate) unknown_not_committed: usize,
 }
 
 impl Record {
@@ -194,7 +206,7 @@ impl Record {
 }
 
 #[derive(Clone, Copy, Debug)]
-enum Shape {
+pub(crate) enum Shape {
     /// Picked at random: single row, a few rows, dozens of rows, or a rollback.
     Random,
     /// One INSERT ... SELECT of this many rows.
@@ -225,12 +237,12 @@ struct Plan {
 
 /// How far the writer is, for the test to time its crashes.
 #[derive(Default)]
-struct Progress {
-    done: AtomicUsize,
+pub(crate) struct Progress {
+    pub(crate) done: AtomicUsize,
     sleepy_started: AtomicUsize,
 }
 
-struct Writer {
+pub(crate) struct Writer {
     url: String,
     client: Client,
     rng: Prng,
@@ -243,7 +255,12 @@ struct Writer {
 }
 
 impl Writer {
-    async fn new(url: String, seed: u64, crashes_expected: bool, max_think_ms: u64) -> Writer {
+    pub(crate) async fn new(
+        url: String,
+        seed: u64,
+        crashes_expected: bool,
+        max_think_ms: u64,
+    ) -> Writer {
         let client = support::connect(&url).await.expect("writer connects");
         Writer {
             url,
@@ -260,7 +277,7 @@ impl Writer {
         }
     }
 
-    async fn write_all(mut self, shapes: Vec<Shape>, progress: Arc<Progress>) -> Record {
+    pub(crate) async fn write_all(mut self, shapes: Vec<Shape>, progress: Arc<Progress>) -> Record {
         for shape in shapes {
             let plan = self.plan(shape);
             if matches!(shape, Shape::Sleepy) {
@@ -442,7 +459,7 @@ async fn reconnect(url: &str) -> Client {
     }
 }
 
-fn schedule(regular: usize, special: &[(usize, Shape)]) -> Vec<Shape> {
+pub(crate) fn schedule(regular: usize, special: &[(usize, Shape)]) -> Vec<Shape> {
     let mut shapes = vec![Shape::Random; regular];
     for &(at, shape) in special {
         shapes.insert(at, shape);
@@ -586,12 +603,25 @@ fn change_of(ev: &Json) -> Change {
     }
 }
 
-struct Summary {
-    events: usize,
-    transactions: usize,
+pub(crate) struct Summary {
+    pub(crate) events: usize,
+    pub(crate) transactions: usize,
 }
 
-/// Every invariant of an exactly-once log against what the writer committed.
+/// One stored event, as the log (a table or a JetStream stream) holds it.
+pub(crate) struct LoggedRow {
+    /// The position's commit LSN and ordinal, as the log orders and keys it.
+    pub(crate) lsn: i64,
+    pub(crate) ordinal: i32,
+    /// Where the log files the event (columns, or the subject's tokens).
+    pub(crate) schema: String,
+    pub(crate) table: String,
+    pub(crate) tx_last: bool,
+    pub(crate) event: Json,
+}
+
+/// Every invariant of an exactly-once log against what the writer committed, for the
+/// Postgres log.
 async fn verify(c: &Client, source: &str, record: &Record) -> Summary {
     let rows = c
         .query(
@@ -601,12 +631,38 @@ async fn verify(c: &Client, source: &str, record: &Record) -> Summary {
         )
         .await
         .unwrap();
+    let rows: Vec<LoggedRow> = rows
+        .iter()
+        .map(|row| LoggedRow {
+            lsn: row.get(0),
+            ordinal: row.get(1),
+            schema: row.get(2),
+            table: row.get(3),
+            tx_last: row.get(4),
+            event: serde_json::from_str(row.get(5)).unwrap(),
+        })
+        .collect();
+    let summary = verify_rows(&rows, record);
+    // The progress mark covers the last logged transaction: it is that commit LSN, or just
+    // below a later watermark (the watermark traffic of the kill test).
+    let mark = progress_lsn(c, source).await.expect("a progress mark");
+    let last = rows.last().unwrap().lsn;
+    assert!(
+        mark >= last,
+        "waltap.progress.commit_lsn {mark} is below the last logged transaction's commit LSN {last}"
+    );
+    summary
+}
+
+/// Every invariant of an exactly-once log against what the writer committed: `rows` in
+/// the log's order.
+pub(crate) fn verify_rows(rows: &[LoggedRow], record: &Record) -> Summary {
     let mut txs: Vec<LoggedTx> = Vec::new();
     let mut ids = HashSet::new();
     let mut previous: Option<(i64, i32)> = None;
-    for row in &rows {
-        let (lsn, ordinal): (i64, i32) = (row.get(0), row.get(1));
-        let ev: Json = serde_json::from_str(row.get(5)).unwrap();
+    for row in rows {
+        let (lsn, ordinal) = (row.lsn, row.ordinal);
+        let ev = &row.event;
         if let Some(p) = previous {
             assert!(
                 (lsn, ordinal) > p,
@@ -623,15 +679,15 @@ async fn verify(c: &Client, source: &str, record: &Record) -> Summary {
         let commit_lsn: Lsn = ev["tx"]["commitLsn"].as_str().unwrap().parse().unwrap();
         assert_eq!(commit_lsn.0 as i64, lsn, "tx.commitLsn: {ev}");
         assert_eq!(
-            (row.get::<_, String>(2), row.get::<_, String>(3)),
-            ("public".to_string(), "items".to_string())
+            (row.schema.as_str(), row.table.as_str()),
+            ("public", "items")
         );
         assert_eq!(
             (ev["schema"].as_str(), ev["table"].as_str()),
             (Some("public"), Some("items"))
         );
         assert_eq!(
-            Some(row.get::<_, bool>(4)),
+            Some(row.tx_last),
             ev["tx"]["last"].as_bool(),
             "tx_last: {ev}"
         );
@@ -645,7 +701,7 @@ async fn verify(c: &Client, source: &str, record: &Record) -> Summary {
             index: ev["tx"]["index"].as_u64().unwrap(),
             total: ev["tx"]["total"].as_u64(),
             last: ev["tx"]["last"].as_bool().unwrap(),
-            change: change_of(&ev),
+            change: change_of(ev),
         };
         match txs.last_mut() {
             Some(tx) if tx.commit_lsn == lsn => tx.events.push(event),
@@ -790,14 +846,6 @@ async fn verify(c: &Client, source: &str, record: &Record) -> Summary {
             .collect::<Vec<_>>(),
     );
 
-    // The progress mark covers the last logged transaction: it is that commit LSN, or just
-    // below a later watermark (the watermark traffic of the kill test).
-    let mark = progress_lsn(c, source).await.expect("a progress mark");
-    let last = txs.last().unwrap().commit_lsn;
-    assert!(
-        mark >= last,
-        "waltap.progress.commit_lsn {mark} is below the last logged transaction's commit LSN {last}"
-    );
     Summary {
         events: rows.len(),
         transactions: txs.len(),

@@ -13,6 +13,7 @@ mod failover;
 mod group;
 mod harness_smoke;
 mod initial_state;
+mod jetstream;
 mod listener;
 mod protocol;
 mod publications;

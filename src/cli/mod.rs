@@ -99,6 +99,20 @@ pub struct RunArgs {
     /// changes committed in between are not in the log. Without it, waltap stops.
     #[arg(long)]
     pub accept_slot_gap: bool,
+    /// Append the events to a NATS JetStream stream instead of the Postgres event log
+    /// (README.md, "The event log on NATS JetStream"): one or more comma-separated server
+    /// addresses, e.g. nats://localhost:4222.
+    #[arg(long, env = "WALTAP_NATS_URL", hide_env_values = true)]
+    pub nats_url: Option<String>,
+    /// The JetStream stream (created when missing). One source per stream.
+    #[arg(long, env = "WALTAP_NATS_STREAM", default_value = "WALTAP")]
+    pub nats_stream: String,
+    /// Subjects are PREFIX.<schema>.<table>.<action>.
+    #[arg(long, env = "WALTAP_NATS_SUBJECT_PREFIX", default_value = "waltap")]
+    pub nats_subject_prefix: String,
+    /// Replicas of the JetStream stream when waltap creates it (1 to 5).
+    #[arg(long, env = "WALTAP_NATS_REPLICAS", default_value_t = 1)]
+    pub nats_replicas: usize,
 }
 
 #[derive(Debug, Args)]
@@ -354,6 +368,17 @@ impl RunArgs {
         if let Some(url) = &self.store_url {
             config.store = SourceConfig::parse(url)?;
         }
+        if let Some(urls) = &self.nats_url {
+            if self.retention_age.is_some() || self.retention_bytes.is_some() {
+                anyhow::bail!("--retention-age and --retention-bytes apply to the Postgres event log: with --nats-url, set the JetStream stream's own limits (max_age, max_bytes)");
+            }
+            config.jetstream = Some(
+                crate::log::jetstream::JetStreamConfig::parse(urls)?
+                    .with_stream(&self.nats_stream)?
+                    .with_subject_prefix(&self.nats_subject_prefix)?
+                    .with_replicas(self.nats_replicas)?,
+            );
+        }
         if self.retention_age.is_some() || self.retention_bytes.is_some() {
             config.retention = Some(crate::log::retention::Retention {
                 max_age: self.retention_age,
@@ -393,6 +418,11 @@ async fn run_pipeline(args: RunArgs) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     use crate::server::Keys;
+    if args.run.nats_url.is_some() {
+        // The HTTP API's streams, feed and subscriptions read the Postgres event log; a
+        // server appending elsewhere would serve nothing.
+        anyhow::bail!("--nats-url is supported by `waltap run` only: `waltap serve` delivers from the Postgres event log. Run `waltap run --nats-url ...` and consume the JetStream stream with any NATS client (README.md, \"The event log on NATS JetStream\")");
+    }
     let token_secret = std::env::var("WALTAP_TOKEN_SECRET").ok();
     let keys = match (&args.keys_file, std::env::var("WALTAP_API_KEYS")) {
         (Some(path), _) => Keys::from_file(path, token_secret.as_deref())?,

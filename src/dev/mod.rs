@@ -12,6 +12,8 @@
 #[cfg(feature = "dev")]
 pub mod bench;
 pub mod localpg;
+#[cfg(feature = "dev")]
+pub mod nats;
 
 /// The replication-protocol client, for tests that speak to a walsender directly.
 #[cfg(feature = "dev")]

@@ -19,7 +19,7 @@ use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 
 pub use assemble::{Assembler, AssemblerOptions, EventError, Output, TableName, WATERMARK_PREFIX};
-pub use position::{ParsePositionError, Position};
+pub use position::{ParsePositionError, Position, POSITION_LEN};
 pub use shape::{ColumnShape, SchemaChange, SchemaConflict};
 pub(crate) use time::days_from_civil;
 pub use time::rfc3339_micros;

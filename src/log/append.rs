@@ -29,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
 use crate::event::{Event, Position};
+use crate::log::jetstream::{JetStreamConfig, JetStreamLog};
 use crate::log::retention::{self, Retention};
-use crate::log::standby::StandbyWait;
 use crate::log::{LogWriter, PgLog, StoreError};
 use crate::lsn::{LogMark, Lsn};
 use crate::pg::config::SourceConfig;
@@ -60,6 +60,9 @@ pub struct AppenderConfig {
     /// Create the slot even though the log holds changes from an earlier one (accepting
     /// that changes committed in between are missing from the log).
     pub accept_slot_gap: bool,
+    /// Append to this NATS JetStream stream instead of the Postgres event log (the store
+    /// still holds the group's leadership).
+    pub jetstream: Option<JetStreamConfig>,
 }
 
 impl AppenderConfig {
@@ -76,6 +79,7 @@ impl AppenderConfig {
             appended: None,
             leader: None,
             accept_slot_gap: false,
+            jetstream: None,
         }
     }
 }
@@ -170,24 +174,49 @@ async fn run_once(
     cancel: &CancellationToken,
     backoff: &mut Duration,
 ) -> Result<(), AppendError> {
-    let mut log = PgLog::open(&config.store, &config.listener.slot).await?;
-    log.record_publication(&config.listener.publication).await?;
-    if let Some(lead) = &config.leader {
-        log.fence(lead.term, lead.idle_limit).await?;
+    match &config.jetstream {
+        None => {
+            let mut log = PgLog::open(&config.store, &config.listener.slot).await?;
+            log.record_publication(&config.listener.publication).await?;
+            if let Some(lead) = &config.leader {
+                log.fence(lead.term, lead.idle_limit).await?;
+            }
+            if log.watch_standbys().await? {
+                tracing::info!(slot = %config.listener.slot, "the source slot is confirmed once the failover standbys flushed each append");
+            }
+            pump(&mut log, config, cancel, backoff).await
+        }
+        Some(js) => {
+            // No term is written for JetStream: every publish names the sequence the
+            // stream must end at, which fences a deposed leader by itself.
+            let mut log = JetStreamLog::open(js, &config.listener.slot)
+                .await
+                .map_err(StoreError::from)?;
+            tracing::info!(slot = %config.listener.slot, nats = %js.describe(), stream = %js.stream, "appending to JetStream");
+            pump(&mut log, config, cancel, backoff).await
+        }
+    }
+}
+
+/// Appends what the listener delivers to `log` until cancelled or an error.
+async fn pump<L: LogWriter>(
+    log: &mut L,
+    config: &AppenderConfig,
+    cancel: &CancellationToken,
+    backoff: &mut Duration,
+) -> Result<(), AppendError> {
+    if config.leader.is_some() {
         crate::log::leader::free_slot(&config.listener.source, &config.listener.slot).await?;
     }
     // Read after the term was taken: everything a previous leader committed is in it.
     let mut stored = log.progress().await?.unwrap_or(LogMark::NONE);
+    let last_event = log.last_event().await?;
     let mut listener_config = config.listener.clone();
-    if stored != LogMark::NONE && !config.accept_slot_gap {
-        listener_config.consumed_through = Some(stored.lsn());
-    }
-    let standbys = StandbyWait::read(log.client()).await?;
-    if !standbys.is_empty() {
-        tracing::info!(slot = %config.listener.slot, "the source slot is confirmed once the failover standbys flushed each append");
+    if let Some(last) = last_event.filter(|_| !config.accept_slot_gap) {
+        listener_config.consumed_through = Some(last.commit_lsn);
     }
     let mut listener = Listener::start(listener_config).await?;
-    if stored != LogMark::NONE && listener.setup_report().slot_created {
+    if last_event.is_some() && listener.setup_report().slot_created {
         tracing::warn!(slot = %config.listener.slot, progress = %stored, "the slot was gone: created a new one, so changes committed since the log's progress are missing (--accept-slot-gap)");
     }
     tracing::info!(slot = %config.listener.slot, progress = %stored, "appending to the event log");
@@ -214,9 +243,9 @@ async fn run_once(
         };
         match item {
             Delivery::Event(ev) => {
-                if stored.holds(ev.position.commit_lsn) {
+                if last_event.is_some_and(|last| ev.position <= last) {
                     // Replayed after a crash: already in the log. Acknowledging lets the
-                    // slot catch up.
+                    // slot catch up (only whole transactions are confirmed).
                     listener.ack(ev.position);
                     continue;
                 }
@@ -265,7 +294,7 @@ async fn run_once(
             }
         }
         let events = batch.events as u64;
-        match commit(&mut log, &mut batch).await {
+        match commit(log, &mut batch).await {
             Ok(Some(appended)) => {
                 if let Some(counter) = &config.appended {
                     counter.fetch_add(events, Ordering::Relaxed);
@@ -275,8 +304,8 @@ async fn run_once(
                     tokio::select! {
                         biased;
                         _ = cancel.cancelled() => break Ok(()),
-                        flushed = standbys.until_flushed(log.client()) => {
-                            if let Err(e) = flushed {
+                        replicated = log.replicated() => {
+                            if let Err(e) = replicated {
                                 break Err(e.into());
                             }
                         }
@@ -289,15 +318,18 @@ async fn run_once(
             Err(e) => break Err(e.into()),
         }
     };
-    // An open store transaction holds only uncommitted work: dropping the connection rolls
-    // it back, and the slot was never confirmed past the last commit.
+    // An open store transaction (or unacknowledged publishes) holds only uncommitted work:
+    // dropping it rolls back, and the slot was never confirmed past the last commit.
     listener.shutdown().await;
     result
 }
 
 /// Writes the batch and commits it with its mark: the last complete transaction's commit
 /// LSN, or just below the batch's last watermark if that is higher.
-async fn commit(log: &mut PgLog, batch: &mut Batch) -> Result<Option<Appended>, StoreError> {
+async fn commit<L: LogWriter>(
+    log: &mut L,
+    batch: &mut Batch,
+) -> Result<Option<Appended>, StoreError> {
     let complete = batch.complete.take();
     let watermark = batch.watermark.take();
     let Some(mark) = complete

@@ -12,12 +12,13 @@
 //! - several source transactions share one store commit (bounded by size and time), and a
 //!   huge one is written in chunks inside its store transaction, so memory stays bounded.
 //!
-//! [`LogWriter`] is the seam where another log (NATS JetStream, Kafka) could replace the
-//! Postgres table; [`PgLog`] is the Postgres implementation.
+//! [`LogWriter`] is the seam between the pipeline and a log: [`PgLog`] is the Postgres
+//! table, [`jetstream::JetStreamLog`] a NATS JetStream stream.
 
 pub mod append;
 pub mod copies;
 pub(crate) mod initial;
+pub mod jetstream;
 pub mod leader;
 pub(crate) mod pool;
 mod postgres;
@@ -170,6 +171,9 @@ pub enum StoreError {
     /// A table's columns changed so that the stream's filter no longer fits them.
     #[error(transparent)]
     SchemaChanged(crate::event::SchemaConflict),
+    /// The JetStream log failed.
+    #[error(transparent)]
+    JetStream(#[from] jetstream::JetStreamError),
 }
 
 impl StoreError {
@@ -211,6 +215,7 @@ impl StoreError {
             }
             StoreError::Pool(crate::pg::PoolError::Exhausted { .. }) => true,
             StoreError::Pool(_) => false,
+            StoreError::JetStream(e) => e.is_transient(),
             _ => false,
         }
     }
@@ -230,4 +235,20 @@ pub trait LogWriter: Send {
     /// ([`LogMark::through_commit`]), or everything before a watermark
     /// ([`LogMark::before`]); the stored mark never moves back.
     fn commit(&mut self, through: LogMark) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The last event in the log: every event at or before it is in, none after it. By
+    /// default the end of the last transaction the mark covers; a log that can hold part
+    /// of a transaction (one appended event by event) says which event.
+    fn last_event(&mut self) -> impl Future<Output = Result<Option<Position>, StoreError>> + Send {
+        async {
+            let mark = self.progress().await?.filter(|m| *m != LogMark::NONE);
+            Ok(mark.map(LogMark::last_position))
+        }
+    }
+
+    /// Returns once what the last commit made durable may be acknowledged to the source
+    /// (for a log whose copies must reach other servers first). By default at once.
+    fn replicated(&mut self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async { Ok(()) }
+    }
 }

@@ -2,6 +2,7 @@
 
 use tokio_postgres::Client;
 
+use super::standby::StandbyWait;
 use super::{LogWriter, StoreError, MIGRATIONS};
 use crate::event::Event;
 use crate::lsn::{LogMark, Lsn};
@@ -24,6 +25,8 @@ pub struct PgLog {
     in_batch: bool,
     /// The leadership term this log appends under (see [`PgLog::fence`]).
     term: Option<i64>,
+    /// The store server's failover standbys, once read ([`PgLog::watch_standbys`]).
+    standbys: Option<StandbyWait>,
     // Column buffers reused between writes, so a batch costs no allocation per event
     // beyond its JSON text.
     lsns: Vec<i64>,
@@ -140,6 +143,7 @@ impl PgLog {
             source: source.to_owned(),
             in_batch: false,
             term: None,
+            standbys: None,
             lsns: Vec::new(),
             ordinals: Vec::new(),
             schemas: Vec::new(),
@@ -147,6 +151,16 @@ impl PgLog {
             lasts: Vec::new(),
             bodies: Vec::new(),
         })
+    }
+
+    /// Reads the store server's failover standbys (`synchronized_standby_slots`): from now
+    /// on [`LogWriter::replicated`] waits until they flushed each commit. Returns whether
+    /// there are any.
+    pub(crate) async fn watch_standbys(&mut self) -> Result<bool, StoreError> {
+        let standbys = StandbyWait::read(&self.client).await?;
+        let any = !standbys.is_empty();
+        self.standbys = Some(standbys);
+        Ok(any)
     }
 
     /// Records the publication the source is read through (see
@@ -230,6 +244,13 @@ pub(crate) async fn progress(client: &Client, source: &str) -> Result<Option<Log
 impl LogWriter for PgLog {
     async fn progress(&mut self) -> Result<Option<LogMark>, StoreError> {
         progress(&self.client, &self.source).await
+    }
+
+    async fn replicated(&mut self) -> Result<(), StoreError> {
+        match &self.standbys {
+            Some(standbys) => standbys.until_flushed(&self.client).await,
+            None => Ok(()),
+        }
     }
 
     async fn write(&mut self, events: &[Event]) -> Result<(), StoreError> {

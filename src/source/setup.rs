@@ -90,12 +90,14 @@ pub enum SetupError {
     #[error(transparent)]
     Table(#[from] crate::error::TableError),
     /// A table the caller asked for is not in the existing publication.
-    #[error("table {table} is not in publication {publication:?}: run ALTER PUBLICATION {publication} ADD TABLE {table};")]
+    #[error("table {table} is not in publication {publication:?}: run {statement}")]
     TableNotPublished {
         /// The table, schema-qualified.
         table: String,
         /// The publication's name.
         publication: String,
+        /// The statement that adds it, every name quoted.
+        statement: String,
     },
     /// The role cannot SELECT some published tables (needed for the initial state).
     #[error("role {role:?} lacks SELECT on published tables {tables}: run GRANT SELECT ON {tables} TO {role};")]
@@ -293,9 +295,16 @@ pub async fn prepare(client: &Client, opts: &SetupOptions) -> Result<SetupReport
             if let crate::error::TableError::PartitionRoot(_) = why {
                 return Err(why.into());
             }
+            let statement = format!(
+                "ALTER PUBLICATION {} ADD TABLE {}.{};",
+                crate::pg::quote_ident(&opts.publication),
+                crate::pg::quote_ident(&t.schema),
+                crate::pg::quote_ident(&t.table),
+            );
             return Err(SetupError::TableNotPublished {
                 table: name,
                 publication: opts.publication.clone(),
+                statement,
             });
         }
     }
@@ -555,7 +564,7 @@ pub async fn published_tables(
 ) -> Result<Vec<PublishedTable>, SetupError> {
     let rows = client
         .query(
-            "SELECT pt.schemaname::text || '.' || pt.tablename::text,
+            "SELECT pt.schemaname::text, pt.tablename::text,
                     CASE c.relreplident WHEN 'd' THEN 'default' WHEN 'f' THEN 'full'
                          WHEN 'i' THEN 'index' ELSE 'nothing' END,
                     EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
@@ -564,17 +573,23 @@ pub async fn published_tables(
              JOIN pg_namespace n ON n.nspname = pt.schemaname
              JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
              WHERE pt.pubname = $1
-             ORDER BY 1",
+             ORDER BY 1, 2",
             &[&publication],
         )
         .await?;
     Ok(rows
         .iter()
         .map(|r| PublishedTable {
-            table: r.get(0),
-            identity: r.get(1),
-            has_primary_key: r.get(2),
-            can_select: r.get(3),
+            // The same text a table named on the command line gives (a part with a dot
+            // or a quote double-quoted), so that the two compare.
+            table: crate::event::TableName {
+                schema: r.get(0),
+                table: r.get(1),
+            }
+            .to_string(),
+            identity: r.get(2),
+            has_primary_key: r.get(3),
+            can_select: r.get(4),
         })
         .collect())
 }

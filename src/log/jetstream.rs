@@ -1,0 +1,585 @@
+//! The event log on NATS JetStream (`waltap run --nats-url`): every event appended to a
+//! JetStream stream, exactly once and in commit order, across crashes of waltap.
+//!
+//! Owns the stream's layout (subjects, headers, body) and the append protocol. Invariants:
+//!
+//! - one source per JetStream stream: every message carries `Waltap-Source` (the slot),
+//!   and a stream whose last message came from elsewhere is refused, not appended to;
+//! - every publish carries `Nats-Expected-Last-Sequence`, the sequence the stream must end
+//!   at for it to be stored: JetStream stores a session's messages only as an unbroken run
+//!   after the end the session read at its start, so two writers (a deposed leader that
+//!   woke up, a second process on the same stream) can never interleave or double events;
+//!   the loser's publish is refused and it starts over from the new end;
+//! - where the log ends is read from the stream itself (the last message's
+//!   `Waltap-Position`), and an event at or before that position is not published again:
+//!   a transaction cut in half by a crash is completed from its next event on;
+//! - the slot is confirmed only after JetStream acknowledged every event of the
+//!   transactions in a batch ([`JetStreamLog::commit`] waits for each acknowledgement and
+//!   checks its sequence); `Nats-Msg-Id` (the event's id) is a second guard, for a
+//!   message stored whose acknowledgement was lost.
+//!
+//! Subjects are `<prefix>.<schema>.<table>.<action>`, with schema and table escaped by
+//! [`subject_token`] so that any Postgres identifier gives one valid subject token.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_nats::jetstream::context::{Context, PublishAckFuture};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
+use async_nats::ServerAddr;
+use bytes::Bytes;
+
+use crate::event::{Event, Position};
+use crate::log::{LogWriter, StoreError};
+use crate::lsn::LogMark;
+
+/// Header naming the source (the slot) whose events the stream holds.
+pub const SOURCE_HEADER: &str = "Waltap-Source";
+/// Header holding the event's position (its `position` field).
+pub const POSITION_HEADER: &str = "Waltap-Position";
+
+/// How long a publish may wait for JetStream's acknowledgement before the batch fails
+/// (and the session restarts from the stream's end).
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Publishes in flight before the oldest acknowledgements are awaited: bounds memory
+/// for a transaction of any size.
+const MAX_IN_FLIGHT: usize = 4_096;
+
+/// Where and how to append: the servers, the stream, the subjects.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct JetStreamConfig {
+    /// The servers to connect to (any of them; credentials, if any, in the addresses).
+    pub servers: Vec<ServerAddr>,
+    /// The JetStream stream's name.
+    pub stream: String,
+    /// The first token(s) of every subject.
+    pub subject_prefix: String,
+    /// Replicas of the stream when waltap creates it (1 to 5).
+    pub replicas: usize,
+}
+
+impl JetStreamConfig {
+    /// Parses a comma-separated server list (`nats://host:4222,nats://other:4222`, user
+    /// and password allowed in each) with the default stream `WALTAP`, prefix `waltap`
+    /// and one replica.
+    pub fn parse(urls: &str) -> Result<JetStreamConfig, JetStreamError> {
+        let servers = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| {
+                ServerAddr::from_str(u).map_err(|e| JetStreamError::InvalidUrl {
+                    // The parser's message never repeats the address (it may hold a password).
+                    reason: e.to_string(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if servers.is_empty() {
+            return Err(JetStreamError::InvalidUrl {
+                reason: "no server address given".into(),
+            });
+        }
+        Ok(JetStreamConfig {
+            servers,
+            stream: "WALTAP".into(),
+            subject_prefix: "waltap".into(),
+            replicas: 1,
+        })
+    }
+
+    /// Sets the stream name, checked: 1 to 64 of A-Z, a-z, 0-9, `_` and `-`.
+    pub fn with_stream(mut self, name: &str) -> Result<Self, JetStreamError> {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !ok {
+            return Err(JetStreamError::InvalidName {
+                what: "stream name",
+                value: name.into(),
+                rule: "use 1 to 64 characters of A-Z, a-z, 0-9, _ and -",
+            });
+        }
+        self.stream = name.into();
+        Ok(self)
+    }
+
+    /// Sets the subject prefix, checked: dot-separated tokens of printable ASCII without
+    /// `*`, `>` or spaces.
+    pub fn with_subject_prefix(mut self, prefix: &str) -> Result<Self, JetStreamError> {
+        let ok = prefix.len() <= 128
+            && prefix.split('.').all(|token| {
+                !token.is_empty()
+                    && token
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && b != b'*' && b != b'>')
+            });
+        if !ok {
+            return Err(JetStreamError::InvalidName {
+                what: "subject prefix",
+                value: prefix.into(),
+                rule: "use dot-separated tokens of printable ASCII without '*', '>' or spaces (e.g. waltap or cdc.prod)",
+            });
+        }
+        self.subject_prefix = prefix.into();
+        Ok(self)
+    }
+
+    /// Sets the replicas for a stream waltap creates (1 to 5, as JetStream allows).
+    pub fn with_replicas(mut self, replicas: usize) -> Result<Self, JetStreamError> {
+        if !(1..=5).contains(&replicas) {
+            return Err(JetStreamError::InvalidName {
+                what: "replica count",
+                value: replicas.to_string(),
+                rule: "JetStream streams have 1 to 5 replicas",
+            });
+        }
+        self.replicas = replicas;
+        Ok(self)
+    }
+
+    /// The servers without credentials, for logs and errors.
+    pub fn describe(&self) -> String {
+        let hosts: Vec<String> = self
+            .servers
+            .iter()
+            .map(|s| format!("{}://{}:{}", s.scheme(), s.host(), s.port()))
+            .collect();
+        hosts.join(",")
+    }
+
+    /// The subjects waltap's stream takes: everything under the prefix.
+    pub fn subjects(&self) -> String {
+        format!("{}.>", self.subject_prefix)
+    }
+}
+
+impl fmt::Debug for JetStreamConfig {
+    // Never the addresses as given: they may carry a password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JetStreamConfig")
+            .field("servers", &self.describe())
+            .field("stream", &self.stream)
+            .field("subject_prefix", &self.subject_prefix)
+            .field("replicas", &self.replicas)
+            .finish()
+    }
+}
+
+/// Failures of the JetStream log.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JetStreamError {
+    /// A `--nats-url` does not parse.
+    #[error("invalid NATS server address: {reason}")]
+    InvalidUrl {
+        /// Why.
+        reason: String,
+    },
+    /// A stream name, subject prefix or replica count is not allowed.
+    #[error("invalid JetStream {what} {value:?}: {rule}")]
+    InvalidName {
+        /// Which setting.
+        what: &'static str,
+        /// What was given.
+        value: String,
+        /// What is allowed.
+        rule: &'static str,
+    },
+    /// No server could be reached.
+    #[error("cannot connect to NATS at {servers}")]
+    Connect {
+        /// The servers tried (without credentials).
+        servers: String,
+        /// The client's error.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// A JetStream API request failed (the server is unreachable, has no JetStream, or
+    /// refused it).
+    #[error("JetStream: cannot {operation} of stream {stream:?}")]
+    Request {
+        /// What the request was for.
+        operation: &'static str,
+        /// The stream.
+        stream: String,
+        /// The client's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The stream exists but does not take waltap's subjects.
+    #[error("JetStream stream {stream:?} takes the subjects {subjects:?}, not {wanted:?}: choose another --nats-stream, or add {wanted:?} to its subjects")]
+    Subjects {
+        /// The stream.
+        stream: String,
+        /// Its subjects.
+        subjects: Vec<String>,
+        /// The subjects waltap publishes to.
+        wanted: String,
+    },
+    /// The stream's last message was not written by waltap for this source.
+    #[error("JetStream stream {stream:?} ends with message {sequence}, which {reason}: a waltap stream holds the events of one source only; choose another --nats-stream")]
+    Foreign {
+        /// The stream.
+        stream: String,
+        /// The message's sequence.
+        sequence: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A publish was not acknowledged.
+    #[error("JetStream did not store event {position}")]
+    Publish {
+        /// The event's position.
+        position: Position,
+        /// The client's error.
+        #[source]
+        source: async_nats::jetstream::context::PublishError,
+    },
+    /// JetStream stored an event at another sequence than this session expected, or
+    /// found it a duplicate: something else appended since the session read the end.
+    #[error("JetStream stream {stream:?} moved under this writer: event {position} got sequence {got} (duplicate: {duplicate}), expected {expected}; starting again from the stream's end")]
+    Moved {
+        /// The stream.
+        stream: String,
+        /// The event's position.
+        position: Position,
+        /// The sequence the session expected.
+        expected: u64,
+        /// The sequence JetStream reported.
+        got: u64,
+        /// Whether JetStream reported it as a duplicate.
+        duplicate: bool,
+    },
+}
+
+impl JetStreamError {
+    /// Whether retrying later can help: connection trouble, a stream leader being
+    /// elected, a writer that moved the end. Settings that do not fit are definite.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            JetStreamError::Connect { .. }
+                | JetStreamError::Request { .. }
+                | JetStreamError::Publish { .. }
+                | JetStreamError::Moved { .. }
+        )
+    }
+}
+
+/// Appends `name` to `out` as one subject token: ASCII letters, digits, `_` and `-` stay,
+/// every other byte of its UTF-8 form becomes `%` and two uppercase hex digits (so `%`
+/// itself is `%25`, `.` is `%2E`, a space `%20`). The mapping is one-to-one, and a
+/// subscriber that knows a table's name can compute its subject.
+pub fn subject_token(name: &str, out: &mut String) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xF)]));
+        }
+    }
+}
+
+/// The subject of an event: `<prefix>.<schema>.<table>.<action>`.
+pub fn subject(prefix: &str, schema: &str, table: &str, action: &str, out: &mut String) {
+    out.clear();
+    out.push_str(prefix);
+    out.push('.');
+    subject_token(schema, out);
+    out.push('.');
+    subject_token(table, out);
+    out.push('.');
+    out.push_str(action);
+}
+
+/// One session's writer: connected, the stream ensured, the end known.
+pub struct JetStreamLog {
+    js: Context,
+    config: JetStreamConfig,
+    source: String,
+    /// The last event in the stream, as read at the start.
+    end: Option<Position>,
+    /// The sequence the stream ends at once everything published is stored.
+    last_sequence: u64,
+    /// Publishes not yet acknowledged: (the sequence expected, the event, the ack).
+    in_flight: VecDeque<(u64, Position, PublishAckFuture)>,
+    body: Vec<u8>,
+    subject: String,
+}
+
+impl JetStreamLog {
+    /// Connects, creates the stream when it is missing, and reads where it ends.
+    pub async fn open(config: &JetStreamConfig, source: &str) -> Result<Self, JetStreamError> {
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("waltap {source}"))
+            .connection_timeout(Duration::from_secs(5))
+            .connect(config.servers.as_slice())
+            .await
+            .map_err(|source| JetStreamError::Connect {
+                servers: config.describe(),
+                source,
+            })?;
+        let js = async_nats::jetstream::ContextBuilder::new()
+            .ack_timeout(ACK_TIMEOUT)
+            .build(client);
+        let request = |operation: &'static str| {
+            let stream = config.stream.clone();
+            move |e: Box<dyn std::error::Error + Send + Sync>| JetStreamError::Request {
+                operation,
+                stream,
+                source: e,
+            }
+        };
+        let mut stream = js
+            .get_or_create_stream(StreamConfig {
+                name: config.stream.clone(),
+                subjects: vec![config.subjects()],
+                num_replicas: config.replicas,
+                storage: StorageType::File,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| request("look up or create the stream")(e.into()))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| request("read the state")(e.into()))?;
+        let wanted = config.subjects();
+        if !info
+            .config
+            .subjects
+            .iter()
+            .any(|s| *s == wanted || s == ">")
+        {
+            return Err(JetStreamError::Subjects {
+                stream: config.stream.clone(),
+                subjects: info.config.subjects.clone(),
+                wanted,
+            });
+        }
+        let last_sequence = info.state.last_sequence;
+        let end = if last_sequence == 0 {
+            None
+        } else {
+            match stream.get_raw_message(last_sequence).await {
+                Ok(message) => Some(Self::position_of(config, source, &message)?),
+                Err(e)
+                    if e.kind()
+                        == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+                {
+                    // The stream's limits removed its last message: where the log ends is
+                    // no longer known from the stream, so the slot's confirmed position is
+                    // all there is (the Nats-Msg-Id window still catches a recent replay).
+                    tracing::warn!(stream = %config.stream, sequence = last_sequence, "the stream's last message was removed by its limits: resuming from the slot's confirmed position");
+                    None
+                }
+                Err(e) => return Err(request("read the last message")(e.into())),
+            }
+        };
+        Ok(JetStreamLog {
+            js,
+            config: config.clone(),
+            source: source.to_owned(),
+            end,
+            last_sequence,
+            in_flight: VecDeque::with_capacity(MAX_IN_FLIGHT),
+            body: Vec::with_capacity(1024),
+            subject: String::with_capacity(128),
+        })
+    }
+
+    fn position_of(
+        config: &JetStreamConfig,
+        source: &str,
+        message: &async_nats::jetstream::message::StreamMessage,
+    ) -> Result<Position, JetStreamError> {
+        let foreign = |reason: String| JetStreamError::Foreign {
+            stream: config.stream.clone(),
+            sequence: message.sequence,
+            reason,
+        };
+        let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_owned());
+        match header(SOURCE_HEADER) {
+            Some(s) if s == source => {}
+            Some(other) => return Err(foreign(format!("holds events of source {other:?}"))),
+            None => return Err(foreign(format!("has no {SOURCE_HEADER} header"))),
+        }
+        let text = header(POSITION_HEADER)
+            .ok_or_else(|| foreign(format!("has no {POSITION_HEADER} header")))?;
+        text.parse()
+            .map_err(|e: crate::event::ParsePositionError| foreign(e.to_string()))
+    }
+
+    /// The last event in the stream when the session started: every event at or before
+    /// it is in the log.
+    pub fn end(&self) -> Option<Position> {
+        self.end
+    }
+
+    /// Waits for the oldest acknowledgements until at most `keep` publishes are in flight.
+    async fn settle(&mut self, keep: usize) -> Result<(), JetStreamError> {
+        while self.in_flight.len() > keep {
+            let Some((expected, position, ack)) = self.in_flight.pop_front() else {
+                break;
+            };
+            let result = ack.await;
+            let ack = match result {
+                Ok(ack) => ack,
+                Err(source) => {
+                    self.in_flight.clear();
+                    return Err(JetStreamError::Publish { position, source });
+                }
+            };
+            if ack.sequence != expected || ack.duplicate {
+                self.in_flight.clear();
+                return Err(JetStreamError::Moved {
+                    stream: self.config.stream.clone(),
+                    position,
+                    expected,
+                    got: ack.sequence,
+                    duplicate: ack.duplicate,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish(&mut self, ev: &Event) -> Result<(), JetStreamError> {
+        subject(
+            &self.config.subject_prefix,
+            &ev.schema,
+            &ev.table,
+            ev.action_name(),
+            &mut self.subject,
+        );
+        self.body.clear();
+        ev.write_json(&mut self.body)
+            .map_err(|e| JetStreamError::Request {
+                operation: "serialize an event",
+                stream: self.config.stream.clone(),
+                source: e.into(),
+            })?;
+        let mut id = [0u8; ulid::ULID_LEN];
+        let mut position = [0u8; crate::event::POSITION_LEN];
+        let message = PublishMessage::build()
+            .payload(Bytes::copy_from_slice(&self.body))
+            .message_id(ev.id.array_to_str(&mut id))
+            .expected_last_sequence(self.last_sequence)
+            .header(POSITION_HEADER, ev.position.encode(&mut position))
+            .header(SOURCE_HEADER, self.source.as_str());
+        let ack = self
+            .js
+            .send_publish(self.subject.clone(), message)
+            .await
+            .map_err(|source| JetStreamError::Publish {
+                position: ev.position,
+                source,
+            })?;
+        self.last_sequence += 1;
+        self.in_flight
+            .push_back((self.last_sequence, ev.position, ack));
+        if self.in_flight.len() >= MAX_IN_FLIGHT {
+            self.settle(MAX_IN_FLIGHT / 2).await?;
+        }
+        Ok(())
+    }
+}
+
+impl LogWriter for JetStreamLog {
+    async fn progress(&mut self) -> Result<Option<LogMark>, StoreError> {
+        // A stream cut inside a transaction holds part of it: the mark covers only the
+        // transactions before it, and `end` says which of its events are in.
+        Ok(self.end.map(|p| {
+            if p.commit_lsn.0 == 0 {
+                LogMark::NONE
+            } else {
+                LogMark::from_stored(crate::lsn::Lsn(p.commit_lsn.0 - 1))
+            }
+        }))
+    }
+
+    async fn write(&mut self, events: &[Event]) -> Result<(), StoreError> {
+        for ev in events {
+            self.publish(ev).await?;
+        }
+        Ok(())
+    }
+
+    async fn last_event(&mut self) -> Result<Option<Position>, StoreError> {
+        Ok(self.end)
+    }
+
+    async fn commit(&mut self, _through: LogMark) -> Result<(), StoreError> {
+        // JetStream keeps no mark of its own: the stream's last message is the mark.
+        self.settle(0).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(name: &str) -> String {
+        let mut out = String::new();
+        subject_token(name, &mut out);
+        out
+    }
+
+    #[test]
+    fn plain_names_stay_and_everything_else_is_escaped() {
+        assert_eq!(token("orders"), "orders");
+        assert_eq!(token("Order_Items-2"), "Order_Items-2");
+        assert_eq!(token("a.b"), "a%2Eb");
+        assert_eq!(token("a b*>"), "a%20b%2A%3E");
+        assert_eq!(token("100%"), "100%25");
+        assert_eq!(token("größe"), "gr%C3%B6%C3%9Fe");
+        assert_eq!(token("$x\t"), "%24x%09");
+    }
+
+    #[test]
+    fn escaping_is_one_to_one() {
+        let names = ["a.b", "a%2Eb", "a%b", "a_b", "a-b", "a b", "ab", "a\u{2e}b"];
+        let mut seen = std::collections::HashMap::new();
+        for n in names {
+            if let Some(other) = seen.insert(token(n), n) {
+                assert_eq!(other, n, "{other:?} and {n:?} share a token");
+            }
+        }
+    }
+
+    #[test]
+    fn subjects_put_the_tokens_in_order() {
+        let mut s = String::new();
+        subject("cdc.prod", "public", "my table", "update", &mut s);
+        assert_eq!(s, "cdc.prod.public.my%20table.update");
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        let c = JetStreamConfig::parse("nats://user:secret@127.0.0.1:4222, nats://b:5222")
+            .expect("parses");
+        assert_eq!(c.describe(), "nats://127.0.0.1:4222,nats://b:5222");
+        assert!(!format!("{c:?}").contains("secret"));
+        assert!(c.clone().with_stream("CDC_1").is_ok());
+        assert!(c.clone().with_stream("a.b").is_err());
+        assert!(c.clone().with_stream("").is_err());
+        assert!(c.clone().with_subject_prefix("cdc.prod").is_ok());
+        assert!(c.clone().with_subject_prefix("cdc.*").is_err());
+        assert!(c.clone().with_subject_prefix("cdc..x").is_err());
+        assert!(c.clone().with_subject_prefix("").is_err());
+        assert!(c.clone().with_replicas(3).is_ok());
+        assert!(c.clone().with_replicas(0).is_err());
+        assert!(JetStreamConfig::parse(" , ").is_err());
+    }
+}
