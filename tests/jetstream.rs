@@ -85,6 +85,15 @@ async fn last_event(url: &str, stream: &str) -> Option<Json> {
     serde_json::from_slice(&m.payload).ok()
 }
 
+/// The stream's last sequence (0 while it does not exist).
+async fn stream_end(url: &str, stream: &str) -> u64 {
+    let js = jetstream(url).await;
+    match js.get_stream(stream).await {
+        Ok(mut st) => st.info().await.map_or(0, |i| i.state.last_sequence),
+        Err(_) => 0,
+    }
+}
+
 fn header<K: async_nats::header::IntoHeaderName + Clone + std::fmt::Debug>(
     m: &StreamMessage,
     name: K,
@@ -295,12 +304,28 @@ async fn sigkill_run_twenty_times_jetstream_holds_every_change_exactly_once() {
     let writer = tokio::spawn(writer.write_all(shapes, progress.clone()));
     let mut rng = support::prng::Prng::new(seed);
     let mut kills = 0;
+    let mut cut_inside_a_transaction = 0;
     while kills < 20 || (!writer.is_finished() && kills < 40) {
         let run = Run::spawn_with(&url, &names, &extra);
-        // Anywhere: during start-up, while publishing, between batches.
-        tokio::time::sleep(Duration::from_millis(rng.range(0, 500))).await;
+        if rng.next() % 2 == 0 {
+            // Anywhere: during start-up, while publishing, between batches.
+            tokio::time::sleep(Duration::from_millis(rng.range(0, 500))).await;
+        } else {
+            // Once the stream grew by N messages (or 1.5 s, when the writer is idle):
+            // often in the middle of a transaction's publishes.
+            let base = stream_end(&nats_url, stream).await;
+            let n = rng.range(1, 1_500);
+            let until = Instant::now() + Duration::from_millis(1_500);
+            while Instant::now() < until && stream_end(&nats_url, stream).await < base + n {}
+        }
         run.sigkill(&format!("(kill #{})", kills + 1)).await;
         kills += 1;
+        if last_event(&nats_url, stream)
+            .await
+            .is_some_and(|ev| ev["tx"]["last"] == false)
+        {
+            cut_inside_a_transaction += 1;
+        }
     }
     let record = writer.await.unwrap();
     assert_eq!(progress.done.load(Ordering::SeqCst), total);
@@ -310,8 +335,9 @@ async fn sigkill_run_twenty_times_jetstream_holds_every_change_exactly_once() {
     let got = messages(&nats_url, stream).await;
     let summary = crash::verify_rows(&rows(&got, "waltap", &names.slot), &record);
     eprintln!(
-        "jetstream sigkill test: {kills} kills; the stream holds {} events of {} transactions \
-         exactly once ({} rolled back absent); {:?}",
+        "jetstream sigkill test: {kills} kills ({cut_inside_a_transaction} left the stream \
+         inside a transaction); the stream holds {} events of {} transactions exactly once \
+         ({} rolled back absent); {:?}",
         summary.events,
         summary.transactions,
         record.rolled_back.len(),
@@ -513,6 +539,55 @@ async fn a_stream_of_another_source_is_refused() {
     assert!(
         stderr.contains("ends with message 1, which has no Waltap-Source header"),
         "{stderr}"
+    );
+    db.teardown().await;
+}
+
+#[tokio::test]
+async fn a_group_of_two_publishes_through_leader_kills_exactly_once() {
+    let Some((server, _dir)) = nats().await else {
+        return;
+    };
+    let seed = crash::seed() ^ 0x9209;
+    let db = TestDb::new().await;
+    let names = Names::new(&db);
+    let url = db.url();
+    crash::create_schema_and_setup(&db, &names).await;
+    let nats_url = server.url();
+    let stream = "GROUP";
+    let mut extra = nats_args(&nats_url, stream);
+    extra.extend(["--takeover-timeout", "1s"]);
+    let progress = Arc::new(crash::Progress::default());
+    let writer = Writer::new(url.clone(), seed, false, 20).await;
+    let shapes = crash::schedule(200, &[(80, Shape::BulkInsert(2_500))]);
+    let writer = tokio::spawn(writer.write_all(shapes, progress.clone()));
+    // Two members on one slot: whichever leads publishes; the other takes over when the
+    // leader is killed, and a replacement joins.
+    let mut members = vec![
+        Run::spawn_with(&url, &names, &extra),
+        Run::spawn_with(&url, &names, &extra),
+    ];
+    let mut rng = support::prng::Prng::new(seed);
+    let mut kills = 0;
+    while kills < 8 || !writer.is_finished() {
+        tokio::time::sleep(Duration::from_millis(rng.range(100, 700))).await;
+        let victim = members.remove((rng.next() % 2) as usize);
+        victim
+            .sigkill(&format!("(group kill #{})", kills + 1))
+            .await;
+        kills += 1;
+        members.push(Run::spawn_with(&url, &names, &extra));
+    }
+    let record = writer.await.unwrap();
+    wait_until_appended(&nats_url, stream, &record, None).await;
+    for m in members {
+        m.sigkill("at the end").await;
+    }
+    let got = messages(&nats_url, stream).await;
+    let summary = crash::verify_rows(&rows(&got, "waltap", &names.slot), &record);
+    eprintln!(
+        "jetstream group test: {kills} member kills; {} events of {} transactions exactly once",
+        summary.events, summary.transactions
     );
     db.teardown().await;
 }
