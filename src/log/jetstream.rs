@@ -14,9 +14,12 @@
 //!   `Waltap-Position`), and an event at or before that position is not published again:
 //!   a transaction cut in half by a crash is completed from its next event on;
 //! - the slot is confirmed only after JetStream acknowledged every event of the
-//!   transactions in a batch ([`JetStreamLog::commit`] waits for each acknowledgement and
-//!   checks its sequence); `Nats-Msg-Id` (the event's id) is a second guard, for a
-//!   message stored whose acknowledgement was lost.
+//!   transactions in a batch: the batch's last message (and one in every
+//!   [`ACK_EVERY`]) asks for an acknowledgement, and since each message names the
+//!   sequence before it, an acknowledgement at the expected sequence proves that every
+//!   message before it was stored, in order; a message lost or refused breaks the chain,
+//!   and the next acknowledgement fails. `Nats-Msg-Id` (the event's id) is a second
+//!   guard, for a message stored whose acknowledgement was lost.
 //!
 //! Subjects are `<prefix>.<schema>.<table>.<action>`, with schema and table escaped by
 //! [`subject_token`] so that any Postgres identifier gives one valid subject token.
@@ -26,6 +29,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use async_nats::header::{HeaderMap, NATS_EXPECTED_LAST_SEQUENCE, NATS_MESSAGE_ID};
 use async_nats::jetstream::context::{Context, PublishAckFuture};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
@@ -44,9 +48,14 @@ pub const POSITION_HEADER: &str = "Waltap-Position";
 /// How long a publish may wait for JetStream's acknowledgement before the batch fails
 /// (and the session restarts from the stream's end).
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
-/// Publishes in flight before the oldest acknowledgements are awaited: bounds memory
-/// for a transaction of any size.
-const MAX_IN_FLIGHT: usize = 4_096;
+/// One publish in this many asks JetStream for an acknowledgement (and the last one of
+/// every batch does): each message names the sequence before it, so an acknowledged
+/// message proves that every message before it was stored in order. Asking for fewer
+/// acknowledgements saves a reply subscription and a round of bookkeeping per event.
+const ACK_EVERY: usize = 256;
+/// Acknowledgements awaited before more is published: bounds what is in flight (and so
+/// memory) for a transaction of any size.
+const MAX_IN_FLIGHT: usize = 32;
 
 /// Where and how to append: the servers, the stream, the subjects.
 #[derive(Clone)]
@@ -310,8 +319,14 @@ pub struct JetStreamLog {
     end: Option<Position>,
     /// The sequence the stream ends at once everything published is stored.
     last_sequence: u64,
-    /// Publishes not yet acknowledged: (the sequence expected, the event, the ack).
+    /// Publishes whose acknowledgement is awaited: (the sequence expected, the event, the
+    /// ack).
     in_flight: VecDeque<(u64, Position, PublishAckFuture)>,
+    /// The newest message, not yet sent: whether it asks for an acknowledgement depends on
+    /// whether it turns out to be the batch's last.
+    held: Option<Outgoing>,
+    /// Messages sent since the last one that asked for an acknowledgement.
+    unacked: usize,
     body: Vec<u8>,
     subject: String,
 }
@@ -393,6 +408,8 @@ impl JetStreamLog {
             end,
             last_sequence,
             in_flight: VecDeque::with_capacity(MAX_IN_FLIGHT),
+            held: None,
+            unacked: 0,
             body: Vec::with_capacity(1024),
             subject: String::with_capacity(128),
         })
@@ -426,6 +443,13 @@ impl JetStreamLog {
         self.end
     }
 
+    /// Forgets what is in flight after a failure: the session ends, and the next one
+    /// starts from the stream's end.
+    fn abandon(&mut self) {
+        self.in_flight.clear();
+        self.held = None;
+    }
+
     /// Waits for the oldest acknowledgements until at most `keep` publishes are in flight.
     async fn settle(&mut self, keep: usize) -> Result<(), JetStreamError> {
         while self.in_flight.len() > keep {
@@ -436,12 +460,12 @@ impl JetStreamLog {
             let ack = match result {
                 Ok(ack) => ack,
                 Err(source) => {
-                    self.in_flight.clear();
+                    self.abandon();
                     return Err(JetStreamError::Publish { position, source });
                 }
             };
             if ack.sequence != expected || ack.duplicate {
-                self.in_flight.clear();
+                self.abandon();
                 return Err(JetStreamError::Moved {
                     stream: self.config.stream.clone(),
                     position,
@@ -471,28 +495,77 @@ impl JetStreamLog {
             })?;
         let mut id = [0u8; ulid::ULID_LEN];
         let mut position = [0u8; crate::event::POSITION_LEN];
-        let message = PublishMessage::build()
-            .payload(Bytes::copy_from_slice(&self.body))
-            .message_id(ev.id.array_to_str(&mut id))
-            .expected_last_sequence(self.last_sequence)
-            .header(POSITION_HEADER, ev.position.encode(&mut position))
-            .header(SOURCE_HEADER, self.source.as_str());
-        let ack = self
-            .js
-            .send_publish(self.subject.clone(), message)
-            .await
-            .map_err(|source| JetStreamError::Publish {
-                position: ev.position,
-                source,
-            })?;
+        let mut headers = HeaderMap::new();
+        headers.insert(NATS_MESSAGE_ID, &*ev.id.array_to_str(&mut id));
+        headers.insert(
+            NATS_EXPECTED_LAST_SEQUENCE,
+            itoa::Buffer::new().format(self.last_sequence),
+        );
+        headers.insert(POSITION_HEADER, ev.position.encode(&mut position));
+        headers.insert(SOURCE_HEADER, self.source.as_str());
         self.last_sequence += 1;
+        let next = Outgoing {
+            subject: self.subject.clone(),
+            headers,
+            payload: Bytes::copy_from_slice(&self.body),
+            position: ev.position,
+            sequence: self.last_sequence,
+        };
+        if let Some(previous) = self.held.replace(next) {
+            let ack = self.unacked + 1 >= ACK_EVERY;
+            self.send(previous, ack).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends a message, asking for an acknowledgement or not.
+    async fn send(&mut self, message: Outgoing, ack: bool) -> Result<(), JetStreamError> {
+        let publish_error = |source| JetStreamError::Publish {
+            position: message.position,
+            source,
+        };
+        if !ack {
+            self.js
+                .client()
+                .publish_with_headers(message.subject, message.headers, message.payload)
+                .await
+                .map_err(|e| {
+                    publish_error(async_nats::jetstream::context::PublishError::with_source(
+                        async_nats::jetstream::context::PublishErrorKind::BrokenPipe,
+                        e,
+                    ))
+                })?;
+            self.unacked += 1;
+            return Ok(());
+        }
+        let future = self
+            .js
+            .send_publish(
+                message.subject,
+                PublishMessage::build()
+                    .payload(message.payload)
+                    .headers(message.headers),
+            )
+            .await
+            .map_err(publish_error)?;
+        self.unacked = 0;
         self.in_flight
-            .push_back((self.last_sequence, ev.position, ack));
+            .push_back((message.sequence, message.position, future));
         if self.in_flight.len() >= MAX_IN_FLIGHT {
             self.settle(MAX_IN_FLIGHT / 2).await?;
         }
         Ok(())
     }
+}
+
+/// A message built but not yet sent.
+struct Outgoing {
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+    position: Position,
+    /// The sequence it gets when stored.
+    sequence: u64,
 }
 
 impl LogWriter for JetStreamLog {
@@ -520,7 +593,11 @@ impl LogWriter for JetStreamLog {
     }
 
     async fn commit(&mut self, _through: LogMark) -> Result<(), StoreError> {
-        // JetStream keeps no mark of its own: the stream's last message is the mark.
+        // JetStream keeps no mark of its own: the stream's last message is the mark. The
+        // batch's last message asks for an acknowledgement, which covers all before it.
+        if let Some(last) = self.held.take() {
+            self.send(last, true).await?;
+        }
         self.settle(0).await?;
         Ok(())
     }

@@ -49,6 +49,9 @@ pub enum Contender {
     WaltapListener,
     /// The persisted path in this process: `waltap run`'s appender filling the event log.
     WaltapPersisted,
+    /// The same appender with `--nats-url`: every event published to a JetStream stream
+    /// on a `nats-server` (one node, file storage) started for the run.
+    WaltapJetStream,
     /// A [`Hub`] in this process with 1, 100, 1000 or 10000 subscribers whose filters split
     /// the key space, so every event reaches exactly one of them.
     WaltapFanout1,
@@ -66,12 +69,13 @@ pub enum Contender {
 }
 
 impl Contender {
-    pub const ALL: [Contender; 13] = [
+    pub const ALL: [Contender; 14] = [
         Contender::RecvlogicalPgoutput,
         Contender::RecvlogicalTestDecoding,
         Contender::WaltapTail,
         Contender::WaltapListener,
         Contender::WaltapPersisted,
+        Contender::WaltapJetStream,
         Contender::WaltapFanout1,
         Contender::WaltapFanout100,
         Contender::WaltapFanout1000,
@@ -84,7 +88,10 @@ impl Contender {
 
     /// Whether the latency phase measures it (the catch-up-only paths are skipped there).
     pub fn measures_latency(self) -> bool {
-        !matches!(self, Contender::WaltapPersisted) && self.fanout().is_none()
+        !matches!(
+            self,
+            Contender::WaltapPersisted | Contender::WaltapJetStream
+        ) && self.fanout().is_none()
     }
 
     /// Whether the catch-up phase measures it.
@@ -114,6 +121,7 @@ impl Contender {
             Contender::WaltapTail => "waltap-tail",
             Contender::WaltapListener => "waltap-listener",
             Contender::WaltapPersisted => "waltap-persisted",
+            Contender::WaltapJetStream => "waltap-jetstream",
             Contender::WaltapFanout1 => "waltap-fanout-1",
             Contender::WaltapFanout100 => "waltap-fanout-100",
             Contender::WaltapFanout1000 => "waltap-fanout-1000",
@@ -137,6 +145,7 @@ impl Contender {
             Contender::WaltapTail => "waltap tail > /dev/null",
             Contender::WaltapListener => "waltap Listener (in-process)",
             Contender::WaltapPersisted => "waltap run: appended to the event log",
+            Contender::WaltapJetStream => "waltap run: appended to JetStream",
             Contender::WaltapFanout1 => "waltap subscribe, 1 filtered subscriber",
             Contender::WaltapFanout100 => "waltap subscribe, 100 filtered subscribers",
             Contender::WaltapFanout1000 => "waltap subscribe, 1000 filtered subscribers",
@@ -185,6 +194,9 @@ impl Tools {
             }
             Contender::WaltapTail if self.waltap_bin.is_none() => {
                 Some("no waltap binary given".into())
+            }
+            Contender::WaltapJetStream if crate::dev::nats::binary().is_none() => {
+                Some("nats-server not found (Debian package nats-server)".into())
             }
             _ => None,
         }
@@ -248,6 +260,18 @@ pub async fn catch_up(
         Contender::WaltapListener => return listener_catch_up(tools, slot, events, timeout).await,
         Contender::WaltapPersisted => {
             return in_process(tools, slot, events, timeout, persisted_run(slot, events)).await
+        }
+        Contender::WaltapJetStream => {
+            // The server starts before the clock does: the run measures appending only.
+            let dir = std::env::temp_dir().join(format!("waltap-bench-nats-{}", slot.name));
+            let _ = std::fs::remove_dir_all(&dir);
+            let server = crate::dev::nats::NatsServer::start(&dir).await?;
+            let url = server.url();
+            let run = jetstream_run(slot, &url, events);
+            let measured = in_process(tools, slot, events, timeout, run).await;
+            drop(server);
+            let _ = std::fs::remove_dir_all(&dir);
+            return measured;
         }
         _ if c.fanout().is_some() => return fanout_catch_up(tools, c, slot, events, timeout).await,
         Contender::WaltapTail => tail_args(slot, Some(events)),
@@ -582,6 +606,33 @@ async fn persisted_run(slot: &Slot<'_>, events: u64) -> anyhow::Result<()> {
         }
     };
     count.await;
+    cancel.cancel();
+    task.await??;
+    Ok(())
+}
+
+/// The appender publishes to JetStream until the stream holds all `events`.
+async fn jetstream_run(slot: &Slot<'_>, nats_url: &str, events: u64) -> anyhow::Result<()> {
+    let mut config = crate::log::append::AppenderConfig::new(listener_config(slot)?);
+    config.jetstream = Some(crate::log::jetstream::JetStreamConfig::parse(nats_url)?);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(crate::log::append::run(config, cancel.clone()));
+    let client = async_nats::connect(nats_url).await?;
+    let js = async_nats::jetstream::new(client);
+    loop {
+        // The stream exists once the appender has connected.
+        let end = match js.get_stream("WALTAP").await {
+            Ok(mut stream) => stream.info().await.map_or(0, |i| i.state.last_sequence),
+            Err(_) => 0,
+        };
+        if end >= events {
+            break;
+        }
+        if task.is_finished() {
+            break;
+        }
+        tokio::time::sleep(POLL * 4).await;
+    }
     cancel.cancel();
     task.await??;
     Ok(())
