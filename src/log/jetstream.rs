@@ -15,7 +15,7 @@
 //!   a transaction cut in half by a crash is completed from its next event on;
 //! - the slot is confirmed only after JetStream acknowledged every event of the
 //!   transactions in a batch: the batch's last message (and one in every
-//!   [`ACK_EVERY`]) asks for an acknowledgement, and since each message names the
+//!   256) asks for an acknowledgement, and since each message names the
 //!   sequence before it, an acknowledgement at the expected sequence proves that every
 //!   message before it was stored, in order; a message lost or refused breaks the chain,
 //!   and the next acknowledgement fails. `Nats-Msg-Id` (the event's id) is a second
