@@ -33,7 +33,7 @@ struct Args {
     #[arg(long)]
     waltap_bin: Option<PathBuf>,
     /// Only these contenders (comma-separated): recvlogical-pgoutput,
-    /// recvlogical-test-decoding, waltap-tail, waltap-listener, waltap-persisted, waltap-jetstream,
+    /// recvlogical-test-decoding, psycopg2, waltap-tail, waltap-listener, waltap-persisted, waltap-jetstream,
     /// waltap-fanout-{1,100,1000,10000}, waltap-tenants-{1,1000,10000}, waltap-follower
     /// (latency only: a subscription fed from the event log, as on a group follower).
     #[arg(long, value_delimiter = ',', value_parser = parse_contender)]

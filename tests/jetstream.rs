@@ -52,22 +52,38 @@ async fn jetstream(url: &str) -> async_nats::jetstream::Context {
     async_nats::jetstream::new(client)
 }
 
+/// Asks again until JetStream answers: a cluster that just lost or regained a node says
+/// "temporarily unavailable" while it elects the stream's leader.
+async fn answered<T, E: std::fmt::Display, Fut: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    mut f: impl FnMut() -> Fut,
+) -> T {
+    let deadline = Instant::now() + CATCH_UP;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("{what}: asking again after: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
 /// Every message of the stream, in sequence order; empty while the stream does not exist.
 async fn messages(url: &str, stream: &str) -> Vec<StreamMessage> {
     let js = jetstream(url).await;
-    let Ok(mut stream) = js.get_stream(stream).await else {
+    let Ok(stream) = js.get_stream(stream).await else {
         return Vec::new();
     };
-    let state = stream.info().await.expect("stream info").state.clone();
+    let state = answered("stream info", || stream.get_info()).await.state;
     let mut out = Vec::with_capacity(state.messages as usize);
     if state.messages == 0 {
         return out;
     }
     for seq in state.first_sequence..=state.last_sequence {
-        match stream.get_raw_message(seq).await {
-            Ok(m) => out.push(m),
-            Err(e) => panic!("message {seq} of {}: {e}", state.last_sequence),
-        }
+        out.push(answered(&format!("message {seq}"), || stream.get_raw_message(seq)).await);
     }
     out
 }
@@ -386,6 +402,7 @@ async fn a_three_node_cluster_losing_a_node_mid_workload_loses_and_doubles_nothi
     .await;
     nodes[victim].restart().expect("the node starts again");
     let record = writer.await.unwrap();
+    nodes[victim].wait_ready().await.expect("the node is back");
     let reader = urls[(victim + 1) % 3].clone();
     wait_until_appended(&reader, stream, &record, Some(&run)).await;
     run.sigkill("at the end").await;
@@ -395,8 +412,7 @@ async fn a_three_node_cluster_losing_a_node_mid_workload_loses_and_doubles_nothi
         "jetstream cluster test: node {victim} killed and restarted; {} events of {} transactions exactly once",
         summary.events, summary.transactions
     );
-    // The restarted node catches up and holds the same stream.
-    nodes[victim].wait_ready().await.expect("the node is back");
+    // The restarted node holds the same stream.
     let js = jetstream(&urls[victim]).await;
     let mut st = js.get_stream(stream).await.unwrap();
     assert_eq!(st.info().await.unwrap().config.num_replicas, 3);

@@ -43,6 +43,9 @@ pub enum Contender {
     RecvlogicalPgoutput,
     /// `pg_recvlogical` with test_decoding: the server formats text.
     RecvlogicalTestDecoding,
+    /// A Python client with psycopg2's replication support, decoding every tuple and
+    /// acknowledging each commit: the fastest known peer (`psycopg2_client.py`).
+    Psycopg2,
     /// The `waltap tail` binary: JSON lines.
     WaltapTail,
     /// [`Listener`] in this process, with a consumer that counts and acknowledges.
@@ -69,9 +72,10 @@ pub enum Contender {
 }
 
 impl Contender {
-    pub const ALL: [Contender; 14] = [
+    pub const ALL: [Contender; 15] = [
         Contender::RecvlogicalPgoutput,
         Contender::RecvlogicalTestDecoding,
+        Contender::Psycopg2,
         Contender::WaltapTail,
         Contender::WaltapListener,
         Contender::WaltapPersisted,
@@ -90,7 +94,7 @@ impl Contender {
     pub fn measures_latency(self) -> bool {
         !matches!(
             self,
-            Contender::WaltapPersisted | Contender::WaltapJetStream
+            Contender::WaltapPersisted | Contender::WaltapJetStream | Contender::Psycopg2
         ) && self.fanout().is_none()
     }
 
@@ -118,6 +122,7 @@ impl Contender {
         match self {
             Contender::RecvlogicalPgoutput => "recvlogical-pgoutput",
             Contender::RecvlogicalTestDecoding => "recvlogical-test-decoding",
+            Contender::Psycopg2 => "psycopg2",
             Contender::WaltapTail => "waltap-tail",
             Contender::WaltapListener => "waltap-listener",
             Contender::WaltapPersisted => "waltap-persisted",
@@ -142,6 +147,7 @@ impl Contender {
         match self {
             Contender::RecvlogicalPgoutput => "pg_recvlogical, pgoutput (floor)",
             Contender::RecvlogicalTestDecoding => "pg_recvlogical, test_decoding",
+            Contender::Psycopg2 => "psycopg2 + pgoutput (Python, tuples decoded)",
             Contender::WaltapTail => "waltap tail > /dev/null",
             Contender::WaltapListener => "waltap Listener (in-process)",
             Contender::WaltapPersisted => "waltap run: appended to the event log",
@@ -178,6 +184,8 @@ pub struct Tools {
     pub waltap_bin: Option<PathBuf>,
     /// Child CPU and RSS from GNU time when set, else from polling `/proc/<pid>`.
     pub gnu_time: Option<PathBuf>,
+    /// `python3`, when it can import psycopg2 (for [`Contender::Psycopg2`]).
+    pub python_psycopg2: Option<PathBuf>,
     pub clk_tck: u64,
     /// Where each child's stderr (and GNU time's report) goes, named after its slot.
     pub logs: PathBuf,
@@ -194,6 +202,9 @@ impl Tools {
             }
             Contender::WaltapTail if self.waltap_bin.is_none() => {
                 Some("no waltap binary given".into())
+            }
+            Contender::Psycopg2 if self.python_psycopg2.is_none() => {
+                Some("python3 with psycopg2 not found (pip install psycopg2-binary)".into())
             }
             Contender::WaltapJetStream if crate::dev::nats::binary().is_none() => {
                 Some("nats-server not found (Debian package nats-server)".into())
@@ -275,6 +286,7 @@ pub async fn catch_up(
         }
         _ if c.fanout().is_some() => return fanout_catch_up(tools, c, slot, events, timeout).await,
         Contender::WaltapTail => tail_args(slot, Some(events)),
+        Contender::Psycopg2 => psycopg2_args(tools, slot, events)?,
         _ => recvlogical_args(c, slot, Some(endpos)),
     };
     child_catch_up(tools, program(tools, c)?, args, slot, events, timeout).await
@@ -299,6 +311,7 @@ pub async fn latency(
 fn program(tools: &Tools, c: Contender) -> anyhow::Result<&Path> {
     let path = match c {
         Contender::WaltapTail => tools.waltap_bin.as_deref(),
+        Contender::Psycopg2 => tools.python_psycopg2.as_deref(),
         _ => tools.recvlogical.as_deref(),
     };
     path.ok_or_else(|| anyhow!("{}: {}", c.key(), tools.missing(c).unwrap_or_default()))
@@ -333,6 +346,32 @@ fn recvlogical_args(c: Contender, slot: &Slot<'_>, endpos: Option<&str>) -> Vec<
         args.extend(["--endpos".into(), lsn.into()]);
     }
     args
+}
+
+/// The script, written next to the logs, and its arguments.
+fn psycopg2_args(tools: &Tools, slot: &Slot<'_>, events: u64) -> anyhow::Result<Vec<String>> {
+    let script = tools.logs.join("psycopg2_client.py");
+    std::fs::write(&script, include_str!("psycopg2_client.py"))
+        .with_context(|| format!("writing {}", script.display()))?;
+    Ok(vec![
+        script.display().to_string(),
+        slot.url.to_owned(),
+        slot.name.clone(),
+        slot.publication.to_owned(),
+        events.to_string(),
+    ])
+}
+
+/// `python3` on the PATH, if it imports psycopg2.
+pub fn find_python_psycopg2() -> Option<PathBuf> {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import psycopg2, psycopg2.extras"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then(|| PathBuf::from("python3"))
 }
 
 /// Without `limit` it streams until killed.

@@ -116,6 +116,7 @@ async fn run_on(pg: &LocalPg, config: &BenchConfig, logs: PathBuf) -> anyhow::Re
         recvlogical,
         waltap_bin: config.waltap_bin.clone(),
         gnu_time: config.use_gnu_time.then(measure::find_gnu_time).flatten(),
+        python_psycopg2: contender::find_python_psycopg2(),
         clk_tck: measure::clock_ticks_per_sec(),
         logs,
     };

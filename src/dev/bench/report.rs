@@ -303,9 +303,10 @@ impl Report {
         let _ = writeln!(
             md,
             "\n## Catch-up, REPLICA IDENTITY {}\n\n\
-             Median of {} runs (min–max); × = ratio to the pg_recvlogical pgoutput floor.\n\n\
-             | contender | events/s | min–max | × floor | client CPU µs/event | × floor | walsender CPU µs/event | × floor | peak RSS MiB |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|---:|",
+             Median of {} runs (min–max); spread = max / min; × = ratio to the pg_recvlogical \
+             pgoutput floor's median (for \"min ×\", the slowest run's).\n\n\
+             | contender | events/s | min–max | spread | × floor | min × floor | client CPU µs/event | × floor | walsender CPU µs/event | × floor | peak RSS MiB |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             identity_name(identity).to_uppercase(),
             self.settings.runs
         );
@@ -313,12 +314,19 @@ impl Report {
             let floor_of = |f: fn(&CatchUp) -> &Option<Spread>| floor.and_then(|fl| median(f(fl)));
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 c.contender.label(),
                 num(median(&c.events_per_sec), 0),
                 c.events_per_sec
                     .map_or("–".into(), |s| format!("{:.0}–{:.0}", s.min, s.max)),
+                c.events_per_sec
+                    .filter(|s| s.min > 0.0)
+                    .map_or("–".into(), |s| format!("{:.2}", s.max / s.min)),
                 ratio(median(&c.events_per_sec), floor_of(|f| &f.events_per_sec)),
+                ratio(
+                    c.events_per_sec.map(|s| s.min),
+                    floor_of(|f| &f.events_per_sec)
+                ),
                 num(median(&c.client_cpu_us_per_event), 2),
                 ratio(
                     median(&c.client_cpu_us_per_event),
