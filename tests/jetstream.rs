@@ -33,13 +33,21 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// Whether nats-server is here; a test without it is skipped, except under CI.
+fn have_nats_server() -> bool {
+    if waltap::dev::nats::binary().is_some() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "nats-server is missing (.ci/run installs Debian's nats-server)"
+    );
+    eprintln!("skipped: nats-server is not installed");
+    false
+}
+
 async fn nats() -> Option<(NatsServer, PathBuf)> {
-    if waltap::dev::nats::binary().is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "nats-server is missing (.ci/run installs Debian's nats-server)"
-        );
-        eprintln!("skipped: nats-server is not installed");
+    if !have_nats_server() {
         return None;
     }
     let dir = scratch("single");
@@ -101,8 +109,7 @@ async fn last_event(url: &str, stream: &str) -> Option<Json> {
 }
 
 /// The stream's last sequence (0 while it does not exist).
-async fn stream_end(url: &str, stream: &str) -> u64 {
-    let js = jetstream(url).await;
+async fn stream_end(js: &async_nats::jetstream::Context, stream: &str) -> u64 {
     match js.get_stream(stream).await {
         Ok(mut st) => st.info().await.map_or(0, |i| i.state.last_sequence),
         Err(_) => 0,
@@ -318,6 +325,7 @@ async fn sigkill_run_twenty_times_jetstream_holds_every_change_exactly_once() {
     let total = shapes.len();
     let writer = tokio::spawn(writer.write_all(shapes, progress.clone()));
     let mut rng = support::prng::Prng::new(seed);
+    let js = jetstream(&nats_url).await;
     let mut kills = 0;
     let mut cut_inside_a_transaction = 0;
     while kills < 20 || (!writer.is_finished() && kills < 40) {
@@ -328,10 +336,12 @@ async fn sigkill_run_twenty_times_jetstream_holds_every_change_exactly_once() {
         } else {
             // Once the stream grew by N messages (or 1.5 s, when the writer is idle):
             // often in the middle of a transaction's publishes.
-            let base = stream_end(&nats_url, stream).await;
+            let base = stream_end(&js, stream).await;
             let n = rng.range(1, 1_500);
             let until = Instant::now() + Duration::from_millis(1_500);
-            while Instant::now() < until && stream_end(&nats_url, stream).await < base + n {}
+            while Instant::now() < until && stream_end(&js, stream).await < base + n {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
         }
         run.sigkill(&format!("(kill #{})", kills + 1)).await;
         kills += 1;
@@ -363,8 +373,7 @@ async fn sigkill_run_twenty_times_jetstream_holds_every_change_exactly_once() {
 
 #[tokio::test]
 async fn a_three_node_cluster_losing_a_node_mid_workload_loses_and_doubles_nothing() {
-    if waltap::dev::nats::binary().is_none() {
-        eprintln!("skipped: nats-server is not installed");
+    if !have_nats_server() {
         return;
     }
     let dir = scratch("cluster");

@@ -437,12 +437,6 @@ impl JetStreamLog {
             .map_err(|e: crate::event::ParsePositionError| foreign(e.to_string()))
     }
 
-    /// The last event in the stream when the session started: every event at or before
-    /// it is in the log.
-    pub fn end(&self) -> Option<Position> {
-        self.end
-    }
-
     /// Forgets what is in flight after a failure: the session ends, and the next one
     /// starts from the stream's end.
     fn abandon(&mut self) {

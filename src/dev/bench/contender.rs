@@ -270,19 +270,10 @@ pub async fn catch_up(
     let args = match c {
         Contender::WaltapListener => return listener_catch_up(tools, slot, events, timeout).await,
         Contender::WaltapPersisted => {
-            return in_process(tools, slot, events, timeout, persisted_run(slot, events)).await
+            return super::persisted::postgres_log(tools, slot, events, timeout).await
         }
         Contender::WaltapJetStream => {
-            // The server starts before the clock does: the run measures appending only.
-            let dir = std::env::temp_dir().join(format!("waltap-bench-nats-{}", slot.name));
-            let _ = std::fs::remove_dir_all(&dir);
-            let server = crate::dev::nats::NatsServer::start(&dir).await?;
-            let url = server.url();
-            let run = jetstream_run(slot, &url, events);
-            let measured = in_process(tools, slot, events, timeout, run).await;
-            drop(server);
-            let _ = std::fs::remove_dir_all(&dir);
-            return measured;
+            return super::persisted::jetstream(tools, slot, events, timeout).await
         }
         _ if c.fanout().is_some() => return fanout_catch_up(tools, c, slot, events, timeout).await,
         Contender::WaltapTail => tail_args(slot, Some(events)),
@@ -572,7 +563,7 @@ async fn listener_catch_up(
 }
 
 /// Measures an in-process path: `work` runs until every event is handled.
-async fn in_process(
+pub(super) async fn in_process(
     tools: &Tools,
     slot: &Slot<'_>,
     events: u64,
@@ -617,64 +608,6 @@ async fn in_process(
         peak_rss_kib: peak_rss_kib(Proc::This).filter(|_| own_peak),
         fanout: None,
     })
-}
-
-/// The appender fills the log until it holds all `events` of this slot.
-async fn persisted_run(slot: &Slot<'_>, events: u64) -> anyhow::Result<()> {
-    let config = crate::log::append::AppenderConfig::new(listener_config(slot)?);
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(crate::log::append::run(config, cancel.clone()));
-    let count = async {
-        loop {
-            // The log table exists once the appender has migrated.
-            let n: i64 = match slot
-                .observer_db
-                .query_one(
-                    "SELECT count(*) FROM waltap.events WHERE source = $1",
-                    &[&slot.name],
-                )
-                .await
-            {
-                Ok(row) => row.get(0),
-                Err(_) => 0,
-            };
-            if n as u64 >= events {
-                return;
-            }
-            tokio::time::sleep(POLL * 4).await;
-        }
-    };
-    count.await;
-    cancel.cancel();
-    task.await??;
-    Ok(())
-}
-
-/// The appender publishes to JetStream until the stream holds all `events`.
-async fn jetstream_run(slot: &Slot<'_>, nats_url: &str, events: u64) -> anyhow::Result<()> {
-    let mut config = crate::log::append::AppenderConfig::new(listener_config(slot)?);
-    config.jetstream = Some(crate::log::jetstream::JetStreamConfig::parse(nats_url)?);
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(crate::log::append::run(config, cancel.clone()));
-    let client = async_nats::connect(nats_url).await?;
-    let js = async_nats::jetstream::new(client);
-    loop {
-        // The stream exists once the appender has connected.
-        let end = match js.get_stream("WALTAP").await {
-            Ok(mut stream) => stream.info().await.map_or(0, |i| i.state.last_sequence),
-            Err(_) => 0,
-        };
-        if end >= events {
-            break;
-        }
-        if task.is_finished() {
-            break;
-        }
-        tokio::time::sleep(POLL * 4).await;
-    }
-    cancel.cancel();
-    task.await??;
-    Ok(())
 }
 
 /// A fan-out run, measured over its catch-up window (see [`super::fanout`]).

@@ -14,13 +14,15 @@
 //!    contenders, in an order rotated per run, so drifting machine load is shared.
 //! 2. Latency: per contender, a fresh slot and consumer, then paced single-row commits.
 //!
-//! Submodules: [`workload`] (SQL), [`contender`] (running and measuring each contender),
+//! Submodules: [`workload`] (SQL), [`contender`] (running and measuring each contender;
+//! the appender's contenders in `persisted`),
 //! [`measure`] (`/proc`, GNU time, statistics), [`report`] (report and Markdown).
 
 pub mod contender;
 pub mod fanout;
 mod follower;
 pub mod measure;
+mod persisted;
 pub mod report;
 pub mod workload;
 
