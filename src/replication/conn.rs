@@ -9,6 +9,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_postgres::config::{Host, TargetSessionAttrs};
 
 use super::copy_both::ReplicationStream;
+use super::pacing::Pacer;
 use super::{validate_slot_name, ReplicationError, ServerError, MAX_FRAME};
 use crate::lsn::Lsn;
 use crate::pg::config::SourceConfig;
@@ -26,10 +27,6 @@ const PINNED_OPTIONS: &str =
 
 /// Receive buffer for connections to a server on the same machine (see `connect_one`).
 const LOOPBACK_RCVBUF: usize = 32 * 1024;
-
-/// During catch-up, a read that returned less than this is followed by a pause before the
-/// next (see [`ReplicationConnection::fill`]).
-const PACED_READ: usize = 64 * 1024;
 
 /// One row of a simple-query result: column names and text values.
 #[derive(Debug, Clone, Default)]
@@ -82,11 +79,13 @@ pub struct ReplicationConnection {
     backend_pid: i32,
     /// The server said `in_hot_standby = on` at start-up (PostgreSQL 14+ reports it).
     hot_standby: bool,
-    /// Pause before a read while catching up; zero: never.
+    /// While catching up, the wait before a read checks the socket this often; zero: no
+    /// pacing (see [`super::pacing`]).
     pub(crate) catch_up_pause: std::time::Duration,
     /// Set by the consumer of the stream: the server is sending old changes.
     pub(crate) catching_up: bool,
-    last_read: usize,
+    /// `None` for a socket that cannot be asked how much it holds.
+    pacer: Option<Pacer>,
 }
 
 impl ReplicationConnection {
@@ -130,12 +129,14 @@ impl ReplicationConnection {
         port: u16,
     ) -> Result<Self, ReplicationError> {
         let target = describe_target(host, port);
+        let pacer;
         let io: Box<dyn Transport> = match host {
             Host::Unix(dir) => {
                 let path = dir.join(format!(".s.PGSQL.{port}"));
                 let s = tokio::net::UnixStream::connect(&path)
                     .await
                     .map_err(|source| ReplicationError::Connect { target, source })?;
+                pacer = Pacer::new(&s);
                 Box::new(s)
             }
             Host::Tcp(h) => {
@@ -151,6 +152,7 @@ impl ReplicationConnection {
                     // fixed buffer would cripple on a long round trip.
                     socket2::SockRef::from(&tcp).set_recv_buffer_size(LOOPBACK_RCVBUF)?;
                 }
+                pacer = Pacer::new(&tcp);
                 Self::maybe_tls(config, h, tcp).await?
             }
         };
@@ -163,7 +165,7 @@ impl ReplicationConnection {
             hot_standby: false,
             catch_up_pause: std::time::Duration::ZERO,
             catching_up: false,
-            last_read: 0,
+            pacer,
         };
         conn.startup(config).await?;
         Ok(conn)
@@ -372,20 +374,21 @@ impl ReplicationConnection {
 
     /// Reads more bytes from the socket into the buffer; cancellation-safe.
     ///
-    /// While catching up, a short last read means we are ahead of the walsender: reading
-    /// again at once would take a few messages per wake-up, and have the walsender pay a
-    /// `send()` through the whole TCP stack per message. Sleeping briefly instead (a
-    /// thread sleep: the socket must not wake us) lets the data pile up behind our
-    /// window; the walsender's sends then only queue, and we read it all in one go.
+    /// While catching up, it first waits for the socket to hold a full window (see
+    /// [`super::pacing`]): the walsender's sends are then cheap, and we read them in one go.
     pub(crate) async fn fill(&mut self) -> Result<(), ReplicationError> {
-        if self.catching_up && self.last_read < PACED_READ && !self.catch_up_pause.is_zero() {
-            std::thread::sleep(self.catch_up_pause);
+        if self.catching_up && !self.catch_up_pause.is_zero() {
+            if let Some(pacer) = &self.pacer {
+                pacer.wait(self.catch_up_pause);
+            }
         }
         if self.read_buf.capacity() - self.read_buf.len() < 8 * 1024 {
             self.read_buf.reserve(64 * 1024);
         }
         let n = self.io.read_buf(&mut self.read_buf).await?;
-        self.last_read = n;
+        if let Some(pacer) = &mut self.pacer {
+            pacer.read(n);
+        }
         if n == 0 {
             return Err(ReplicationError::Closed);
         }

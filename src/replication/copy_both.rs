@@ -97,8 +97,8 @@ impl ReplicationStream {
         }
     }
 
-    /// Pause this long before reading while [`Self::set_catching_up`] holds and the last
-    /// read was short; zero turns pacing off. See `ReplicationConnection::fill`.
+    /// While [`Self::set_catching_up`] holds, a read first waits (at most 2 ms) for the
+    /// socket to hold a full window, checking this often; zero turns pacing off.
     pub fn set_catch_up_pause(&mut self, pause: std::time::Duration) {
         self.conn.catch_up_pause = pause;
     }

@@ -18,6 +18,7 @@
 mod conn;
 mod copy_both;
 mod error;
+mod pacing;
 
 pub use conn::{IdentifySystem, ReplicationConnection, SlotCreated, SqlRow};
 pub use copy_both::{ReplicationMessage, ReplicationStream, StatusUpdate};

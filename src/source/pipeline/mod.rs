@@ -82,11 +82,12 @@ pub struct ListenerConfig {
     /// missing slot is then an error, never created anew (see
     /// [`crate::setup::SetupOptions::consumed_through`]).
     pub consumed_through: Option<Lsn>,
-    /// While catching up (changes committed more than 100 ms before the
-    /// server sent them), pause this long before a read that follows a short one, so the
-    /// server sends in bulk: less CPU on both sides per event. It blocks the thread (so
-    /// that arriving data does not wake it), and never applies to live changes, so it
-    /// costs latency only to changes that are late anyway. Zero turns it off.
+    /// While catching up (changes committed more than 100 ms before the server sent
+    /// them), a read first waits until the socket holds a full window, the server pauses,
+    /// or 2 ms passed, checking this often: the server's sends then queue cheaply behind
+    /// the closed window, less CPU on both sides per event. It blocks the thread (so that
+    /// arriving data does not wake it), and never applies to live changes, so it costs
+    /// latency only to changes that are late anyway. Zero turns it off.
     pub catch_up_pause: Duration,
 }
 
@@ -110,7 +111,7 @@ impl ListenerConfig {
             stream_in_progress: true,
             failover_slot: false,
             consumed_through: None,
-            catch_up_pause: Duration::from_micros(300),
+            catch_up_pause: Duration::from_micros(100),
         }
     }
 
