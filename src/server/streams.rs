@@ -59,7 +59,7 @@ pub(super) async fn authorize(
     // A name no stream can have (a NUL, a path segment like `..`) is not looked up.
     streams::check_name(name)?;
     let store = state.store.get().await?;
-    let info = streams::get(&store, name).await?;
+    let info = streams::find(&store, name).await?;
     if !readable(caller, &info) {
         return Err(StoreError::NoSuchStream(name.to_owned()).into());
     }
@@ -256,7 +256,9 @@ pub(super) async fn consume(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     if ws.is_err() && accept.contains("application/json") && !accept.contains("text/event-stream") {
-        return Ok(Json(authorize(&state, &caller, &name).await?).into_response());
+        authorize(&state, &caller, &name).await?;
+        let store = state.store.get().await?;
+        return Ok(Json(streams::get(&store, &name).await?).into_response());
     }
     let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
     let resume = resume_position(&caller, last_event_id.filter(|s| !s.is_empty()))?;

@@ -334,28 +334,42 @@ pub async fn list_counting(
         .map_err(StoreError::sql("list streams"))?;
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
-        out.push(info(store, &row, limit).await?);
+        out.push(info(store, &row, Some(limit)).await?);
     }
     Ok(out)
 }
 
-/// One stream.
+/// One stream, with its backlog counted (up to [`BACKLOG_COUNT_LIMIT`]).
 pub async fn get(store: &Client, name: &str) -> Result<StreamInfo, StoreError> {
-    let row = store
+    let row = read_row(store, name).await?;
+    info(store, &row, Some(BACKLOG_COUNT_LIMIT)).await
+}
+
+/// One stream's definition, cursor and lease, without counting its backlog (`backlog` is
+/// 0): for checks before each delivery request, where counting (a read of up to 100,000
+/// log rows) cost more than the page itself.
+pub async fn find(store: &Client, name: &str) -> Result<StreamInfo, StoreError> {
+    let row = read_row(store, name).await?;
+    info(store, &row, None).await
+}
+
+async fn read_row(store: &Client, name: &str) -> Result<tokio_postgres::Row, StoreError> {
+    store
         .query_opt(
             &format!("SELECT {INFO_COLUMNS} FROM waltap.streams WHERE name = $1"),
             &[&name],
         )
         .await
         .map_err(StoreError::sql("read a stream"))?
-        .ok_or_else(|| StoreError::NoSuchStream(name.to_owned()))?;
-    info(store, &row, BACKLOG_COUNT_LIMIT).await
+        .ok_or_else(|| StoreError::NoSuchStream(name.to_owned()))
 }
 
+/// A stream's description from its row; the backlog is counted up to `limit` events, or
+/// not at all without one.
 async fn info(
     store: &Client,
     row: &tokio_postgres::Row,
-    limit: i64,
+    limit: Option<i64>,
 ) -> Result<StreamInfo, StoreError> {
     let name: String = row.get(0);
     let source: String = row.get(1);
@@ -390,8 +404,37 @@ async fn info(
             copy,
         }
     });
-    let (schemas, names) = split_tables(&tables);
-    let backlog: i64 = store
+    let (backlog, backlog_capped) = match limit {
+        Some(limit) => {
+            let counted = count_backlog(store, &source, cursor, &tables, limit).await?;
+            (counted.min(limit), counted > limit)
+        }
+        None => (0, false),
+    };
+    Ok(StreamInfo {
+        name,
+        source,
+        tables,
+        filter,
+        cursor: cursor.position(),
+        created_at: row.get(6),
+        lease,
+        backlog,
+        backlog_capped,
+        initial_state,
+    })
+}
+
+/// The events after `cursor` on the stream's tables, counted up to `limit + 1`.
+async fn count_backlog(
+    store: &Client,
+    source: &str,
+    cursor: Mark,
+    tables: &[String],
+    limit: i64,
+) -> Result<i64, StoreError> {
+    let (schemas, names) = split_tables(tables);
+    Ok(store
         .query_one(
             "SELECT count(*) FROM (
                  SELECT 1 FROM waltap.events
@@ -409,19 +452,7 @@ async fn info(
         )
         .await
         .map_err(StoreError::sql("count a stream's backlog"))?
-        .get(0);
-    Ok(StreamInfo {
-        name,
-        source,
-        tables,
-        filter,
-        cursor: cursor.position(),
-        created_at: row.get(6),
-        lease,
-        backlog: backlog.min(limit),
-        backlog_capped: backlog > limit,
-        initial_state,
-    })
+        .get(0))
 }
 
 /// Stored `schema.table` names as two parallel arrays, for SQL.
