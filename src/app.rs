@@ -17,6 +17,20 @@ use tokio_util::sync::CancellationToken;
 use crate::hub::{Hub, HubConfig};
 use crate::server::{Http, ServerConfig, ServerError};
 
+/// The temporary slot of a member's subscriptions when the log is on JetStream: the
+/// source's slot name, cut to leave room, and the process id (slot names are at most 63
+/// characters).
+fn subscription_slot(slot: &str) -> String {
+    let suffix = format!("_sub_{}", std::process::id());
+    let keep = slot
+        .char_indices()
+        .map(|(i, c)| i + c.len_utf8())
+        .take_while(|end| *end + suffix.len() <= 63)
+        .last()
+        .unwrap_or(0);
+    format!("{}{suffix}", &slot[..keep])
+}
+
 /// Runs the group member, the hub and the API on `listener` until `cancel` fires or the
 /// pipeline fails definitively.
 pub async fn serve(
@@ -30,11 +44,20 @@ pub async fn serve(
     hub_config.subscriber_queue = config.subscriber_queue;
     // A server started while Postgres restarts comes up and connects when it can.
     hub_config.start_offline = true;
-    hub_config.feed = Some(crate::log::tail::feed(
-        appender.store.clone(),
-        slot.clone(),
-        appender.listener.source.clone(),
-    ));
+    if appender.jetstream.is_some() {
+        // The Postgres log is empty when events go to JetStream: subscriptions read a
+        // temporary slot of this member's own (one more walsender per member), which
+        // Postgres drops when the member's connection ends.
+        hub_config.listener.slot = subscription_slot(&slot);
+        hub_config.listener.temporary_slot = true;
+        hub_config.listener.create_slot = true;
+    } else {
+        hub_config.feed = Some(crate::log::tail::feed(
+            appender.store.clone(),
+            slot.clone(),
+            appender.listener.source.clone(),
+        ));
+    }
     let hub = Hub::start(hub_config).await.map_err(ServerError::Hub)?;
     let http = Http::new(&config, hub)?;
 

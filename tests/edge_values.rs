@@ -219,7 +219,9 @@ async fn edge_values_in_export_and_stream_filters() {
         initial_state: false,
         from: None,
     };
-    streams::create(&store, &store, &def).await.unwrap();
+    streams::create(&waltap::log::EventLog::Postgres, &store, &store, &def)
+        .await
+        .unwrap();
     insert(&db, 100).await;
     let mut c = streams::open(&log.store, "edges", OpenOptions::default())
         .await

@@ -404,7 +404,9 @@ async fn a_stream_with_initial_state_resumes_mid_snapshot_without_loss() {
         initial_state: true,
         from: None,
     };
-    streams::create(&store, &store, &def).await.unwrap();
+    streams::create(&waltap::log::EventLog::Postgres, &store, &store, &def)
+        .await
+        .unwrap();
     let options = || OpenOptions {
         page_size: 100,
         lease: Duration::from_secs(5),
@@ -447,7 +449,9 @@ async fn a_stream_with_initial_state_resumes_mid_snapshot_without_loss() {
         current(&db, "true").await,
         "the copy equals the table"
     );
-    let info = streams::get(&store, "warm").await.unwrap();
+    let info = streams::get(&waltap::log::EventLog::Postgres, &store, "warm")
+        .await
+        .unwrap();
     assert_eq!(
         Some(info.cursor),
         copy.last,
@@ -511,7 +515,9 @@ async fn export_then_stream_from_its_position() {
         initial_state: false,
         from: Some(from),
     };
-    streams::create(&store, &store, &def).await.unwrap();
+    streams::create(&waltap::log::EventLog::Postgres, &store, &store, &def)
+        .await
+        .unwrap();
     let mut c = streams::open(&log.store, "incremental", OpenOptions::default())
         .await
         .unwrap();
@@ -766,7 +772,9 @@ async fn consumers_sharing_a_small_pool_copy_and_read_initial_states_at_once() {
             initial_state: true,
             from: None,
         };
-        streams::create(&store, &store, &def).await.unwrap();
+        streams::create(&waltap::log::EventLog::Postgres, &store, &store, &def)
+            .await
+            .unwrap();
     }
     let pool = waltap::log::ConsumerPool::new(&log.store, 2).unwrap();
     let readers = names.iter().map(|name| {

@@ -20,7 +20,7 @@ use waltap::Position;
 use crate::crash::{self, LoggedRow, Names, Record, Run, Shape, Writer};
 use crate::support::{self, listen, TestDb};
 
-const CATCH_UP: Duration = Duration::from_secs(120);
+pub(crate) const CATCH_UP: Duration = Duration::from_secs(120);
 
 /// A fresh directory for a server's storage.
 fn scratch(name: &str) -> PathBuf {
@@ -46,7 +46,7 @@ fn have_nats_server() -> bool {
     false
 }
 
-async fn nats() -> Option<(NatsServer, PathBuf)> {
+pub(crate) async fn nats() -> Option<(NatsServer, PathBuf)> {
     if !have_nats_server() {
         return None;
     }
@@ -55,7 +55,7 @@ async fn nats() -> Option<(NatsServer, PathBuf)> {
     Some((server, dir))
 }
 
-async fn jetstream(url: &str) -> async_nats::jetstream::Context {
+pub(crate) async fn jetstream(url: &str) -> async_nats::jetstream::Context {
     let client = async_nats::connect(url).await.expect("connect to NATS");
     async_nats::jetstream::new(client)
 }

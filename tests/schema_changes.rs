@@ -177,7 +177,9 @@ async fn persisted_streams_hear_of_schema_changes_from_the_log() {
             initial_state: false,
             from: None,
         };
-        streams::create(&store, &store, &def).await.unwrap();
+        streams::create(&waltap::log::EventLog::Postgres, &store, &store, &def)
+            .await
+            .unwrap();
     }
     // Consumers open (and compile their filters) before the table changes.
     let mut consumers = Vec::new();

@@ -65,7 +65,9 @@ impl Pipeline {
             initial_state: false,
             from: None,
         };
-        if let Err(e) = streams::create(&client, &client, &def).await {
+        if let Err(e) =
+            streams::create(&waltap::log::EventLog::Postgres, &client, &client, &def).await
+        {
             panic!("creating stream {name}: {e}");
         }
     }
@@ -233,6 +235,7 @@ async fn create_list_delete() {
     };
     let filter = json!({"create": {"plan": "pro"}});
     let info = streams::create(
+        &waltap::log::EventLog::Postgres,
         &client,
         &client,
         &def("paying", &["t", "app.u"], Some(filter.clone())),
@@ -245,20 +248,53 @@ async fn create_list_delete() {
     assert!(info.lease.is_none());
 
     let fail = |r: Result<streams::StreamInfo, StoreError>| r.expect_err("must be rejected");
-    let e = fail(streams::create(&client, &client, &def("paying", &["t"], None)).await);
+    let e = fail(
+        streams::create(
+            &waltap::log::EventLog::Postgres,
+            &client,
+            &client,
+            &def("paying", &["t"], None),
+        )
+        .await,
+    );
     assert_eq!(e.code().as_str(), "conflict");
-    let e = fail(streams::create(&client, &client, &def("x", &["nope"], None)).await);
+    let e = fail(
+        streams::create(
+            &waltap::log::EventLog::Postgres,
+            &client,
+            &client,
+            &def("x", &["nope"], None),
+        )
+        .await,
+    );
     assert!(
         matches!(e, StoreError::Table(waltap::TableError::Missing(ref t)) if t == "public.nope"),
         "{e}"
     );
-    let e = fail(streams::create(&client, &client, &def("bad name", &["t"], None)).await);
+    let e = fail(
+        streams::create(
+            &waltap::log::EventLog::Postgres,
+            &client,
+            &client,
+            &def("bad name", &["t"], None),
+        )
+        .await,
+    );
     assert_eq!(e.code().as_str(), "bad_request");
-    let e = fail(streams::create(&client, &client, &def("x", &[], None)).await);
+    let e = fail(
+        streams::create(
+            &waltap::log::EventLog::Postgres,
+            &client,
+            &client,
+            &def("x", &[], None),
+        )
+        .await,
+    );
     assert_eq!(e.code().as_str(), "bad_request");
     // Checked against every table: `n` exists only in app.u.
     let e = fail(
         streams::create(
+            &waltap::log::EventLog::Postgres,
             &client,
             &client,
             &def(
@@ -275,11 +311,18 @@ async fn create_list_delete() {
         "{e}"
     );
 
-    streams::create(&client, &client, &def("all", &["t"], None))
+    streams::create(
+        &waltap::log::EventLog::Postgres,
+        &client,
+        &client,
+        &def("all", &["t"], None),
+    )
+    .await
+    .unwrap();
+    let c = p.open("all").await;
+    let listed = streams::list(&waltap::log::EventLog::Postgres, &client, Some(&p.source))
         .await
         .unwrap();
-    let c = p.open("all").await;
-    let listed = streams::list(&client, Some(&p.source)).await.unwrap();
     let names: Vec<&str> = listed.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, vec!["all", "paying"]);
     let lease = listed[0].lease.as_ref().expect("the open consumer's lease");
@@ -288,12 +331,24 @@ async fn create_list_delete() {
     assert_eq!(as_json["cursor"], json!(listed[0].cursor.to_string()));
     assert!(as_json["lease"]["expiresAt"].is_string(), "{as_json}");
     c.close().await;
-    assert!(streams::get(&client, "all").await.unwrap().lease.is_none());
+    assert!(
+        streams::get(&waltap::log::EventLog::Postgres, &client, "all")
+            .await
+            .unwrap()
+            .lease
+            .is_none()
+    );
 
     streams::delete(&client, "paying").await.unwrap();
     let e = streams::delete(&client, "paying").await.expect_err("gone");
     assert_eq!(e.code().as_str(), "not_found");
-    assert_eq!(streams::list(&client, None).await.unwrap().len(), 1);
+    assert_eq!(
+        streams::list(&waltap::log::EventLog::Postgres, &client, None)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     p.stop().await;
     db.teardown().await;
 }
@@ -321,7 +376,13 @@ async fn acks_resume_at_least_once_in_order() {
 
     p.logged(5).await;
     let store = p.store().await;
-    assert_eq!(streams::get(&store, "s").await.unwrap().backlog, 4);
+    assert_eq!(
+        streams::get(&waltap::log::EventLog::Postgres, &store, "s")
+            .await
+            .unwrap()
+            .backlog,
+        4
+    );
 
     let mut c = p.open("s").await;
     let first = take(&mut c, 3).await;
@@ -358,7 +419,9 @@ async fn acks_resume_at_least_once_in_order() {
     c.ack(first[0].position).await.unwrap();
     assert_eq!(c.cursor(), resumed[2].position);
     c.close().await;
-    let info = streams::get(&store, "s").await.unwrap();
+    let info = streams::get(&waltap::log::EventLog::Postgres, &store, "s")
+        .await
+        .unwrap();
     assert_eq!(info.cursor, resumed[2].position);
     assert_eq!(info.backlog, 0);
 
@@ -478,7 +541,11 @@ async fn filters_and_table_sets_renumber_transactions() {
         .parse()
         .unwrap();
     let passed = wait_for("the cursor to pass the skipped events", TIMEOUT, || async {
-        streams::get(&store, "pro").await.unwrap().cursor >= head
+        streams::get(&waltap::log::EventLog::Postgres, &store, "pro")
+            .await
+            .unwrap()
+            .cursor
+            >= head
     });
     tokio::select! {
         _ = passed => {}
@@ -622,7 +689,11 @@ async fn retention_by_age_and_stale_cursors() {
     );
     // The refused open gave the lease back at once: the advised reset works right away.
     assert!(
-        streams::get(&store, "early").await.unwrap().lease.is_none(),
+        streams::get(&waltap::log::EventLog::Postgres, &store, "early")
+            .await
+            .unwrap()
+            .lease
+            .is_none(),
         "a stale open leaves no lease behind"
     );
     let e = next_error(&mut reader).await;
@@ -639,7 +710,9 @@ async fn retention_by_age_and_stale_cursors() {
     late.close().await;
 
     // After re-reading the current rows, a stale stream starts again from the head.
-    let info = streams::reset(&store, "early", false).await.unwrap();
+    let info = streams::reset(&waltap::log::EventLog::Postgres, &store, "early", false)
+        .await
+        .unwrap();
     assert!(info.cursor > through);
     let mut early = p.open("early").await;
     w.batch_execute("INSERT INTO t VALUES (6)").await.unwrap();

@@ -99,7 +99,14 @@ pub struct RunArgs {
     /// changes committed in between are not in the log. Without it, waltap stops.
     #[arg(long)]
     pub accept_slot_gap: bool,
-    /// Append the events to a NATS JetStream stream instead of the Postgres event log
+    #[command(flatten)]
+    pub nats: NatsArgs,
+}
+
+/// Where the event log is when it is on NATS JetStream.
+#[derive(Debug, Clone, Args)]
+pub struct NatsArgs {
+    /// The event log is a NATS JetStream stream instead of the Postgres event log
     /// (README.md, "The event log on NATS JetStream"): one or more comma-separated server
     /// addresses, e.g. nats://localhost:4222.
     #[arg(long, env = "WALTAP_NATS_URL", hide_env_values = true)]
@@ -113,6 +120,31 @@ pub struct RunArgs {
     /// Replicas of the JetStream stream when waltap creates it (1 to 5).
     #[arg(long, env = "WALTAP_NATS_REPLICAS", default_value_t = 1)]
     pub nats_replicas: usize,
+}
+
+impl NatsArgs {
+    /// The JetStream log these flags name, if any.
+    pub(crate) fn config(&self) -> anyhow::Result<Option<crate::log::jetstream::JetStreamConfig>> {
+        let Some(urls) = &self.nats_url else {
+            return Ok(None);
+        };
+        Ok(Some(
+            crate::log::jetstream::JetStreamConfig::parse(urls)?
+                .with_stream(&self.nats_stream)?
+                .with_subject_prefix(&self.nats_subject_prefix)?
+                .with_replicas(self.nats_replicas)?,
+        ))
+    }
+
+    /// Where named streams of `source` read their events.
+    pub(crate) fn event_log(&self, source: &str) -> anyhow::Result<crate::log::EventLog> {
+        Ok(match self.config()? {
+            Some(c) => crate::log::EventLog::JetStream(
+                crate::log::jetstream::JetStreamReader::new(&c, source),
+            ),
+            None => crate::log::EventLog::Postgres,
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -368,16 +400,11 @@ impl RunArgs {
         if let Some(url) = &self.store_url {
             config.store = SourceConfig::parse(url)?;
         }
-        if let Some(urls) = &self.nats_url {
+        if let Some(js) = self.nats.config()? {
             if self.retention_age.is_some() || self.retention_bytes.is_some() {
                 anyhow::bail!("--retention-age and --retention-bytes apply to the Postgres event log: with --nats-url, set the JetStream stream's own limits (max_age, max_bytes)");
             }
-            config.jetstream = Some(
-                crate::log::jetstream::JetStreamConfig::parse(urls)?
-                    .with_stream(&self.nats_stream)?
-                    .with_subject_prefix(&self.nats_subject_prefix)?
-                    .with_replicas(self.nats_replicas)?,
-            );
+            config.jetstream = Some(js);
         }
         if self.retention_age.is_some() || self.retention_bytes.is_some() {
             config.retention = Some(crate::log::retention::Retention {
@@ -418,11 +445,6 @@ async fn run_pipeline(args: RunArgs) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     use crate::server::Keys;
-    if args.run.nats_url.is_some() {
-        // The HTTP API's streams, feed and subscriptions read the Postgres event log; a
-        // server appending elsewhere would serve nothing.
-        anyhow::bail!("--nats-url is supported by `waltap run` only: `waltap serve` delivers from the Postgres event log. Run `waltap run --nats-url ...` and consume the JetStream stream with any NATS client (README.md, \"The event log on NATS JetStream\")");
-    }
     let token_secret = std::env::var("WALTAP_TOKEN_SECRET").ok();
     let keys = match (&args.keys_file, std::env::var("WALTAP_API_KEYS")) {
         (Some(path), _) => Keys::from_file(path, token_secret.as_deref())?,

@@ -47,9 +47,16 @@ pub struct StoreArgs {
     /// The source: the slot `waltap run` appends from.
     #[arg(long, env = "WALTAP_SLOT", default_value = "waltap")]
     pub slot: String,
+    #[command(flatten)]
+    pub nats: super::NatsArgs,
 }
 
 impl StoreArgs {
+    /// Where the streams of `--slot` read their events.
+    pub(super) fn event_log(&self) -> anyhow::Result<crate::log::EventLog> {
+        self.nats.event_log(&self.slot)
+    }
+
     /// The store, and the watched database when it is another one.
     pub(super) fn configs(&self) -> anyhow::Result<(SourceConfig, Option<SourceConfig>)> {
         let watched = super::with_primary(
@@ -102,9 +109,12 @@ pub struct ListArgs {
     pub database_url: String,
     #[arg(long, env = "WALTAP_STORE_URL", hide_env_values = true)]
     pub store_url: Option<String>,
-    /// Only the streams of this source (default: all).
+    /// Only the streams of this source (default: all; with --nats-url, the slot
+    /// `waltap run` appends from, default waltap).
     #[arg(long, env = "WALTAP_SLOT")]
     pub slot: Option<String>,
+    #[command(flatten)]
+    pub nats: super::NatsArgs,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -142,7 +152,13 @@ pub async fn run(cmd: StreamCommand) -> anyhow::Result<()> {
         StreamCommand::List(args) => {
             let url = args.store_url.as_deref().unwrap_or(&args.database_url);
             let store = SourceConfig::parse(url)?.connect_sql().await?;
-            let all = streams::list(&store, args.slot.as_deref()).await?;
+            // A JetStream log holds one source: list that one.
+            let slot = match (&args.slot, &args.nats.nats_url) {
+                (None, Some(_)) => Some("waltap".to_owned()),
+                (slot, _) => slot.clone(),
+            };
+            let log = args.nats.event_log(slot.as_deref().unwrap_or("waltap"))?;
+            let all = streams::list(&log, &store, slot.as_deref()).await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&all)?);
             } else {
@@ -158,7 +174,8 @@ pub async fn run(cmd: StreamCommand) -> anyhow::Result<()> {
         }
         StreamCommand::Reset(args) => {
             let store = args.store.configs()?.0.connect_sql().await?;
-            let info = streams::reset(&store, &args.name, args.initial_state).await?;
+            let log = args.store.event_log()?;
+            let info = streams::reset(&log, &store, &args.name, args.initial_state).await?;
             println!("{}", serde_json::to_string_pretty(&info)?);
             Ok(())
         }
@@ -176,19 +193,21 @@ async fn create(args: CreateArgs) -> anyhow::Result<()> {
     };
     let def = StreamDef {
         name: args.name,
-        source: args.store.slot,
+        source: args.store.slot.clone(),
         tables: args.tables,
         filter,
         initial_state: args.initial_state,
         from: args.from,
     };
-    let info = streams::create(&store, watched.as_ref().unwrap_or(&store), &def).await?;
+    let log = args.store.event_log()?;
+    let info = streams::create(&log, &store, watched.as_ref().unwrap_or(&store), &def).await?;
     println!("{}", serde_json::to_string_pretty(&info)?);
     Ok(())
 }
 
 async fn tail(args: TailArgs) -> anyhow::Result<()> {
     let (store, catalog) = args.store.configs()?;
+    let log = args.store.event_log()?;
     let options = OpenOptions {
         catalog,
         lease: args.lease,
@@ -203,7 +222,7 @@ async fn tail(args: TailArgs) -> anyhow::Result<()> {
     // final count is then shown however fast the copy was.
     let pending = match progress.shown() {
         true => match store.connect_sql().await {
-            Ok(client) => streams::get(&client, &args.name)
+            Ok(client) => streams::get(&log, &client, &args.name)
                 .await
                 .is_ok_and(|info| info.initial_state.is_some_and(|i| i.state != "ready"))
                 .then_some(client),
@@ -211,7 +230,9 @@ async fn tail(args: TailArgs) -> anyhow::Result<()> {
         },
         false => None,
     };
-    let opening = streams::open(&store, &args.name, options);
+    // Two connections: one for the reader's statement and one for an acknowledgement.
+    let pool = crate::log::ConsumerPool::reading(&store, 2, log.clone())?;
+    let opening = streams::open_pooled(&pool, &store, &args.name, options);
     let mut consumer = if progress.shown() {
         // The first consumer of a stream made with an initial state copies it while
         // opening; the copy reports how far it is.
@@ -231,7 +252,7 @@ async fn tail(args: TailArgs) -> anyhow::Result<()> {
         opening.await
     }?;
     if let Some(client) = pending {
-        if let Ok(Some(copied)) = streams::get(&client, &args.name)
+        if let Ok(Some(copied)) = streams::get(&log, &client, &args.name)
             .await
             .map(|info| info.initial_state)
         {

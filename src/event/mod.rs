@@ -20,6 +20,7 @@ use serde::Serialize;
 
 pub use assemble::{Assembler, AssemblerOptions, EventError, Output, TableName, WATERMARK_PREFIX};
 pub use position::{ParsePositionError, Position, POSITION_LEN};
+pub(crate) use shape::splice_stored;
 pub use shape::{ColumnShape, SchemaChange, SchemaConflict};
 pub(crate) use time::days_from_civil;
 pub use time::rfc3339_micros;

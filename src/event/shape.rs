@@ -182,24 +182,34 @@ impl SchemaChange {
     /// Appends the change to an event's JSON object text (`{...}` -> `{..., "schemaChange":
     /// {"columns": [...], "previous": [...]}}`), as the event log stores it.
     pub(crate) fn append_to_stored(&self, body: &mut String) -> Result<(), serde_json::Error> {
+        splice_stored(body, &self.stored_json()?);
+        Ok(())
+    }
+
+    /// The change as the event log stores it: `{"columns": [...], "previous": [...]}`.
+    pub(crate) fn stored_json(&self) -> Result<String, serde_json::Error> {
         #[derive(Serialize)]
         struct Stored<'a> {
             columns: &'a [ColumnShape],
             previous: &'a [ColumnShape],
         }
-        let change = serde_json::to_string(&Stored {
+        serde_json::to_string(&Stored {
             columns: &self.columns,
             previous: &self.previous,
-        })?;
-        if body.ends_with('}') {
-            body.pop();
-            body.push_str(",\"");
-            body.push_str(STORED_KEY);
-            body.push_str("\":");
-            body.push_str(&change);
-            body.push('}');
-        }
-        Ok(())
+        })
+    }
+}
+
+/// Adds a stored change ([`SchemaChange::stored_json`]) to an event's JSON object text, so
+/// that the event parses back with its change.
+pub(crate) fn splice_stored(body: &mut String, change: &str) {
+    if body.ends_with('}') {
+        body.pop();
+        body.push_str(",\"");
+        body.push_str(STORED_KEY);
+        body.push_str("\":");
+        body.push_str(change);
+        body.push('}');
     }
 }
 

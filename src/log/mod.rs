@@ -37,6 +37,27 @@ use crate::error::{ErrorCode, TableError};
 use crate::event::{Event, Position};
 use crate::lsn::LogMark;
 
+/// The log named streams read their events from. Their definitions, cursors and leases
+/// live in the store's `waltap.streams` either way.
+#[derive(Debug, Clone, Default)]
+pub enum EventLog {
+    /// `waltap.events` in the store.
+    #[default]
+    Postgres,
+    /// A JetStream stream (`--nats-url`), holding one source's events.
+    JetStream(jetstream::JetStreamReader),
+}
+
+/// One event of a log as a stream reader gets it.
+pub(crate) struct Stored {
+    pub(crate) at: streams::Mark,
+    /// Whether it ends its transaction.
+    pub(crate) tx_last: bool,
+    /// The JSON text (with a stored schema change); absent for events of tables outside
+    /// the stream.
+    pub(crate) body: Option<String>,
+}
+
 /// The migrations, in order. Each is idempotent; applied ones are recorded.
 pub const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../../migrations/0001_event_log.sql")),
@@ -197,6 +218,10 @@ impl StoreError {
             StoreError::Table(_) => ErrorCode::UnknownTable,
             StoreError::Snapshot(e) => e.code(),
             StoreError::SchemaChanged(_) => ErrorCode::SchemaChanged,
+            StoreError::JetStream(
+                jetstream::JetStreamError::InitialState
+                | jetstream::JetStreamError::OtherSource { .. },
+            ) => ErrorCode::BadRequest,
             _ => ErrorCode::Internal,
         }
     }

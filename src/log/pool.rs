@@ -12,7 +12,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::postgres::NOTIFY_CHANNEL;
-use super::StoreError;
+use super::{EventLog, StoreError};
 use crate::pg::config::SourceConfig;
 use crate::pg::SqlPool;
 
@@ -37,6 +37,7 @@ pub struct ConsumerPool {
 
 struct Inner {
     pool: SqlPool,
+    log: EventLog,
     wake: broadcast::Sender<Wake>,
     _listening: DropGuard,
 }
@@ -54,6 +55,15 @@ impl ConsumerPool {
     /// it is needed), and the listening connection, opened now in the background and
     /// reopened with backoff when it breaks. Needs a Tokio runtime.
     pub fn new(store: &SourceConfig, size: usize) -> Result<ConsumerPool, StoreError> {
+        Self::reading(store, size, EventLog::Postgres)
+    }
+
+    /// As [`ConsumerPool::new`], for consumers whose events come from `log`.
+    pub fn reading(
+        store: &SourceConfig,
+        size: usize,
+        log: EventLog,
+    ) -> Result<ConsumerPool, StoreError> {
         let pool = SqlPool::new(store, size)?;
         let (wake, _) = broadcast::channel(WAKE_BUFFER);
         let stop = CancellationToken::new();
@@ -61,6 +71,7 @@ impl ConsumerPool {
         Ok(ConsumerPool {
             inner: Arc::new(Inner {
                 pool,
+                log,
                 wake,
                 _listening: stop.drop_guard(),
             }),
@@ -75,6 +86,11 @@ impl ConsumerPool {
     /// The pool itself, for other statements of the same process (the server's).
     pub(crate) fn sql(&self) -> &SqlPool {
         &self.inner.pool
+    }
+
+    /// Where consumers read events.
+    pub fn log(&self) -> &EventLog {
+        &self.inner.log
     }
 
     /// Wake-ups from now on.

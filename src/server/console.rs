@@ -401,7 +401,13 @@ async fn stream_parts(
     state: &AppState,
     client: &tokio_postgres::Client,
 ) -> Result<Vec<StreamPart>, StoreError> {
-    let infos = streams::list_counting(client, Some(&state.slot), BACKLOG_LIMIT).await?;
+    let infos = streams::list_counting(
+        state.consumer_pool.log(),
+        client,
+        Some(&state.slot),
+        BACKLOG_LIMIT,
+    )
+    .await?;
     let rows = client
         .query(
             "SELECT s.name,

@@ -379,8 +379,14 @@ impl Http {
         let metrics = Arc::new(Metrics::default());
         let appender = &config.appender;
         let cors = cors_layer(&config.cors_origins)?;
+        let log = match &appender.jetstream {
+            Some(js) => crate::log::EventLog::JetStream(
+                crate::log::jetstream::JetStreamReader::new(js, &appender.listener.slot),
+            ),
+            None => crate::log::EventLog::Postgres,
+        };
         let consumer_pool =
-            crate::log::pool::ConsumerPool::new(&appender.store, config.store_pool_size)
+            crate::log::pool::ConsumerPool::reading(&appender.store, config.store_pool_size, log)
                 .map_err(ServerError::Pool)?;
         let catalog = if appender.store.describe() != appender.listener.source.describe() {
             let source = appender.listener.source.clone();

@@ -93,7 +93,7 @@ pub(super) async fn list(
     caller.require_key()?;
     caller.check_streams()?;
     let store = state.store.get().await?;
-    let all = streams::list(&store, Some(&state.slot)).await?;
+    let all = streams::list(state.consumer_pool.log(), &store, Some(&state.slot)).await?;
     let visible: Vec<StreamInfo> = all.into_iter().filter(|s| readable(&caller, s)).collect();
     Ok(Json(json!({"streams": visible})).into_response())
 }
@@ -133,7 +133,7 @@ pub(super) async fn create(
         initial_state: req.initial_state,
         from: req.from,
     };
-    let info = streams::create(&store, &catalog, &def).await?;
+    let info = streams::create(state.consumer_pool.log(), &store, &catalog, &def).await?;
     tracing::info!(key = %caller.key.id(), stream = %info.name, "stream created");
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
@@ -174,7 +174,7 @@ pub(super) async fn reset(
     };
     authorize(&state, &caller, &name).await?;
     let store = state.store.get().await?;
-    let info = streams::reset(&store, &name, req.initial_state).await?;
+    let info = streams::reset(state.consumer_pool.log(), &store, &name, req.initial_state).await?;
     tracing::info!(key = %caller.key.id(), stream = %name, initial_state = req.initial_state, "stream reset");
     Ok(Json(info).into_response())
 }
@@ -258,7 +258,9 @@ pub(super) async fn consume(
     if ws.is_err() && accept.contains("application/json") && !accept.contains("text/event-stream") {
         authorize(&state, &caller, &name).await?;
         let store = state.store.get().await?;
-        return Ok(Json(streams::get(&store, &name).await?).into_response());
+        return Ok(
+            Json(streams::get(state.consumer_pool.log(), &store, &name).await?).into_response(),
+        );
     }
     let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
     let resume = resume_position(&caller, last_event_id.filter(|s| !s.is_empty()))?;

@@ -512,12 +512,19 @@ async fn api_reset(
 ) {
     loop {
         let result = match store.connect_sql().await {
-            Ok(client) => streams::reset(&client, name, true).await,
+            Ok(client) => {
+                streams::reset(&waltap::log::EventLog::Postgres, &client, name, true).await
+            }
             Err(e) => Err(e.into()),
         };
         match result {
             Ok(_) => {
-                ctx.log(replica, &format!("streams::reset(initial_state) ({why})"));
+                ctx.log(
+                    replica,
+                    &format!(
+                        "streams::reset(&waltap::log::EventLog::Postgres, initial_state) ({why})"
+                    ),
+                );
                 replica.lock().unwrap().restart_with_rows();
                 return;
             }

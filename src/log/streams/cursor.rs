@@ -95,7 +95,7 @@ impl Mark {
         Position::new(Lsn(self.lsn as u64), self.ordinal.max(0) as u32)
     }
 
-    pub(super) fn of(p: Position) -> Mark {
+    pub(crate) fn of(p: Position) -> Mark {
         Mark {
             lsn: p.commit_lsn.0 as i64,
             ordinal: i32::try_from(p.ordinal).unwrap_or(TX_END),

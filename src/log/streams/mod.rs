@@ -82,7 +82,7 @@ use tokio_postgres::Client;
 use crate::event::{Event, Position, TableName};
 use crate::filter::{CompiledFilter, Filter};
 use crate::log::postgres::migrate;
-use crate::log::StoreError;
+use crate::log::{EventLog, StoreError};
 use crate::lsn::LogMark;
 use crate::pg::catalog;
 use crate::pg::config::SourceConfig;
@@ -95,7 +95,7 @@ pub const DEFAULT_PAGE_SIZE: usize = 500;
 pub const BACKLOG_COUNT_LIMIT: i64 = 100_000;
 
 /// The ordinal of a cursor that stands after every event of its transaction.
-const TX_END: i32 = i32::MAX;
+pub(crate) const TX_END: i32 = i32::MAX;
 
 /// What makes a stream.
 #[derive(Debug, Clone)]
@@ -243,6 +243,7 @@ async fn table_schemas(
 /// is a connection to the watched database (the tables must exist there; the filter is
 /// checked against each), `store` one to the log's database.
 pub async fn create(
+    log: &EventLog,
     store: &Client,
     catalog_client: &Client,
     def: &StreamDef,
@@ -268,6 +269,9 @@ pub async fn create(
             tracing::warn!(stream = %def.name, table = %t, "{w}");
         }
     }
+    if def.initial_state {
+        refuse_initial_state(log)?;
+    }
     migrate(store).await?;
     let names: Vec<String> = tables.iter().map(qualified).collect();
     let filter = def.filter.as_ref().map(|f| f.to_json().to_string());
@@ -276,7 +280,7 @@ pub async fn create(
         // subscription comes from the slot, which can be ahead of the log, and the stream
         // then starts there. Nothing was delivered yet, so nothing can be skipped unseen.
         Some(from) => Mark::checked(from)?,
-        None => log_head(store, &def.source).await?,
+        None => log_head(log, store, &def.source).await?,
     };
     let created = store
         .execute(
@@ -299,7 +303,7 @@ pub async fn create(
     if created == 0 {
         return Err(StoreError::StreamExists(def.name.clone()));
     }
-    get(store, &def.name).await
+    get(log, store, &def.name).await
 }
 
 const INFO_COLUMNS: &str = "name, source, tables, filter::text, cursor_lsn, cursor_ordinal,
@@ -309,14 +313,19 @@ const INFO_COLUMNS: &str = "name, source, tables, filter::text, cursor_lsn, curs
           THEN to_char(lease_expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') END,
      snapshot_state, snapshot_total, snapshot_acked";
 
-/// The streams of every source, or of one, by name.
-pub async fn list(store: &Client, source: Option<&str>) -> Result<Vec<StreamInfo>, StoreError> {
-    list_counting(store, source, BACKLOG_COUNT_LIMIT).await
+/// The streams of every source, or of one, by name, with backlogs counted in `log`.
+pub async fn list(
+    log: &EventLog,
+    store: &Client,
+    source: Option<&str>,
+) -> Result<Vec<StreamInfo>, StoreError> {
+    list_counting(log, store, source, BACKLOG_COUNT_LIMIT).await
 }
 
 /// As [`list`], counting each backlog up to `limit` only: counting reads the log, so a
 /// frequent reader (the console) asks for less.
 pub async fn list_counting(
+    log: &EventLog,
     store: &Client,
     source: Option<&str>,
     limit: i64,
@@ -334,15 +343,15 @@ pub async fn list_counting(
         .map_err(StoreError::sql("list streams"))?;
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
-        out.push(info(store, &row, Some(limit)).await?);
+        out.push(info(log, store, &row, Some(limit)).await?);
     }
     Ok(out)
 }
 
-/// One stream, with its backlog counted (up to [`BACKLOG_COUNT_LIMIT`]).
-pub async fn get(store: &Client, name: &str) -> Result<StreamInfo, StoreError> {
+/// One stream, with its backlog in `log` counted (up to [`BACKLOG_COUNT_LIMIT`]).
+pub async fn get(log: &EventLog, store: &Client, name: &str) -> Result<StreamInfo, StoreError> {
     let row = read_row(store, name).await?;
-    info(store, &row, Some(BACKLOG_COUNT_LIMIT)).await
+    info(log, store, &row, Some(BACKLOG_COUNT_LIMIT)).await
 }
 
 /// One stream's definition, cursor and lease, without counting its backlog (`backlog` is
@@ -350,7 +359,7 @@ pub async fn get(store: &Client, name: &str) -> Result<StreamInfo, StoreError> {
 /// log rows) cost more than the page itself.
 pub async fn find(store: &Client, name: &str) -> Result<StreamInfo, StoreError> {
     let row = read_row(store, name).await?;
-    info(store, &row, None).await
+    info(&EventLog::Postgres, store, &row, None).await
 }
 
 async fn read_row(store: &Client, name: &str) -> Result<tokio_postgres::Row, StoreError> {
@@ -367,6 +376,7 @@ async fn read_row(store: &Client, name: &str) -> Result<tokio_postgres::Row, Sto
 /// A stream's description from its row; the backlog is counted up to `limit` events, or
 /// not at all without one.
 async fn info(
+    log: &EventLog,
     store: &Client,
     row: &tokio_postgres::Row,
     limit: Option<i64>,
@@ -406,7 +416,15 @@ async fn info(
     });
     let (backlog, backlog_capped) = match limit {
         Some(limit) => {
-            let counted = count_backlog(store, &source, cursor, &tables, limit).await?;
+            let counted = match log {
+                EventLog::Postgres => count_backlog(store, &source, cursor, &tables, limit).await?,
+                EventLog::JetStream(js) => {
+                    js.check_source(&source)?;
+                    let tables: Vec<TableName> =
+                        tables.iter().map(|t| TableName::parse(t)).collect();
+                    js.count(cursor, &tables, limit).await?
+                }
+            };
             (counted.min(limit), counted > limit)
         }
         None => (0, false),
@@ -485,6 +503,7 @@ pub async fn delete(store: &Client, name: &str) -> Result<(), StoreError> {
 /// without, the consumer re-reads them on its own. Fails with [`StoreError::StreamBusy`]
 /// while a consumer holds the stream.
 pub async fn reset(
+    log: &EventLog,
     store: &Client,
     name: &str,
     initial_state: bool,
@@ -499,7 +518,10 @@ pub async fn reset(
         .map_err(StoreError::sql("read a stream"))?
         .ok_or_else(|| StoreError::NoSuchStream(name.to_owned()))?
         .get(0);
-    let start = log_head(store, &source).await?;
+    if initial_state {
+        refuse_initial_state(log)?;
+    }
+    let start = log_head(log, store, &source).await?;
     let n = store
         .execute(
             "UPDATE waltap.streams
@@ -527,14 +549,18 @@ pub async fn reset(
         )
         .await
         .map_err(StoreError::sql("clear a stream's initial state"))?;
-    get(store, name).await
+    get(log, store, name).await
 }
 
 /// Where a stream made or reset now starts, unless told otherwise: after the log head of
 /// `source`, or before everything while its log is empty. With an initial state the first
 /// consumer then copies the rows and moves the cursor to their snapshot's position
 /// ([`super::initial::materialize`]); [`create`] and [`reset`] share both steps.
-async fn log_head(store: &Client, source: &str) -> Result<Mark, StoreError> {
+async fn log_head(log: &EventLog, store: &Client, source: &str) -> Result<Mark, StoreError> {
+    if let EventLog::JetStream(js) = log {
+        js.check_source(source)?;
+        return js.head().await;
+    }
     Ok(match crate::log::postgres::progress(store, source).await? {
         Some(mark) if mark > LogMark::NONE => Mark {
             lsn: mark.lsn().0 as i64,
@@ -542,6 +568,17 @@ async fn log_head(store: &Client, source: &str) -> Result<Mark, StoreError> {
         },
         _ => Mark { lsn: 0, ordinal: 0 },
     })
+}
+
+/// An initial state is copied against the Postgres log (its snapshot is placed among the
+/// logged transactions there), so a JetStream log does not offer it yet.
+fn refuse_initial_state(log: &EventLog) -> Result<(), StoreError> {
+    match log {
+        EventLog::Postgres => Ok(()),
+        EventLog::JetStream(_) => Err(StoreError::JetStream(
+            crate::log::jetstream::JetStreamError::InitialState,
+        )),
+    }
 }
 
 /// `snapshot_state` of a stream that starts now: `pending` until its first consumer copies

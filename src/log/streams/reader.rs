@@ -17,9 +17,10 @@ use crate::event::{Event, SchemaConflict, TableName};
 use crate::filter::FilteredView;
 use crate::filter::{CompiledFilter, Decision, Filter};
 use crate::initial::SnapshotRow;
+use crate::log::jetstream::Follower;
 use crate::log::pool::Wake;
 use crate::log::typed::TableTypes;
-use crate::log::StoreError;
+use crate::log::{EventLog, StoreError, Stored};
 
 /// The pruned mark of `source`: retention deleted every event at or below it.
 pub(super) async fn pruned_mark(store: &Client, source: &str) -> Result<Mark, StoreError> {
@@ -55,24 +56,26 @@ pub(super) const PAGE: &str = "WITH mark AS (
                      LIMIT $8) e ON true
                  ORDER BY e.commit_lsn, e.ordinal";
 
-/// One stored event as a page query returns it.
-pub(super) struct Stored {
-    pub(super) at: Mark,
-    pub(super) tx_last: bool,
-    /// The JSON text; absent for events of tables outside the stream.
-    pub(super) body: Option<String>,
+/// Where a reader's pages come from.
+pub(super) enum Pages {
+    /// `waltap.events`, woken by the appender's notifications.
+    Postgres {
+        source: String,
+        /// The pool's append notifications.
+        notifications: broadcast::Receiver<Wake>,
+        notifications_open: bool,
+        schemas: Vec<String>,
+        tables: Vec<String>,
+    },
+    /// A JetStream log, followed from the reader's start.
+    JetStream(Box<Follower>),
 }
 
 /// The reading side of a consumer: pages of the log through the stream's view.
 pub(super) struct Reader {
     pub(super) shared: Arc<Shared>,
-    pub(super) source: String,
-    /// The pool's append notifications.
-    pub(super) notifications: broadcast::Receiver<Wake>,
-    pub(super) notifications_open: bool,
+    pub(super) pages: Pages,
     pub(super) page_size: i64,
-    pub(super) schemas: Vec<String>,
-    pub(super) tables: Vec<String>,
     pub(super) view: FilteredView<Json>,
     /// Column types per table, only when the stream has a filter.
     pub(super) types: Vec<TableTypes>,
@@ -125,9 +128,11 @@ impl Reader {
             .transpose()?;
         let cursor = shared.state().acked;
         let client = shared.pool.get().await?;
-        let pruned = pruned_mark(&client, &source).await?;
-        if pruned > cursor {
-            return Err(stale(&shared.name, cursor, pruned));
+        if let EventLog::Postgres = shared.pool.log() {
+            let pruned = pruned_mark(&client, &source).await?;
+            if pruned > cursor {
+                return Err(stale(&shared.name, cursor, pruned));
+            }
         }
         let tables: Vec<TableName> = stored_tables.iter().map(|t| TableName::parse(t)).collect();
         let (view, types) = match &filter {
@@ -144,7 +149,6 @@ impl Reader {
         };
         drop(client);
 
-        let (schemas, names) = split_tables(&stored_tables);
         // Resuming inside a transaction: read it from its start, so that its numbering
         // is the one the consumer saw before.
         let read_after = if cursor.ordinal == TX_END {
@@ -155,14 +159,26 @@ impl Reader {
                 ordinal: -1,
             }
         };
+        let pages = match shared.pool.log() {
+            EventLog::Postgres => {
+                let (schemas, tables) = split_tables(&stored_tables);
+                Pages::Postgres {
+                    source,
+                    notifications,
+                    notifications_open: true,
+                    schemas,
+                    tables,
+                }
+            }
+            EventLog::JetStream(log) => {
+                log.check_source(&source)?;
+                Pages::JetStream(Box::new(log.follow(read_after, &tables).await?))
+            }
+        };
         Ok(Reader {
             shared,
-            source,
-            notifications,
-            notifications_open: true,
+            pages,
             page_size: options.page_size.clamp(1, 100_000) as i64,
-            schemas,
-            tables: names,
             view,
             types,
             read_after,
@@ -276,15 +292,17 @@ impl Reader {
                 let client = self.shared.pool.get().await?;
                 self.shared.renew(&client).await?;
             }
-            // Wake-ups from before this read are answered by it.
-            while matches!(
-                self.notifications.try_recv(),
-                Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_))
-            ) {}
+            if let Pages::Postgres { notifications, .. } = &mut self.pages {
+                // Wake-ups from before this read are answered by it.
+                while matches!(
+                    notifications.try_recv(),
+                    Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_))
+                ) {}
+            }
             let last = self.fetch(self.page_size, None).await?;
             let Some(last) = last else {
                 self.caught_up().await?;
-                self.wait_for_appends().await;
+                self.wait_for_appends().await?;
                 continue;
             };
             if !last.tx_last && self.counted_tx_open {
@@ -302,59 +320,40 @@ impl Reader {
         limit: i64,
         within: Option<i64>,
     ) -> Result<Option<Stored>, StoreError> {
-        let upto = match within {
-            Some(lsn) => Mark {
-                lsn,
-                ordinal: TX_END,
-            },
-            None => Mark {
-                lsn: i64::MAX,
-                ordinal: TX_END,
-            },
+        let (pruned, stored) = match &mut self.pages {
+            Pages::Postgres {
+                source,
+                schemas,
+                tables,
+                ..
+            } => {
+                let upto = Mark {
+                    lsn: within.unwrap_or(i64::MAX),
+                    ordinal: TX_END,
+                };
+                let client = self.shared.pool.get().await?;
+                postgres_page(
+                    &client,
+                    source,
+                    self.read_after,
+                    upto,
+                    schemas,
+                    tables,
+                    limit,
+                )
+                .await?
+            }
+            Pages::JetStream(follower) => {
+                let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+                let page = follower.page(limit, within).await?;
+                (page.gap_through, page.events)
+            }
         };
-        let client = self.shared.pool.get().await?;
-        let page = client
-            .prepare_cached(PAGE)
-            .await
-            .map_err(StoreError::sql("prepare the page query"))?;
-        let rows = client
-            .query(
-                &page,
-                &[
-                    &self.source,
-                    &self.read_after.lsn,
-                    &self.read_after.ordinal,
-                    &upto.lsn,
-                    &upto.ordinal,
-                    &self.schemas,
-                    &self.tables,
-                    &limit,
-                ],
-            )
-            .await
-            .map_err(StoreError::sql("read the log"))?;
-        drop(client);
-        let Some(first) = rows.first() else {
-            return Ok(None);
-        };
-        let pruned = Mark {
-            lsn: first.get(0),
-            ordinal: first.get(1),
-        };
-        if pruned > self.needed_after {
+        if let Some(pruned) = pruned.filter(|p| *p > self.needed_after) {
             return Err(stale(&self.shared.name, self.needed_after, pruned));
         }
         let mut last = None;
-        for row in &rows {
-            let (Some(lsn), Some(ordinal), Some(tx_last)) = (row.get(2), row.get(3), row.get(4))
-            else {
-                continue; // the empty page's one row, carrying only the mark
-            };
-            let stored = Stored {
-                at: Mark { lsn, ordinal },
-                tx_last,
-                body: row.get(5),
-            };
+        for stored in stored {
             self.take(&stored)?;
             last = Some(stored);
         }
@@ -444,28 +443,97 @@ impl Reader {
         Ok(())
     }
 
-    /// Until the appender announces a commit of this source, or the lease needs renewing.
-    pub(super) async fn wait_for_appends(&mut self) {
+    /// Until the appender announces a commit of this source (a message arrives, on
+    /// JetStream), or the lease needs renewing.
+    pub(super) async fn wait_for_appends(&mut self) -> Result<(), StoreError> {
         let renew = tokio::time::sleep(self.shared.lease / 3);
         tokio::pin!(renew);
+        let (source, notifications, notifications_open) = match &mut self.pages {
+            Pages::JetStream(follower) => {
+                tokio::select! {
+                    _ = &mut renew => return Ok(()),
+                    waited = follower.wait() => return waited,
+                }
+            }
+            Pages::Postgres {
+                source,
+                notifications,
+                notifications_open,
+                ..
+            } => (source, notifications, notifications_open),
+        };
         loop {
-            if !self.notifications_open {
+            if !*notifications_open {
                 // The connection is gone; the next query reports why.
-                return;
+                return Ok(());
             }
             tokio::select! {
-                _ = &mut renew => return,
-                n = self.notifications.recv() => match n {
-                    Ok(Some(source)) if *source == *self.source => return,
+                _ = &mut renew => return Ok(()),
+                n = notifications.recv() => match n {
+                    Ok(Some(s)) if *s == **source => return Ok(()),
                     Ok(Some(_)) => {}
                     // The listening connection was reopened, or this reader fell behind:
                     // appends may have been missed.
-                    Ok(None) | Err(broadcast::error::RecvError::Lagged(_)) => return,
-                    Err(broadcast::error::RecvError::Closed) => self.notifications_open = false,
+                    Ok(None) | Err(broadcast::error::RecvError::Lagged(_)) => return Ok(()),
+                    Err(broadcast::error::RecvError::Closed) => *notifications_open = false,
                 },
             }
         }
     }
+}
+
+/// One page of `waltap.events` after `after` and up to `upto`, with the pruned mark read
+/// in the same statement.
+async fn postgres_page(
+    client: &crate::pg::PooledClient,
+    source: &str,
+    after: Mark,
+    upto: Mark,
+    schemas: &[String],
+    tables: &[String],
+    limit: i64,
+) -> Result<(Option<Mark>, Vec<Stored>), StoreError> {
+    let page = client
+        .prepare_cached(PAGE)
+        .await
+        .map_err(StoreError::sql("prepare the page query"))?;
+    let rows = client
+        .query(
+            &page,
+            &[
+                &source,
+                &after.lsn,
+                &after.ordinal,
+                &upto.lsn,
+                &upto.ordinal,
+                &schemas,
+                &tables,
+                &limit,
+            ],
+        )
+        .await
+        .map_err(StoreError::sql("read the log"))?;
+    let pruned = rows.first().map(|first| Mark {
+        lsn: first.get(0),
+        ordinal: first.get(1),
+    });
+    let stored = rows
+        .iter()
+        .filter_map(|row| {
+            // The empty page's one row carries only the mark.
+            let (lsn, ordinal, tx_last): (Option<i64>, Option<i32>, Option<bool>) =
+                (row.get(2), row.get(3), row.get(4));
+            Some(Stored {
+                at: Mark {
+                    lsn: lsn?,
+                    ordinal: ordinal?,
+                },
+                tx_last: tx_last?,
+                body: row.get(5),
+            })
+        })
+        .collect();
+    Ok((pruned, stored))
 }
 
 pub(super) fn stale(name: &str, cursor: Mark, pruned: Mark) -> StoreError {

@@ -36,6 +36,11 @@ use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
 use async_nats::ServerAddr;
 use bytes::Bytes;
 
+mod read;
+
+pub(crate) use read::Follower;
+pub use read::JetStreamReader;
+
 use crate::event::{Event, Position};
 use crate::log::{LogWriter, StoreError};
 use crate::lsn::LogMark;
@@ -44,6 +49,20 @@ use crate::lsn::LogMark;
 pub const SOURCE_HEADER: &str = "Waltap-Source";
 /// Header holding the event's position (its `position` field).
 pub const POSITION_HEADER: &str = "Waltap-Position";
+/// Header holding the position of the message before this one in the stream, or `none`
+/// on the stream's first message: a reader that finds a gap in the sequences (the
+/// stream's limits discarded messages) learns from it whether it missed an event.
+/// Absent when the writer did not know (the stream's last message had been discarded
+/// when it started).
+pub const PREVIOUS_HEADER: &str = "Waltap-Previous";
+/// Header set to `true` on the last event of each transaction (absent on the others),
+/// so that a reader knows transaction boundaries without parsing bodies.
+pub const TX_LAST_HEADER: &str = "Waltap-Tx-Last";
+/// Header holding a table's new column layout (JSON) on the first event after its schema
+/// changed, for waltap's own stream readers; the body stays what `waltap tail` prints.
+pub const SCHEMA_CHANGE_HEADER: &str = "Waltap-Schema-Change";
+/// The value of [`PREVIOUS_HEADER`] on a stream's first message.
+const PREVIOUS_NONE: &str = "none";
 
 /// How long a publish may wait for JetStream's acknowledgement before the batch fails
 /// (and the session restarts from the stream's end).
@@ -241,6 +260,19 @@ pub enum JetStreamError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A named stream reads another source than the JetStream log holds.
+    #[error("JetStream stream {stream:?} holds the events of source {holds:?}, not {wanted:?}: a server with --nats-url serves the streams of its own --slot")]
+    OtherSource {
+        /// The JetStream stream.
+        stream: String,
+        /// The source it holds.
+        holds: String,
+        /// The source asked for.
+        wanted: String,
+    },
+    /// A named stream with an initial state was asked of a JetStream log.
+    #[error("streams with an initial state need the Postgres event log: on JetStream, copy the rows with `waltap export` and create the stream with its printed position (--from / \"from\")")]
+    InitialState,
     /// A publish was not acknowledged.
     #[error("JetStream did not store event {position}")]
     Publish {
@@ -310,6 +342,66 @@ pub fn subject(prefix: &str, schema: &str, table: &str, action: &str, out: &mut 
     out.push_str(action);
 }
 
+/// A JetStream context on a new connection to `config`'s servers.
+async fn connect(config: &JetStreamConfig, name: &str) -> Result<Context, JetStreamError> {
+    let client = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .connect(config.servers.as_slice())
+        .await
+        .map_err(|source| JetStreamError::Connect {
+            servers: config.describe(),
+            source,
+        })?;
+    Ok(async_nats::jetstream::ContextBuilder::new()
+        .ack_timeout(ACK_TIMEOUT)
+        .build(client))
+}
+
+/// The stream, created when missing; refused when it does not take waltap's subjects.
+async fn ensure_stream(
+    js: &Context,
+    config: &JetStreamConfig,
+) -> Result<async_nats::jetstream::stream::Stream, JetStreamError> {
+    let request = |operation: &'static str| {
+        let stream = config.stream.clone();
+        move |e: Box<dyn std::error::Error + Send + Sync>| JetStreamError::Request {
+            operation,
+            stream,
+            source: e,
+        }
+    };
+    let mut stream = js
+        .get_or_create_stream(StreamConfig {
+            name: config.stream.clone(),
+            subjects: vec![config.subjects()],
+            num_replicas: config.replicas,
+            storage: StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| request("look up or create the stream")(e.into()))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| request("read the state")(e.into()))?;
+    let wanted = config.subjects();
+    if !info
+        .config
+        .subjects
+        .iter()
+        .any(|s| *s == wanted || s == ">")
+    {
+        return Err(JetStreamError::Subjects {
+            stream: config.stream.clone(),
+            subjects: info.config.subjects.clone(),
+            wanted,
+        });
+    }
+    Ok(stream)
+}
+
 /// One session's writer: connected, the stream ensured, the end known.
 pub struct JetStreamLog {
     js: Context,
@@ -317,6 +409,9 @@ pub struct JetStreamLog {
     source: String,
     /// The last event in the stream, as read at the start.
     end: Option<Position>,
+    /// The stream's last message as far as this session knows: `Some(None)` while the
+    /// stream is empty, `None` when its last message was discarded before the start.
+    previous: Option<Option<Position>>,
     /// The sequence the stream ends at once everything published is stored.
     last_sequence: u64,
     /// Publishes whose acknowledgement is awaited: (the sequence expected, the event, the
@@ -334,18 +429,8 @@ pub struct JetStreamLog {
 impl JetStreamLog {
     /// Connects, creates the stream when it is missing, and reads where it ends.
     pub async fn open(config: &JetStreamConfig, source: &str) -> Result<Self, JetStreamError> {
-        let client = async_nats::ConnectOptions::new()
-            .name(format!("waltap {source}"))
-            .connection_timeout(Duration::from_secs(5))
-            .connect(config.servers.as_slice())
-            .await
-            .map_err(|source| JetStreamError::Connect {
-                servers: config.describe(),
-                source,
-            })?;
-        let js = async_nats::jetstream::ContextBuilder::new()
-            .ack_timeout(ACK_TIMEOUT)
-            .build(client);
+        let js = connect(config, &format!("waltap {source}")).await?;
+        let stream = ensure_stream(&js, config).await?;
         let request = |operation: &'static str| {
             let stream = config.stream.clone();
             move |e: Box<dyn std::error::Error + Send + Sync>| JetStreamError::Request {
@@ -354,34 +439,8 @@ impl JetStreamLog {
                 source: e,
             }
         };
-        let mut stream = js
-            .get_or_create_stream(StreamConfig {
-                name: config.stream.clone(),
-                subjects: vec![config.subjects()],
-                num_replicas: config.replicas,
-                storage: StorageType::File,
-                duplicate_window: Duration::from_secs(120),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| request("look up or create the stream")(e.into()))?;
-        let info = stream
-            .info()
-            .await
-            .map_err(|e| request("read the state")(e.into()))?;
-        let wanted = config.subjects();
-        if !info
-            .config
-            .subjects
-            .iter()
-            .any(|s| *s == wanted || s == ">")
-        {
-            return Err(JetStreamError::Subjects {
-                stream: config.stream.clone(),
-                subjects: info.config.subjects.clone(),
-                wanted,
-            });
-        }
+        // Read by `ensure_stream` just now.
+        let info = stream.cached_info();
         let last_sequence = info.state.last_sequence;
         let end = if last_sequence == 0 {
             None
@@ -401,11 +460,17 @@ impl JetStreamLog {
                 Err(e) => return Err(request("read the last message")(e.into())),
             }
         };
+        let previous = match (last_sequence, end) {
+            (0, _) => Some(None),
+            (_, Some(end)) => Some(Some(end)),
+            (_, None) => None,
+        };
         Ok(JetStreamLog {
             js,
             config: config.clone(),
             source: source.to_owned(),
             end,
+            previous,
             last_sequence,
             in_flight: VecDeque::with_capacity(MAX_IN_FLIGHT),
             held: None,
@@ -497,6 +562,23 @@ impl JetStreamLog {
         );
         headers.insert(POSITION_HEADER, ev.position.encode(&mut position));
         headers.insert(SOURCE_HEADER, self.source.as_str());
+        match self.previous {
+            Some(Some(p)) => headers.insert(PREVIOUS_HEADER, p.encode(&mut position)),
+            Some(None) => headers.insert(PREVIOUS_HEADER, PREVIOUS_NONE),
+            None => {}
+        }
+        self.previous = Some(Some(ev.position));
+        if ev.tx.last {
+            headers.insert(TX_LAST_HEADER, "true");
+        }
+        if let Some(change) = &ev.schema_change {
+            let text = change.stored_json().map_err(|e| JetStreamError::Request {
+                operation: "serialize a schema change",
+                stream: self.config.stream.clone(),
+                source: e.into(),
+            })?;
+            headers.insert(SCHEMA_CHANGE_HEADER, text.as_str());
+        }
         self.last_sequence += 1;
         let next = Outgoing {
             subject: self.subject.clone(),

@@ -1,0 +1,255 @@
+//! waltap's named streams read from the event log on NATS JetStream: the same consumer,
+//! acknowledgements, resumption, backlog and `stale_cursor` as over the Postgres log,
+//! against a real `nats-server` and an in-process pipeline appending to it.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use waltap::log::append::{self, AppenderConfig};
+use waltap::log::jetstream::{JetStreamConfig, JetStreamReader};
+use waltap::log::streams::{self, OpenOptions, StreamConsumer, StreamDef, StreamItem};
+use waltap::log::{ConsumerPool, EventLog, StoreError};
+use waltap::{Event, Position};
+
+use crate::jetstream::{jetstream, nats, CATCH_UP};
+use crate::support::{listen, wait_for, TestDb};
+
+const TABLE: &str = "\"my.app\".\"Örder Items\"";
+
+/// The next event of a consumer (skipping nothing: any other item fails the test).
+async fn next_event(c: &mut StreamConsumer) -> Event<serde_json::Value> {
+    match tokio::time::timeout(CATCH_UP, c.next()).await {
+        Ok(Some(Ok(StreamItem::Event(ev)))) => ev,
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+async fn open(
+    pool: &ConsumerPool,
+    store: &waltap::SourceConfig,
+    name: &str,
+) -> Result<(StreamConsumer, Position), StoreError> {
+    let mut c = streams::open_pooled(pool, store, name, OpenOptions::default()).await?;
+    match c.next().await {
+        Some(Ok(StreamItem::Initialized {
+            position: Some(position),
+        })) => Ok((c, position)),
+        Some(Err(e)) => Err(e),
+        other => panic!("expected initialized, got {other:?}"),
+    }
+}
+
+fn id_of(ev: &Event<serde_json::Value>) -> i64 {
+    ev.new.as_ref().unwrap()["id"].as_i64().unwrap()
+}
+
+#[tokio::test]
+async fn named_streams_read_acknowledge_resume_and_go_stale_on_jetstream() {
+    let Some((server, _dir)) = nats().await else {
+        return;
+    };
+    let db = TestDb::new().await;
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE SCHEMA \"my.app\";
+             CREATE TABLE \"my.app\".\"Örder Items\" (id int PRIMARY KEY, note text);
+             CREATE TABLE other (id int PRIMARY KEY);",
+        )
+        .await
+        .unwrap();
+    let url = server.url();
+    let js_config = JetStreamConfig::parse(&url)
+        .unwrap()
+        .with_stream("NAMED")
+        .unwrap();
+    let mut config = AppenderConfig::new(listen::config(&db, &[]));
+    config.max_batch_delay = Duration::from_millis(20);
+    config.jetstream = Some(js_config.clone());
+    let source = config.listener.slot.clone();
+    let store = config.store.clone();
+    listen::prepare_slot(&db, &config.listener).await;
+    let cancel = CancellationToken::new();
+    let pipeline = tokio::spawn(append::run(config, cancel.clone()));
+
+    let log = EventLog::JetStream(JetStreamReader::new(&js_config, &source));
+    let client = store.connect_sql().await.unwrap();
+    let def = |name: &str| StreamDef {
+        name: name.into(),
+        source: source.clone(),
+        tables: vec![TABLE.into()],
+        filter: None,
+        initial_state: false,
+        from: None,
+    };
+    streams::create(&log, &client, &client, &def("orders.v1"))
+        .await
+        .unwrap();
+    // An initial state needs the Postgres log: refused with the way around it.
+    let mut with_rows = def("with-rows");
+    with_rows.initial_state = true;
+    let refused = streams::create(&log, &client, &client, &with_rows)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("waltap export"), "{refused}");
+
+    // 30 rows of the stream's table in three transactions (one of 20 rows), with
+    // changes of another table between them that the stream does not deliver.
+    let db_client = db.client().await;
+    for sql in [
+        "INSERT INTO \"my.app\".\"Örder Items\" SELECT g, 'a' FROM generate_series(1, 5) g",
+        "INSERT INTO other SELECT generate_series(1, 7)",
+        "BEGIN;
+         INSERT INTO \"my.app\".\"Örder Items\" SELECT g, 'b' FROM generate_series(6, 25) g;
+         INSERT INTO other SELECT generate_series(8, 10);
+         COMMIT",
+        "INSERT INTO \"my.app\".\"Örder Items\" SELECT g, 'c' FROM generate_series(26, 30) g",
+    ] {
+        db_client.batch_execute(sql).await.unwrap();
+    }
+
+    let pool = ConsumerPool::reading(&store, 4, log.clone()).unwrap();
+    let (mut c, start) = open(&pool, &store, "orders.v1").await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..30 {
+        seen.push(next_event(&mut c).await);
+    }
+    assert_eq!(
+        seen.iter().map(id_of).collect::<Vec<_>>(),
+        (1..=30).collect::<Vec<_>>()
+    );
+    assert!(seen.windows(2).all(|w| w[0].position < w[1].position));
+    assert!(seen[0].position > start);
+    assert!(seen
+        .iter()
+        .all(|e| &*e.table == "Örder Items" && &*e.schema == "my.app"));
+    // The stream's view of the big transaction: 20 of its 23 changes, numbered 0..20.
+    let big: Vec<_> = seen[5..25]
+        .iter()
+        .map(|e| (e.tx.index, e.tx.last))
+        .collect();
+    assert_eq!(big.first(), Some(&(0, false)));
+    assert_eq!(big.last(), Some(&(19, true)));
+
+    // Acknowledge the 12th event (inside the big transaction) and reopen: the 13th on.
+    c.ack(seen[11].position).await.unwrap();
+    drop(c);
+    let info = streams::get(&log, &client, "orders.v1").await.unwrap();
+    assert_eq!(info.cursor, seen[11].position);
+    assert_eq!(
+        info.backlog, 18,
+        "events of the stream's table after the cursor"
+    );
+    let (mut c, resumed) = wait_for_lease(&pool, &store, "orders.v1").await;
+    assert_eq!(resumed, seen[11].position);
+    let again = next_event(&mut c).await;
+    assert_eq!(id_of(&again), 13);
+    assert_eq!(again.tx.index, 7, "numbered as on the first delivery");
+    for expected in 14..=30 {
+        assert_eq!(id_of(&next_event(&mut c).await), expected);
+    }
+    // Live: a change appended while the consumer waits.
+    db_client
+        .batch_execute("UPDATE \"my.app\".\"Örder Items\" SET note = 'live' WHERE id = 1")
+        .await
+        .unwrap();
+    let live = next_event(&mut c).await;
+    assert_eq!(live.action_name(), "update");
+    c.ack(live.position).await.unwrap();
+    drop(c);
+
+    // The stream's limits discard messages the cursor still needs: stale_cursor, then a
+    // reset starts at the log's end and delivers what comes after it.
+    streams::create(&log, &client, &client, &def("laggard"))
+        .await
+        .unwrap();
+    db_client
+        .batch_execute(
+            "INSERT INTO \"my.app\".\"Örder Items\" SELECT g, 'd' FROM generate_series(31, 40) g",
+        )
+        .await
+        .unwrap();
+    let js = jetstream(&url).await;
+    wait_for("the ten inserts in JetStream", CATCH_UP, || {
+        let js = js.clone();
+        async move {
+            let mut st = js.get_stream("NAMED").await.unwrap();
+            // 30 + 10 other + 1 update + 10
+            st.info().await.unwrap().state.last_sequence >= 51
+        }
+    })
+    .await;
+    let mut st_config = js
+        .get_stream("NAMED")
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    st_config.max_messages = 3;
+    js.update_stream(&st_config).await.unwrap();
+    let stale = match open(&pool, &store, "laggard").await {
+        Err(e) => e,
+        Ok((mut c, _)) => match tokio::time::timeout(CATCH_UP, c.next()).await {
+            Ok(Some(Err(e))) => e,
+            other => panic!("expected stale_cursor, got {other:?}"),
+        },
+    };
+    assert!(
+        matches!(stale, StoreError::StaleCursor { .. }),
+        "expected stale_cursor, got {stale}"
+    );
+    // The first stream acknowledged through the update, before what was discarded.
+    let stale_too = match open(&pool, &store, "orders.v1").await {
+        Err(e) => e,
+        Ok((mut c, _)) => match tokio::time::timeout(CATCH_UP, c.next()).await {
+            Ok(Some(Err(e))) => e,
+            other => panic!("expected stale_cursor, got {other:?}"),
+        },
+    };
+    assert!(matches!(stale_too, StoreError::StaleCursor { .. }));
+    wait_until_free(&log, &client, "laggard").await;
+    streams::reset(&log, &client, "laggard", false)
+        .await
+        .unwrap();
+    let (mut c, _) = wait_for_lease(&pool, &store, "laggard").await;
+    db_client
+        .batch_execute("INSERT INTO \"my.app\".\"Örder Items\" VALUES (41, 'after reset')")
+        .await
+        .unwrap();
+    assert_eq!(id_of(&next_event(&mut c).await), 41);
+    drop(c);
+
+    cancel.cancel();
+    pipeline.await.unwrap().unwrap();
+    db.teardown().await;
+}
+
+/// Opens a stream whose previous consumer was just dropped (its lease is released in the
+/// background).
+async fn wait_for_lease(
+    pool: &ConsumerPool,
+    store: &waltap::SourceConfig,
+    name: &str,
+) -> (StreamConsumer, Position) {
+    let deadline = std::time::Instant::now() + CATCH_UP;
+    loop {
+        match open(pool, store, name).await {
+            Ok(opened) => return opened,
+            Err(StoreError::StreamBusy { .. }) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("open {name}: {e}"),
+        }
+    }
+}
+
+async fn wait_until_free(log: &EventLog, client: &tokio_postgres::Client, name: &str) {
+    wait_for("the lease released", CATCH_UP, || async move {
+        streams::get(log, client, name)
+            .await
+            .is_ok_and(|i| i.lease.is_none())
+    })
+    .await;
+}
