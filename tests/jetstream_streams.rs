@@ -218,7 +218,32 @@ async fn named_streams_read_acknowledge_resume_and_go_stale_on_jetstream() {
         .batch_execute("INSERT INTO \"my.app\".\"Örder Items\" VALUES (41, 'after reset')")
         .await
         .unwrap();
-    assert_eq!(id_of(&next_event(&mut c).await), 41);
+    let after_reset = next_event(&mut c).await;
+    assert_eq!(id_of(&after_reset), 41);
+    c.ack(after_reset.position).await.unwrap();
+    drop(c);
+    // The limits discard the cursor's own message, but nothing after it: not stale.
+    for id in 42..=44 {
+        db_client
+            .execute(
+                "INSERT INTO \"my.app\".\"Örder Items\" VALUES ($1, 'x')",
+                &[&id],
+            )
+            .await
+            .unwrap();
+    }
+    wait_for("the three inserts in JetStream", CATCH_UP, || {
+        let js = js.clone();
+        async move {
+            let mut st = js.get_stream("NAMED").await.unwrap();
+            st.info().await.unwrap().state.last_sequence >= 55
+        }
+    })
+    .await;
+    let (mut c, _) = wait_for_lease(&pool, &store, "laggard").await;
+    for id in 42..=44 {
+        assert_eq!(id_of(&next_event(&mut c).await), id);
+    }
     drop(c);
 
     cancel.cancel();
@@ -252,4 +277,81 @@ async fn wait_until_free(log: &EventLog, client: &tokio_postgres::Client, name: 
             .is_ok_and(|i| i.lease.is_none())
     })
     .await;
+}
+
+#[tokio::test]
+async fn serve_with_nats_url_serves_feed_pages_descriptions_and_subscriptions() {
+    use crate::server::{insert_orders, start, Sse, ADMIN, ORDERS};
+    use serde_json::Value as Json;
+
+    let Some((server, _dir)) = nats().await else {
+        return;
+    };
+    let db = TestDb::new().await;
+    let js_config = JetStreamConfig::parse(&server.url())
+        .unwrap()
+        .with_stream("SERVED")
+        .unwrap();
+    let s = start(&db, |c| c.appender.jetstream = Some(js_config.clone())).await;
+    s.create_stream("feed", "orders", None).await;
+    // Subscriptions read a slot of the member's own: live changes arrive as before.
+    let mut sse = Sse::open(s.get("/v1/subscribe?table=orders", ORDERS)).await;
+    sse.expect("initialized").await;
+    insert_orders(&db, 0..23).await;
+    sse.expect("change").await;
+
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    while seen.len() < 23 {
+        let query = match cursor.as_str() {
+            "" => "limit=7&wait=10".to_owned(),
+            c => format!("limit=7&wait=10&cursor={c}"),
+        };
+        let r = s
+            .get(&format!("/v1/streams/feed/events?{query}"), ORDERS)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let body: Json = r.json().await.unwrap();
+        let events = body["events"].as_array().unwrap();
+        assert!(events.len() <= 7);
+        seen.extend(events.iter().map(|e| e["created"]["id"].as_i64().unwrap()));
+        cursor = body["cursor"].as_str().unwrap().to_owned();
+    }
+    assert_eq!(seen, (0..23).collect::<Vec<i64>>());
+    // Asking after the last page's cursor acknowledges everything up to it.
+    let r = s
+        .get(&format!("/v1/streams/feed/events?cursor={cursor}"), ORDERS)
+        .send()
+        .await
+        .unwrap();
+    let body: Json = r.json().await.unwrap();
+    assert_eq!(body["events"].as_array().map(Vec::len), Some(0), "{body}");
+    s.lease_free("feed").await;
+    let info = s.stream_info("feed").await;
+    assert_eq!(info["backlog"], 0, "{info}");
+    // Nothing went to the Postgres log.
+    let logged: i64 = db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM waltap.events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, 0);
+    // An initial state is refused with the way around it.
+    let r = s
+        .post(
+            "/v1/streams",
+            ADMIN,
+            serde_json::json!({"name": "rows", "table": "orders", "initialState": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    drop(sse);
+    s.stop().await;
+    db.teardown().await;
 }
