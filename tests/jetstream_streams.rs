@@ -13,7 +13,7 @@ use waltap::log::{ConsumerPool, EventLog, StoreError};
 use waltap::{Event, Position};
 
 use crate::jetstream::{jetstream, nats, CATCH_UP};
-use crate::support::{listen, wait_for, TestDb};
+use crate::support::{self, listen, run_ok, wait_for, TestDb};
 
 const TABLE: &str = "\"my.app\".\"Örder Items\"";
 
@@ -245,6 +245,39 @@ async fn named_streams_read_acknowledge_resume_and_go_stale_on_jetstream() {
         assert_eq!(id_of(&next_event(&mut c).await), id);
     }
     drop(c);
+
+    // The same through `waltap stream`.
+    let cli = |args: &[&str]| {
+        let mut all = vec!["stream"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--slot", &source, "--nats-url", &url, "--nats-stream", "NAMED"]);
+        support::waltap(&db.url(), &all)
+    };
+    run_ok(cli(&["create", "cli.orders", "--table", TABLE])).await;
+    db_client
+        .batch_execute("INSERT INTO \"my.app\".\"Örder Items\" VALUES (45, 'y'), (46, 'z')")
+        .await
+        .unwrap();
+    let printed = run_ok(cli(&["tail", "cli.orders", "--limit", "2"])).await;
+    let lines: Vec<serde_json::Value> = printed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{printed}");
+    assert_eq!(lines[0]["type"], "initialized");
+    assert_eq!(lines[1]["created"]["id"], 45);
+    assert_eq!(lines[2]["created"]["id"], 46);
+    let listed: serde_json::Value = serde_json::from_str(
+        &run_ok(cli(&["list", "--json"])).await,
+    )
+    .unwrap();
+    let cli_stream = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "cli.orders")
+        .unwrap();
+    assert_eq!(cli_stream["backlog"], 0, "tail acknowledged what it printed");
 
     cancel.cancel();
     pipeline.await.unwrap().unwrap();
