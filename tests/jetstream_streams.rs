@@ -250,7 +250,14 @@ async fn named_streams_read_acknowledge_resume_and_go_stale_on_jetstream() {
     let cli = |args: &[&str]| {
         let mut all = vec!["stream"];
         all.extend_from_slice(args);
-        all.extend_from_slice(&["--slot", &source, "--nats-url", &url, "--nats-stream", "NAMED"]);
+        all.extend_from_slice(&[
+            "--slot",
+            &source,
+            "--nats-url",
+            &url,
+            "--nats-stream",
+            "NAMED",
+        ]);
         support::waltap(&db.url(), &all)
     };
     run_ok(cli(&["create", "cli.orders", "--table", TABLE])).await;
@@ -267,17 +274,32 @@ async fn named_streams_read_acknowledge_resume_and_go_stale_on_jetstream() {
     assert_eq!(lines[0]["type"], "initialized");
     assert_eq!(lines[1]["created"]["id"], 45);
     assert_eq!(lines[2]["created"]["id"], 46);
-    let listed: serde_json::Value = serde_json::from_str(
-        &run_ok(cli(&["list", "--json"])).await,
-    )
-    .unwrap();
+    let listed: serde_json::Value =
+        serde_json::from_str(&run_ok(cli(&["list", "--json"])).await).unwrap();
     let cli_stream = listed
         .as_array()
         .unwrap()
         .iter()
         .find(|s| s["name"] == "cli.orders")
         .unwrap();
-    assert_eq!(cli_stream["backlog"], 0, "tail acknowledged what it printed");
+    assert_eq!(
+        cli_stream["backlog"], 0,
+        "tail acknowledged what it printed"
+    );
+
+    // Every message discarded (a purge, or max_age on an idle log): a new stream starts
+    // at the slot's confirmed position and delivers what comes next, not stale.
+    js.get_stream("NAMED").await.unwrap().purge().await.unwrap();
+    streams::create(&log, &client, &client, &def("after-purge"))
+        .await
+        .unwrap();
+    db_client
+        .batch_execute("INSERT INTO \"my.app\".\"Örder Items\" VALUES (47, 'p')")
+        .await
+        .unwrap();
+    let (mut c, _) = open(&pool, &store, "after-purge").await.unwrap();
+    assert_eq!(id_of(&next_event(&mut c).await), 47);
+    drop(c);
 
     cancel.cancel();
     pipeline.await.unwrap().unwrap();

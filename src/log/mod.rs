@@ -220,7 +220,8 @@ impl StoreError {
             StoreError::SchemaChanged(_) => ErrorCode::SchemaChanged,
             StoreError::JetStream(
                 jetstream::JetStreamError::InitialState
-                | jetstream::JetStreamError::OtherSource { .. },
+                | jetstream::JetStreamError::OtherSource { .. }
+                | jetstream::JetStreamError::EndUnknown { .. },
             ) => ErrorCode::BadRequest,
             _ => ErrorCode::Internal,
         }

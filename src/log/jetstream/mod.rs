@@ -270,6 +270,13 @@ pub enum JetStreamError {
         /// The source asked for.
         wanted: String,
     },
+    /// The stream's limits discarded every message, and the slot that says where the log
+    /// ended is not in the store's database.
+    #[error("every message of the JetStream log of source {slot:?} was discarded by the stream's limits, so where it ends is unknown here (the slot is not in the store database): create or reset the stream once the next change is appended")]
+    EndUnknown {
+        /// The source (slot).
+        slot: String,
+    },
     /// A named stream with an initial state was asked of a JetStream log.
     #[error("streams with an initial state need the Postgres event log: on JetStream, copy the rows with `waltap export` and create the stream with its printed position (--from / \"from\")")]
     InitialState,

@@ -141,31 +141,25 @@ impl JetStreamReader {
     /// Where the log ends: after its last message, or before everything while it is
     /// empty. Inside a transaction (a writer crashed in the middle of one), the mark
     /// stands after the last message, so the rest of that transaction still comes.
-    pub(crate) async fn head(&self) -> Result<Mark, StoreError> {
+    /// `None` when the stream's limits discarded every message: the stream no longer
+    /// says where it ended.
+    pub(crate) async fn head(&self) -> Result<Option<Mark>, StoreError> {
         let (_, last) = self.bounds().await?;
         if last == 0 {
-            return Ok(Mark { lsn: 0, ordinal: 0 });
+            return Ok(Some(Mark { lsn: 0, ordinal: 0 }));
         }
-        match self.message_from(last).await? {
-            Some(m) => {
-                let at = Mark::of(self.position(&m)?);
-                Ok(if m.headers.get(TX_LAST_HEADER).is_some() {
-                    Mark {
-                        lsn: at.lsn,
-                        ordinal: crate::log::streams::TX_END,
-                    }
-                } else {
-                    at
-                })
-            }
-            // Everything was discarded: the stream's end is past every position it held,
-            // which the next message's Waltap-Previous names; until then nothing is known
-            // but that the log is not empty.
-            None => Ok(Mark {
-                lsn: i64::MAX,
+        let Some(m) = self.message_from(last).await? else {
+            return Ok(None);
+        };
+        let at = Mark::of(self.position(&m)?);
+        Ok(Some(if m.headers.get(TX_LAST_HEADER).is_some() {
+            Mark {
+                lsn: at.lsn,
                 ordinal: crate::log::streams::TX_END,
-            }),
-        }
+            }
+        } else {
+            at
+        }))
     }
 
     /// The first sequence whose message (or, for a sequence without one, the next message
