@@ -72,6 +72,10 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
     ),
     (5, include_str!("../../migrations/0005_leader_term.sql")),
     (6, include_str!("../../migrations/0006_stream_acked_at.sql")),
+    (
+        7,
+        include_str!("../../migrations/0007_drop_events_by_age.sql"),
+    ),
 ];
 
 /// Failures of the event log.
