@@ -196,6 +196,10 @@ pub enum StoreError {
     /// A table's columns changed so that the stream's filter no longer fits them.
     #[error(transparent)]
     SchemaChanged(crate::event::SchemaConflict),
+    /// The task that ran an append stopped before it answered (the runtime is shutting
+    /// down).
+    #[error("an append of events stopped before it finished")]
+    AppendTask(#[source] tokio::task::JoinError),
     /// The JetStream log failed.
     #[error(transparent)]
     JetStream(#[from] jetstream::JetStreamError),

@@ -1,6 +1,9 @@
 //! The Postgres event log.
 
-use tokio_postgres::Client;
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, Statement};
 
 use super::standby::StandbyWait;
 use super::{LogWriter, StoreError, MIGRATIONS};
@@ -19,16 +22,33 @@ pub fn appender_name(source: &str) -> String {
 }
 
 /// An event log in a Postgres database (the watched one by default).
+///
+/// Appends are pipelined one chunk deep: [`LogWriter::write`] sends a chunk's INSERT and
+/// returns, so the next chunk is read and serialized while the server stores this one;
+/// the next write, and every commit, first waits for it. All of a batch's statements run
+/// in order on one connection inside one transaction, so a failure of any of them rolls
+/// the whole batch back and nothing is confirmed past it.
 pub struct PgLog {
-    client: Client,
+    client: Arc<Client>,
     source: String,
     in_batch: bool,
     /// The leadership term this log appends under (see [`PgLog::fence`]).
     term: Option<i64>,
     /// The store server's failover standbys, once read ([`PgLog::watch_standbys`]).
     standbys: Option<StandbyWait>,
-    // Column buffers reused between writes, so a batch costs no allocation per event
-    // beyond its JSON text.
+    /// The append statement, prepared on first use.
+    insert: Option<Statement>,
+    /// Column buffers for the next chunk, reused so that a batch costs no allocation per
+    /// event beyond its JSON text.
+    spare: Columns,
+    /// The chunk whose INSERT was sent and not yet answered; its buffers come back with
+    /// the answer.
+    pending: Option<JoinHandle<(Columns, Result<u64, tokio_postgres::Error>)>>,
+}
+
+/// One chunk of events as the INSERT's parameter arrays.
+#[derive(Default)]
+struct Columns {
     lsns: Vec<i64>,
     ordinals: Vec<i32>,
     schemas: Vec<String>,
@@ -36,6 +56,23 @@ pub struct PgLog {
     lasts: Vec<bool>,
     bodies: Vec<String>,
 }
+
+impl Columns {
+    fn clear(&mut self) {
+        self.lsns.clear();
+        self.ordinals.clear();
+        self.schemas.clear();
+        self.tables.clear();
+        self.lasts.clear();
+        self.bodies.clear();
+    }
+}
+
+const INSERT: &str = "INSERT INTO waltap.events
+                          (source, commit_lsn, ordinal, schema_name, table_name, tx_last, event)
+                      SELECT $1, l, o, s, t, x, e::json
+                      FROM unnest($2::int8[], $3::int4[], $4::text[], $5::text[], $6::bool[], $7::text[])
+                           AS u(l, o, s, t, x, e)";
 
 /// The SHA-256 of a migration's SQL, in hex: recorded when it is applied, so that an
 /// applied migration edited afterwards is noticed instead of silently skipped.
@@ -139,17 +176,14 @@ impl PgLog {
         let client = store.connect_sql().await?;
         migrate(&client).await?;
         Ok(PgLog {
-            client,
+            client: Arc::new(client),
             source: source.to_owned(),
             in_batch: false,
             term: None,
             standbys: None,
-            lsns: Vec::new(),
-            ordinals: Vec::new(),
-            schemas: Vec::new(),
-            tables: Vec::new(),
-            lasts: Vec::new(),
-            bodies: Vec::new(),
+            insert: None,
+            spare: Columns::default(),
+            pending: None,
         })
     }
 
@@ -258,18 +292,32 @@ impl LogWriter for PgLog {
             return Ok(());
         }
         self.begin().await?;
-        self.lsns.clear();
-        self.ordinals.clear();
-        self.schemas.clear();
-        self.tables.clear();
-        self.lasts.clear();
-        self.bodies.clear();
+        let insert = match &self.insert {
+            Some(statement) => statement.clone(),
+            None => {
+                let statement = self.client.prepare(INSERT).await;
+                let statement = match statement {
+                    Ok(statement) => statement,
+                    Err(e) => {
+                        self.abort().await;
+                        return Err(StoreError::Sql {
+                            operation: "prepare the append",
+                            source: e,
+                        });
+                    }
+                };
+                self.insert.insert(statement).clone()
+            }
+        };
+        // Serialized while the previous chunk's INSERT is still running.
+        let mut columns = std::mem::take(&mut self.spare);
+        columns.clear();
         for ev in events {
-            self.lsns.push(ev.position.commit_lsn.0 as i64);
-            self.ordinals.push(ev.position.ordinal as i32);
-            self.schemas.push(ev.schema.to_string());
-            self.tables.push(ev.table.to_string());
-            self.lasts.push(ev.tx.last);
+            columns.lsns.push(ev.position.commit_lsn.0 as i64);
+            columns.ordinals.push(ev.position.ordinal as i32);
+            columns.schemas.push(ev.schema.to_string());
+            columns.tables.push(ev.table.to_string());
+            columns.lasts.push(ev.tx.last);
             let serialize_error = |source| StoreError::Serialize {
                 position: ev.position,
                 source,
@@ -281,39 +329,34 @@ impl LogWriter for PgLog {
                     .append_to_stored(&mut body)
                     .map_err(serialize_error)?;
             }
-            self.bodies.push(body);
+            columns.bodies.push(body);
         }
-        let result = self
-            .client
-            .execute(
-                "INSERT INTO waltap.events
-                     (source, commit_lsn, ordinal, schema_name, table_name, tx_last, event)
-                 SELECT $1, l, o, s, t, x, e::json
-                 FROM unnest($2::int8[], $3::int4[], $4::text[], $5::text[], $6::bool[], $7::text[])
-                      AS u(l, o, s, t, x, e)",
-                &[
-                    &self.source,
-                    &self.lsns,
-                    &self.ordinals,
-                    &self.schemas,
-                    &self.tables,
-                    &self.lasts,
-                    &self.bodies,
-                ],
-            )
-            .await;
-        if let Err(e) = result {
-            self.abort().await;
-            return Err(StoreError::Sql {
-                operation: "append events",
-                source: e,
-            });
-        }
+        self.settle().await?;
+        let client = self.client.clone();
+        let source = self.source.clone();
+        self.pending = Some(tokio::spawn(async move {
+            let result = client
+                .execute(
+                    &insert,
+                    &[
+                        &source,
+                        &columns.lsns,
+                        &columns.ordinals,
+                        &columns.schemas,
+                        &columns.tables,
+                        &columns.lasts,
+                        &columns.bodies,
+                    ],
+                )
+                .await;
+            (columns, result)
+        }));
         Ok(())
     }
 
     async fn commit(&mut self, through: LogMark) -> Result<(), StoreError> {
         self.begin().await?;
+        self.settle().await?;
         let lsn = through.lsn().0 as i64;
         let term = self.term;
         let result = async {
@@ -386,7 +429,31 @@ impl PgLog {
         Ok(())
     }
 
+    /// Waits for the chunk in flight; on its failure the batch is rolled back.
+    async fn settle(&mut self) -> Result<(), StoreError> {
+        let Some(pending) = self.pending.take() else {
+            return Ok(());
+        };
+        let failure = match pending.await {
+            Ok((columns, Ok(_))) => {
+                self.spare = columns;
+                return Ok(());
+            }
+            Ok((_, Err(e))) => StoreError::Sql {
+                operation: "append events",
+                source: e,
+            },
+            Err(e) => StoreError::AppendTask(e),
+        };
+        self.abort().await;
+        Err(failure)
+    }
+
     async fn abort(&mut self) {
+        if let Some(pending) = self.pending.take() {
+            // Its statement runs before the ROLLBACK on the same connection anyway.
+            let _ = pending.await;
+        }
         if self.in_batch {
             let _ = self.client.batch_execute("ROLLBACK").await;
             self.in_batch = false;
