@@ -18,10 +18,13 @@ use crate::hub::{Hub, HubConfig};
 use crate::server::{Http, ServerConfig, ServerError};
 
 /// The temporary slot of a member's subscriptions when the log is on JetStream: the
-/// source's slot name, cut to leave room, and the process id (slot names are at most 63
-/// characters).
+/// source's slot name, cut to leave room, and 16 random characters (not the process id:
+/// members in containers all run as process 1). Slot names are at most 63 characters of
+/// `a-z`, `0-9` and `_`.
 fn subscription_slot(slot: &str) -> String {
-    let suffix = format!("_sub_{}", std::process::id());
+    let random = ulid::Ulid::new().to_string().to_ascii_lowercase();
+    // The last 16 characters of a ULID are its 80 random bits.
+    let suffix = format!("_sub_{}", &random[random.len() - 16..]);
     let keep = slot
         .char_indices()
         .map(|(i, c)| i + c.len_utf8())
@@ -107,5 +110,23 @@ pub async fn serve(
     match failure {
         Some(e) => Err(e),
         None => served.map_err(|e| ServerError::Io(std::io::Error::other(e))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn subscription_slots_are_valid_and_distinct() {
+        let long = "s".repeat(63);
+        for slot in ["waltap", long.as_str()] {
+            let a = super::subscription_slot(slot);
+            let b = super::subscription_slot(slot);
+            assert_ne!(a, b);
+            assert!(a.len() <= 63, "{a}");
+            assert!(a
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_'));
+        }
+        assert!(super::subscription_slot("waltap").starts_with("waltap_sub_"));
     }
 }
