@@ -410,3 +410,81 @@ async fn serve_with_nats_url_serves_feed_pages_descriptions_and_subscriptions() 
     s.stop().await;
     db.teardown().await;
 }
+
+#[tokio::test]
+async fn a_feed_reader_survives_a_nats_restart_without_loss_or_repeats() {
+    use crate::server::{insert_orders, start, ORDERS};
+    use serde_json::Value as Json;
+
+    let Some((mut server, _dir)) = nats().await else {
+        return;
+    };
+    let db = TestDb::new().await;
+    let js_config = JetStreamConfig::parse(&server.url())
+        .unwrap()
+        .with_stream("RESTARTED")
+        .unwrap();
+    let s = start(&db, |c| c.appender.jetstream = Some(js_config.clone())).await;
+    s.create_stream("feed", "orders", None).await;
+    let mut seen: Vec<i64> = Vec::new();
+    let mut cursor = String::new();
+    insert_orders(&db, 0..10).await;
+    read_feed(&s, 10, &mut seen, &mut cursor).await;
+
+    server.kill();
+    // While NATS is down a page fails with an error body, never a hang or a panic.
+    let (status, body) = feed_page(&s, &cursor).await;
+    assert!(status.is_server_error(), "{status} {body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
+    insert_orders(&db, 10..20).await;
+    server.restart().unwrap();
+    server.wait_ready().await.unwrap();
+    read_feed(&s, 20, &mut seen, &mut cursor).await;
+    assert_eq!(
+        seen,
+        (0..20).collect::<Vec<i64>>(),
+        "every event once, in order"
+    );
+    s.stop().await;
+    db.teardown().await;
+}
+
+/// One feed page of stream `feed` after `cursor`: its status and body.
+async fn feed_page(
+    s: &crate::server::Server,
+    cursor: &str,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    let after = match cursor {
+        "" => String::new(),
+        c => format!("&cursor={c}"),
+    };
+    let r = s
+        .get(
+            &format!("/v1/streams/feed/events?limit=100&wait=5{after}"),
+            crate::server::ORDERS,
+        )
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    (status, r.json().await.unwrap())
+}
+
+/// Reads feed pages until `seen` holds `n` ids, asking again after an error page (NATS
+/// coming back), whose body must say what failed.
+async fn read_feed(s: &crate::server::Server, n: usize, seen: &mut Vec<i64>, cursor: &mut String) {
+    let deadline = std::time::Instant::now() + CATCH_UP;
+    while seen.len() < n {
+        assert!(std::time::Instant::now() < deadline, "read {seen:?}");
+        let (status, body) = feed_page(s, cursor).await;
+        if !status.is_success() {
+            assert!(body["error"]["message"].is_string(), "{body}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        for e in body["events"].as_array().unwrap() {
+            seen.push(e["created"]["id"].as_i64().unwrap());
+        }
+        *cursor = body["cursor"].as_str().unwrap().to_owned();
+    }
+}
