@@ -413,8 +413,7 @@ async fn serve_with_nats_url_serves_feed_pages_descriptions_and_subscriptions() 
 
 #[tokio::test]
 async fn a_feed_reader_survives_a_nats_restart_without_loss_or_repeats() {
-    use crate::server::{insert_orders, start, ORDERS};
-    use serde_json::Value as Json;
+    use crate::server::{insert_orders, start};
 
     let Some((mut server, _dir)) = nats().await else {
         return;
