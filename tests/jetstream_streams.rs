@@ -287,18 +287,38 @@ async fn named_streams_read_acknowledge_resume_and_go_stale_on_jetstream() {
         "tail acknowledged what it printed"
     );
 
-    // Every message discarded (a purge, or max_age on an idle log): a new stream starts
-    // at the slot's confirmed position and delivers what comes next, not stale.
+    // Every message discarded (a purge, or max_age on an idle log): where the log ends is
+    // unknown until the next change, so making a stream says so; after that change it
+    // starts there and delivers what follows.
     js.get_stream("NAMED").await.unwrap().purge().await.unwrap();
-    streams::create(&log, &client, &client, &def("after-purge"))
+    let unknown = streams::create(&log, &client, &client, &def("after-purge"))
         .await
-        .unwrap();
+        .unwrap_err();
+    assert!(
+        unknown.to_string().contains("once the next change"),
+        "{unknown}"
+    );
     db_client
         .batch_execute("INSERT INTO \"my.app\".\"Örder Items\" VALUES (47, 'p')")
         .await
         .unwrap();
+    wait_for("the insert after the purge in JetStream", CATCH_UP, || {
+        let js = js.clone();
+        async move {
+            let mut st = js.get_stream("NAMED").await.unwrap();
+            st.info().await.unwrap().state.messages >= 1
+        }
+    })
+    .await;
+    streams::create(&log, &client, &client, &def("after-purge"))
+        .await
+        .unwrap();
+    db_client
+        .batch_execute("INSERT INTO \"my.app\".\"Örder Items\" VALUES (48, 'q')")
+        .await
+        .unwrap();
     let (mut c, _) = open(&pool, &store, "after-purge").await.unwrap();
-    assert_eq!(id_of(&next_event(&mut c).await), 47);
+    assert_eq!(id_of(&next_event(&mut c).await), 48);
     drop(c);
 
     cancel.cancel();

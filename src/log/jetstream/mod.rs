@@ -270,9 +270,8 @@ pub enum JetStreamError {
         /// The source asked for.
         wanted: String,
     },
-    /// The stream's limits discarded every message, and the slot that says where the log
-    /// ended is not in the store's database.
-    #[error("every message of the JetStream log of source {slot:?} was discarded by the stream's limits, so where it ends is unknown here (the slot is not in the store database): create or reset the stream once the next change is appended")]
+    /// The stream's limits discarded every message, so where the log ends is unknown.
+    #[error("every message of the JetStream log of source {slot:?} was discarded by the stream's limits, so where it ends is unknown: create or reset the stream once the next change is appended (it then delivers what comes after that change)")]
     EndUnknown {
         /// The source (slot).
         slot: String,

@@ -559,10 +559,15 @@ pub async fn reset(
 async fn log_head(log: &EventLog, store: &Client, source: &str) -> Result<Mark, StoreError> {
     if let EventLog::JetStream(js) = log {
         js.check_source(source)?;
-        return match js.head().await? {
-            Some(head) => Ok(head),
-            None => slot_head(store, source).await,
-        };
+        // A log whose limits discarded every message no longer says where it ended. The
+        // slot's confirmed position is no answer: it trails what JetStream already holds
+        // (confirmations go out after the acknowledgement), so a stream started there
+        // would find the messages in between gone and report them as missed.
+        return js.head().await?.ok_or_else(|| {
+            StoreError::JetStream(crate::log::jetstream::JetStreamError::EndUnknown {
+                slot: source.to_owned(),
+            })
+        });
     }
     Ok(match crate::log::postgres::progress(store, source).await? {
         Some(mark) if mark > LogMark::NONE => Mark {
@@ -571,32 +576,6 @@ async fn log_head(log: &EventLog, store: &Client, source: &str) -> Result<Mark, 
         },
         _ => Mark { lsn: 0, ordinal: 0 },
     })
-}
-
-/// The end of a JetStream log whose limits discarded every message: the slot's confirmed
-/// position, when the slot is in the store's database. The writer confirms the slot only
-/// through what JetStream acknowledged, so every transaction at or below it was in the
-/// stream, and every one above it is still to come.
-async fn slot_head(store: &Client, source: &str) -> Result<Mark, StoreError> {
-    let row = store
-        .query_opt(
-            "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots
-             WHERE slot_name = $1 AND confirmed_flush_lsn IS NOT NULL",
-            &[&source],
-        )
-        .await
-        .map_err(StoreError::sql("read the slot's confirmed position"))?;
-    match row {
-        Some(row) => Ok(Mark {
-            lsn: row.get(0),
-            ordinal: TX_END,
-        }),
-        None => Err(StoreError::JetStream(
-            crate::log::jetstream::JetStreamError::EndUnknown {
-                slot: source.to_owned(),
-            },
-        )),
-    }
 }
 
 /// An initial state is copied against the Postgres log (its snapshot is placed among the
