@@ -55,6 +55,9 @@ pub enum Contender {
     /// The same appender with `--nats-url`: every event published to a JetStream stream
     /// on a `nats-server` (one node, file storage) started for the run.
     WaltapJetStream,
+    /// A named stream's consumer reading the whole workload from the Postgres event log
+    /// (filled by the appender first, outside the measurement), acknowledging each page.
+    WaltapStreamReader,
     /// A [`Hub`] in this process with 1, 100, 1000 or 10000 subscribers whose filters split
     /// the key space, so every event reaches exactly one of them.
     WaltapFanout1,
@@ -72,7 +75,7 @@ pub enum Contender {
 }
 
 impl Contender {
-    pub const ALL: [Contender; 15] = [
+    pub const ALL: [Contender; 16] = [
         Contender::RecvlogicalPgoutput,
         Contender::RecvlogicalTestDecoding,
         Contender::Psycopg2,
@@ -80,6 +83,7 @@ impl Contender {
         Contender::WaltapListener,
         Contender::WaltapPersisted,
         Contender::WaltapJetStream,
+        Contender::WaltapStreamReader,
         Contender::WaltapFanout1,
         Contender::WaltapFanout100,
         Contender::WaltapFanout1000,
@@ -94,7 +98,10 @@ impl Contender {
     pub fn measures_latency(self) -> bool {
         !matches!(
             self,
-            Contender::WaltapPersisted | Contender::WaltapJetStream | Contender::Psycopg2
+            Contender::WaltapPersisted
+                | Contender::WaltapJetStream
+                | Contender::WaltapStreamReader
+                | Contender::Psycopg2
         ) && self.fanout().is_none()
     }
 
@@ -127,6 +134,7 @@ impl Contender {
             Contender::WaltapListener => "waltap-listener",
             Contender::WaltapPersisted => "waltap-persisted",
             Contender::WaltapJetStream => "waltap-jetstream",
+            Contender::WaltapStreamReader => "waltap-stream-reader",
             Contender::WaltapFanout1 => "waltap-fanout-1",
             Contender::WaltapFanout100 => "waltap-fanout-100",
             Contender::WaltapFanout1000 => "waltap-fanout-1000",
@@ -152,6 +160,7 @@ impl Contender {
             Contender::WaltapListener => "waltap Listener (in-process)",
             Contender::WaltapPersisted => "waltap run: appended to the event log",
             Contender::WaltapJetStream => "waltap run: appended to JetStream",
+            Contender::WaltapStreamReader => "named stream read from the event log",
             Contender::WaltapFanout1 => "waltap subscribe, 1 filtered subscriber",
             Contender::WaltapFanout100 => "waltap subscribe, 100 filtered subscribers",
             Contender::WaltapFanout1000 => "waltap subscribe, 1000 filtered subscribers",
@@ -213,7 +222,7 @@ impl Tools {
         }
     }
 
-    fn cpu_secs(&self, ticks: Option<u64>) -> Option<f64> {
+    pub(super) fn cpu_secs(&self, ticks: Option<u64>) -> Option<f64> {
         ticks.map(|t| t as f64 / self.clk_tck as f64)
     }
 }
@@ -274,6 +283,9 @@ pub async fn catch_up(
         }
         Contender::WaltapJetStream => {
             return super::persisted::jetstream(tools, slot, events, timeout).await
+        }
+        Contender::WaltapStreamReader => {
+            return super::persisted::stream_reader(tools, slot, events, timeout).await
         }
         _ if c.fanout().is_some() => return fanout_catch_up(tools, c, slot, events, timeout).await,
         Contender::WaltapTail => tail_args(slot, Some(events)),

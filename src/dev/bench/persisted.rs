@@ -72,6 +72,100 @@ pub(super) async fn jetstream(
     measured
 }
 
+/// The appender fills the log first (not measured); then one consumer of a named stream on
+/// the workload's tables reads all `events` from the log's start, acknowledging the last
+/// event of each page it is handed, as an HTTP feed client would. Wall time and client CPU
+/// are the read's alone; the walsender is not involved.
+pub(super) async fn stream_reader(
+    tools: &Tools,
+    slot: &Slot<'_>,
+    events: u64,
+    timeout: Duration,
+) -> anyhow::Result<Measurement> {
+    use futures::StreamExt;
+
+    use crate::log::streams::{self, OpenOptions, StreamDef, StreamItem};
+
+    let config = AppenderConfig::new(listener_config(slot)?);
+    let store = config.store.clone();
+    let count = || async {
+        slot.observer_db
+            .query_one(
+                "SELECT count(*) FROM waltap.events WHERE source = $1",
+                &[&slot.name],
+            )
+            .await
+            .map_or(0, |row| row.get::<_, i64>(0) as u64)
+    };
+    tokio::time::timeout(timeout, append_until(config, events, count))
+        .await
+        .map_err(|_| anyhow::anyhow!("the log did not fill within {timeout:?}"))??;
+    let tables: Vec<String> = slot
+        .observer_db
+        .query(
+            "SELECT DISTINCT format('%I.%I', schema_name, table_name) FROM waltap.events
+             WHERE source = $1",
+            &[&slot.name],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let name = format!("bench-{}", slot.name);
+    let def = StreamDef {
+        name: name.clone(),
+        source: slot.name.clone(),
+        tables,
+        filter: None,
+        initial_state: false,
+        // Before every event: the whole log.
+        from: Some(crate::event::Position::new(crate::lsn::Lsn::ZERO, 0)),
+    };
+    let client = store.connect_sql().await?;
+    streams::create(&crate::log::EventLog::Postgres, &client, &client, &def).await?;
+
+    let cpu_before = super::measure::cpu_ticks(super::measure::Proc::This);
+    let start = std::time::Instant::now();
+    let read = async {
+        let mut consumer = streams::open(&store, &name, OpenOptions::default()).await?;
+        let mut seen = 0u64;
+        let mut since_ack = 0usize;
+        while seen < events {
+            match consumer.next().await {
+                Some(Ok(StreamItem::Event(ev))) => {
+                    seen += 1;
+                    since_ack += 1;
+                    if since_ack == streams::DEFAULT_PAGE_SIZE || seen == events {
+                        consumer.ack(ev.position).await?;
+                        since_ack = 0;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+                None => anyhow::bail!("the consumer ended after {seen} events"),
+            }
+        }
+        consumer.close().await;
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| anyhow::anyhow!("{events} events not read within {timeout:?}"))??;
+    let wall_secs = start.elapsed().as_secs_f64();
+    let client_ticks = cpu_before.and_then(|b| {
+        Some(super::measure::cpu_ticks(super::measure::Proc::This)?.saturating_sub(b))
+    });
+    streams::delete(&client, &name).await?;
+    Ok(Measurement {
+        events,
+        wall_secs,
+        client_cpu_secs: tools.cpu_secs(client_ticks),
+        walsender_cpu_secs: None,
+        peak_rss_kib: None,
+        fanout: None,
+    })
+}
+
 /// Runs the appender until `count` reports `events` (or the appender stops by itself),
 /// then stops it and returns its outcome.
 async fn append_until<F, Fut>(
