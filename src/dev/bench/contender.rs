@@ -1,9 +1,9 @@
-//! The contenders: what each one runs, and how its catch-up and its latency are measured.
+//! The contenders: what each one runs, and how its catch-up is measured (its latency:
+//! [`super::latency`]).
 //!
 //! Child contenders (`pg_recvlogical`, `waltap tail`) differ only in their command line:
 //! one function builds each command, and one measures any child. The in-process
-//! [`Listener`] has its own pair of functions. Every catch-up run yields the same
-//! [`Measurement`], every latency run the same [`Latency`].
+//! [`Listener`] has its own function. Every catch-up run yields the same [`Measurement`].
 
 use std::convert::Infallible;
 use std::fs::File;
@@ -15,25 +15,23 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use futures::StreamExt;
 use serde::Serialize;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::process::Command;
 use tokio_postgres::Client;
 
 use super::fanout::{FanoutWindow, Filters};
 use super::measure::{
-    cpu_ticks, descendants, find_timestamp, now_unix_micros, peak_rss_kib, percentile,
-    read_gnu_time, reset_peak_rss, LastSeen, Proc, GNU_TIME_FORMAT,
+    cpu_ticks, descendants, peak_rss_kib, read_gnu_time, reset_peak_rss, LastSeen, Proc,
+    GNU_TIME_FORMAT,
 };
-use super::workload;
 use crate::pg::config::SourceConfig;
 use crate::source::pipeline::{Listener, ListenerConfig};
-use crate::value::Value;
 
 /// How often a running contender's processes are sampled.
 pub(super) const POLL: Duration = Duration::from_millis(5);
 
-/// How long a latency consumer may take to show the last row once the writer is done.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a latency consumer may take to show the last row once the writer is done (and
+/// a child to start streaming).
+pub(super) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A way of reading the slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -295,23 +293,7 @@ pub async fn catch_up(
     child_catch_up(tools, program(tools, c)?, args, slot, events, timeout).await
 }
 
-/// End-to-end latency of the rows `pacer` writes, as `c` delivers them.
-pub async fn latency(
-    tools: &Tools,
-    c: Contender,
-    slot: &Slot<'_>,
-    pacer: &Pacer<'_>,
-) -> anyhow::Result<Latency> {
-    let args = match c {
-        Contender::WaltapListener => return listener_latency(slot, pacer).await,
-        Contender::WaltapFollower => return super::follower::latency(slot, pacer).await,
-        Contender::WaltapTail => tail_args(slot, None),
-        _ => recvlogical_args(c, slot, None),
-    };
-    child_latency(tools, c, program(tools, c)?, args, slot, pacer).await
-}
-
-fn program(tools: &Tools, c: Contender) -> anyhow::Result<&Path> {
+pub(super) fn program(tools: &Tools, c: Contender) -> anyhow::Result<&Path> {
     let path = match c {
         Contender::WaltapTail => tools.waltap_bin.as_deref(),
         Contender::Psycopg2 => tools.python_psycopg2.as_deref(),
@@ -321,7 +303,7 @@ fn program(tools: &Tools, c: Contender) -> anyhow::Result<&Path> {
 }
 
 /// Without `endpos` it streams until killed.
-fn recvlogical_args(c: Contender, slot: &Slot<'_>, endpos: Option<&str>) -> Vec<String> {
+pub(super) fn recvlogical_args(c: Contender, slot: &Slot<'_>, endpos: Option<&str>) -> Vec<String> {
     let mut args: Vec<String> = [
         "-d",
         slot.url,
@@ -378,7 +360,7 @@ pub fn find_python_psycopg2() -> Option<PathBuf> {
 }
 
 /// Without `limit` it streams until killed.
-fn tail_args(slot: &Slot<'_>, limit: Option<u64>) -> Vec<String> {
+pub(super) fn tail_args(slot: &Slot<'_>, limit: Option<u64>) -> Vec<String> {
     let mut args: Vec<String> = [
         "tail",
         "--database-url",
@@ -397,7 +379,12 @@ fn tail_args(slot: &Slot<'_>, limit: Option<u64>) -> Vec<String> {
     args
 }
 
-fn child_command(tools: &Tools, program: &Path, args: &[String], slot: &Slot<'_>) -> Command {
+pub(super) fn child_command(
+    tools: &Tools,
+    program: &Path,
+    args: &[String],
+    slot: &Slot<'_>,
+) -> Command {
     let mut cmd = Command::new(program);
     cmd.args(args)
         .env("WALTAP_LOG", "warn")
@@ -412,7 +399,7 @@ fn log_file(tools: &Tools, slot: &str, ext: &str) -> Stdio {
     File::create(tools.logs.join(format!("{slot}.{ext}"))).map_or(Stdio::null(), Stdio::from)
 }
 
-fn stderr_of(tools: &Tools, slot: &Slot<'_>) -> String {
+pub(super) fn stderr_of(tools: &Tools, slot: &Slot<'_>) -> String {
     std::fs::read_to_string(tools.logs.join(format!("{}.stderr", slot.name))).unwrap_or_default()
 }
 
@@ -512,7 +499,7 @@ impl Watch<'_> {
 }
 
 /// The pid of the walsender reading `slot`, once one does.
-async fn walsender_pid(observer: &Client, slot: &str) -> anyhow::Result<Option<u32>> {
+pub(super) async fn walsender_pid(observer: &Client, slot: &str) -> anyhow::Result<Option<u32>> {
     let row = observer
         .query_opt(
             "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
@@ -641,164 +628,4 @@ async fn fanout_catch_up(
     m.client_cpu_secs = tools.cpu_secs(window.cpu_ticks);
     m.fanout = Some(window);
     Ok(m)
-}
-
-/// Writes paced single-row commits, then waits for the consumer to have seen them all.
-pub struct Pacer<'a> {
-    pub writer: &'a Client,
-    pub rate: u32,
-    pub duration: Duration,
-}
-
-impl Pacer<'_> {
-    pub(super) async fn run(&self, arrivals: &Arrivals) -> anyhow::Result<workload::Paced> {
-        let paced = workload::write_paced(self.writer, self.rate, self.duration).await?;
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
-        while arrivals.count() < paced.rows {
-            if Instant::now() > deadline {
-                bail!(
-                    "{} of {} rows arrived within {DRAIN_TIMEOUT:?}",
-                    arrivals.count(),
-                    paced.rows
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Ok(paced)
-    }
-}
-
-/// Latencies in ms, recorded by the consumer as rows arrive.
-#[derive(Default)]
-pub(super) struct Arrivals(Mutex<Vec<f64>>);
-
-impl Arrivals {
-    pub(super) fn record(&self, inserted_at_unix_us: i64) {
-        let ms = (now_unix_micros() - inserted_at_unix_us) as f64 / 1000.0;
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(ms);
-    }
-
-    fn count(&self) -> u64 {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).len() as u64
-    }
-
-    fn into_sorted(self) -> Vec<f64> {
-        let mut v = self.0.into_inner().unwrap_or_else(|e| e.into_inner());
-        v.sort_by(f64::total_cmp);
-        v
-    }
-}
-
-/// End-to-end latency of one contender: commit (`clock_timestamp()` in the row) to the
-/// consumer seeing the row.
-#[derive(Debug, Clone, Serialize)]
-pub struct Latency {
-    pub contender: Contender,
-    pub commits: u64,
-    pub commits_per_sec: f64,
-    pub p50_ms: Option<f64>,
-    pub p90_ms: Option<f64>,
-    pub p99_ms: Option<f64>,
-    pub max_ms: Option<f64>,
-}
-
-impl Latency {
-    pub(super) fn new(contender: Contender, paced: workload::Paced, arrivals: Arrivals) -> Latency {
-        let sorted = arrivals.into_sorted();
-        Latency {
-            contender,
-            commits: paced.rows,
-            commits_per_sec: paced.rows as f64 / paced.secs,
-            p50_ms: percentile(&sorted, 50.0),
-            p90_ms: percentile(&sorted, 90.0),
-            p99_ms: percentile(&sorted, 99.0),
-            max_ms: sorted.last().copied(),
-        }
-    }
-}
-
-async fn child_latency(
-    tools: &Tools,
-    c: Contender,
-    program: &Path,
-    args: Vec<String>,
-    slot: &Slot<'_>,
-    pacer: &Pacer<'_>,
-) -> anyhow::Result<Latency> {
-    let mut cmd = child_command(tools, program, &args, slot);
-    cmd.stdout(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("starting {}", program.display()))?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| anyhow!("no stdout pipe"))?;
-    let arrivals = Arrivals::default();
-    let paced = tokio::select! {
-        paced = async {
-            wait_streaming(&mut child, slot).await?;
-            pacer.run(&arrivals).await
-        } => paced?,
-        read = read_arrivals(stdout, &arrivals) => bail!(
-            "{} stopped early ({read:?}): {}", program.display(), stderr_of(tools, slot)
-        ),
-    };
-    child.kill().await?;
-    Ok(Latency::new(c, paced, arrivals))
-}
-
-/// Until its walsender is attached, so that no row waits for the connection.
-async fn wait_streaming(child: &mut Child, slot: &Slot<'_>) -> anyhow::Result<()> {
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    while walsender_pid(slot.observer, &slot.name).await?.is_none() {
-        if let Some(status) = child.try_wait()? {
-            bail!("exited with {status} before streaming");
-        }
-        if Instant::now() > deadline {
-            bail!("not streaming after {DRAIN_TIMEOUT:?}");
-        }
-        tokio::time::sleep(POLL).await;
-    }
-    Ok(())
-}
-
-/// Each output line with a timestamp in it is a row: binary pgoutput messages too, since
-/// a timestamp's text holds no newline.
-async fn read_arrivals(stdout: ChildStdout, arrivals: &Arrivals) -> std::io::Result<()> {
-    let mut reader = BufReader::new(stdout);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line).await? == 0 {
-            return Ok(());
-        }
-        if let Some(at) = find_timestamp(&line) {
-            arrivals.record(at);
-        }
-    }
-}
-
-async fn listener_latency(slot: &Slot<'_>, pacer: &Pacer<'_>) -> anyhow::Result<Latency> {
-    let mut listener = Listener::start(listener_config(slot)?).await?;
-    let arrivals = Arrivals::default();
-    let paced = tokio::select! {
-        paced = pacer.run(&arrivals) => paced,
-        consumed = consume_arrivals(&mut listener, &arrivals) => Err(anyhow!("the listener stopped: {consumed:?}")),
-    };
-    listener.shutdown().await;
-    Ok(Latency::new(Contender::WaltapListener, paced?, arrivals))
-}
-
-async fn consume_arrivals(listener: &mut Listener, arrivals: &Arrivals) -> anyhow::Result<()> {
-    while let Some(event) = listener.next().await {
-        let event = event?;
-        if let Some(Value::Timestamptz(at)) = event.after().and_then(|row| row.get("at")) {
-            if let Some(at) = find_timestamp(at.as_bytes()) {
-                arrivals.record(at);
-            }
-        }
-        listener.ack(event.position);
-    }
-    Ok(())
 }

@@ -7,7 +7,8 @@
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::contender::{listener_config, Arrivals, Contender, Latency, Pacer, Slot};
+use super::contender::{listener_config, Contender, Slot};
+use super::latency::{Arrivals, Latency, Pacer};
 use super::measure::find_timestamp;
 use crate::hub::{Hub, HubConfig, SubscriptionItem};
 use crate::log::append::AppenderConfig;

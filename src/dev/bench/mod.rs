@@ -21,6 +21,7 @@
 pub mod contender;
 pub mod fanout;
 mod follower;
+pub mod latency;
 pub mod measure;
 mod persisted;
 pub mod report;
@@ -32,7 +33,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use tokio_postgres::Client;
 
-pub use contender::{Contender, Latency, Measurement};
+pub use contender::{Contender, Measurement};
+pub use latency::Latency;
 pub use report::Report;
 
 use crate::dev::localpg::{LocalPg, LocalPgOptions};
@@ -42,7 +44,8 @@ use crate::pg::config::SourceConfig;
 use crate::pg::quote_ident;
 use crate::replication::quote_literal;
 use crate::Identity;
-use contender::{Pacer, Slot, Tools};
+use contender::{Slot, Tools};
+use latency::Pacer;
 use report::{CatchUp, Machine, NotAvailable, Settings, Versions, Workload};
 use workload::Shape;
 
@@ -372,7 +375,7 @@ async fn latency_phase(
             config.latency_rate,
             config.latency_duration
         );
-        let latency = contender::latency(tools, c, &slot, &pacer)
+        let latency = latency::latency(tools, c, &slot, &pacer)
             .await
             .with_context(|| format!("latency of {}", c.key()))?;
         results.push(latency);

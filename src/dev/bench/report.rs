@@ -10,8 +10,9 @@ use std::process::Command;
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use super::contender::{Contender, Latency, Measurement};
+use super::contender::{Contender, Measurement};
 use super::fanout::{FanoutWindow, Filters};
+use super::latency::Latency;
 use super::measure::Spread;
 use super::workload::{Shape, DELETES_PER_TX, INSERTS_PER_TX, UPDATES_PER_TX};
 use crate::Identity;
