@@ -16,22 +16,12 @@ pub(super) async fn postgres_log(
     timeout: Duration,
 ) -> anyhow::Result<Measurement> {
     let config = AppenderConfig::new(listener_config(slot)?);
-    let count = || async {
-        // The log table exists once the appender has migrated.
-        slot.observer_db
-            .query_one(
-                "SELECT count(*) FROM waltap.events WHERE source = $1",
-                &[&slot.name],
-            )
-            .await
-            .map_or(0, |row| row.get::<_, i64>(0) as u64)
-    };
     in_process(
         tools,
         slot,
         events,
         timeout,
-        append_until(config, events, count),
+        append_until(config, events, || logged(slot)),
     )
     .await
 }
@@ -88,16 +78,7 @@ pub(super) async fn stream_reader(
 
     let config = AppenderConfig::new(listener_config(slot)?);
     let store = config.store.clone();
-    let count = || async {
-        slot.observer_db
-            .query_one(
-                "SELECT count(*) FROM waltap.events WHERE source = $1",
-                &[&slot.name],
-            )
-            .await
-            .map_or(0, |row| row.get::<_, i64>(0) as u64)
-    };
-    tokio::time::timeout(timeout, append_until(config, events, count))
+    tokio::time::timeout(timeout, append_until(config, events, || logged(slot)))
         .await
         .map_err(|_| anyhow::anyhow!("the log did not fill within {timeout:?}"))??;
     let tables: Vec<String> = slot
@@ -164,6 +145,18 @@ pub(super) async fn stream_reader(
         peak_rss_kib: None,
         fanout: None,
     })
+}
+
+/// The events of the slot in `waltap.events` (0 until the appender has migrated and made
+/// the table).
+async fn logged(slot: &Slot<'_>) -> u64 {
+    slot.observer_db
+        .query_one(
+            "SELECT count(*) FROM waltap.events WHERE source = $1",
+            &[&slot.name],
+        )
+        .await
+        .map_or(0, |row| row.get::<_, i64>(0) as u64)
 }
 
 /// Runs the appender until `count` reports `events` (or the appender stops by itself),
