@@ -181,6 +181,18 @@ impl JetStreamConfig {
         hosts.join(",")
     }
 
+    /// Turns a client error of a request about the stream into [`JetStreamError::Request`].
+    pub(crate) fn request_error(
+        &self,
+        operation: &'static str,
+    ) -> impl Fn(Box<dyn std::error::Error + Send + Sync>) -> JetStreamError + '_ {
+        move |source| JetStreamError::Request {
+            operation,
+            stream: self.stream.clone(),
+            source,
+        }
+    }
+
     /// The subjects waltap's stream takes: everything under the prefix.
     pub fn subjects(&self) -> String {
         format!("{}.>", self.subject_prefix)
@@ -369,14 +381,7 @@ async fn ensure_stream(
     js: &Context,
     config: &JetStreamConfig,
 ) -> Result<async_nats::jetstream::stream::Stream, JetStreamError> {
-    let request = |operation: &'static str| {
-        let stream = config.stream.clone();
-        move |e: Box<dyn std::error::Error + Send + Sync>| JetStreamError::Request {
-            operation,
-            stream,
-            source: e,
-        }
-    };
+    let request = |operation| config.request_error(operation);
     let mut stream = js
         .get_or_create_stream(StreamConfig {
             name: config.stream.clone(),
@@ -437,14 +442,7 @@ impl JetStreamLog {
     pub async fn open(config: &JetStreamConfig, source: &str) -> Result<Self, JetStreamError> {
         let js = connect(config, &format!("waltap {source}")).await?;
         let stream = ensure_stream(&js, config).await?;
-        let request = |operation: &'static str| {
-            let stream = config.stream.clone();
-            move |e: Box<dyn std::error::Error + Send + Sync>| JetStreamError::Request {
-                operation,
-                stream,
-                source: e,
-            }
-        };
+        let request = |operation| config.request_error(operation);
         // Read by `ensure_stream` just now.
         let info = stream.cached_info();
         let last_sequence = info.state.last_sequence;

@@ -89,13 +89,7 @@ impl JetStreamReader {
         &self,
         operation: &'static str,
     ) -> impl Fn(Box<dyn std::error::Error + Send + Sync>) -> StoreError + '_ {
-        move |e| {
-            StoreError::JetStream(JetStreamError::Request {
-                operation,
-                stream: self.config.stream.clone(),
-                source: e,
-            })
-        }
+        move |e| StoreError::JetStream(self.config.request_error(operation)(e))
     }
 
     /// Refuses a named stream of another source: this log holds one source's events.
