@@ -343,7 +343,7 @@ pub async fn list_counting(
         .map_err(StoreError::sql("list streams"))?;
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
-        out.push(info(log, store, &row, Some(limit)).await?);
+        out.push(info(store, &row, Some((log, limit))).await?);
     }
     Ok(out)
 }
@@ -351,7 +351,7 @@ pub async fn list_counting(
 /// One stream, with its backlog in `log` counted (up to [`BACKLOG_COUNT_LIMIT`]).
 pub async fn get(log: &EventLog, store: &Client, name: &str) -> Result<StreamInfo, StoreError> {
     let row = read_row(store, name).await?;
-    info(log, store, &row, Some(BACKLOG_COUNT_LIMIT)).await
+    info(store, &row, Some((log, BACKLOG_COUNT_LIMIT))).await
 }
 
 /// One stream's definition, cursor and lease, without counting its backlog (`backlog` is
@@ -359,7 +359,7 @@ pub async fn get(log: &EventLog, store: &Client, name: &str) -> Result<StreamInf
 /// log rows) cost more than the page itself.
 pub async fn find(store: &Client, name: &str) -> Result<StreamInfo, StoreError> {
     let row = read_row(store, name).await?;
-    info(&EventLog::Postgres, store, &row, None).await
+    info(store, &row, None).await
 }
 
 async fn read_row(store: &Client, name: &str) -> Result<tokio_postgres::Row, StoreError> {
@@ -373,13 +373,12 @@ async fn read_row(store: &Client, name: &str) -> Result<tokio_postgres::Row, Sto
         .ok_or_else(|| StoreError::NoSuchStream(name.to_owned()))
 }
 
-/// A stream's description from its row; the backlog is counted up to `limit` events, or
-/// not at all without one.
+/// A stream's description from its row; with `count`, its backlog counted in that log up
+/// to that many events, else not counted.
 async fn info(
-    log: &EventLog,
     store: &Client,
     row: &tokio_postgres::Row,
-    limit: Option<i64>,
+    count: Option<(&EventLog, i64)>,
 ) -> Result<StreamInfo, StoreError> {
     let name: String = row.get(0);
     let source: String = row.get(1);
@@ -414,8 +413,8 @@ async fn info(
             copy,
         }
     });
-    let (backlog, backlog_capped) = match limit {
-        Some(limit) => {
+    let (backlog, backlog_capped) = match count {
+        Some((log, limit)) => {
             let counted = match log {
                 EventLog::Postgres => count_backlog(store, &source, cursor, &tables, limit).await?,
                 EventLog::JetStream(js) => {
