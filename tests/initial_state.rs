@@ -229,7 +229,12 @@ async fn current(db: &TestDb, predicate: &str) -> BTreeMap<i64, Json> {
 }
 
 async fn start_hub(listener: waltap::ListenerConfig) -> Hub {
-    match Hub::start(HubConfig::new(listener)).await {
+    let mut config = HubConfig::new(listener);
+    // These tests check what a subscriber receives, not how the hub treats a slow one:
+    // under a loaded CI machine the test's own consumer, checking every row while
+    // unthrottled writers run, fell 1,024 events behind and was dropped as lagged.
+    config.subscriber_queue = 1 << 16;
+    match Hub::start(config).await {
         Ok(h) => h,
         Err(e) => panic!("hub did not start: {e}"),
     }
