@@ -18,10 +18,10 @@ use crate::support::log::Log;
 use crate::support::{json_line, listen, wait_for, TestDb};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-const ROWS: i32 = 3000;
+pub(crate) const ROWS: i32 = 3000;
 
 /// A table of `ROWS` rows.
-async fn table(db: &TestDb, identity_full: bool) {
+pub(crate) async fn table(db: &TestDb, identity_full: bool) {
     let c = db.client().await;
     c.batch_execute(&format!(
         "CREATE TABLE acc (id int PRIMARY KEY, v int NOT NULL, note text);
@@ -74,12 +74,12 @@ fn writers(db: &TestDb, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<u6
 /// The consumer's copy of the table, by id, built from the items; each change must apply
 /// to the copy exactly (no create of a present row, no update or delete of a missing one).
 #[derive(Default)]
-struct Copy {
-    rows: BTreeMap<i64, Json>,
-    complete: Option<Option<Position>>,
+pub(crate) struct Copy {
+    pub(crate) rows: BTreeMap<i64, Json>,
+    pub(crate) complete: Option<Option<Position>>,
     last: Option<Position>,
-    snapshot_rows: usize,
-    changes: usize,
+    pub(crate) snapshot_rows: usize,
+    pub(crate) changes: usize,
 }
 
 impl Copy {
@@ -88,7 +88,7 @@ impl Copy {
     }
 
     /// Applies one item; in transitions mode `appear`/`disappear` enter and leave the set.
-    fn apply<R: serde::Serialize>(&mut self, item: SubscriptionItem<R>) {
+    pub(crate) fn apply<R: serde::Serialize>(&mut self, item: SubscriptionItem<R>) {
         let item = serde_json::to_value(&item).unwrap();
         match item.get("type").and_then(Json::as_str) {
             Some("initialized") => return,
@@ -164,7 +164,7 @@ impl Copy {
 }
 
 /// The next item of a subscription or a stream consumer.
-async fn next<S, T, E>(items: &mut S) -> T
+pub(crate) async fn next<S, T, E>(items: &mut S) -> T
 where
     S: futures::Stream<Item = Result<T, E>> + Unpin,
     T: std::fmt::Debug,
@@ -208,7 +208,7 @@ async fn follow(
     copy
 }
 
-async fn current(db: &TestDb, predicate: &str) -> BTreeMap<i64, Json> {
+pub(crate) async fn current(db: &TestDb, predicate: &str) -> BTreeMap<i64, Json> {
     let rows = db
         .client()
         .await
@@ -251,7 +251,7 @@ async fn subscribe(hub: &Hub, filter: Option<Json>) -> Subscription {
     }
 }
 
-async fn busy(db: &TestDb) -> (Arc<AtomicBool>, Vec<tokio::task::JoinHandle<u64>>) {
+pub(crate) async fn busy(db: &TestDb) -> (Arc<AtomicBool>, Vec<tokio::task::JoinHandle<u64>>) {
     let stop = Arc::new(AtomicBool::new(false));
     let w = writers(db, stop.clone());
     let c = db.client().await;
@@ -362,7 +362,7 @@ async fn a_table_without_primary_key_is_read_in_physical_order_like_its_events()
 
 /// Reads a stream into the copy while the writers run, stops them, then reads until the
 /// sentinel row arrives, acknowledging as it goes.
-async fn follow_stream(
+pub(crate) async fn follow_stream(
     db: &TestDb,
     c: &mut StreamConsumer,
     copy: &mut Copy,

@@ -86,13 +86,6 @@ async fn named_streams_read_acknowledge_resume_and_go_stale_on_jetstream() {
     streams::create(&log, &client, &client, &def("orders.v1"))
         .await
         .unwrap();
-    // An initial state needs the Postgres log: refused with the way around it.
-    let mut with_rows = def("with-rows");
-    with_rows.initial_state = true;
-    let refused = streams::create(&log, &client, &client, &with_rows)
-        .await
-        .unwrap_err();
-    assert!(refused.to_string().contains("waltap export"), "{refused}");
 
     // 30 rows of the stream's table in three transactions (one of 20 rows), with
     // changes of another table between them that the stream does not deliver.
@@ -415,7 +408,7 @@ async fn serve_with_nats_url_serves_feed_pages_descriptions_and_subscriptions() 
         .unwrap()
         .get(0);
     assert_eq!(logged, 0);
-    // An initial state is refused with the way around it.
+    // A stream with an initial state: the 23 rows, the marker, then a change after it.
     let r = s
         .post(
             "/v1/streams",
@@ -425,7 +418,25 @@ async fn serve_with_nats_url_serves_feed_pages_descriptions_and_subscriptions() 
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 400);
+    assert_eq!(r.status(), 201, "{:?}", r.text().await);
+    let page = feed_json(&s, "/v1/streams/rows/events?limit=100&wait=10").await;
+    let items = page["events"].as_array().unwrap();
+    assert_eq!(items.len(), 24, "23 rows and the marker: {page}");
+    assert_eq!(items[23]["type"], "snapshotComplete", "{page}");
+    insert_orders(&db, 23..24).await;
+    let cursor = page["cursor"].as_str().unwrap();
+    let page = feed_json(
+        &s,
+        &format!("/v1/streams/rows/events?wait=10&cursor={cursor}"),
+    )
+    .await;
+    let ids: Vec<i64> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["created"]["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [23], "{page}");
     drop(sse);
     s.stop().await;
     db.teardown().await;
@@ -506,4 +517,106 @@ async fn read_feed(s: &crate::server::Server, n: usize, seen: &mut Vec<i64>, cur
         }
         *cursor = body["cursor"].as_str().unwrap().to_owned();
     }
+}
+
+/// A stream with an initial state on JetStream, made while writers are busy: its copy plus
+/// the changes after it equal the table. Then, with the source idle (nothing appended
+/// after the snapshot's watermark, so only the watermark mark in the progress bucket says
+/// the log passed it), a second stream's copy completes, and a change committed right
+/// after it arrives once.
+#[tokio::test]
+async fn a_stream_with_initial_state_on_jetstream_equals_the_table() {
+    use crate::initial_state::{busy, current, follow_stream, next, table, Copy, ROWS};
+
+    let Some((server, _dir)) = nats().await else {
+        return;
+    };
+    let db = TestDb::new().await;
+    table(&db, false).await;
+    let js_config = JetStreamConfig::parse(&server.url())
+        .unwrap()
+        .with_stream("WARM")
+        .unwrap();
+    let mut config = AppenderConfig::new(listen::config(&db, &[]));
+    config.max_batch_delay = Duration::from_millis(20);
+    config.jetstream = Some(js_config.clone());
+    let source = config.listener.slot.clone();
+    let store = config.store.clone();
+    listen::prepare_slot(&db, &config.listener).await;
+    let cancel = CancellationToken::new();
+    let pipeline = tokio::spawn(append::run(config, cancel.clone()));
+    let log = EventLog::JetStream(JetStreamReader::new(&js_config, &source));
+    let pool = ConsumerPool::reading(&store, 4, log.clone()).unwrap();
+    let client = store.connect_sql().await.unwrap();
+    let def = |name: &str| StreamDef {
+        name: name.into(),
+        source: source.clone(),
+        tables: vec!["acc".into()],
+        filter: None,
+        initial_state: true,
+        from: None,
+    };
+    let options = || OpenOptions {
+        page_size: 100,
+        ..OpenOptions::default()
+    };
+
+    let (stop, writers) = busy(&db).await;
+    streams::create(&log, &client, &client, &def("warm"))
+        .await
+        .unwrap();
+    let mut c = streams::open_pooled(&pool, &store, "warm", options())
+        .await
+        .unwrap();
+    let mut copy = Copy::default();
+    follow_stream(&db, &mut c, &mut copy, stop, writers).await;
+    assert!(copy.snapshot_rows >= ROWS as usize - 50);
+    assert_eq!(
+        copy.rows,
+        current(&db, "true").await,
+        "the copy equals the table"
+    );
+    c.close().await;
+
+    // Idle now: the sentinel was the last change appended.
+    streams::create(&log, &client, &client, &def("idle"))
+        .await
+        .unwrap();
+    let mut c = streams::open_pooled(&pool, &store, "idle", options())
+        .await
+        .unwrap();
+    let mut copy = Copy::default();
+    while copy.complete.is_none() {
+        let item = next(&mut c).await;
+        if let StreamItem::Snapshot(row) = &item {
+            c.ack_snapshot(row.seq.unwrap()).await.unwrap();
+        }
+        copy.apply(item);
+    }
+    assert_eq!(
+        copy.rows,
+        current(&db, "true").await,
+        "the idle copy equals the table"
+    );
+    db.client()
+        .await
+        .batch_execute("INSERT INTO acc VALUES (-1, 1, 'after')")
+        .await
+        .unwrap();
+    while !copy.rows.contains_key(&-1) {
+        copy.apply(next(&mut c).await);
+    }
+    assert_eq!(copy.changes, 1, "the change after the copy arrives once");
+    c.close().await;
+
+    cancel.cancel();
+    pipeline.await.unwrap().unwrap();
+    db.teardown().await;
+}
+
+/// The body of a feed request that must succeed.
+async fn feed_json(s: &crate::server::Server, path: &str) -> serde_json::Value {
+    let r = s.get(path, crate::server::ORDERS).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
 }

@@ -34,16 +34,18 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     let watched = watched.unwrap_or_else(|| store.clone());
     let tables = [TableName::parse_strict(&args.table).map_err(anyhow::Error::msg)?];
     let catalog = watched.connect_sql().await?;
-    let log = store.connect_sql().await?;
+    let log = args.store.event_log()?;
+    let publication =
+        initial::publication_of(&log, &store.connect_sql().await?, &args.store.slot).await?;
     let compiled =
-        initial::compile(&log, &args.store.slot, &catalog, &tables, filter.as_ref()).await?;
+        initial::compile(publication.as_deref(), &catalog, &tables, filter.as_ref()).await?;
     let progress = super::progress::Progress::new(
         format!("export {}", tables[0]),
         crate::log::copies::estimate_rows(&catalog, &tables).await,
         args.quiet,
     );
     let (mut session, position) =
-        initial::settle(&store, &args.store.slot, &watched, &tables).await?;
+        initial::place(&log, &store, &args.store.slot, &watched, &tables).await?;
     let stdout = std::io::stdout();
     let out = std::cell::RefCell::new(std::io::BufWriter::with_capacity(64 * 1024, stdout.lock()));
     let written = initial::read_rows(&mut session, &compiled, &|n| progress.add(n), |chunk| {

@@ -192,6 +192,9 @@ async fn run_once(
             let mut log = JetStreamLog::open(js, &config.listener.slot)
                 .await
                 .map_err(StoreError::from)?;
+            log.record_publication(&config.listener.publication)
+                .await
+                .map_err(StoreError::from)?;
             tracing::info!(slot = %config.listener.slot, nats = %js.describe(), stream = %js.stream, "appending to JetStream");
             pump(&mut log, config, cancel, backoff).await
         }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio_postgres::Client;
 
 use super::postgres::{progress, NOTIFY_CHANNEL};
-use super::StoreError;
+use super::{EventLog, StoreError};
 use crate::event::{Position, TableName};
 use crate::filter::{CompiledFilter, Filter};
 use crate::initial::{self, CommittedTx, Published, Session, SnapshotError, SnapshotRow};
@@ -27,7 +27,7 @@ pub const WATERMARK_WAIT: Duration = Duration::from_secs(60);
 
 /// Commits before the join point checked against the snapshot (see
 /// [`crate::initial::check_joined`]).
-const JOIN_LOOKBACK: i64 = 4096;
+pub(crate) const JOIN_LOOKBACK: i64 = 4096;
 
 /// The ordinal of a position that stands after every event of its transaction.
 const TX_END: u32 = i32::MAX as u32;
@@ -182,36 +182,73 @@ pub struct SnapshotTable {
     pub published: Published,
 }
 
-/// The tables of a snapshot for the log of `source` (at `log`): their filters compiled
-/// against their current columns in `catalog` (the watched database), and what the
-/// source's publication sends of them, as `waltap run` recorded it.
-pub async fn compile(
+/// The publication `waltap run` recorded for `source` in the Postgres log at `log`.
+pub async fn recorded_publication(
     log: &Client,
     source: &str,
-    catalog: &Client,
-    tables: &[TableName],
-    filter: Option<&Filter>,
-) -> Result<Vec<SnapshotTable>, StoreError> {
+) -> Result<Option<String>, StoreError> {
     super::migrate(log).await?;
-    let publication: Option<String> = log
+    Ok(log
         .query_opt(
             "SELECT publication FROM waltap.progress WHERE source = $1",
             &[&source],
         )
         .await
         .map_err(StoreError::sql("read the source's publication"))?
-        .and_then(|r| r.get(0));
+        .and_then(|r| r.get(0)))
+}
+
+/// The publication of `source` as its writer recorded it in `log` (the Postgres log in
+/// `store`, or the JetStream log's progress bucket).
+pub async fn publication_of(
+    log: &EventLog,
+    store: &Client,
+    source: &str,
+) -> Result<Option<String>, StoreError> {
+    match log {
+        EventLog::Postgres => recorded_publication(store, source).await,
+        EventLog::JetStream(reader) => reader.publication().await,
+    }
+}
+
+/// Takes a snapshot of `watched` and places it among the events of `tables` in `log`
+/// (see [`settle`]); the Postgres log is the one of `source` at `store`.
+pub async fn place(
+    log: &EventLog,
+    store: &SourceConfig,
+    source: &str,
+    watched: &SourceConfig,
+    tables: &[TableName],
+) -> Result<(Session, Option<Position>), StoreError> {
+    match log {
+        EventLog::Postgres => settle(store, source, watched, tables).await,
+        EventLog::JetStream(reader) => {
+            reader.check_source(source)?;
+            super::jetstream::initial::settle(reader, watched, tables).await
+        }
+    }
+}
+
+/// The tables of a snapshot: their filters compiled against their current columns in
+/// `catalog` (the watched database), and what `publication` (the source's, as its writer
+/// recorded it; `None`: any table outside the system schemas) sends of them.
+pub async fn compile(
+    publication: Option<&str>,
+    catalog: &Client,
+    tables: &[TableName],
+    filter: Option<&Filter>,
+) -> Result<Vec<SnapshotTable>, StoreError> {
     let mut out = Vec::with_capacity(tables.len());
     for t in tables {
         // Only what the source publishes is copied: never the system catalogs (password
         // hashes) or waltap's own tables, whatever the caller may otherwise read.
-        let published = match &publication {
+        let published = match publication {
             Some(p) => crate::pg::catalog::is_published(catalog, p, t)
                 .await
                 .map_err(StoreError::sql("read the publication's tables"))?,
             None => !crate::pg::catalog::RESERVED_SCHEMAS.contains(&t.schema.as_str()),
         };
-        if let (false, Some(p)) = (published, &publication) {
+        if let (false, Some(p)) = (published, publication) {
             let why = crate::pg::catalog::not_published(catalog, p, t)
                 .await
                 .map_err(StoreError::sql("read the publication's tables"))?;
@@ -222,7 +259,7 @@ pub async fn compile(
         }
         let schema = initial::table_schema(catalog, t).await?;
         let filter = CompiledFilter::new(filter, &schema)?;
-        let published = match &publication {
+        let published = match publication {
             Some(p) => Published::lookup(catalog, p, t).await?,
             None => Published::default(),
         };
@@ -290,6 +327,7 @@ pub struct StreamRows<'a> {
 /// consumer), and moves the stream's cursor to the snapshot's position. `store` must not
 /// be in a transaction. Returns the number of rows.
 pub async fn materialize(
+    log: &EventLog,
     store: &Client,
     store_config: &SourceConfig,
     catalog: &Client,
@@ -302,10 +340,11 @@ pub async fn materialize(
         tables,
         filter,
     } = *stream;
-    let compiled = compile(store, source, catalog, tables, filter).await?;
+    let publication = publication_of(log, store, source).await?;
+    let compiled = compile(publication.as_deref(), catalog, tables, filter).await?;
     let copying =
         super::copies::Copying::start(name, super::copies::estimate_rows(catalog, tables).await);
-    let (mut session, at) = settle(store_config, source, watched, tables).await?;
+    let (mut session, at) = place(log, store_config, source, watched, tables).await?;
     store
         .batch_execute("BEGIN")
         .await

@@ -227,7 +227,7 @@ impl StoreError {
             StoreError::Snapshot(e) => e.code(),
             StoreError::SchemaChanged(_) => ErrorCode::SchemaChanged,
             StoreError::JetStream(
-                jetstream::JetStreamError::InitialState
+                jetstream::JetStreamError::SnapshotGap { .. }
                 | jetstream::JetStreamError::OtherSource { .. }
                 | jetstream::JetStreamError::EndUnknown { .. },
             ) => ErrorCode::BadRequest,

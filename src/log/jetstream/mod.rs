@@ -19,7 +19,13 @@
 //!   sequence before it, an acknowledgement at the expected sequence proves that every
 //!   message before it was stored, in order; a message lost or refused breaks the chain,
 //!   and the next acknowledgement fails. `Nats-Msg-Id` (the event's id) is a second
-//!   guard, for a message stored whose acknowledgement was lost.
+//!   guard, for a message stored whose acknowledgement was lost;
+//! - an initial state's watermark that passes while no event follows it (an idle source)
+//!   is recorded in the key-value bucket `<stream>_progress` (key `<slot>.watermark`),
+//!   once every message before it was acknowledged: the stream's last message and that
+//!   mark together say which transactions the log holds ([`initial`] waits on them). The
+//!   writer also records its publication there (`<slot>.publication`), which bounds what
+//!   an initial state copies.
 //!
 //! Subjects are `<prefix>.<schema>.<table>.<action>`, with schema and table escaped by
 //! [`subject_token`] so that any Postgres identifier gives one valid subject token.
@@ -31,11 +37,13 @@ use std::time::Duration;
 
 use async_nats::header::{HeaderMap, NATS_EXPECTED_LAST_SEQUENCE, NATS_MESSAGE_ID};
 use async_nats::jetstream::context::{Context, PublishAckFuture};
+use async_nats::jetstream::kv;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
 use async_nats::ServerAddr;
 use bytes::Bytes;
 
+pub(crate) mod initial;
 mod read;
 
 pub(crate) use read::Follower;
@@ -193,6 +201,11 @@ impl JetStreamConfig {
         }
     }
 
+    /// The key-value bucket of what the writers record besides events.
+    fn progress_bucket(&self) -> String {
+        format!("{}_progress", self.stream)
+    }
+
     /// The subjects waltap's stream takes: everything under the prefix.
     pub fn subjects(&self) -> String {
         format!("{}.>", self.subject_prefix)
@@ -288,9 +301,12 @@ pub enum JetStreamError {
         /// The source (slot).
         slot: String,
     },
-    /// A named stream with an initial state was asked of a JetStream log.
-    #[error("streams with an initial state need the Postgres event log: on JetStream, copy the rows with `waltap export` and create the stream with its printed position (--from / \"from\")")]
-    InitialState,
+    /// The stream's limits discarded events an initial state's snapshot is placed among.
+    #[error("the JetStream log of source {slot:?} lost events right after an initial state's snapshot to the stream's limits (max_msgs, max_bytes, max_age), so the snapshot cannot be placed among them: raise the limits, then reset the stream")]
+    SnapshotGap {
+        /// The source (slot).
+        slot: String,
+    },
     /// A publish was not acknowledged.
     #[error("JetStream did not store event {position}")]
     Publish {
@@ -376,6 +392,57 @@ async fn connect(config: &JetStreamConfig, name: &str) -> Result<Context, JetStr
         .build(client))
 }
 
+/// What a writer records of its source in the progress bucket, one key each.
+#[derive(Debug, Clone, Copy)]
+enum Recorded {
+    /// The source's publication.
+    Publication,
+    /// The last watermark that passed while no message followed it (a [`LogMark`]).
+    Watermark,
+}
+
+impl Recorded {
+    /// The key for `source` (a slot name, which is a valid key).
+    fn of(self, source: &str) -> String {
+        let what = match self {
+            Recorded::Publication => "publication",
+            Recorded::Watermark => "watermark",
+        };
+        format!("{source}.{what}")
+    }
+}
+
+/// The progress bucket of `config`'s stream, made when missing (one value per key, as
+/// many replicas as the stream). Its stream is made here with a key-value bucket's layout
+/// rather than by the client's bucket creation, which asks for the account's limits in a
+/// form servers before 2.10 do not answer in.
+async fn progress_bucket(
+    js: &Context,
+    config: &JetStreamConfig,
+) -> Result<kv::Store, JetStreamError> {
+    let request = |operation| config.request_error(operation);
+    let bucket = config.progress_bucket();
+    js.get_or_create_stream(StreamConfig {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_bytes: -1,
+        max_message_size: -1,
+        storage: StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        num_replicas: config.replicas,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| request("make the progress bucket")(e.into()))?;
+    js.get_key_value(bucket)
+        .await
+        .map_err(|e| request("open the progress bucket")(e.into()))
+}
+
 /// The stream, created when missing; refused when it does not take waltap's subjects.
 async fn ensure_stream(
     js: &Context,
@@ -435,6 +502,10 @@ pub struct JetStreamLog {
     unacked: usize,
     body: Vec<u8>,
     subject: String,
+    /// The progress bucket, once something was recorded in it.
+    recorded: Option<kv::Store>,
+    /// The last watermark mark recorded by this session.
+    marked: LogMark,
 }
 
 impl JetStreamLog {
@@ -481,6 +552,8 @@ impl JetStreamLog {
             unacked: 0,
             body: Vec::with_capacity(1024),
             subject: String::with_capacity(128),
+            recorded: None,
+            marked: LogMark::NONE,
         })
     }
 
@@ -672,13 +745,53 @@ impl LogWriter for JetStreamLog {
         Ok(self.end)
     }
 
-    async fn commit(&mut self, _through: LogMark) -> Result<(), StoreError> {
-        // JetStream keeps no mark of its own: the stream's last message is the mark. The
+    async fn commit(&mut self, through: LogMark) -> Result<(), StoreError> {
+        // The stream's last message is the mark (past it, a watermark's in the bucket). The
         // batch's last message asks for an acknowledgement, which covers all before it.
         if let Some(last) = self.held.take() {
             self.send(last, true).await?;
         }
         self.settle(0).await?;
+        // A mark past the last message's transaction came from a watermark: no message
+        // says that the log is complete up to it, so the bucket does (for a snapshot
+        // waiting on an idle source). Every message before it is acknowledged by now.
+        let by_messages = self
+            .previous
+            .flatten()
+            .map(|p| LogMark::through_commit(p.commit_lsn));
+        if Some(through) > by_messages && through > self.marked {
+            self.record_mark(through).await?;
+        }
+        Ok(())
+    }
+}
+
+impl JetStreamLog {
+    /// Records the source's publication, which initial states read: only what it
+    /// publishes is copied.
+    pub async fn record_publication(&mut self, publication: &str) -> Result<(), JetStreamError> {
+        self.record(Recorded::Publication, publication.to_owned())
+            .await
+    }
+
+    async fn record_mark(&mut self, mark: LogMark) -> Result<(), JetStreamError> {
+        self.record(Recorded::Watermark, mark.lsn().to_string())
+            .await?;
+        self.marked = mark;
+        Ok(())
+    }
+
+    async fn record(&mut self, key: Recorded, value: String) -> Result<(), JetStreamError> {
+        let store = match &self.recorded {
+            Some(store) => store,
+            None => self
+                .recorded
+                .insert(progress_bucket(&self.js, &self.config).await?),
+        };
+        store
+            .put(key.of(&self.source), Bytes::from(value))
+            .await
+            .map_err(|e| self.config.request_error("write to the progress bucket")(e.into()))?;
         Ok(())
     }
 }

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::{Config as PullConfig, Ordered, OrderedConfig};
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
+use async_nats::jetstream::context::Context;
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream as JsStream};
 use futures::StreamExt;
@@ -31,6 +32,7 @@ use super::{
 use crate::event::{Position, TableName};
 use crate::log::streams::Mark;
 use crate::log::{StoreError, Stored};
+use crate::lsn::{LogMark, Lsn};
 
 /// How long [`Follower::page`] waits for a message the server said it holds before it
 /// takes the follower as caught up (the message was discarded meanwhile).
@@ -43,7 +45,7 @@ const COUNT_CONSUMER_TTL: Duration = Duration::from_secs(30);
 /// NATS is unreachable and its stream requests fail with the reason until it is back.
 #[derive(Clone)]
 pub struct JetStreamReader {
-    stream: Arc<OnceCell<JsStream>>,
+    connected: Arc<OnceCell<(Context, JsStream)>>,
     config: JetStreamConfig,
     source: String,
 }
@@ -61,28 +63,65 @@ impl JetStreamReader {
     /// A reader of the events of `source` in `config`'s stream; connects on first use.
     pub fn new(config: &JetStreamConfig, source: &str) -> JetStreamReader {
         JetStreamReader {
-            stream: Arc::new(OnceCell::new()),
+            connected: Arc::new(OnceCell::new()),
             config: config.clone(),
             source: source.to_owned(),
         }
     }
 
-    /// The stream, connecting and looking it up first if needed (creating it when
-    /// missing, as the writer would: a server may start before anything was appended).
-    async fn stream(&self) -> Result<&JsStream, StoreError> {
+    /// The connection and the stream, connecting and looking it up first if needed
+    /// (creating it when missing, as the writer would: a server may start before anything
+    /// was appended).
+    async fn connected(&self) -> Result<&(Context, JsStream), StoreError> {
         Ok(self
-            .stream
+            .connected
             .get_or_try_init(|| async {
                 let name = format!("waltap reader {}", self.source);
                 let js = super::connect(&self.config, &name).await?;
-                super::ensure_stream(&js, &self.config).await
+                let stream = super::ensure_stream(&js, &self.config).await?;
+                Ok::<_, super::JetStreamError>((js, stream))
             })
             .await?)
+    }
+
+    async fn stream(&self) -> Result<&JsStream, StoreError> {
+        Ok(&self.connected().await?.1)
     }
 
     /// The source (slot) whose events the stream holds.
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// What the writer recorded of the source under `key` in the progress bucket.
+    async fn recorded(&self, key: super::Recorded) -> Result<Option<String>, StoreError> {
+        let js = &self.connected().await?.0;
+        let store = super::progress_bucket(js, &self.config).await?;
+        let value = store
+            .get(key.of(&self.source))
+            .await
+            .map_err(|e| self.request("read the progress bucket")(e.into()))?;
+        Ok(value.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// The source's publication as its writer recorded it (`None` before a writer ran).
+    pub(crate) async fn publication(&self) -> Result<Option<String>, StoreError> {
+        self.recorded(super::Recorded::Publication).await
+    }
+
+    /// The last watermark mark the writer recorded for the source (see the module
+    /// [`super`]), if any.
+    pub(crate) async fn watermark_mark(&self) -> Result<Option<LogMark>, StoreError> {
+        let Some(text) = self.recorded(super::Recorded::Watermark).await? else {
+            return Ok(None);
+        };
+        let lsn: Lsn =
+            text.parse()
+                .map_err(|e: crate::lsn::ParseLsnError| StoreError::Corrupt {
+                    position: format!("watermark mark of source {:?}", self.source),
+                    message: e.to_string(),
+                })?;
+        Ok(Some(LogMark::from_stored(lsn)))
     }
 
     fn request(
@@ -179,6 +218,48 @@ impl JetStreamReader {
         tables: &[TableName],
     ) -> Result<Follower, StoreError> {
         let start = self.seek(after).await?;
+        let prefixes = tables.iter().map(|t| self.table_prefix(t)).collect();
+        self.follow_at(start, prefixes).await
+    }
+
+    /// The transactions that end in the last `count` messages at or before `through`, as
+    /// `(xid, commit LSN)`, newest first.
+    pub(crate) async fn commits_before(
+        &self,
+        through: Mark,
+        count: u64,
+    ) -> Result<Vec<(u32, Lsn)>, StoreError> {
+        let end = self.seek(through).await?;
+        let (first, _) = self.bounds().await?;
+        let start = end.saturating_sub(count).max(first).max(1);
+        let mut commits = Vec::new();
+        if start >= end {
+            return Ok(commits);
+        }
+        let mut follower = self
+            .follow_at(start, vec![format!("{}.", self.config.subject_prefix)])
+            .await?;
+        'read: loop {
+            let page = follower.page(1024, None).await?;
+            if page.events.is_empty() {
+                break;
+            }
+            for stored in page.events {
+                if stored.at > through {
+                    break 'read;
+                }
+                if let (true, Some(body)) = (stored.tx_last, &stored.body) {
+                    commits.push((xid_of(body, stored.at)?, Lsn(stored.at.lsn as u64)));
+                }
+            }
+        }
+        commits.reverse();
+        Ok(commits)
+    }
+
+    /// A follower from sequence `start` on, handing out the bodies of subjects that start
+    /// with one of `prefixes`.
+    async fn follow_at(&self, start: u64, prefixes: Vec<String>) -> Result<Follower, StoreError> {
         let (_, last) = self.bounds().await?;
         // When the message before the start is still stored, nothing before the start can
         // be missing; otherwise the first message read says what is.
@@ -206,7 +287,7 @@ impl JetStreamReader {
             pending: (last + 1).saturating_sub(start),
             peeked: None,
             contiguous,
-            prefixes: tables.iter().map(|t| self.table_prefix(t)).collect(),
+            prefixes,
         })
     }
 
@@ -261,6 +342,24 @@ impl JetStreamReader {
         }
         Ok(total.min(limit + 1))
     }
+}
+
+/// The transaction id (`tx.id`) of the event stored at `at` as `body`.
+pub(crate) fn xid_of(body: &str, at: Mark) -> Result<u32, StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Tx {
+        id: u32,
+    }
+    #[derive(serde::Deserialize)]
+    struct Event {
+        tx: Tx,
+    }
+    serde_json::from_str::<Event>(body)
+        .map(|e| e.tx.id)
+        .map_err(|e| StoreError::Corrupt {
+            position: at.position().to_string(),
+            message: format!("no transaction id: {e}"),
+        })
 }
 
 /// A reader's position in the stream: the messages after it, in order, one page at a time.

@@ -22,7 +22,7 @@ use crate::filter::Filter;
 use crate::hub::SubscriptionItem;
 use crate::log::pool::ConsumerPool;
 use crate::log::postgres::migrate;
-use crate::log::StoreError;
+use crate::log::{EventLog, StoreError};
 use crate::pg::config::SourceConfig;
 use crate::pg::pool::PooledClient;
 
@@ -97,7 +97,11 @@ pub async fn open_pooled(
         return Err(busy_or_missing(&client, name).await);
     };
     let (client, row) = if row.get::<_, Option<String>>(5).as_deref() == Some("pending") {
-        copy_detached(client, store, &options, name, &holder, row).await?
+        let at = CopyAt {
+            store,
+            log: pool.log(),
+        };
+        copy_detached(client, at, &options, name, &holder, row).await?
     } else {
         (client, row)
     };
@@ -223,20 +227,24 @@ pub(super) async fn resume_after(
 /// each hold one and wait for another.
 async fn copy_detached(
     client: PooledClient,
-    store: &SourceConfig,
+    at: CopyAt<'_>,
     options: &OpenOptions,
     name: &str,
     holder: &str,
     row: tokio_postgres::Row,
 ) -> Result<(PooledClient, tokio_postgres::Row), StoreError> {
-    let (store, options) = (store.clone(), options.clone());
+    let (store, log, options) = (at.store.clone(), at.log.clone(), options.clone());
     let (task_name, holder) = (name.to_owned(), holder.to_owned());
     let (done, waiting) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let name = task_name;
         let copied = async {
             let renewer = store.connect_sql().await?;
-            copy_initial_state(&client, &renewer, &store, &options, &name, &holder, &row).await
+            let at = CopyAt {
+                store: &store,
+                log: &log,
+            };
+            copy_initial_state(&client, &renewer, at, &options, &name, &holder, &row).await
         }
         .await;
         if let Err(Ok((client, _))) = done.send(copied.map(|row| (client, row))) {
@@ -252,12 +260,20 @@ async fn copy_detached(
     })
 }
 
+/// Where a stream's initial state is copied: the store (the stream's row, the copied
+/// rows) and the log its snapshot is placed in.
+#[derive(Clone, Copy)]
+pub(super) struct CopyAt<'a> {
+    pub(super) store: &'a SourceConfig,
+    pub(super) log: &'a EventLog,
+}
+
 /// Makes the copy of a stream's initial state ([`crate::log::initial::materialize`]) while
 /// renewing the lease on `renewer`; returns the stream's row as `open` reads it.
 pub(super) async fn copy_initial_state(
     client: &Client,
     renewer: &Client,
-    store: &SourceConfig,
+    at: CopyAt<'_>,
     options: &OpenOptions,
     name: &str,
     holder: &str,
@@ -278,6 +294,7 @@ pub(super) async fn copy_initial_state(
             })
         })
         .transpose()?;
+    let store = at.store;
     let watched = options.catalog.as_ref().unwrap_or(store);
     let catalog = watched.connect_sql().await?;
     let lease = options.lease.max(Duration::from_millis(10));
@@ -287,7 +304,7 @@ pub(super) async fn copy_initial_state(
         tables: &tables,
         filter: filter.as_ref(),
     };
-    let copy = crate::log::initial::materialize(client, store, &catalog, watched, &rows);
+    let copy = crate::log::initial::materialize(at.log, client, store, &catalog, watched, &rows);
     let renew = async {
         loop {
             tokio::time::sleep(lease / 3).await;

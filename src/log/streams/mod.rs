@@ -269,9 +269,6 @@ pub async fn create(
             tracing::warn!(stream = %def.name, table = %t, "{w}");
         }
     }
-    if def.initial_state {
-        refuse_initial_state(log)?;
-    }
     migrate(store).await?;
     let names: Vec<String> = tables.iter().map(qualified).collect();
     let filter = def.filter.as_ref().map(|f| f.to_json().to_string());
@@ -517,9 +514,6 @@ pub async fn reset(
         .map_err(StoreError::sql("read a stream"))?
         .ok_or_else(|| StoreError::NoSuchStream(name.to_owned()))?
         .get(0);
-    if initial_state {
-        refuse_initial_state(log)?;
-    }
     let start = log_head(log, store, &source).await?;
     let n = store
         .execute(
@@ -575,17 +569,6 @@ async fn log_head(log: &EventLog, store: &Client, source: &str) -> Result<Mark, 
         },
         _ => Mark { lsn: 0, ordinal: 0 },
     })
-}
-
-/// An initial state is copied against the Postgres log (its snapshot is placed among the
-/// logged transactions there), so a JetStream log does not offer it yet.
-fn refuse_initial_state(log: &EventLog) -> Result<(), StoreError> {
-    match log {
-        EventLog::Postgres => Ok(()),
-        EventLog::JetStream(_) => Err(StoreError::JetStream(
-            crate::log::jetstream::JetStreamError::InitialState,
-        )),
-    }
 }
 
 /// `snapshot_state` of a stream that starts now: `pending` until its first consumer copies
