@@ -279,6 +279,41 @@ async fn named_streams_read_acknowledge_resume_and_go_stale_on_jetstream() {
         cli_stream["backlog"], 0,
         "tail acknowledged what it printed"
     );
+    // `waltap export` places its snapshot among the JetStream log's events: the rows, then
+    // the position after the last change (the stream's last event).
+    let exported = support::waltap(
+        &db.url(),
+        &[
+            "export",
+            TABLE,
+            "--slot",
+            &source,
+            "--nats-url",
+            &url,
+            "--nats-stream",
+            "NAMED",
+        ],
+    );
+    let exported = run_ok(exported).await;
+    let lines: Vec<serde_json::Value> = exported
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let rows: i64 = db_client
+        .query_one("SELECT count(*) FROM \"my.app\".\"Örder Items\"", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(lines.len() as i64, rows + 1, "{exported}");
+    let last = lines.last().unwrap();
+    assert_eq!(last["type"], "snapshotComplete", "{exported}");
+    let position: Position = last["position"].as_str().unwrap().parse().unwrap();
+    let info = streams::get(&log, &client, "cli.orders").await.unwrap();
+    assert_eq!(
+        position.commit_lsn, info.cursor.commit_lsn,
+        "after the transaction of the last change (46)"
+    );
+    assert!(position >= info.cursor);
 
     // Every message discarded (a purge, or max_age on an idle log): where the log ends is
     // unknown until the next change, so making a stream says so; after that change it
@@ -541,6 +576,7 @@ async fn a_stream_with_initial_state_on_jetstream_equals_the_table() {
     config.max_batch_delay = Duration::from_millis(20);
     config.jetstream = Some(js_config.clone());
     let source = config.listener.slot.clone();
+    let publication_name = config.listener.publication.clone();
     let store = config.store.clone();
     listen::prepare_slot(&db, &config.listener).await;
     let cancel = CancellationToken::new();
@@ -608,6 +644,24 @@ async fn a_stream_with_initial_state_on_jetstream_equals_the_table() {
     }
     assert_eq!(copy.changes, 1, "the change after the copy arrives once");
     c.close().await;
+    // What the writer recorded beside the stream: its publication, and the idle copy's
+    // watermark mark.
+    let bucket = jetstream(&server.url())
+        .await
+        .get_key_value("WARM_progress")
+        .await
+        .unwrap();
+    let publication = bucket.get(format!("{source}.publication")).await.unwrap();
+    assert_eq!(
+        publication.as_deref(),
+        Some(publication_name.as_bytes()),
+        "the writer's publication"
+    );
+    assert!(bucket
+        .get(format!("{source}.watermark"))
+        .await
+        .unwrap()
+        .is_some());
 
     cancel.cancel();
     pipeline.await.unwrap().unwrap();
