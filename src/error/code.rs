@@ -49,6 +49,8 @@ pub enum ErrorCode {
     SourceUnavailable,
     /// The change source broke during a subscription, so changes may have been missed.
     SourceInterrupted,
+    /// The event log (its store database or JetStream) cannot be reached right now.
+    LogUnavailable,
     /// A table disappeared while its initial state was read.
     NoSuchTable,
     /// The change stream did not reach an initial state's watermark in time.
@@ -83,6 +85,7 @@ impl ErrorCode {
             ErrorCode::SourceStopped => "source_stopped",
             ErrorCode::SourceUnavailable => "source_unavailable",
             ErrorCode::SourceInterrupted => "source_interrupted",
+            ErrorCode::LogUnavailable => "log_unavailable",
             ErrorCode::NoSuchTable => "no_such_table",
             ErrorCode::SnapshotTimeout => "snapshot_timeout",
             ErrorCode::SnapshotFailed => "snapshot_failed",
@@ -113,6 +116,7 @@ impl ErrorCode {
             | ErrorCode::SourceStopped
             | ErrorCode::SourceUnavailable
             | ErrorCode::SourceInterrupted
+            | ErrorCode::LogUnavailable
             // The pipeline did not pass the snapshot's watermark in time (no member
             // leads, or it is far behind): worth retrying.
             | ErrorCode::SnapshotTimeout => StatusCode::SERVICE_UNAVAILABLE,
@@ -133,6 +137,9 @@ impl ErrorCode {
             ErrorCode::SnapshotFailed => {
                 Some("reading the initial state failed (details are in the server's log)")
             }
+            ErrorCode::LogUnavailable => Some(
+                "the event log cannot be reached right now; retry (details are in the server's log)",
+            ),
             _ => None,
         }
     }

@@ -231,6 +231,8 @@ impl StoreError {
                 | jetstream::JetStreamError::OtherSource { .. }
                 | jetstream::JetStreamError::EndUnknown { .. },
             ) => ErrorCode::BadRequest,
+            // Connection trouble with the store or JetStream: the request may succeed later.
+            _ if self.is_transient() => ErrorCode::LogUnavailable,
             _ => ErrorCode::Internal,
         }
     }
