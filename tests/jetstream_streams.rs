@@ -674,3 +674,162 @@ async fn feed_json(s: &crate::server::Server, path: &str) -> serde_json::Value {
     assert_eq!(r.status(), 200);
     r.json().await.unwrap()
 }
+
+/// A stream's initial state whose snapshot is taken while `waltap run --nats-url` is
+/// SIGKILLed: the copy waits for the watermark until a restarted run passes it, then
+/// delivers the rows and exactly the changes committed after the snapshot, once each.
+#[tokio::test]
+async fn an_initial_state_waits_through_a_sigkill_of_the_jetstream_writer() {
+    use crate::crash::Run;
+
+    let Some((server, _dir)) = nats().await else {
+        return;
+    };
+    let db = TestDb::new().await;
+    let db_client = db.client().await;
+    db_client
+        .batch_execute(
+            "CREATE TABLE \"Kept Rows\" (id int PRIMARY KEY, v int NOT NULL);
+             INSERT INTO \"Kept Rows\" SELECT g, 0 FROM generate_series(1, 500) g;",
+        )
+        .await
+        .unwrap();
+    let (slot, publication) = (db.unique_name("js_init"), db.unique_name("js_init_pub"));
+    let url = server.url();
+    let run = || {
+        Run::spawn_command(support::waltap(
+            &db.url(),
+            &[
+                "run",
+                "--table",
+                "Kept Rows",
+                "--slot",
+                &slot,
+                "--publication",
+                &publication,
+                "--nats-url",
+                &url,
+                "--nats-stream",
+                "KILLED",
+            ],
+        ))
+    };
+    let writer = run();
+    wait_for("the writer's slot", CATCH_UP, || async {
+        writer.assert_alive("while starting");
+        db_client
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    db_client
+        .batch_execute("UPDATE \"Kept Rows\" SET v = 1 WHERE id = 1")
+        .await
+        .unwrap();
+    let js = jetstream(&url).await;
+    wait_for("the first change in JetStream", CATCH_UP, || {
+        let js = js.clone();
+        async move {
+            match js.get_stream("KILLED").await {
+                Ok(mut st) => st.info().await.unwrap().state.messages >= 1,
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+    writer.sigkill("before the initial state").await;
+
+    let store = waltap::SourceConfig::parse(&db.url()).unwrap();
+    let js_config = JetStreamConfig::parse(&url)
+        .unwrap()
+        .with_stream("KILLED")
+        .unwrap();
+    let log = EventLog::JetStream(JetStreamReader::new(&js_config, &slot));
+    let client = store.connect_sql().await.unwrap();
+    streams::create(
+        &log,
+        &client,
+        &client,
+        &StreamDef {
+            name: "kept".into(),
+            source: slot.clone(),
+            tables: vec!["\"Kept Rows\"".into()],
+            filter: None,
+            initial_state: true,
+            from: None,
+        },
+    )
+    .await
+    .unwrap();
+    let pool = ConsumerPool::reading(&store, 4, log).unwrap();
+    let opening = {
+        let (pool, store) = (pool.clone(), store.clone());
+        tokio::spawn(async move {
+            streams::open_pooled(&pool, &store, "kept", OpenOptions::default()).await
+        })
+    };
+    // The snapshot is taken (its transaction stays open while the copy waits for the
+    // watermark, which no writer passes yet); these changes come after it.
+    wait_for("the initial state's snapshot", CATCH_UP, || async {
+        let n: i64 = db_client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE state = 'idle in transaction' AND query LIKE '%pg_logical_emit_message%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n >= 1
+    })
+    .await;
+    db_client
+        .batch_execute(
+            "UPDATE \"Kept Rows\" SET v = 2 WHERE id = 2;
+             DELETE FROM \"Kept Rows\" WHERE id = 3;
+             INSERT INTO \"Kept Rows\" VALUES (501, 2);",
+        )
+        .await
+        .unwrap();
+    let writer = run();
+    let mut c = tokio::time::timeout(CATCH_UP, opening)
+        .await
+        .expect("the copy completes once the writer is back")
+        .unwrap()
+        .unwrap();
+    let mut rows = std::collections::BTreeMap::new();
+    let mut changes = Vec::new();
+    while changes.len() < 3 {
+        match crate::initial_state::next(&mut c).await {
+            StreamItem::Snapshot(row) => {
+                let r = serde_json::to_value(&row.row).unwrap();
+                rows.insert(r["id"].as_i64().unwrap(), r["v"].as_i64().unwrap());
+            }
+            StreamItem::Event(ev) => {
+                let ev = serde_json::to_value(&ev).unwrap();
+                changes.push((ev["action"].as_str().unwrap().to_owned(), ev.to_string()));
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(rows.len(), 500, "the rows as of the snapshot");
+    assert_eq!((rows[&1], rows[&2], rows.contains_key(&3)), (1, 0, true));
+    let actions: Vec<&str> = changes.iter().map(|(a, _)| a.as_str()).collect();
+    assert_eq!(actions, ["update", "delete", "create"], "{changes:?}");
+    db_client
+        .batch_execute("INSERT INTO \"Kept Rows\" VALUES (502, 3)")
+        .await
+        .unwrap();
+    match crate::initial_state::next(&mut c).await {
+        StreamItem::Event(ev) => assert_eq!(ev.new.unwrap()["id"], 502),
+        other => panic!("expected the next change, got {other:?}"),
+    }
+    c.close().await;
+    writer.sigkill("at the end").await;
+    db.teardown().await;
+}

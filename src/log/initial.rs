@@ -1,6 +1,7 @@
 //! Initial state over the event log: where a database snapshot sits among the logged
-//! events ([`settle`], used by `waltap export` and by streams), and the copy of a stream's
-//! initial state into `waltap.snapshot_rows` ([`materialize`]).
+//! events ([`place`], used by `waltap export` and by streams: [`settle`] for the Postgres
+//! log, [`super::jetstream::initial`] for JetStream), and the copy of a stream's initial
+//! state into `waltap.snapshot_rows` ([`materialize`]).
 //!
 //! The method is [`crate::initial`]'s, with the log as the change stream: the log's
 //! progress mark before the snapshot is the join point, and `waltap run` (or `serve`)
