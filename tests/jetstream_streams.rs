@@ -40,6 +40,41 @@ async fn open(
     }
 }
 
+/// An in-process pipeline appending the changes of `db` to JetStream stream `stream`.
+struct Appending {
+    source: String,
+    publication: String,
+    store: waltap::SourceConfig,
+    /// The JetStream log, as named streams read it.
+    log: EventLog,
+    cancel: CancellationToken,
+    pipeline: tokio::task::JoinHandle<Result<(), append::AppendError>>,
+}
+
+async fn appending(db: &TestDb, url: &str, stream: &str) -> Appending {
+    let js_config = JetStreamConfig::parse(url)
+        .unwrap()
+        .with_stream(stream)
+        .unwrap();
+    let mut config = AppenderConfig::new(listen::config(db, &[]));
+    config.max_batch_delay = Duration::from_millis(20);
+    config.jetstream = Some(js_config.clone());
+    let source = config.listener.slot.clone();
+    let publication = config.listener.publication.clone();
+    let store = config.store.clone();
+    listen::prepare_slot(db, &config.listener).await;
+    let cancel = CancellationToken::new();
+    let pipeline = tokio::spawn(append::run(config, cancel.clone()));
+    Appending {
+        log: EventLog::JetStream(JetStreamReader::new(&js_config, &source)),
+        source,
+        publication,
+        store,
+        cancel,
+        pipeline,
+    }
+}
+
 fn id_of(ev: &Event<serde_json::Value>) -> i64 {
     ev.new.as_ref().unwrap()["id"].as_i64().unwrap()
 }
@@ -60,20 +95,14 @@ async fn named_streams_read_acknowledge_resume_and_go_stale_on_jetstream() {
         .await
         .unwrap();
     let url = server.url();
-    let js_config = JetStreamConfig::parse(&url)
-        .unwrap()
-        .with_stream("NAMED")
-        .unwrap();
-    let mut config = AppenderConfig::new(listen::config(&db, &[]));
-    config.max_batch_delay = Duration::from_millis(20);
-    config.jetstream = Some(js_config.clone());
-    let source = config.listener.slot.clone();
-    let store = config.store.clone();
-    listen::prepare_slot(&db, &config.listener).await;
-    let cancel = CancellationToken::new();
-    let pipeline = tokio::spawn(append::run(config, cancel.clone()));
-
-    let log = EventLog::JetStream(JetStreamReader::new(&js_config, &source));
+    let Appending {
+        source,
+        store,
+        log,
+        cancel,
+        pipeline,
+        ..
+    } = appending(&db, &url, "NAMED").await;
     let client = store.connect_sql().await.unwrap();
     let def = |name: &str| StreamDef {
         name: name.into(),
@@ -568,20 +597,14 @@ async fn a_stream_with_initial_state_on_jetstream_equals_the_table() {
     };
     let db = TestDb::new().await;
     table(&db, false).await;
-    let js_config = JetStreamConfig::parse(&server.url())
-        .unwrap()
-        .with_stream("WARM")
-        .unwrap();
-    let mut config = AppenderConfig::new(listen::config(&db, &[]));
-    config.max_batch_delay = Duration::from_millis(20);
-    config.jetstream = Some(js_config.clone());
-    let source = config.listener.slot.clone();
-    let publication_name = config.listener.publication.clone();
-    let store = config.store.clone();
-    listen::prepare_slot(&db, &config.listener).await;
-    let cancel = CancellationToken::new();
-    let pipeline = tokio::spawn(append::run(config, cancel.clone()));
-    let log = EventLog::JetStream(JetStreamReader::new(&js_config, &source));
+    let Appending {
+        source,
+        publication: publication_name,
+        store,
+        log,
+        cancel,
+        pipeline,
+    } = appending(&db, &server.url(), "WARM").await;
     let pool = ConsumerPool::reading(&store, 4, log.clone()).unwrap();
     let client = store.connect_sql().await.unwrap();
     let def = |name: &str| StreamDef {

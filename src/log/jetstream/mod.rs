@@ -35,12 +35,12 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use async_nats::header::{HeaderMap, NATS_EXPECTED_LAST_SEQUENCE, NATS_MESSAGE_ID};
+use async_nats::header::{HeaderMap, HeaderName, NATS_EXPECTED_LAST_SEQUENCE, NATS_MESSAGE_ID};
 use async_nats::jetstream::context::{Context, PublishAckFuture};
 use async_nats::jetstream::kv;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
-use async_nats::ServerAddr;
+use async_nats::{ServerAddr, Subject};
 use bytes::Bytes;
 
 pub(crate) mod initial;
@@ -69,6 +69,14 @@ pub const TX_LAST_HEADER: &str = "Waltap-Tx-Last";
 /// Header holding a table's new column layout (JSON) on the first event after its schema
 /// changed, for waltap's own stream readers; the body stays what `waltap tail` prints.
 pub const SCHEMA_CHANGE_HEADER: &str = "Waltap-Schema-Change";
+// The header names as the client keeps them, made once (from a `&str` the client copies
+// each name into every message's map).
+const SOURCE: HeaderName = HeaderName::from_static(SOURCE_HEADER);
+const POSITION: HeaderName = HeaderName::from_static(POSITION_HEADER);
+const PREVIOUS: HeaderName = HeaderName::from_static(PREVIOUS_HEADER);
+const TX_LAST: HeaderName = HeaderName::from_static(TX_LAST_HEADER);
+const SCHEMA_CHANGE: HeaderName = HeaderName::from_static(SCHEMA_CHANGE_HEADER);
+
 /// The value of [`PREVIOUS_HEADER`] on a stream's first message.
 const PREVIOUS_NONE: &str = "none";
 
@@ -502,6 +510,9 @@ pub struct JetStreamLog {
     unacked: usize,
     body: Vec<u8>,
     subject: String,
+    /// The last subject published to, shared by the messages of a run of events of one
+    /// table and action instead of a copy each.
+    last_subject: Option<Subject>,
     /// The progress bucket, once something was recorded in it.
     recorded: Option<kv::Store>,
     /// The last watermark mark recorded by this session.
@@ -552,6 +563,7 @@ impl JetStreamLog {
             unacked: 0,
             body: Vec::with_capacity(1024),
             subject: String::with_capacity(128),
+            last_subject: None,
             recorded: None,
             marked: LogMark::NONE,
         })
@@ -637,16 +649,16 @@ impl JetStreamLog {
             NATS_EXPECTED_LAST_SEQUENCE,
             itoa::Buffer::new().format(self.last_sequence),
         );
-        headers.insert(POSITION_HEADER, ev.position.encode(&mut position));
-        headers.insert(SOURCE_HEADER, self.source.as_str());
+        headers.insert(POSITION, ev.position.encode(&mut position));
+        headers.insert(SOURCE, self.source.as_str());
         match self.previous {
-            Some(Some(p)) => headers.insert(PREVIOUS_HEADER, p.encode(&mut position)),
-            Some(None) => headers.insert(PREVIOUS_HEADER, PREVIOUS_NONE),
+            Some(Some(p)) => headers.insert(PREVIOUS, p.encode(&mut position)),
+            Some(None) => headers.insert(PREVIOUS, PREVIOUS_NONE),
             None => {}
         }
         self.previous = Some(Some(ev.position));
         if ev.tx.last {
-            headers.insert(TX_LAST_HEADER, "true");
+            headers.insert(TX_LAST, "true");
         }
         if let Some(change) = &ev.schema_change {
             let text = change.stored_json().map_err(|e| JetStreamError::Request {
@@ -654,11 +666,17 @@ impl JetStreamLog {
                 stream: self.config.stream.clone(),
                 source: e.into(),
             })?;
-            headers.insert(SCHEMA_CHANGE_HEADER, text.as_str());
+            headers.insert(SCHEMA_CHANGE, text.as_str());
         }
         self.last_sequence += 1;
         let next = Outgoing {
-            subject: self.subject.clone(),
+            subject: match &self.last_subject {
+                Some(last) if last.as_str() == self.subject => last.clone(),
+                _ => self
+                    .last_subject
+                    .insert(Subject::from(self.subject.as_str()))
+                    .clone(),
+            },
             headers,
             payload: Bytes::copy_from_slice(&self.body),
             position: ev.position,
@@ -713,7 +731,7 @@ impl JetStreamLog {
 
 /// A message built but not yet sent.
 struct Outgoing {
-    subject: String,
+    subject: Subject,
     headers: HeaderMap,
     payload: Bytes,
     position: Position,
