@@ -23,7 +23,7 @@
 //! - an initial state's watermark that passes while no event follows it (an idle source)
 //!   is recorded in the key-value bucket `<stream>_progress` (key `<slot>.watermark`),
 //!   once every message before it was acknowledged: the stream's last message and that
-//!   mark together say which transactions the log holds ([`initial`] waits on them). The
+//!   mark together say which transactions the log holds (initial states wait on them). The
 //!   writer also records its publication there (`<slot>.publication`), which bounds what
 //!   an initial state copies.
 //!

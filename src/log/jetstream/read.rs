@@ -46,6 +46,8 @@ const COUNT_CONSUMER_TTL: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub struct JetStreamReader {
     connected: Arc<OnceCell<(Context, JsStream)>>,
+    /// The progress bucket, looked up (or made) on first use.
+    bucket: Arc<OnceCell<async_nats::jetstream::kv::Store>>,
     config: JetStreamConfig,
     source: String,
 }
@@ -64,6 +66,7 @@ impl JetStreamReader {
     pub fn new(config: &JetStreamConfig, source: &str) -> JetStreamReader {
         JetStreamReader {
             connected: Arc::new(OnceCell::new()),
+            bucket: Arc::new(OnceCell::new()),
             config: config.clone(),
             source: source.to_owned(),
         }
@@ -95,8 +98,13 @@ impl JetStreamReader {
 
     /// What the writer recorded of the source under `key` in the progress bucket.
     async fn recorded(&self, key: super::Recorded) -> Result<Option<String>, StoreError> {
-        let js = &self.connected().await?.0;
-        let store = super::progress_bucket(js, &self.config).await?;
+        let store = self
+            .bucket
+            .get_or_try_init(|| async {
+                let js = &self.connected().await?.0;
+                Ok::<_, StoreError>(super::progress_bucket(js, &self.config).await?)
+            })
+            .await?;
         let value = store
             .get(key.of(&self.source))
             .await
