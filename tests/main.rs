@@ -14,6 +14,7 @@ mod group;
 mod harness_smoke;
 mod initial_state;
 mod jetstream;
+mod jetstream_initial;
 mod jetstream_streams;
 mod listener;
 mod protocol;

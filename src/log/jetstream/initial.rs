@@ -12,7 +12,9 @@
 //!   writer recorded the watermark's mark in the bucket (the source was idle: no message
 //!   came after it);
 //! - events the stream's limits discarded after the join point fail the placement
-//!   ([`JetStreamError::SnapshotGap`]) instead of placing the snapshot on a partial log.
+//!   ([`JetStreamError::SnapshotGap`]) instead of placing the snapshot on a partial log,
+//!   and so does a message the server holds but did not deliver in time (a transient
+//!   error: the next consumer copies again).
 
 use std::time::Duration;
 
@@ -137,6 +139,7 @@ impl ChangeFeed for StreamFeed<'_> {
                 return Err(self.gap());
             }
             if page.events.is_empty() {
+                follower.check_read_all()?;
                 break;
             }
             for stored in page.events {

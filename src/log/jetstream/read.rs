@@ -97,12 +97,12 @@ impl JetStreamReader {
     }
 
     /// What the writer recorded of the source under `key` in the progress bucket.
-    async fn recorded(&self, key: super::Recorded) -> Result<Option<String>, StoreError> {
+    async fn recorded(&self, key: super::progress::Recorded) -> Result<Option<String>, StoreError> {
         let store = self
             .bucket
             .get_or_try_init(|| async {
                 let js = &self.connected().await?.0;
-                Ok::<_, StoreError>(super::progress_bucket(js, &self.config).await?)
+                Ok::<_, StoreError>(super::progress::progress_bucket(js, &self.config).await?)
             })
             .await?;
         let value = store
@@ -114,13 +114,13 @@ impl JetStreamReader {
 
     /// The source's publication as its writer recorded it (`None` before a writer ran).
     pub(crate) async fn publication(&self) -> Result<Option<String>, StoreError> {
-        self.recorded(super::Recorded::Publication).await
+        self.recorded(super::progress::Recorded::Publication).await
     }
 
     /// The last watermark mark the writer recorded for the source (see the module
     /// [`super`]), if any.
     pub(crate) async fn watermark_mark(&self) -> Result<Option<LogMark>, StoreError> {
-        let Some(text) = self.recorded(super::Recorded::Watermark).await? else {
+        let Some(text) = self.recorded(super::progress::Recorded::Watermark).await? else {
             return Ok(None);
         };
         let lsn: Lsn =
@@ -250,6 +250,7 @@ impl JetStreamReader {
         'read: loop {
             let page = follower.page(1024, None).await?;
             if page.events.is_empty() {
+                follower.check_read_all()?;
                 break;
             }
             for stored in page.events {
@@ -293,6 +294,7 @@ impl JetStreamReader {
             reader: self.clone(),
             next: start,
             pending: (last + 1).saturating_sub(start),
+            stored_at_start: last,
             peeked: None,
             contiguous,
             prefixes,
@@ -378,6 +380,8 @@ pub(crate) struct Follower {
     next: u64,
     /// Messages the server holds after the last one read.
     pending: u64,
+    /// The stream's last sequence when the follower started.
+    stored_at_start: u64,
     peeked: Option<async_nats::jetstream::Message>,
     /// The message before `next` was read (or there is none): no gap can hide before it.
     contiguous: bool,
@@ -535,6 +539,24 @@ impl Follower {
                     })
             })
             .transpose()
+    }
+
+    /// Fails unless every message the stream held when the follower started was read (or
+    /// skipped as another table's): [`Follower::page`] takes a message the server did not
+    /// deliver in time as discarded, which a reader that must see all of them (placing a
+    /// snapshot) cannot assume. A transient error: asking again later may succeed.
+    pub(crate) fn check_read_all(&self) -> Result<(), StoreError> {
+        if self.next > self.stored_at_start {
+            return Ok(());
+        }
+        Err(self.reader.request("read the messages around a snapshot")(
+            format!(
+                "the server holds messages up to sequence {} but delivered only up to {}",
+                self.stored_at_start,
+                self.next.saturating_sub(1)
+            )
+            .into(),
+        ))
     }
 
     /// Until a message is there to read (returns at once when one is known to be).
