@@ -270,8 +270,7 @@ async fn named_streams_read_acknowledge_resume_and_go_stale_on_jetstream() {
 
     // The same through `waltap stream`.
     let cli = |args: &[&str]| {
-        let mut all = vec!["stream"];
-        all.extend_from_slice(args);
+        let mut all = args.to_vec();
         all.extend_from_slice(&[
             "--slot",
             &source,
@@ -282,12 +281,12 @@ async fn named_streams_read_acknowledge_resume_and_go_stale_on_jetstream() {
         ]);
         support::waltap(&db.url(), &all)
     };
-    run_ok(cli(&["create", "cli.orders", "--table", TABLE])).await;
+    run_ok(cli(&["stream", "create", "cli.orders", "--table", TABLE])).await;
     db_client
         .batch_execute("INSERT INTO \"my.app\".\"Örder Items\" VALUES (45, 'y'), (46, 'z')")
         .await
         .unwrap();
-    let printed = run_ok(cli(&["tail", "cli.orders", "--limit", "2"])).await;
+    let printed = run_ok(cli(&["stream", "tail", "cli.orders", "--limit", "2"])).await;
     let lines: Vec<serde_json::Value> = printed
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -297,7 +296,7 @@ async fn named_streams_read_acknowledge_resume_and_go_stale_on_jetstream() {
     assert_eq!(lines[1]["created"]["id"], 45);
     assert_eq!(lines[2]["created"]["id"], 46);
     let listed: serde_json::Value =
-        serde_json::from_str(&run_ok(cli(&["list", "--json"])).await).unwrap();
+        serde_json::from_str(&run_ok(cli(&["stream", "list", "--json"])).await).unwrap();
     let cli_stream = listed
         .as_array()
         .unwrap()
@@ -310,19 +309,7 @@ async fn named_streams_read_acknowledge_resume_and_go_stale_on_jetstream() {
     );
     // `waltap export` places its snapshot among the JetStream log's events: the rows, then
     // the position after the last change (the stream's last event).
-    let exported = support::waltap(
-        &db.url(),
-        &[
-            "export",
-            TABLE,
-            "--slot",
-            &source,
-            "--nats-url",
-            &url,
-            "--nats-stream",
-            "NAMED",
-        ],
-    );
+    let exported = cli(&["export", TABLE]);
     let exported = run_ok(exported).await;
     let lines: Vec<serde_json::Value> = exported
         .lines()
