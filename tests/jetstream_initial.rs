@@ -211,12 +211,14 @@ async fn an_initial_state_waits_through_a_sigkill_of_the_jetstream_writer() {
         tokio::spawn(async move { create_and_open(&log, &pool, &store, &def).await })
     };
     // The snapshot is taken (its transaction stays open while the copy waits for the
-    // watermark, which no writer passes yet); these changes come after it.
+    // watermark, which no writer passes yet); these changes come after it. Only this
+    // database's sessions count: other tests take snapshots of their own meanwhile.
     wait_for("the initial state's snapshot", CATCH_UP, || async {
         let n: i64 = db_client
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity
-                 WHERE state = 'idle in transaction' AND query LIKE '%pg_logical_emit_message%'",
+                 WHERE datname = current_database() AND state = 'idle in transaction'
+                   AND query LIKE '%pg_logical_emit_message%'",
                 &[],
             )
             .await
