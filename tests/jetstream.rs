@@ -196,7 +196,7 @@ async fn wait_until_appended(url: &str, stream: &str, record: &Record, run: Opti
     .await;
 }
 
-fn nats_args<'a>(url: &'a str, stream: &'a str) -> Vec<&'a str> {
+pub(crate) fn nats_args<'a>(url: &'a str, stream: &'a str) -> Vec<&'a str> {
     vec!["--nats-url", url, "--nats-stream", stream]
 }
 

@@ -7,7 +7,7 @@ use waltap::log::jetstream::{JetStreamConfig, JetStreamReader};
 use waltap::log::streams::{self, OpenOptions, StreamConsumer, StreamDef, StreamItem};
 use waltap::log::{ConsumerPool, EventLog};
 
-use crate::jetstream::{jetstream, nats, CATCH_UP};
+use crate::jetstream::{jetstream, nats, nats_args, CATCH_UP};
 use crate::jetstream_streams::{appending, Appending};
 use crate::support::{self, wait_for, TestDb};
 
@@ -144,22 +144,17 @@ async fn an_initial_state_waits_through_a_sigkill_of_the_jetstream_writer() {
     let (slot, publication) = (db.unique_name("js_init"), db.unique_name("js_init_pub"));
     let url = server.url();
     let run = || {
-        Run::spawn_command(support::waltap(
-            &db.url(),
-            &[
-                "run",
-                "--table",
-                "Kept Rows",
-                "--slot",
-                &slot,
-                "--publication",
-                &publication,
-                "--nats-url",
-                &url,
-                "--nats-stream",
-                "KILLED",
-            ],
-        ))
+        let mut args = vec![
+            "run",
+            "--table",
+            "Kept Rows",
+            "--slot",
+            &slot,
+            "--publication",
+            &publication,
+        ];
+        args.extend(nats_args(&url, "KILLED"));
+        Run::spawn_command(support::waltap(&db.url(), &args))
     };
     let writer = run();
     wait_for("the writer's slot", CATCH_UP, || async {
