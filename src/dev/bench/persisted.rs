@@ -16,12 +16,13 @@ pub(super) async fn postgres_log(
     timeout: Duration,
 ) -> anyhow::Result<Measurement> {
     let config = AppenderConfig::new(listener_config(slot)?);
+    let counter = LogCounter::new(slot);
     in_process(
         tools,
         slot,
         events,
         timeout,
-        append_until(config, events, || logged(slot)),
+        append_until(config, events, || counter.count()),
     )
     .await
 }
@@ -78,7 +79,8 @@ pub(super) async fn stream_reader(
 
     let config = AppenderConfig::new(listener_config(slot)?);
     let store = config.store.clone();
-    tokio::time::timeout(timeout, append_until(config, events, || logged(slot)))
+    let counter = LogCounter::new(slot);
+    tokio::time::timeout(timeout, append_until(config, events, || counter.count()))
         .await
         .map_err(|_| anyhow::anyhow!("the log did not fill within {timeout:?}"))??;
     let tables: Vec<String> = slot
@@ -147,16 +149,53 @@ pub(super) async fn stream_reader(
     })
 }
 
-/// The events of the slot in `waltap.events` (0 until the appender has migrated and made
-/// the table).
-async fn logged(slot: &Slot<'_>) -> u64 {
-    slot.observer_db
-        .query_one(
-            "SELECT count(*) FROM waltap.events WHERE source = $1",
-            &[&slot.name],
-        )
-        .await
-        .map_or(0, |row| row.get::<_, i64>(0) as u64)
+/// Counts the events of a slot in `waltap.events` while the appender fills it, reading
+/// only what was appended since the last count: a `count(*)` over the whole log every
+/// poll scanned up to 100,000 rows each time, and that scan competed for the two cores
+/// with the appender it measured.
+struct LogCounter<'a> {
+    slot: &'a Slot<'a>,
+    /// Events at commit positions below `from`, counted before.
+    below: std::cell::Cell<u64>,
+    /// The highest commit position seen: its transaction may still be growing (a large
+    /// one spans several of the log's commits), so it is counted again each time.
+    from: std::cell::Cell<i64>,
+}
+
+impl<'a> LogCounter<'a> {
+    fn new(slot: &'a Slot<'a>) -> Self {
+        LogCounter {
+            slot,
+            below: std::cell::Cell::new(0),
+            from: std::cell::Cell::new(0),
+        }
+    }
+
+    /// The events logged so far (0 until the appender has migrated and made the table).
+    async fn count(&self) -> u64 {
+        let rows = self
+            .slot
+            .observer_db
+            .query(
+                "SELECT commit_lsn, count(*) FROM waltap.events
+                 WHERE source = $1 AND commit_lsn >= $2
+                 GROUP BY commit_lsn ORDER BY commit_lsn",
+                &[&self.slot.name, &self.from.get()],
+            )
+            .await
+            .unwrap_or_default();
+        let mut counts: Vec<(i64, u64)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
+            .collect();
+        let Some((last_lsn, last)) = counts.pop() else {
+            return self.below.get();
+        };
+        let settled: u64 = counts.iter().map(|(_, n)| n).sum();
+        self.below.set(self.below.get() + settled);
+        self.from.set(last_lsn);
+        self.below.get() + last
+    }
 }
 
 /// Runs the appender until `count` reports `events` (or the appender stops by itself),
