@@ -35,8 +35,13 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     let tables = [TableName::parse_strict(&args.table).map_err(anyhow::Error::msg)?];
     let catalog = watched.connect_sql().await?;
     let log = args.store.event_log()?;
-    let publication =
-        initial::publication_of(&log, &store.connect_sql().await?, &args.store.slot).await?;
+    // The JetStream log keeps the publication in its bucket: no store connection then.
+    let publication = match &log {
+        crate::log::EventLog::JetStream(reader) => reader.publication().await?,
+        crate::log::EventLog::Postgres => {
+            initial::recorded_publication(&store.connect_sql().await?, &args.store.slot).await?
+        }
+    };
     let compiled =
         initial::compile(publication.as_deref(), &catalog, &tables, filter.as_ref()).await?;
     let progress = super::progress::Progress::new(
