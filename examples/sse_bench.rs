@@ -18,14 +18,16 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use clap::Parser;
 use futures::StreamExt;
-use tokio_util::sync::CancellationToken;
 use waltap::dev::bench::measure::{find_timestamp, now_unix_micros, percentile};
 use waltap::dev::bench::workload::{self, LATENCY_TABLE};
 use waltap::dev::localpg::{LocalPg, LocalPgOptions};
-use waltap::server::{Keys, ServerConfig};
 use waltap::SourceConfig;
 use waltap::Value;
 use waltap::{Hub, HubConfig, ListenerConfig, SubscriptionItem};
+
+#[path = "support/serve.rs"]
+mod serve;
+use serve::{Server, KEY};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -38,8 +40,6 @@ struct Args {
     #[arg(long, default_value_t = 10.0)]
     latency_secs: f64,
 }
-
-const KEY: &str = "bench-key";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -62,24 +62,11 @@ async fn run(pg: &LocalPg, args: &Args) -> anyhow::Result<()> {
     let mut listener = ListenerConfig::new(source.clone());
     listener.slot = "sse_bench".into();
     listener.publication = "sse_bench".into();
-    let keys = Keys::from_toml(
-        &format!("[[key]]\nsecret = \"{KEY}\"\ntables = [\"*\"]\nstreams = true"),
-        Some("bench"),
-    )?;
-    let mut config = ServerConfig::new(
-        waltap::log::append::AppenderConfig::new(listener.clone()),
-        keys,
-    );
-    config.subscriber_queue = 100_000;
-    config.limits.connections_per_key = 10_000;
-    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", tcp.local_addr()?);
-    let cancel = CancellationToken::new();
-    let server = tokio::spawn(waltap::app::serve(config, tcp, cancel.clone()));
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()?;
-    wait_healthy(&http, &base).await?;
+    let server = Server::start(listener.clone(), &http, 100_000).await?;
+    let base = server.base.clone();
 
     println!("| SSE clients | events each | seconds | events/s per client | events/s delivered |");
     println!("|---|---|---|---|---|");
@@ -158,9 +145,7 @@ async fn run(pg: &LocalPg, args: &Args) -> anyhow::Result<()> {
     direct_task.abort();
     sse_task.abort();
     hub.shutdown().await;
-    cancel.cancel();
-    server.await??;
-    Ok(())
+    server.stop().await
 }
 
 fn record(into: &Mutex<Vec<f64>>, text: &str) {
@@ -168,25 +153,6 @@ fn record(into: &Mutex<Vec<f64>>, text: &str) {
         if let Ok(mut v) = into.lock() {
             v.push((now_unix_micros() - us) as f64 / 1000.0);
         }
-    }
-}
-
-async fn wait_healthy(http: &reqwest::Client, base: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if http
-            .get(format!("{base}/healthz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the server did not become healthy"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

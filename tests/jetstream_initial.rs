@@ -266,7 +266,10 @@ async fn an_initial_state_waits_through_a_sigkill_of_the_jetstream_writer() {
         .await
         .unwrap();
     match crate::initial_state::next(&mut c).await {
-        StreamItem::Event(ev) => assert_eq!(ev.new.unwrap()["id"], 502),
+        StreamItem::Event(ev) => {
+            let ev: waltap::Event<serde_json::Value> = waltap::log::streams::typed(ev).unwrap();
+            assert_eq!(ev.new.unwrap()["id"], 502)
+        }
         other => panic!("expected the next change, got {other:?}"),
     }
     c.close().await;

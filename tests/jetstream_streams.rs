@@ -17,10 +17,11 @@ use crate::support::{self, listen, run_ok, wait_for, TestDb};
 
 const TABLE: &str = "\"my.app\".\"Örder Items\"";
 
-/// The next event of a consumer (skipping nothing: any other item fails the test).
+/// The next event of a consumer (skipping nothing: any other item fails the test), its
+/// rows parsed.
 async fn next_event(c: &mut StreamConsumer) -> Event<serde_json::Value> {
     match tokio::time::timeout(CATCH_UP, c.next()).await {
-        Ok(Some(Ok(StreamItem::Event(ev)))) => ev,
+        Ok(Some(Ok(StreamItem::Event(ev)))) => waltap::log::streams::typed(ev).unwrap(),
         other => panic!("expected an event, got {other:?}"),
     }
 }

@@ -211,7 +211,10 @@ async fn persisted_streams_hear_of_schema_changes_from_the_log() {
         let mut seen = Vec::new();
         while seen.len() < until {
             match tokio::time::timeout(TIMEOUT, c.next()).await {
-                Ok(Some(Ok(StreamItem::Event(ev)))) => seen.push(ev.new.unwrap()["id"].clone()),
+                Ok(Some(Ok(StreamItem::Event(ev)))) => {
+                    let ev: waltap::Event<Json> = waltap::log::streams::typed(ev).unwrap();
+                    seen.push(ev.new.unwrap()["id"].clone())
+                }
                 Ok(Some(Ok(item @ StreamItem::SchemaChange { .. }))) => {
                     seen.push(json!(names(&serde_json::to_value(&item).unwrap())))
                 }

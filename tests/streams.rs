@@ -138,7 +138,13 @@ async fn initialized(c: &mut StreamConsumer) -> Option<Position> {
     position
 }
 
+/// The next event, its rows parsed.
 async fn next(c: &mut StreamConsumer) -> Event<Json> {
+    streams::typed(next_raw(c).await).unwrap()
+}
+
+/// The next event, its rows as the log stored them.
+async fn next_raw(c: &mut StreamConsumer) -> Event<streams::RawRow> {
     match tokio::time::timeout(TIMEOUT, c.next()).await {
         Ok(Some(Ok(StreamItem::Event(ev)))) => ev,
         other => panic!("expected an event from {}, got {other:?}", c.name()),
@@ -434,11 +440,9 @@ async fn acks_resume_at_least_once_in_order() {
         Ok(Some(Ok(item @ StreamItem::Initialized { .. }))) => item,
         other => panic!("expected the initialized marker, got {other:?}"),
     };
-    assert_eq!(
-        marker,
-        StreamItem::Initialized {
-            position: Some(resumed[2].position)
-        }
+    assert!(
+        matches!(marker, StreamItem::Initialized { position: Some(p) } if p == resumed[2].position),
+        "{marker:?}"
     );
     assert_eq!(
         serde_json::to_value(&marker).unwrap(),
@@ -454,7 +458,7 @@ async fn acks_resume_at_least_once_in_order() {
         id: i32,
         v: String,
     }
-    let ev: Event<T> = streams::typed(next(&mut c).await).unwrap();
+    let ev: Event<T> = streams::typed(next_raw(&mut c).await).unwrap();
     let row = ev.after().expect("created row");
     assert_eq!((row.id, row.v.as_str()), (6, "f"));
     c.close().await;

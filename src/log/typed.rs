@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use serde_json::value::RawValue;
 use serde_json::Value as Json;
 
 use crate::event::{Event, Row, SchemaChange, SchemaConflict, TableName};
@@ -52,6 +53,16 @@ impl TableTypes {
     /// The event with typed rows, and no transition yet (a filter decides it).
     pub(crate) fn typed(&self, ev: &Event<Json>) -> Event<Row> {
         map_rows(ev, |json| self.row(json))
+    }
+
+    /// [`TableTypes::typed`] for rows kept as the log's JSON text (a stream's): each row is
+    /// parsed only to be filtered.
+    pub(crate) fn typed_raw(&self, ev: &Event<Box<RawValue>>) -> Event<Row> {
+        map_rows(ev, |raw| {
+            // The text was checked as JSON when the event was read.
+            let json = serde_json::from_str(raw.get()).unwrap_or(Json::Null);
+            self.row(&json)
+        })
     }
 
     /// [`TableTypes::typed`], except that nothing of the stored event is lost: when a
@@ -164,7 +175,7 @@ fn as_json(json: &Json) -> Row {
 }
 
 /// The event with each row made by `row`, and no transition.
-fn map_rows(ev: &Event<Json>, row: impl Fn(&Json) -> Row) -> Event<Row> {
+fn map_rows<R>(ev: &Event<R>, row: impl Fn(&R) -> Row) -> Event<Row> {
     Event {
         id: ev.id,
         position: ev.position,

@@ -16,7 +16,7 @@ pub(super) async fn postgres_log(
     timeout: Duration,
 ) -> anyhow::Result<Measurement> {
     let config = AppenderConfig::new(listener_config(slot)?);
-    let counter = LogCounter::new(slot);
+    let counter = LogCounter::new(slot.observer_db, &slot.name);
     in_process(
         tools,
         slot,
@@ -79,7 +79,7 @@ pub(super) async fn stream_reader(
 
     let config = AppenderConfig::new(listener_config(slot)?);
     let store = config.store.clone();
-    let counter = LogCounter::new(slot);
+    let counter = LogCounter::new(slot.observer_db, &slot.name);
     tokio::time::timeout(timeout, append_until(config, events, || counter.count()))
         .await
         .map_err(|_| anyhow::anyhow!("the log did not fill within {timeout:?}"))??;
@@ -153,8 +153,11 @@ pub(super) async fn stream_reader(
 /// only what was appended since the last count: a `count(*)` over the whole log every
 /// poll scanned up to 100,000 rows each time, and that scan competed for the two cores
 /// with the appender it measured.
-struct LogCounter<'a> {
-    slot: &'a Slot<'a>,
+pub struct LogCounter<'a> {
+    /// A connection to the log's database.
+    log: &'a tokio_postgres::Client,
+    /// The source (slot) whose events are counted.
+    source: &'a str,
     /// Events at commit positions below `from`, counted before.
     below: std::cell::Cell<u64>,
     /// The highest commit position seen: its transaction may still be growing (a large
@@ -163,24 +166,25 @@ struct LogCounter<'a> {
 }
 
 impl<'a> LogCounter<'a> {
-    fn new(slot: &'a Slot<'a>) -> Self {
+    /// A counter of `source`'s events in the log that `log` is connected to.
+    pub fn new(log: &'a tokio_postgres::Client, source: &'a str) -> Self {
         LogCounter {
-            slot,
+            log,
+            source,
             below: std::cell::Cell::new(0),
             from: std::cell::Cell::new(0),
         }
     }
 
     /// The events logged so far (0 until the appender has migrated and made the table).
-    async fn count(&self) -> u64 {
+    pub async fn count(&self) -> u64 {
         let rows = self
-            .slot
-            .observer_db
+            .log
             .query(
                 "SELECT commit_lsn, count(*) FROM waltap.events
                  WHERE source = $1 AND commit_lsn >= $2
                  GROUP BY commit_lsn ORDER BY commit_lsn",
-                &[&self.slot.name, &self.from.get()],
+                &[&self.source, &self.from.get()],
             )
             .await
             .unwrap_or_default();

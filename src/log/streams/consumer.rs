@@ -13,7 +13,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use serde_json::Value as Json;
 use tokio::time::Instant;
 use tokio_postgres::Client;
 
@@ -28,9 +27,16 @@ use crate::pg::pool::PooledClient;
 
 /// What a [`StreamConsumer`] yields: first [`StreamItem::Initialized`] with the cursor the
 /// consumer resumes after (the position before every event when the log held nothing for
-/// the stream's source when it was made or reset), then [`StreamItem::Event`]s with rows as JSON objects. Serialized
-/// as `{"type": "initialized", "position": ...}` and plain events (no `type` field).
-pub type StreamItem = SubscriptionItem<Json>;
+/// the stream's source when it was made or reset), then [`StreamItem::Event`]s with rows as
+/// the log stored them ([`RawRow`]; [`typed`](super::typed) reads them into your own
+/// types). Serialized as `{"type": "initialized", "position": ...}` and plain events (no
+/// `type` field).
+pub type StreamItem = SubscriptionItem<RawRow>;
+
+/// A row as the log stored it: JSON text, checked when read, parsed no further. A stream
+/// hands rows on as they are, so keeping them as text spares every event a parse into a
+/// value tree and a serialization back.
+pub type RawRow = Box<serde_json::value::RawValue>;
 
 /// A consumer of one stream: a [`futures::Stream`] of [`StreamItem`]s (the initialized
 /// marker, then its events in position order), and [`StreamConsumer::ack`]. The stream

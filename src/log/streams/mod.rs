@@ -68,7 +68,7 @@ mod lease;
 mod reader;
 mod reshape;
 
-pub use consumer::{open, open_pooled, StreamAcker, StreamConsumer, StreamItem};
+pub use consumer::{open, open_pooled, RawRow, StreamAcker, StreamConsumer, StreamItem};
 pub use cursor::Cursor;
 pub(crate) use cursor::Mark;
 use lease::busy_or_missing;
@@ -581,9 +581,9 @@ fn snapshot_state(initial_state: bool) -> Option<&'static str> {
 /// Postgres did not send are missing from the rows, so give such fields
 /// `#[serde(default)]` or make them `Option`.
 pub fn typed<T: serde::de::DeserializeOwned>(
-    ev: Event<Json>,
+    ev: Event<RawRow>,
 ) -> Result<Event<T>, serde_json::Error> {
-    let row = |r: Option<Json>| r.map(serde_json::from_value).transpose();
+    let row = |r: Option<RawRow>| r.map(|r| serde_json::from_str(r.get())).transpose();
     Ok(Event {
         id: ev.id,
         position: ev.position,

@@ -1,7 +1,7 @@
 //! Reading the log for a consumer: pages after its cursor, checked against the pruned
 //! mark in the same snapshot, passed through the stream's filter and view.
 
-use super::consumer::StreamItem;
+use super::consumer::{RawRow, StreamItem};
 use super::cursor::Mark;
 use super::lease::Shared;
 use super::{split_tables, table_schemas, OpenOptions, TX_END};
@@ -9,7 +9,6 @@ use super::{split_tables, table_schemas, OpenOptions, TX_END};
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use serde_json::Value as Json;
 use tokio::sync::broadcast;
 use tokio_postgres::Client;
 
@@ -76,7 +75,7 @@ pub(super) struct Reader {
     pub(super) shared: Arc<Shared>,
     pub(super) pages: Pages,
     pub(super) page_size: i64,
-    pub(super) view: FilteredView<Json>,
+    pub(super) view: FilteredView<RawRow>,
     /// Column types per table, only when the stream has a filter.
     pub(super) types: Vec<TableTypes>,
     /// The last event read (the bound of the next page).
@@ -90,8 +89,8 @@ pub(super) struct Reader {
     /// The last event this stream delivered belongs to a transaction of known size that
     /// has not ended yet.
     pub(super) counted_tx_open: bool,
-    pub(super) decided: Vec<Event<Json>>,
-    pub(super) out: VecDeque<Event<Json>>,
+    pub(super) decided: Vec<Event<RawRow>>,
+    pub(super) out: VecDeque<Event<RawRow>>,
     /// `schemaChange` items, each to hand out before the first event at or after its mark,
     /// or the end of the consumer after the events before its mark.
     pub(super) reshapes: VecDeque<(Mark, Result<StreamItem, SchemaConflict>)>,
@@ -105,7 +104,7 @@ pub(super) struct SnapshotPhase {
     /// The last row read (rows are numbered from 1).
     pub(super) next: i64,
     pub(super) total: i64,
-    pub(super) out: VecDeque<SnapshotRow<Json>>,
+    pub(super) out: VecDeque<SnapshotRow<RawRow>>,
 }
 
 impl Reader {
@@ -224,7 +223,7 @@ impl Reader {
 
     pub(super) async fn next_snapshot_row(
         &mut self,
-    ) -> Result<Option<SnapshotRow<Json>>, StoreError> {
+    ) -> Result<Option<SnapshotRow<RawRow>>, StoreError> {
         let Some(phase) = self.snapshot.as_mut() else {
             return Ok(None);
         };
@@ -246,7 +245,7 @@ impl Reader {
             drop(client);
             for r in rows {
                 let seq: i64 = r.get(0);
-                let mut row: SnapshotRow<Json> =
+                let mut row: SnapshotRow<RawRow> =
                     serde_json::from_str(r.get(1)).map_err(|e| StoreError::Corrupt {
                         position: format!(
                             "initial state of stream {}, row {seq}",
@@ -269,7 +268,7 @@ impl Reader {
         Ok(phase.out.pop_front())
     }
 
-    pub(super) async fn next_item(&mut self) -> Option<Result<Event<Json>, StoreError>> {
+    pub(super) async fn next_item(&mut self) -> Option<Result<Event<RawRow>, StoreError>> {
         if self.failed {
             return None;
         }
@@ -394,11 +393,12 @@ impl Reader {
         &mut self,
         text: &str,
         at: Mark,
-    ) -> Result<Option<Event<Json>>, StoreError> {
-        let mut ev: Event<Json> = serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
-            position: at.position().to_string(),
-            message: e.to_string(),
-        })?;
+    ) -> Result<Option<Event<RawRow>>, StoreError> {
+        let mut ev: Event<RawRow> =
+            serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
+                position: at.position().to_string(),
+                message: e.to_string(),
+            })?;
         if let Some(change) = ev.schema_change.take() {
             self.reshape(&change, at)?;
         }
@@ -412,7 +412,7 @@ impl Reader {
         let Some(types) = types else {
             return Ok(Some(ev)); // no filter
         };
-        Ok(match filter.evaluate(&types.typed(&ev)) {
+        Ok(match filter.evaluate(&types.typed_raw(&ev)) {
             Decision::Skip => None,
             Decision::Deliver { transition } => {
                 ev.transition = transition;
@@ -552,7 +552,7 @@ pub(super) async fn compile(
     options: &OpenOptions,
     tables: &[TableName],
     filter: &Filter,
-) -> Result<(FilteredView<Json>, Vec<TableTypes>), StoreError> {
+) -> Result<(FilteredView<RawRow>, Vec<TableTypes>), StoreError> {
     let separate;
     let catalog_client = match &options.catalog {
         Some(c) => {

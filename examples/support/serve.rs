@@ -1,0 +1,72 @@
+//! Shared by the HTTP benchmarks: `waltap serve` in-process on a loopback port, with one
+//! key that may read every table and stream.
+
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use waltap::server::{Keys, ServerConfig};
+use waltap::ListenerConfig;
+
+/// The benchmarks' API key.
+pub const KEY: &str = "bench-key";
+
+/// A running in-process server.
+pub struct Server {
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    cancel: CancellationToken,
+    task: JoinHandle<Result<(), waltap::server::ServerError>>,
+}
+
+impl Server {
+    /// Starts a server reading `listener`'s slot (its pipeline fills the event log, as in
+    /// production) and waits until `/healthz` answers 200.
+    pub async fn start(
+        listener: ListenerConfig,
+        http: &reqwest::Client,
+        subscriber_queue: usize,
+    ) -> anyhow::Result<Server> {
+        let keys = Keys::from_toml(
+            &format!("[[key]]\nsecret = \"{KEY}\"\ntables = [\"*\"]\nstreams = true"),
+            Some("bench"),
+        )?;
+        let mut config =
+            ServerConfig::new(waltap::log::append::AppenderConfig::new(listener), keys);
+        config.subscriber_queue = subscriber_queue;
+        config.limits.connections_per_key = 10_000;
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", tcp.local_addr()?);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(waltap::app::serve(config, tcp, cancel.clone()));
+        let server = Server { base, cancel, task };
+        server.wait_healthy(http).await?;
+        Ok(server)
+    }
+
+    async fn wait_healthy(&self, http: &reqwest::Client) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if http
+                .get(format!("{}/healthz", self.base))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                !self.task.is_finished() && Instant::now() < deadline,
+                "the server did not become healthy"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the server and waits until it has.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.cancel.cancel();
+        self.task.await??;
+        Ok(())
+    }
+}
