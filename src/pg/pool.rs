@@ -72,7 +72,24 @@ impl SqlPool {
     /// At most `size` connections to `db`, each opened when first needed (with the
     /// config's TLS, timeouts and keepalives) and checked when reused.
     pub fn new(db: &SourceConfig, size: usize) -> Result<SqlPool, PoolError> {
+        Self::with_settings(db, size, &[])
+    }
+
+    /// As [`SqlPool::new`], with each `(name, value)` setting made on every connection as
+    /// it opens (`-c name=value` after the URL's own `options`). Values are plain words.
+    pub fn with_settings(
+        db: &SourceConfig,
+        size: usize,
+        settings: &[(&str, &str)],
+    ) -> Result<SqlPool, PoolError> {
         let mut pg = db.pg().clone();
+        if !settings.is_empty() {
+            let mut options = pg.get_options().unwrap_or_default().to_owned();
+            for (name, value) in settings {
+                options.push_str(&format!(" -c {name}={value}"));
+            }
+            pg.options(options.trim_start());
+        }
         if pg.get_application_name().is_none() {
             pg.application_name("waltap");
         }
