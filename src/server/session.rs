@@ -14,10 +14,11 @@ use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use futures::stream::{SplitSink, SplitStream};
-use futures::{SinkExt, Stream, StreamExt};
+use futures::{SinkExt, StreamExt};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -29,8 +30,11 @@ use crate::error::{report, ErrorCode};
 use crate::hub::SubscriptionItem;
 use crate::log::streams::Cursor;
 
-/// Frames buffered between a session task and its SSE response body.
+/// Writes buffered between a session task and its SSE response body (each holds one or
+/// more events: see [`Out::items`]).
 const SSE_BUFFER: usize = 16;
+/// The SSE keepalive: a comment line.
+const SSE_KEEPALIVE: &[u8] = b":\n\n";
 /// The largest WebSocket message (and frame) a client may send: clients send only small
 /// control messages (`{"ack": ...}`), so a larger one closes the connection.
 pub const MAX_CLIENT_MESSAGE: usize = 4 * 1024;
@@ -90,12 +94,23 @@ impl Frame {
         }
     }
 
-    fn sse(self) -> SseEvent {
-        let ev = SseEvent::default().event(self.kind).data(self.data);
-        match self.id {
-            Some(p) => ev.id(p.to_string()),
-            None => ev,
+    /// Appends the frame as one Server-Sent Event.
+    fn write_sse(&self, out: &mut Vec<u8>) {
+        use std::io::Write as _;
+        if let Some(id) = &self.id {
+            // Writing to a Vec cannot fail.
+            let _ = writeln!(out, "id: {id}");
         }
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(self.kind.as_bytes());
+        out.push(b'\n');
+        // JSON has no raw line breaks; the split keeps the event well-formed regardless.
+        for line in self.data.split('\n') {
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(line.as_bytes());
+            out.push(b'\n');
+        }
+        out.push(b'\n');
     }
 }
 
@@ -105,7 +120,7 @@ pub struct Closed;
 /// Where a session writes.
 pub enum Out {
     Sse {
-        tx: mpsc::Sender<Result<SseEvent, Infallible>>,
+        tx: mpsc::Sender<Bytes>,
         stop: CancellationToken,
     },
     Ws {
@@ -116,16 +131,26 @@ pub enum Out {
     },
 }
 
-/// An SSE response fed by the returned [`Out`], with comment keepalives.
-pub fn sse(
-    stop: CancellationToken,
-    keepalive: Duration,
-) -> (Out, Sse<impl Stream<Item = Result<SseEvent, Infallible>>>) {
-    let (tx, rx) = mpsc::channel(SSE_BUFFER);
-    let body = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
+/// An SSE response fed by the returned [`Out`], with a comment line after each
+/// `keepalive` without a write.
+pub fn sse(stop: CancellationToken, keepalive: Duration) -> (Out, Response) {
+    let (tx, rx) = mpsc::channel::<Bytes>(SSE_BUFFER);
+    let body = futures::stream::unfold(rx, move |mut rx| async move {
+        let chunk = match tokio::time::timeout(keepalive, rx.recv()).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => return None,
+            Err(_) => Bytes::from_static(SSE_KEEPALIVE),
+        };
+        Some((Ok::<_, Infallible>(chunk), rx))
     });
-    let response = Sse::new(body).keep_alive(KeepAlive::new().interval(keepalive));
+    let response = (
+        [
+            (CONTENT_TYPE, "text/event-stream"),
+            (CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response();
     (Out::Sse { tx, stop }, response)
 }
 
@@ -157,7 +182,7 @@ where
         Err(_) => {
             let (out, response) = sse(stop, keepalive);
             tasks.spawn(run(out));
-            response.into_response()
+            response
         }
     }
 }
@@ -165,11 +190,16 @@ where
 impl Out {
     /// Sends an item's frame, counting changes as delivered.
     pub async fn item(&mut self, frame: Frame, metrics: &Metrics) -> Result<(), Closed> {
-        let change = frame.is_change;
-        self.send(frame).await?;
-        if change {
-            metrics.events_out.fetch_add(1, Ordering::Relaxed);
-        }
+        self.items(vec![frame], metrics).await
+    }
+
+    /// Sends the frames of several items in order, counting changes as delivered. Over
+    /// SSE they go as one write: a backlog read one event per write cost a wake-up of
+    /// the response's task (and often of a thread) per event, more than the event.
+    pub async fn items(&mut self, frames: Vec<Frame>, metrics: &Metrics) -> Result<(), Closed> {
+        let changes = frames.iter().filter(|f| f.is_change).count() as u64;
+        self.write(frames).await?;
+        metrics.events_out.fetch_add(changes, Ordering::Relaxed);
         Ok(())
     }
 
@@ -188,18 +218,34 @@ impl Out {
     }
 
     pub async fn send(&mut self, frame: Frame) -> Result<(), Closed> {
+        self.write(vec![frame]).await
+    }
+
+    async fn write(&mut self, frames: Vec<Frame>) -> Result<(), Closed> {
         match self {
-            Out::Sse { tx, stop } => tokio::select! {
-                biased;
-                _ = stop.cancelled() => Err(Closed),
-                sent = tx.send(Ok(frame.sse())) => sent.map_err(|_| Closed),
-            },
-            Out::Ws { sink, stop, gone } => tokio::select! {
-                biased;
-                _ = stop.cancelled() => Err(Closed),
-                _ = gone.cancelled() => Err(Closed),
-                sent = sink.send(Message::Text(frame.data.into())) => sent.map_err(|_| Closed),
-            },
+            Out::Sse { tx, stop } => {
+                let mut text = Vec::with_capacity(frames.iter().map(|f| f.data.len() + 64).sum());
+                frames.iter().for_each(|f| f.write_sse(&mut text));
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => Err(Closed),
+                    sent = tx.send(Bytes::from(text)) => sent.map_err(|_| Closed),
+                }
+            }
+            Out::Ws { sink, stop, gone } => {
+                let feed = async {
+                    for f in frames {
+                        sink.feed(Message::Text(f.data.into())).await?;
+                    }
+                    sink.flush().await
+                };
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => Err(Closed),
+                    _ = gone.cancelled() => Err(Closed),
+                    sent = feed => sent.map_err(|_| Closed),
+                }
+            }
         }
     }
 

@@ -296,6 +296,9 @@ pub(super) async fn consume(
     ))
 }
 
+/// Most items sent to a client in one write.
+const MAX_FRAMES_PER_WRITE: usize = 256;
+
 /// One consumer's delivery to one client.
 struct Job {
     name: String,
@@ -345,16 +348,32 @@ impl Job {
                 }
                 item = self.consumer.next() => item,
             };
-            let frame = match item {
-                None => break,
-                Some(Ok(item)) => Frame::item_with(&item, &self.int8),
-                Some(Err(e)) => {
+            let mut frames = Vec::new();
+            let mut next = Some(item);
+            // The items the consumer has ready now go out in one write with this one: a
+            // backlog then costs a write per page of the log, not per event.
+            let end = loop {
+                match next {
+                    None => break None,
+                    Some(None) => break Some(None),
+                    Some(Some(Ok(item))) => frames.push(Frame::item_with(&item, &self.int8)),
+                    Some(Some(Err(e))) => break Some(Some(e)),
+                }
+                if frames.len() == MAX_FRAMES_PER_WRITE {
+                    break None;
+                }
+                next = self.consumer.next().now_or_never();
+            };
+            if !frames.is_empty() && out.items(frames, &state.metrics).await.is_err() {
+                break;
+            }
+            match end {
+                None => {}
+                Some(None) => break,
+                Some(Some(e)) => {
                     out.fail(&e.into(), &state.metrics).await;
                     break;
                 }
-            };
-            if out.item(frame, &state.metrics).await.is_err() {
-                break;
             }
         }
         {
