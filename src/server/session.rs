@@ -3,7 +3,8 @@
 //!
 //! An item becomes one [`Frame`] (serialized once), written either as a Server-Sent Event
 //! (`id:` position, `event:` `change` or the control item's type, `data:` the JSON object)
-//! or as one WebSocket text message holding the same JSON object. Writing waits for the
+//! or as one WebSocket text message holding the same JSON object. The items a source has
+//! ready together go out in one write ([`ready_frames`], [`Out::batch`]). Writing waits for the
 //! client (backpressure reaches the hub, which cuts a slow subscriber off with `lagged`),
 //! but never past the server's shutdown.
 
@@ -18,7 +19,7 @@ use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::stream::{SplitSink, SplitStream};
-use futures::{SinkExt, StreamExt};
+use futures::{SinkExt, Stream, StreamExt};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -117,6 +118,48 @@ impl Frame {
 /// The client went away, or the server is shutting down.
 pub struct Closed;
 
+/// Most items sent to a client in one write.
+const MAX_FRAMES_PER_WRITE: usize = 256;
+
+/// How the items of one write ended.
+pub enum Batch<E> {
+    /// The source may have more later.
+    Open,
+    /// The source ended.
+    Ended,
+    /// The source failed after the items before.
+    Failed(E),
+}
+
+/// The frames of `first` (what the source's `next` gave) and of the items `source` has
+/// ready now, for one [`Out::items`] write: a backlog then costs a write per batch, not
+/// per event, and a live item goes out at once (nothing waits for more).
+pub fn ready_frames<R, E, S>(
+    first: Option<Result<SubscriptionItem<R>, E>>,
+    source: &mut S,
+    int8: &super::columns::Int8Strings,
+) -> (Vec<Frame>, Batch<E>)
+where
+    R: Serialize,
+    S: Stream<Item = Result<SubscriptionItem<R>, E>> + Unpin,
+{
+    use futures::FutureExt as _;
+    let mut frames = Vec::new();
+    let mut next = Some(first);
+    while let Some(item) = next {
+        match item {
+            None => return (frames, Batch::Ended),
+            Some(Err(e)) => return (frames, Batch::Failed(e)),
+            Some(Ok(item)) => frames.push(Frame::item_with(&item, int8)),
+        }
+        if frames.len() == MAX_FRAMES_PER_WRITE {
+            break;
+        }
+        next = source.next().now_or_never();
+    }
+    (frames, Batch::Open)
+}
+
 /// Where a session writes.
 pub enum Out {
     Sse {
@@ -188,19 +231,34 @@ where
 }
 
 impl Out {
-    /// Sends an item's frame, counting changes as delivered.
-    pub async fn item(&mut self, frame: Frame, metrics: &Metrics) -> Result<(), Closed> {
-        self.items(vec![frame], metrics).await
-    }
-
     /// Sends the frames of several items in order, counting changes as delivered. Over
     /// SSE they go as one write: a backlog read one event per write cost a wake-up of
     /// the response's task (and often of a thread) per event, more than the event.
-    pub async fn items(&mut self, frames: Vec<Frame>, metrics: &Metrics) -> Result<(), Closed> {
+    async fn items(&mut self, frames: Vec<Frame>, metrics: &Metrics) -> Result<(), Closed> {
         let changes = frames.iter().filter(|f| f.is_change).count() as u64;
         self.write(frames).await?;
         metrics.events_out.fetch_add(changes, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Writes a batch of [`ready_frames`], then, when its source ended or failed, the
+    /// error item that ends the session. Returns whether the session goes on.
+    pub async fn batch<E: Into<ApiError>>(
+        &mut self,
+        (frames, end): (Vec<Frame>, Batch<E>),
+        metrics: &Metrics,
+    ) -> bool {
+        if !frames.is_empty() && self.items(frames, metrics).await.is_err() {
+            return false;
+        }
+        match end {
+            Batch::Open => true,
+            Batch::Ended => false,
+            Batch::Failed(e) => {
+                self.fail(&e.into(), metrics).await;
+                false
+            }
+        }
     }
 
     /// Sends an `error` item (the last of a session, unless it refused one client

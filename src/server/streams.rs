@@ -32,7 +32,7 @@ use super::auth::{Caller, ConnectionSlot};
 use super::columns::{Int8Form, Int8Strings};
 use super::error::{self, ApiError};
 use super::metrics::SubscriberGauge;
-use super::session::{self, Frame, Inbound, Out};
+use super::session::{self, ready_frames, Frame, Inbound, Out};
 use super::{AppState, Shared};
 use crate::event::{Position, TableName};
 use crate::log::streams::{
@@ -296,9 +296,6 @@ pub(super) async fn consume(
     ))
 }
 
-/// Most items sent to a client in one write.
-const MAX_FRAMES_PER_WRITE: usize = 256;
-
 /// One consumer's delivery to one client.
 struct Job {
     name: String,
@@ -348,32 +345,9 @@ impl Job {
                 }
                 item = self.consumer.next() => item,
             };
-            let mut frames = Vec::new();
-            let mut next = Some(item);
-            // The items the consumer has ready now go out in one write with this one: a
-            // backlog then costs a write per page of the log, not per event.
-            let end = loop {
-                match next {
-                    None => break None,
-                    Some(None) => break Some(None),
-                    Some(Some(Ok(item))) => frames.push(Frame::item_with(&item, &self.int8)),
-                    Some(Some(Err(e))) => break Some(Some(e)),
-                }
-                if frames.len() == MAX_FRAMES_PER_WRITE {
-                    break None;
-                }
-                next = self.consumer.next().now_or_never();
-            };
-            if !frames.is_empty() && out.items(frames, &state.metrics).await.is_err() {
+            let batch = ready_frames(item, &mut self.consumer, &self.int8);
+            if !out.batch(batch, &state.metrics).await {
                 break;
-            }
-            match end {
-                None => {}
-                Some(None) => break,
-                Some(Some(e)) => {
-                    out.fail(&e.into(), &state.metrics).await;
-                    break;
-                }
             }
         }
         {

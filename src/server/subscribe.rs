@@ -17,7 +17,7 @@ use serde::Deserialize;
 use super::auth::{Caller, ConnectionSlot};
 use super::error::ApiError;
 use super::metrics::TableGauge;
-use super::session::{self, Frame, Out};
+use super::session::{self, ready_frames, Out};
 use super::Shared;
 use crate::event::TableName;
 use crate::hub::Subscription;
@@ -101,15 +101,10 @@ async fn run(
             _ = out.closed() => break,
             item = sub.next() => item,
         };
-        let frame = match item {
-            None => break,
-            Some(Ok(item)) => Frame::item_with(&item, &int8),
-            Some(Err(e)) => {
-                out.fail(&e.into(), &state.metrics).await;
-                break;
-            }
-        };
-        if out.item(frame, &state.metrics).await.is_err() {
+        if !out
+            .batch(ready_frames(item, &mut sub, &int8), &state.metrics)
+            .await
+        {
             break;
         }
     }
