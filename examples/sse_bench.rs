@@ -20,7 +20,7 @@ use clap::Parser;
 use futures::StreamExt;
 use waltap::dev::bench::measure::{find_timestamp, now_unix_micros, percentile};
 use waltap::dev::bench::workload::{self, LATENCY_TABLE};
-use waltap::dev::localpg::{LocalPg, LocalPgOptions};
+use waltap::dev::localpg::LocalPg;
 use waltap::SourceConfig;
 use waltap::Value;
 use waltap::{Hub, HubConfig, ListenerConfig, SubscriptionItem};
@@ -44,11 +44,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let pg = tokio::task::spawn_blocking(|| LocalPg::start(&LocalPgOptions::default()))
-        .await?
-        .map_err(|e| anyhow!("cannot start a local PostgreSQL: {e}"))?;
+    let pg = serve::start_pg().await?;
     let result = run(&pg, &args).await;
-    tokio::task::spawn_blocking(move || drop(pg)).await?;
+    serve::stop_pg(pg).await;
     result
 }
 

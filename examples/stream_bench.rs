@@ -27,7 +27,7 @@ use futures::StreamExt;
 use waltap::dev::bench::measure::{clock_ticks_per_sec, cpu_ticks, Proc};
 use waltap::dev::bench::workload::{self, Shape, TABLE};
 use waltap::dev::bench::LogCounter;
-use waltap::dev::localpg::{LocalPg, LocalPgOptions};
+use waltap::dev::localpg::LocalPg;
 use waltap::{Identity, ListenerConfig, SourceConfig};
 
 #[path = "support/serve.rs"]
@@ -54,11 +54,9 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(1800);
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let pg = tokio::task::spawn_blocking(|| LocalPg::start(&LocalPgOptions::default()))
-        .await?
-        .map_err(|e| anyhow!("cannot start a local PostgreSQL: {e}"))?;
+    let pg = serve::start_pg().await?;
     let result = run(&pg, &args).await;
-    tokio::task::spawn_blocking(move || drop(pg)).await?;
+    serve::stop_pg(pg).await;
     result
 }
 

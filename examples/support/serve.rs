@@ -1,12 +1,25 @@
-//! Shared by the HTTP benchmarks: `waltap serve` in-process on a loopback port, with one
-//! key that may read every table and stream.
+//! Shared by the HTTP benchmarks: a throwaway PostgreSQL, and `waltap serve` in-process on
+//! a loopback port with one key that may read every table and stream.
 
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use waltap::dev::localpg::{LocalPg, LocalPgOptions};
 use waltap::server::{Keys, ServerConfig};
 use waltap::ListenerConfig;
+
+/// Starts a throwaway local PostgreSQL (in a blocking task: it waits for the server).
+pub async fn start_pg() -> anyhow::Result<LocalPg> {
+    tokio::task::spawn_blocking(|| LocalPg::start(&LocalPgOptions::default()))
+        .await?
+        .map_err(|e| anyhow::anyhow!("cannot start a local PostgreSQL: {e}"))
+}
+
+/// Stops and removes it.
+pub async fn stop_pg(pg: LocalPg) {
+    let _ = tokio::task::spawn_blocking(move || drop(pg)).await;
+}
 
 /// The benchmarks' API key.
 pub const KEY: &str = "bench-key";
