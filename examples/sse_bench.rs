@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use clap::Parser;
 use futures::StreamExt;
 use waltap::dev::bench::measure::{find_timestamp, now_unix_micros, percentile};
@@ -27,7 +27,7 @@ use waltap::{Hub, HubConfig, ListenerConfig, SubscriptionItem};
 
 #[path = "support/serve.rs"]
 mod serve;
-use serve::{Server, KEY};
+use serve::{open_sse, Server};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -84,7 +84,7 @@ async fn run(pg: &LocalPg, args: &Args) -> anyhow::Result<()> {
     let hub = Hub::start(HubConfig::new(hub_listener)).await?;
     let mut direct = hub.subscribe(LATENCY_TABLE, None).await?;
     direct.next().await; // initialized
-    let mut sse = open_sse(&http, &base).await?;
+    let mut sse = open_sse(&http, &base, &format!("table={LATENCY_TABLE}")).await?;
     let direct_ms = Arc::new(Mutex::new(Vec::new()));
     let sse_ms = Arc::new(Mutex::new(Vec::new()));
     let d = direct_ms.clone();
@@ -154,27 +154,6 @@ fn record(into: &Mutex<Vec<f64>>, text: &str) {
     }
 }
 
-async fn open_sse(
-    http: &reqwest::Client,
-    base: &str,
-) -> anyhow::Result<futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>> {
-    let r = http
-        .get(format!("{base}/v1/subscribe?table={LATENCY_TABLE}"))
-        .bearer_auth(KEY)
-        .header("accept", "text/event-stream")
-        .send()
-        .await?;
-    anyhow::ensure!(r.status() == 200, "subscribe: {}", r.status());
-    let mut body = r.bytes_stream().boxed();
-    // Up to the initialized frame: from here every commit is delivered.
-    let mut seen = String::new();
-    while !seen.contains("event: initialized") {
-        let chunk = body.next().await.context("stream ended")??;
-        seen.push_str(&String::from_utf8_lossy(&chunk));
-    }
-    Ok(body)
-}
-
 /// `n` SSE clients, then `events` inserts; returns (events/s per client, delivered/s, s).
 async fn throughput(
     http: &reqwest::Client,
@@ -186,7 +165,7 @@ async fn throughput(
     let delivered = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..n {
-        let mut body = open_sse(http, base).await?;
+        let mut body = open_sse(http, base, &format!("table={LATENCY_TABLE}")).await?;
         let delivered = delivered.clone();
         tasks.push(tokio::spawn(async move {
             let mut got = 0u64;

@@ -1,3 +1,6 @@
+// Each benchmark uses part of this module.
+#![allow(dead_code)]
+
 //! Shared by the HTTP benchmarks: a throwaway PostgreSQL, and `waltap serve` in-process on
 //! a loopback port with one key that may read every table and stream.
 
@@ -23,6 +26,31 @@ pub async fn stop_pg(pg: LocalPg) {
 
 /// The benchmarks' API key.
 pub const KEY: &str = "bench-key";
+
+/// Opens `GET /v1/subscribe?{query}` as SSE and reads up to its `initialized` frame: from
+/// there on every commit is delivered. Returns the rest of the body.
+pub async fn open_sse(
+    http: &reqwest::Client,
+    base: &str,
+    query: &str,
+) -> anyhow::Result<futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>> {
+    use anyhow::Context as _;
+    use futures::StreamExt as _;
+    let r = http
+        .get(format!("{base}/v1/subscribe?{query}"))
+        .bearer_auth(KEY)
+        .header("accept", "text/event-stream")
+        .send()
+        .await?;
+    anyhow::ensure!(r.status() == 200, "subscribe: {}", r.status());
+    let mut body = r.bytes_stream().boxed();
+    let mut seen = String::new();
+    while !seen.contains("event: initialized") {
+        let chunk = body.next().await.context("stream ended")??;
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    Ok(body)
+}
 
 /// A running in-process server.
 pub struct Server {
