@@ -71,6 +71,7 @@ async fn timed<F: std::future::Future<Output = anyhow::Result<()>>>(
     name: &'static str,
     work: F,
 ) -> anyhow::Result<Step> {
+    eprintln!("stream_bench: {name}");
     let cpu = cpu_ticks(Proc::This);
     let start = Instant::now();
     tokio::time::timeout(STEP_TIMEOUT, work)
@@ -192,9 +193,10 @@ async fn read_feed(
     events: u64,
     page: usize,
 ) -> anyhow::Result<()> {
-    let mut seen = 0u64;
+    let (mut seen, mut pages) = (0u64, 0u64);
     let mut cursor: Option<String> = None;
     while seen < events {
+        pages += 1;
         let mut request = http
             .get(format!("{base}/v1/streams/feed/events"))
             .bearer_auth(KEY)
@@ -213,6 +215,10 @@ async fn read_feed(
         cursor = Some(body.cursor);
     }
     anyhow::ensure!(seen == events, "the feed gave {seen} events, not {events}");
+    eprintln!(
+        "stream_bench: the feed took {pages} requests, {:.0} events each",
+        events as f64 / pages as f64
+    );
     Ok(())
 }
 

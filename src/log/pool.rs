@@ -37,6 +37,8 @@ pub struct ConsumerPool {
 
 struct Inner {
     pool: SqlPool,
+    /// Set once the log's schema was found up to date (see [`ConsumerPool::migrated`]).
+    migrated: tokio::sync::OnceCell<()>,
     log: EventLog,
     wake: broadcast::Sender<Wake>,
     _listening: DropGuard,
@@ -78,6 +80,7 @@ impl ConsumerPool {
         Ok(ConsumerPool {
             inner: Arc::new(Inner {
                 pool,
+                migrated: tokio::sync::OnceCell::new(),
                 log,
                 wake,
                 _listening: stop.drop_guard(),
@@ -88,6 +91,17 @@ impl ConsumerPool {
     /// A connection for one statement (or a few in a row); return it by dropping it.
     pub(crate) async fn get(&self) -> Result<Conn, StoreError> {
         Ok(self.inner.pool.get().await?)
+    }
+
+    /// Brings the log's schema up to date on `client` the first time it is asked, and
+    /// answers from memory after that: a consumer opens per feed request, and reading
+    /// the migrations table each time was a round trip of every request.
+    pub(crate) async fn migrated(&self, client: &Conn) -> Result<(), StoreError> {
+        self.inner
+            .migrated
+            .get_or_try_init(|| super::migrate(client))
+            .await
+            .map(|_| ())
     }
 
     /// The pool itself, for other statements of the same process (the server's).

@@ -20,7 +20,6 @@ use crate::event::{Position, TableName};
 use crate::filter::Filter;
 use crate::hub::SubscriptionItem;
 use crate::log::pool::ConsumerPool;
-use crate::log::postgres::migrate;
 use crate::log::{EventLog, StoreError};
 use crate::pg::config::SourceConfig;
 use crate::pg::pool::PooledClient;
@@ -83,11 +82,11 @@ pub async fn open_pooled(
     // Subscribed before the first read: an append after it wakes the reader.
     let notifications = pool.wake_ups();
     let client = pool.get().await?;
-    migrate(&client).await?;
+    pool.migrated(&client).await?;
     let holder = ulid::Ulid::new().to_string();
     let lease = options.lease.max(Duration::from_millis(10));
-    let row = client
-        .query_opt(
+    let take = client
+        .prepare_cached(
             "UPDATE waltap.streams
              SET lease_holder = $2, lease_expires_at = now() + make_interval(secs => $3)
              WHERE name = $1
@@ -95,8 +94,11 @@ pub async fn open_pooled(
              RETURNING source, tables, filter::text, cursor_lsn, cursor_ordinal,
                        snapshot_state, snapshot_acked, snapshot_total,
                        delivered_lsn, delivered_ordinal, snapshot_delivered",
-            &[&name, &holder, &lease.as_secs_f64()],
         )
+        .await
+        .map_err(StoreError::sql("take a stream's lease"))?;
+    let row = client
+        .query_opt(&take, &[&name, &holder, &lease.as_secs_f64()])
         .await
         .map_err(StoreError::sql("take a stream's lease"))?;
     let Some(row) = row else {

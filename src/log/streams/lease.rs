@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_postgres::Client;
 
-use crate::log::pool::ConsumerPool;
+use crate::log::pool::{Conn, ConsumerPool};
 use crate::log::StoreError;
 
 /// Why a stream could not be leased: it is gone, or someone holds it.
@@ -110,10 +110,10 @@ impl Shared {
 
     /// Moves the cursor forward to `to` (never back) and renews the lease, on `client`:
     /// the caller's own connection (see [`Shared`]).
-    pub(super) async fn store_cursor(&self, client: &Client, to: Mark) -> Result<(), StoreError> {
+    pub(super) async fn store_cursor(&self, client: &Conn, to: Mark) -> Result<(), StoreError> {
         let started = Instant::now();
-        let row = client
-            .query_opt(
+        let statement = client
+            .prepare_cached(
                 "UPDATE waltap.streams SET
                      cursor_lsn = CASE WHEN ($3::int8, $4::int4) > (cursor_lsn, cursor_ordinal)
                                        THEN $3 ELSE cursor_lsn END,
@@ -123,6 +123,12 @@ impl Shared {
                      lease_expires_at = now() + make_interval(secs => $5)
                  WHERE name = $1 AND lease_holder = $2
                  RETURNING cursor_lsn, cursor_ordinal",
+            )
+            .await
+            .map_err(StoreError::sql("acknowledge"))?;
+        let row = client
+            .query_opt(
+                &statement,
                 &[
                     &self.name,
                     &self.holder,
@@ -192,8 +198,8 @@ impl Shared {
             }
         }
         let client = self.pool.get().await?;
-        let n = client
-            .execute(
+        let statement = client
+            .prepare_cached(
                 "UPDATE waltap.streams SET
                      (delivered_lsn, delivered_ordinal) = (
                          SELECT CASE WHEN $3::int8 IS NULL OR (delivered_lsn, delivered_ordinal) >= ($3, $4::int4)
@@ -202,6 +208,12 @@ impl Shared {
                                      THEN delivered_ordinal ELSE $4 END),
                      snapshot_delivered = greatest(snapshot_delivered, coalesce($5::int8, 0))
                  WHERE name = $1 AND lease_holder = $2",
+            )
+            .await
+            .map_err(StoreError::sql("record what a stream delivered"))?;
+        let n = client
+            .execute(
+                &statement,
                 &[
                     &self.name,
                     &self.holder,
@@ -279,14 +291,17 @@ impl Shared {
 
 /// Gives up `holder`'s lease on stream `name` (if it still holds it); when that fails, the
 /// lease expires on its own.
-pub(super) async fn release_lease(client: &Client, name: &str, holder: &str) {
-    let result = client
-        .execute(
+pub(super) async fn release_lease(client: &Conn, name: &str, holder: &str) {
+    let statement = client
+        .prepare_cached(
             "UPDATE waltap.streams SET lease_holder = NULL, lease_expires_at = NULL
              WHERE name = $1 AND lease_holder = $2",
-            &[&name, &holder],
         )
         .await;
+    let result = match statement {
+        Ok(statement) => client.execute(&statement, &[&name, &holder]).await,
+        Err(e) => Err(e),
+    };
     if let Err(e) = result {
         tracing::debug!(stream = %name, error = %crate::error::report(&e), "lease not released; it expires");
     }

@@ -17,24 +17,36 @@ use crate::filter::FilteredView;
 use crate::filter::{CompiledFilter, Decision, Filter};
 use crate::initial::SnapshotRow;
 use crate::log::jetstream::Follower;
-use crate::log::pool::Wake;
+use crate::log::pool::{Conn, Wake};
 use crate::log::typed::TableTypes;
 use crate::log::{EventLog, StoreError, Stored};
 
-/// The pruned mark of `source`: retention deleted every event at or below it.
-pub(super) async fn pruned_mark(store: &Client, source: &str) -> Result<Mark, StoreError> {
-    let row = store
-        .query_one(
-            "SELECT coalesce(max(pruned_lsn), 0), coalesce(max(pruned_ordinal), -1)
+/// The pruned mark of `source` (retention deleted every event at or below it), and
+/// whether the event at `cursor` is the last of its transaction (`None` when the log
+/// does not hold it).
+async fn pruned_mark_and_tx_end(
+    store: &Conn,
+    source: &str,
+    cursor: Mark,
+) -> Result<(Mark, Option<bool>), StoreError> {
+    let statement = store
+        .prepare_cached(
+            "SELECT coalesce(max(pruned_lsn), 0), coalesce(max(pruned_ordinal), -1),
+                    (SELECT tx_last FROM waltap.events
+                     WHERE source = $1 AND commit_lsn = $2 AND ordinal = $3)
              FROM waltap.progress WHERE source = $1",
-            &[&source],
         )
         .await
         .map_err(StoreError::sql("read the pruned mark"))?;
-    Ok(Mark {
+    let row = store
+        .query_one(&statement, &[&source, &cursor.lsn, &cursor.ordinal])
+        .await
+        .map_err(StoreError::sql("read the pruned mark"))?;
+    let pruned = Mark {
         lsn: row.get(0),
         ordinal: row.get(1),
-    })
+    };
+    Ok((pruned, row.get(2)))
 }
 
 /// One page of the log after a mark, with the pruned mark read in the same snapshot.
@@ -127,11 +139,13 @@ impl Reader {
             .transpose()?;
         let cursor = shared.state().acked;
         let client = shared.pool.get().await?;
+        let mut cursor_ends_tx = cursor.ordinal == TX_END;
         if let EventLog::Postgres = shared.pool.log() {
-            let pruned = pruned_mark(&client, &source).await?;
+            let (pruned, tx_end) = pruned_mark_and_tx_end(&client, &source, cursor).await?;
             if pruned > cursor {
                 return Err(stale(&shared.name, cursor, pruned));
             }
+            cursor_ends_tx |= tx_end == Some(true);
         }
         let tables: Vec<TableName> = stored_tables.iter().map(|t| TableName::parse(t)).collect();
         let (view, types) = match &filter {
@@ -149,8 +163,10 @@ impl Reader {
         drop(client);
 
         // Resuming inside a transaction: read it from its start, so that its numbering
-        // is the one the consumer saw before.
-        let read_after = if cursor.ordinal == TX_END {
+        // is the one the consumer saw before. A cursor at a transaction's last event (where
+        // a feed page usually ends) skips it whole: reading it again cost a page of 1,000
+        // a second read and parse of the transaction before it.
+        let read_after = if cursor_ends_tx {
             cursor
         } else {
             Mark {
