@@ -194,6 +194,73 @@ async fn feed_pages_cover_every_event_once_and_long_poll() {
     db.teardown().await;
 }
 
+/// Pages that end at the last event of a transaction: the next request reads on after it
+/// (the log's row there ends the transaction), and one that ends where the stream's
+/// filter skipped the transaction's last row reads the transaction again for its
+/// numbering; either way each event comes once, numbered within what the stream delivers.
+#[tokio::test]
+async fn feed_pages_ending_at_a_transaction_end_resume_after_it_numbered_again() {
+    let db = TestDb::new().await;
+    let s = start(&db, |_| {}).await;
+    // "odd" delivers the transactions' last rows (3, 7, 11), "early" skips them, "all"
+    // takes pages of 3 of transactions of 4, so that most pages end inside one.
+    let odd = json!({"create": {"id": {"in": [1, 3, 5, 7, 9, 11]}}});
+    let early = json!({"create": {"id": {"in": [0, 1, 4, 5, 8, 9]}}});
+    s.create_stream("odd", "orders", Some(odd)).await;
+    s.create_stream("early", "orders", Some(early)).await;
+    s.create_stream("all", "orders", None).await;
+    let c = db.client().await;
+    for tx in 0..3 {
+        c.batch_execute(&format!(
+            "BEGIN; INSERT INTO orders SELECT g, 'new', NULL FROM generate_series({}, {}) g; COMMIT;",
+            tx * 4,
+            tx * 4 + 3
+        ))
+        .await
+        .unwrap();
+    }
+    let cases = [
+        ("odd", 2, vec![1, 3, 5, 7, 9, 11], 2),
+        ("early", 2, vec![0, 1, 4, 5, 8, 9], 2),
+        ("all", 3, (0..12).collect(), 4),
+    ];
+    for (name, limit, want, per_tx) in cases {
+        let mut seen: Vec<i64> = Vec::new();
+        let mut cursor = String::new();
+        while seen.len() < want.len() {
+            let mut q = format!("limit={limit}&wait=10");
+            if !cursor.is_empty() {
+                q.push_str(&format!("&cursor={cursor}"));
+            }
+            let r = s
+                .get(&format!("/v1/streams/{name}/events?{q}"), ORDERS)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let body: Json = r.json().await.unwrap();
+            for e in body["events"].as_array().unwrap() {
+                // Numbered within the events the stream delivers of its transaction.
+                let index = seen.len() % per_tx;
+                assert_eq!(e["tx"]["index"], index, "{name}: {e}");
+                assert_eq!(e["tx"]["last"], index + 1 == per_tx, "{name}: {e}");
+                if !e["tx"]["total"].is_null() {
+                    assert_eq!(e["tx"]["total"], per_tx, "{name}: {e}");
+                }
+                seen.push(e["created"]["id"].as_i64().unwrap());
+            }
+            cursor = body["cursor"].as_str().unwrap().to_owned();
+        }
+        assert_eq!(seen, want, "{name}");
+        // Nothing more, and the cursor stays where the last page left it.
+        let (ids, same) = page(&s, name, &format!("cursor={cursor}")).await;
+        assert!(ids.is_empty(), "{name}: {ids:?}");
+        assert_eq!(same, cursor, "{name}");
+    }
+    s.stop().await;
+    db.teardown().await;
+}
+
 #[tokio::test]
 async fn stream_over_websocket_acknowledges() {
     let db = TestDb::new().await;
