@@ -1,7 +1,8 @@
-//! `cargo run --release --example stream_bench -- [--changes 1000000] [--identity full]`
+//! `cargo run --release --example stream_bench -- [--changes 1000000] [--identity full] [--nats]`
 //!
 //! Named streams reading a backlog over HTTP, next to the rate at which the event log was
-//! filled, in one run on a throwaway local PostgreSQL:
+//! filled, in one run on a throwaway local PostgreSQL (with `--nats`, the event log is a
+//! JetStream stream on a `nats-server` of its own):
 //!
 //! 1. `waltap serve` (in-process, its pipeline filling the event log as in production)
 //!    starts once to make the slot and the log, and two streams on the benchmark's table
@@ -28,6 +29,9 @@ use waltap::dev::bench::measure::{clock_ticks_per_sec, cpu_ticks, Proc};
 use waltap::dev::bench::workload::{self, Shape, TABLE};
 use waltap::dev::bench::LogCounter;
 use waltap::dev::localpg::LocalPg;
+use waltap::dev::nats::NatsServer;
+use waltap::log::append::AppenderConfig;
+use waltap::log::jetstream::JetStreamConfig;
 use waltap::{Identity, ListenerConfig, SourceConfig};
 
 #[path = "support/serve.rs"]
@@ -45,6 +49,32 @@ struct Args {
     /// Events per feed page (the server's largest is 1,000).
     #[arg(long, default_value_t = 1000)]
     page: usize,
+    /// The event log on JetStream: starts `nats-server` (from PATH) in a temporary
+    /// directory for the run.
+    #[arg(long)]
+    nats: bool,
+}
+
+/// How many events the log holds.
+enum Counter<'a> {
+    Postgres(LogCounter<'a>),
+    JetStream {
+        js: async_nats::jetstream::Context,
+        stream: String,
+    },
+}
+
+impl Counter<'_> {
+    async fn count(&self) -> u64 {
+        match self {
+            Counter::Postgres(c) => c.count().await,
+            // One message per event; the stream exists once the appender connected.
+            Counter::JetStream { js, stream } => match js.get_stream(stream).await {
+                Ok(mut s) => s.info().await.map_or(0, |i| i.state.last_sequence),
+                Err(_) => 0,
+            },
+        }
+    }
 }
 
 const SLOT: &str = "stream_bench";
@@ -102,9 +132,19 @@ async fn run(pg: &LocalPg, args: &Args) -> anyhow::Result<()> {
     let mut listener = ListenerConfig::new(source.clone());
     listener.slot = SLOT.into();
     listener.publication = SLOT.into();
+    let mut appender = AppenderConfig::new(listener);
+    let nats_dir = std::env::temp_dir().join(format!("waltap-stream-bench-{}", std::process::id()));
+    let nats = if args.nats {
+        let _ = std::fs::remove_dir_all(&nats_dir);
+        let server = NatsServer::start(&nats_dir).await?;
+        appender.jetstream = Some(JetStreamConfig::parse(&server.url())?);
+        Some(server)
+    } else {
+        None
+    };
     let http = reqwest::Client::builder().build()?;
 
-    let server = Server::start(listener.clone(), &http, 100_000).await?;
+    let server = Server::start_with(appender.clone(), &http, 100_000).await?;
     for name in ["feed", "sse"] {
         let r = http
             .post(format!("{}/v1/streams", server.base))
@@ -129,10 +169,16 @@ async fn run(pg: &LocalPg, args: &Args) -> anyhow::Result<()> {
         writing.elapsed().as_secs_f64()
     );
 
-    let counter = LogCounter::new(&db, SLOT);
+    let counter = match (&nats, &appender.jetstream) {
+        (Some(n), Some(config)) => Counter::JetStream {
+            js: async_nats::jetstream::new(async_nats::connect(n.url()).await?),
+            stream: config.stream.clone(),
+        },
+        _ => Counter::Postgres(LogCounter::new(&db, SLOT)),
+    };
     let mut server = None;
     let append = timed("append: `waltap serve` fills the event log", async {
-        server = Some(Server::start(listener.clone(), &http, 100_000).await?);
+        server = Some(Server::start_with(appender.clone(), &http, 100_000).await?);
         while counter.count().await < events {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -151,10 +197,17 @@ async fn run(pg: &LocalPg, args: &Args) -> anyhow::Result<()> {
     )
     .await?;
     server.stop().await?;
+    drop(nats);
+    let _ = std::fs::remove_dir_all(&nats_dir);
 
     println!(
-        "{events} changes, REPLICA IDENTITY {}\n",
-        args.identity.to_uppercase()
+        "{events} changes, REPLICA IDENTITY {}, event log {}\n",
+        args.identity.to_uppercase(),
+        if args.nats {
+            "on JetStream"
+        } else {
+            "in Postgres"
+        }
     );
     println!("| step | seconds | events/s | × append | process CPU µs/event |");
     println!("|---|---:|---:|---:|---:|");

@@ -495,6 +495,22 @@ async fn serve_with_nats_url_serves_feed_pages_descriptions_and_subscriptions() 
 }
 
 #[tokio::test]
+async fn feed_pages_at_transaction_ends_on_jetstream() {
+    let Some((server, _dir)) = nats().await else {
+        return;
+    };
+    let db = TestDb::new().await;
+    let js_config = JetStreamConfig::parse(&server.url())
+        .unwrap()
+        .with_stream("TXENDS")
+        .unwrap();
+    let s = crate::server::start(&db, |c| c.appender.jetstream = Some(js_config.clone())).await;
+    crate::server::delivery::pages_at_transaction_ends(&db, &s).await;
+    s.stop().await;
+    db.teardown().await;
+}
+
+#[tokio::test]
 async fn a_feed_reader_survives_a_nats_restart_without_loss_or_repeats() {
     use crate::server::{insert_orders, start};
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use waltap::dev::localpg::{LocalPg, LocalPgOptions};
+use waltap::log::append::AppenderConfig;
 use waltap::server::{Keys, ServerConfig};
 use waltap::ListenerConfig;
 
@@ -61,10 +62,19 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts a server reading `listener`'s slot (its pipeline fills the event log, as in
-    /// production) and waits until `/healthz` answers 200.
+    /// Starts a server reading `listener`'s slot (its pipeline fills the Postgres event log,
+    /// as in production) and waits until `/healthz` answers 200.
     pub async fn start(
         listener: ListenerConfig,
+        http: &reqwest::Client,
+        subscriber_queue: usize,
+    ) -> anyhow::Result<Server> {
+        Self::start_with(AppenderConfig::new(listener), http, subscriber_queue).await
+    }
+
+    /// As [`Server::start`], with the pipeline's whole configuration (e.g. a JetStream log).
+    pub async fn start_with(
+        appender: AppenderConfig,
         http: &reqwest::Client,
         subscriber_queue: usize,
     ) -> anyhow::Result<Server> {
@@ -72,8 +82,7 @@ impl Server {
             &format!("[[key]]\nsecret = \"{KEY}\"\ntables = [\"*\"]\nstreams = true"),
             Some("bench"),
         )?;
-        let mut config =
-            ServerConfig::new(waltap::log::append::AppenderConfig::new(listener), keys);
+        let mut config = ServerConfig::new(appender, keys);
         config.subscriber_queue = subscriber_queue;
         config.limits.connections_per_key = 10_000;
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -202,6 +202,13 @@ async fn feed_pages_cover_every_event_once_and_long_poll() {
 async fn feed_pages_ending_at_a_transaction_end_resume_after_it_numbered_again() {
     let db = TestDb::new().await;
     let s = start(&db, |_| {}).await;
+    pages_at_transaction_ends(&db, &s).await;
+    s.stop().await;
+    db.teardown().await;
+}
+
+/// The checks of the test above on server `s` of `db`, whichever its event log.
+pub(crate) async fn pages_at_transaction_ends(db: &TestDb, s: &Server) {
     // "odd" delivers the transactions' last rows (3, 7, 11), "early" skips them, "all"
     // takes pages of 3 of transactions of 4, so that most pages end inside one.
     let odd = json!({"create": {"id": {"in": [1, 3, 5, 7, 9, 11]}}});
@@ -253,12 +260,10 @@ async fn feed_pages_ending_at_a_transaction_end_resume_after_it_numbered_again()
         }
         assert_eq!(seen, want, "{name}");
         // Nothing more, and the cursor stays where the last page left it.
-        let (ids, same) = page(&s, name, &format!("cursor={cursor}")).await;
+        let (ids, same) = page(s, name, &format!("cursor={cursor}")).await;
         assert!(ids.is_empty(), "{name}: {ids:?}");
         assert_eq!(same, cursor, "{name}");
     }
-    s.stop().await;
-    db.teardown().await;
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ mod browser;
 mod clients;
 mod complete;
 mod console;
-mod delivery;
+pub(crate) mod delivery;
 mod example;
 mod hardening;
 mod initial;

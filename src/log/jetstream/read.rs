@@ -30,7 +30,7 @@ use super::{
     PREVIOUS_NONE, SCHEMA_CHANGE_HEADER, SOURCE_HEADER, TX_LAST_HEADER,
 };
 use crate::event::{Position, TableName};
-use crate::log::streams::Mark;
+use crate::log::streams::{Mark, TX_END};
 use crate::log::{StoreError, Stored};
 use crate::lsn::{LogMark, Lsn};
 
@@ -228,6 +228,63 @@ impl JetStreamReader {
         let start = self.seek(after).await?;
         let prefixes = tables.iter().map(|t| self.table_prefix(t)).collect();
         self.follow_at(start, prefixes).await
+    }
+
+    /// A follower for a consumer whose cursor is `cursor`, and the mark it reads after: the
+    /// cursor itself when its message ends its transaction (or the cursor is a
+    /// transaction's end), else the start of the cursor's transaction, which the consumer
+    /// reads again for its numbering.
+    pub(crate) async fn follow_resuming(
+        &self,
+        cursor: Mark,
+        tables: &[TableName],
+    ) -> Result<(Follower, Mark), StoreError> {
+        let prefixes = tables.iter().map(|t| self.table_prefix(t)).collect();
+        let start = self.seek(cursor).await?;
+        if cursor.ordinal == TX_END || self.ends_tx_at(start - 1, cursor).await? {
+            return Ok((self.follow_at(start, prefixes).await?, cursor));
+        }
+        let tx_start = Mark {
+            lsn: cursor.lsn,
+            ordinal: -1,
+        };
+        // The transaction's messages are consecutive and numbered from 0, so its first is
+        // usually `ordinal` sequences before the cursor's; another seek when it is not
+        // there (the stream's limits discarded it, or the cursor's message is gone).
+        let first = Mark {
+            lsn: cursor.lsn,
+            ordinal: 0,
+        };
+        let guess = u64::try_from(cursor.ordinal)
+            .ok()
+            .and_then(|ordinal| (start - 1).checked_sub(ordinal))
+            .filter(|s| *s > 0);
+        let start = match guess {
+            Some(s) if self.message_at(s).await?.is_some_and(|at| at.0 == first) => s,
+            _ => self.seek(tx_start).await?,
+        };
+        Ok((self.follow_at(start, prefixes).await?, tx_start))
+    }
+
+    /// Whether the message at `sequence` is at `cursor` and ends its transaction.
+    async fn ends_tx_at(&self, sequence: u64, cursor: Mark) -> Result<bool, StoreError> {
+        Ok(sequence > 0
+            && self
+                .message_at(sequence)
+                .await?
+                .is_some_and(|(at, tx_last)| at == cursor && tx_last))
+    }
+
+    /// The position of the message at exactly `sequence`, and whether it ends its
+    /// transaction; `None` when the stream does not hold that sequence.
+    async fn message_at(&self, sequence: u64) -> Result<Option<(Mark, bool)>, StoreError> {
+        match self.message_from(sequence).await? {
+            Some(m) if m.sequence == sequence => Ok(Some((
+                Mark::of(self.position(&m)?),
+                m.headers.get(TX_LAST_HEADER).is_some(),
+            ))),
+            _ => Ok(None),
+        }
     }
 
     /// The transactions that end in the last `count` messages at or before `through`, as

@@ -166,7 +166,7 @@ impl Reader {
         // is the one the consumer saw before. A cursor at a transaction's last event (where
         // a feed page usually ends) skips it whole: reading it again cost a page of 1,000
         // a second read and parse of the transaction before it.
-        let read_after = if cursor_ends_tx {
+        let mut read_after = if cursor_ends_tx {
             cursor
         } else {
             Mark {
@@ -187,7 +187,10 @@ impl Reader {
             }
             EventLog::JetStream(log) => {
                 log.check_source(&source)?;
-                Pages::JetStream(Box::new(log.follow(read_after, &tables).await?))
+                // JetStream says itself whether the cursor's message ends its transaction.
+                let (follower, after) = log.follow_resuming(cursor, &tables).await?;
+                read_after = after;
+                Pages::JetStream(Box::new(follower))
             }
         };
         Ok(Reader {
