@@ -33,15 +33,20 @@ pub(super) async fn ws_next(ws: &mut Ws) -> Json {
     }
 }
 
-/// A feed page: (ids of the events, cursor).
-pub(super) async fn page(s: &Server, name: &str, query: &str) -> (Vec<i64>, String) {
+/// A feed page as it came.
+async fn page_body(s: &Server, name: &str, query: &str) -> Json {
     let r = s
         .get(&format!("/v1/streams/{name}/events?{query}"), ORDERS)
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let body: Json = r.json().await.unwrap();
+    r.json().await.unwrap()
+}
+
+/// A feed page: (ids of the events, cursor).
+pub(super) async fn page(s: &Server, name: &str, query: &str) -> (Vec<i64>, String) {
+    let body = page_body(s, name, query).await;
     let ids = body["events"]
         .as_array()
         .unwrap()
@@ -239,13 +244,7 @@ pub(crate) async fn pages_at_transaction_ends(db: &TestDb, s: &Server) {
             if !cursor.is_empty() {
                 q.push_str(&format!("&cursor={cursor}"));
             }
-            let r = s
-                .get(&format!("/v1/streams/{name}/events?{q}"), ORDERS)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-            let body: Json = r.json().await.unwrap();
+            let body = page_body(s, name, &q).await;
             for e in body["events"].as_array().unwrap() {
                 // Numbered within the events the stream delivers of its transaction.
                 let index = seen.len() % per_tx;
