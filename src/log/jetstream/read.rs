@@ -14,7 +14,8 @@
 //! - a follower never waits for the server inside [`Follower::page`] unless the server
 //!   said more is stored; waiting for new messages is [`Follower::wait`]'s alone.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::{Config as PullConfig, Ordered, OrderedConfig};
@@ -50,7 +51,13 @@ pub struct JetStreamReader {
     bucket: Arc<OnceCell<async_nats::jetstream::kv::Store>>,
     config: JetStreamConfig,
     source: String,
+    /// Where recent pages ended: a consumer that opens again at the cursor a page gave
+    /// (a feed client's next request) finds its sequence here instead of by a search.
+    ends: Arc<Mutex<VecDeque<(Mark, u64)>>>,
 }
+
+/// Page ends remembered per reader: about one per consumer reading at once.
+const REMEMBERED_ENDS: usize = 256;
 
 impl std::fmt::Debug for JetStreamReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -69,7 +76,22 @@ impl JetStreamReader {
             bucket: Arc::new(OnceCell::new()),
             config: config.clone(),
             source: source.to_owned(),
+            ends: Arc::new(Mutex::new(VecDeque::with_capacity(REMEMBERED_ENDS))),
         }
+    }
+
+    fn ends(&self) -> std::sync::MutexGuard<'_, VecDeque<(Mark, u64)>> {
+        // Plain values, and nothing panics while the lock is held.
+        self.ends.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Remembers that the message at `sequence` is at `at`.
+    fn remember_end(&self, at: Mark, sequence: u64) {
+        let mut ends = self.ends();
+        if ends.len() == REMEMBERED_ENDS {
+            ends.pop_front();
+        }
+        ends.push_back((at, sequence));
     }
 
     /// The connection and the stream, connecting and looking it up first if needed
@@ -207,6 +229,22 @@ impl JetStreamReader {
     /// after it) lies after `after`; the last sequence + 1 when there is none yet.
     /// Starting a consumer at a sequence without a message starts it at the next one.
     async fn seek(&self, after: Mark) -> Result<u64, StoreError> {
+        let remembered = self
+            .ends()
+            .iter()
+            .rev()
+            .find(|(at, _)| *at == after)
+            .map(|e| e.1);
+        // Only a hint: the stream may have been purged or made again since.
+        if let Some(sequence) = remembered {
+            if self
+                .message_at(sequence)
+                .await?
+                .is_some_and(|(at, _)| at == after)
+            {
+                return Ok(sequence + 1);
+            }
+        }
         let (first, last) = self.bounds().await?;
         let (mut lo, mut hi) = (first.max(1), last + 1);
         while lo < hi {
@@ -535,6 +573,9 @@ impl Follower {
             if within.is_some() && tx_last {
                 break;
             }
+        }
+        if let Some(last) = page.events.last() {
+            self.reader.remember_end(last.at, self.next - 1);
         }
         Ok(page)
     }
