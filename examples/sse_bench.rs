@@ -84,7 +84,7 @@ async fn run(pg: &LocalPg, args: &Args) -> anyhow::Result<()> {
     let hub = Hub::start(HubConfig::new(hub_listener)).await?;
     let mut direct = hub.subscribe(LATENCY_TABLE, None).await?;
     direct.next().await; // initialized
-    let mut sse = open_sse(&http, &base, &format!("table={LATENCY_TABLE}")).await?;
+    let mut sse = open_sse(&http, &base, &[("table", LATENCY_TABLE)]).await?;
     let direct_ms = Arc::new(Mutex::new(Vec::new()));
     let sse_ms = Arc::new(Mutex::new(Vec::new()));
     let d = direct_ms.clone();
@@ -165,7 +165,7 @@ async fn throughput(
     let delivered = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..n {
-        let mut body = open_sse(http, base, &format!("table={LATENCY_TABLE}")).await?;
+        let mut body = open_sse(http, base, &[("table", LATENCY_TABLE)]).await?;
         let delivered = delivered.clone();
         tasks.push(tokio::spawn(async move {
             let mut got = 0u64;

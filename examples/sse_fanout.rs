@@ -145,7 +145,7 @@ async fn run(
     }
     // One subscription first, so that what the server holds for any subscriber (the hub's
     // task, the catalog's connections) is in the "before" figure.
-    let warm = open_sse(&http, &base, &format!("table={TABLE}")).await?;
+    let warm = open_sse(&http, &base, &[("table", TABLE)]).await?;
     let rss_before = rss_kib(Proc::Pid(pid)).ok_or_else(|| anyhow!("no RSS for the server"))?;
 
     let opening = Instant::now();
@@ -154,12 +154,9 @@ async fn run(
     let mut bodies = Vec::with_capacity(args.clients as usize);
     let opened = futures::stream::iter(0..args.clients)
         .map(|k| {
-            let query = format!(
-                "table={TABLE}&filter={}",
-                urlencode(&format!("{{\"create\": {{\"tenant\": {k}}}}}"))
-            );
+            let filter = format!("{{\"create\": {{\"tenant\": {k}}}}}");
             let (http, base) = (http.clone(), base.clone());
-            async move { open_sse(&http, &base, &query).await }
+            async move { open_sse(&http, &base, &[("table", TABLE), ("filter", &filter)]).await }
         })
         .buffered(32);
     futures::pin_mut!(opened);
@@ -240,16 +237,4 @@ async fn run(
         rss_after.saturating_sub(rss_before) as f64 / args.clients as f64,
     );
     Ok(())
-}
-
-/// Percent-encodes a query parameter's value.
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

@@ -28,17 +28,19 @@ pub async fn stop_pg(pg: LocalPg) {
 /// The benchmarks' API key.
 pub const KEY: &str = "bench-key";
 
-/// Opens `GET /v1/subscribe?{query}` as SSE and reads up to its `initialized` frame: from
-/// there on every commit is delivered. Returns the rest of the body.
+/// Opens `GET /v1/subscribe` with `query` (encoded here) as SSE and reads up to its
+/// `initialized` frame: from there on every commit is delivered. Returns the rest of the
+/// body.
 pub async fn open_sse(
     http: &reqwest::Client,
     base: &str,
-    query: &str,
+    query: &[(&str, &str)],
 ) -> anyhow::Result<futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>> {
     use anyhow::Context as _;
     use futures::StreamExt as _;
     let r = http
-        .get(format!("{base}/v1/subscribe?{query}"))
+        .get(format!("{base}/v1/subscribe"))
+        .query(query)
         .bearer_auth(KEY)
         .header("accept", "text/event-stream")
         .send()
