@@ -59,6 +59,11 @@ pub struct JetStreamReader {
 /// Page ends remembered per reader: about one per consumer reading at once.
 const REMEMBERED_ENDS: usize = 256;
 
+/// Whether a stored message is the last of its transaction.
+fn ends_tx(m: &StreamMessage) -> bool {
+    m.headers.get(TX_LAST_HEADER).is_some()
+}
+
 impl std::fmt::Debug for JetStreamReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JetStreamReader")
@@ -215,7 +220,7 @@ impl JetStreamReader {
             return Ok(None);
         };
         let at = Mark::of(self.position(&m)?);
-        Ok(Some(if m.headers.get(TX_LAST_HEADER).is_some() {
+        Ok(Some(if ends_tx(&m) {
             Mark {
                 lsn: at.lsn,
                 ordinal: crate::log::streams::TX_END,
@@ -229,6 +234,12 @@ impl JetStreamReader {
     /// after it) lies after `after`; the last sequence + 1 when there is none yet.
     /// Starting a consumer at a sequence without a message starts it at the next one.
     async fn seek(&self, after: Mark) -> Result<u64, StoreError> {
+        Ok(self.seek_noting(after).await?.0)
+    }
+
+    /// [`JetStreamReader::seek`], with the message just before the sequence found when the
+    /// search read it: its mark, and whether it ends its transaction.
+    async fn seek_noting(&self, after: Mark) -> Result<(u64, Option<(Mark, bool)>), StoreError> {
         let remembered = self
             .ends()
             .iter()
@@ -237,24 +248,32 @@ impl JetStreamReader {
             .map(|e| e.1);
         // Only a hint: the stream may have been purged or made again since.
         if let Some(sequence) = remembered {
-            if self
-                .message_at(sequence)
-                .await?
-                .is_some_and(|(at, _)| at == after)
-            {
-                return Ok(sequence + 1);
+            if let Some(before) = self.message_at(sequence).await? {
+                if before.0 == after {
+                    return Ok((sequence + 1, Some(before)));
+                }
             }
         }
         let (first, last) = self.bounds().await?;
         let (mut lo, mut hi) = (first.max(1), last + 1);
+        // The message at `lo - 1` once `lo` moved: the last one found at or before `after`.
+        let mut before = None;
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             match self.message_from(mid).await? {
-                Some(m) if Mark::of(self.position(&m)?) <= after => lo = m.sequence + 1,
-                _ => hi = mid,
+                Some(m) => {
+                    let at = Mark::of(self.position(&m)?);
+                    if at <= after {
+                        lo = m.sequence + 1;
+                        before = Some((at, ends_tx(&m)));
+                    } else {
+                        hi = mid;
+                    }
+                }
+                None => hi = mid,
             }
         }
-        Ok(lo)
+        Ok((lo, before))
     }
 
     /// A follower of the messages after `after`, handing out the bodies of `tables` only.
@@ -263,9 +282,9 @@ impl JetStreamReader {
         after: Mark,
         tables: &[TableName],
     ) -> Result<Follower, StoreError> {
-        let start = self.seek(after).await?;
+        let (start, before) = self.seek_noting(after).await?;
         let prefixes = tables.iter().map(|t| self.table_prefix(t)).collect();
-        self.follow_at(start, prefixes).await
+        self.follow_at(start, prefixes, before.is_some()).await
     }
 
     /// A follower for a consumer whose cursor is `cursor`, and the mark it reads after: the
@@ -278,9 +297,11 @@ impl JetStreamReader {
         tables: &[TableName],
     ) -> Result<(Follower, Mark), StoreError> {
         let prefixes = tables.iter().map(|t| self.table_prefix(t)).collect();
-        let start = self.seek(cursor).await?;
-        if cursor.ordinal == TX_END || self.ends_tx_at(start - 1, cursor).await? {
-            return Ok((self.follow_at(start, prefixes).await?, cursor));
+        let (start, before) = self.seek_noting(cursor).await?;
+        let ends = before.is_some_and(|(at, tx_last)| at == cursor && tx_last);
+        if cursor.ordinal == TX_END || ends {
+            let follower = self.follow_at(start, prefixes, before.is_some()).await?;
+            return Ok((follower, cursor));
         }
         let tx_start = Mark {
             lsn: cursor.lsn,
@@ -297,30 +318,25 @@ impl JetStreamReader {
             .ok()
             .and_then(|ordinal| (start - 1).checked_sub(ordinal))
             .filter(|s| *s > 0);
-        let start = match guess {
-            Some(s) if self.message_at(s).await?.is_some_and(|at| at.0 == first) => s,
-            _ => self.seek(tx_start).await?,
+        let follower = match guess {
+            Some(s) if self.message_at(s).await?.is_some_and(|at| at.0 == first) => {
+                self.follow_at(s, prefixes, false).await?
+            }
+            _ => {
+                let (start, before) = self.seek_noting(tx_start).await?;
+                self.follow_at(start, prefixes, before.is_some()).await?
+            }
         };
-        Ok((self.follow_at(start, prefixes).await?, tx_start))
-    }
-
-    /// Whether the message at `sequence` is at `cursor` and ends its transaction.
-    async fn ends_tx_at(&self, sequence: u64, cursor: Mark) -> Result<bool, StoreError> {
-        Ok(sequence > 0
-            && self
-                .message_at(sequence)
-                .await?
-                .is_some_and(|(at, tx_last)| at == cursor && tx_last))
+        Ok((follower, tx_start))
     }
 
     /// The position of the message at exactly `sequence`, and whether it ends its
     /// transaction; `None` when the stream does not hold that sequence.
     async fn message_at(&self, sequence: u64) -> Result<Option<(Mark, bool)>, StoreError> {
         match self.message_from(sequence).await? {
-            Some(m) if m.sequence == sequence => Ok(Some((
-                Mark::of(self.position(&m)?),
-                m.headers.get(TX_LAST_HEADER).is_some(),
-            ))),
+            Some(m) if m.sequence == sequence => {
+                Ok(Some((Mark::of(self.position(&m)?), ends_tx(&m))))
+            }
             _ => Ok(None),
         }
     }
@@ -340,7 +356,11 @@ impl JetStreamReader {
             return Ok(commits);
         }
         let mut follower = self
-            .follow_at(start, vec![format!("{}.", self.config.subject_prefix)])
+            .follow_at(
+                start,
+                vec![format!("{}.", self.config.subject_prefix)],
+                false,
+            )
             .await?;
         'read: loop {
             let page = follower.page(1024, None).await?;
@@ -363,11 +383,19 @@ impl JetStreamReader {
 
     /// A follower from sequence `start` on, handing out the bodies of subjects that start
     /// with one of `prefixes`.
-    async fn follow_at(&self, start: u64, prefixes: Vec<String>) -> Result<Follower, StoreError> {
+    ///
+    /// `held_before`: the caller just read the message before `start` (it is stored).
+    async fn follow_at(
+        &self,
+        start: u64,
+        prefixes: Vec<String>,
+        held_before: bool,
+    ) -> Result<Follower, StoreError> {
         let (_, last) = self.bounds().await?;
         // When the message before the start is still stored, nothing before the start can
         // be missing; otherwise the first message read says what is.
         let contiguous = start == 1
+            || held_before
             || matches!(self.message_from(start - 1).await?, Some(m) if m.sequence == start - 1);
         let consumer = self
             .stream()

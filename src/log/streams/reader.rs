@@ -139,6 +139,7 @@ impl Reader {
             .transpose()?;
         let cursor = shared.state().acked;
         let client = shared.pool.get().await?;
+        // Whether the cursor's event ends its transaction (the JetStream log tells below).
         let mut cursor_ends_tx = cursor.ordinal == TX_END;
         if let EventLog::Postgres = shared.pool.log() {
             let (pruned, tx_end) = pruned_mark_and_tx_end(&client, &source, cursor).await?;
@@ -166,31 +167,30 @@ impl Reader {
         // is the one the consumer saw before. A cursor at a transaction's last event (where
         // a feed page usually ends) skips it whole: reading it again cost a page of 1,000
         // a second read and parse of the transaction before it.
-        let mut read_after = if cursor_ends_tx {
-            cursor
-        } else {
-            Mark {
-                lsn: cursor.lsn,
-                ordinal: -1,
-            }
-        };
-        let pages = match shared.pool.log() {
+        let (pages, read_after) = match shared.pool.log() {
             EventLog::Postgres => {
                 let (schemas, tables) = split_tables(&stored_tables);
-                Pages::Postgres {
+                let pages = Pages::Postgres {
                     source,
                     notifications,
                     notifications_open: true,
                     schemas,
                     tables,
-                }
+                };
+                let read_after = if cursor_ends_tx {
+                    cursor
+                } else {
+                    Mark {
+                        lsn: cursor.lsn,
+                        ordinal: -1,
+                    }
+                };
+                (pages, read_after)
             }
             EventLog::JetStream(log) => {
                 log.check_source(&source)?;
-                // JetStream says itself whether the cursor's message ends its transaction.
-                let (follower, after) = log.follow_resuming(cursor, &tables).await?;
-                read_after = after;
-                Pages::JetStream(Box::new(follower))
+                let (follower, read_after) = log.follow_resuming(cursor, &tables).await?;
+                (Pages::JetStream(Box::new(follower)), read_after)
             }
         };
         Ok(Reader {
