@@ -70,12 +70,26 @@ async fn tiny_benchmark_writes_a_well_formed_report() {
         .all(|l| l["commits"].as_u64().is_some_and(|n| n > 0)));
     assert!(latency.iter().all(|l| l["p50_ms"].as_f64().is_some()));
 
+    // Every child contender printed its first event (psycopg2 only where it is installed).
+    let first: Vec<&str> = json["first_event"]
+        .as_array()
+        .expect("first_event is a list")
+        .iter()
+        .filter(|f| f["runs_ms"][0].as_f64().is_some_and(|ms| ms > 0.0))
+        .filter_map(|f| f["contender"].as_str())
+        .collect();
+    for c in [Contender::RecvlogicalPgoutput, Contender::WaltapTail] {
+        assert!(first.contains(&c.key()), "{} in {first:?}", c.key());
+    }
+
     let markdown = std::fs::read_to_string(out.join(bench::MARKDOWN_FILE)).expect("report.md");
     assert_eq!(markdown, report.to_markdown());
     for heading in [
         "## Catch-up, REPLICA IDENTITY DEFAULT",
         "## Catch-up, REPLICA IDENTITY FULL",
         "## End-to-end latency",
+        "## Time to the first event",
+        "Slowest run ÷ the fastest peer's median",
         "## Fan-out, REPLICA IDENTITY DEFAULT",
     ] {
         assert!(markdown.contains(heading), "{heading:?} in:\n{markdown}");

@@ -103,6 +103,28 @@ impl Contender {
         ) && self.fanout().is_none()
     }
 
+    /// Whether the first-event phase measures it: the child contenders, which print what
+    /// they read.
+    pub fn measures_first_event(self) -> bool {
+        matches!(
+            self,
+            Contender::RecvlogicalPgoutput
+                | Contender::RecvlogicalTestDecoding
+                | Contender::Psycopg2
+                | Contender::WaltapTail
+        )
+    }
+
+    /// Whether it is another tool, not waltap: the peers waltap's runs are held against.
+    pub fn is_peer(self) -> bool {
+        matches!(
+            self,
+            Contender::RecvlogicalPgoutput
+                | Contender::RecvlogicalTestDecoding
+                | Contender::Psycopg2
+        )
+    }
+
     /// Whether the catch-up phase measures it.
     pub fn measures_catch_up(self) -> bool {
         !matches!(self, Contender::WaltapFollower)
@@ -334,7 +356,11 @@ pub(super) fn recvlogical_args(c: Contender, slot: &Slot<'_>, endpos: Option<&st
 }
 
 /// The script, written next to the logs, and its arguments.
-fn psycopg2_args(tools: &Tools, slot: &Slot<'_>, events: u64) -> anyhow::Result<Vec<String>> {
+pub(super) fn psycopg2_args(
+    tools: &Tools,
+    slot: &Slot<'_>,
+    events: u64,
+) -> anyhow::Result<Vec<String>> {
     let script = tools.logs.join("psycopg2_client.py");
     std::fs::write(&script, include_str!("psycopg2_client.py"))
         .with_context(|| format!("writing {}", script.display()))?;

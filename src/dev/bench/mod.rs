@@ -12,7 +12,10 @@
 //!    once, then every run reads its own untouched slot from the start. All runs read
 //!    identical WAL, and writing it is never part of a measurement. Runs interleave the
 //!    contenders, in an order rotated per run, so drifting machine load is shared.
-//! 2. Latency: per contender, a fresh slot and consumer, then paced single-row commits.
+//! 2. Time to the first event: per child contender and run, a slot of its own with a
+//!    small backlog written after all slots exist; from spawning the child to its first
+//!    output ([`first_event`]).
+//! 3. Latency: per contender, a fresh slot and consumer, then paced single-row commits.
 //!
 //! Submodules: [`workload`] (SQL), [`contender`] (running and measuring each contender;
 //! the appender's contenders in `persisted`),
@@ -20,6 +23,7 @@
 
 pub mod contender;
 pub mod fanout;
+pub mod first_event;
 mod follower;
 pub mod latency;
 pub mod measure;
@@ -46,6 +50,7 @@ use crate::pg::quote_ident;
 use crate::replication::quote_literal;
 use crate::Identity;
 use contender::{Slot, Tools};
+use first_event::FirstEvent;
 use latency::Pacer;
 use report::{CatchUp, Machine, NotAvailable, Settings, Versions, Workload};
 use workload::Shape;
@@ -175,6 +180,7 @@ async fn run_on(pg: &LocalPg, config: &BenchConfig, logs: PathBuf) -> anyhow::Re
         workloads.push(workload);
         catch_up.extend(results);
     }
+    let first_event = first_event_phase(pg, &admin, &tools, config, &contenders).await?;
     let latency = latency_phase(pg, &admin, &tools, config, &contenders).await?;
     machine.load_after = report::load_average();
     Ok(Report {
@@ -184,6 +190,7 @@ async fn run_on(pg: &LocalPg, config: &BenchConfig, logs: PathBuf) -> anyhow::Re
         settings,
         workloads,
         catch_up,
+        first_event,
         latency,
         not_available,
     })
@@ -335,6 +342,66 @@ async fn lsn(client: &Client, expr: &str) -> anyhow::Result<String> {
         .query_one(&format!("SELECT ({expr})::text"), &[])
         .await?
         .get(0))
+}
+
+/// The child contenders' time to their first event, `config.runs` times each, in rotated
+/// order like the catch-up runs.
+async fn first_event_phase(
+    pg: &LocalPg,
+    admin: &Client,
+    tools: &Tools,
+    config: &BenchConfig,
+    contenders: &[Contender],
+) -> anyhow::Result<Vec<FirstEvent>> {
+    let contenders: Vec<Contender> = contenders
+        .iter()
+        .copied()
+        .filter(|c| c.measures_first_event())
+        .collect();
+    if contenders.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (url, client) = create_database(
+        pg,
+        admin,
+        "bench_first_event",
+        &workload::create_table_sql(Identity::Default),
+        workload::TABLE,
+    )
+    .await?;
+    let slot_name = |c: Contender, run: usize| c.slot_name(&format!("first_{run}"));
+    for run in 0..config.runs {
+        for &c in &contenders {
+            create_slot(&client, &slot_name(c, run), c.plugin()).await?;
+        }
+    }
+    eprintln!(
+        "bench: time to the first event ({} changes of backlog)",
+        first_event::BACKLOG
+    );
+    workload::run(&client, Shape::new(first_event::BACKLOG)).await?;
+    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); contenders.len()];
+    for run in 0..config.runs {
+        for i in (0..contenders.len()).map(|i| (i + run) % contenders.len()) {
+            let c = contenders[i];
+            let slot = Slot {
+                url: &url,
+                name: slot_name(c, run),
+                publication: PUBLICATION,
+                observer: admin,
+                observer_db: &client,
+            };
+            let ms = first_event::first_event(tools, c, &slot)
+                .await
+                .with_context(|| format!("first event of {}, run {}", c.key(), run + 1))?;
+            runs[i].push(ms);
+        }
+    }
+    Ok(contenders
+        .iter()
+        .zip(runs)
+        .map(|(&c, runs)| FirstEvent::new(c, runs))
+        .collect())
 }
 
 async fn latency_phase(

@@ -3,7 +3,8 @@
 Reads a pgoutput slot with psycopg2's replication support, the fastest Python peer a user
 would reach for: decodes every row change's tuples into dicts of column name to text (or
 None), keeps the relation messages it needs for that, and acknowledges each transaction
-as its commit arrives. Stops after LIMIT row changes, acknowledging what it read.
+as its commit arrives. Stops after LIMIT row changes, acknowledging what it read. Prints
+one line to stdout at its first row change (the benchmark's time to the first event).
 
 Usage: psycopg2_client.py URL SLOT PUBLICATION LIMIT
 """
@@ -86,6 +87,8 @@ def consume(msg):
         if seen >= limit:
             msg.cursor.send_feedback(flush_lsn=msg.data_start, force=True)
             raise psycopg2.extras.StopReplication()
+    if seen == 1 and kind in (0x49, 0x55, 0x44):
+        print("first row change", flush=True)
 
 
 conn = psycopg2.connect(url, connection_factory=psycopg2.extras.LogicalReplicationConnection)

@@ -12,6 +12,7 @@ use tokio_postgres::Client;
 
 use super::contender::{Contender, Measurement};
 use super::fanout::{FanoutWindow, Filters};
+use super::first_event::{FirstEvent, BACKLOG};
 use super::latency::Latency;
 use super::measure::Spread;
 use super::workload::{Shape, DELETES_PER_TX, INSERTS_PER_TX, UPDATES_PER_TX};
@@ -26,6 +27,7 @@ pub struct Report {
     pub settings: Settings,
     pub workloads: Vec<Workload>,
     pub catch_up: Vec<CatchUp>,
+    pub first_event: Vec<FirstEvent>,
     pub latency: Vec<Latency>,
     pub not_available: Vec<NotAvailable>,
 }
@@ -274,6 +276,7 @@ impl Report {
         for identity in [Identity::Default, Identity::Full] {
             self.fanout_table(&mut md, identity);
         }
+        self.first_event_table(&mut md);
         self.latency_table(&mut md);
         if !self.not_available.is_empty() {
             let _ = writeln!(md, "\n## Not available\n");
@@ -341,6 +344,24 @@ impl Report {
                 num(median(&c.peak_rss_mib), 1),
             );
         }
+        let peer = rows
+            .iter()
+            .filter(|c| c.contender.is_peer())
+            .filter_map(|c| Some((c.contender, c.events_per_sec?.median)))
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        let Some((peer, peer_median)) = peer.filter(|(_, m)| *m > 0.0) else {
+            return;
+        };
+        let _ = writeln!(
+            md,
+            "\nSlowest run ÷ the fastest peer's median ({}, {peer_median:.0} events/s):\n",
+            peer.label()
+        );
+        for c in rows.iter().filter(|c| !c.contender.is_peer()) {
+            if let Some(s) = c.events_per_sec {
+                let _ = writeln!(md, "- {}: {:.2}×", c.contender.label(), s.min / peer_median);
+            }
+        }
     }
 
     /// The fan-out contenders against one subscriber with the same kind of filter.
@@ -391,6 +412,30 @@ impl Report {
                     1 => "–".into(),
                     _ => num(median_of(c, |w| w.kib_per_idle_subscriber), 1),
                 },
+            );
+        }
+    }
+
+    fn first_event_table(&self, md: &mut String) {
+        if self.first_event.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            md,
+            "\n## Time to the first event\n\n\
+             From spawning the contender on a slot with a backlog of {BACKLOG} changes (the \
+             workload above, REPLICA IDENTITY DEFAULT) to its first output; {} runs.\n\n\
+             | contender | median ms | min–max ms |\n\
+             |---|---:|---:|",
+            self.settings.runs
+        );
+        for f in &self.first_event {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} |",
+                f.contender.label(),
+                num(f.ms.map(|s| s.median), 1),
+                f.ms.map_or("–".into(), |s| format!("{:.1}–{:.1}", s.min, s.max)),
             );
         }
     }

@@ -39,6 +39,7 @@ use crate::error::Error;
 use crate::event::{Event, Position, TableName};
 use crate::lsn::{Lsn, Watermark};
 use crate::pg::config::SourceConfig;
+use crate::replication::ReplicationConnection;
 use crate::source::setup::{self, SetupOptions, SetupReport};
 use crate::source::spill::SpillConfig;
 
@@ -205,8 +206,20 @@ impl Listener {
             .source
             .primary()
             .map(|primary| NudgePrimary(tokio::spawn(log_standby_snapshots(primary.clone()))));
-        let client = config.source.connect_sql().await?;
-        let report = setup::prepare(&client, &config.setup_options()).await?;
+        // The replication connection is opened while the checks run on the SQL one: each
+        // costs a server process, authentication and, over a network, round trips, and
+        // the first event waits for both. A check's error is reported before the
+        // replication connection's.
+        let (checked, replication) = tokio::join!(
+            async {
+                let client = config.source.connect_sql().await?;
+                let report = setup::prepare(&client, &config.setup_options()).await?;
+                Ok::<_, Error>((client, report))
+            },
+            ReplicationConnection::connect(&config.source),
+        );
+        let (client, report) = checked?;
+        let replication = replication?;
         for w in &report.warnings {
             tracing::warn!(slot = %config.slot, "{w}");
         }
@@ -214,7 +227,7 @@ impl Listener {
         let (tx, rx) = mpsc::channel(config.channel_capacity.max(1));
         let cancel = CancellationToken::new();
         let mut worker = Worker::new(config, client, ack_rx, tx, cancel.clone());
-        let stream = worker.connect(true).await?;
+        let stream = worker.start(replication, true).await?;
         // A temporary slot starts at its consistent point, a slot of its own at its
         // confirmed point, which nobody moves while this connection holds the slot.
         let confirmed = report

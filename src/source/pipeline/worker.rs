@@ -98,12 +98,22 @@ impl Worker {
         }
     }
 
-    /// Opens the replication connection and starts streaming from the slot.
-    pub(super) async fn connect(&mut self, first: bool) -> Result<ReplicationStream, Error> {
+    /// Opens a new replication connection and starts streaming from the slot again.
+    async fn reconnect(&mut self) -> Result<ReplicationStream, Error> {
         if self.sql.is_closed() {
             self.sql = self.config.source.connect_sql().await?;
         }
-        let mut conn = ReplicationConnection::connect(&self.config.source).await?;
+        let conn = ReplicationConnection::connect(&self.config.source).await?;
+        self.start(conn, false).await
+    }
+
+    /// Starts streaming from the slot on `conn`; `first` for the listener's first
+    /// connection (the only one a temporary slot may be created on).
+    pub(super) async fn start(
+        &mut self,
+        mut conn: ReplicationConnection,
+        first: bool,
+    ) -> Result<ReplicationStream, Error> {
         let slot = self.config.slot.clone();
         if self.config.temporary_slot {
             if !first {
@@ -209,7 +219,7 @@ impl Worker {
         loop {
             let result = match stream.take() {
                 Some(s) => self.session(s).await,
-                None => match self.connect(false).await {
+                None => match self.reconnect().await {
                     Ok(s) => {
                         backoff = self.config.reconnect_min;
                         self.session(s).await
