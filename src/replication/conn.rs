@@ -378,7 +378,7 @@ impl ReplicationConnection {
     /// [`super::pacing`]): the walsender's sends are then cheap, and we read them in one go.
     pub(crate) async fn fill(&mut self) -> Result<(), ReplicationError> {
         if self.catching_up && !self.catch_up_pause.is_zero() {
-            if let Some(pacer) = &self.pacer {
+            if let Some(pacer) = &mut self.pacer {
                 pacer.wait(self.catch_up_pause);
             }
         }

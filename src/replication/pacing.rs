@@ -36,6 +36,17 @@ pub(crate) struct Pacer {
     probe: OwnedFd,
     /// The largest read so far: about what the socket holds when our window is closed.
     largest_read: usize,
+    /// How the waits ended and how long they took, logged when the connection closes.
+    tally: Tally,
+}
+
+#[derive(Default)]
+struct Tally {
+    reads: u64,
+    full: u64,
+    paused: u64,
+    limit: u64,
+    waited: Duration,
 }
 
 impl Pacer {
@@ -46,6 +57,7 @@ impl Pacer {
             Ok(probe) => Some(Pacer {
                 probe,
                 largest_read: 0,
+                tally: Tally::default(),
             }),
             Err(e) => {
                 tracing::debug!(error = %e, "reads are not paced: the socket could not be duplicated");
@@ -57,6 +69,7 @@ impl Pacer {
     /// Records a read's size.
     pub(crate) fn read(&mut self, n: usize) {
         self.largest_read = self.largest_read.max(n);
+        self.tally.reads += 1;
     }
 
     /// What counts as a full queue: nine tenths of the largest read (a closed window
@@ -71,8 +84,20 @@ impl Pacer {
 
     /// Blocks until the socket holds a full window, or holds the same nonzero amount at
     /// two checks `step` apart (the server paused), or [`MAX_WAIT`] passed.
-    pub(crate) fn wait(&self, step: Duration) -> WaitEnd {
+    pub(crate) fn wait(&mut self, step: Duration) -> WaitEnd {
         let start = Instant::now();
+        let end = self.wait_from(start, step);
+        self.tally.waited += start.elapsed();
+        match end {
+            WaitEnd::Full => self.tally.full += 1,
+            WaitEnd::Paused => self.tally.paused += 1,
+            WaitEnd::Limit => self.tally.limit += 1,
+            WaitEnd::Unknown => {}
+        }
+        end
+    }
+
+    fn wait_from(&self, start: Instant, step: Duration) -> WaitEnd {
         let full = u64::try_from(self.full()).unwrap_or(u64::MAX);
         let mut last = None;
         loop {
@@ -91,6 +116,21 @@ impl Pacer {
             }
             last = Some(queued);
         }
+    }
+}
+
+impl Drop for Pacer {
+    fn drop(&mut self) {
+        let t = &self.tally;
+        tracing::debug!(
+            reads = t.reads,
+            largest_read = self.largest_read,
+            full = t.full,
+            paused = t.paused,
+            limit = t.limit,
+            waited_ms = t.waited.as_millis() as u64,
+            "read pacing"
+        );
     }
 }
 
