@@ -257,6 +257,19 @@ pub struct Slot<'a> {
     pub observer_db: &'a Client,
 }
 
+impl<'a> Slot<'a> {
+    /// A slot of the benchmark's publication.
+    pub fn new(url: &'a str, name: String, observer: &'a Client, observer_db: &'a Client) -> Self {
+        Slot {
+            url,
+            name,
+            publication: super::PUBLICATION,
+            observer,
+            observer_db,
+        }
+    }
+}
+
 /// One catch-up run. The wall time runs from spawning the child (or calling
 /// `Listener::start`) to its exit (or `shutdown` returning), so connection set-up counts.
 #[derive(Debug, Clone, Serialize)]

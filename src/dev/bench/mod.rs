@@ -233,6 +233,12 @@ async fn create_slot(client: &Client, name: &str, plugin: &str) -> anyhow::Resul
         .with_context(|| format!("creating slot {name}"))
 }
 
+/// Every (run, contender index) pair: runs in order, the contenders' order rotated per
+/// run, so that drifting machine load is shared.
+fn rotated(runs: usize, contenders: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..runs).flat_map(move |run| (0..contenders).map(move |i| (run, (i + run) % contenders)))
+}
+
 /// Generous: a run that takes this long is broken, not slow.
 fn run_timeout(changes: u64) -> Duration {
     Duration::from_secs(120) + Duration::from_millis(changes)
@@ -261,10 +267,9 @@ async fn catch_up_phase(
         .copied()
         .filter(|c| c.measures_catch_up())
         .collect();
-    for run in 0..config.runs {
-        for &c in &contenders {
-            create_slot(&client, &slot_name(c, run), c.plugin()).await?;
-        }
+    for (run, i) in rotated(config.runs, contenders.len()) {
+        let c = contenders[i];
+        create_slot(&client, &slot_name(c, run), c.plugin()).await?;
     }
 
     eprintln!(
@@ -293,35 +298,27 @@ async fn catch_up_phase(
         .await?;
 
     let mut runs: Vec<Vec<Measurement>> = vec![Vec::new(); contenders.len()];
-    for run in 0..config.runs {
-        for i in (0..contenders.len()).map(|i| (i + run) % contenders.len()) {
-            let c = contenders[i];
-            let slot = Slot {
-                url: &url,
-                name: slot_name(c, run),
-                publication: PUBLICATION,
-                observer: admin,
-                observer_db: &client,
-            };
-            let m = contender::catch_up(
-                tools,
-                c,
-                &slot,
-                config.changes,
-                &endpos,
-                run_timeout(config.changes),
-            )
-            .await
-            .with_context(|| format!("{} on identity {id}, run {}", c.key(), run + 1))?;
-            eprintln!(
-                "bench: {id} run {}/{}: {:<32} {:>9.0} events/s",
-                run + 1,
-                config.runs,
-                c.label(),
-                m.events_per_sec()
-            );
-            runs[i].push(m);
-        }
+    for (run, i) in rotated(config.runs, contenders.len()) {
+        let c = contenders[i];
+        let slot = Slot::new(&url, slot_name(c, run), admin, &client);
+        let m = contender::catch_up(
+            tools,
+            c,
+            &slot,
+            config.changes,
+            &endpos,
+            run_timeout(config.changes),
+        )
+        .await
+        .with_context(|| format!("{} on identity {id}, run {}", c.key(), run + 1))?;
+        eprintln!(
+            "bench: {id} run {}/{}: {:<32} {:>9.0} events/s",
+            run + 1,
+            config.runs,
+            c.label(),
+            m.events_per_sec()
+        );
+        runs[i].push(m);
     }
     let results = contenders
         .iter()
@@ -370,10 +367,9 @@ async fn first_event_phase(
     )
     .await?;
     let slot_name = |c: Contender, run: usize| c.slot_name(&format!("first_{run}"));
-    for run in 0..config.runs {
-        for &c in &contenders {
-            create_slot(&client, &slot_name(c, run), c.plugin()).await?;
-        }
+    for (run, i) in rotated(config.runs, contenders.len()) {
+        let c = contenders[i];
+        create_slot(&client, &slot_name(c, run), c.plugin()).await?;
     }
     eprintln!(
         "bench: time to the first event ({} changes of backlog)",
@@ -381,21 +377,13 @@ async fn first_event_phase(
     );
     workload::run(&client, Shape::new(first_event::BACKLOG)).await?;
     let mut runs: Vec<Vec<f64>> = vec![Vec::new(); contenders.len()];
-    for run in 0..config.runs {
-        for i in (0..contenders.len()).map(|i| (i + run) % contenders.len()) {
-            let c = contenders[i];
-            let slot = Slot {
-                url: &url,
-                name: slot_name(c, run),
-                publication: PUBLICATION,
-                observer: admin,
-                observer_db: &client,
-            };
-            let ms = first_event::first_event(tools, c, &slot)
-                .await
-                .with_context(|| format!("first event of {}, run {}", c.key(), run + 1))?;
-            runs[i].push(ms);
-        }
+    for (run, i) in rotated(config.runs, contenders.len()) {
+        let c = contenders[i];
+        let slot = Slot::new(&url, slot_name(c, run), admin, &client);
+        let ms = first_event::first_event(tools, c, &slot)
+            .await
+            .with_context(|| format!("first event of {}, run {}", c.key(), run + 1))?;
+        runs[i].push(ms);
     }
     Ok(contenders
         .iter()
@@ -429,13 +417,7 @@ async fn latency_phase(
     };
     let mut results = Vec::new();
     for &c in contenders.iter().filter(|c| c.measures_latency()) {
-        let slot = Slot {
-            url: &url,
-            name: c.slot_name("latency"),
-            publication: PUBLICATION,
-            observer: admin,
-            observer_db: &writer,
-        };
+        let slot = Slot::new(&url, c.slot_name("latency"), admin, &writer);
         create_slot(&writer, &slot.name, c.plugin()).await?;
         eprintln!(
             "bench: latency of {} ({} commits/s for {:?})",
