@@ -312,3 +312,82 @@ async fn setup_publishes_a_partitioned_table_through_its_root() {
     }
     db.teardown().await;
 }
+
+/// The start-up checks pass names as query parameters: a schema with a dot, a table with a
+/// space and a non-ASCII letter, a publication with a quote are found, created once and
+/// found again; a missing table and a slot of another plugin are refused by name.
+#[tokio::test]
+async fn setup_checks_find_names_that_need_quoting_and_refuse_a_foreign_slot() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute(
+        r#"CREATE SCHEMA "my.app";
+           CREATE TABLE "my.app"."Örder Items" (id int8 PRIMARY KEY, note text);"#,
+    )
+    .await
+    .unwrap();
+    let table = waltap::TableName {
+        schema: "my.app".into(),
+        table: "Örder Items".into(),
+    };
+    let publication = format!("{} \"q\"", db.unique_name("pub"));
+    let options = |slot: String, tables: Vec<waltap::TableName>| waltap::setup::SetupOptions {
+        slot,
+        publication: publication.clone(),
+        tables,
+        create_publication: true,
+        create_slot: true,
+        temporary_slot: false,
+        failover_slot: false,
+        consumed_through: None,
+    };
+    let slot = db.unique_name("slot");
+    let first = waltap::setup::prepare(&c, &options(slot.clone(), vec![table.clone()]))
+        .await
+        .expect("first set-up");
+    assert!(first.publication_created && first.slot_created);
+    assert_eq!(
+        first
+            .tables
+            .iter()
+            .map(|t| t.table.as_str())
+            .collect::<Vec<_>>(),
+        [table.to_string()]
+    );
+    let again = waltap::setup::prepare(&c, &options(slot.clone(), vec![table.clone()]))
+        .await
+        .expect("second set-up");
+    assert!(!again.publication_created && !again.slot_created);
+    assert!(again.slot.is_some_and(|s| s.name == slot));
+
+    let missing = waltap::TableName {
+        schema: "my.app".into(),
+        table: "Örder Item".into(),
+    };
+    let e = waltap::setup::prepare(&c, &options(slot.clone(), vec![missing.clone()]))
+        .await
+        .expect_err("a missing table");
+    assert!(
+        e.to_string()
+            .contains(&format!("table {missing} does not exist")),
+        "{e}"
+    );
+
+    let foreign = db.unique_name("slot");
+    c.execute(
+        "SELECT pg_create_logical_replication_slot($1, 'test_decoding')",
+        &[&foreign],
+    )
+    .await
+    .unwrap();
+    let e = waltap::setup::prepare(&c, &options(foreign.clone(), vec![table]))
+        .await
+        .expect_err("a slot of another plugin");
+    assert!(
+        e.to_string().contains(&format!(
+            "replication slot {foreign:?} uses plugin \"test_decoding\""
+        )),
+        "{e}"
+    );
+    db.teardown().await;
+}

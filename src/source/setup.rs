@@ -6,6 +6,7 @@
 //! identity of each table. Every problem is a [`SetupError`] whose message says how to fix
 //! it. SQL identifiers are always quoted; values go as parameters.
 
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
 
 use crate::event::TableName;
@@ -473,24 +474,42 @@ fn db_message(e: &tokio_postgres::Error) -> String {
 }
 
 async fn table_exists(client: &Client, t: &TableName) -> Result<(), SetupError> {
-    let found = client
-        .query_opt(
-            "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
-            &[&t.schema, &t.table],
-        )
-        .await?;
-    match found {
+    let found = catalog_query(
+        client,
+        "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+        &[&t.schema, &t.table],
+    )
+    .await?;
+    match found.first() {
         Some(_) => Ok(()),
         None => Err(crate::error::TableError::Missing(t.to_string()).into()),
     }
 }
 
 async fn publication_exists(client: &Client, name: &str) -> Result<bool, SetupError> {
-    Ok(client
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
-        .await?
-        .is_some())
+    let rows = catalog_query(
+        client,
+        "SELECT 1 FROM pg_publication WHERE pubname = $1",
+        &[name],
+    )
+    .await?;
+    Ok(!rows.is_empty())
+}
+
+/// A catalog query with text parameters, in one round trip: parsed, bound and run
+/// together, where `query` would first have the server describe the statement. Start-up
+/// makes several before the first event, and over a network each round trip counts.
+async fn catalog_query(
+    client: &Client,
+    sql: &str,
+    params: &[&str],
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
+        .iter()
+        .map(|p| (p as &(dyn ToSql + Sync), Type::TEXT))
+        .collect();
+    client.query_typed(sql, &typed).await
 }
 
 /// Without a table list the publication covers the user's schemas (PG15+) so that tables
@@ -562,9 +581,9 @@ pub async fn published_tables(
     client: &Client,
     publication: &str,
 ) -> Result<Vec<PublishedTable>, SetupError> {
-    let rows = client
-        .query(
-            "SELECT pt.schemaname::text, pt.tablename::text,
+    let rows = catalog_query(
+        client,
+        "SELECT pt.schemaname::text, pt.tablename::text,
                     CASE c.relreplident WHEN 'd' THEN 'default' WHEN 'f' THEN 'full'
                          WHEN 'i' THEN 'index' ELSE 'nothing' END,
                     EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
@@ -574,9 +593,9 @@ pub async fn published_tables(
              JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
              WHERE pt.pubname = $1
              ORDER BY 1, 2",
-            &[&publication],
-        )
-        .await?;
+        &[publication],
+    )
+    .await?;
     Ok(rows
         .iter()
         .map(|r| PublishedTable {
@@ -596,18 +615,19 @@ pub async fn published_tables(
 
 /// The slot's state, or None when it does not exist.
 pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>, SetupError> {
-    let row = client
-        .query_opt(
-            "SELECT active_pid, wal_status, confirmed_flush_lsn::text, restart_lsn::text,
+    let row = catalog_query(
+        client,
+        "SELECT active_pid, wal_status, confirmed_flush_lsn::text, restart_lsn::text,
                     (w.lsn - confirmed_flush_lsn)::int8, (w.lsn - restart_lsn)::int8
              FROM pg_replication_slots,
                   -- A standby has no WAL of its own: its position is what it replayed.
                   LATERAL (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
                                        ELSE pg_current_wal_lsn() END AS lsn) w
              WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await?;
+        &[slot],
+    )
+    .await?
+    .pop();
     Ok(row.map(|r| SlotState {
         name: slot.to_owned(),
         active_pid: r.get(0),
@@ -621,23 +641,29 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
 
 /// `pg_replication_slots.failover` (PostgreSQL 17+).
 pub async fn slot_is_failover(client: &Client, slot: &str) -> Result<bool, SetupError> {
-    let row = client
-        .query_opt(
-            "SELECT failover FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await?;
+    let row = catalog_query(
+        client,
+        "SELECT failover FROM pg_replication_slots WHERE slot_name = $1",
+        &[slot],
+    )
+    .await?
+    .pop();
     Ok(row.is_some_and(|r| r.get::<_, bool>(0)))
 }
 
 async fn check_slot(client: &Client, slot: &str, database: &str) -> Result<(), SetupError> {
-    let row = client
-        .query_one(
-            "SELECT coalesce(plugin, ''), coalesce(database, '') FROM pg_replication_slots
-             WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await?;
+    let row = catalog_query(
+        client,
+        "SELECT coalesce(plugin, ''), coalesce(database, '') FROM pg_replication_slots
+         WHERE slot_name = $1",
+        &[slot],
+    )
+    .await?
+    .pop()
+    // Dropped since it was looked up a moment ago.
+    .ok_or_else(|| SetupError::SlotMissing {
+        slot: slot.to_owned(),
+    })?;
     let plugin: String = row.get(0);
     let db: String = row.get(1);
     if plugin != "pgoutput" {
