@@ -325,3 +325,37 @@ async fn invalidated_slot_is_a_definite_error_that_says_changes_were_lost() {
     assert!(!err.is_transient());
     db.teardown().await;
 }
+
+/// The listener opens its replication connection while its start-up checks run; that
+/// connection, not yet on a slot, is not a physical standby of the server, so a server
+/// without standbys gets no warning about failovers.
+#[tokio::test]
+async fn its_own_replication_connection_is_not_taken_for_a_standby() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let standbys: i64 = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_stat_replication r
+                     JOIN pg_stat_activity a ON a.pid = r.pid WHERE a.datid IS NULL)
+                  + (SELECT count(*) FROM pg_replication_slots WHERE slot_type = 'physical')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    if standbys > 0 {
+        eprintln!("skipped: this server has physical standbys or slots");
+        return;
+    }
+    c.batch_execute("CREATE TABLE t (id int8 PRIMARY KEY)")
+        .await
+        .unwrap();
+    let listener = listen::start(listen::config(&db, &["t"])).await;
+    let warnings = listener.setup_report().warnings.clone();
+    listener.shutdown().await;
+    assert!(
+        !warnings.iter().any(|w| w.contains("physical standbys")),
+        "{warnings:?}"
+    );
+    db.teardown().await;
+}

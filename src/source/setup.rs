@@ -427,12 +427,14 @@ async fn failover_warnings(
     opts: &SetupOptions,
     version_num: i32,
 ) -> Result<Vec<String>, SetupError> {
-    // Physical standbys: streaming now, or holding a physical slot.
+    // Physical standbys: streaming now, or holding a physical slot. A physical
+    // walsender is connected to no database; a logical one is, also before it has
+    // started on a slot (as the listener's own connection is while these checks run).
     let row = client
         .query_one(
             "SELECT (SELECT count(*) FROM pg_stat_replication r
-                     WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots s
-                                       WHERE s.active_pid = r.pid AND s.slot_type = 'logical'))
+                     JOIN pg_stat_activity a ON a.pid = r.pid
+                     WHERE a.datid IS NULL)
                   + (SELECT count(*) FROM pg_replication_slots
                      WHERE slot_type = 'physical' AND NOT active),
                     coalesce(current_setting('synchronized_standby_slots', true), '')",
