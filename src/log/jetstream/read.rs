@@ -31,7 +31,7 @@ use super::{
     PREVIOUS_NONE, SCHEMA_CHANGE_HEADER, SOURCE_HEADER, TX_LAST_HEADER,
 };
 use crate::event::{Position, TableName};
-use crate::log::streams::{Mark, TX_END};
+use crate::log::streams::Mark;
 use crate::log::{StoreError, Stored};
 use crate::lsn::{LogMark, Lsn};
 
@@ -298,15 +298,12 @@ impl JetStreamReader {
     ) -> Result<(Follower, Mark), StoreError> {
         let prefixes = tables.iter().map(|t| self.table_prefix(t)).collect();
         let (start, before) = self.seek_noting(cursor).await?;
-        let ends = before.is_some_and(|(at, tx_last)| at == cursor && tx_last);
-        if cursor.ordinal == TX_END || ends {
+        let tx_start =
+            cursor.read_after(before.is_some_and(|(at, tx_last)| at == cursor && tx_last));
+        if tx_start == cursor {
             let follower = self.follow_at(start, prefixes, before.is_some()).await?;
             return Ok((follower, cursor));
         }
-        let tx_start = Mark {
-            lsn: cursor.lsn,
-            ordinal: -1,
-        };
         // The transaction's messages are consecutive and numbered from 0, so its first is
         // usually `ordinal` sequences before the cursor's; another seek when it is not
         // there (the stream's limits discarded it, or the cursor's message is gone).

@@ -102,6 +102,21 @@ impl Mark {
         }
     }
 
+    /// Where a consumer whose cursor is `self` reads on after, in either log: the cursor
+    /// itself when its event ends its transaction (`ends_tx`) or it is a transaction's
+    /// end, else just before its transaction, which the consumer then reads again so
+    /// that its events keep the numbers the consumer saw.
+    pub(crate) fn read_after(self, ends_tx: bool) -> Mark {
+        if ends_tx || self.ordinal == TX_END {
+            self
+        } else {
+            Mark {
+                lsn: self.lsn,
+                ordinal: -1,
+            }
+        }
+    }
+
     /// [`Mark::of`] for a position from a client: LSNs at or above 2^63 are beyond any
     /// log (and would wrap around in the store's `bigint`).
     pub(super) fn checked(p: Position) -> Result<Mark, StoreError> {

@@ -139,14 +139,15 @@ impl Reader {
             .transpose()?;
         let cursor = shared.state().acked;
         let client = shared.pool.get().await?;
-        // Whether the cursor's event ends its transaction (the JetStream log tells below).
-        let mut cursor_ends_tx = cursor.ordinal == TX_END;
+        // Whether the cursor's event ends its transaction, as the Postgres log tells here
+        // (the JetStream log finds out while it seeks the cursor).
+        let mut cursor_ends_tx = false;
         if let EventLog::Postgres = shared.pool.log() {
             let (pruned, tx_end) = pruned_mark_and_tx_end(&client, &source, cursor).await?;
             if pruned > cursor {
                 return Err(stale(&shared.name, cursor, pruned));
             }
-            cursor_ends_tx |= tx_end == Some(true);
+            cursor_ends_tx = tx_end == Some(true);
         }
         let tables: Vec<TableName> = stored_tables.iter().map(|t| TableName::parse(t)).collect();
         let (view, types) = match &filter {
@@ -177,15 +178,7 @@ impl Reader {
                     schemas,
                     tables,
                 };
-                let read_after = if cursor_ends_tx {
-                    cursor
-                } else {
-                    Mark {
-                        lsn: cursor.lsn,
-                        ordinal: -1,
-                    }
-                };
-                (pages, read_after)
+                (pages, cursor.read_after(cursor_ends_tx))
             }
             EventLog::JetStream(log) => {
                 log.check_source(&source)?;
