@@ -27,7 +27,7 @@ use clap::Parser;
 use futures::StreamExt;
 use waltap::dev::bench::measure::{clock_ticks_per_sec, cpu_ticks, Proc};
 use waltap::dev::bench::workload::{self, Shape, TABLE};
-use waltap::dev::bench::LogCounter;
+use waltap::dev::bench::{JetStreamCounter, LogCounter};
 use waltap::dev::localpg::LocalPg;
 use waltap::dev::nats::NatsServer;
 use waltap::log::append::AppenderConfig;
@@ -58,21 +58,14 @@ struct Args {
 /// How many events the log holds.
 enum Counter<'a> {
     Postgres(LogCounter<'a>),
-    JetStream {
-        js: async_nats::jetstream::Context,
-        stream: String,
-    },
+    JetStream(JetStreamCounter),
 }
 
 impl Counter<'_> {
     async fn count(&self) -> u64 {
         match self {
             Counter::Postgres(c) => c.count().await,
-            // One message per event; the stream exists once the appender connected.
-            Counter::JetStream { js, stream } => match js.get_stream(stream).await {
-                Ok(mut s) => s.info().await.map_or(0, |i| i.state.last_sequence),
-                Err(_) => 0,
-            },
+            Counter::JetStream(c) => c.count().await,
         }
     }
 }
@@ -170,10 +163,9 @@ async fn run(pg: &LocalPg, args: &Args) -> anyhow::Result<()> {
     );
 
     let counter = match (&nats, &appender.jetstream) {
-        (Some(n), Some(config)) => Counter::JetStream {
-            js: async_nats::jetstream::new(async_nats::connect(n.url()).await?),
-            stream: config.stream.clone(),
-        },
+        (Some(n), Some(config)) => {
+            Counter::JetStream(JetStreamCounter::connect(&n.url(), config.stream.clone()).await?)
+        }
         _ => Counter::Postgres(LogCounter::new(&db, SLOT)),
     };
     let mut server = None;

@@ -39,7 +39,7 @@ use tokio_postgres::Client;
 
 pub use contender::{Contender, Measurement};
 pub use latency::Latency;
-pub use persisted::LogCounter;
+pub use persisted::{JetStreamCounter, LogCounter};
 pub use report::Report;
 
 use crate::dev::localpg::{LocalPg, LocalPgOptions};

@@ -42,14 +42,8 @@ pub(super) async fn jetstream(
     let js_config = crate::log::jetstream::JetStreamConfig::parse(&server.url())?;
     let stream = js_config.stream.clone();
     config.jetstream = Some(js_config);
-    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await?);
-    let count = || async {
-        // The stream exists once the appender has connected.
-        match js.get_stream(&stream).await {
-            Ok(mut s) => s.info().await.map_or(0, |i| i.state.last_sequence),
-            Err(_) => 0,
-        }
-    };
+    let counter = JetStreamCounter::connect(&server.url(), stream).await?;
+    let count = || counter.count();
     let measured = in_process(
         tools,
         slot,
@@ -147,6 +141,30 @@ pub(super) async fn stream_reader(
         peak_rss_kib: None,
         fanout: None,
     })
+}
+
+/// How many events a JetStream log holds: one message per event, so the stream's last
+/// sequence.
+pub struct JetStreamCounter {
+    js: async_nats::jetstream::Context,
+    stream: String,
+}
+
+impl JetStreamCounter {
+    /// A counter of `stream` on the NATS server at `url`.
+    pub async fn connect(url: &str, stream: String) -> anyhow::Result<Self> {
+        let js = async_nats::jetstream::new(async_nats::connect(url).await?);
+        Ok(JetStreamCounter { js, stream })
+    }
+
+    /// The events published so far (0 until the appender has connected and made the
+    /// stream).
+    pub async fn count(&self) -> u64 {
+        match self.js.get_stream(&self.stream).await {
+            Ok(mut s) => s.info().await.map_or(0, |i| i.state.last_sequence),
+            Err(_) => 0,
+        }
+    }
 }
 
 /// Counts the events of a slot in `waltap.events` while the appender fills it, reading
